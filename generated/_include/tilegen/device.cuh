@@ -1,0 +1,293 @@
+// tilegen device library: distributed primitives that generated kernels are written on.
+// Lowering: peer pointers (plain vector stores over NVLink, from nvshmem_ptr) where the peer is
+// reachable, NVSHMEM device calls elsewhere. Copied verbatim into every generated package.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+namespace tilegen {
+namespace dev {
+
+// ---------------------------------------------------------------- loads / stores with memory order
+// Scopes: gpu (this device) and sys (peers over NVLink and the host).
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t ld_acquire_gpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_gpu(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ uint64_t atomic_add_acq_rel_gpu(uint64_t* p, uint64_t v) {
+  uint64_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
+  return old;
+}
+
+// ---------------------------------------------------------------- fences
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ void fence_sc_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
+
+// ---------------------------------------------------------------- warp vote / election
+__device__ __forceinline__ bool warp_any(bool p) { return __any_sync(0xffffffffu, p); }
+__device__ __forceinline__ bool warp_all(bool p) { return __all_sync(0xffffffffu, p); }
+__device__ __forceinline__ bool elect_one_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t pred = 0;
+  asm volatile(
+      "{\n .reg .pred P;\n elect.sync _|P, %1;\n selp.u32 %0, 1, 0, P;\n}\n"
+      : "=r"(pred)
+      : "r"(0xffffffffu));
+  return pred != 0;
+#else
+  return (threadIdx.x & 31) == 0;
+#endif
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ---------------------------------------------------------------- bounded waits
+// A wait that gives up reports who waited on what in a WaitError (host-mapped memory), so that a
+// missing peer shows up as a message instead of a hang. timeout_ns == 0 waits forever.
+struct WaitError {
+  int32_t failed;      // 0 = no error; set once by the first waiter that timed out
+  int32_t rank;        // rank that waited
+  int32_t op_id;       // which op (index in the generated package)
+  int32_t signal_kind; // 0 = entry, 1 = tile flag, 2 = CTA counter
+  int64_t signal_index;
+  uint64_t expected;
+  uint64_t seen;
+  int32_t block;
+  int32_t step;
+};
+
+struct WaitCtx {
+  WaitError* err;       // may be null when timeouts are off
+  uint64_t timeout_ns;  // 0: unbounded
+  int32_t rank;
+  int32_t op_id;
+};
+
+enum class Cmp : int { EQ, NE, GE, GT, LE, LT };
+
+template <Cmp C>
+__device__ __forceinline__ bool compare(uint64_t v, uint64_t want) {
+  if constexpr (C == Cmp::EQ) return v == want;
+  if constexpr (C == Cmp::NE) return v != want;
+  if constexpr (C == Cmp::GE) return v >= want;
+  if constexpr (C == Cmp::GT) return v > want;
+  if constexpr (C == Cmp::LE) return v <= want;
+  return v < want;
+}
+
+// Spin on a local signal word with acquire semantics (one thread). Returns false on timeout,
+// after recording the error; callers then abandon the kernel.
+template <Cmp C>
+__device__ __forceinline__ bool wait_until(const uint64_t* sig, uint64_t want, const WaitCtx& ctx, int kind,
+                                           int64_t index, int step) {
+  uint64_t v = ld_acquire_sys(sig);
+  if (compare<C>(v, want)) return true;
+  const uint64_t t0 = ctx.timeout_ns ? globaltimer_ns() : 0;
+  uint32_t spins = 0;
+  while (true) {
+    v = ld_acquire_sys(sig);
+    if (compare<C>(v, want)) return true;
+    if (ctx.timeout_ns && ((++spins & 1023u) == 0) && globaltimer_ns() - t0 > ctx.timeout_ns) {
+      if (ctx.err && atomicCAS(&ctx.err->failed, 0, 1) == 0) {
+        ctx.err->rank = ctx.rank;
+        ctx.err->op_id = ctx.op_id;
+        ctx.err->signal_kind = kind;
+        ctx.err->signal_index = index;
+        ctx.err->expected = want;
+        ctx.err->seen = v;
+        ctx.err->block = blockIdx.x;
+        ctx.err->step = step;
+        __threadfence_system();
+      }
+      return false;
+    }
+  }
+}
+#define TILEGEN_DEFINE_WAIT(NAME, CMP)                                                                  \
+  __device__ __forceinline__ bool NAME(const uint64_t* sig, uint64_t want, const WaitCtx& ctx, int kind, \
+                                       int64_t index, int step) {                                       \
+    return wait_until<Cmp::CMP>(sig, want, ctx, kind, index, step);                                      \
+  }
+TILEGEN_DEFINE_WAIT(wait_eq, EQ)
+TILEGEN_DEFINE_WAIT(wait_ne, NE)
+TILEGEN_DEFINE_WAIT(wait_ge, GE)
+TILEGEN_DEFINE_WAIT(wait_gt, GT)
+TILEGEN_DEFINE_WAIT(wait_le, LE)
+TILEGEN_DEFINE_WAIT(wait_lt, LT)
+#undef TILEGEN_DEFINE_WAIT
+
+// Block-wide wait: thread 0 spins, the block learns the outcome through shared memory.
+__device__ __forceinline__ bool block_wait_ge(const uint64_t* sig, uint64_t want, const WaitCtx& ctx, int kind,
+                                              int64_t index, int step) {
+  __shared__ int ok;
+  if (threadIdx.x == 0) ok = wait_ge(sig, want, ctx, kind, index, step);
+  __syncthreads();
+  return ok;
+}
+
+// ---------------------------------------------------------------- signals
+// Publish `value` into a peer's signal word after this block's prior stores: every thread's stores
+// are ordered by the barrier, the fence makes them visible system-wide, then one release store.
+// peer_sig == nullptr: the peer is not load/store reachable, use NVSHMEM's signal op on sym_sig.
+__device__ __forceinline__ void signal_peer_one(uint64_t* peer_sig, uint64_t* sym_sig, uint64_t value, int pe) {
+  if (peer_sig) {
+    fence_acq_rel_sys();
+    st_release_sys(peer_sig, value);
+  } else {
+    nvshmem_fence();  // orders earlier puts to pe before the signal
+    nvshmemx_signal_op(sym_sig, value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+// ---------------------------------------------------------------- data movement
+template <bool READ_ONLY>
+__device__ __forceinline__ int4 load16(const int4* p) {
+  if constexpr (READ_ONLY) return __ldg(p);
+  int4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+// Copy `bytes` from src to up to N destinations with the calling group (warp or block): each 16 B
+// vector is loaded once and stored to every destination. Destinations may be peer pointers.
+// Falls back to element-wise when any address is not 16 B aligned. SRC_READ_ONLY selects the
+// non-coherent load path, only valid when nothing writes src while the kernel runs.
+template <int MAXD, bool SRC_READ_ONLY = true>
+__device__ __forceinline__ void copy_multi(char* const (&dst)[MAXD], int ndst, const char* __restrict__ src,
+                                           int64_t bytes, int lane, int width) {
+  bool aligned = ((reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(bytes)) & 15) == 0;
+#pragma unroll
+  for (int d = 0; d < MAXD; ++d)
+    if (d < ndst) aligned &= (reinterpret_cast<uintptr_t>(dst[d]) & 15) == 0;
+  if (aligned) {
+    const int4* s = reinterpret_cast<const int4*>(src);
+    const int64_t n = bytes >> 4;
+    constexpr int U = 4;  // independent loads in flight per thread
+    int64_t i = lane;
+    for (; i + (U - 1) * width < n; i += U * width) {
+      int4 v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = load16<SRC_READ_ONLY>(s + i + u * width);
+#pragma unroll
+      for (int d = 0; d < MAXD; ++d) {
+        if (d < ndst) {
+          int4* o = reinterpret_cast<int4*>(dst[d]);
+#pragma unroll
+          for (int u = 0; u < U; ++u) o[i + u * width] = v[u];
+        }
+      }
+    }
+    for (; i < n; i += width) {
+      int4 v = load16<SRC_READ_ONLY>(s + i);
+#pragma unroll
+      for (int d = 0; d < MAXD; ++d)
+        if (d < ndst) reinterpret_cast<int4*>(dst[d])[i] = v;
+    }
+  } else {
+    for (int64_t i = lane; i < bytes; i += width) {
+      char v = src[i];
+#pragma unroll
+      for (int d = 0; d < MAXD; ++d)
+        if (d < ndst) dst[d][i] = v;
+    }
+  }
+}
+
+// put/get at warp or block granularity to one PE: peer pointer if reachable, else NVSHMEM.
+__device__ __forceinline__ void put_block(char* peer_dst, char* sym_dst, const char* src, int64_t bytes, int pe) {
+  if (peer_dst) {
+    char* const d[1] = {peer_dst};
+    copy_multi<1>(d, 1, src, bytes, threadIdx.x, blockDim.x);
+  } else {
+    nvshmemx_putmem_nbi_block(sym_dst, src, bytes, pe);
+  }
+}
+__device__ __forceinline__ void put_warp(char* peer_dst, char* sym_dst, const char* src, int64_t bytes, int pe) {
+  if (peer_dst) {
+    char* const d[1] = {peer_dst};
+    copy_multi<1>(d, 1, src, bytes, threadIdx.x & 31, 32);
+  } else {
+    nvshmemx_putmem_nbi_warp(sym_dst, src, bytes, pe);
+  }
+}
+__device__ __forceinline__ void get_block(char* dst, const char* peer_src, const char* sym_src, int64_t bytes, int pe) {
+  if (peer_src) {
+    char* const d[1] = {dst};
+    copy_multi<1>(d, 1, peer_src, bytes, threadIdx.x, blockDim.x);
+  } else {
+    nvshmemx_getmem_block(dst, sym_src, bytes, pe);
+  }
+}
+__device__ __forceinline__ void get_warp(char* dst, const char* peer_src, const char* sym_src, int64_t bytes, int pe) {
+  if (peer_src) {
+    char* const d[1] = {dst};
+    copy_multi<1>(d, 1, peer_src, bytes, threadIdx.x & 31, 32);
+  } else {
+    nvshmemx_getmem_warp(dst, sym_src, bytes, pe);
+  }
+}
+
+// ---------------------------------------------------------------- barriers
+// Arrive at a per-step counter of this rank; returns true in exactly one block per call: the last
+// one to arrive. `target` = arrivals of all previous calls + gridDim.x (host keeps the count).
+__device__ __forceinline__ bool arrive_last(uint64_t* counter, uint64_t target) {
+  __shared__ int last;
+  __syncthreads();  // all of this block's stores precede the arrival
+  if (threadIdx.x == 0) {
+    fence_acq_rel_sys();
+    last = (atomic_add_acq_rel_gpu(counter, 1) + 1 == target);
+    if (last) fence_acq_rel_sys();
+  }
+  __syncthreads();
+  return last;
+}
+
+// barrier_blocks: every block of every rank in `ranks` arrives; nobody leaves before all arrived.
+// counter: local; flags: symmetric u64[world] (peer_flags[p] = this rank's slot at p, or null).
+__device__ __forceinline__ bool barrier_blocks(uint64_t* counter, uint64_t target, uint64_t* local_flags,
+                                               uint64_t* const* peer_flags, uint64_t* sym_flags, int me,
+                                               int world, uint64_t epoch, const WaitCtx& ctx) {
+  __shared__ int ok;
+  if (arrive_last(counter, target) && threadIdx.x == 0) {
+    for (int p = 0; p < world; ++p)
+      if (p != me) signal_peer_one(peer_flags[p], sym_flags + me, epoch, p);
+  }
+  if (threadIdx.x == 0) {
+    ok = 1;
+    for (int p = 0; p < world && ok; ++p)
+      if (p != me) ok = wait_ge(local_flags + p, epoch, ctx, 0, p, -1);
+  }
+  __syncthreads();
+  return ok;
+}
+
+}  // namespace dev
+}  // namespace tilegen

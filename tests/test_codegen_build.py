@@ -1,0 +1,167 @@
+"""Rendering, determinism, provenance, the committed generated/ tree, the nvcc build and load checks."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tilegen import cli
+from tilegen import plan as plan_mod
+from tilegen.build import BuildError, build_package, nvshmem_header_version
+from tilegen.codegen import CodegenError, FileManager, render_op, render_package, step_table, write_package
+from tilegen.plan import Schedule, Step, plan
+from tilegen.runtime import OpLoadError, check_build
+from tilegen.spec import DynamicDim, KernelSpec, load_specs
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+EVIL = 'x"; system("rm -rf /"); /* ünïcode */ #include <evil> {{ 7*7 }} $(id)'
+
+
+def spec(**kw):
+    base = dict(name="ag_test", op="allgather", dtype="bf16", world_sizes=[2, 4],
+                shape=[DynamicDim(name="m", max=1024), 4096], description=EVIL)
+    base.update(kw)
+    return KernelSpec(**base)
+
+
+def test_rendering_is_deterministic(tmp_path):
+    specs, _ = load_specs([Path(__file__).parent.parent / "specs"])
+    a = render_package(specs, "pkg", "3.4.5")
+    b = render_package(specs, "pkg", "3.4.5")
+    assert a == b
+    write_package(a, tmp_path / "one")
+    write_package(b, tmp_path / "two")
+    for rel in a:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+
+
+def test_spec_strings_never_reach_cuda_source():
+    files = render_op(spec(), "3.4.5")
+    for name, text in files.items():
+        if name.endswith((".cu", ".cc", ".py")):
+            for fragment in ("system(", "evil", "ünïcode", "$(id)", "49"):
+                assert fragment not in text, (name, fragment)
+    man = json.loads(files["manifest.json"])
+    assert man["spec"]["description"] == EVIL  # kept, JSON-escaped, in the manifest only
+
+
+def test_manifest_records_provenance():
+    s = spec()
+    man = json.loads(render_op(s, "3.4.5")["manifest.json"])
+    assert man["spec_hash"] == s.spec_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", man["template_hash"])
+    assert man["arch"] == "sm_90" and "-gencode=arch=compute_90,code=sm_90" in man["nvcc_flags"]
+    assert man["nvshmem_headers"] == "3.4.5"
+    assert man["plans"]["4"]["algorithm"] == "direct"
+    assert set(man["files"]) == {"ag_test.cu", "ag_test_binding.cc", "op.py"}
+
+
+def test_step_table_in_source_is_the_checked_plan():
+    s = spec()
+    src = render_op(s, None)["ag_test.cu"]
+    for w in s.world_sizes:
+        block = re.search(rf"kSteps_w{w}\[{w}\]\[kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
+        rows = [[tuple(int(x) for x in t.split(",")) for t in re.findall(r"\{ ([-\d, ]+) \}", line)]
+                for line in block.splitlines()]
+        assert rows == [[tuple(r) for r in rank] for rank in step_table(plan(s, w))]
+
+
+def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys):
+    def no_waits(world, sync):
+        good = plan_mod.direct_schedule(world, sync)
+        return Schedule("direct", world, sync, tuple(tuple(s for s in r if s.kind != "wait") for r in good.ranks))
+    monkeypatch.setitem(plan_mod.ALGORITHMS, "direct", no_waits)
+    with pytest.raises(CodegenError, match="checker rejected the direct schedule"):
+        render_op(spec(), None)
+    (tmp_path / "s.yaml").write_text("name: a\nop: allgather\ndtype: f32\nworld_sizes: [2]\nshape: [4]\nschedule: direct\n")
+    assert cli.main(["generate", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out"), "--no-build"]) == 1
+    assert "unsynchronised read" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_manager_writes_only_changed_files(tmp_path):
+    fm = FileManager(tmp_path)
+    p = fm.write("a/b.txt", "one")
+    mtime = p.stat().st_mtime_ns
+    fm2 = FileManager(tmp_path)
+    fm2.write("a/b.txt", "one")
+    assert fm2.unchanged == [p] and p.stat().st_mtime_ns == mtime
+    fm2.write("a/b.txt", "two")
+    assert p.read_text() == "two" and fm2.written == [p]
+    assert not list(tmp_path.glob("a/.*"))  # no temporary files left behind
+
+
+def test_committed_generated_sources_are_current(root, capsys):
+    rc = cli.main(["generate", str(root / "specs"), "-o", str(root / "generated"), "--check"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_drift_check_names_stale_files(root, tmp_path, capsys):
+    shutil.copytree(root / "generated", tmp_path / "generated", ignore=shutil.ignore_patterns("_build", ".ninja*", "*.ninja"))
+    cu = tmp_path / "generated/allgather_bf16/allgather_bf16.cu"
+    cu.write_text(cu.read_text() + "// hand edit\n")
+    assert cli.main(["generate", str(root / "specs"), "-o", str(tmp_path / "generated"), "--check"]) == 1
+    assert "allgather_bf16/allgather_bf16.cu" in capsys.readouterr().err
+
+
+def _fake_build(tmp_path, **over):
+    d = tmp_path / "op"
+    (d / "_build").mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"spec_hash": "abc"}))
+    info = {"spec_hash": "abc", "tilegen_version": "0.1.0", "nvshmem": "3.4.5", "arch": "sm_90",
+            "library": "libtilegen_op.so"}
+    info.update(over)
+    (d / "_build" / "build.json").write_text(json.dumps(info))
+    (d / "_build" / "libtilegen_op.so").write_text("")
+    return d
+
+
+def test_loading_checks_nvshmem_arch_and_tilegen_versions(tmp_path):
+    ok = _fake_build(tmp_path / "a")
+    assert check_build(ok, "op", "3.4.5", "sm_90").name == "libtilegen_op.so"
+    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.4\.5, but this process runs NVSHMEM 3\.8\.0; rebuild"):
+        check_build(ok, "op", "3.8.0", "sm_90")
+    with pytest.raises(OpLoadError, match=r"built for sm_90, but this GPU is sm_100.*tilegen generate"):
+        check_build(ok, "op", "3.4.5", "sm_100")
+    with pytest.raises(OpLoadError, match="built by tilegen 0.0.1"):
+        check_build(_fake_build(tmp_path / "b", tilegen_version="0.0.1"), "op", "3.4.5", "sm_90")
+    with pytest.raises(OpLoadError, match="another version of its spec"):
+        check_build(_fake_build(tmp_path / "c", spec_hash="zzz"), "op", "3.4.5", "sm_90")
+    with pytest.raises(OpLoadError, match="is not built here"):
+        check_build(tmp_path / "missing", "op", None, None)
+
+
+@needs_nvcc
+def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_path, capsys):
+    specs = tmp_path / "specs"
+    shutil.copytree(root / "specs", specs)
+    out = tmp_path / "pkg"
+    assert cli.main(["generate", str(specs), "-o", str(out), "-j", "2", "-q"]) == 0
+    for name in ("allgather_bf16", "allgather_f16_nvshmem"):
+        lib = out / name / "_build" / f"libtilegen_{name}.so"
+        assert lib.stat().st_size > 0
+        info = json.loads((out / name / "_build" / "build.json").read_text())
+        assert info["nvshmem"] == nvshmem_header_version() and re.fullmatch(r"\d+\.\d+\.\d+", info["nvcc"])
+    capsys.readouterr()
+    assert cli.main(["generate", str(specs), "-o", str(out), "-q"]) == 0
+    assert "up to date: nothing rebuilt" in capsys.readouterr().out
+    y = specs / "allgather_bf16.yaml"
+    y.write_text(y.read_text().replace("ctas: 264", "ctas: 128"))
+    before = (out / "allgather_f16_nvshmem/_build/libtilegen_allgather_f16_nvshmem.so").stat().st_mtime_ns
+    assert cli.main(["generate", str(specs), "-o", str(out), "-q"]) == 0
+    assert "built 2 step(s)" in capsys.readouterr().out  # the changed op's kernel and link, nothing else
+    assert (out / "allgather_f16_nvshmem/_build/libtilegen_allgather_f16_nvshmem.so").stat().st_mtime_ns == before
+
+
+@needs_nvcc
+def test_nvcc_failure_names_spec_file_and_message(tmp_path):
+    s = spec(world_sizes=[2])
+    files = render_package([type("L", (), {"spec": s})()], "pkg", None)
+    files["ag_test/ag_test.cu"] += "\nint broken = undeclared_thing;\n"
+    write_package(files, tmp_path)
+    with pytest.raises(BuildError) as e:
+        build_package(tmp_path, [s], {"ag_test": "specs/ag_test.yaml"}, progress=False)
+    msg = str(e.value)
+    assert "build of op ag_test (spec specs/ag_test.yaml) failed at ag_test/_build/ag_test.o" in msg
+    assert "undeclared_thing" in msg and "error" in msg

@@ -1,0 +1,161 @@
+"""Spec models, YAML/Python loading, located errors, JSON Schema, `tilegen validate`."""
+import json
+import re
+import textwrap
+
+import pytest
+
+from tilegen import cli
+from tilegen.spec import KernelSpec, SpecError, json_schema, load_spec, load_specs, parse_yaml_spec
+
+GOOD = textwrap.dedent("""\
+    name: ag
+    op: allgather
+    dtype: bf16
+    world_sizes: [2, 4]
+    shape:
+      - {name: m, max: 128}
+      - 64
+    """)
+
+
+def errors_of(text: str, path="s.yaml") -> list[str]:
+    with pytest.raises(SpecError) as e:
+        parse_yaml_spec(text, path)
+    return [f"{loc}: {msg}" for loc, msg in e.value.problems]
+
+
+def test_good_spec_defaults_and_derived_sizes():
+    s = parse_yaml_spec(GOOD, "g.yaml").spec
+    assert (s.name, s.op, s.dtype, s.world_sizes) == ("ag", "allgather", "bf16", [2, 4])
+    assert s.dynamic_dim.name == "m" and s.max_shape == (128, 64)
+    assert s.max_shard_bytes == 128 * 64 * 2
+    assert (s.transport, s.sync, s.schedule) == ("auto", "per_tile", "auto")
+    with pytest.raises(Exception):
+        s.name = "other"  # frozen
+
+
+def test_spec_hash_is_stable_and_sensitive():
+    a = parse_yaml_spec(GOOD).spec
+    b = parse_yaml_spec(GOOD.replace("# nothing", "")).spec
+    c = parse_yaml_spec(GOOD.replace("64", "65")).spec
+    assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+
+
+@pytest.mark.parametrize("line_text, replacement, expected", [
+    ("dtype: bf16", "dtype: bf17", r"s\.yaml:3:8: dtype: Input should be 'bf16'"),
+    ("name: ag", "name: 9x;rm -rf", r"s\.yaml:1:7: name: expected an identifier"),
+    ("name: ag", "name: class", r"s\.yaml:1:7: name: 'class' is a reserved word"),
+    ("name: ag", "name: \"über\"", r"s\.yaml:1:7: name: expected an identifier"),
+    ("world_sizes: [2, 4]", "world_sizes: [2, 1]", r"s\.yaml:4:18: world_sizes\[1\]: .*greater than or equal to 2"),
+    ("world_sizes: [2, 4]", "world_sizes: [2, 2]", r"s\.yaml:4:14: world_sizes: world sizes must be distinct"),
+    ("  - 64", "  - -64", r"s\.yaml:7:5: shape\[1\]"),
+    ("  - 64", "  - \"64\"", r"s\.yaml:7:5: shape\[1\]"),
+    ("  - {name: m, max: 128}", "  - {name: m, max: 0}", r"s\.yaml:6:20: shape\[0\]\.max: .*greater than 0"),
+    ("op: allgather", "op: allscatter", r"s\.yaml:2:5: op: Input should be 'allgather'"),
+])
+def test_bad_values_are_located_at_their_line_and_column(line_text, replacement, expected):
+    errs = errors_of(GOOD.replace(line_text, replacement))
+    assert any(re.match(expected, e) for e in errs), errs
+
+
+def test_unknown_key_points_at_the_key():
+    errs = errors_of(GOOD + "colour: red\n")
+    assert errs == [f"s.yaml:8:1: colour: unknown key (allowed: {', '.join(KernelSpec.model_fields)})"]
+
+
+def test_missing_field_points_at_the_mapping():
+    errs = errors_of(GOOD.replace("dtype: bf16\n", ""))
+    assert errs == ["s.yaml:1:1: dtype: required field is missing"]
+
+
+def test_several_errors_are_all_reported_in_order():
+    errs = errors_of(GOOD.replace("bf16", "int4").replace("[2, 4]", "[0]") + "tile_bytes: 1000\n")
+    assert [e.split(":")[3].strip() for e in errs] == ["dtype", "world_sizes[0]", "tile_bytes"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: [unclosed\n", r"s\.yaml:2:1: <yaml>: "),
+    ("name: a\nname: b\n", r"s\.yaml:2:1: <yaml>: found duplicate key"),
+    ("- just\n- a list\n", r"s\.yaml:1:1: <spec>: expected a mapping of fields, got a CommentedSeq"),
+    ("", r"s\.yaml:1:1: <spec>: expected a mapping of fields, got empty document"),
+    ("\tname: x\n", r"s\.yaml:1:1: <yaml>: "),
+])
+def test_malformed_yaml_is_located(text, expected):
+    errs = errors_of(text)
+    assert re.match(expected, errs[0]), errs
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("tile_bytes", 1000, "greater than or equal to 1024"),
+    ("tile_bytes", 1032, "multiple of 16"),
+    ("threads", 100, "multiple of 32"),
+    ("arch", "sm_60", "architecture"),
+    ("arch", "sm_90; system('x')", "architecture"),
+    ("shape", [64, {"name": "m", "max": 4}], "only dim 0 may be dynamic"),
+    ("ctas", 0, "greater than or equal to 1"),
+    ("world_sizes", [], "at least 1 item"),
+])
+def test_field_rules(field, value, msg):
+    base = dict(name="x", op="allgather", dtype="f32", world_sizes=[2], shape=[4, 4])
+    base[field] = value
+    with pytest.raises(Exception, match=msg):
+        KernelSpec.model_validate(base)
+
+
+def test_huge_outputs_are_refused():
+    with pytest.raises(Exception, match="exceeds 1 TiB"):
+        KernelSpec(name="x", op="allgather", dtype="f32", world_sizes=[8], shape=[1 << 31, 1 << 31])
+
+
+def test_python_config_spec(tmp_path):
+    p = tmp_path / "cfg.py"
+    p.write_text("from tilegen.spec import KernelSpec\nSPEC = KernelSpec(name='pyop', op='allgather', dtype='f16',\n"
+                 "    world_sizes=[2], shape=[8, 8])\n")
+    ls = load_spec(p)
+    assert ls.spec.name == "pyop" and ls.loc.line == 2
+
+
+def test_python_config_errors_are_located(tmp_path):
+    p = tmp_path / "cfg.py"
+    p.write_text("SPEC = dict(\n    name='ok',\n    op='allgather',\n    dtype='f64',\n    world_sizes=[2],\n    shape=[8],\n)\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert str(e.value).startswith(f"{p}:4:11: dtype: Input should be")
+    p.write_text("x = 1\nraise RuntimeError('boom')\n")
+    with pytest.raises(SpecError, match=r":2:1: <python>: RuntimeError: boom"):
+        load_spec(p)
+    p.write_text("x = 1\n")
+    with pytest.raises(SpecError, match="must define SPEC"):
+        load_spec(p)
+
+
+def test_duplicate_names_across_files(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD)
+    good, problems = load_specs([tmp_path])
+    assert len(good) == 1 and "name: 'ag' is already used by" in problems[0][1]
+
+
+def test_cli_validate_reports_each_bad_spec_and_exits_nonzero(tmp_path, capsys):
+    (tmp_path / "good.yaml").write_text(GOOD)
+    (tmp_path / "bad1.yaml").write_text(GOOD.replace("ag", "bad_one").replace("bf16", "bf17"))
+    (tmp_path / "bad2.yaml").write_text(GOOD.replace("ag", "bad_two") + "extra: 1\n")
+    assert cli.main(["validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"{tmp_path}/bad1.yaml:3:8: dtype:")
+    assert err[1].startswith(f"{tmp_path}/bad2.yaml:8:1: extra: unknown key")
+    assert cli.main(["validate", str(tmp_path / "good.yaml")]) == 0
+
+
+def test_repo_specs_are_valid(root, capsys):
+    assert cli.main(["validate", str(root / "specs")]) == 0
+    out = capsys.readouterr().out
+    assert "allgather_bf16" in out and "allgather_f16_nvshmem" in out
+
+
+def test_committed_json_schema_is_current(root):
+    committed = json.loads((root / "specs" / "tilegen-spec.schema.json").read_text())
+    assert committed == json_schema(), "run: tilegen schema -o specs/tilegen-spec.schema.json"
+    assert set(committed["properties"]) == set(KernelSpec.model_fields)
+    assert set(committed["required"]) == {"name", "op", "dtype", "world_sizes", "shape"}

@@ -1,0 +1,261 @@
+"""Stage 6: runtime.
+
+Initialises NVSHMEM through nvshmem4py (unique id broadcast over torch.distributed; torchrun is
+the launcher), hands out symmetric tensors, and loads pre-generated ops after checking that they
+were built for this NVSHMEM, this GPU architecture and this tilegen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+_state: dict[str, Any] = {"initialised": False, "ops": [], "rank": None, "world": None}
+
+
+class OpLoadError(RuntimeError):
+    """A generated op cannot be used here (not built, or built for another toolchain/GPU)."""
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def init(device: int | None = None, backend: str | None = None) -> tuple[int, int]:
+    """Initialise NVSHMEM on every rank (collective). Returns (rank, world).
+
+    Uses torch.distributed for the unique-id broadcast; initialises the default process group from
+    torchrun's environment if the app has not (NCCL when every local rank has its own GPU, else
+    gloo: several ranks per GPU are NVSHMEM's multi-process-per-GPU mode, best under CUDA MPS).
+    The CUDA device is LOCAL_RANK modulo the visible devices unless given.
+    """
+    if _state["initialised"]:
+        return _state["rank"], _state["world"]
+    torch = _torch()
+    import torch.distributed as dist
+    from cuda.core import Device
+    import nvshmem.core as nvshmem
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("tilegen.init: no CUDA device is visible")
+    ndev = torch.cuda.device_count()
+    if not dist.is_initialized():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        dist.init_process_group(backend=backend or ("nccl" if local_world <= ndev else "gloo"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = device if device is not None else int(os.environ.get("LOCAL_RANK", rank)) % ndev
+    torch.cuda.set_device(local)
+    dev = Device(local)
+    dev.set_current()
+    uid = nvshmem.get_unique_id(empty=(rank != 0))
+    box = [uid if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    nvshmem.init(device=dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
+    _state.update(initialised=True, rank=rank, world=world, device=local)
+    return rank, world
+
+
+def is_initialized() -> bool:
+    return bool(_state["initialised"])
+
+
+def world_size() -> int:
+    _require_init("world_size")
+    return _state["world"]
+
+
+def rank() -> int:
+    _require_init("rank")
+    return _state["rank"]
+
+
+def _require_init(what: str) -> None:
+    if not _state["initialised"]:
+        raise RuntimeError(f"tilegen.{what}: call tilegen.init() first (on every rank)")
+
+
+def empty(shape, dtype) -> Any:
+    """A torch tensor on the NVSHMEM symmetric heap (collective: same shape on every rank)."""
+    _require_init("empty")
+    import nvshmem.core as nvshmem
+    torch = _torch()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return nvshmem.tensor(tuple(int(s) for s in shape), dtype=dtype)
+
+
+def free(tensor) -> None:
+    import nvshmem.core as nvshmem
+    nvshmem.free_tensor(tensor)
+
+
+def finalize() -> None:
+    """Release every loaded op's symmetric state, then NVSHMEM (collective)."""
+    if not _state["initialised"]:
+        return
+    torch = _torch()
+    torch.cuda.synchronize()
+    for op in _state["ops"]:
+        op.release()
+    for op in _state["ops"]:
+        for t in op._outputs.values():
+            free(t)
+        op._outputs.clear()
+    import nvshmem.core as nvshmem
+    nvshmem.finalize()
+    _state.update(initialised=False, ops=[])
+
+
+def _register_errors() -> None:
+    import tvm_ffi.error as e
+    try:
+        e.register_error("TimeoutError", TimeoutError)
+    except Exception:  # already registered
+        pass
+
+
+def _arch_of_current_device() -> str:
+    torch = _torch()
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def check_build(directory: Path, name: str, runtime_nvshmem: str | None, device_arch: str | None) -> Path:
+    """Validate an op's build.json against this process; returns the library path."""
+    rebuild = f"rebuild it with: tilegen generate <specs> -o {directory.parent}"
+    bj = directory / "_build" / "build.json"
+    if not bj.exists():
+        raise OpLoadError(f"op {name} is not built here ({bj} is missing); {rebuild}")
+    info = json.loads(bj.read_text())
+    man = json.loads((directory / "manifest.json").read_text())
+    if info.get("spec_hash") != man.get("spec_hash"):
+        raise OpLoadError(f"op {name}: the library was built from another version of its spec; {rebuild}")
+    if info.get("tilegen_version") != __version__:
+        raise OpLoadError(f"op {name} was built by tilegen {info.get('tilegen_version')}, this is tilegen {__version__}; {rebuild}")
+    if runtime_nvshmem is not None and info.get("nvshmem") != runtime_nvshmem:
+        raise OpLoadError(f"op {name} was built against NVSHMEM {info.get('nvshmem')}, but this process runs "
+                          f"NVSHMEM {runtime_nvshmem}; {rebuild}")
+    if device_arch is not None:
+        built = info.get("arch", "")
+        if built.rstrip("a") != device_arch:
+            raise OpLoadError(f"op {name} was built for {built}, but this GPU is {device_arch}; set arch: {device_arch} "
+                              f"in its spec and {rebuild}")
+    lib = directory / "_build" / info["library"]
+    if not lib.exists():
+        raise OpLoadError(f"op {name}: {lib} is missing; {rebuild}")
+    return lib
+
+
+class GeneratedOp:
+    """A pre-generated, pre-built op. Callable: op(input, output=None, *, stream=None, timeout_ms=None)."""
+
+    def __init__(self, directory: Path, name: str, kind: str, dtype: str, shape: list, world_sizes: list[int]):
+        self.directory = Path(directory)
+        self.name = name
+        self.kind = kind
+        self.dtype = dtype
+        self.shape = shape
+        self.world_sizes = world_sizes
+        self._mod = None
+        self._outputs: dict[tuple, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<tilegen op {self.name}: {self.kind} {self.dtype} shape {self.shape} worlds {self.world_sizes}>"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.directory / "manifest.json").read_text())
+
+    @property
+    def inner_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[1:])
+
+    def load(self):
+        """Load the library (checks provenance first). Needs tilegen.init()."""
+        if self._mod is not None:
+            return self._mod
+        _require_init(self.name)
+        import nvshmem.core as nvshmem
+        import tvm_ffi
+        _register_errors()
+        lib = check_build(self.directory, self.name, nvshmem.get_version().libnvshmem_version, _arch_of_current_device())
+        mod = tvm_ffi.load_module(str(lib))
+        compiled, runtime = (int(v) for v in mod.nvshmem_versions())
+        if compiled != runtime:
+            raise OpLoadError(f"op {self.name}: compiled against NVSHMEM {compiled // 10000}.{compiled // 100 % 100}."
+                              f"{compiled % 100} but linked to {runtime // 10000}.{runtime // 100 % 100}.{runtime % 100}; "
+                              f"rebuild it with: tilegen generate <specs> -o {self.directory.parent}")
+        world = int(mod.world())  # collective on first use: allocates the op's symmetric signals
+        if world not in self.world_sizes:
+            raise OpLoadError(f"op {self.name} supports world sizes {self.world_sizes}, this job has {world}")
+        self._mod = mod
+        _state["ops"].append(self)
+        return mod
+
+    def release(self) -> None:
+        if self._mod is not None:
+            self._mod.release()
+            self._mod = None
+
+    def max_rows(self) -> int:
+        d0 = self.shape[0]
+        return d0["max"] if isinstance(d0, dict) else d0
+
+    def empty_output(self, rows: int):
+        """Symmetric output for inputs of `rows` rows (collective; cached per size)."""
+        world = world_size()
+        if not 1 <= rows <= self.max_rows():
+            raise ValueError(f"{self.name}: rows must be in [1, {self.max_rows()}], got {rows}")
+        key = (rows, world)
+        if key not in self._outputs:
+            self._outputs[key] = empty((world * rows,) + self.inner_shape, self.dtype)
+        return self._outputs[key]
+
+    def __call__(self, input, output=None, *, stream=None, timeout_ms: float | None = None):
+        mod = self.load()
+        if output is None:
+            if not hasattr(input, "shape") or len(input.shape) < 1:
+                raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
+            output = self.empty_output(int(input.shape[0]))
+        handle = _stream_handle(input, stream)
+        if timeout_ms is None:
+            timeout_ms = float(os.environ.get("TILEGEN_WAIT_TIMEOUT_MS", "0") or 0)
+        if timeout_ms < 0:
+            raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
+        mod.run(input, output, handle, int(timeout_ms * 1e6))
+        if timeout_ms > 0:  # bounded mode: wait for the call, then report a wait that gave up
+            _synchronize(input, handle)
+            mod.check_wait_error()
+        return output
+
+
+def _stream_handle(tensor, stream) -> int:
+    """The CUDA stream to launch on: explicit, else the framework's current stream, else TVM-FFI's."""
+    if stream is not None:
+        if isinstance(stream, int):
+            return stream
+        for attr in ("cuda_stream", "handle"):
+            if hasattr(stream, attr):
+                return int(getattr(stream, attr))
+        if hasattr(stream, "__cuda_stream__"):
+            return int(stream.__cuda_stream__()[1])
+        raise ValueError(f"stream must be an int handle or a stream object, got {type(stream).__name__}")
+    mod = type(tensor).__module__
+    if mod.startswith("torch"):
+        torch = _torch()
+        if getattr(tensor, "is_cuda", False):
+            return int(torch.cuda.current_stream(tensor.device).cuda_stream)
+    return -1
+
+
+def _synchronize(tensor, handle: int) -> None:
+    if type(tensor).__module__.startswith("torch"):
+        torch = _torch()
+        torch.cuda.ExternalStream(handle).synchronize() if handle > 0 else torch.cuda.synchronize()
+        return
+    from cuda.bindings import runtime as rt
+    rt.cudaStreamSynchronize(handle if handle > 0 else 0)

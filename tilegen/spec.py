@@ -1,0 +1,481 @@
+"""Stage 1: kernel specs.
+
+A spec is a YAML file (or a Python config) validated into frozen pydantic models.
+Every error is reported as ``path:LINE:COL: field: message`` (1-based), never a traceback.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import keyword
+import re
+import runpy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".py")
+
+# Names become C identifiers, Python module names and file names: keep them boring.
+_IDENT = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_C_RESERVED = {
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
+    "extern", "float", "for", "goto", "if", "int", "long", "register", "return", "short", "signed",
+    "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
+    "class", "namespace", "template", "typename", "new", "delete", "this", "operator", "private",
+    "public", "protected", "virtual", "friend", "inline", "bool", "true", "false", "nullptr",
+}
+
+
+def check_identifier(value: str) -> str:
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise ValueError(
+            "expected an identifier: lowercase letter first, then lowercase letters, digits or '_', "
+            f"at most 63 characters; got {value!r}")
+    if keyword.iskeyword(value) or value in _C_RESERVED:
+        raise ValueError(f"{value!r} is a reserved word in Python or C++")
+    return value
+
+
+Identifier = Annotated[str, Field(description="lowercase identifier ([a-z][a-z0-9_]*)")]
+
+# dtype name -> (bytes, CUDA type, torch dtype name)
+DTYPES: dict[str, tuple[int, str, str]] = {
+    "bf16": (2, "__nv_bfloat16", "bfloat16"),
+    "f16": (2, "__half", "float16"),
+    "f32": (4, "float", "float32"),
+    "i32": (4, "int32_t", "int32"),
+    "u8": (1, "uint8_t", "uint8"),
+}
+
+OpKind = Literal["allgather"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DynamicDim(_Frozen):
+    """A dimension whose size is given at call time, up to ``max``."""
+
+    name: str = Field(description="name of the dynamic dimension (identifier)")
+    max: int = Field(gt=0, le=1 << 31, description="largest size a call may pass")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_identifier(v)
+
+
+Dim = Union[Annotated[int, Field(gt=0, le=1 << 31)], DynamicDim]
+
+
+class KernelSpec(_Frozen):
+    """One kernel: what it computes and how it communicates."""
+
+    name: str = Field(description="op name: a Python module and C identifier")
+    op: OpKind = Field(description="collective or fused kernel kind")
+    dtype: Literal["bf16", "f16", "f32", "i32", "u8"] = Field(description="element type")
+    world_sizes: list[Annotated[int, Field(ge=2, le=8)]] = Field(
+        min_length=1, description="numbers of ranks the op supports (2..8, one NVLink domain)")
+    shape: list[Dim] = Field(
+        min_length=1, max_length=4,
+        description="per-rank input shape; dim 0 may be dynamic {name, max}; output gathers along dim 0")
+    tile_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=64 << 20,
+        description="largest tile a CTA moves before it signals (multiple of 16)")
+    transport: Literal["auto", "nvlink", "nvshmem"] = Field(
+        default="auto",
+        description="nvlink: plain vector stores through peer pointers; nvshmem: NVSHMEM put calls; "
+                    "auto: peer pointers where NVLink reaches, NVSHMEM elsewhere")
+    sync: Literal["per_tile", "barrier"] = Field(
+        default="per_tile", description="per_tile: one signal per tile; barrier: one signal per chunk after all CTAs")
+    schedule: Literal["auto", "direct", "ring"] = Field(
+        default="auto", description="auto: the planner's cost model chooses")
+    topology: Literal["nvswitch", "ring_links"] = Field(
+        default="nvswitch", description="link layout the cost model assumes")
+    ctas: int = Field(default=264, ge=1, le=4096, description="CTAs (thread blocks) used for communication")
+    threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
+    arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
+    description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_identifier(v)
+
+    @field_validator("world_sizes")
+    @classmethod
+    def _worlds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"world sizes must be distinct, got {v}")
+        return sorted(v)
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list) -> list:
+        for i, d in enumerate(v[1:], start=1):
+            if isinstance(d, DynamicDim):
+                raise ValueError(f"only dim 0 may be dynamic; dim {i} is {{name: {d.name}, max: {d.max}}}")
+        return v
+
+    @field_validator("tile_bytes")
+    @classmethod
+    def _tile(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 bytes (vector width), got {v}")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (warp size), got {v}")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if not re.fullmatch(r"sm_(7[05]|8[069]|9[0]a?|10[0-3]a?|12[01]a?)", v):
+            raise ValueError(f"expected an architecture such as sm_90 or sm_90a, got {v!r}")
+        if int(re.sub(r"\D", "", v)) < 70:
+            raise ValueError("needs sm_70 or newer (NVSHMEM device API)")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "KernelSpec":
+        shard = self.max_shard_bytes
+        if shard * max(self.world_sizes) > (1 << 40):
+            raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
+        return self
+
+    # ---- derived properties (used by planner and code generator) ----
+    @property
+    def elem_bytes(self) -> int:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def cuda_type(self) -> str:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def torch_dtype(self) -> str:
+        return DTYPES[self.dtype][2]
+
+    @property
+    def dynamic_dim(self) -> DynamicDim | None:
+        return self.shape[0] if isinstance(self.shape[0], DynamicDim) else None
+
+    @property
+    def max_shape(self) -> tuple[int, ...]:
+        return tuple(d.max if isinstance(d, DynamicDim) else d for d in self.shape)
+
+    @property
+    def inner_elems(self) -> int:
+        n = 1
+        for d in self.max_shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return self.max_shape[0] * self.inner_elems * self.elem_bytes
+
+    @property
+    def sm(self) -> int:
+        return int(re.sub(r"\D", "", self.arch))
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceLoc:
+    path: str
+    line: int  # 1-based
+    col: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with where it came from."""
+
+    spec: KernelSpec
+    loc: SourceLoc
+
+
+class SpecError(Exception):
+    """One or more located problems in a spec file."""
+
+    def __init__(self, problems: list[tuple[SourceLoc, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in problems))
+
+
+def _format_field(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("int", "DynamicDim", "constrained-int", "function-after[_name(), str]"):
+            continue  # union-member tags pydantic adds to locations
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "<spec>"
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        model = DynamicDim if "DynamicDim" in err["loc"] else KernelSpec
+        msg = "unknown key (allowed: " + ", ".join(model.model_fields) + ")"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        shown = repr(err["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        if "got" not in msg:
+            msg += f" (got {shown})"
+    return msg
+
+
+def _yaml_position(root: Any, loc: tuple) -> tuple[int, int]:
+    """0-based (line, col) of the YAML node a pydantic error location points at."""
+    node = root
+    line, col = getattr(getattr(root, "lc", None), "line", 0) or 0, getattr(getattr(root, "lc", None), "col", 0) or 0
+    for key in loc:
+        lc = getattr(node, "lc", None)
+        if isinstance(key, str) and isinstance(node, dict) and key in node:
+            if lc is not None:
+                pos = lc.key(key) if isinstance(node[key], dict) else lc.value(key)
+                line, col = pos[0], pos[1]
+            node = node[key]
+        elif isinstance(key, int) and isinstance(node, list) and 0 <= key < len(node):
+            if lc is not None:
+                line, col = lc.item(key)
+            node = node[key]
+        elif isinstance(key, str) and isinstance(node, dict) and lc is not None:
+            continue  # union tag or missing key: stay at the enclosing node
+        else:
+            continue
+    return line, col
+
+
+def _yaml_key_position(root: Any, loc: tuple) -> tuple[int, int] | None:
+    """Position of the offending key itself (for unknown keys)."""
+    node = root
+    for key in loc[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    lc = getattr(node, "lc", None)
+    if lc is not None and isinstance(node, dict) and loc[-1] in node:
+        return tuple(lc.key(loc[-1]))  # type: ignore[return-value]
+    return None
+
+
+def _wrong_union_branch(loc: tuple, value: Any) -> bool:
+    """A dim is an int or a {name, max} mapping: report only the branch the input was meant for."""
+    if not loc:
+        return False
+    if loc[-1] in ("int", "constrained-int"):
+        return isinstance(value, dict)
+    if "DynamicDim" in loc:
+        i = loc.index("DynamicDim")
+        return i == len(loc) - 1 and not isinstance(value, dict)
+    return False
+
+
+def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[SourceLoc, str]]:
+    problems = []
+    seen = set()
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if _wrong_union_branch(loc, err.get("input")):
+            continue
+        line, col = locate(loc, err["type"])
+        field = _format_field(loc)
+        item = (SourceLoc(path, line + 1, col + 1), f"{field}: {_message(err)}")
+        if item not in seen:
+            seen.add(item)
+            problems.append(item)
+    return problems
+
+
+def _plain(node: Any) -> Any:
+    """ruamel round-trip containers -> plain Python (strict pydantic wants real ints/strs)."""
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, bool):
+        return bool(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def load_yaml_spec(path: str | Path) -> LoadedSpec:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([(SourceLoc(path, 1, 1), f"<file>: cannot read: {e}")]) from None
+    return parse_yaml_spec(text, path)
+
+
+def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    try:
+        root = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line, mark.column) if mark is not None else (0, 0)
+        problem = (e.problem or e.context or "malformed YAML").strip()
+        raise SpecError([(SourceLoc(path, line + 1, col + 1), f"<yaml>: {problem}")]) from None
+    except (YAMLError, ValueError, RecursionError) as e:
+        raise SpecError([(SourceLoc(path, 1, 1), f"<yaml>: {str(e).splitlines()[0] if str(e) else type(e).__name__}")]) from None
+    if not isinstance(root, dict):
+        kind = "empty document" if root is None else f"a {type(root).__name__}"
+        raise SpecError([(SourceLoc(path, 1, 1), f"<spec>: expected a mapping of fields, got {kind}")])
+    for key in root:
+        if not isinstance(key, str):
+            lc = root.lc.key(key)
+            raise SpecError([(SourceLoc(path, lc[0] + 1, lc[1] + 1), f"{key!r}: keys must be strings")])
+
+    def locate(loc: tuple, etype: str) -> tuple[int, int]:
+        if etype == "extra_forbidden":
+            pos = _yaml_key_position(root, loc)
+            if pos is not None:
+                return pos
+        return _yaml_position(root, loc)
+
+    try:
+        spec = KernelSpec.model_validate(_plain(root))
+    except ValidationError as e:
+        raise SpecError(_validation_problems(e, path, locate)) from None
+    return LoadedSpec(spec, SourceLoc(path, root.lc.line + 1, root.lc.col + 1))
+
+
+def _python_spec_positions(path: str, text: str) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """Positions of keyword/key names inside the ``SPEC = ...`` assignment of a Python config."""
+    keys: dict[str, tuple[int, int]] = {}
+    where = (0, 0)
+    try:
+        tree = ast.parse(text, filename=path)
+    except SyntaxError:
+        return keys, where
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SPEC" for t in node.targets):
+            where = (node.lineno - 1, node.col_offset)
+            value = node.value
+            if isinstance(value, ast.Call):
+                for kw in value.keywords:
+                    if kw.arg:
+                        keys[kw.arg] = (kw.value.lineno - 1, kw.value.col_offset)
+            elif isinstance(value, ast.Dict):
+                for k, v in zip(value.keys, value.values):
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str):
+                        keys[k.value] = (v.lineno - 1, v.col_offset)
+    return keys, where
+
+
+def load_python_spec(path: str | Path) -> LoadedSpec:
+    """A Python config: a module that defines ``SPEC`` as a KernelSpec or a dict of fields."""
+    path = str(path)
+    text = Path(path).read_text(encoding="utf-8")
+    keys, where = _python_spec_positions(path, text)
+    try:
+        ns = runpy.run_path(path, run_name="tilegen_spec")
+    except ValidationError as e:
+        raise SpecError(_validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)) from None
+    except Exception as e:  # a config that fails to run is reported at its own line
+        tb = e.__traceback__
+        line = 1
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        if isinstance(e, SyntaxError) and e.lineno:
+            line = e.lineno
+        raise SpecError([(SourceLoc(path, line, 1), f"<python>: {type(e).__name__}: {e}")]) from None
+    if "SPEC" not in ns:
+        raise SpecError([(SourceLoc(path, 1, 1), "<spec>: a Python config must define SPEC (a KernelSpec or a dict)")])
+    value = ns["SPEC"]
+    if isinstance(value, KernelSpec):
+        return LoadedSpec(value, SourceLoc(path, where[0] + 1, where[1] + 1))
+    if not isinstance(value, dict):
+        raise SpecError([(SourceLoc(path, where[0] + 1, where[1] + 1), f"SPEC: expected a KernelSpec or a dict, got {type(value).__name__}")])
+    try:
+        spec = KernelSpec.model_validate(value)
+    except ValidationError as e:
+        raise SpecError(_validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)) from None
+    return LoadedSpec(spec, SourceLoc(path, where[0] + 1, where[1] + 1))
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    p = Path(path)
+    if p.suffix == ".py":
+        return load_python_spec(p)
+    if p.suffix in (".yaml", ".yml"):
+        return load_yaml_spec(p)
+    raise SpecError([(SourceLoc(str(p), 1, 1), f"<file>: expected one of {', '.join(SPEC_SUFFIXES)}")])
+
+
+def find_spec_files(paths: list[str | Path]) -> list[Path]:
+    """Spec files named directly, or found (sorted) in the directories named."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_"))))
+        else:
+            files.append(p)
+    return files
+
+
+def load_specs(paths: list[str | Path]) -> tuple[list[LoadedSpec], list[tuple[SourceLoc, str]]]:
+    """Load every spec; returns the good ones and all problems (including duplicate names)."""
+    good: list[LoadedSpec] = []
+    problems: list[tuple[SourceLoc, str]] = []
+    names: dict[str, SourceLoc] = {}
+    for f in find_spec_files(paths):
+        if not f.exists():
+            problems.append((SourceLoc(str(f), 1, 1), "<file>: no such file"))
+            continue
+        try:
+            ls = load_spec(f)
+        except SpecError as e:
+            problems.extend(e.problems)
+            continue
+        if ls.spec.name in names:
+            problems.append((ls.loc, f"name: {ls.spec.name!r} is already used by {names[ls.spec.name]}"))
+            continue
+        names[ls.spec.name] = ls.loc
+        good.append(ls)
+    return good, problems
+
+
+def json_schema() -> dict:
+    schema = KernelSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tilegen kernel spec"
+    return schema

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything that needs GPUs, in one call on the device machine (nvidia-h200-x2):
+# install the missing wheels, generate + build every spec, run the GPU tests under torchrun,
+# run the benchmarks, print a short table last.   Usage: bash tools/gpu_check.sh [quick]
+set -uo pipefail
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # never multicast there
+export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
+OUT=${OUT:-/tmp/tilegen-out}; mkdir -p "$OUT"
+NGPU=$(nvidia-smi -L | wc -l)
+NP=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
+if [ "$NP" -gt "$NGPU" ]; then
+  # More ranks than GPUs: NVSHMEM's multi-process-per-GPU mode, with CUDA MPS so that the ranks'
+  # kernels run side by side (each gets a share of the SMs). Checks the protocol, not link speed.
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 / (NP / NGPU) )) NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=1
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d && echo "MPS started: $NP ranks on $NGPU GPU(s)" || echo "MPS not started: ranks time-slice"
+  trap 'echo quit | nvidia-cuda-mps-control 2>/dev/null' EXIT
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nvidia-smi topo -m | head -4
+status=0
+python3 -m tilegen.cli generate specs/ -o generated -j 16 -q 2>&1 | tee "$OUT/generate.log" || status=1
+[ $status = 0 ] || { echo "generate failed"; exit 1; }
+timeout 420 torchrun --nproc-per-node "$NP" -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${1:-}" != quick ]; then
+  timeout 300 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --out "$OUT/bench_allgather.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -12
+fi
+echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
+exit $status
