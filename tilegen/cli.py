@@ -120,7 +120,7 @@ def cmd_list(args) -> int:
     root = Path(args.directory)
     table = Table(title=f"ops in {root}")
     for col in ("op", "kind", "dtype", "worlds: schedule", "spec hash", "built", "nvshmem", "arch"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     found = 0
     for man_path in sorted(root.glob("*/manifest.json")):
         man = json.loads(man_path.read_text())
@@ -131,7 +131,8 @@ def cmd_list(args) -> int:
                       f"nvcc {info['nvcc']}" if info else "no", info.get("nvshmem", man.get("nvshmem_headers") or "?"),
                       man["arch"])
         found += 1
-    Console().print(table)
+    import shutil
+    Console(width=max(shutil.get_terminal_size().columns, 160)).print(table)
     return 0 if found else 1
 
 

@@ -102,9 +102,7 @@ def finalize() -> None:
     for op in _state["ops"]:
         op.release()
     for op in _state["ops"]:
-        for t in op._outputs.values():
-            free(t)
-        op._outputs.clear()
+        op.free_outputs()
     import nvshmem.core as nvshmem
     nvshmem.finalize()
     _state.update(initialised=False, ops=[])
@@ -214,6 +212,12 @@ class GeneratedOp:
         if key not in self._outputs:
             self._outputs[key] = empty((world * rows,) + self.inner_shape, self.dtype)
         return self._outputs[key]
+
+    def free_outputs(self) -> None:
+        """Free the outputs empty_output cached (collective)."""
+        for t in self._outputs.values():
+            free(t)
+        self._outputs.clear()
 
     def __call__(self, input, output=None, *, stream=None, timeout_ms: float | None = None):
         mod = self.load()

@@ -7,6 +7,7 @@ back-to-back calls between CUDA events and divides; the median over `--reps` suc
 reported. busbw = size / time * (world - 1) / world.
 """
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -45,9 +46,15 @@ def main():
     ap.add_argument("--sizes-mib", default="1,8,64,256,1024", help="total output sizes in MiB")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--out")
+    ap.add_argument("--ops", default="generated:allgather_bf16",
+                    help="package:op[,package:op...]; package:* takes every op of a package")
     args = ap.parse_args()
     rank, world = tilegen.init()
-    from generated import allgather_bf16 as op
+    ops = []
+    for item in args.ops.split(","):
+        pkg, _, name = item.partition(":")
+        mod = importlib.import_module(pkg)
+        ops += [(n, getattr(mod, n)) for n in (mod.OPS if name == "*" else [name])]
     inner = 8192
     rows_all = []
     for mib in [float(s) for s in args.sizes_mib.split(",")]:
@@ -55,31 +62,33 @@ def main():
         rows = total // (world * inner * 2)
         nbytes = rows * world * inner * 2
         x = torch.randn((rows, inner), device="cuda").to(torch.bfloat16)
-        out = op.empty_output(rows)
-        ref = torch.empty_like(out)
+        ref = torch.empty((world * rows, inner), device="cuda", dtype=torch.bfloat16)
         calls = 50 if nbytes <= 16 * MiB else 10
         nccl = dist.get_backend() == "nccl"  # not when ranks share a GPU (multi-process-per-GPU mode)
         t_nccl = time_batches(lambda: dist.all_gather_into_tensor(ref, x), calls, args.reps) if nccl else float("nan")
-        t_tg = time_batches(lambda: op(x, out), calls, args.reps)
-        torch.cuda.synchronize()
-        ok = torch.equal(out.view(torch.int16), ref.view(torch.int16)) if nccl else None
         bus = lambda t: nbytes / (t * 1e-6) * (world - 1) / world / 1e9
-        rows_all.append({"bytes": nbytes, "rows_per_rank": rows, "tilegen_us": t_tg, "nccl_us": t_nccl,
-                         "tilegen_busbw_GBps": bus(t_tg), "nccl_busbw_GBps": bus(t_nccl),
-                         "latency_ratio": t_tg / t_nccl, "bitwise_equal": ok})
+        for name, op in ops:
+            out = op.empty_output(rows)
+            t_tg = time_batches(lambda: op(x, out), calls, args.reps)
+            torch.cuda.synchronize()
+            ok = torch.equal(out.view(torch.int16), ref.view(torch.int16)) if nccl else None
+            rows_all.append({"op": name, "bytes": nbytes, "rows_per_rank": rows, "tilegen_us": t_tg, "nccl_us": t_nccl,
+                             "tilegen_busbw_GBps": bus(t_tg), "nccl_busbw_GBps": bus(t_nccl),
+                             "latency_ratio": t_tg / t_nccl, "bitwise_equal": ok})
+            op.free_outputs()
     if rank == 0:
         dev = torch.cuda.get_device_name()
         shared = dist.get_backend() != "nccl"
         print(f"\nallgather bf16, {world} ranks on {torch.cuda.device_count()} x {dev}, medians of {args.reps} batches"
               + (" -- RANKS SHARE ONE GPU: not a link-bandwidth figure, no NCCL baseline" if shared else ""))
-        print(f"{'size':>10} {'tilegen us':>11} {'NCCL us':>9} {'tilegen busbw':>14} {'NCCL busbw':>11} {'time ratio':>10} ok")
+        print(f"{'op':<28} {'size':>10} {'tilegen us':>11} {'NCCL us':>9} {'tilegen busbw':>14} {'NCCL busbw':>11} {'time ratio':>10} ok")
         for r in rows_all:
-            print(f"{r['bytes'] / MiB:8.1f}Mi {r['tilegen_us']:11.1f} {r['nccl_us']:9.1f} "
+            print(f"{r['op']:<28} {r['bytes'] / MiB:8.1f}Mi {r['tilegen_us']:11.1f} {r['nccl_us']:9.1f} "
                   f"{r['tilegen_busbw_GBps']:11.1f}GB/s {r['nccl_busbw_GBps']:8.1f}GB/s {r['latency_ratio']:10.2f} "
                   f"{ {True: 'yes', False: 'NO', None: '-'}[r['bitwise_equal']] }")
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"device": dev, "world": world, "op": "allgather_bf16", "rows": rows_all}, f, indent=2)
+                json.dump({"device": dev, "world": world, "rows": rows_all}, f, indent=2)
     tilegen.finalize()
     dist.destroy_process_group()
 

@@ -4,7 +4,7 @@
 # run the benchmarks, print a short table last.   Usage: bash tools/gpu_check.sh [quick]
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # never multicast there
-export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
+export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-16G} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 OUT=${OUT:-/tmp/tilegen-out}; mkdir -p "$OUT"
 NGPU=$(nvidia-smi -L | wc -l)
 NP=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
@@ -29,8 +29,15 @@ python3 -m tilegen.cli generate specs/ -o generated -j 16 -q 2>&1 | tee "$OUT/ge
 [ $status = 0 ] || { echo "generate failed"; exit 1; }
 timeout 420 torchrun --nproc-per-node "$NP" -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+OPS=generated:allgather_bf16
+if [ "$NGPU" -ge 2 ] || [ "${1:-}" = sweep ]; then  # CTA / tile variants (tools/bench_specs), one build
+  python3 -m tilegen.cli generate tools/bench_specs -o bench_generated -j 16 -q > "$OUT/generate_bench.log" 2>&1 \
+    && OPS="$OPS,bench_generated:*" || echo "bench variants did not build: see generate_bench.log"
+fi
 if [ "${1:-}" != quick ]; then
-  timeout 300 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --out "$OUT/bench_allgather.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -12
+  timeout 400 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" --out "$OUT/bench_allgather.json" \
+    > "$OUT/bench.log" 2>&1 || { status=1; tail -30 "$OUT/bench.log"; }
+  sed -n '/^allgather bf16/,$p' "$OUT/bench.log"
 fi
 echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
 exit $status
