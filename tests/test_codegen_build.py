@@ -10,7 +10,7 @@ from tilegen import cli
 from tilegen import plan as plan_mod
 from tilegen.build import BuildError, build_package, nvshmem_header_version
 from tilegen.codegen import CodegenError, FileManager, render_op, render_package, step_table, write_package
-from tilegen.plan import Schedule, Step, plan
+from tilegen.plan import plan
 from tilegen.runtime import OpLoadError, check_build
 from tilegen.spec import DynamicDim, KernelSpec, load_specs
 
@@ -53,25 +53,30 @@ def test_manifest_records_provenance():
     assert re.fullmatch(r"[0-9a-f]{64}", man["template_hash"])
     assert man["arch"] == "sm_90" and "-gencode=arch=compute_90,code=sm_90" in man["nvcc_flags"]
     assert man["nvshmem_headers"] == "3.4.5"
-    assert man["plans"]["4"]["algorithm"] == "direct"
+    assert man["plans"]["4"][0]["algorithm"] == "direct" and man["plans"]["4"][0]["max_in_bytes"] == s.max_in_bytes(4)
     assert set(man["files"]) == {"ag_test.cu", "ag_test_binding.cc", "op.py"}
 
 
-def test_step_table_in_source_is_the_checked_plan():
-    s = spec()
+@pytest.mark.parametrize("op, shape", [("allgather", [8, 64]), ("allreduce", [DynamicDim(name="m", max=4096), 1024])])
+def test_step_tables_in_source_are_the_checked_plans(op, shape):
+    s = spec(op=op, shape=shape, ctas="auto", tile_bytes="auto")
     src = render_op(s, None)["ag_test.cu"]
     for w in s.world_sizes:
-        block = re.search(rf"kSteps_w{w}\[{w}\]\[kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
-        rows = [[tuple(int(x) for x in t.split(",")) for t in re.findall(r"\{ ([-\d, ]+) \}", line)]
-                for line in block.splitlines()]
-        assert rows == [[tuple(r) for r in rank] for rank in step_table(plan(s, w))]
+        for i, v in enumerate(plan(s, w).variants):
+            block = re.search(rf"kSteps_w{w}_v{i}\[{w}\]\[kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
+            want = "\n".join("    { " + ", ".join(row) + " }," for row in step_table(v.schedule))
+            assert block == want
+            assert f"out[{i}] = Variant{{ {v.max_bytes}LL, {v.schedule.parts}, {v.ctas}, {v.tile_bytes}LL" in src
 
 
 def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys):
+    import dataclasses
+    real = plan_mod.ag_direct
+
     def no_waits(world, sync):
-        good = plan_mod.direct_schedule(world, sync)
-        return Schedule("direct", world, sync, tuple(tuple(s for s in r if s.kind != "wait") for r in good.ranks))
-    monkeypatch.setitem(plan_mod.ALGORITHMS, "direct", no_waits)
+        good = real(world, sync)
+        return dataclasses.replace(good, ranks=tuple(tuple(s for s in r if s.kind != "wait") for r in good.ranks))
+    monkeypatch.setitem(plan_mod.ALGORITHMS["allgather"], "direct", no_waits)
     with pytest.raises(CodegenError, match="checker rejected the direct schedule"):
         render_op(spec(), None)
     (tmp_path / "s.yaml").write_text("name: a\nop: allgather\ndtype: f32\nworld_sizes: [2]\nshape: [4]\nschedule: direct\n")

@@ -1,13 +1,15 @@
-"""Planner candidates and cost model; the checker on every schedule and on deliberately broken ones."""
+"""Planner schedules and cost model; the checker on every schedule and on deliberately broken ones."""
 import dataclasses
 
 import pytest
 
 from tilegen import cli
-from tilegen.check import check_cover, check_schedule
-from tilegen.plan import (ALGORITHMS, MIN_TILE_BYTES, Schedule, Step, direct_schedule, format_plan, max_tiles, plan,
-                          ring_schedule, tile_bytes_for, tile_ranges)
+from tilegen.check import check_cover, check_layout, check_schedule
+from tilegen.plan import (ALGORITHMS, MIN_TILE_BYTES, OPS, Schedule, Seg, Step, format_plan, layout, make_schedule,
+                          plan, tile_bytes_for, tile_ranges)
 from tilegen.spec import DynamicDim, KernelSpec
+
+ALL = [(op, alg) for op, algs in ALGORITHMS.items() for alg in algs]
 
 
 def spec(**kw):
@@ -17,119 +19,155 @@ def spec(**kw):
     return KernelSpec(**base)
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
-@pytest.mark.parametrize("alg", ["direct", "ring"])
+@pytest.mark.parametrize("op, alg", ALL)
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
 @pytest.mark.parametrize("sync", ["per_tile", "barrier"])
-def test_every_schedule_passes_the_checker(world, alg, sync):
-    v = check_schedule(ALGORITHMS[alg](world, sync))
+def test_every_schedule_passes_the_checker(op, alg, world, sync):
+    v = check_schedule(make_schedule(op, alg, world, sync), seeds=1 if world == 8 else 3)
     assert v.ok, str(v)
-    assert v.ops > 0 and len(v.configs) >= 4
+    assert v.ops > 0 and len(v.configs) == 5
 
 
-def test_direct_schedule_shape():
-    s = direct_schedule(4, "per_tile")
+def test_direct_allgather_shape():
+    s = make_schedule("allgather", "direct", 4, "per_tile")
     r1 = s.ranks[1]
-    assert [st.kind for st in r1] == ["entry", "copy", "wait", "wait", "wait"]
+    assert [st.kind for st in r1] == ["entry", "move", "wait", "wait", "wait"]
     assert r1[0].notify == r1[0].await_ranks == (0, 2, 3)
-    assert r1[1].chunk == 1 and set(r1[1].dests) == {0, 1, 2, 3} and r1[1].src == "input"
-    assert [st.chunk for st in r1[2:]] == [0, 2, 3]
+    assert r1[1].srcs == (Seg(1, "in", 0),) and {d.rank for d in r1[1].dests} == {0, 1, 2, 3}
+    assert [st.waits[0].slot for st in r1[2:]] == [0, 2, 3]
 
 
-def test_ring_schedule_forwards_what_it_received():
-    s = ring_schedule(4, "per_tile")
+def test_ring_reduce_scatter_accumulates_round_the_ring():
+    s = make_schedule("reduce_scatter", "ring", 4, "per_tile")
     r0 = s.ranks[0]
     assert r0[0].notify == (3,) and r0[0].await_ranks == (1,)
-    assert [(st.chunk, st.src, st.dests, st.wait_src) for st in r0[1:4]] == [
-        (0, "input", (0, 1), False), (3, "output", (1,), True), (2, "output", (1,), True)]
-    assert r0[4].kind == "wait" and r0[4].chunk == 1
+    assert [(st.unit, [str(g) for g in st.srcs], [str(d) for d in st.dests]) for st in r0[1:]] == [
+        (3, ["in@0[3]"], ["scr@1[1]"]),
+        (2, ["in@0[2]", "scr@0[1]"], ["scr@1[2]"]),
+        (1, ["in@0[1]", "scr@0[2]"], ["scr@1[3]"]),
+        (0, ["in@0[0]", "scr@0[3]"], ["out@0[0]"]),
+    ]
+
+
+def test_bidirectional_ring_sends_halves_both_ways():
+    s = make_schedule("allreduce", "bidir_ring", 4, "per_tile")
+    assert s.parts == 2
+    assert set(s.ranks[0][0].await_ranks) == {1, 3}
+    dests = {d.rank for st in s.ranks[0] for d in st.dests} - {0}
+    assert dests == {1, 3}
 
 
 def _broken(sched, fn):
-    return Schedule("broken", sched.world, sched.sync, tuple(tuple(fn(list(r))) for r in sched.ranks))
+    return dataclasses.replace(sched, algorithm="broken", ranks=tuple(tuple(fn(list(r))) for r in sched.ranks))
 
 
 def test_checker_rejects_missing_entry_barrier_as_write_after_read():
-    b = _broken(direct_schedule(2, "per_tile"), lambda r: [Step("entry")] + r[1:])
+    b = _broken(make_schedule("allgather", "direct", 2, "per_tile"), lambda r: [Step("entry")] + r[1:])
     v = check_schedule(b)
     assert not v.ok and any("write-after-read" in p for p in v.problems), v.problems
 
 
 def test_checker_rejects_missing_waits_as_unsynchronised_reads():
-    b = _broken(direct_schedule(2, "barrier"), lambda r: [s for s in r if s.kind != "wait"])
+    b = _broken(make_schedule("allreduce", "two_shot", 2, "barrier"), lambda r: [s for s in r if s.kind != "wait"])
     v = check_schedule(b)
     assert not v.ok and any("unsynchronised read" in p for p in v.problems), v.problems
 
 
 def test_checker_reports_deadlock_with_rank_cta_and_signal():
-    b = _broken(direct_schedule(2, "per_tile"), lambda r: r + [Step("wait", chunk=0)])
+    b = _broken(make_schedule("allgather", "direct", 2, "per_tile"),
+                lambda r: r + [Step("wait", unit=0, waits=(Seg(r[1].srcs[0].rank, "out", 0),))])
     v = check_schedule(b)
-    assert not v.ok
-    assert any(p.startswith("deadlock: call 1: rank 0 CTA 0 waits flag[0][0]@0 >= 1, sees 0") for p in v.problems), v.problems
+    assert any(p.startswith("deadlock: call 1: rank 0 CTA 0 waits flag[out][0][0]@0 >= 1, sees 0") for p in v.problems), v.problems
 
 
-def test_checker_rejects_forwarding_before_arrival():
-    b = _broken(ring_schedule(4, "per_tile"), lambda r: [dataclasses.replace(s, wait_src=False) for s in r])
-    v = check_schedule(b)
-    assert not v.ok and any("CTA" in p and "unsynchronised read" in p for p in v.problems)
+def test_checker_rejects_reduction_that_reads_before_arrival():
+    def no_wait(r):
+        return [dataclasses.replace(s, waits=()) if s.kind == "move" and len(s.srcs) > 1 else s for s in r]
+    v = check_schedule(_broken(make_schedule("reduce_scatter", "ring", 4, "per_tile"), no_wait))
+    assert not v.ok and any("unsynchronised read" in p and "scr@" in p for p in v.problems)
 
 
-def test_checker_rejects_double_writes_and_wrong_sources():
-    def dup(r):
-        c = r[1]
-        return r[:2] + [dataclasses.replace(c, dests=tuple(d for d in c.dests))] + r[2:]
-    v = check_schedule(_broken(direct_schedule(2, "per_tile"), dup))
-    assert any("written 2 times" in p for p in v.problems)
-
-    def wrong_chunk(r):  # each rank stores its shard in the other's slot (and waits accordingly)
-        c, w = r[1], r[2]
-        return [r[0], dataclasses.replace(c, chunk=w.chunk), dataclasses.replace(w, chunk=c.chunk)]
-    v = check_schedule(_broken(direct_schedule(2, "per_tile"), wrong_chunk))
-    assert not any("deadlock" in p for p in v.problems)
-    assert any("holds rank 0's input tile 0 of call 1, expected rank 1's" in p for p in v.problems), v.problems
+def test_checker_counts_contributions_exactly_once():
+    def twice(r):  # rank adds its own input twice in the final reduction
+        last = r[-1]
+        return r[:-1] + [dataclasses.replace(last, srcs=last.srcs + last.srcs[:1])]
+    v = check_schedule(_broken(make_schedule("reduce_scatter", "direct", 2, "per_tile"), twice))
+    assert any("holds 2x in@" in p for p in v.problems), v.problems
 
 
-def test_tiles_cover_every_byte_exactly_once():
+def test_checker_rejects_scratch_slot_reuse_within_a_call():
+    def reuse(r):  # every push lands in scratch slot 0
+        return [dataclasses.replace(s, dests=tuple(dataclasses.replace(d, slot=0) if d.buf == "scr" else d for d in s.dests),
+                                    srcs=tuple(dataclasses.replace(g, slot=0) if g.buf == "scr" else g for g in s.srcs),
+                                    waits=tuple(dataclasses.replace(g, slot=0) for g in s.waits)) for s in r]
+    v = check_schedule(_broken(make_schedule("reduce_scatter", "direct", 3, "per_tile"), reuse))
+    assert any("written 2 times in one call" in p for p in v.problems), v.problems
+
+
+def test_checker_rejects_wrong_sources():
+    def wrong_chunk(r):  # all-to-all that sends block q to rank q's slot q instead of slot r
+        return [dataclasses.replace(s, dests=tuple(dataclasses.replace(d, slot=d.rank) for d in s.dests)) if s.kind == "move" else s
+                for s in r]
+    v = check_schedule(_broken(make_schedule("all_to_all", "direct", 3, "per_tile"), wrong_chunk))
+    assert not v.ok and any("expected in@" in p or "never written" in p or "write-write race" in p for p in v.problems)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_layout_tiles_every_byte_exactly_once(op, world, parts):
+    k = world if op in ("reduce_scatter", "all_to_all") else 1
+    sizes = [k * 2 * n for n in (1, 7, 8, 1000, 4096 * 3 + 1, 65536 * 8 + 7)]
+    assert check_layout(op, world, 2, parts, sizes, 4096) == []
+
+
+def test_tile_sizes():
     for n in [1, 15, 16, 17, 4095, 4096, 262144 + 18, 10 ** 7 + 3]:
         for ctas in [1, 7, 264]:
             t = tile_bytes_for(n, 262144, ctas)
             assert t % 16 == 0 and MIN_TILE_BYTES <= t <= 262144
             assert check_cover(n, tile_ranges(n, t)) is None
     assert check_cover(10, [(0, 4), (5, 10)]) is not None
-    assert check_cover(10, [(0, 4), (4, 8)]) is not None
+    assert layout("allreduce", 4, 1000, 2, 1) == (256, 256)  # 16 B-aligned chunks, the last one short
+    assert layout("allreduce", 2, 64, 2, 2) == (32, 16)
 
 
-def test_signal_slots_hold_every_tile_count_up_to_max():
-    s = spec()
-    for rows in [1, 2, 100, 4096]:
-        n = rows * 8192 * 2
-        assert len(tile_ranges(n, tile_bytes_for(n, s.tile_bytes, s.ctas))) <= max_tiles(s)
+def test_planner_picks_by_size_and_topology():
+    ar = spec(name="ar", op="allreduce", shape=[DynamicDim(name="m", max=16384), 4096])
+    p = plan(ar, 8)
+    algs = [v.schedule.algorithm for v in p.variants]
+    assert algs[0] == "one_shot" and algs[-1] != "one_shot" and len(algs) <= 3
+    assert p.variants[-1].max_bytes == ar.max_in_bytes(8)
+    assert [v.max_bytes for v in p.variants] == sorted(v.max_bytes for v in p.variants)
+    assert plan(spec(), 8).schedule.algorithm == "direct"
+    ring = plan(spec(topology="ring_links"), 8)
+    assert ring.schedule.algorithm in ("ring", "bidir_ring")
 
 
-def test_planner_prefers_direct_on_nvswitch_and_ring_on_ring_links():
-    p = plan(spec(), 8)
-    assert p.schedule.algorithm == "direct" and "auto -> direct" in p.reason
-    p = plan(spec(topology="ring_links"), 8)
-    assert p.schedule.algorithm == "ring"
-    times = {c.algorithm: c.predicted_us for c in p.candidates}
-    assert times["ring"] < times["direct"]
+def test_calibration_changes_the_choice():
+    ar = spec(name="ar", op="allreduce", shape=[DynamicDim(name="m", max=16384), 4096])
+    default = plan(ar, 4).variants[0].max_bytes
+    slow_hops = plan(ar, 4, calibration={"hop_us": 50.0}).variants[0].max_bytes
+    assert slow_hops > default  # dear signals favour the one-hop schedule for longer
 
 
 def test_fixed_schedule_is_respected_and_world_checked():
     assert plan(spec(schedule="ring"), 4).schedule.algorithm == "ring"
     with pytest.raises(ValueError, match="world size 3"):
         plan(spec(), 3)
+    with pytest.raises(Exception, match="allgather has schedules direct, ring, bidir_ring"):
+        spec(schedule="two_shot")
 
 
 def test_format_plan_lists_candidates_and_every_rank():
     text = format_plan(plan(spec(), 4))
-    assert "candidates" in text and "* direct" in text
+    assert "predicted time" in text and "direct" in text and "bidir_ring" in text
     for r in range(4):
         assert f"rank {r}:" in text
-    assert "signal flag[0][t]=epoch @[1, 2, 3] per tile t" in text
 
 
 def test_cli_plan_prints_schedule_and_verdict(root, capsys):
-    assert cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), "--world", "2"]) == 0
+    assert cli.main(["plan", str(root / "specs/allreduce_bf16.yaml"), "--world", "4"]) == 0
     out = capsys.readouterr().out
-    assert "rank 1:" in out and "checker: OK" in out and "entry" in out
+    assert "variant 0" in out and "rank 3:" in out and "checker: OK" in out and "reduce" in out
     assert cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), "--world", "3"]) == 1

@@ -87,7 +87,7 @@ def test_malformed_yaml_is_located(text, expected):
 
 
 @pytest.mark.parametrize("field, value, msg", [
-    ("tile_bytes", 1000, "greater than or equal to 1024"),
+    ("tile_bytes", 1000, "between 1024 and"),
     ("tile_bytes", 1032, "multiple of 16"),
     ("threads", 100, "multiple of 32"),
     ("arch", "sm_60", "architecture"),

@@ -3,20 +3,22 @@
 A CPU simulation of a schedule over all ranks and CTAs, for two consecutive calls, under several
 interleavings. It follows the same rules as the generated kernel (tile t -> CTA t % ctas, per-tile
 or per-chunk signals, epochs, the last-arriving CTA in barrier mode) and tracks happens-before with
-vector clocks, so that it proves, for the configurations it runs:
+vector clocks. Data are multisets of (source rank, input slot, tile, call), so a reduction must
+receive every rank's contribution exactly once. For the configurations it runs it proves:
 
-* every output element is written exactly once per call, with the right source (tiles cover the
-  chunk exactly, each tile cell gets one write whose data is rank c's input tile t of this call);
+* every output element is written exactly once per call with the right value (tiles cover each
+  part exactly; each output tile gets one write whose data is what the op defines);
 * every wait is eventually satisfied (no deadlock), else it names the blocked rank, CTA and signal;
-* no read of data before the signal that publishes it (unsynchronised read), and no remote write
-  into a buffer its owner may still be reading from the previous call (write-after-read).
+* no read of data before the signal that publishes it (unsynchronised read), no write into a buffer
+  its owner may still be reading (write-after-read), no scratch slot written twice in one call.
 """
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
-from .plan import Schedule, Step, tile_ranges
+from .plan import OPS, Schedule, expected_output, tile_ranges
 
 CALLS = 2
 
@@ -33,8 +35,7 @@ class Verdict:
     ops: int = 0
 
     def __str__(self) -> str:
-        head = "OK" if self.ok else "FAILED"
-        s = f"checker: {head} ({len(self.configs)} configurations, {self.ops} simulated operations)"
+        s = f"checker: {'OK' if self.ok else 'FAILED'} ({len(self.configs)} configurations, {self.ops} simulated operations)"
         for c in self.configs:
             s += f"\n  checked {c}"
         for p in self.problems[:20]:
@@ -44,15 +45,13 @@ class Verdict:
         return s
 
 
-# ---- operations of one agent (one CTA of one rank in one call) ----
 @dataclass(frozen=True)
 class Op:
     kind: str  # signal | wait | read | write | arrive
     rank: int = -1  # rank whose memory is touched
-    obj: tuple = ()  # ("entry", idx) | ("flag", chunk, tile) | ("out", chunk, tile) | ("in", tile)
+    obj: tuple = ()  # ("entry", r) | ("flag", buf, slot, t) | (buf, slot, t) | ("ctr", step)
     value: int = 0
-    step: int = -1
-    dests: tuple[int, ...] = ()
+    signals: tuple = ()  # arrive: (rank, buf, slot) flags the last CTA sets
 
 
 def _vc_join(a: list[int], b: list[int]) -> None:
@@ -62,40 +61,43 @@ def _vc_join(a: list[int], b: list[int]) -> None:
 
 
 def _hb(clock: tuple[int, int], vc: list[int]) -> bool:
-    """Event (thread, time) happens-before a thread whose vector clock is vc."""
     t, c = clock
     return vc[t] >= c
 
 
-def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles: int, epoch: int) -> list[Op]:
+def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: int) -> list[Op]:
     """The ops CTA ``cta`` of ``rank`` performs in one call: mirrors the kernel's step loop."""
     ops: list[Op] = []
     per_tile = sched.sync == "per_tile"
-    mine = [t for t in range(ntiles) if t % ctas == cta]
     for i, st in enumerate(sched.ranks[rank]):
         if st.kind == "entry":
             if cta == 0:
                 ops += [Op("signal", p, ("entry", rank), epoch) for p in st.notify]
             ops += [Op("wait", rank, ("entry", p), epoch) for p in st.await_ranks]
-        elif st.kind == "copy":
-            if st.wait_src and not per_tile and mine:
-                ops.append(Op("wait", rank, ("flag", st.chunk, 0), epoch))
+            continue
+        for g in st.waits:
+            if g.rank != rank:
+                raise CheckError(f"rank {rank} step {i}: waits on {g}, a segment of another rank")
+        mine = [t for t in range(ntiles(st.unit)) if t % ctas == cta]
+        if st.kind == "move":
+            if not per_tile and mine:
+                ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
             for t in mine:
-                if st.wait_src and per_tile:
-                    ops.append(Op("wait", rank, ("flag", st.chunk, t), epoch))
-                src = ("in", t) if st.src == "input" else ("out", st.chunk, t)
-                ops.append(Op("read", rank, src))
-                ops += [Op("write", d, ("out", st.chunk, t)) for d in st.dests]
                 if per_tile:
-                    ops += [Op("signal", d, ("flag", st.chunk, t), epoch) for d in st.dests if d != rank]
+                    ops += [Op("wait", rank, ("flag", g.buf, g.slot, t), epoch) for g in st.waits]
+                ops.append(Op("read", -1, ("begin",)))
+                ops += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
+                ops += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
+                if per_tile:
+                    ops += [Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch) for d in st.dests if d.rank != rank]
             if not per_tile:
-                remote = tuple(d for d in st.dests if d != rank)
-                ops.append(Op("arrive", rank, ("ctr", i), epoch, step=i, dests=remote))
+                remote = tuple((d.rank, d.buf, d.slot) for d in st.dests if d.rank != rank)
+                ops.append(Op("arrive", rank, ("ctr", i), epoch, signals=remote))
         elif st.kind == "wait":
             if per_tile:
-                ops += [Op("wait", rank, ("flag", st.chunk, t), epoch) for t in mine]
+                ops += [Op("wait", rank, ("flag", g.buf, g.slot, t), epoch) for t in mine for g in st.waits]
             elif cta == 0:
-                ops.append(Op("wait", rank, ("flag", st.chunk, 0), epoch))
+                ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
         else:
             raise CheckError(f"rank {rank} step {i}: unknown step kind {st.kind!r}")
     return ops
@@ -103,11 +105,11 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles: int, e
 
 @dataclass
 class _Cell:
-    write: tuple[int, int] | None = None  # (thread, time) of the last write
+    write: tuple[int, int] | None = None
     writer: str = ""
-    value: tuple | None = None
-    reads: dict[int, int] = field(default_factory=dict)  # thread -> time of its last read
-    writes_this_call: int = 0
+    value: Counter | None = None
+    reads: dict[int, int] = field(default_factory=dict)
+    writes: Counter = field(default_factory=Counter)  # epoch -> writes in that call
 
 
 @dataclass
@@ -116,9 +118,14 @@ class _Sig:
     vc: list[int] | None = None
 
 
+def out_unit(op: str, rank: int, slot: int, parts: int) -> int:
+    """The unit (length) of output slot ``slot`` on ``rank``."""
+    return rank * parts + slot if op == "reduce_scatter" else slot
+
+
 class _Sim:
-    def __init__(self, sched: Schedule, ctas: int, ntiles: int, rng: random.Random | None):
-        self.s, self.G, self.T, self.rng = sched, ctas, ntiles, rng
+    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None):
+        self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
         self.W = sched.world
         self.nthreads = self.W * (ctas + 1)  # CTAs plus one host/stream thread per rank
         self.vc = [[0] * self.nthreads for _ in range(self.nthreads)]
@@ -126,8 +133,10 @@ class _Sim:
         self.sigs: dict[tuple, _Sig] = {}
         self.ctr: dict[tuple, tuple[int, list[int]]] = {}
         self.problems: list[str] = []
-        self.last_read: dict[tuple[int, int], tuple | None] = {}  # per agent: data in registers
-        self.nops = 0
+        self.regs: dict[tuple[int, int], Counter | None] = {}  # per agent: data in registers
+        opdef = OPS[sched.op]
+        self.in_slots = opdef.in_chunks(self.W) * sched.parts
+        self.out_slots = opdef.out_chunks(self.W) * sched.parts
 
     def tid(self, rank: int, cta: int) -> int:  # cta == -1: the rank's host/stream thread
         return rank * (self.G + 1) + (cta + 1)
@@ -144,42 +153,48 @@ class _Sim:
         if msg not in self.problems:
             self.problems.append(msg)
 
-    # memory accesses with race detection
-    def do_read(self, t: int, key: tuple, call: int) -> tuple | None:
+    @staticmethod
+    def where(key: tuple) -> str:
+        r, buf, slot, t = key
+        return f"{buf}@{r}[{slot}][tile {t}]"
+
+    def do_read(self, t: int, key: tuple, call: int) -> Counter | None:
         cell = self.cells.setdefault(key, _Cell())
         if cell.write is not None and not _hb(cell.write, self.vc[t]):
-            self.problem(f"call {call}: {self.name(t)} reads {self._k(key)} before the signal of its write by "
+            self.problem(f"call {call}: {self.name(t)} reads {self.where(key)} before the signal of its write by "
                          f"{cell.writer} (unsynchronised read)")
         cell.reads[t] = self.tick(t)[1]
         return cell.value
 
-    def do_write(self, t: int, key: tuple, value: tuple, call: int) -> None:
+    def do_write(self, t: int, key: tuple, value: Counter | None, call: int) -> None:
         cell = self.cells.setdefault(key, _Cell())
         if cell.write is not None and cell.write[0] != t and not _hb(cell.write, self.vc[t]):
-            self.problem(f"call {call}: {self.name(t)} writes {self._k(key)} concurrently with {cell.writer} (write-write race)")
+            self.problem(f"call {call}: {self.name(t)} writes {self.where(key)} concurrently with {cell.writer} "
+                         f"(write-write race)")
         for rt, rc in cell.reads.items():
             if rt != t and not _hb((rt, rc), self.vc[t]):
-                self.problem(f"call {call}: {self.name(t)} writes {self._k(key)} while {self.name(rt)} may still read it "
-                             f"(write-after-read: missing entry synchronisation)")
+                self.problem(f"call {call}: {self.name(t)} writes {self.where(key)} while {self.name(rt)} may still "
+                             f"read it (write-after-read: missing entry synchronisation)")
         cell.write = self.tick(t)
         cell.writer = self.name(t)
         cell.value = value
         cell.reads = {}
-        cell.writes_this_call += 1
+        cell.writes[call] += 1
+        if key[1] == "scr" and cell.writes[call] > 1:
+            self.problem(f"call {call}: {self.where(key)} written {cell.writes[call]} times in one call "
+                         f"(its flag cannot tell the writes apart)")
 
-    @staticmethod
-    def _k(key: tuple) -> str:
-        r, kind, *rest = key
-        if kind == "out":
-            return f"output@{r}[chunk {rest[0]}][tile {rest[1]}]"
-        return f"input@{r}[tile {rest[0]}]"
+    def write_inputs(self, r: int, call: int) -> None:
+        host = self.tid(r, -1)
+        for k in range(self.in_slots):
+            for tt in range(self.ntiles(k)):
+                self.do_write(host, (r, "in", k, tt), Counter({(r, k, tt, call): 1}), call)
 
     def run(self) -> int:
-        W, G, T = self.W, self.G, self.T
-        ops_total = 0
-        for r in range(W):  # inputs of call 1 are written by each rank's host thread
-            for tt in range(T):
-                self.do_write(self.tid(r, -1), (r, "in", tt), ("in", r, tt, 1), 0)
+        W, G = self.W, self.G
+        nops = 0
+        for r in range(W):
+            self.write_inputs(r, 1)
         call_of = [1] * W
         agents: dict[tuple[int, int], list[Op]] = {}
         pcs: dict[tuple[int, int], int] = {}
@@ -187,56 +202,46 @@ class _Sim:
         def start_call(r: int) -> None:
             host = self.tid(r, -1)
             for b in range(G):  # stream order: the kernel's CTAs start after the host's prior work
-                t = self.tid(r, b)
-                _vc_join(self.vc[t], self.vc[host])
-                agents[(r, b)] = expand_agent(self.s, r, b, G, T, call_of[r])
+                _vc_join(self.vc[self.tid(r, b)], self.vc[host])
+                agents[(r, b)] = expand_agent(self.s, r, b, G, self.ntiles, call_of[r])
                 pcs[(r, b)] = 0
 
         for r in range(W):
             start_call(r)
         while True:
-            runnable = []
-            for key, ops in agents.items():
-                pc = pcs[key]
-                if pc < len(ops) and self._ready(key, ops[pc]):
-                    runnable.append(key)
+            runnable = [k for k, ops in agents.items() if pcs[k] < len(ops) and self._ready(ops[pcs[k]])]
             if not runnable:
                 break
             key = self.rng.choice(runnable) if self.rng else runnable[0]
             self._exec(key, agents[key][pcs[key]], call_of[key[0]])
             pcs[key] += 1
-            ops_total += 1
+            nops += 1
             r = key[0]
             if all(pcs[(r, b)] == len(agents[(r, b)]) for b in range(G)):
                 self._finish_call(r, call_of[r])
                 if call_of[r] < CALLS:
                     call_of[r] += 1
-                    host = self.tid(r, -1)
-                    for tt in range(T):  # next call's input, written after the kernel (stream order)
-                        self.do_write(host, (r, "in", tt), ("in", r, tt, call_of[r]), call_of[r])
+                    self.write_inputs(r, call_of[r])  # the next call's input, after the kernel (stream order)
                     start_call(r)
                 else:
                     for b in range(G):
                         agents.pop((r, b))
         for key, ops in agents.items():
-            pc = pcs[key]
-            if pc < len(ops):
-                op = ops[pc]
+            if pcs[key] < len(ops):
+                op = ops[pcs[key]]
                 sig = self.sigs.get((op.rank,) + op.obj)
-                seen = sig.value if sig else 0
-                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} CTA {key[1]} waits "
-                             f"{self._sig(op)} >= {op.value}, sees {seen}, and nothing left can set it")
-        self.nops += ops_total
-        return ops_total
+                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} CTA {key[1]} waits {self._sig(op)} >= "
+                             f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it")
+        return nops
 
-    def _sig(self, op: Op) -> str:
+    @staticmethod
+    def _sig(op: Op) -> str:
         if op.obj[0] == "entry":
             return f"entry[{op.obj[1]}]@{op.rank}"
-        if op.obj[0] == "ctr":
-            return f"counter[{op.obj[1]}]@{op.rank}"
-        return f"flag[{op.obj[1]}][{op.obj[2]}]@{op.rank}"
+        _, buf, slot, t = op.obj
+        return f"flag[{buf}][{slot}][{t}]@{op.rank}"
 
-    def _ready(self, key: tuple[int, int], op: Op) -> bool:
+    def _ready(self, op: Op) -> bool:
         if op.kind != "wait":
             return True
         sig = self.sigs.get((op.rank,) + op.obj)
@@ -246,31 +251,31 @@ class _Sim:
         r, b = key
         t = self.tid(r, b)
         if op.kind == "wait":  # acquire
-            sig = self.sigs[(op.rank,) + op.obj]
-            _vc_join(self.vc[t], sig.vc)
+            _vc_join(self.vc[t], self.sigs[(op.rank,) + op.obj].vc)
             self.tick(t)
         elif op.kind == "signal":  # release store of the epoch
             self.tick(t)
             self.sigs[(op.rank,) + op.obj] = _Sig(op.value, list(self.vc[t]))
         elif op.kind == "read":
-            self.last_read[key] = self.do_read(t, (op.rank,) + op.obj, call)
+            if op.obj == ("begin",):
+                self.regs[key] = Counter()
+                return
+            v = self.do_read(t, (op.rank,) + op.obj, call)
+            acc = self.regs.get(key)
+            self.regs[key] = None if v is None or acc is None else acc + v
         elif op.kind == "write":
-            self.do_write(t, (op.rank,) + op.obj, self.last_read.get(key), call)
-        elif op.kind == "arrive":  # atomic add with release/acquire fences around it
+            self.do_write(t, (op.rank,) + op.obj, self.regs.get(key), call)
+        elif op.kind == "arrive":  # atomic add with acq_rel fences around it
             self.tick(t)
-            ckey = (op.rank,) + op.obj
-            n, cvc = self.ctr.get(ckey, (0, [0] * self.nthreads))
+            n, cvc = self.ctr.get((r,) + op.obj, (0, [0] * self.nthreads))
             _vc_join(cvc, self.vc[t])
             n += 1
-            self.ctr[ckey] = (n, cvc)
-            if n == op.value * self.G:  # last CTA of this call: it signals the chunk once
+            self.ctr[(r,) + op.obj] = (n, cvc)
+            if n == op.value * self.G:  # the last CTA of this call signals once per remote dest
                 _vc_join(self.vc[t], cvc)
                 self.tick(t)
-                for d in op.dests:
-                    step = self.s.ranks[r][op.step]
-                    self.sigs[(d, "flag", step.chunk, 0)] = _Sig(op.value, list(self.vc[t]))
-            elif n > op.value * self.G:
-                self.problem(f"call {call}: rank {r} counter {op.step} overran: {n} arrivals")
+                for (d, buf, slot) in op.signals:
+                    self.sigs[(d, "flag", buf, slot, 0)] = _Sig(op.value, list(self.vc[t]))
 
     def _finish_call(self, r: int, call: int) -> None:
         """Kernel end on rank r: the stream joins all CTAs, then the app reads the whole output."""
@@ -278,22 +283,27 @@ class _Sim:
         for b in range(self.G):
             _vc_join(self.vc[host], self.vc[self.tid(r, b)])
         self.tick(host)
-        for c in range(self.W):
-            for tt in range(self.T):
-                key = (r, "out", c, tt)
+        P = self.s.parts
+        for k in range(self.out_slots):
+            for tt in range(self.ntiles(out_unit(self.s.op, r, k, P))):
+                key = (r, "out", k, tt)
                 cell = self.cells.get(key)
-                if cell is None or cell.writes_this_call == 0:
-                    self.problem(f"call {call}: output@{r}[chunk {c}][tile {tt}] never written")
-                    continue
-                if cell.writes_this_call > 1:
-                    self.problem(f"call {call}: output@{r}[chunk {c}][tile {tt}] written {cell.writes_this_call} times")
-                want = ("in", c, tt, call)
+                n = cell.writes[call] if cell else 0
+                if n != 1:
+                    self.problem(f"call {call}: {self.where(key)} " + ("never written" if n == 0 else f"written {n} times"))
+                    if n == 0:
+                        continue
+                want = Counter({(s, i, tt, call): 1 for s, i in expected_output(self.s.op, self.W, P, r, k)})
                 got = self.do_read(host, key, call)
                 if got != want:
-                    src = "nothing" if got is None else f"rank {got[1]}'s input tile {got[2]} of call {got[3]}"
-                    self.problem(f"call {call}: output@{r}[chunk {c}][tile {tt}] holds {src}, expected rank {c}'s "
-                                 f"input tile {tt} of call {call}")
-                cell.writes_this_call = 0
+                    self.problem(f"call {call}: {self.where(key)} holds {_show(got)}, expected {_show(want)}")
+
+
+def _show(v: Counter | None) -> str:
+    if v is None:
+        return "nothing"
+    items = sorted(v.items())
+    return " + ".join(f"{'' if n == 1 else f'{n}x '}in@{s}[{i}] of call {c}" for (s, i, _t, c), n in items)
 
 
 def check_cover(n: int, ranges: list[tuple[int, int]]) -> str | None:
@@ -303,33 +313,69 @@ def check_cover(n: int, ranges: list[tuple[int, int]]) -> str | None:
         if lo != pos or hi <= lo:
             return f"tile [{lo}, {hi}) does not continue at byte {pos}"
         pos = hi
-    return None if pos == n else f"tiles end at byte {pos}, the chunk has {n}"
+    return None if pos == n else f"tiles end at byte {pos}, the part has {n}"
 
 
-def default_configs(ctas: int) -> list[tuple[int, int]]:
-    """(ctas, tiles) pairs: fewer tiles than CTAs, uneven split, one of each, and the plan's CTA count."""
-    cfgs = [(1, 1), (2, 3), (3, 2), (2, 4)]
-    if ctas not in (1, 2, 3):
-        cfgs.append((min(ctas, 5), min(ctas, 5) + 2))
-    return cfgs
+def _tiles_fn(sched: Schedule, per_unit: int, short: bool):
+    """Tiles per unit. short: the last chunk is empty and second parts are one tile shorter, as an
+    allreduce of an awkward size makes them."""
+    P, W = sched.parts, sched.world
+
+    def ntiles(unit: int) -> int:
+        if not short:
+            return per_unit
+        c, h = divmod(unit, P)
+        if c == W - 1 and sched.op == "allreduce":
+            return 0
+        return per_unit - (1 if h == 1 else 0)
+    return ntiles
 
 
-def check_schedule(sched: Schedule, configs: list[tuple[int, int]] | None = None, seeds: int = 4,
-                   shard_sizes: tuple[int, ...] = (1, 15, 4096, 262144 + 18), tile: int = 4096) -> Verdict:
+def default_configs() -> list[tuple[int, int, bool]]:
+    """(ctas, tiles per unit, short): fewer tiles than CTAs, uneven splits, one of each, short tails."""
+    return [(1, 1, False), (2, 3, False), (3, 2, False), (2, 4, True), (5, 7, False)]
+
+
+def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3) -> Verdict:
     problems: list[str] = []
     done: list[str] = []
     nops = 0
-    for n in shard_sizes:
-        err = check_cover(n, tile_ranges(n, tile))
-        if err:
-            problems.append(f"shard of {n} B with {tile} B tiles: {err}")
-    for ctas, ntiles in configs or default_configs(2):
+    for ctas, per_unit, short in configs or default_configs():
         for seed in range(seeds + 1):
-            sim = _Sim(sched, ctas, ntiles, None if seed == 0 else random.Random(seed))
-            nops += sim.run()
+            sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed))
+            try:
+                nops += sim.run()
+            except CheckError as e:
+                problems.append(str(e))
+                break
             for p in sim.problems:
                 if p not in problems:
                     problems.append(p)
-        done.append(f"{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {ntiles} tiles, "
-                    f"{CALLS} calls, {seeds + 1} interleavings")
+        done.append(f"{sched.op}/{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {per_unit} tiles"
+                    f"{' (short tails)' if short else ''}, {CALLS} calls, {seeds + 1} interleavings")
     return Verdict(not problems, problems, done, nops)
+
+
+def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int], tile: int) -> list[str]:
+    """Units tile every chunk and the whole buffer exactly, for concrete sizes (the kernel's arithmetic)."""
+    from .plan import layout, unit_length
+    problems = []
+    nunits = OPS[op].in_chunks(world) * parts
+    for n in in_sizes:
+        shard, part = layout(op, world, n, elem, parts)
+        pos = 0
+        for u in range(nunits):
+            c, h = divmod(u, parts)
+            length = unit_length(op, world, n, shard, part, parts, u)
+            off = c * shard + h * part
+            if length and off != pos:
+                problems.append(f"{op} {n} B: unit {u} starts at {off}, expected {pos}")
+            if length % elem or off % elem:
+                problems.append(f"{op} {n} B: unit {u} [{off}, {off + length}) splits an element")
+            err = check_cover(length, tile_ranges(length, tile)) if length else None
+            if err:
+                problems.append(f"{op} {n} B: unit {u}: {err}")
+            pos = off + length if length else pos
+        if pos != n:
+            problems.append(f"{op} {n} B: units cover {pos} bytes")
+    return problems

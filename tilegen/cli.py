@@ -10,6 +10,13 @@ from pathlib import Path
 from .spec import SpecError, json_schema, load_spec, load_specs
 
 
+def load_calibration(path: str | None) -> dict | None:
+    """Cost-model constants measured by `tilegen tune` (a JSON file), if any."""
+    if not path:
+        return None
+    return json.loads(Path(path).read_text())["topology"]
+
+
 def _print_problems(problems) -> None:
     for loc, msg in problems:
         print(f"{loc}: {msg}", file=sys.stderr)
@@ -39,20 +46,27 @@ def cmd_plan(args) -> int:
         return 1
     world = args.world or ls.spec.world_sizes[0]
     try:
-        p = plan(ls.spec, world, args.bytes)
+        p = plan(ls.spec, world, calibration=load_calibration(args.calibration))
     except ValueError as e:
         print(f"{ls.loc}: world_sizes: {e}", file=sys.stderr)
         return 1
     print(format_plan(p))
-    verdict = check_schedule(p.schedule)
-    print(verdict)
-    return 0 if verdict.ok else 1
+    ok = True
+    for i, v in enumerate(p.variants):
+        verdict = check_schedule(v.schedule)
+        print(f"variant {i}: {verdict}")
+        ok &= verdict.ok
+    if args.svg:
+        from .draw import draw_plan
+        draw_plan(p, args.svg, shard_bytes=args.bytes)
+        print(f"wrote {args.svg}")
+    return 0 if ok else 1
 
 
-def _generated_files(specs, package: str) -> dict[str, str]:
+def _generated_files(specs, package: str, calibration: dict | None = None) -> dict[str, str]:
     from .build import nvshmem_header_version
     from .codegen import render_package
-    return render_package(specs, package, nvshmem_header_version())
+    return render_package(specs, package, nvshmem_header_version(), calibration)
 
 
 def cmd_generate(args) -> int:
@@ -67,7 +81,7 @@ def cmd_generate(args) -> int:
         return 1
     out = Path(args.output)
     try:
-        files = _generated_files(good, out.resolve().name)
+        files = _generated_files(good, out.resolve().name, load_calibration(args.calibration))
     except CodegenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -126,13 +140,14 @@ def cmd_list(args) -> int:
         man = json.loads(man_path.read_text())
         bj = man_path.parent / "_build" / "build.json"
         info = json.loads(bj.read_text()) if bj.exists() else {}
-        plans = ", ".join(f"{w}: {p['algorithm']}" for w, p in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
+        plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
+                          for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
         table.add_row(man["name"], man["op"], man["spec"]["dtype"], plans, man["spec_hash"][:12],
                       f"nvcc {info['nvcc']}" if info else "no", info.get("nvshmem", man.get("nvshmem_headers") or "?"),
                       man["arch"])
         found += 1
     import shutil
-    Console(width=max(shutil.get_terminal_size().columns, 160)).print(table)
+    Console(width=max(shutil.get_terminal_size().columns, 260)).print(table)
     return 0 if found else 1
 
 
@@ -147,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="print a spec's per-rank schedule and the checker's verdict")
     p.add_argument("spec")
     p.add_argument("--world", type=int, help="number of ranks (default: the spec's smallest)")
-    p.add_argument("--bytes", type=int, help="per-rank shard size the cost model ranks candidates at (default: max)")
+    p.add_argument("--bytes", type=int, help="input bytes per rank the drawing shows (default: the largest)")
+    p.add_argument("--svg", help="draw the schedule as a per-rank timeline (.svg or .png)")
+    p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("generate", help="write sources for every spec and build them (nvcc -rdc, ninja)")
     p.add_argument("paths", nargs="+")
@@ -156,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="write sources only")
     p.add_argument("--check", action="store_true", help="fail if the sources in -o differ from what would be written")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("tune", help="time every schedule of a spec on the GPUs (under torchrun) and fit the cost model")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", default="calibration.json")
+    p.add_argument("--reps", type=int, default=15)
+    p.set_defaults(fn=lambda a: __import__("tilegen.tune", fromlist=["tune"]).tune(a.spec, a.output, a.reps))
     p = sub.add_parser("schema", help="JSON Schema of spec files (for editor completion)")
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_schema)

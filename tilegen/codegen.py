@@ -18,15 +18,16 @@ import jinja2
 
 from . import __version__
 from .check import check_schedule
-from .plan import MIN_TILE_BYTES, Plan, plan
-from .spec import DynamicDim, KernelSpec, LoadedSpec
+from .plan import MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, layout, plan, tile_bytes_for
+from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEVICE_HEADERS = ("device/tilegen/device.cuh",)
-OP_TEMPLATES = {  # op kind -> (template, output file name pattern)
-    "allgather": (("allgather.cu.j2", "{name}.cu"), ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py")),
-}
-STEP_KIND = {"entry": 0, "copy": 1, "wait": 2}
+_COLLECTIVE = (("collective.cu.j2", "{name}.cu"), ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py"))
+OP_TEMPLATES = {kind: _COLLECTIVE for kind in OPS}  # op kind -> (template, output file name pattern)
+STEP_KIND = {"entry": 0, "move": 1, "wait": 2}
+BUF_CODE = {"in": 0, "out": 1, "scr": 2}
+REDUCE_CODE = {"sum": 0, "max": 1, "min": 2}
 DL_CODES = {"bf16": (4, 16), "f16": (2, 16), "f32": (2, 32), "i32": (0, 32), "u8": (1, 8)}
 
 
@@ -92,23 +93,37 @@ def _mask(ranks) -> int:
     return m
 
 
-def step_table(p: Plan) -> list[list[tuple[int, ...]]]:
-    """Per-rank rows of (kind, chunk, src_output, wait_src, dests, notify, await) for the C++ table."""
-    rows = []
-    for steps in p.schedule.ranks:
-        rows.append([(STEP_KIND[s.kind], s.chunk, int(s.src == "output"), int(s.wait_src), _mask(s.dests),
-                      _mask(s.notify), _mask(s.await_ranks)) for s in steps])
-    return rows
+def _segs(segs: tuple[Seg, ...]) -> str:
+    return "{ " + ", ".join(f"{{ {g.rank}, {BUF_CODE[g.buf]}, {g.slot} }}" for g in segs) + " }" if segs else "{}"
 
 
-def checked_plans(spec: KernelSpec) -> list[Plan]:
+def encode_step(st: Step) -> str:
+    """C++ aggregate of a StepDesc (templates/collective.cu.j2)."""
+    return (f"{{ {STEP_KIND[st.kind]}, {len(st.srcs)}, {len(st.dests)}, {len(st.waits)}, {st.unit}, "
+            f"{_mask(st.notify)}u, {_mask(st.await_ranks)}u, {_segs(st.srcs)}, {_segs(st.dests)}, {_segs(st.waits)} }}")
+
+
+def step_table(s: Schedule) -> list[list[str]]:
+    return [[encode_step(st) for st in steps] for steps in s.ranks]
+
+
+def checked_plans(spec: KernelSpec, calibration: dict | None = None) -> list[Plan]:
     """Plan every world size and refuse to emit code for a schedule the checker rejects."""
     plans = []
+    checked: set[tuple[str, int]] = set()
     for w in spec.world_sizes:
-        p = plan(spec, w)
-        verdict = check_schedule(p.schedule)
-        if not verdict.ok:
-            raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {p.schedule.algorithm} schedule:\n{verdict}")
+        p = plan(spec, w, calibration)
+        for v in p.variants:
+            s = v.schedule
+            for r, steps in enumerate(s.ranks):  # the kernel reads only its own rank's memory (push schedules)
+                if any(g.rank != r for st in steps for g in st.srcs):
+                    raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
+            if (s.algorithm, w) in checked:
+                continue
+            checked.add((s.algorithm, w))
+            verdict = check_schedule(s)
+            if not verdict.ok:
+                raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         plans.append(p)
     return plans
 
@@ -121,12 +136,43 @@ def _shape_text(spec: KernelSpec) -> str:
     return ", ".join(f"{d.name}<={d.max}" if isinstance(d, DynamicDim) else str(d) for d in spec.shape)
 
 
+def _max_tiles(spec: KernelSpec, p: Plan) -> int:
+    n = 1
+    for v in p.variants:
+        _, part = layout(spec.op, p.world, v.max_bytes, spec.elem_bytes, v.schedule.parts)
+        tile = tile_bytes_for(part, v.tile_bytes, v.ctas)
+        n = max(n, -(-part // tile), v.ctas)
+    return n + 1
+
+
 def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
     worlds = []
+    scr_bytes, max_tiles, out_slots, scr_slots, max_ctas, stage = 0, 1, 1, 0, 1, 16
+    max_src = max_dst = max_wait = max_steps = 1
+    out_symmetric = False
     for p in plans:
-        worlds.append({"world": p.world, "algorithm": p.schedule.algorithm, "nsteps": p.schedule.max_steps,
-                       "table": step_table(p)})
+        variants = []
+        for i, v in enumerate(p.variants):
+            s = v.schedule
+            shard, _ = layout(spec.op, p.world, v.max_bytes, spec.elem_bytes, s.parts)
+            nscr = s.slots("scr")
+            scr_bytes = max(scr_bytes, -(-nscr // s.parts) * shard)
+            scr_slots = max(scr_slots, nscr)
+            out_slots = max(out_slots, OPS[spec.op].out_chunks(p.world) * s.parts)
+            max_ctas = max(max_ctas, v.ctas)
+            max_steps = max(max_steps, s.max_steps)
+            for r, steps in enumerate(s.ranks):
+                for st in steps:
+                    max_src, max_dst, max_wait = max(max_src, len(st.srcs)), max(max_dst, len(st.dests)), max(max_wait, len(st.waits))
+                    out_symmetric |= any(d.buf == "out" and d.rank != r for d in st.dests)
+            if OPS[spec.op].reduces and spec.transport != "nvlink":
+                stage = max(stage, v.tile_bytes)
+            variants.append({"index": i, "max_bytes": v.max_bytes, "algorithm": s.algorithm, "parts": s.parts,
+                             "ctas": v.ctas, "tile_bytes": v.tile_bytes, "nsteps": s.max_steps, "table": step_table(s)})
+        max_tiles = max(max_tiles, _max_tiles(spec, p))
+        worlds.append({"world": p.world, "variants": variants})
     code, bits = DL_CODES[spec.dtype]
+    alias = {"allgather": "this rank's chunk of the output", "broadcast": "the output"}
     return {
         "tilegen_version": __version__,
         "spec": spec,
@@ -134,12 +180,28 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "shape_text": _shape_text(spec),
         "py_shape": repr([{"name": d.name, "max": d.max} if isinstance(d, DynamicDim) else d for d in spec.shape]),
         "op_id": _op_id(spec.name),
+        "reduces": OPS[spec.op].reduces,
+        "reduce_op": REDUCE_CODE[spec.reduce],
         "max_world": max(spec.world_sizes),
-        "max_steps": max(p.schedule.max_steps for p in plans),
-        "max_tiles": plans[0].max_tiles,
-        "max_shard_bytes": spec.max_shard_bytes,
+        "max_steps": max_steps,
+        "max_src": max_src,
+        "max_dst": max_dst,
+        "max_wait": max_wait,
+        "max_tiles": max_tiles,
+        "out_slots": out_slots,
+        "scr_slots": max(scr_slots, 1),
+        "scr_bytes": scr_bytes,
+        "stage_bytes": stage,
+        "max_ctas": max_ctas,
+        "max_variants": max(len(w["variants"]) for w in worlds),
+        "max_in_bytes": spec.max_in_bytes(max(spec.world_sizes)),
         "min_tile_bytes": MIN_TILE_BYTES,
         "worlds": worlds,
+        "in_world_shards": IO_SHARDS[spec.op][0](2) == 2,
+        "out_world_shards": IO_SHARDS[spec.op][1](2) == 2,
+        "out_symmetric": out_symmetric,
+        "alias_ok": spec.op in alias,
+        "alias_what": alias.get(spec.op, ""),
         "dl_code": code,
         "dl_bits": bits,
     }
@@ -150,7 +212,8 @@ def nvcc_arch_flags(arch: str) -> list[str]:
     return [f"-gencode=arch=compute_{num},code=sm_{num}"]
 
 
-def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem_headers: str | None) -> dict:
+def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem_headers: str | None,
+             calibration: dict | None = None) -> dict:
     """What the sources are and where they came from (toolchain used to build: build.json)."""
     return {
         "tilegen_version": __version__,
@@ -163,24 +226,29 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
         "arch": spec.arch,
         "nvcc_flags": ["-O3", "-std=c++17", "-rdc=true"] + nvcc_arch_flags(spec.arch),
         "nvshmem_headers": nvshmem_headers,
-        "plans": {str(p.world): {"algorithm": p.schedule.algorithm, "reason": p.reason} for p in plans},
+        "calibration": calibration,
+        "plans": {str(p.world): [{"max_in_bytes": v.max_bytes, "algorithm": v.schedule.algorithm, "parts": v.schedule.parts,
+                                  "ctas": v.ctas, "tile_bytes": v.tile_bytes, "reason": v.reason} for v in p.variants]
+                  for p in plans},
         "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())},
     }
 
 
-def render_op(spec: KernelSpec, nvshmem_headers: str | None) -> dict[str, str]:
+def render_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict | None = None) -> dict[str, str]:
     """All files of one op, relative to its directory."""
-    plans = checked_plans(spec)
+    plans = checked_plans(spec, calibration)
     env = _env()
     ctx = render_context(spec, plans)
     files = {}
     for tmpl, pattern in OP_TEMPLATES[spec.op]:
         files[pattern.format(name=spec.name)] = env.get_template(tmpl).render(**ctx)
-    files["manifest.json"] = json.dumps(manifest(spec, plans, files, nvshmem_headers), indent=2, sort_keys=True) + "\n"
+    files["manifest.json"] = json.dumps(manifest(spec, plans, files, nvshmem_headers, calibration), indent=2,
+                                        sort_keys=True) + "\n"
     return files
 
 
-def render_package(specs: list[LoadedSpec], package: str, nvshmem_headers: str | None) -> dict[str, str]:
+def render_package(specs: list[LoadedSpec], package: str, nvshmem_headers: str | None,
+                   calibration: dict | None = None) -> dict[str, str]:
     """Every file of a generated package, relative to its root."""
     out: dict[str, str] = {}
     names = sorted(ls.spec.name for ls in specs)
@@ -190,7 +258,7 @@ def render_package(specs: list[LoadedSpec], package: str, nvshmem_headers: str |
     for rel in DEVICE_HEADERS:
         out[f"_include/{rel.removeprefix('device/')}"] = (TEMPLATES_DIR / rel).read_text()
     for ls in sorted(specs, key=lambda s: s.spec.name):
-        for name, text in render_op(ls.spec, nvshmem_headers).items():
+        for name, text in render_op(ls.spec, nvshmem_headers, calibration).items():
             out[f"{ls.spec.name}/{name}"] = text
     return out
 

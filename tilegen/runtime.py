@@ -151,13 +151,15 @@ def check_build(directory: Path, name: str, runtime_nvshmem: str | None, device_
 class GeneratedOp:
     """A pre-generated, pre-built op. Callable: op(input, output=None, *, stream=None, timeout_ms=None)."""
 
-    def __init__(self, directory: Path, name: str, kind: str, dtype: str, shape: list, world_sizes: list[int]):
+    def __init__(self, directory: Path, name: str, kind: str, dtype: str, shape: list, world_sizes: list[int],
+                 symmetric_output: bool = True):
         self.directory = Path(directory)
         self.name = name
         self.kind = kind
         self.dtype = dtype
         self.shape = shape
         self.world_sizes = world_sizes
+        self.symmetric_output = symmetric_output
         self._mod = None
         self._outputs: dict[tuple, Any] = {}
 
@@ -203,14 +205,31 @@ class GeneratedOp:
         d0 = self.shape[0]
         return d0["max"] if isinstance(d0, dict) else d0
 
+    def shard_rows(self, input_rows: int) -> int:
+        """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold world * m)."""
+        from .spec import IO_SHARDS
+        k = IO_SHARDS[self.kind][0](world_size())
+        if input_rows % k:
+            raise ValueError(f"{self.name}: input dim 0 must be a multiple of {k}, got {input_rows}")
+        return input_rows // k
+
+    def output_shape(self, rows: int) -> tuple[int, ...]:
+        from .spec import IO_SHARDS
+        return (IO_SHARDS[self.kind][1](world_size()) * rows,) + self.inner_shape
+
     def empty_output(self, rows: int):
-        """Symmetric output for inputs of `rows` rows (collective; cached per size)."""
+        """Output for shards of `rows` rows: on the symmetric heap when peers store into it
+        (collective then; cached per size)."""
         world = world_size()
         if not 1 <= rows <= self.max_rows():
             raise ValueError(f"{self.name}: rows must be in [1, {self.max_rows()}], got {rows}")
         key = (rows, world)
         if key not in self._outputs:
-            self._outputs[key] = empty((world * rows,) + self.inner_shape, self.dtype)
+            if self.symmetric_output:
+                self._outputs[key] = empty(self.output_shape(rows), self.dtype)
+            else:
+                torch = _torch()
+                return torch.empty(self.output_shape(rows), dtype=getattr(torch, self.dtype), device="cuda")
         return self._outputs[key]
 
     def free_outputs(self) -> None:
@@ -219,18 +238,27 @@ class GeneratedOp:
             free(t)
         self._outputs.clear()
 
-    def __call__(self, input, output=None, *, stream=None, timeout_ms: float | None = None):
+    def __call__(self, input, output=None, *, root: int = 0, stream=None, timeout_ms: float | None = None):
+        """Run the op on the current stream (or `stream`). Broadcast: only the root's input is read;
+        other ranks may pass None (the output is then used as the nominal input)."""
         mod = self.load()
+        if input is None:
+            if self.kind != "broadcast" or output is None:
+                raise ValueError(f"{self.name}: input is required" + (" (None is allowed for broadcast's "
+                                 "non-root ranks when an output is given)" if self.kind == "broadcast" else ""))
+            input = output
         if output is None:
             if not hasattr(input, "shape") or len(input.shape) < 1:
                 raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
-            output = self.empty_output(int(input.shape[0]))
+            output = self.empty_output(self.shard_rows(int(input.shape[0])))
         handle = _stream_handle(input, stream)
         if timeout_ms is None:
             timeout_ms = float(os.environ.get("TILEGEN_WAIT_TIMEOUT_MS", "0") or 0)
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
-        mod.run(input, output, handle, int(timeout_ms * 1e6))
+        if self.kind != "broadcast" and root != 0:
+            raise ValueError(f"{self.name}: root is only meaningful for broadcast")
+        mod.run(input, output, int(root), handle, int(timeout_ms * 1e6))
         if timeout_ms > 0:  # bounded mode: wait for the call, then report a wait that gave up
             _synchronize(input, handle)
             mod.check_wait_error()

@@ -53,7 +53,24 @@ DTYPES: dict[str, tuple[int, str, str]] = {
     "u8": (1, "uint8_t", "uint8"),
 }
 
-OpKind = Literal["allgather"]
+OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast"]
+REDUCING = ("reduce_scatter", "allreduce")
+# schedules each op has (tilegen.plan.ALGORITHMS holds the generators)
+SCHEDULES = {
+    "allgather": ("direct", "ring", "bidir_ring"),
+    "reduce_scatter": ("direct", "ring", "bidir_ring"),
+    "allreduce": ("one_shot", "two_shot", "ring", "bidir_ring"),
+    "all_to_all": ("direct",),
+    "broadcast": ("direct", "chain"),
+}
+# per-rank input and output in units of the spec's shape, as a function of the world size
+IO_SHARDS = {
+    "allgather": (lambda w: 1, lambda w: w),
+    "reduce_scatter": (lambda w: w, lambda w: 1),
+    "allreduce": (lambda w: 1, lambda w: 1),
+    "all_to_all": (lambda w: w, lambda w: w),
+    "broadcast": (lambda w: 1, lambda w: 1),
+}
 
 
 class _Frozen(BaseModel):
@@ -85,21 +102,26 @@ class KernelSpec(_Frozen):
         min_length=1, description="numbers of ranks the op supports (2..8, one NVLink domain)")
     shape: list[Dim] = Field(
         min_length=1, max_length=4,
-        description="per-rank input shape; dim 0 may be dynamic {name, max}; output gathers along dim 0")
-    tile_bytes: int = Field(
-        default=256 * 1024, ge=1024, le=64 << 20,
-        description="largest tile a CTA moves before it signals (multiple of 16)")
+        description="shard shape; dim 0 may be dynamic {name, max}. allgather: input [m,..] -> output "
+                    "[world*m,..]; reduce_scatter: [world*m,..] -> [m,..]; allreduce and broadcast: [m,..] -> "
+                    "[m,..]; all_to_all: [world*m,..] -> [world*m,..] (block r goes to rank r)")
+    reduce: Literal["sum", "max", "min"] = Field(
+        default="sum", description="reduction of reduce_scatter/allreduce (accumulated in fp32 for bf16/f16)")
+    tile_bytes: Union[int, Literal["auto"]] = Field(
+        default=256 * 1024,
+        description="largest tile a CTA moves before it signals (multiple of 16, 1 KiB..64 MiB), or auto")
     transport: Literal["auto", "nvlink", "nvshmem"] = Field(
         default="auto",
         description="nvlink: plain vector stores through peer pointers; nvshmem: NVSHMEM put calls; "
                     "auto: peer pointers where NVLink reaches, NVSHMEM elsewhere")
     sync: Literal["per_tile", "barrier"] = Field(
         default="per_tile", description="per_tile: one signal per tile; barrier: one signal per chunk after all CTAs")
-    schedule: Literal["auto", "direct", "ring"] = Field(
-        default="auto", description="auto: the planner's cost model chooses")
+    schedule: Literal["auto", "direct", "ring", "bidir_ring", "one_shot", "two_shot", "chain"] = Field(
+        default="auto", description="auto: the planner's cost model chooses (per message size)")
     topology: Literal["nvswitch", "ring_links"] = Field(
         default="nvswitch", description="link layout the cost model assumes")
-    ctas: int = Field(default=264, ge=1, le=4096, description="CTAs (thread blocks) used for communication")
+    ctas: Union[Annotated[int, Field(ge=1, le=4096)], Literal["auto"]] = Field(
+        default=264, description="CTAs (thread blocks) used for communication, or auto (cost model)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
     description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
@@ -126,7 +148,11 @@ class KernelSpec(_Frozen):
 
     @field_validator("tile_bytes")
     @classmethod
-    def _tile(cls, v: int) -> int:
+    def _tile(cls, v):
+        if v == "auto":
+            return v
+        if not 1024 <= v <= 64 << 20:
+            raise ValueError(f"must be between 1024 and {64 << 20} bytes, got {v}")
         if v % 16:
             raise ValueError(f"must be a multiple of 16 bytes (vector width), got {v}")
         return v
@@ -148,10 +174,15 @@ class KernelSpec(_Frozen):
         return v
 
     @model_validator(mode="after")
-    def _sizes(self) -> "KernelSpec":
+    def _consistent(self) -> "KernelSpec":
         shard = self.max_shard_bytes
         if shard * max(self.world_sizes) > (1 << 40):
             raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
+        if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
+            raise ValueError(f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), "
+                             f"not {self.schedule}")
+        if self.op in REDUCING and self.dtype == "u8":
+            raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
 
     # ---- derived properties (used by planner and code generator) ----
@@ -185,6 +216,12 @@ class KernelSpec(_Frozen):
     @property
     def max_shard_bytes(self) -> int:
         return self.max_shape[0] * self.inner_elems * self.elem_bytes
+
+    def max_in_bytes(self, world: int) -> int:
+        return IO_SHARDS[self.op][0](world) * self.max_shard_bytes
+
+    def max_out_bytes(self, world: int) -> int:
+        return IO_SHARDS[self.op][1](world) * self.max_shard_bytes
 
     @property
     def sm(self) -> int:

@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nvidia-smi top
 status=0
 python3 -m tilegen.cli generate specs/ -o generated -j 16 -q 2>&1 | tee "$OUT/generate.log" || status=1
 [ $status = 0 ] || { echo "generate failed"; exit 1; }
-timeout 420 torchrun --nproc-per-node "$NP" -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 420 torchrun --nproc-per-node "$NP" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 OPS=generated:allgather_bf16
 if [ "$NGPU" -ge 2 ] || [ "${1:-}" = sweep ]; then  # CTA / tile variants (tools/bench_specs), one build

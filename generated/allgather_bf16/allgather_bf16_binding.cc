@@ -13,7 +13,7 @@ int tilegen_allgather_bf16_release(char* msg, int len);
 int tilegen_allgather_bf16_world(void);
 int tilegen_allgather_bf16_rank(void);
 int tilegen_allgather_bf16_is_symmetric(const void* ptr, int64_t bytes);
-int tilegen_allgather_bf16_run(const void* in, void* out, int64_t shard_bytes, void* stream, uint64_t timeout_ns,
+int tilegen_allgather_bf16_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns,
                                 char* msg, int len);
 int tilegen_allgather_bf16_wait_error(char* msg, int len);
 void tilegen_allgather_bf16_nvshmem_versions(int* compiled, int* runtime);
@@ -29,6 +29,10 @@ const int64_t kInner[kNdim] = { 65536, 8192 };  // [0] is the (max) row count
 constexpr uint8_t kCode = 4;
 constexpr uint8_t kBits = 16;
 constexpr const char* kDtype = "bf16";
+constexpr bool kInWorld = false;    // input rows = world * m
+constexpr bool kOutWorld = true;  // output rows = world * m
+constexpr bool kOutSymmetric = true;  // peers store into the output
+constexpr bool kAliasOk = true;  // input may be exactly this rank's chunk of the output
 
 std::string shape_str(const TensorView& t) {
   std::string s = "[";
@@ -62,34 +66,44 @@ void ensure_ready() {
   if (tilegen_allgather_bf16_init(msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
 }
 
-// run(input [m, ...], output [world*m, ...] symmetric, stream or -1 for the framework's current one, timeout_ns)
-void run(TensorView input, TensorView output, int64_t stream, int64_t timeout_ns) {
+// run(input, output, root, stream or -1 for the framework's current one, timeout_ns)
+void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns) {
   ensure_ready();
   const int world = tilegen_allgather_bf16_world();
   check_tensor(input, "input", -1);
-  const int64_t m = input.size(0);
+  const int64_t in_rows = input.size(0);
+  if (kInWorld && in_rows % world)
+    TVM_FFI_THROW(ValueError) << "allgather_bf16: input dim 0 must be a multiple of the world size " << world
+                              << ", got shape " << shape_str(input);
+  const int64_t m = kInWorld ? in_rows / world : in_rows;
   if (m < 1 || m > kMaxRows)
-    TVM_FFI_THROW(ValueError) << "allgather_bf16: input dim 0 must be in [1, " << kMaxRows << "]"
+    TVM_FFI_THROW(ValueError) << "allgather_bf16: input dim 0 must be " << (kInWorld ? "world * m with m" : "m")
+                              << " in [1, " << kMaxRows << "]"
                               << (kDynamicRows ? " (dynamic dim m)" : "")
                               << ", got shape " << shape_str(input);
   if (!kDynamicRows && m != kMaxRows)
-    TVM_FFI_THROW(ValueError) << "allgather_bf16: input dim 0 must be " << kMaxRows << ", got shape " << shape_str(input);
-  check_tensor(output, "output", world * m);
+    TVM_FFI_THROW(ValueError) << "allgather_bf16: input dim 0 must be " << (kInWorld ? world * kMaxRows : kMaxRows)
+                              << ", got shape " << shape_str(input);
+  check_tensor(output, "output", kOutWorld ? world * m : m);
   if (input.device().device_id != output.device().device_id)
     TVM_FFI_THROW(ValueError) << "allgather_bf16: input is on cuda:" << input.device().device_id
                               << " but output is on cuda:" << output.device().device_id;
-  const int64_t shard = input.numel() * (kBits / 8);
+  if (root < 0 || root >= world)
+    TVM_FFI_THROW(ValueError) << "allgather_bf16: root must be in [0, " << world << "), got " << root;
+  const int64_t in_bytes = input.numel() * (kBits / 8);
+  const int64_t out_bytes = output.numel() * (kBits / 8);
   const char* in = static_cast<const char*>(input.data_ptr()) + input.byte_offset();
   char* out = static_cast<char*>(output.data_ptr()) + output.byte_offset();
-  if (!tilegen_allgather_bf16_is_symmetric(out, shard * world))
+  if (kOutSymmetric && !tilegen_allgather_bf16_is_symmetric(out, out_bytes))
     TVM_FFI_THROW(ValueError) << "allgather_bf16: output must be allocated on the NVSHMEM symmetric heap "
                               << "(tilegen.empty(...) or op.empty_output(m)) with the same shape on every rank";
-  const char* own = out + shard * tilegen_allgather_bf16_rank();
-  if (in < out + shard * world && out < in + shard && in != own)
-    TVM_FFI_THROW(ValueError) << "allgather_bf16: input overlaps output other than exactly at this rank's chunk";
+  const char* alias = out + in_bytes * tilegen_allgather_bf16_rank();
+  if (in < out + out_bytes && out < in + in_bytes && !(kAliasOk && in == alias && in_bytes <= out_bytes))
+    TVM_FFI_THROW(ValueError) << "allgather_bf16: input overlaps output"
+                              << (kAliasOk ? " other than exactly at this rank's chunk of the output" : " (not supported by this op)");
   void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, output.device().device_id);
   char msg[kMsg] = {0};
-  if (tilegen_allgather_bf16_run(in, out, shard, s, static_cast<uint64_t>(timeout_ns), msg, kMsg))
+  if (tilegen_allgather_bf16_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns), msg, kMsg))
     TVM_FFI_THROW(RuntimeError) << msg;
 }
 

@@ -2,11 +2,14 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    out = allgather_bf16.empty_output(m)      # symmetric [world * m, 8192]
-    allgather_bf16(x, out)                    # x: [m, 8192] bf16 on the current CUDA device
+    out = allgather_bf16.empty_output(m)   # [world * m, 8192] on the symmetric heap
+    allgather_bf16(x, out)    # x: [m, 8192] bf16, m <= 65536
 
-Per-rank input shape: [m<=65536, 8192]; output gathers the ranks' inputs along dim 0.
-Schedules (checked): world 2: direct; world 4: direct; world 8: direct.
+Shard shape: [m<=65536, 8192].
+Schedules (checked), by world size and input size:
+  world 2: direct up to 1073741824 B
+  world 4: direct up to 1073741824 B
+  world 8: direct up to 1073741824 B
 """
 from pathlib import Path
 
@@ -19,4 +22,5 @@ OP = GeneratedOp(
     dtype="bfloat16",
     shape=[{'name': 'm', 'max': 65536}, 8192],
     world_sizes=[2, 4, 8],
+    symmetric_output=True,
 )

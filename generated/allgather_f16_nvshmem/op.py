@@ -2,11 +2,14 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    out = allgather_f16_nvshmem.empty_output(m)      # symmetric [world * m, 1001]
-    allgather_f16_nvshmem(x, out)                    # x: [m, 1001] f16 on the current CUDA device
+    out = allgather_f16_nvshmem.empty_output(m)   # [world * m, 1001] on the symmetric heap
+    allgather_f16_nvshmem(x, out)    # x: [m, 1001] f16, m <= 4096
 
-Per-rank input shape: [m<=4096, 1001]; output gathers the ranks' inputs along dim 0.
-Schedules (checked): world 2: ring; world 4: ring; world 8: ring.
+Shard shape: [m<=4096, 1001].
+Schedules (checked), by world size and input size:
+  world 2: ring up to 8200192 B
+  world 4: ring up to 8200192 B
+  world 8: ring up to 8200192 B
 """
 from pathlib import Path
 
@@ -19,4 +22,5 @@ OP = GeneratedOp(
     dtype="float16",
     shape=[{'name': 'm', 'max': 4096}, 1001],
     world_sizes=[2, 4, 8],
+    symmetric_output=True,
 )

@@ -3,6 +3,8 @@
 // reachable, NVSHMEM device calls elsewhere. Copied verbatim into every generated package.
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -213,7 +215,7 @@ __device__ __forceinline__ void copy_multi(char* const (&dst)[MAXD], int ndst, c
     }
   } else {
     for (int64_t i = lane; i < bytes; i += width) {
-      char v = src[i];
+      const char v = SRC_READ_ONLY ? __ldg(src + i) : __ldcg(src + i);
 #pragma unroll
       for (int d = 0; d < MAXD; ++d)
         if (d < ndst) dst[d][i] = v;
@@ -289,5 +291,90 @@ __device__ __forceinline__ bool barrier_blocks(uint64_t* counter, uint64_t targe
   return ok;
 }
 
+}  // namespace dev
+}  // namespace tilegen
+
+// ---------------------------------------------------------------- reductions
+// Element-wise reduction of up to MAXS sources into up to MAXD destinations, accumulating in fp32
+// for bf16/f16 (int32 stays integer). OP: 0 sum, 1 max, 2 min. Sources may be written by peers
+// during the kernel (coherent loads); destinations may be peer pointers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+namespace tilegen {
+namespace dev {
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<int32_t> { using type = int32_t; };
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ int32_t to_acc(int32_t v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ int32_t from_acc<int32_t>(int32_t v) { return v; }
+
+// One element; data peers may have written in this kernel is read past L1 (ld.global.cg).
+template <typename T>
+__device__ __forceinline__ T load_elem(const T* p, bool read_only) {
+  using R = typename std::conditional<sizeof(T) == 2, unsigned short, unsigned int>::type;
+  R r = read_only ? __ldg(reinterpret_cast<const R*>(p)) : __ldcg(reinterpret_cast<const R*>(p));
+  T v;
+  memcpy(&v, &r, sizeof(T));
+  return v;
+}
+
+template <int OP, typename A>
+__device__ __forceinline__ A combine(A a, A b) {
+  if constexpr (OP == 0) return a + b;
+  else if constexpr (OP == 1) return a > b ? a : b;
+  else return a < b ? a : b;
+}
+
+template <typename T, int OP, int MAXS, int MAXD>
+__device__ __forceinline__ void reduce_multi(char* const (&dst)[MAXD], int ndst, const char* const (&src)[MAXS], int nsrc,
+                                             const bool (&src_ro)[MAXS], int64_t bytes, int lane, int width) {
+  using A = typename Acc<T>::type;
+  constexpr int V = 16 / sizeof(T);
+  uintptr_t bits = static_cast<uintptr_t>(bytes);
+#pragma unroll
+  for (int s = 0; s < MAXS; ++s)
+    if (s < nsrc) bits |= reinterpret_cast<uintptr_t>(src[s]);
+#pragma unroll
+  for (int d = 0; d < MAXD; ++d)
+    if (d < ndst) bits |= reinterpret_cast<uintptr_t>(dst[d]);
+  if ((bits & 15) == 0) {
+    const int64_t n = bytes >> 4;
+    for (int64_t i = lane; i < n; i += width) {
+      A acc[V];
+#pragma unroll
+      for (int s = 0; s < MAXS; ++s) {
+        if (s >= nsrc) break;
+        const int4* p = reinterpret_cast<const int4*>(src[s]) + i;
+        int4 raw = src_ro[s] ? load16<true>(p) : load16<false>(p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] = s == 0 ? to_acc(e[k]) : combine<OP>(acc[k], to_acc(e[k]));
+      }
+      int4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int k = 0; k < V; ++k) o[k] = from_acc<T>(acc[k]);
+#pragma unroll
+      for (int d = 0; d < MAXD; ++d)
+        if (d < ndst) reinterpret_cast<int4*>(dst[d])[i] = out;
+    }
+  } else {
+    const int64_t n = bytes / static_cast<int64_t>(sizeof(T));
+    for (int64_t i = lane; i < n; i += width) {
+      A acc = to_acc(load_elem(reinterpret_cast<const T*>(src[0]) + i, src_ro[0]));
+      for (int s = 1; s < nsrc; ++s) acc = combine<OP>(acc, to_acc(load_elem(reinterpret_cast<const T*>(src[s]) + i, src_ro[s])));
+      const T v = from_acc<T>(acc);
+#pragma unroll
+      for (int d = 0; d < MAXD; ++d)
+        if (d < ndst) reinterpret_cast<T*>(dst[d])[i] = v;
+    }
+  }
+}
 }  // namespace dev
 }  // namespace tilegen

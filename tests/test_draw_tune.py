@@ -1,0 +1,58 @@
+"""Plan drawings and the tuner's candidate specs and fit (the GPU timing itself runs under torchrun)."""
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tilegen import cli
+from tilegen.draw import timeline
+from tilegen.plan import make_schedule
+from tilegen.spec import DynamicDim, KernelSpec
+from tilegen.tune import busiest_link_bytes, candidate_specs, fit
+
+
+def ar_spec(**kw):
+    base = dict(name="ar", op="allreduce", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=1024), 4096],
+                ctas="auto", tile_bytes="auto")
+    base.update(kw)
+    return KernelSpec(**base)
+
+
+def test_plan_svg_is_a_drawing_of_every_rank(root, tmp_path, capsys):
+    out = tmp_path / "plan.svg"
+    assert cli.main(["plan", str(root / "specs/allreduce_bf16.yaml"), "--world", "4", "--svg", str(out)]) == 0
+    svg = out.read_text()
+    ET.fromstring(svg)  # well-formed
+    for r in range(4):
+        assert f"rank {r}" in svg
+    png = tmp_path / "plan.png"
+    assert cli.main(["plan", str(root / "specs/broadcast_f32.yaml"), "--world", "2", "--svg", str(png), "--bytes", "4096"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_orders_dependent_steps():
+    s = make_schedule("reduce_scatter", "ring", 4, "per_tile")
+    rows = timeline(s, 4 * 1 << 20, 2, 132, 256 << 10)
+    by = {(r, i): (start, end) for r, i, _k, start, end, _ in rows}
+    for r in range(4):  # a rank's steps never overlap, and each ring step starts after its input landed
+        starts = [by[(r, i)] for i in range(len(s.ranks[r]))]
+        assert all(a[1] <= b[0] + 1e-9 for a, b in zip(starts, starts[1:]))
+    assert by[(1, 2)][0] > by[(0, 1)][0]  # rank 1's second send waits for rank 0's first
+
+
+def test_candidate_specs_fix_each_schedule():
+    cands = candidate_specs(ar_spec())
+    assert [c.schedule for c in cands] == ["one_shot", "two_shot", "ring", "bidir_ring"]
+    assert all(c.name.startswith("ar__") and isinstance(c.ctas, int) and isinstance(c.tile_bytes, int) for c in cands)
+
+
+def test_fit_recovers_known_constants():
+    spec = ar_spec()
+    rows = []
+    for alg in ("one_shot", "two_shot", "ring"):
+        for n in (4096, 65536, 1 << 20, 8 << 20):
+            link, hops = busiest_link_bytes(spec, 4, alg, n)
+            rows.append({"hops": hops, "link_bytes": link, "us": 6.0 + 2.0 * (hops + 1) + link / 300e3})
+    got = fit(rows)
+    assert got["launch_us"] == pytest.approx(6.0, rel=1e-6)
+    assert got["hop_us"] == pytest.approx(2.0, rel=1e-6)
+    assert got["egress_Bpus"] == pytest.approx(300e3, rel=1e-6)
