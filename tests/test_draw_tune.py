@@ -7,7 +7,7 @@ from tilegen import cli
 from tilegen.draw import timeline
 from tilegen.plan import make_schedule
 from tilegen.spec import DynamicDim, KernelSpec
-from tilegen.tune import busiest_link_bytes, candidate_specs, fit
+from tilegen.tune import candidate_specs, fit, schedule_features
 
 
 def ar_spec(**kw):
@@ -50,9 +50,17 @@ def test_fit_recovers_known_constants():
     rows = []
     for alg in ("one_shot", "two_shot", "ring"):
         for n in (4096, 65536, 1 << 20, 8 << 20):
-            link, hops = busiest_link_bytes(spec, 4, alg, n)
-            rows.append({"hops": hops, "link_bytes": link, "us": 6.0 + 2.0 * (hops + 1) + link / 300e3})
+            f = schedule_features(spec, 4, alg, n)
+            rows.append({**f, "us": 6.0 + 2.0 * (f["hops"] + 1) + f["link_bytes"] / 300e3 + f["reduce_bytes"] / 2e6})
     got = fit(rows)
     assert got["launch_us"] == pytest.approx(6.0, rel=1e-6)
     assert got["hop_us"] == pytest.approx(2.0, rel=1e-6)
     assert got["egress_Bpus"] == pytest.approx(300e3, rel=1e-6)
+    assert got["reduce_Bpus"] == pytest.approx(2e6, rel=1e-6)
+
+
+def test_fit_never_returns_negative_constants():
+    rows = [{"hops": h, "link_bytes": x, "reduce_bytes": 0, "us": 50.0 - 10 * h + x / 1e5}
+            for h in (0, 1, 2) for x in (0, 1e6, 1e7)]
+    got = fit(rows)
+    assert all(v >= 0 for v in got.values()) and got["hop_us"] == 0.0

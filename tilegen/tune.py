@@ -5,9 +5,9 @@ Run under torchrun on the machine the ops will run on:
     torchrun --nproc-per-node 2 -m tilegen.cli tune specs/allreduce_bf16.yaml -o calibration.json
 
 Rank 0 generates and builds one copy of the spec per candidate schedule (schedule fixed); every rank
-then times each at sizes from 4 KiB to the spec's maximum (CUDA events, median of batches). A least
-squares fit of  t = launch + hop * (hops + 1) + bytes_on_busiest_link / egress  over all
-measurements gives the constants that `tilegen plan/generate --calibration FILE` use.
+then times each at sizes from 4 KiB to the spec's maximum (CUDA events, median of batches). A non-negative
+least-squares fit of  t = launch + hop * (hops + 1) + busiest_link_bytes / egress + reduce_bytes /
+reduce_bw  over all measurements gives the constants `tilegen plan/generate --calibration FILE` use.
 """
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def candidate_specs(spec: KernelSpec) -> list[KernelSpec]:
     return out
 
 
-def busiest_link_bytes(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> tuple[float, int]:
+def schedule_features(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> dict:
+    """What the cost model's terms depend on: bytes over the busiest link, critical hops, bytes a
+    rank reads and writes while reducing."""
     s = make_schedule(spec.op, alg, world, spec.sync)
     shard, part = layout(spec.op, world, in_bytes, spec.elem_bytes, s.parts)
     flows: dict[tuple[int, int], int] = {}
+    reduce_bytes = 0
     for r, steps in enumerate(s.ranks):
         for st in steps:
             if st.kind == "move":
@@ -45,19 +48,42 @@ def busiest_link_bytes(spec: KernelSpec, world: int, alg: str, in_bytes: int) ->
                 for d in st.dests:
                     if d.rank != r:
                         flows[(r, d.rank)] = flows.get((r, d.rank), 0) + n
+                if len(st.srcs) > 1 and r == 0:
+                    reduce_bytes += n * (len(st.srcs) + len(st.dests))
     topo = TOPOLOGIES[spec.topology]
-    return topo.link_time(world, flows) * topo.egress_Bpus, _critical_hops(s)
+    return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": _critical_hops(s),
+            "reduce_bytes": reduce_bytes}
+
+
+def _nnls(a, b):
+    """Non-negative least squares for a handful of columns: best unconstrained fit on every subset
+    of columns, keeping those with no negative coefficient (exact for this size)."""
+    import itertools
+
+    import numpy as np
+    best, best_res = np.zeros(a.shape[1]), float("inf")
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if (x < 0).any():
+                continue
+            full = np.zeros(a.shape[1])
+            full[list(cols)] = x
+            res = float(np.sum((a @ full - b) ** 2))
+            if res < best_res:
+                best, best_res = full, res
+    return best
 
 
 def fit(rows: list[dict]) -> dict:
     import numpy as np
-    a = np.array([[1.0, r["hops"] + 1, r["link_bytes"]] for r in rows])
+    a = np.array([[1.0, r["hops"] + 1, r["link_bytes"], r["reduce_bytes"]] for r in rows])
     b = np.array([r["us"] for r in rows])
-    (launch, hop, inv_bw), *_ = np.linalg.lstsq(a, b, rcond=None)
-    inv_bw = max(inv_bw, 1e-9)
-    bw = 1.0 / inv_bw
-    return {"launch_us": float(max(launch, 0.5)), "hop_us": float(max(hop, 0.1)), "egress_Bpus": float(bw),
-            "link_Bpus": float(bw)}
+    launch, hop, inv_bw, inv_red = _nnls(a, b)
+    default = TOPOLOGIES["nvswitch"]
+    bw = 1.0 / inv_bw if inv_bw > 1e-12 else default.egress_Bpus
+    return {"launch_us": float(launch), "hop_us": float(hop), "egress_Bpus": float(bw), "link_Bpus": float(bw),
+            "reduce_Bpus": float(1.0 / inv_red) if inv_red > 1e-12 else default.reduce_Bpus}
 
 
 def tune(spec_path: str, output: str, reps: int = 15) -> int:
@@ -110,9 +136,8 @@ def tune(spec_path: str, output: str, reps: int = 15) -> int:
             # the slowest rank's median: a collective ends when its last rank does
             t = torch.tensor([statistics.median(times)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            link, hops = busiest_link_bytes(ls.spec, world, c.schedule, k_in * m * row_bytes)
-            rows.append({"schedule": c.schedule, "in_bytes": k_in * m * row_bytes, "us": t.item(), "hops": hops,
-                         "link_bytes": link})
+            feats = schedule_features(ls.spec, world, c.schedule, k_in * m * row_bytes)
+            rows.append({"schedule": c.schedule, "in_bytes": k_in * m * row_bytes, "us": t.item(), **feats})
             op.free_outputs()
     if rank == 0:
         calib = {"spec": ls.spec.name, "world": world, "device": torch.cuda.get_device_name(),

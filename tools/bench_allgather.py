@@ -10,35 +10,12 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
 
 import tilegen
-
-MiB = 1 << 20
-
-
-def time_batches(fn, calls, reps, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)  # us per call
-    # every rank reports the slowest rank's median (a collective finishes when its last rank does)
-    med = torch.tensor([statistics.median(times)], device="cuda")
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+from benchlib import MiB, busbw_GBps, calls_for, time_batches
 
 
 def main():
@@ -63,10 +40,10 @@ def main():
         nbytes = rows * world * inner * 2
         x = torch.randn((rows, inner), device="cuda").to(torch.bfloat16)
         ref = torch.empty((world * rows, inner), device="cuda", dtype=torch.bfloat16)
-        calls = 50 if nbytes <= 16 * MiB else 10
+        calls = calls_for(nbytes)
         nccl = dist.get_backend() == "nccl"  # not when ranks share a GPU (multi-process-per-GPU mode)
         t_nccl = time_batches(lambda: dist.all_gather_into_tensor(ref, x), calls, args.reps) if nccl else float("nan")
-        bus = lambda t: nbytes / (t * 1e-6) * (world - 1) / world / 1e9
+        bus = lambda t: busbw_GBps("allgather", nbytes, t, world)
         for name, op in ops:
             out = op.empty_output(rows)
             t_tg = time_batches(lambda: op(x, out), calls, args.reps)
