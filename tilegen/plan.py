@@ -229,16 +229,23 @@ def _rs_ring_body(w: int, r: int, d: int, h: int, P: int) -> tuple[list[Step], t
     return body, (Seg(r, "in", r * P + h), last), (last,)
 
 
-def rs_ring(w: int, sync: str, bidir: bool = False) -> Schedule:
+def _rings(op: str, w: int, sync: str, bidir: bool, finish) -> Schedule:
+    """A reduce-scatter ring (both directions, one half each, when bidir) followed by what
+    ``finish(r, d, h, P, srcs, waits)`` makes of each rank's reduced part."""
     P = 2 if bidir else 1
     bodies = []
     for r in range(w):
         parts = []
         for d, h in ([(1, 0), (-1, 1)] if bidir else [(1, 0)]):
             body, srcs, waits = _rs_ring_body(w, r, d, h, P)
-            parts.append(body + [Step("move", unit=r * P + h, srcs=srcs, waits=waits, dests=(Seg(r, "out", h),))])
+            parts.append(body + finish(r, d, h, P, srcs, waits))
         bodies.append(_interleave(*parts) if bidir else parts[0])
-    return _with_entry("reduce_scatter", "bidir_ring" if bidir else "ring", w, sync, P, bodies)
+    return _with_entry(op, "bidir_ring" if bidir else "ring", w, sync, P, bodies)
+
+
+def rs_ring(w: int, sync: str, bidir: bool = False) -> Schedule:
+    return _rings("reduce_scatter", w, sync, bidir, lambda r, d, h, P, srcs, waits: [
+        Step("move", unit=r * P + h, srcs=srcs, waits=waits, dests=(Seg(r, "out", h),))])
 
 
 def ar_one_shot(w: int, sync: str) -> Schedule:
@@ -266,15 +273,9 @@ def ar_two_shot(w: int, sync: str) -> Schedule:
 
 
 def ar_ring(w: int, sync: str, bidir: bool = False) -> Schedule:
-    P = 2 if bidir else 1
-    bodies = []
-    for r in range(w):
-        parts = []
-        for d, h in ([(1, 0), (-1, 1)] if bidir else [(1, 0)]):
-            body, srcs, waits = _rs_ring_body(w, r, d, h, P)
-            parts.append(body + _ag_ring_body(w, r, d, h, P, first_srcs=srcs, first_waits=waits))
-        bodies.append(_interleave(*parts) if bidir else parts[0])
-    return _with_entry("allreduce", "bidir_ring" if bidir else "ring", w, sync, P, bodies)
+    """Reduce-scatter round the ring, then allgather the reduced parts round it."""
+    return _rings("allreduce", w, sync, bidir, lambda r, d, h, P, srcs, waits:
+                  _ag_ring_body(w, r, d, h, P, first_srcs=srcs, first_waits=waits))
 
 
 def a2a_direct(w: int, sync: str) -> Schedule:
@@ -416,24 +417,31 @@ def _critical_hops(s: Schedule) -> int:
     return max(depth.values(), default=0)
 
 
-def predict_us(s: Schedule, in_bytes: int, elem: int, topo: Topology, ctas: int, tile: int) -> float:
-    """Latency + bandwidth estimate of one call of schedule s on a per-rank input of in_bytes."""
-    w = s.world
-    shard, part = layout(s.op, w, in_bytes, elem, s.parts)
+def schedule_traffic(s: Schedule, in_bytes: int, elem: int) -> tuple[dict[tuple[int, int], int], int]:
+    """Bytes each rank stores into each other rank, and the bytes rank 0 reads and writes while
+    reducing, for one call on a per-rank input of in_bytes."""
+    shard, part = layout(s.op, s.world, in_bytes, elem, s.parts)
     flows: dict[tuple[int, int], int] = {}
     reduce_bytes = 0
-    steps = 0
     for r, rank_steps in enumerate(s.ranks):
-        steps = max(steps, len(rank_steps))
         for st in rank_steps:
             if st.kind != "move":
                 continue
-            n = unit_length(s.op, w, in_bytes, shard, part, s.parts, st.unit)
+            n = unit_length(s.op, s.world, in_bytes, shard, part, s.parts, st.unit)
             for d in st.dests:
                 if d.rank != r:
                     flows[(r, d.rank)] = flows.get((r, d.rank), 0) + n
             if len(st.srcs) > 1 and r == 0:
                 reduce_bytes += n * (len(st.srcs) + len(st.dests))
+    return flows, reduce_bytes
+
+
+def predict_us(s: Schedule, in_bytes: int, elem: int, topo: Topology, ctas: int, tile: int) -> float:
+    """Latency + bandwidth estimate of one call of schedule s on a per-rank input of in_bytes."""
+    w = s.world
+    _, part = layout(s.op, w, in_bytes, elem, s.parts)
+    flows, reduce_bytes = schedule_traffic(s, in_bytes, elem)
+    steps = s.max_steps
     bw = topo.link_time(w, flows)
     per_rank_out = max(flows.values(), default=0)
     cta_limit = per_rank_out / (ctas * topo.cta_Bpus) if per_rank_out else 0.0

@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .plan import TOPOLOGIES, _critical_hops, _sizes, algorithms_for, layout, make_schedule, unit_length
+from .plan import TOPOLOGIES, _critical_hops, _sizes, algorithms_for, make_schedule, schedule_traffic
 from .spec import KernelSpec
 
 
@@ -38,18 +38,7 @@ def schedule_features(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> 
     """What the cost model's terms depend on: bytes over the busiest link, critical hops, bytes a
     rank reads and writes while reducing."""
     s = make_schedule(spec.op, alg, world, spec.sync)
-    shard, part = layout(spec.op, world, in_bytes, spec.elem_bytes, s.parts)
-    flows: dict[tuple[int, int], int] = {}
-    reduce_bytes = 0
-    for r, steps in enumerate(s.ranks):
-        for st in steps:
-            if st.kind == "move":
-                n = unit_length(spec.op, world, in_bytes, shard, part, s.parts, st.unit)
-                for d in st.dests:
-                    if d.rank != r:
-                        flows[(r, d.rank)] = flows.get((r, d.rank), 0) + n
-                if len(st.srcs) > 1 and r == 0:
-                    reduce_bytes += n * (len(st.srcs) + len(st.dests))
+    flows, reduce_bytes = schedule_traffic(s, in_bytes, spec.elem_bytes)
     topo = TOPOLOGIES[spec.topology]
     return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": _critical_hops(s),
             "reduce_bytes": reduce_bytes}
