@@ -69,7 +69,18 @@ def test_step_tables_in_source_are_the_checked_plans(op, shape):
             assert f"out[{i}] = Variant{{ {v.max_bytes}LL, {v.schedule.parts}, {v.ctas}, {v.tile_bytes}LL" in src
 
 
-def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def fresh_schedule_caches():
+    """Schedules and verdicts are memoised; a test that swaps a schedule builder must not see old ones."""
+    from tilegen import codegen
+    plan_mod.make_schedule.cache_clear()
+    codegen.verdict_of.cache_clear()
+    yield
+    plan_mod.make_schedule.cache_clear()
+    codegen.verdict_of.cache_clear()
+
+
+def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys, fresh_schedule_caches):
     import dataclasses
     real = plan_mod.ag_direct
 
@@ -190,3 +201,32 @@ def test_tilegen_list_shows_ops_and_provenance(root, capsys):
     assert cli.main(["list", str(root / "generated")]) == 0
     out = capsys.readouterr().out
     assert "allgather_bf16" in out and "allgather_f16_nvshmem" in out and "sm_90" in out
+
+
+def test_concurrent_generate_runs_leave_a_consistent_package(root, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "pkg"
+    cmd = [sys.executable, "-m", "tilegen.cli", "generate", str(root / "specs"), "-o", str(out), "--no-build", "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert cli.main(["generate", str(root / "specs"), "-o", str(out), "--check"]) == 0
+    leftovers = [p for p in out.rglob(".*") if p.name != ".tilegen.lock"]
+    assert leftovers == []  # no half-written temporary files
+
+
+def test_an_op_refuses_a_job_of_another_world_size(monkeypatch):
+    from tilegen import runtime
+    monkeypatch.setitem(runtime._state, "initialised", True)
+    monkeypatch.setitem(runtime._state, "world", 3)
+    op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2, 4, 8])
+    with pytest.raises(OpLoadError, match=r"generated for world sizes \[2, 4, 8\], this job has 3 ranks"):
+        op.load()
+
+
+def test_calls_before_init_say_what_to_do(monkeypatch):
+    from tilegen import runtime
+    monkeypatch.setitem(runtime._state, "initialised", False)
+    op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2])
+    with pytest.raises(RuntimeError, match=r"call tilegen.init\(\) first"):
+        op(None)

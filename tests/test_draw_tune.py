@@ -64,3 +64,16 @@ def test_fit_never_returns_negative_constants():
             for h in (0, 1, 2) for x in (0, 1e6, 1e7)]
     got = fit(rows)
     assert all(v >= 0 for v in got.values()) and got["hop_us"] == 0.0
+
+
+def test_bench_table_and_plot_from_rows(tmp_path):
+    from tilegen.bench import busbw_GBps, format_table, plot
+    rows = [{"op": "allreduce_bf16", "kind": "allreduce", "bytes": n, "rows": 1, "matches_nccl": True,
+             "times_us": {"allreduce_bf16": 10.0 + n / 3e5, "nccl": 30.0 + n / 2.5e5},
+             "busbw_GBps": {"allreduce_bf16": busbw_GBps("allreduce", n, 10.0 + n / 3e5, 2),
+                            "nccl": busbw_GBps("allreduce", n, 30.0 + n / 2.5e5, 2)}} for n in (1 << 14, 1 << 20, 1 << 26)]
+    text = format_table(rows, 2, "2 x NVIDIA H200", False)
+    assert "allreduce_bf16" in text and "nccl" in text and text.count("yes") == 3
+    assert busbw_GBps("allreduce", 1 << 30, 1e6, 2) == pytest.approx((1 << 30) / 1e9)  # 2(n-1)/n = 1 at n = 2
+    plot(rows, str(tmp_path / "b.png"), 2)
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -107,10 +108,16 @@ def step_table(s: Schedule) -> list[list[str]]:
     return [[encode_step(st) for st in steps] for steps in s.ranks]
 
 
-def checked_plans(spec: KernelSpec, calibration: dict | None = None) -> list[Plan]:
-    """Plan every world size and refuse to emit code for a schedule the checker rejects."""
+@lru_cache(maxsize=None)
+def verdict_of(s: Schedule):
+    """The checker's verdict on a schedule (schedules are immutable values: check each once)."""
+    return check_schedule(s)
+
+
+def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True) -> list[Plan]:
+    """Plan every world size and refuse to emit code for a schedule the checker rejects
+    (check=False: plan only, for tests of the renderer itself)."""
     plans = []
-    checked: set[tuple[str, int]] = set()
     for w in spec.world_sizes:
         p = plan(spec, w, calibration)
         for v in p.variants:
@@ -118,10 +125,9 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None) -> list[Pla
             for r, steps in enumerate(s.ranks):  # the kernel reads only its own rank's memory (push schedules)
                 if any(g.rank != r for st in steps for g in st.srcs):
                     raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
-            if (s.algorithm, w) in checked:
+            if not check:
                 continue
-            checked.add((s.algorithm, w))
-            verdict = check_schedule(s)
+            verdict = verdict_of(s)
             if not verdict.ok:
                 raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         plans.append(p)
@@ -234,9 +240,10 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
     }
 
 
-def render_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict | None = None) -> dict[str, str]:
+def render_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict | None = None,
+              check: bool = True) -> dict[str, str]:
     """All files of one op, relative to its directory."""
-    plans = checked_plans(spec, calibration)
+    plans = checked_plans(spec, calibration, check)
     env = _env()
     ctx = render_context(spec, plans)
     files = {}

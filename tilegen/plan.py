@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable, Literal
 
 from .spec import KernelSpec
@@ -317,7 +318,9 @@ def algorithms_for(op: str) -> list[str]:
     return list(ALGORITHMS[op])
 
 
+@lru_cache(maxsize=None)
 def make_schedule(op: str, algorithm: str, world: int, sync: str) -> Schedule:
+    """Schedules are pure functions of these four: build each once."""
     try:
         return ALGORITHMS[op][algorithm](world, sync)
     except KeyError:
@@ -396,6 +399,7 @@ class Topology:
 TOPOLOGIES = {"nvswitch": Topology("nvswitch"), "ring_links": Topology("ring_links")}
 
 
+@lru_cache(maxsize=None)
 def _critical_hops(s: Schedule) -> int:
     """Longest chain of remote signal dependencies in the schedule (per tile)."""
     # depth of a segment = hops until its data is final there; a move's output depth = max(input waits) + 1
@@ -436,11 +440,12 @@ def schedule_traffic(s: Schedule, in_bytes: int, elem: int) -> tuple[dict[tuple[
     return flows, reduce_bytes
 
 
-def predict_us(s: Schedule, in_bytes: int, elem: int, topo: Topology, ctas: int, tile: int) -> float:
+def predict_us(s: Schedule, in_bytes: int, elem: int, topo: Topology, ctas: int, tile: int,
+               traffic: tuple[dict[tuple[int, int], int], int] | None = None) -> float:
     """Latency + bandwidth estimate of one call of schedule s on a per-rank input of in_bytes."""
     w = s.world
     _, part = layout(s.op, w, in_bytes, elem, s.parts)
-    flows, reduce_bytes = schedule_traffic(s, in_bytes, elem)
+    flows, reduce_bytes = traffic or schedule_traffic(s, in_bytes, elem)
     steps = s.max_steps
     bw = topo.link_time(w, flows)
     per_rank_out = max(flows.values(), default=0)
@@ -500,11 +505,12 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology, algorith
     for alg in algorithms:
         s = make_schedule(spec.op, alg, world, spec.sync)
         shard, part = layout(spec.op, world, in_bytes, spec.elem_bytes, s.parts)
+        traffic = schedule_traffic(s, in_bytes, spec.elem_bytes)
         opts = []
         for c in ctas_opts:
             for tb in tiles:
                 t = tile_bytes_for(part, tb, c)
-                opts.append((predict_us(s, in_bytes, spec.elem_bytes, topo, c, t), c, tb))
+                opts.append((predict_us(s, in_bytes, spec.elem_bytes, topo, c, t, traffic), c, tb))
         t_us, c, tb = min(opts)
         cand = Candidate(alg, t_us)
         best_per_alg.append(cand)

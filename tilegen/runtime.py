@@ -152,7 +152,7 @@ class GeneratedOp:
     """A pre-generated, pre-built op. Callable: op(input, output=None, *, stream=None, timeout_ms=None)."""
 
     def __init__(self, directory: Path, name: str, kind: str, dtype: str, shape: list, world_sizes: list[int],
-                 symmetric_output: bool = True):
+                 symmetric_output: bool = True, default_timeout_ms: float = 0):
         self.directory = Path(directory)
         self.name = name
         self.kind = kind
@@ -160,6 +160,7 @@ class GeneratedOp:
         self.shape = shape
         self.world_sizes = world_sizes
         self.symmetric_output = symmetric_output
+        self.default_timeout_ms = default_timeout_ms
         self._mod = None
         self._outputs: dict[tuple, Any] = {}
 
@@ -179,6 +180,9 @@ class GeneratedOp:
         if self._mod is not None:
             return self._mod
         _require_init(self.name)
+        if _state["world"] not in self.world_sizes:  # before any collective call into the library
+            raise OpLoadError(f"op {self.name} was generated for world sizes {self.world_sizes}, this job has "
+                              f"{_state['world']} ranks; add {_state['world']} to world_sizes in its spec and regenerate")
         import nvshmem.core as nvshmem
         import tvm_ffi
         _register_errors()
@@ -252,8 +256,12 @@ class GeneratedOp:
                 raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
             output = self.empty_output(self.shard_rows(int(input.shape[0])))
         handle = _stream_handle(input, stream)
-        if timeout_ms is None:
-            timeout_ms = float(os.environ.get("TILEGEN_WAIT_TIMEOUT_MS", "0") or 0)
+        if timeout_ms is None:  # the call's bound, else the environment's, else the spec's
+            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
+            try:
+                timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
+            except ValueError:
+                raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
         if self.kind != "broadcast" and root != 0:

@@ -124,6 +124,10 @@ class KernelSpec(_Frozen):
         default=264, description="CTAs (thread blocks) used for communication, or auto (cost model)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
+    wait_timeout_ms: int = Field(
+        default=0, ge=0, le=3_600_000,
+        description="bound on every wait in ms (0: unbounded); a call that times out raises TimeoutError naming "
+                    "rank and signal. TILEGEN_WAIT_TIMEOUT_MS or op(..., timeout_ms=) override it")
     description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
 
     @field_validator("name")
@@ -256,19 +260,28 @@ class SpecError(Exception):
     """One or more located problems in a spec file."""
 
     def __init__(self, problems: list[tuple[SourceLoc, str]]):
-        self.problems = problems
-        super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in problems))
+        self.problems = [(loc, " ".join(msg.split())) for loc, msg in problems]  # one line per problem
+        super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in self.problems))
+
+
+_UNION_TAGS = ("int", "constrained-int", "DynamicDim")
+
+
+def _is_union_tag(loc: tuple, i: int) -> bool:
+    """pydantic names the member of shape[k]'s int | DynamicDim union in the location: shape, k, <tag>."""
+    return i == 2 and loc[0] == "shape" and isinstance(loc[1], int) and loc[2] in _UNION_TAGS
 
 
 def _format_field(loc: tuple) -> str:
     parts: list[str] = []
-    for p in loc:
+    for i, p in enumerate(loc):
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("int", "DynamicDim", "constrained-int", "function-after[_name(), str]"):
-            continue  # union-member tags pydantic adds to locations
+        elif _is_union_tag(loc, i):
+            continue
         else:
-            parts.append(("." if parts else "") + str(p))
+            name = str(p) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,62}", str(p)) else repr(p)[:64]
+            parts.append(("." if parts else "") + name)
     return "".join(parts) or "<spec>"
 
 
@@ -276,7 +289,8 @@ def _message(err: dict) -> str:
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        model = DynamicDim if "DynamicDim" in err["loc"] else KernelSpec
+        loc = tuple(err["loc"])
+        model = DynamicDim if len(loc) > 2 and _is_union_tag(loc, 2) else KernelSpec
         msg = "unknown key (allowed: " + ", ".join(model.model_fields) + ")"
     elif err["type"] == "missing":
         msg = "required field is missing"
@@ -327,23 +341,18 @@ def _yaml_key_position(root: Any, loc: tuple) -> tuple[int, int] | None:
 
 def _wrong_union_branch(loc: tuple, value: Any) -> bool:
     """A dim is an int or a {name, max} mapping: report only the branch the input was meant for."""
-    if not loc:
+    if len(loc) != 3 or not _is_union_tag(loc, 2):
         return False
-    if loc[-1] in ("int", "constrained-int"):
-        return isinstance(value, dict)
-    if "DynamicDim" in loc:
-        i = loc.index("DynamicDim")
-        return i == len(loc) - 1 and not isinstance(value, dict)
-    return False
+    return isinstance(value, dict) if loc[2] != "DynamicDim" else not isinstance(value, dict)
 
 
 def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[SourceLoc, str]]:
     problems = []
     seen = set()
-    for err in exc.errors():
+    errors = exc.errors()
+    kept = [e for e in errors if not _wrong_union_branch(tuple(e["loc"]), e.get("input"))] or errors
+    for err in kept:
         loc = tuple(err["loc"])
-        if _wrong_union_branch(loc, err.get("input")):
-            continue
         line, col = locate(loc, err["type"])
         field = _format_field(loc)
         item = (SourceLoc(path, line + 1, col + 1), f"{field}: {_message(err)}")
@@ -353,12 +362,24 @@ def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[
     return problems
 
 
-def _plain(node: Any) -> Any:
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 10_000  # a spec has a few dozen; YAML aliases can make a small file expand enormously
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _plain(node: Any, budget: list[int] | None = None) -> Any:
     """ruamel round-trip containers -> plain Python (strict pydantic wants real ints/strs)."""
+    budget = [MAX_SPEC_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge()
     if isinstance(node, dict):
-        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v) for k, v in node.items()}
+        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_plain(v) for v in node]
+        return [_plain(v, budget) for v in node]
     if isinstance(node, bool):
         return bool(node)
     if isinstance(node, int):
@@ -380,6 +401,8 @@ def load_yaml_spec(path: str | Path) -> LoadedSpec:
 
 
 def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([(SourceLoc(path, 1, 1), f"<file>: {len(text)} characters; a spec is at most {MAX_SPEC_BYTES}")])
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
@@ -410,6 +433,9 @@ def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
         spec = KernelSpec.model_validate(_plain(root))
     except ValidationError as e:
         raise SpecError(_validation_problems(e, path, locate)) from None
+    except (_TooLarge, RecursionError):
+        raise SpecError([(SourceLoc(path, 1, 1), f"<spec>: more than {MAX_SPEC_NODES} values (recursive or "
+                                                 f"exploding aliases?)")]) from None
     return LoadedSpec(spec, SourceLoc(path, root.lc.line + 1, root.lc.col + 1))
 
 

@@ -37,10 +37,10 @@ fi
 if [ "${1:-}" != quick ]; then
   timeout 400 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" --out "$OUT/bench_allgather.json" \
     > "$OUT/bench.log" 2>&1 || { status=1; tail -30 "$OUT/bench.log"; }
-  sed -n '/^allgather bf16/,$p' "$OUT/bench.log"
+  sed -n '/ranks on /,$p' "$OUT/bench.log"
   timeout 500 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives.json" \
     --plot "$OUT/collectives.png" > "$OUT/bench_collectives.log" 2>&1 || { status=1; tail -30 "$OUT/bench_collectives.log"; }
-  sed -n '/^collectives,/,$p' "$OUT/bench_collectives.log"
+  sed -n '/ranks on /,$p' "$OUT/bench_collectives.log"
 fi
 echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
 exit $status

@@ -23,4 +23,5 @@ OP = GeneratedOp(
     shape=[{'name': 'm', 'max': 65536}, 8192],
     world_sizes=[2, 4, 8],
     symmetric_output=True,
+    default_timeout_ms=0,
 )

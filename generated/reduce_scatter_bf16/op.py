@@ -23,4 +23,5 @@ OP = GeneratedOp(
     shape=[{'name': 'm', 'max': 16384}, 8192],
     world_sizes=[2, 4, 8],
     symmetric_output=False,
+    default_timeout_ms=0,
 )

@@ -23,4 +23,5 @@ OP = GeneratedOp(
     shape=[{'name': 'm', 'max': 2048}, 1000],
     world_sizes=[2, 4, 8],
     symmetric_output=False,
+    default_timeout_ms=0,
 )
