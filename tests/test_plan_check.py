@@ -171,3 +171,56 @@ def test_cli_plan_prints_schedule_and_verdict(root, capsys):
     out = capsys.readouterr().out
     assert "variant 0" in out and "rank 3:" in out and "checker: OK" in out and "reduce" in out
     assert cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), "--world", "3"]) == 1
+
+
+def gemm_spec(**kw):
+    base = dict(name="agg", op="ag_gemm", dtype="bf16", world_sizes=[2, 4, 8],
+                shape=[DynamicDim(name="m", max=4096), 8192], n=4096)
+    base.update(kw)
+    return KernelSpec(**base)
+
+
+def test_ag_gemm_spec_rules():
+    assert gemm_spec().max_in_bytes(4) == 4096 * 8192 * 2
+    with pytest.raises(Exception, match="n: ag_gemm needs n"):
+        gemm_spec(n=None)
+    with pytest.raises(Exception, match="fused .* not available yet"):
+        gemm_spec(overlap="fused")
+    with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):
+        gemm_spec(shape=[4, 4, 4])
+    with pytest.raises(Exception, match="only GEMM ops"):
+        spec(n=5)
+
+
+@pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_compute_stream_order_passes_the_checker(alg, world):
+    from tilegen.plan import arrival_order
+    s = make_schedule("ag_gemm", alg, world, "per_tile")
+    orders = tuple(arrival_order(s, r) for r in range(world))
+    for r, o in enumerate(orders):
+        assert o[0] == r and sorted(o) == list(range(world))  # own chunk first, every chunk once
+    v = check_schedule(s, compute_orders=orders, seeds=1)
+    assert v.ok, str(v)
+
+
+def test_ring_compute_order_follows_arrival():
+    from tilegen.plan import arrival_order
+    s = make_schedule("ag_gemm", "ring", 4, "per_tile")
+    assert arrival_order(s, 0) == (0, 3, 2, 1)
+
+
+def test_checker_catches_a_compute_stream_that_does_not_wait(monkeypatch):
+    import tilegen.check as ck
+    real = ck.expand_compute
+    monkeypatch.setattr(ck, "expand_compute", lambda *a: [o for o in real(*a) if o.kind != "wait"])
+    s = make_schedule("ag_gemm", "direct", 2, "per_tile")
+    v = check_schedule(s, compute_orders=((0, 1), (1, 0)))
+    assert not v.ok
+    assert any("compute stream" in p for p in v.problems) and any("C@" in p for p in v.problems)
+
+
+def test_ag_gemm_plan_prints_the_compute_stream(root, capsys):
+    assert cli.main(["plan", str(root / "specs/ag_gemm_bf16.yaml"), "--world", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "compute stream: C[0] = A @ B; wait chunk" in out and "allgather+gemm/direct" in out

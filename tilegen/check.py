@@ -123,11 +123,32 @@ def out_unit(op: str, rank: int, slot: int, parts: int) -> int:
     return rank * parts + slot if op == "reduce_scatter" else slot
 
 
+def expand_compute(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int) -> list[Op]:
+    """The compute stream of an AllGather+GEMM: for each chunk in order, wait for all its flags (the
+    wait kernel), then the GEMM reads the whole chunk (its own chunk: straight from the input) and
+    writes that chunk of C."""
+    ops: list[Op] = []
+    P = sched.parts
+    for c in order:
+        if c != rank:
+            for h in range(P):
+                tiles = range(ntiles(c * P + h)) if sched.sync == "per_tile" else [0]
+                ops += [Op("wait", rank, ("flag", "out", c * P + h, t), epoch) for t in tiles]
+        ops.append(Op("read", -1, ("begin",)))
+        for h in range(P):
+            for t in range(ntiles(c * P + h)):
+                ops.append(Op("read", rank, ("in", h, t) if c == rank else ("out", c * P + h, t)))
+        ops.append(Op("write", rank, ("C", c, 0)))
+    return ops
+
+
 class _Sim:
-    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None):
+    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None):
         self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
         self.W = sched.world
-        self.nthreads = self.W * (ctas + 1)  # CTAs plus one host/stream thread per rank
+        self.orders = orders  # AllGather+GEMM: each rank's compute-stream chunk order
+        self.per_rank = ctas + 1 + (1 if orders else 0)  # CTAs, the host/stream thread, the compute stream
+        self.nthreads = self.W * self.per_rank
         self.vc = [[0] * self.nthreads for _ in range(self.nthreads)]
         self.cells: dict[tuple, _Cell] = {}
         self.sigs: dict[tuple, _Sig] = {}
@@ -138,16 +159,19 @@ class _Sim:
         self.in_slots = opdef.in_chunks(self.W) * sched.parts
         self.out_slots = opdef.out_chunks(self.W) * sched.parts
 
-    def tid(self, rank: int, cta: int) -> int:  # cta == -1: the rank's host/stream thread
-        return rank * (self.G + 1) + (cta + 1)
+    def tid(self, rank: int, cta: int) -> int:  # cta == -1: the host/stream thread; cta == G: compute stream
+        return rank * self.per_rank + (cta + 1)
 
     def tick(self, t: int) -> tuple[int, int]:
         self.vc[t][t] += 1
         return (t, self.vc[t][t])
 
     def name(self, t: int) -> str:
-        r, c = divmod(t, self.G + 1)
-        return f"rank {r} host" if c == 0 else f"rank {r} CTA {c - 1}"
+        r, c = divmod(t, self.per_rank)
+        return f"rank {r} host" if c == 0 else (f"rank {r} compute stream" if c - 1 == self.G else f"rank {r} CTA {c - 1}")
+
+    def agents_of(self) -> int:
+        return self.G + (1 if self.orders else 0)
 
     def problem(self, msg: str) -> None:
         if msg not in self.problems:
@@ -205,6 +229,10 @@ class _Sim:
                 _vc_join(self.vc[self.tid(r, b)], self.vc[host])
                 agents[(r, b)] = expand_agent(self.s, r, b, G, self.ntiles, call_of[r])
                 pcs[(r, b)] = 0
+            if self.orders:  # the compute stream also starts after the host's prior work
+                _vc_join(self.vc[self.tid(r, G)], self.vc[host])
+                agents[(r, G)] = expand_compute(self.s, r, self.orders[r], self.ntiles, call_of[r])
+                pcs[(r, G)] = 0
 
         for r in range(W):
             start_call(r)
@@ -217,20 +245,21 @@ class _Sim:
             pcs[key] += 1
             nops += 1
             r = key[0]
-            if all(pcs[(r, b)] == len(agents[(r, b)]) for b in range(G)):
+            if all(pcs[(r, b)] == len(agents[(r, b)]) for b in range(self.agents_of())):
                 self._finish_call(r, call_of[r])
                 if call_of[r] < CALLS:
                     call_of[r] += 1
                     self.write_inputs(r, call_of[r])  # the next call's input, after the kernel (stream order)
                     start_call(r)
                 else:
-                    for b in range(G):
+                    for b in range(self.agents_of()):
                         agents.pop((r, b))
         for key, ops in agents.items():
             if pcs[key] < len(ops):
                 op = ops[pcs[key]]
                 sig = self.sigs.get((op.rank,) + op.obj)
-                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} CTA {key[1]} waits {self._sig(op)} >= "
+                who = "compute stream" if key[1] == G else f"CTA {key[1]}"
+                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
                              f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it")
         return nops
 
@@ -280,10 +309,12 @@ class _Sim:
     def _finish_call(self, r: int, call: int) -> None:
         """Kernel end on rank r: the stream joins all CTAs, then the app reads the whole output."""
         host = self.tid(r, -1)
-        for b in range(self.G):
+        for b in range(self.agents_of()):
             _vc_join(self.vc[host], self.vc[self.tid(r, b)])
         self.tick(host)
         P = self.s.parts
+        if self.orders:
+            self._check_gemm_output(r, call)
         for k in range(self.out_slots):
             for tt in range(self.ntiles(out_unit(self.s.op, r, k, P))):
                 key = (r, "out", k, tt)
@@ -297,6 +328,21 @@ class _Sim:
                 got = self.do_read(host, key, call)
                 if got != want:
                     self.problem(f"call {call}: {self.where(key)} holds {_show(got)}, expected {_show(want)}")
+
+
+    def _check_gemm_output(self, r: int, call: int) -> None:
+        P = self.s.parts
+        for c in range(self.W):
+            key = (r, "C", c, 0)
+            cell = self.cells.get(key)
+            n = cell.writes[call] if cell else 0
+            if n != 1:
+                self.problem(f"call {call}: C@{r}[{c}] " + ("never computed" if n == 0 else f"computed {n} times"))
+                continue
+            want = Counter({(c, h, t, call): 1 for h in range(P) for t in range(self.ntiles(c * P + h))})
+            got = self.do_read(self.tid(r, -1), key, call)
+            if got != want:
+                self.problem(f"call {call}: C@{r}[{c}] was computed from {_show(got)}, expected {_show(want)}")
 
 
 def _show(v: Counter | None) -> str:
@@ -336,13 +382,15 @@ def default_configs() -> list[tuple[int, int, bool]]:
     return [(1, 1, False), (2, 3, False), (3, 2, False), (2, 4, True), (5, 7, False)]
 
 
-def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3) -> Verdict:
+def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3,
+                   compute_orders: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
     problems: list[str] = []
     done: list[str] = []
     nops = 0
     for ctas, per_unit, short in configs or default_configs():
         for seed in range(seeds + 1):
-            sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed))
+            sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed),
+                       compute_orders)
             try:
                 nops += sim.run()
             except CheckError as e:
@@ -351,7 +399,8 @@ def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None 
             for p in sim.problems:
                 if p not in problems:
                     problems.append(p)
-        done.append(f"{sched.op}/{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {per_unit} tiles"
+        done.append(f"{sched.op}{'+gemm' if compute_orders else ''}/{sched.algorithm}/{sched.sync} world {sched.world}: "
+                    f"{ctas} CTAs x {per_unit} tiles"
                     f"{' (short tails)' if short else ''}, {CALLS} calls, {seeds + 1} interleavings")
     return Verdict(not problems, problems, done, nops)
 

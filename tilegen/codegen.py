@@ -19,13 +19,13 @@ import jinja2
 
 from . import __version__
 from .check import check_schedule
-from .plan import MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, layout, plan, tile_bytes_for
+from .plan import MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, arrival_order, comm_kind, layout, plan, tile_bytes_for
 from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEVICE_HEADERS = ("device/tilegen/device.cuh",)
 _COLLECTIVE = (("collective.cu.j2", "{name}.cu"), ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py"))
-OP_TEMPLATES = {kind: _COLLECTIVE for kind in OPS}  # op kind -> (template, output file name pattern)
+OP_TEMPLATES = {kind: _COLLECTIVE for kind in list(OPS) + ["ag_gemm"]}  # op kind -> (template, file name)
 STEP_KIND = {"entry": 0, "move": 1, "wait": 2}
 BUF_CODE = {"in": 0, "out": 1, "scr": 2}
 REDUCE_CODE = {"sum": 0, "max": 1, "min": 2}
@@ -109,9 +109,11 @@ def step_table(s: Schedule) -> list[list[str]]:
 
 
 @lru_cache(maxsize=None)
-def verdict_of(s: Schedule):
-    """The checker's verdict on a schedule (schedules are immutable values: check each once)."""
-    return check_schedule(s)
+def verdict_of(s: Schedule, with_compute: bool = False):
+    """The checker's verdict on a schedule (schedules are immutable values: check each once);
+    with_compute: also the AllGather+GEMM compute stream waiting for chunks in arrival order."""
+    orders = tuple(arrival_order(s, r) for r in range(s.world)) if with_compute else None
+    return check_schedule(s, compute_orders=orders)
 
 
 def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True) -> list[Plan]:
@@ -127,7 +129,7 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
                     raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
             if not check:
                 continue
-            verdict = verdict_of(s)
+            verdict = verdict_of(s, spec.op == "ag_gemm")
             if not verdict.ok:
                 raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         plans.append(p)
@@ -145,7 +147,7 @@ def _shape_text(spec: KernelSpec) -> str:
 def _max_tiles(spec: KernelSpec, p: Plan) -> int:
     n = 1
     for v in p.variants:
-        _, part = layout(spec.op, p.world, v.max_bytes, spec.elem_bytes, v.schedule.parts)
+        _, part = layout(v.schedule.op, p.world, v.max_bytes, spec.elem_bytes, v.schedule.parts)
         tile = tile_bytes_for(part, v.tile_bytes, v.ctas)
         n = max(n, -(-part // tile), v.ctas)
     return n + 1
@@ -160,21 +162,22 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         variants = []
         for i, v in enumerate(p.variants):
             s = v.schedule
-            shard, _ = layout(spec.op, p.world, v.max_bytes, spec.elem_bytes, s.parts)
+            shard, _ = layout(s.op, p.world, v.max_bytes, spec.elem_bytes, s.parts)
             nscr = s.slots("scr")
             scr_bytes = max(scr_bytes, -(-nscr // s.parts) * shard)
             scr_slots = max(scr_slots, nscr)
-            out_slots = max(out_slots, OPS[spec.op].out_chunks(p.world) * s.parts)
+            out_slots = max(out_slots, OPS[s.op].out_chunks(p.world) * s.parts)
             max_ctas = max(max_ctas, v.ctas)
             max_steps = max(max_steps, s.max_steps)
             for r, steps in enumerate(s.ranks):
                 for st in steps:
                     max_src, max_dst, max_wait = max(max_src, len(st.srcs)), max(max_dst, len(st.dests)), max(max_wait, len(st.waits))
                     out_symmetric |= any(d.buf == "out" and d.rank != r for d in st.dests)
-            if OPS[spec.op].reduces and spec.transport != "nvlink":
+            if OPS[s.op].reduces and spec.transport != "nvlink":
                 stage = max(stage, v.tile_bytes)
             variants.append({"index": i, "max_bytes": v.max_bytes, "algorithm": s.algorithm, "parts": s.parts,
-                             "ctas": v.ctas, "tile_bytes": v.tile_bytes, "nsteps": s.max_steps, "table": step_table(s)})
+                             "ctas": v.ctas, "tile_bytes": v.tile_bytes, "nsteps": s.max_steps, "table": step_table(s),
+                             "order": [arrival_order(s, r) for r in range(p.world)]})
         max_tiles = max(max_tiles, _max_tiles(spec, p))
         worlds.append({"world": p.world, "variants": variants})
     code, bits = DL_CODES[spec.dtype]
@@ -186,7 +189,9 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "shape_text": _shape_text(spec),
         "py_shape": repr([{"name": d.name, "max": d.max} if isinstance(d, DynamicDim) else d for d in spec.shape]),
         "op_id": _op_id(spec.name),
-        "reduces": OPS[spec.op].reduces,
+        "reduces": OPS[comm_kind(spec.op)].reduces,
+        "comm_op": comm_kind(spec.op),
+        "gemm": spec.op == "ag_gemm",
         "reduce_op": REDUCE_CODE[spec.reduce],
         "max_world": max(spec.world_sizes),
         "max_steps": max_steps,

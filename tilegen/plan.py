@@ -314,13 +314,34 @@ ALGORITHMS: dict[str, dict[str, Callable[[int, str], Schedule]]] = {
 }
 
 
+def comm_kind(op: str) -> str:
+    """The collective that moves an op's data (ag_gemm gathers A like an allgather)."""
+    return "allgather" if op == "ag_gemm" else op
+
+
 def algorithms_for(op: str) -> list[str]:
-    return list(ALGORITHMS[op])
+    return list(ALGORITHMS[comm_kind(op)])
+
+
+def arrival_order(s: Schedule, rank: int) -> tuple[int, ...]:
+    """Chunks of an allgather's output in the order they become complete on ``rank``: its own chunk
+    first, then by the step at which the last of its parts is waited for (GEMMs follow this order)."""
+    done: dict[int, int] = {}
+    for i, st in enumerate(s.ranks[rank]):
+        if st.kind == "move" and st.srcs and st.srcs[0].buf == "in":
+            for d in st.dests:
+                if d.rank == rank:
+                    done[d.slot // s.parts] = max(done.get(d.slot // s.parts, -1), -1)
+        for g in st.waits:
+            if g.buf == "out":
+                done[g.slot // s.parts] = max(done.get(g.slot // s.parts, -1), i)
+    return tuple(sorted(done, key=lambda c: (done[c], c)))
 
 
 @lru_cache(maxsize=None)
 def make_schedule(op: str, algorithm: str, world: int, sync: str) -> Schedule:
     """Schedules are pure functions of these four: build each once."""
+    op = comm_kind(op)
     try:
         return ALGORITHMS[op][algorithm](world, sync)
     except KeyError:
@@ -486,6 +507,7 @@ class Plan:
 
 
 CTA_CHOICES = (16, 33, 66, 132, 264, 528)
+GEMM_CTA_CHOICES = (8, 16, 33)
 
 
 def _sizes(max_bytes: int) -> list[int]:
@@ -498,13 +520,18 @@ def _sizes(max_bytes: int) -> list[int]:
 
 def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology, algorithms: list[str]) -> tuple[Candidate, int, int, tuple[Candidate, ...]]:
     """Best (algorithm, ctas, tile) at one size; returns also every algorithm's best prediction."""
-    ctas_opts = CTA_CHOICES if spec.ctas == "auto" else (spec.ctas,)
+    if spec.ctas != "auto":
+        ctas_opts = (spec.ctas,)
+    elif spec.op == "ag_gemm":  # the GEMMs need the SMs: keep the gather kernel small
+        ctas_opts = GEMM_CTA_CHOICES
+    else:
+        ctas_opts = CTA_CHOICES
     tiles = (spec.tile_bytes,) if spec.tile_bytes != "auto" else (64 << 10, 256 << 10, 1 << 20)
     best_per_alg = []
     best = None
     for alg in algorithms:
         s = make_schedule(spec.op, alg, world, spec.sync)
-        shard, part = layout(spec.op, world, in_bytes, spec.elem_bytes, s.parts)
+        shard, part = layout(s.op, world, in_bytes, spec.elem_bytes, s.parts)
         traffic = schedule_traffic(s, in_bytes, spec.elem_bytes)
         opts = []
         for c in ctas_opts:
@@ -560,7 +587,7 @@ def plan(spec: KernelSpec, world: int, calibration: dict | None = None) -> Plan:
 
 def format_plan(p: Plan) -> str:
     s = p.spec
-    lines = [f"op {s.name}: {s.op} {s.dtype}{' ' + s.reduce if OPS[s.op].reduces else ''}, world {p.world}, "
+    lines = [f"op {s.name}: {s.op} {s.dtype}{' ' + s.reduce if OPS[comm_kind(s.op)].reduces else ''}, world {p.world}, "
              f"input up to {s.max_in_bytes(p.world)} B per rank, sync {s.sync}, transport {s.transport}"]
     lines.append("predicted time of one call (us), best CTA count and tile per schedule:")
     algs = [c.algorithm for c in p.table[0][1]]
@@ -576,4 +603,9 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  rank {r}{' (root-relative)' if s.op == 'broadcast' else ''}:")
             for k, st in enumerate(steps):
                 lines.append(f"    {k:2d}  {st.describe(r, s.sync)}")
+            if s.op == "ag_gemm":
+                order = arrival_order(v.schedule, r)
+                lines.append(f"    compute stream: " + "; ".join(
+                    f"{'' if c == r else f'wait chunk {c} flags, '}C[{c}] = {'A' if c == r else f'A_full[{c}]'} @ B"
+                    for c in order))
     return "\n".join(lines)

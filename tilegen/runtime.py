@@ -299,3 +299,87 @@ def _synchronize(tensor, handle: int) -> None:
         return
     from cuda.bindings import runtime as rt
     rt.cudaStreamSynchronize(handle if handle > 0 else 0)
+
+
+class AgGemmOp(GeneratedOp):
+    """C = allgather(A) @ B with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+
+    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream; on a
+    second stream, for each chunk in arrival order (own chunk first, straight from `a`), a wait kernel
+    holds the stream until the chunk's signals are set and cuBLAS computes that chunk's rows of C.
+    The caller's stream waits for both before it goes on."""
+
+    def __init__(self, *args, n: int, b_layout: str, **kw):
+        super().__init__(*args, **kw)
+        self.n = n
+        self.b_layout = b_layout
+        self._streams: dict[int, tuple] = {}
+
+    def _side_streams(self, device):
+        torch = _torch()
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in self._streams:
+            self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[key]
+
+    def _check(self, a, b, c, world):
+        torch = _torch()
+        k = self.inner_shape[0]
+        dtype = getattr(torch, self.dtype)
+        for name, t in (("a", a), ("b", b)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.name}: {name} must be a torch tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"{self.name}: {name} must have dtype {self.dtype}, got {t.dtype}")
+            if not t.is_cuda:
+                raise ValueError(f"{self.name}: {name} must be a CUDA tensor, got device {t.device}")
+        if a.dim() != 2 or a.shape[1] != k or not 1 <= a.shape[0] <= self.max_rows():
+            raise ValueError(f"{self.name}: a must be [m, {k}] with 1 <= m <= {self.max_rows()}, got {list(a.shape)}")
+        want_b = [k, self.n] if self.b_layout == "kn" else [self.n, k]
+        if list(b.shape) != want_b:
+            raise ValueError(f"{self.name}: b must be {want_b} (b_layout {self.b_layout}), got {list(b.shape)}")
+        if b.device != a.device:
+            raise ValueError(f"{self.name}: b is on {b.device} but a is on {a.device}")
+        if c is not None:
+            want_c = [world * a.shape[0], self.n]
+            if list(c.shape) != want_c or c.dtype != dtype or c.device != a.device or not c.is_contiguous():
+                raise ValueError(f"{self.name}: c must be a contiguous {self.dtype} tensor {want_c} on {a.device}, got "
+                                 f"{list(c.shape)} {c.dtype} on {c.device}")
+
+    def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
+        torch = _torch()
+        mod = self.load()
+        world, me = world_size(), rank()
+        self._check(a, b, c, world)
+        a = a.contiguous()
+        m = a.shape[0]
+        gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
+        if c is None:
+            c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
+        if timeout_ms is None:
+            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
+            timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
+        timeout_ns = int(timeout_ms * 1e6)
+        main = torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+        comm, comp = self._side_streams(a.device)
+        comm.wait_stream(main)
+        comp.wait_stream(main)
+        mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns)
+        bm = b if self.b_layout == "kn" else b.t()
+        with torch.cuda.stream(comp):
+            for chunk in (int(x) for x in mod.compute_order()):
+                rows = slice(chunk * m, (chunk + 1) * m)
+                if chunk == me:
+                    torch.mm(a, bm, out=c[rows])
+                else:
+                    mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
+                    torch.mm(gathered[rows], bm, out=c[rows])
+        main.wait_stream(comp)
+        main.wait_stream(comm)
+        for t in (a, b, c, gathered):  # the caching allocator must not reuse them before the side streams finish
+            t.record_stream(comp)
+        a.record_stream(comm)
+        if timeout_ms > 0:
+            main.synchronize()
+            mod.check_wait_error()
+        return c

@@ -13,7 +13,7 @@ import re
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -53,7 +53,8 @@ DTYPES: dict[str, tuple[int, str, str]] = {
     "u8": (1, "uint8_t", "uint8"),
 }
 
-OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast"]
+OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast", "ag_gemm"]
+GEMM_OPS = ("ag_gemm",)
 REDUCING = ("reduce_scatter", "allreduce")
 # schedules each op has (tilegen.plan.ALGORITHMS holds the generators)
 SCHEDULES = {
@@ -62,6 +63,7 @@ SCHEDULES = {
     "allreduce": ("one_shot", "two_shot", "ring", "bidir_ring"),
     "all_to_all": ("direct",),
     "broadcast": ("direct", "chain"),
+    "ag_gemm": ("direct", "ring", "bidir_ring"),  # how A is gathered
 }
 # per-rank input and output in units of the spec's shape, as a function of the world size
 IO_SHARDS = {
@@ -70,6 +72,7 @@ IO_SHARDS = {
     "allreduce": (lambda w: 1, lambda w: 1),
     "all_to_all": (lambda w: w, lambda w: w),
     "broadcast": (lambda w: 1, lambda w: 1),
+    "ag_gemm": (lambda w: 1, lambda w: w),  # A [m, k] -> gathered A [world*m, k] (and C [world*m, n])
 }
 
 
@@ -124,6 +127,13 @@ class KernelSpec(_Frozen):
         default=264, description="CTAs (thread blocks) used for communication, or auto (cost model)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
+    n: Optional[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(
+        default=None, description="ag_gemm: columns of this rank's B (C = allgather(A) @ B is [world*m, n])")
+    b_layout: Literal["kn", "nk"] = Field(
+        default="kn", description="ag_gemm: B stored [k, n] or [n, k] (a torch Linear weight)")
+    overlap: Literal["auto", "decomposed", "fused"] = Field(
+        default="auto", description="ag_gemm: decomposed (communication kernel + per-chunk cuBLAS GEMMs that wait "
+                                    "on its signals in stream order) or fused (one GEMM kernel; not available yet)")
     wait_timeout_ms: int = Field(
         default=0, ge=0, le=3_600_000,
         description="bound on every wait in ms (0: unbounded); a call that times out raises TimeoutError naming "
@@ -187,6 +197,18 @@ class KernelSpec(_Frozen):
                              f"not {self.schedule}")
         if self.op in REDUCING and self.dtype == "u8":
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
+        if self.op in GEMM_OPS:
+            if self.n is None:
+                raise ValueError(f"n: {self.op} needs n, the columns of B")
+            if len(self.shape) != 2:
+                raise ValueError(f"shape: {self.op} takes A's shard as [m, k], got {len(self.shape)} dimensions")
+            if self.dtype not in ("bf16", "f16", "f32"):
+                raise ValueError(f"dtype: {self.op} multiplies bf16, f16 or f32 (fp32 accumulation), not {self.dtype}")
+            if self.overlap == "fused":
+                raise ValueError("overlap: fused (one GEMM kernel waiting on chunk signals) is not available yet; "
+                                 "use decomposed or auto")
+        elif self.n is not None:
+            raise ValueError(f"n: only GEMM ops ({', '.join(GEMM_OPS)}) take n")
         return self
 
     # ---- derived properties (used by planner and code generator) ----
@@ -353,6 +375,9 @@ def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[
     kept = [e for e in errors if not _wrong_union_branch(tuple(e["loc"]), e.get("input"))] or errors
     for err in kept:
         loc = tuple(err["loc"])
+        m = re.match(r"(?:Value error, )?(\w+): (.*)", err["msg"], re.S)
+        if not loc and m and m.group(1) in KernelSpec.model_fields:  # a cross-field rule names its field
+            loc, err = (m.group(1),), {**err, "msg": m.group(2)}
         line, col = locate(loc, err["type"])
         field = _format_field(loc)
         item = (SourceLoc(path, line + 1, col + 1), f"{field}: {_message(err)}")

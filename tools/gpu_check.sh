@@ -41,6 +41,9 @@ if [ "${1:-}" != quick ]; then
   timeout 500 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives.json" \
     --plot "$OUT/collectives.png" > "$OUT/bench_collectives.log" 2>&1 || { status=1; tail -30 "$OUT/bench_collectives.log"; }
   sed -n '/ranks on /,$p' "$OUT/bench_collectives.log"
+  timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm.json" \
+    > "$OUT/bench_gemm.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm.log"; }
+  sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm.log"
 fi
 echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
 exit $status

@@ -1,0 +1,81 @@
+"""AllGather+GEMM: tilegen's decomposed overlap against NCCL-then-cuBLAS and torch's
+fused_all_gather_matmul, same run; overlap efficiency = GEMM alone / overlapped time.
+
+    torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json]
+
+Shapes are per rank with TP = world: C[M, N/TP] = allgather(A[M/TP, K]) @ B[K, N/TP].
+"""
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+import generated
+import tilegen
+from tilegen.bench import time_batches
+
+CASES = [  # (label, M, N, K) of the full problem
+    ("M=N=K=8192", 8192, 8192, 8192),
+    ("llama-70b up (M=4096)", 4096, 8192, 8192),
+    ("M=2048 batch", 2048, 8192, 8192),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    rank, world = tilegen.init()
+    op = generated.ag_gemm_bf16
+    nccl = dist.get_backend() == "nccl"
+    rows = []
+    for label, M, N, K in CASES:
+        m, n = M // world, N // world
+        if n != op.n or K != op.inner_shape[0] or m > op.max_rows():
+            if rank == 0:
+                print(f"skip {label}: the op is generated for k={op.inner_shape[0]}, n={op.n}, m<={op.max_rows()}")
+            continue
+        x = torch.randn((m, K), device="cuda").to(torch.bfloat16)
+        b = (torch.randn((K, n), device="cuda") / 64).to(torch.bfloat16)
+        full = torch.randn((M, K), device="cuda").to(torch.bfloat16)
+        c = torch.empty((M, n), device="cuda", dtype=torch.bfloat16)
+        res = {"case": label, "M": M, "N": N, "K": K, "world": world, "us": {}}
+        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(full, b, out=c), 5, a.reps)
+        res["us"]["tilegen_decomposed"] = time_batches(lambda: op(x, b, c), 5, a.reps)
+        if nccl:
+            gathered = torch.empty((M, K), device="cuda", dtype=torch.bfloat16)
+
+            def sequential():
+                dist.all_gather_into_tensor(gathered, x)
+                torch.mm(gathered, b, out=c)
+            res["us"]["nccl_then_cublas"] = time_batches(sequential, 5, a.reps)
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+                group = dist.group.WORLD.group_name
+                symm_mem.enable_symm_mem_for_group(group)
+                res["us"]["torch_fused_all_gather_matmul"] = time_batches(
+                    lambda: symm_mem.fused_all_gather_matmul(x, [b], gather_dim=0, group_name=group), 5, a.reps)
+            except Exception as e:
+                if rank == 0:
+                    print(f"torch fused_all_gather_matmul unavailable: {type(e).__name__}: {e}")
+        res["overlap_efficiency"] = res["us"]["gemm_alone"] / res["us"]["tilegen_decomposed"]
+        rows.append(res)
+    if rank == 0:
+        print(f"\nag_gemm bf16, {world} ranks on {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, median ms"
+              + ("" if nccl else " -- RANKS SHARE ONE GPU: GEMMs compete, no NCCL baseline"))
+        names = list(dict.fromkeys(k for r in rows for k in r["us"]))
+        print(f"{'case':<24}" + "".join(f"{k:>31}" for k in names) + f"{'overlap eff.':>14}")
+        for r in rows:
+            print(f"{r['case']:<24}" + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>31.3f}" for k in names)
+                  + f"{r['overlap_efficiency']:>14.2f}")
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(rows, f, indent=2)
+    tilegen.finalize()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
