@@ -55,7 +55,7 @@ def valid_fields(draw):
     }
     if op in ("reduce_scatter", "allreduce"):
         spec["reduce"] = draw(st.sampled_from(["sum", "max", "min"]))
-    if op == "ag_gemm":
+    if op in ("ag_gemm", "gemm_rs"):
         spec.update(n=draw(st.integers(1, 4096)), b_layout=draw(st.sampled_from(["kn", "nk"])),
                     shape=[first, draw(st.integers(1, 4096))], dtype=draw(st.sampled_from(["bf16", "f16", "f32"])))
     return spec

@@ -224,3 +224,30 @@ def test_ag_gemm_plan_prints_the_compute_stream(root, capsys):
     assert cli.main(["plan", str(root / "specs/ag_gemm_bf16.yaml"), "--world", "4"]) == 0
     out = capsys.readouterr().out
     assert "compute stream: C[0] = A @ B; wait chunk" in out and "allgather+gemm/direct" in out
+
+
+@pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("sync", ["per_tile", "barrier"])
+def test_gemm_rs_producer_stream_passes_the_checker(alg, world, sync):
+    from tilegen.plan import production_order
+    s = make_schedule("gemm_rs", alg, world, sync)
+    orders = tuple(production_order(s, r) for r in range(world))
+    for r, o in enumerate(orders):
+        assert sorted(o) == list(range(world)) and o[-1] == r  # others' chunks first, own chunk last
+    v = check_schedule(s, compute_orders=orders, produces=True, seeds=1)
+    assert v.ok, str(v)
+
+
+def test_checker_catches_reduce_scatter_reading_unproduced_partials():
+    s = make_schedule("reduce_scatter", "direct", 2, "per_tile")  # no waits on the GEMMs' signals
+    v = check_schedule(s, compute_orders=((1, 0), (0, 1)), produces=True)
+    assert any("before the signal of its write by rank 0 compute stream" in p for p in v.problems), v.problems
+
+
+def test_gemm_rs_spec_and_plan(root, capsys):
+    s = gemm_spec(name="grs", op="gemm_rs", shape=[DynamicDim(name="m", max=1024), 4096], n=8192)
+    assert s.comm_inner == (8192,) and s.max_in_bytes(2) == 2 * 1024 * 8192 * 2
+    assert cli.main(["plan", str(root / "specs/gemm_rs_bf16.yaml"), "--world", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "compute stream: P[1] = A[1] @ B, signal flag[in][1]" in out and "gemm+reduce_scatter/direct" in out

@@ -83,8 +83,8 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch:
             if not per_tile and mine:
                 ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
             for t in mine:
-                if per_tile:
-                    ops += [Op("wait", rank, ("flag", g.buf, g.slot, t), epoch) for g in st.waits]
+                if per_tile:  # inputs produced during the call (gemm_rs) are signalled per chunk: tile 0
+                    ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0 if g.buf == "in" else t), epoch) for g in st.waits]
                 ops.append(Op("read", -1, ("begin",)))
                 ops += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
                 ops += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
@@ -142,11 +142,24 @@ def expand_compute(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, e
     return ops
 
 
+def expand_producer(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int) -> list[Op]:
+    """The compute stream of a GEMM+ReduceScatter: per chunk in order, the GEMM writes the chunk of
+    partial C (the op's input) and a signal kernel sets the chunk's input flag."""
+    ops: list[Op] = []
+    P = sched.parts
+    for c in order:
+        for h in range(P):
+            ops += [Op("produce", rank, ("in", c * P + h, t)) for t in range(ntiles(c * P + h))]
+            ops.append(Op("signal", rank, ("flag", "in", c * P + h, 0), epoch))
+    return ops
+
+
 class _Sim:
-    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None):
+    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None, produces=False):
         self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
         self.W = sched.world
-        self.orders = orders  # AllGather+GEMM: each rank's compute-stream chunk order
+        self.orders = orders  # GEMM ops: each rank's compute-stream chunk order
+        self.produces = produces  # gemm_rs: the compute stream produces the input instead of consuming the output
         self.per_rank = ctas + 1 + (1 if orders else 0)  # CTAs, the host/stream thread, the compute stream
         self.nthreads = self.W * self.per_rank
         self.vc = [[0] * self.nthreads for _ in range(self.nthreads)]
@@ -209,6 +222,8 @@ class _Sim:
                          f"(its flag cannot tell the writes apart)")
 
     def write_inputs(self, r: int, call: int) -> None:
+        if self.produces:  # written by the compute stream during the call
+            return
         host = self.tid(r, -1)
         for k in range(self.in_slots):
             for tt in range(self.ntiles(k)):
@@ -231,7 +246,8 @@ class _Sim:
                 pcs[(r, b)] = 0
             if self.orders:  # the compute stream also starts after the host's prior work
                 _vc_join(self.vc[self.tid(r, G)], self.vc[host])
-                agents[(r, G)] = expand_compute(self.s, r, self.orders[r], self.ntiles, call_of[r])
+                expand = expand_producer if self.produces else expand_compute
+                agents[(r, G)] = expand(self.s, r, self.orders[r], self.ntiles, call_of[r])
                 pcs[(r, G)] = 0
 
         for r in range(W):
@@ -294,6 +310,9 @@ class _Sim:
             self.regs[key] = None if v is None or acc is None else acc + v
         elif op.kind == "write":
             self.do_write(t, (op.rank,) + op.obj, self.regs.get(key), call)
+        elif op.kind == "produce":  # a GEMM writes this rank's contribution to partial C
+            _, slot, tt = op.obj
+            self.do_write(t, (op.rank,) + op.obj, Counter({(r, slot, tt, call): 1}), call)
         elif op.kind == "arrive":  # atomic add with acq_rel fences around it
             self.tick(t)
             n, cvc = self.ctr.get((r,) + op.obj, (0, [0] * self.nthreads))
@@ -313,7 +332,7 @@ class _Sim:
             _vc_join(self.vc[host], self.vc[self.tid(r, b)])
         self.tick(host)
         P = self.s.parts
-        if self.orders:
+        if self.orders and not self.produces:
             self._check_gemm_output(r, call)
         for k in range(self.out_slots):
             for tt in range(self.ntiles(out_unit(self.s.op, r, k, P))):
@@ -383,14 +402,14 @@ def default_configs() -> list[tuple[int, int, bool]]:
 
 
 def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3,
-                   compute_orders: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
+                   compute_orders: tuple[tuple[int, ...], ...] | None = None, produces: bool = False) -> Verdict:
     problems: list[str] = []
     done: list[str] = []
     nops = 0
     for ctas, per_unit, short in configs or default_configs():
         for seed in range(seeds + 1):
             sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed),
-                       compute_orders)
+                       compute_orders, produces)
             try:
                 nops += sim.run()
             except CheckError as e:
@@ -399,7 +418,7 @@ def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None 
             for p in sim.problems:
                 if p not in problems:
                     problems.append(p)
-        done.append(f"{sched.op}{'+gemm' if compute_orders else ''}/{sched.algorithm}/{sched.sync} world {sched.world}: "
+        done.append(f"{('gemm+' if produces else '') + sched.op + ('+gemm' if compute_orders and not produces else '')}/{sched.algorithm}/{sched.sync} world {sched.world}: "
                     f"{ctas} CTAs x {per_unit} tiles"
                     f"{' (short tails)' if short else ''}, {CALLS} calls, {seeds + 1} interleavings")
     return Verdict(not problems, problems, done, nops)

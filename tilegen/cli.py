@@ -53,7 +53,7 @@ def cmd_plan(args) -> int:
     ok = True
     from .codegen import verdict_of
     for i, v in enumerate(p.variants):
-        verdict = verdict_of(v.schedule, ls.spec.op == "ag_gemm")
+        verdict = verdict_of(v.schedule, ls.spec.op)
         print(f"variant {i}: {verdict}")
         ok &= verdict.ok
     if args.svg:

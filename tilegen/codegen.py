@@ -19,13 +19,14 @@ import jinja2
 
 from . import __version__
 from .check import check_schedule
-from .plan import MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, arrival_order, comm_kind, layout, plan, tile_bytes_for
+from .plan import (MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, arrival_order, comm_kind, layout, plan,
+                   production_order, tile_bytes_for)
 from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEVICE_HEADERS = ("device/tilegen/device.cuh",)
 _COLLECTIVE = (("collective.cu.j2", "{name}.cu"), ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py"))
-OP_TEMPLATES = {kind: _COLLECTIVE for kind in list(OPS) + ["ag_gemm"]}  # op kind -> (template, file name)
+OP_TEMPLATES = {kind: _COLLECTIVE for kind in list(OPS) + ["ag_gemm", "gemm_rs"]}  # op kind -> (template, file)
 STEP_KIND = {"entry": 0, "move": 1, "wait": 2}
 BUF_CODE = {"in": 0, "out": 1, "scr": 2}
 REDUCE_CODE = {"sum": 0, "max": 1, "min": 2}
@@ -108,12 +109,18 @@ def step_table(s: Schedule) -> list[list[str]]:
     return [[encode_step(st) for st in steps] for steps in s.ranks]
 
 
+def compute_order(op: str, s: Schedule, rank: int) -> tuple[int, ...]:
+    return arrival_order(s, rank) if op == "ag_gemm" else production_order(s, rank)
+
+
 @lru_cache(maxsize=None)
-def verdict_of(s: Schedule, with_compute: bool = False):
-    """The checker's verdict on a schedule (schedules are immutable values: check each once);
-    with_compute: also the AllGather+GEMM compute stream waiting for chunks in arrival order."""
-    orders = tuple(arrival_order(s, r) for r in range(s.world)) if with_compute else None
-    return check_schedule(s, compute_orders=orders)
+def verdict_of(s: Schedule, op: str = ""):
+    """The checker's verdict on a schedule (schedules are immutable values: check each once), with
+    the compute stream of a GEMM op: consuming gathered chunks (ag_gemm) or producing inputs (gemm_rs)."""
+    if op not in ("ag_gemm", "gemm_rs"):
+        return check_schedule(s)
+    orders = tuple(compute_order(op, s, r) for r in range(s.world))
+    return check_schedule(s, compute_orders=orders, produces=op == "gemm_rs")
 
 
 def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True) -> list[Plan]:
@@ -129,7 +136,7 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
                     raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
             if not check:
                 continue
-            verdict = verdict_of(s, spec.op == "ag_gemm")
+            verdict = verdict_of(s, spec.op)
             if not verdict.ok:
                 raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         plans.append(p)
@@ -177,7 +184,7 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
                 stage = max(stage, v.tile_bytes)
             variants.append({"index": i, "max_bytes": v.max_bytes, "algorithm": s.algorithm, "parts": s.parts,
                              "ctas": v.ctas, "tile_bytes": v.tile_bytes, "nsteps": s.max_steps, "table": step_table(s),
-                             "order": [arrival_order(s, r) for r in range(p.world)]})
+                             "order": [compute_order(spec.op, s, r) for r in range(p.world)]})
         max_tiles = max(max_tiles, _max_tiles(spec, p))
         worlds.append({"world": p.world, "variants": variants})
     code, bits = DL_CODES[spec.dtype]
@@ -191,7 +198,11 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "op_id": _op_id(spec.name),
         "reduces": OPS[comm_kind(spec.op)].reduces,
         "comm_op": comm_kind(spec.op),
-        "gemm": spec.op == "ag_gemm",
+        "gemm": spec.op in ("ag_gemm", "gemm_rs"),
+        "gemm_ag": spec.op == "ag_gemm",
+        "gemm_rs": spec.op == "gemm_rs",
+        "in_slots": max(OPS[comm_kind(spec.op)].in_chunks(w) for w in spec.world_sizes) * 2,
+        "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
         "reduce_op": REDUCE_CODE[spec.reduce],
         "max_world": max(spec.world_sizes),
         "max_steps": max_steps,

@@ -65,7 +65,7 @@ class Step:
         if self.kind == "entry":
             return (f"entry   store entry[{rank}]=epoch -> ranks {list(self.notify)}; "
                     f"wait entry[p] >= epoch for p in {list(self.await_ranks)}")
-        waits = ", ".join(f"flag[{w.buf}][{w.slot}][t]" for w in self.waits)
+        waits = ", ".join(f"flag[{w.buf}][{w.slot}]" + ("" if w.buf == "in" else "[t]") for w in self.waits)
         if self.kind == "wait":
             return f"wait    {waits} >= epoch ({per})"
         pre = f"wait {waits} >= epoch; " if self.waits else ""
@@ -315,8 +315,31 @@ ALGORITHMS: dict[str, dict[str, Callable[[int, str], Schedule]]] = {
 
 
 def comm_kind(op: str) -> str:
-    """The collective that moves an op's data (ag_gemm gathers A like an allgather)."""
-    return "allgather" if op == "ag_gemm" else op
+    """The collective that moves an op's data (ag_gemm gathers A; gemm_rs reduce-scatters partial C)."""
+    return {"ag_gemm": "allgather", "gemm_rs": "reduce_scatter"}.get(op, op)
+
+
+def with_input_waits(s: Schedule) -> Schedule:
+    """gemm_rs: the input (partial C) is produced by GEMMs during the call, chunk by chunk; every move
+    that reads an input chunk first waits for that chunk's flag (set by the compute stream)."""
+    ranks = []
+    for steps in s.ranks:
+        out = []
+        for st in steps:
+            ins = tuple(g for g in st.srcs if g.buf == "in")
+            out.append(replace(st, waits=ins + st.waits) if st.kind == "move" and ins else st)
+        ranks.append(tuple(out))
+    return replace(s, algorithm=s.algorithm, ranks=tuple(ranks))
+
+
+def production_order(s: Schedule, rank: int) -> tuple[int, ...]:
+    """gemm_rs: the chunks of partial C in the order the communication first needs them."""
+    first: dict[int, int] = {}
+    for i, st in enumerate(s.ranks[rank]):
+        for g in st.srcs:
+            if g.buf == "in":
+                first.setdefault(g.slot // s.parts, i)
+    return tuple(sorted(first, key=lambda c: (first[c], c)))
 
 
 def algorithms_for(op: str) -> list[str]:
@@ -341,11 +364,12 @@ def arrival_order(s: Schedule, rank: int) -> tuple[int, ...]:
 @lru_cache(maxsize=None)
 def make_schedule(op: str, algorithm: str, world: int, sync: str) -> Schedule:
     """Schedules are pure functions of these four: build each once."""
-    op = comm_kind(op)
+    kind = comm_kind(op)
     try:
-        return ALGORITHMS[op][algorithm](world, sync)
+        s = ALGORITHMS[kind][algorithm](world, sync)
     except KeyError:
-        raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(ALGORITHMS[op])}") from None
+        raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(ALGORITHMS[kind])}") from None
+    return with_input_waits(s) if op == "gemm_rs" else s
 
 
 # ------------------------------------------------------------------------------ runtime layout
@@ -522,7 +546,7 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology, algorith
     """Best (algorithm, ctas, tile) at one size; returns also every algorithm's best prediction."""
     if spec.ctas != "auto":
         ctas_opts = (spec.ctas,)
-    elif spec.op == "ag_gemm":  # the GEMMs need the SMs: keep the gather kernel small
+    elif spec.op in ("ag_gemm", "gemm_rs"):  # the GEMMs need the SMs: keep the communication kernel small
         ctas_opts = GEMM_CTA_CHOICES
     else:
         ctas_opts = CTA_CHOICES
@@ -603,6 +627,9 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  rank {r}{' (root-relative)' if s.op == 'broadcast' else ''}:")
             for k, st in enumerate(steps):
                 lines.append(f"    {k:2d}  {st.describe(r, s.sync)}")
+            if s.op == "gemm_rs":
+                lines.append("    compute stream: " + "; ".join(
+                    f"P[{c}] = A[{c}] @ B, signal flag[in][{c}]" for c in production_order(v.schedule, r)))
             if s.op == "ag_gemm":
                 order = arrival_order(v.schedule, r)
                 lines.append(f"    compute stream: " + "; ".join(

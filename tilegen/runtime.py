@@ -266,7 +266,7 @@ class GeneratedOp:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
         if self.kind != "broadcast" and root != 0:
             raise ValueError(f"{self.name}: root is only meaningful for broadcast")
-        mod.run(input, output, int(root), handle, int(timeout_ms * 1e6))
+        mod.run(input, output, int(root), handle, int(timeout_ms * 1e6), False)
         if timeout_ms > 0:  # bounded mode: wait for the call, then report a wait that gave up
             _synchronize(input, handle)
             mod.check_wait_error()
@@ -301,28 +301,34 @@ def _synchronize(tensor, handle: int) -> None:
     rt.cudaStreamSynchronize(handle if handle > 0 else 0)
 
 
-class AgGemmOp(GeneratedOp):
-    """C = allgather(A) @ B with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
-
-    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream; on a
-    second stream, for each chunk in arrival order (own chunk first, straight from `a`), a wait kernel
-    holds the stream until the chunk's signals are set and cuBLAS computes that chunk's rows of C.
-    The caller's stream waits for both before it goes on."""
+class _GemmOp(GeneratedOp):
+    """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
     def __init__(self, *args, n: int, b_layout: str, **kw):
         super().__init__(*args, **kw)
         self.n = n
         self.b_layout = b_layout
         self._streams: dict[int, tuple] = {}
+        self._buffers: dict[tuple, Any] = {}
 
     def _side_streams(self, device):
+        """(communication stream, compute stream) of a device, created once."""
         torch = _torch()
         key = device.index if device.index is not None else torch.cuda.current_device()
         if key not in self._streams:
             self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[key]
 
-    def _check(self, a, b, c, world):
+    def _timeout_ns(self, timeout_ms: float | None) -> int:
+        if timeout_ms is None:  # the call's bound, else the environment's, else the spec's
+            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
+            timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
+        if timeout_ms < 0:
+            raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
+        return int(timeout_ms * 1e6)
+
+    def _check(self, a, b, c, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
+        """Validates a, b (and c); returns m."""
         torch = _torch()
         k = self.inner_shape[0]
         dtype = getattr(torch, self.dtype)
@@ -333,38 +339,61 @@ class AgGemmOp(GeneratedOp):
                 raise ValueError(f"{self.name}: {name} must have dtype {self.dtype}, got {t.dtype}")
             if not t.is_cuda:
                 raise ValueError(f"{self.name}: {name} must be a CUDA tensor, got device {t.device}")
-        if a.dim() != 2 or a.shape[1] != k or not 1 <= a.shape[0] <= self.max_rows():
-            raise ValueError(f"{self.name}: a must be [m, {k}] with 1 <= m <= {self.max_rows()}, got {list(a.shape)}")
+        rows = f"{a_rows_per_m} * m" if a_rows_per_m > 1 else "m"
+        if (a.dim() != 2 or a.shape[1] != k or a.shape[0] % a_rows_per_m
+                or not 1 <= a.shape[0] // a_rows_per_m <= self.max_rows()):
+            raise ValueError(f"{self.name}: a must be [{rows}, {k}] with 1 <= m <= {self.max_rows()}, got {list(a.shape)}")
+        m = a.shape[0] // a_rows_per_m
         want_b = [k, self.n] if self.b_layout == "kn" else [self.n, k]
         if list(b.shape) != want_b:
             raise ValueError(f"{self.name}: b must be {want_b} (b_layout {self.b_layout}), got {list(b.shape)}")
         if b.device != a.device:
             raise ValueError(f"{self.name}: b is on {b.device} but a is on {a.device}")
         if c is not None:
-            want_c = [world * a.shape[0], self.n]
+            want_c = [c_rows_per_m * m, self.n]
             if list(c.shape) != want_c or c.dtype != dtype or c.device != a.device or not c.is_contiguous():
                 raise ValueError(f"{self.name}: c must be a contiguous {self.dtype} tensor {want_c} on {a.device}, got "
                                  f"{list(c.shape)} {c.dtype} on {c.device}")
+        return m
+
+    def _finish(self, main, comm, comp, tensors, timeout_ns: int, mod) -> None:
+        main.wait_stream(comp)
+        main.wait_stream(comm)
+        for t in tensors:  # the caching allocator must not reuse them before the side streams finish
+            t.record_stream(comp)
+            t.record_stream(comm)
+        if timeout_ns > 0:
+            main.synchronize()
+            mod.check_wait_error()
+
+    def _main_stream(self, a, stream):
+        torch = _torch()
+        return torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+
+
+class AgGemmOp(_GemmOp):
+    """C = allgather(A) @ B with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+
+    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream; on a
+    second stream, for each chunk in arrival order (own chunk first, straight from `a`), a wait kernel
+    holds the stream until the chunk's signals are set and cuBLAS computes that chunk's rows of C.
+    The caller's stream waits for both before it goes on."""
 
     def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
         torch = _torch()
         mod = self.load()
         world, me = world_size(), rank()
-        self._check(a, b, c, world)
+        m = self._check(a, b, c, 1, world, world)
         a = a.contiguous()
-        m = a.shape[0]
         gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
-        if timeout_ms is None:
-            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
-            timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
-        timeout_ns = int(timeout_ms * 1e6)
-        main = torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        main = self._main_stream(a, stream)
         comm, comp = self._side_streams(a.device)
         comm.wait_stream(main)
         comp.wait_stream(main)
-        mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns)
+        mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
         bm = b if self.b_layout == "kn" else b.t()
         with torch.cuda.stream(comp):
             for chunk in (int(x) for x in mod.compute_order()):
@@ -374,12 +403,42 @@ class AgGemmOp(GeneratedOp):
                 else:
                     mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
                     torch.mm(gathered[rows], bm, out=c[rows])
-        main.wait_stream(comp)
-        main.wait_stream(comm)
-        for t in (a, b, c, gathered):  # the caching allocator must not reuse them before the side streams finish
-            t.record_stream(comp)
-        a.record_stream(comm)
-        if timeout_ms > 0:
-            main.synchronize()
-            mod.check_wait_error()
+        self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
+        return c
+
+
+class GemmRsOp(_GemmOp):
+    """C = reduce_scatter(A @ B) with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+
+    a is this rank's [world * m, k] (K-sharded) operand. On a compute stream cuBLAS computes the rows
+    of A @ B destined to each rank, others' first, each followed by a signal kernel; the reduce-scatter
+    kernel on the communication stream waits for each chunk's signal before it pushes and reduces it."""
+
+    def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
+        torch = _torch()
+        mod = self.load()
+        world = world_size()
+        m = self._check(a, b, c, world, 1, world)
+        key = (m, a.device.index)
+        if key not in self._buffers:  # partial products [world * m, n], reused across calls of this size
+            self._buffers[key] = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
+        partial = self._buffers[key]
+        if c is None:
+            c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        main = self._main_stream(a, stream)
+        comm, comp = self._side_streams(a.device)
+        comm.wait_stream(main)
+        comp.wait_stream(main)
+        # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
+        # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
+        mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
+        bm = b if self.b_layout == "kn" else b.t()
+        with torch.cuda.stream(comp):
+            for chunk in (int(x) for x in mod.compute_order()):
+                rows = slice(chunk * m, (chunk + 1) * m)
+                torch.mm(a[rows], bm, out=partial[rows])
+                mod.signal_chunk(chunk, comp.cuda_stream)
+        mod.launch_pending(comm.cuda_stream)
+        self._finish(main, comm, comp, (a, b, c, partial), timeout_ns, mod)
         return c

@@ -53,8 +53,8 @@ DTYPES: dict[str, tuple[int, str, str]] = {
     "u8": (1, "uint8_t", "uint8"),
 }
 
-OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast", "ag_gemm"]
-GEMM_OPS = ("ag_gemm",)
+OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast", "ag_gemm", "gemm_rs"]
+GEMM_OPS = ("ag_gemm", "gemm_rs")
 REDUCING = ("reduce_scatter", "allreduce")
 # schedules each op has (tilegen.plan.ALGORITHMS holds the generators)
 SCHEDULES = {
@@ -64,6 +64,7 @@ SCHEDULES = {
     "all_to_all": ("direct",),
     "broadcast": ("direct", "chain"),
     "ag_gemm": ("direct", "ring", "bidir_ring"),  # how A is gathered
+    "gemm_rs": ("direct", "ring", "bidir_ring"),  # how the partial products are reduce-scattered
 }
 # per-rank input and output in units of the spec's shape, as a function of the world size
 IO_SHARDS = {
@@ -73,6 +74,7 @@ IO_SHARDS = {
     "all_to_all": (lambda w: w, lambda w: w),
     "broadcast": (lambda w: 1, lambda w: 1),
     "ag_gemm": (lambda w: 1, lambda w: w),  # A [m, k] -> gathered A [world*m, k] (and C [world*m, n])
+    "gemm_rs": (lambda w: w, lambda w: 1),  # partial C [world*m, n] -> C [m, n]
 }
 
 
@@ -128,7 +130,8 @@ class KernelSpec(_Frozen):
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
     n: Optional[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(
-        default=None, description="ag_gemm: columns of this rank's B (C = allgather(A) @ B is [world*m, n])")
+        default=None, description="GEMM ops: columns of B. ag_gemm: C = allgather(A[m, k]) @ B is [world*m, n]; "
+                                  "gemm_rs: C = reduce_scatter(A[world*m, k] @ B) is [m, n]")
     b_layout: Literal["kn", "nk"] = Field(
         default="kn", description="ag_gemm: B stored [k, n] or [n, k] (a torch Linear weight)")
     overlap: Literal["auto", "decomposed", "fused"] = Field(
@@ -240,8 +243,16 @@ class KernelSpec(_Frozen):
         return n
 
     @property
+    def comm_inner(self) -> tuple[int, ...]:
+        """Inner dims of the tensors the communication moves (gemm_rs moves partial C: [.., n])."""
+        return (self.n,) if self.op == "gemm_rs" else tuple(self.max_shape[1:])
+
+    @property
     def max_shard_bytes(self) -> int:
-        return self.max_shape[0] * self.inner_elems * self.elem_bytes
+        n = 1
+        for d in self.comm_inner:
+            n *= d
+        return self.max_shape[0] * n * self.elem_bytes
 
     def max_in_bytes(self, world: int) -> int:
         return IO_SHARDS[self.op][0](world) * self.max_shard_bytes

@@ -1,5 +1,6 @@
-"""AllGather+GEMM: tilegen's decomposed overlap against NCCL-then-cuBLAS and torch's
-fused_all_gather_matmul, same run; overlap efficiency = GEMM alone / overlapped time.
+"""AllGather+GEMM and GEMM+ReduceScatter: tilegen's decomposed overlap against NCCL and cuBLAS in
+sequence and torch's fused_all_gather_matmul / fused_matmul_reduce_scatter, same run; overlap
+efficiency = GEMM alone / overlapped time.
 
     torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json]
 
@@ -62,13 +63,40 @@ def main():
                     print(f"torch fused_all_gather_matmul unavailable: {type(e).__name__}: {e}")
         res["overlap_efficiency"] = res["us"]["gemm_alone"] / res["us"]["tilegen_decomposed"]
         rows.append(res)
+    rs = generated.gemm_rs_bf16
+    for label, M, N, K in CASES:  # C[M/TP, N] = reduce_scatter(A[M, K/TP] @ B[K/TP, N])
+        m, k = M // world, K // world
+        if k != rs.inner_shape[0] or N != rs.n or m > rs.max_rows():
+            continue
+        x = torch.randn((M, k), device="cuda").to(torch.bfloat16)
+        b = (torch.randn((k, N), device="cuda") / 64).to(torch.bfloat16)
+        c = torch.empty((m, N), device="cuda", dtype=torch.bfloat16)
+        p = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
+        res = {"case": "gemm_rs " + label, "M": M, "N": N, "K": K, "world": world, "us": {}}
+        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(x, b, out=p), 5, a.reps)
+        res["us"]["tilegen_decomposed"] = time_batches(lambda: rs(x, b, c), 5, a.reps)
+        if nccl:
+            def sequential_rs():
+                torch.mm(x, b, out=p)
+                dist.reduce_scatter_tensor(c, p)
+            res["us"]["nccl_then_cublas"] = time_batches(sequential_rs, 5, a.reps)
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+                group = dist.group.WORLD.group_name
+                res["us"]["torch_fused_matmul_reduce_scatter"] = time_batches(
+                    lambda: symm_mem.fused_matmul_reduce_scatter(x, b, "sum", scatter_dim=0, group_name=group), 5, a.reps)
+            except Exception as e:
+                if rank == 0:
+                    print(f"torch fused_matmul_reduce_scatter unavailable: {type(e).__name__}: {e}")
+        res["overlap_efficiency"] = res["us"]["gemm_alone"] / res["us"]["tilegen_decomposed"]
+        rows.append(res)
     if rank == 0:
-        print(f"\nag_gemm bf16, {world} ranks on {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, median ms"
+        print(f"\nag_gemm / gemm_rs bf16, {world} ranks on {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, median ms"
               + ("" if nccl else " -- RANKS SHARE ONE GPU: GEMMs compete, no NCCL baseline"))
         names = list(dict.fromkeys(k for r in rows for k in r["us"]))
-        print(f"{'case':<24}" + "".join(f"{k:>31}" for k in names) + f"{'overlap eff.':>14}")
+        print(f"{'case':<32}" + "".join(f"{k:>34}" for k in names) + f"{'overlap eff.':>14}")
         for r in rows:
-            print(f"{r['case']:<24}" + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>31.3f}" for k in names)
+            print(f"{r['case']:<32}" + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>34.3f}" for k in names)
                   + f"{r['overlap_efficiency']:>14.2f}")
         if a.out:
             with open(a.out, "w") as f:

@@ -4,6 +4,8 @@
 # run the benchmarks, print a short table last.   Usage: bash tools/gpu_check.sh [quick]
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # never multicast there
+# Spinning kernels and lazily loaded kernels can deadlock (a load may wait for the spinning kernel):
+export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-16G} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 OUT=${OUT:-/tmp/tilegen-out}; mkdir -p "$OUT"
 NGPU=$(nvidia-smi -L | wc -l)
@@ -44,6 +46,8 @@ if [ "${1:-}" != quick ]; then
   timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm.json" \
     > "$OUT/bench_gemm.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm.log"; }
   sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm.log"
+  timeout 200 torchrun --nproc-per-node "$NP" examples/tp_mlp.py > "$OUT/tp_mlp.log" 2>&1 || { status=1; tail -30 "$OUT/tp_mlp.log"; }
+  grep "^TP MLP" "$OUT/tp_mlp.log"
 fi
 echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
 exit $status

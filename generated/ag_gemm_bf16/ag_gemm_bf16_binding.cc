@@ -14,7 +14,8 @@ int tilegen_ag_gemm_bf16_world(void);
 int tilegen_ag_gemm_bf16_rank(void);
 int tilegen_ag_gemm_bf16_is_symmetric(const void* ptr, int64_t bytes);
 int tilegen_ag_gemm_bf16_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns,
-                                char* msg, int len);
+                                int defer, char* msg, int len);
+int tilegen_ag_gemm_bf16_launch_pending(void* stream, char* msg, int len);
 int tilegen_ag_gemm_bf16_wait_error(char* msg, int len);
 void tilegen_ag_gemm_bf16_nvshmem_versions(int* compiled, int* runtime);
 int tilegen_ag_gemm_bf16_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
@@ -68,8 +69,9 @@ void ensure_ready() {
   if (tilegen_ag_gemm_bf16_init(msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
 }
 
-// run(input, output, root, stream or -1 for the framework's current one, timeout_ns)
-void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns) {
+// run(input, output, root, stream or -1 for the framework's current one, timeout_ns, defer): defer
+// prepares the call (checks, epoch, layout) and leaves the launch to launch_pending().
+void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns, bool defer) {
   ensure_ready();
   const int world = tilegen_ag_gemm_bf16_world();
   check_tensor(input, "input", -1);
@@ -105,8 +107,14 @@ void run(TensorView input, TensorView output, int64_t root, int64_t stream, int6
                               << (kAliasOk ? " other than exactly at " : " (not supported by this op)");
   void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, output.device().device_id);
   char msg[kMsg] = {0};
-  if (tilegen_ag_gemm_bf16_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns), msg, kMsg))
+  if (tilegen_ag_gemm_bf16_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns),
+                                 defer ? 1 : 0, msg, kMsg))
     TVM_FFI_THROW(RuntimeError) << msg;
+}
+
+void launch_pending(int64_t stream) {
+  char msg[kMsg] = {0};
+  if (tilegen_ag_gemm_bf16_launch_pending(reinterpret_cast<void*>(stream), msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
 }
 
 // After a bounded call has completed on its stream: raises TimeoutError naming rank and signal.
@@ -142,6 +150,7 @@ void wait_chunk(int64_t chunk, int64_t stream, int64_t timeout_ns) {
                                          static_cast<uint64_t>(timeout_ns), msg, kMsg))
     TVM_FFI_THROW(RuntimeError) << msg;
 }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, wait_chunk);
 
 tvm::ffi::Array<int64_t> compute_order() {
   int o[8];
@@ -150,9 +159,9 @@ tvm::ffi::Array<int64_t> compute_order() {
   for (int i = 0; i < tilegen_ag_gemm_bf16_world(); ++i) out.push_back(o[i]);
   return out;
 }
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, wait_chunk);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(compute_order, compute_order);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(launch_pending, launch_pending);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, check_wait_error);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, is_symmetric);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, world);

@@ -14,7 +14,8 @@ int tilegen_all_to_all_bf16_world(void);
 int tilegen_all_to_all_bf16_rank(void);
 int tilegen_all_to_all_bf16_is_symmetric(const void* ptr, int64_t bytes);
 int tilegen_all_to_all_bf16_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns,
-                                char* msg, int len);
+                                int defer, char* msg, int len);
+int tilegen_all_to_all_bf16_launch_pending(void* stream, char* msg, int len);
 int tilegen_all_to_all_bf16_wait_error(char* msg, int len);
 void tilegen_all_to_all_bf16_nvshmem_versions(int* compiled, int* runtime);
 }
@@ -66,8 +67,9 @@ void ensure_ready() {
   if (tilegen_all_to_all_bf16_init(msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
 }
 
-// run(input, output, root, stream or -1 for the framework's current one, timeout_ns)
-void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns) {
+// run(input, output, root, stream or -1 for the framework's current one, timeout_ns, defer): defer
+// prepares the call (checks, epoch, layout) and leaves the launch to launch_pending().
+void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns, bool defer) {
   ensure_ready();
   const int world = tilegen_all_to_all_bf16_world();
   check_tensor(input, "input", -1);
@@ -103,8 +105,14 @@ void run(TensorView input, TensorView output, int64_t root, int64_t stream, int6
                               << (kAliasOk ? " other than exactly at " : " (not supported by this op)");
   void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, output.device().device_id);
   char msg[kMsg] = {0};
-  if (tilegen_all_to_all_bf16_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns), msg, kMsg))
+  if (tilegen_all_to_all_bf16_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns),
+                                 defer ? 1 : 0, msg, kMsg))
     TVM_FFI_THROW(RuntimeError) << msg;
+}
+
+void launch_pending(int64_t stream) {
+  char msg[kMsg] = {0};
+  if (tilegen_all_to_all_bf16_launch_pending(reinterpret_cast<void*>(stream), msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
 }
 
 // After a bounded call has completed on its stream: raises TimeoutError naming rank and signal.
@@ -134,6 +142,7 @@ tvm::ffi::Array<int64_t> nvshmem_versions() {
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(launch_pending, launch_pending);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, check_wait_error);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, is_symmetric);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, world);

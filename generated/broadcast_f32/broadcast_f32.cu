@@ -36,8 +36,10 @@ constexpr bool kRequirePeerPtr = false;
 constexpr bool kIsAllreduce = false;
 constexpr bool kInIsWorldShards = false;  // input = world shards
 
-// Signal block (symmetric u64): entry[kMaxWorld], then flag[buffer][slot][tile] for out and scr.
-constexpr int64_t kSigWords = kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles;
+constexpr int kInSlots = 2;        // input chunks produced during the call (gemm_rs), one flag each
+constexpr bool kInProduced = false;
+// Signal block (symmetric u64): entry[kMaxWorld], flag[buffer][slot][tile] for out and scr, flag[in][slot].
+constexpr int64_t kSigWords = kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles + kInSlots;
 // State block (local u64): [0] epoch of the last finished call, [1] exit counter, [2 + s] step counters.
 constexpr int kStateWords = 2 + kMaxSteps;
 
@@ -126,7 +128,8 @@ struct Params {
   dev::WaitCtx wait;
 };
 
-__device__ __forceinline__ int64_t flag_index(uint8_t buf, int slot, int64_t tile) {
+__device__ __host__ __forceinline__ int64_t flag_index(uint8_t buf, int slot, int64_t tile) {
+  if (buf == kIn) return kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles + slot;  // per chunk, set by the compute stream
   return kMaxWorld + ((buf == kScr ? kOutSlots : 0) + slot) * kMaxTiles + tile;
 }
 __device__ __forceinline__ int abs_rank(const Params& p, int rel) { return (rel + p.root) % p.world; }
@@ -191,7 +194,7 @@ __device__ __forceinline__ void move_tile(const Params& p, const StepDesc& st, i
   bool ro[kMaxSrc];
   for (int i = 0; i < kMaxSrc; ++i) {
     src[i] = i < st.nsrc ? seg_ptr(p, st.src[i], lo) : nullptr;
-    ro[i] = i < st.nsrc && st.src[i].buf == kIn;  // only the caller's input is read-only for the whole kernel
+    ro[i] = i < st.nsrc && st.src[i].buf == kIn && !kInProduced;  // read-only for the whole kernel
   }
   char* dst[kMaxDst];
   int nd = 0;
@@ -286,8 +289,11 @@ __global__ void __launch_bounds__(kThreads) tilegen_kernel(const __grid_constant
 }
 
 // ------------------------------------------------------------------------------------------- host
+struct Params;
 struct State {
   bool ready = false;
+  bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
+  int pending_grid = 0;
   uint64_t host_epoch = 0;  // calls so far (ag_gemm: the epoch is chosen on the host)
   int64_t last_shard = 0, last_part = 0, last_tile = 0;
   int last_parts = 1, last_variant = 0;
@@ -304,6 +310,7 @@ struct State {
   dev::WaitError* err_dev = nullptr;
 };
 State g;
+Params g_pending;
 
 int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 int fail(char* msg, int len, const char* fmt, ...) {
@@ -374,6 +381,11 @@ int tilegen_broadcast_f32_init(char* msg, int len) {
   if (e == cudaSuccess) { memset(g.err_host, 0, sizeof(dev::WaitError)); e = cudaHostGetDevicePointer(&g.err_dev, g.err_host, 0); }
   if (e == cudaSuccess) e = cudaDeviceSynchronize();
   if (e != cudaSuccess) return fail(msg, len, "broadcast_f32: init: %s", cudaGetErrorString(e));
+  // Load every kernel of this module now: a lazily loaded kernel launched while a spinning kernel
+  // runs can wait for that kernel, which may be waiting for it (CUDA_MODULE_LOADING=LAZY).
+  cudaFuncAttributes fa;
+  e = cudaFuncGetAttributes(&fa, tilegen_kernel);
+  if (e != cudaSuccess) return fail(msg, len, "broadcast_f32: loading kernels: %s", cudaGetErrorString(e));
   nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
   for (int q = 0; q < g.world; ++q) {
     g.sig_peer[q] = kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
@@ -410,7 +422,7 @@ int tilegen_broadcast_f32_is_symmetric(const void* ptr, int64_t bytes) {
 
 // in: in_bytes; out: as the op defines. Arguments were validated by the binding.
 int tilegen_broadcast_f32_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns,
-                                char* msg, int len) {
+                                int defer, char* msg, int len) {
   if (!g.ready) return fail(msg, len, "broadcast_f32: not initialised (call tilegen.init() first)");
   if (g.poisoned) return fail(msg, len, "broadcast_f32: an earlier call timed out; signal state is unreliable, restart the job");
   if (in_bytes <= 0 || in_bytes > kMaxInBytes)
@@ -452,10 +464,25 @@ int tilegen_broadcast_f32_run(const void* in, void* out, int64_t in_bytes, int r
   g.last_parts = p.parts;
   g.last_variant = vi;
   const int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+  if (defer) {  // prepared now (epoch, layout), launched by launch_pending() after the producers are queued
+    g_pending = p;
+    g.pending_grid = grid;
+    g.has_pending = true;
+    return 0;
+  }
   tilegen_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail(msg, len, "broadcast_f32: launch failed: %s", cudaGetErrorString(e));
   return 0;
+}
+
+// Launch what run(..., defer=1) prepared.
+int tilegen_broadcast_f32_launch_pending(void* stream, char* msg, int len) {
+  if (!g.has_pending) return fail(msg, len, "broadcast_f32: no prepared call to launch");
+  g.has_pending = false;
+  tilegen_kernel<<<g.pending_grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(g_pending);
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? 0 : fail(msg, len, "broadcast_f32: launch failed: %s", cudaGetErrorString(e));
 }
 
 // After a bounded-wait call has finished on the stream: 0 if no wait timed out, else a message.

@@ -78,3 +78,46 @@ def test_ag_gemm_bad_arguments(dist_env):
     with pytest.raises(ValueError, match="c must be a contiguous"):
         op(a, torch.zeros((8192, 4096), dtype=torch.bfloat16, device="cuda"), torch.zeros((3, 3), device="cuda"))
     dist.barrier()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 640, 4096])
+def test_gemm_rs_bf16_matches_matmul_then_reduce_scatter(dist_env, rows):
+    rank, world = dist_env
+    op = generated.gemm_rs_bf16
+    a = _inputs((world * rows, 4096), torch.bfloat16, 13 * rows)
+    bs = [(x / 64) for x in _inputs((4096, 8192), torch.bfloat16, 99)]
+    c = torch.full((rows, 8192), float("nan"), dtype=torch.bfloat16, device="cuda")
+    op(a[rank], bs[rank], c)
+    ref = sum((a[s].float() @ bs[s].float())[rank * rows:(rank + 1) * rows] for s in range(world))
+    torch.cuda.synchronize()
+    assert _rel_err(c, ref) < 1e-2
+    if dist.get_backend() == "nccl":
+        y = torch.empty((rows, 8192), dtype=torch.bfloat16, device="cuda")
+        dist.reduce_scatter_tensor(y, a[rank] @ bs[rank])
+        assert _rel_err(c, y.float()) < 1e-2
+
+
+def test_gemm_rs_repeated_with_changing_sizes(dist_env):
+    rank, world = dist_env
+    op = generated.gemm_rs_bf16
+    outs, refs = [], []
+    for i, rows in enumerate([8, 256, 8, 1, 256]):
+        a = _inputs((world * rows, 4096), torch.bfloat16, 300 + i)
+        bs = [(x / 64) for x in _inputs((4096, 8192), torch.bfloat16, 400 + i)]
+        outs.append(op(a[rank], bs[rank]))
+        refs.append(sum((a[s].float() @ bs[s].float())[rank * rows:(rank + 1) * rows] for s in range(world)))
+    torch.cuda.synchronize()
+    for c, ref in zip(outs, refs):
+        assert _rel_err(c, ref) < 1e-2
+
+
+def test_tensor_parallel_mlp_example_matches_single_gpu(dist_env):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "examples" / "tp_mlp.py"
+    spec = importlib.util.spec_from_file_location("tp_mlp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rank, world = dist_env
+    err = mod.check_against_single_gpu(tokens_per_rank=512, seed=3)
+    assert err < 2e-2, err
