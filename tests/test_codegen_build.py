@@ -230,3 +230,18 @@ def test_calls_before_init_say_what_to_do(monkeypatch):
     op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2])
     with pytest.raises(RuntimeError, match=r"call tilegen.init\(\) first"):
         op(None)
+
+
+def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
+    from tilegen import runtime
+    op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2], default_timeout_ms=250)
+    monkeypatch.delenv("TILEGEN_WAIT_TIMEOUT_MS", raising=False)
+    assert op._timeout_ns(None) == 250_000_000
+    monkeypatch.setenv("TILEGEN_WAIT_TIMEOUT_MS", "40")
+    assert op._timeout_ns(None) == 40_000_000
+    assert op._timeout_ns(0) == 0 and op._timeout_ns(1.5) == 1_500_000
+    monkeypatch.setenv("TILEGEN_WAIT_TIMEOUT_MS", "soon")
+    with pytest.raises(ValueError, match="TILEGEN_WAIT_TIMEOUT_MS must be a number"):
+        op._timeout_ns(None)
+    with pytest.raises(ValueError, match="timeout_ms must be >= 0"):
+        op._timeout_ns(-1)

@@ -236,6 +236,18 @@ class GeneratedOp:
                 return torch.empty(self.output_shape(rows), dtype=getattr(torch, self.dtype), device="cuda")
         return self._outputs[key]
 
+    def _timeout_ns(self, timeout_ms: float | None) -> int:
+        """The call's bound, else TILEGEN_WAIT_TIMEOUT_MS, else the spec's wait_timeout_ms (0: unbounded)."""
+        if timeout_ms is None:
+            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
+            try:
+                timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
+            except ValueError:
+                raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
+        if timeout_ms < 0:
+            raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
+        return int(timeout_ms * 1e6)
+
     def free_outputs(self) -> None:
         """Free the outputs empty_output cached (collective)."""
         for t in self._outputs.values():
@@ -256,18 +268,11 @@ class GeneratedOp:
                 raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
             output = self.empty_output(self.shard_rows(int(input.shape[0])))
         handle = _stream_handle(input, stream)
-        if timeout_ms is None:  # the call's bound, else the environment's, else the spec's
-            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
-            try:
-                timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
-            except ValueError:
-                raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
-        if timeout_ms < 0:
-            raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
+        timeout_ns = self._timeout_ns(timeout_ms)
         if self.kind != "broadcast" and root != 0:
             raise ValueError(f"{self.name}: root is only meaningful for broadcast")
-        mod.run(input, output, int(root), handle, int(timeout_ms * 1e6), False)
-        if timeout_ms > 0:  # bounded mode: wait for the call, then report a wait that gave up
+        mod.run(input, output, int(root), handle, timeout_ns, False)
+        if timeout_ns > 0:  # bounded mode: wait for the call, then report a wait that gave up
             _synchronize(input, handle)
             mod.check_wait_error()
         return output
@@ -319,14 +324,6 @@ class _GemmOp(GeneratedOp):
             self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[key]
 
-    def _timeout_ns(self, timeout_ms: float | None) -> int:
-        if timeout_ms is None:  # the call's bound, else the environment's, else the spec's
-            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
-            timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
-        if timeout_ms < 0:
-            raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
-        return int(timeout_ms * 1e6)
-
     def _check(self, a, b, c, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
         """Validates a, b (and c); returns m."""
         torch = _torch()
@@ -366,9 +363,15 @@ class _GemmOp(GeneratedOp):
             main.synchronize()
             mod.check_wait_error()
 
-    def _main_stream(self, a, stream):
+    def _begin(self, a, stream):
+        """(caller's stream, communication stream, compute stream): both side streams start after
+        everything already queued on the caller's."""
         torch = _torch()
-        return torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+        main = torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+        comm, comp = self._side_streams(a.device)
+        comm.wait_stream(main)
+        comp.wait_stream(main)
+        return main, comm, comp
 
 
 class AgGemmOp(_GemmOp):
@@ -389,10 +392,7 @@ class AgGemmOp(_GemmOp):
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
-        main = self._main_stream(a, stream)
-        comm, comp = self._side_streams(a.device)
-        comm.wait_stream(main)
-        comp.wait_stream(main)
+        main, comm, comp = self._begin(a, stream)
         mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
         bm = b if self.b_layout == "kn" else b.t()
         with torch.cuda.stream(comp):
@@ -426,10 +426,7 @@ class GemmRsOp(_GemmOp):
         if c is None:
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
-        main = self._main_stream(a, stream)
-        comm, comp = self._side_streams(a.device)
-        comm.wait_stream(main)
-        comp.wait_stream(main)
+        main, comm, comp = self._begin(a, stream)
         # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
         # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
         mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
