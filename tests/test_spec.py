@@ -159,3 +159,9 @@ def test_committed_json_schema_is_current(root):
     assert committed == json_schema(), "run: tilegen schema -o specs/tilegen-spec.schema.json"
     assert set(committed["properties"]) == set(KernelSpec.model_fields)
     assert set(committed["required"]) == {"name", "op", "dtype", "world_sizes", "shape"}
+
+
+def test_gemm_rs_without_n_is_a_located_error_not_a_crash():
+    # found by the fuzz test: sizes were computed from n before the rule requiring n ran
+    text = "name: a\nop: gemm_rs\ndtype: bf16\nworld_sizes: [2]\nshape: [1, 1]\n"
+    assert errors_of(text, "fuzz.yaml") == ["fuzz.yaml:1:1: n: gemm_rs needs n, the columns of B"]

@@ -192,15 +192,7 @@ class KernelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> "KernelSpec":
-        shard = self.max_shard_bytes
-        if shard * max(self.world_sizes) > (1 << 40):
-            raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
-        if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
-            raise ValueError(f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), "
-                             f"not {self.schedule}")
-        if self.op in REDUCING and self.dtype == "u8":
-            raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
-        if self.op in GEMM_OPS:
+        if self.op in GEMM_OPS:  # first: the sizes below depend on n
             if self.n is None:
                 raise ValueError(f"n: {self.op} needs n, the columns of B")
             if len(self.shape) != 2:
@@ -212,6 +204,14 @@ class KernelSpec(_Frozen):
                                  "use decomposed or auto")
         elif self.n is not None:
             raise ValueError(f"n: only GEMM ops ({', '.join(GEMM_OPS)}) take n")
+        shard = self.max_shard_bytes
+        if shard * max(self.world_sizes) > (1 << 40):
+            raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
+        if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
+            raise ValueError(f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), "
+                             f"not {self.schedule}")
+        if self.op in REDUCING and self.dtype == "u8":
+            raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
 
     # ---- derived properties (used by planner and code generator) ----
@@ -245,7 +245,7 @@ class KernelSpec(_Frozen):
     @property
     def comm_inner(self) -> tuple[int, ...]:
         """Inner dims of the tensors the communication moves (gemm_rs moves partial C: [.., n])."""
-        return (self.n,) if self.op == "gemm_rs" else tuple(self.max_shape[1:])
+        return (self.n,) if self.op == "gemm_rs" and self.n is not None else tuple(self.max_shape[1:])
 
     @property
     def max_shard_bytes(self) -> int:
