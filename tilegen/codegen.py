@@ -162,7 +162,7 @@ def _max_tiles(spec: KernelSpec, p: Plan) -> int:
 
 def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
     worlds = []
-    scr_bytes, max_tiles, out_slots, scr_slots, max_ctas, stage = 0, 1, 1, 0, 1, 16
+    scr_bytes, max_tiles, out_slots, in_slots, scr_slots, max_ctas, stage = 0, 1, 1, 1, 0, 1, 16
     max_src = max_dst = max_wait = max_steps = 1
     out_symmetric = False
     for p in plans:
@@ -174,6 +174,7 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
             scr_bytes = max(scr_bytes, -(-nscr // s.parts) * shard)
             scr_slots = max(scr_slots, nscr)
             out_slots = max(out_slots, OPS[s.op].out_chunks(p.world) * s.parts)
+            in_slots = max(in_slots, OPS[s.op].in_chunks(p.world) * s.parts)
             max_ctas = max(max_ctas, v.ctas)
             max_steps = max(max_steps, s.max_steps)
             for r, steps in enumerate(s.ranks):
@@ -201,7 +202,7 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "gemm": spec.op in ("ag_gemm", "gemm_rs"),
         "gemm_ag": spec.op == "ag_gemm",
         "gemm_rs": spec.op == "gemm_rs",
-        "in_slots": max(OPS[comm_kind(spec.op)].in_chunks(w) for w in spec.world_sizes) * 2,
+        "in_slots": in_slots,
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
         "reduce_op": REDUCE_CODE[spec.reduce],
         "max_world": max(spec.world_sizes),

@@ -17,7 +17,7 @@ an epoch (1, 2, ...) that writers store and readers wait for (>=), so signals ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Literal
 
@@ -105,7 +105,8 @@ class Schedule:
 # ------------------------------------------------------------------------------ op definitions
 @dataclass(frozen=True)
 class OpDef:
-    """What an op computes, in chunks: slot counts of in/out and where each output comes from."""
+    """What an op computes, in chunks of the schedule's layout (not spec.IO_SHARDS's rows: an
+    allreduce's input is one shard of rows but ``world`` chunks here)."""
 
     kind: str
     in_chunks: Callable[[int], int]  # world -> chunks of the input
@@ -329,7 +330,7 @@ def with_input_waits(s: Schedule) -> Schedule:
             ins = tuple(g for g in st.srcs if g.buf == "in")
             out.append(replace(st, waits=ins + st.waits) if st.kind == "move" and ins else st)
         ranks.append(tuple(out))
-    return replace(s, algorithm=s.algorithm, ranks=tuple(ranks))
+    return replace(s, ranks=tuple(ranks))
 
 
 def production_order(s: Schedule, rank: int) -> tuple[int, ...]:

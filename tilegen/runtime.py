@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .spec import IO_SHARDS
 
 _state: dict[str, Any] = {"initialised": False, "ops": [], "rank": None, "world": None}
 
@@ -211,14 +212,12 @@ class GeneratedOp:
 
     def shard_rows(self, input_rows: int) -> int:
         """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold world * m)."""
-        from .spec import IO_SHARDS
         k = IO_SHARDS[self.kind][0](world_size())
         if input_rows % k:
             raise ValueError(f"{self.name}: input dim 0 must be a multiple of {k}, got {input_rows}")
         return input_rows // k
 
     def output_shape(self, rows: int) -> tuple[int, ...]:
-        from .spec import IO_SHARDS
         return (IO_SHARDS[self.kind][1](world_size()) * rows,) + self.inner_shape
 
     def empty_output(self, rows: int):

@@ -351,10 +351,7 @@ def _yaml_position(root: Any, loc: tuple) -> tuple[int, int]:
             if lc is not None:
                 line, col = lc.item(key)
             node = node[key]
-        elif isinstance(key, str) and isinstance(node, dict) and lc is not None:
-            continue  # union tag or missing key: stay at the enclosing node
-        else:
-            continue
+        # else: a union tag or a missing key: stay at the enclosing node
     return line, col
 
 

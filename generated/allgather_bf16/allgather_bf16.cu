@@ -36,7 +36,7 @@ constexpr bool kRequirePeerPtr = false;
 constexpr bool kIsAllreduce = false;
 constexpr bool kInIsWorldShards = false;  // input = world shards
 
-constexpr int kInSlots = 2;        // input chunks produced during the call (gemm_rs), one flag each
+constexpr int kInSlots = 1;        // input chunks produced during the call (gemm_rs), one flag each
 constexpr bool kInProduced = false;
 // Signal block (symmetric u64): entry[kMaxWorld], flag[buffer][slot][tile] for out and scr, flag[in][slot].
 constexpr int64_t kSigWords = kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles + kInSlots;
