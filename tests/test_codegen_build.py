@@ -57,6 +57,35 @@ def test_manifest_records_provenance():
     assert set(man["files"]) == {"ag_test.cu", "ag_test_binding.cc", "op.py"}
 
 
+def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path):
+    from tilegen.build import find_toolchain, ninja_file
+    from tilegen.codegen import template_files
+    ag = KernelSpec(name="agf", op="ag_gemm", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=512), 1024],
+                    n=768, overlap="fused", gemm_tile=[128, 128, 64], stages=5)
+    rs = KernelSpec(name="rsf", op="gemm_rs", dtype="f16", world_sizes=[2], shape=[256, 512], n=1024, b_layout="nk",
+                    overlap="fused")
+    dec = KernelSpec(name="agd", op="ag_gemm", dtype="bf16", world_sizes=[2], shape=[256, 1024], n=768)
+    files = render_op(ag, None)
+    src = files["agf_gemm.cu"]
+    assert "tilegen::fused::ChunkSchedulerTag" in src and "KernelTmaWarpSpecializedCooperative" in src
+    assert "Shape<_128, _128, _64>" in src and "StageCount<5>" in src and "cutlass::bfloat16_t" in src
+    assert "tf::kWaitRows" in files["agf.cu"] and "kSignalSelf = true" in files["agf.cu"]
+    assert "def fused_gemm" not in files["agf_binding.cc"] and "void fused_gemm(" in files["agf_binding.cc"]
+    rs_files = render_op(rs, None)
+    assert "tf::kPublishParts" in rs_files["rsf.cu"] and "kSignalSelf = false" in rs_files["rsf.cu"]
+    assert "cutlass::layout::ColumnMajor;  // B [N, K]" in rs_files["rsf_gemm.cu"] and "cutlass::half_t" in rs_files["rsf_gemm.cu"]
+    assert "agd_gemm.cu" not in render_op(dec, None) and "fused=False" in render_op(dec, None)["op.py"]
+    man = json.loads(files["manifest.json"])
+    assert man["fused_gemm"]["tile"] == [128, 128, 64] and "-gencode=arch=compute_90a,code=sm_90a" in man["fused_gemm"]["nvcc_flags"]
+    assert "fused_gemm.cu.j2" in template_files(ag) and "fused_gemm.cu.j2" not in template_files(dec)
+    ninja = ninja_file(tmp_path, [ag, dec], find_toolchain())
+    gemm_edge = next(l for l in ninja.splitlines() if l.startswith("build agf/_build/agf_gemm.o"))
+    assert "cu_gemm" in gemm_edge and "agd_gemm" not in ninja
+    gemm_rule = ninja.split("gemmflags = ")[1].splitlines()[0]
+    assert "-rdc" not in gemm_rule and "-DNDEBUG" in gemm_rule and "cutlass" in gemm_rule.lower()
+    assert "build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o agf/_build/agf_gemm.o" in ninja
+
+
 @pytest.mark.parametrize("op, shape", [("allgather", [8, 64]), ("allreduce", [DynamicDim(name="m", max=4096), 1024])])
 def test_step_tables_in_source_are_the_checked_plans(op, shape):
     s = spec(op=op, shape=shape, ctas="auto", tile_bytes="auto")
@@ -154,11 +183,12 @@ def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_pat
     shutil.copytree(root / "specs", specs)
     out = tmp_path / "pkg"
     assert cli.main(["generate", str(specs), "-o", str(out), "-j", "2", "-q"]) == 0
-    for name in ("allgather_bf16", "allgather_f16_nvshmem"):
+    for name in ("allgather_bf16", "allgather_f16_nvshmem", "ag_gemm_bf16_fused", "gemm_rs_bf16_fused"):
         lib = out / name / "_build" / f"libtilegen_{name}.so"
         assert lib.stat().st_size > 0
         info = json.loads((out / name / "_build" / "build.json").read_text())
         assert info["nvshmem"] == nvshmem_header_version() and re.fullmatch(r"\d+\.\d+\.\d+", info["nvcc"])
+        assert (info["cutlass"] is not None) == name.endswith("_fused")
     capsys.readouterr()
     assert cli.main(["generate", str(specs), "-o", str(out), "-q"]) == 0
     assert "up to date: nothing rebuilt" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+from dataclasses import replace
 
 from tilegen import cli
 from tilegen.check import check_cover, check_layout, check_schedule
@@ -184,12 +185,51 @@ def test_ag_gemm_spec_rules():
     assert gemm_spec().max_in_bytes(4) == 4096 * 8192 * 2
     with pytest.raises(Exception, match="n: ag_gemm needs n"):
         gemm_spec(n=None)
-    with pytest.raises(Exception, match="fused .* not available yet"):
-        gemm_spec(overlap="fused")
+    assert gemm_spec(overlap="fused").fused and not gemm_spec().fused  # auto: decomposed (measured faster)
+    assert not gemm_spec(overlap="decomposed").fused
+    with pytest.raises(Exception, match="overlap: fused needs a Hopper target"):
+        gemm_spec(overlap="fused", arch="sm_80")
+    with pytest.raises(Exception, match="overlap: fused needs bf16 or f16"):
+        gemm_spec(overlap="fused", dtype="f32")
+    with pytest.raises(Exception, match="overlap: fused needs n and k multiples of 8"):
+        gemm_spec(overlap="fused", n=4100)
+    with pytest.raises(Exception, match=r"gemm_tile: expected \[m, n, k\]"):
+        gemm_spec(gemm_tile=[64, 256, 64])
+    with pytest.raises(Exception, match="stages: only the fused overlap"):
+        gemm_spec(overlap="decomposed", stages=4)
+    assert gemm_spec(gemm_tile=[256, 128, 64], stages=4).gemm_tile_shape == (256, 128, 64)
+    with pytest.raises(Exception, match="gemm_tile: only GEMM ops"):
+        spec(gemm_tile=[128, 256, 64])
     with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):
         gemm_spec(shape=[4, 4, 4])
     with pytest.raises(Exception, match="only GEMM ops"):
         spec(n=5)
+
+
+@pytest.mark.parametrize("sync", ["per_tile", "barrier"])
+@pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_fused_ag_gemm_protocol_passes_the_checker(alg, world, sync):
+    """The fused GEMM reads its own chunk from the gathered buffer too: the moves that fill this
+    rank's own chunk signal it, and the GEMM waits per piece before reading it."""
+    from tilegen.plan import arrival_order
+    s = make_schedule("ag_gemm", alg, world, sync, fused=True)
+    assert any(st.signal_self for st in s.ranks[0])
+    orders = tuple(arrival_order(s, r) for r in range(world))
+    v = check_schedule(s, compute_orders=orders)
+    assert v.ok, v
+
+
+def test_fused_ag_gemm_without_own_signals_is_caught():
+    """Planted bug: the GEMM waits on flags of its own chunk that nobody sets (the decomposed
+    schedule never signals itself) -> the checker reports the deadlock."""
+    from tilegen.plan import arrival_order
+    fused = make_schedule("ag_gemm", "direct", 2, "per_tile", fused=True)
+    # rank 1's moves forget to signal its own chunk (rank 0 keeps them, so the model stays fused)
+    broken = replace(fused, ranks=(fused.ranks[0], tuple(replace(st, signal_self=False) for st in fused.ranks[1])))
+    orders = tuple(arrival_order(fused, r) for r in range(2))
+    v = check_schedule(broken, compute_orders=orders)
+    assert not v.ok and any("deadlock" in p or "never" in p for p in v.problems), v
 
 
 @pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])

@@ -89,9 +89,10 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch:
                 ops += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
                 ops += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
                 if per_tile:
-                    ops += [Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch) for d in st.dests if d.rank != rank]
+                    ops += [Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch) for d in st.dests
+                            if d.rank != rank or st.signal_self]
             if not per_tile:
-                remote = tuple((d.rank, d.buf, d.slot) for d in st.dests if d.rank != rank)
+                remote = tuple((d.rank, d.buf, d.slot) for d in st.dests if d.rank != rank or st.signal_self)
                 ops.append(Op("arrive", rank, ("ctr", i), epoch, signals=remote))
         elif st.kind == "wait":
             if per_tile:
@@ -123,12 +124,26 @@ def out_unit(op: str, rank: int, slot: int, parts: int) -> int:
     return rank * parts + slot if op == "reduce_scatter" else slot
 
 
-def expand_compute(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int) -> list[Op]:
+def expand_compute(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int, fused: bool = False) -> list[Op]:
     """The compute stream of an AllGather+GEMM: for each chunk in order, wait for all its flags (the
     wait kernel), then the GEMM reads the whole chunk (its own chunk: straight from the input) and
-    writes that chunk of C."""
+    writes that chunk of C. fused: one GEMM kernel reads every chunk from the gathered buffer, each
+    piece right after waiting for that piece's flag (its row blocks wait only for their rows)."""
     ops: list[Op] = []
     P = sched.parts
+    if fused:
+        for c in order:
+            ops.append(Op("read", -1, ("begin",)))
+            for h in range(P):
+                n = ntiles(c * P + h)
+                if sched.sync != "per_tile" and n:
+                    ops.append(Op("wait", rank, ("flag", "out", c * P + h, 0), epoch))
+                for t in range(n):
+                    if sched.sync == "per_tile":
+                        ops.append(Op("wait", rank, ("flag", "out", c * P + h, t), epoch))
+                    ops.append(Op("read", rank, ("out", c * P + h, t)))
+            ops.append(Op("write", rank, ("C", c, 0)))
+        return ops
     for c in order:
         if c != rank:
             for h in range(P):
@@ -246,8 +261,11 @@ class _Sim:
                 pcs[(r, b)] = 0
             if self.orders:  # the compute stream also starts after the host's prior work
                 _vc_join(self.vc[self.tid(r, G)], self.vc[host])
-                expand = expand_producer if self.produces else expand_compute
-                agents[(r, G)] = expand(self.s, r, self.orders[r], self.ntiles, call_of[r])
+                if self.produces:
+                    agents[(r, G)] = expand_producer(self.s, r, self.orders[r], self.ntiles, call_of[r])
+                else:  # a schedule whose moves signal their own dests feeds a fused GEMM
+                    fused = any(st.signal_self for steps in self.s.ranks for st in steps)
+                    agents[(r, G)] = expand_compute(self.s, r, self.orders[r], self.ntiles, call_of[r], fused)
                 pcs[(r, G)] = 0
 
         for r in range(W):

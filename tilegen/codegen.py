@@ -24,9 +24,11 @@ from .plan import (MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, arrival_order
 from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-DEVICE_HEADERS = ("device/tilegen/device.cuh",)
+DEVICE_HEADERS = ("device/tilegen/chunk_sync.cuh", "device/tilegen/device.cuh", "device/tilegen/fused_gemm.cuh")
 _COLLECTIVE = (("collective.cu.j2", "{name}.cu"), ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py"))
 OP_TEMPLATES = {kind: _COLLECTIVE for kind in list(OPS) + ["ag_gemm", "gemm_rs"]}  # op kind -> (template, file)
+FUSED_GEMM_TEMPLATE = ("fused_gemm.cu.j2", "{name}_gemm.cu")  # fused GEMM ops: the CUTLASS kernel
+CUTLASS_TYPES = {"bf16": "cutlass::bfloat16_t", "f16": "cutlass::half_t"}
 STEP_KIND = {"entry": 0, "move": 1, "wait": 2}
 BUF_CODE = {"in": 0, "out": 1, "scr": 2}
 REDUCE_CODE = {"sum": 0, "max": 1, "min": 2}
@@ -77,13 +79,17 @@ def _env() -> jinja2.Environment:
     )
 
 
-def template_files(kind: str) -> list[str]:
-    return sorted([t for t, _ in OP_TEMPLATES[kind]] + list(DEVICE_HEADERS))
+def op_templates(spec: KernelSpec) -> tuple[tuple[str, str], ...]:
+    return OP_TEMPLATES[spec.op] + ((FUSED_GEMM_TEMPLATE,) if spec.fused else ())
 
 
-def template_hash(kind: str) -> str:
+def template_files(spec: KernelSpec) -> list[str]:
+    return sorted([t for t, _ in op_templates(spec)] + list(DEVICE_HEADERS))
+
+
+def template_hash(spec: KernelSpec) -> str:
     h = hashlib.sha256()
-    for rel in template_files(kind):
+    for rel in template_files(spec):
         h.update(rel.encode() + b"\0" + (TEMPLATES_DIR / rel).read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -202,6 +208,8 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "gemm": spec.op in ("ag_gemm", "gemm_rs"),
         "gemm_ag": spec.op == "ag_gemm",
         "gemm_rs": spec.op == "gemm_rs",
+        "fused": spec.fused,
+        "fg": fused_gemm_context(spec) if spec.fused else None,
         "in_slots": in_slots,
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
         "reduce_op": REDUCE_CODE[spec.reduce],
@@ -230,6 +238,18 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
     }
 
 
+def fused_gemm_context(spec: KernelSpec) -> dict:
+    m, n, k = spec.gemm_tile_shape
+    stages = 0 if spec.stages == "auto" else spec.stages
+    return {"tile_m": m, "tile_n": n, "tile_k": k, "stages": stages, "stages_text": str(spec.stages),
+            "cutlass_type": CUTLASS_TYPES[spec.dtype]}
+
+
+def gemm_arch(arch: str) -> str:
+    """The fused GEMM uses wgmma/TMA: Hopper's arch-specific target (sm_90a)."""
+    return arch if arch.endswith("a") else arch + "a"
+
+
 def nvcc_arch_flags(arch: str) -> list[str]:
     num = re.sub(r"^sm_", "", arch)
     return [f"-gencode=arch=compute_{num},code=sm_{num}"]
@@ -244,10 +264,15 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
         "op": spec.op,
         "spec": json.loads(spec.canonical_json()),
         "spec_hash": spec.spec_hash(),
-        "template_hash": template_hash(spec.op),
-        "templates": template_files(spec.op),
+        "template_hash": template_hash(spec),
+        "templates": template_files(spec),
         "arch": spec.arch,
         "nvcc_flags": ["-O3", "-std=c++17", "-rdc=true"] + nvcc_arch_flags(spec.arch),
+        "fused_gemm": ({"file": f"{spec.name}_gemm.cu", "library": "CUTLASS (nvidia-cutlass headers)",
+                        "kernel": "KernelTmaWarpSpecializedCooperative + tilegen ChunkScheduler",
+                        "tile": list(spec.gemm_tile_shape), "stages": spec.stages,
+                        "nvcc_flags": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DTILEGEN_NO_NVSHMEM"]
+                        + nvcc_arch_flags(gemm_arch(spec.arch))} if spec.fused else None),
         "nvshmem_headers": nvshmem_headers,
         "calibration": calibration,
         "plans": {str(p.world): [{"max_in_bytes": v.max_bytes, "algorithm": v.schedule.algorithm, "parts": v.schedule.parts,
@@ -264,7 +289,7 @@ def render_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict |
     env = _env()
     ctx = render_context(spec, plans)
     files = {}
-    for tmpl, pattern in OP_TEMPLATES[spec.op]:
+    for tmpl, pattern in op_templates(spec):
         files[pattern.format(name=spec.name)] = env.get_template(tmpl).render(**ctx)
     files["manifest.json"] = json.dumps(manifest(spec, plans, files, nvshmem_headers, calibration), indent=2,
                                         sort_keys=True) + "\n"

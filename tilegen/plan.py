@@ -48,7 +48,8 @@ class Step:
     move:  for each tile of ``unit`` (the logical slot whose length applies): wait for the flags of
            ``waits`` (segments of this rank that peers fill), read ``srcs`` (one: copy; several:
            reduce element-wise in fp32), store to every segment of ``dests``, and signal the flag of
-           each remote dest (per tile, or once by the last CTA in barrier mode).
+           each remote dest (per tile, or once by the last CTA in barrier mode); with ``signal_self``
+           also the flag of its own dests (a fused GEMM on this rank waits on them).
     wait:  wait until the flags of ``waits`` are set for every tile.
     """
 
@@ -59,6 +60,7 @@ class Step:
     waits: tuple[Seg, ...] = ()
     notify: tuple[int, ...] = ()
     await_ranks: tuple[int, ...] = ()
+    signal_self: bool = False
 
     def describe(self, rank: int, sync: str) -> str:
         per = "per tile t" if sync == "per_tile" else "per chunk by the last CTA, t=0"
@@ -72,7 +74,7 @@ class Step:
         what = "put    " if len(self.srcs) == 1 else "reduce "
         src = " + ".join(f"{s.buf}[{s.slot}]" for s in self.srcs)
         dst = ", ".join(str(d) for d in self.dests)
-        remote = sorted({d.rank for d in self.dests if d.rank != rank})
+        remote = sorted({d.rank for d in self.dests if d.rank != rank or self.signal_self})
         sig = f"; signal their flags @{remote} {per}" if remote else ""
         return f"{what} {pre}{src} (unit {self.unit}) -> {dst}{sig}"
 
@@ -333,6 +335,14 @@ def with_input_waits(s: Schedule) -> Schedule:
     return replace(s, ranks=tuple(ranks))
 
 
+def with_local_signals(s: Schedule) -> Schedule:
+    """Fused ag_gemm: the GEMM reads every chunk of A, its own too, from the gathered buffer, so the
+    moves that fill this rank's own output also set its flags."""
+    ranks = tuple(tuple(replace(st, signal_self=True) if st.kind == "move" and any(d.rank == r and d.buf == "out" for d in st.dests)
+                        else st for st in steps) for r, steps in enumerate(s.ranks))
+    return replace(s, ranks=ranks)
+
+
 def production_order(s: Schedule, rank: int) -> tuple[int, ...]:
     """gemm_rs: the chunks of partial C in the order the communication first needs them."""
     first: dict[int, int] = {}
@@ -363,14 +373,16 @@ def arrival_order(s: Schedule, rank: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=None)
-def make_schedule(op: str, algorithm: str, world: int, sync: str) -> Schedule:
-    """Schedules are pure functions of these four: build each once."""
+def make_schedule(op: str, algorithm: str, world: int, sync: str, fused: bool = False) -> Schedule:
+    """Schedules are pure functions of these: build each once."""
     kind = comm_kind(op)
     try:
         s = ALGORITHMS[kind][algorithm](world, sync)
     except KeyError:
         raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(ALGORITHMS[kind])}") from None
-    return with_input_waits(s) if op == "gemm_rs" else s
+    if op == "gemm_rs":
+        return with_input_waits(s)
+    return with_local_signals(s) if op == "ag_gemm" and fused else s
 
 
 # ------------------------------------------------------------------------------ runtime layout
@@ -555,7 +567,7 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology, algorith
     best_per_alg = []
     best = None
     for alg in algorithms:
-        s = make_schedule(spec.op, alg, world, spec.sync)
+        s = make_schedule(spec.op, alg, world, spec.sync, spec.fused)
         shard, part = layout(s.op, world, in_bytes, spec.elem_bytes, s.parts)
         traffic = schedule_traffic(s, in_bytes, spec.elem_bytes)
         opts = []
@@ -581,7 +593,7 @@ def plan(spec: KernelSpec, world: int, calibration: dict | None = None) -> Plan:
         topo = replace(topo, **{k: v for k, v in calibration.items() if k in Topology.__dataclass_fields__ and k != "name"})
     algs = algorithms_for(spec.op) if spec.schedule == "auto" else [spec.schedule]
     for a in algs:
-        make_schedule(spec.op, a, world, spec.sync)  # raises for a schedule the op lacks
+        make_schedule(spec.op, a, world, spec.sync, spec.fused)  # raises for a schedule the op lacks
     max_in = spec.max_in_bytes(world)
     table = []
     picks = []
@@ -605,7 +617,7 @@ def plan(spec: KernelSpec, world: int, calibration: dict | None = None) -> Plan:
     for n, alg, ctas, tile in runs:
         why = (f"{alg} fixed by the spec" if spec.schedule != "auto" else
                f"{alg}: lowest predicted time for inputs in ({lo}, {n}] B on {spec.topology}")
-        variants.append(Variant(n, make_schedule(spec.op, alg, world, spec.sync), ctas, tile, why))
+        variants.append(Variant(n, make_schedule(spec.op, alg, world, spec.sync, spec.fused), ctas, tile, why))
         lo = n
     return Plan(spec, world, tuple(variants), tuple(table))
 
@@ -628,10 +640,16 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  rank {r}{' (root-relative)' if s.op == 'broadcast' else ''}:")
             for k, st in enumerate(steps):
                 lines.append(f"    {k:2d}  {st.describe(r, s.sync)}")
-            if s.op == "gemm_rs":
+            if s.op == "gemm_rs" and s.fused:
+                lines.append("    fused GEMM (one CUTLASS kernel): row blocks of chunks " + ", ".join(
+                    map(str, production_order(v.schedule, r))) + "; the tile completing a part of a chunk sets flag[in][part]")
+            elif s.op == "gemm_rs":
                 lines.append("    compute stream: " + "; ".join(
                     f"P[{c}] = A[{c}] @ B, signal flag[in][{c}]" for c in production_order(v.schedule, r)))
-            if s.op == "ag_gemm":
+            if s.op == "ag_gemm" and s.fused:
+                lines.append("    fused GEMM (one CUTLASS kernel): row blocks of chunks " + ", ".join(
+                    map(str, arrival_order(v.schedule, r))) + "; each waits flag[out][chunk part][t] of its rows, then loads A_full")
+            elif s.op == "ag_gemm":
                 order = arrival_order(v.schedule, r)
                 lines.append(f"    compute stream: " + "; ".join(
                     f"{'' if c == r else f'wait chunk {c} flags, '}C[{c}] = {'A' if c == r else f'A_full[{c}]'} @ B"

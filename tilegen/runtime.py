@@ -308,10 +308,11 @@ def _synchronize(tensor, handle: int) -> None:
 class _GemmOp(GeneratedOp):
     """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
-    def __init__(self, *args, n: int, b_layout: str, **kw):
+    def __init__(self, *args, n: int, b_layout: str, fused: bool = False, **kw):
         super().__init__(*args, **kw)
         self.n = n
         self.b_layout = b_layout
+        self.fused = fused
         self._streams: dict[int, tuple] = {}
         self._buffers: dict[tuple, Any] = {}
 
@@ -352,6 +353,18 @@ class _GemmOp(GeneratedOp):
                                  f"{list(c.shape)} {c.dtype} on {c.device}")
         return m
 
+    @staticmethod
+    def _gemm_sms() -> int:
+        """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the device's SMs minus the communication's)."""
+        env = os.environ.get("TILEGEN_GEMM_SMS", "")
+        try:
+            n = int(env) if env else 0
+        except ValueError:
+            raise ValueError(f"TILEGEN_GEMM_SMS must be a number of CTAs, got {env!r}") from None
+        if n < 0:
+            raise ValueError(f"TILEGEN_GEMM_SMS must be >= 0, got {n}")
+        return n
+
     def _finish(self, main, comm, comp, tensors, timeout_ns: int, mod) -> None:
         main.wait_stream(comp)
         main.wait_stream(comm)
@@ -374,12 +387,13 @@ class _GemmOp(GeneratedOp):
 
 
 class AgGemmOp(_GemmOp):
-    """C = allgather(A) @ B with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+    """C = allgather(A) @ B. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
 
-    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream; on a
-    second stream, for each chunk in arrival order (own chunk first, straight from `a`), a wait kernel
-    holds the stream until the chunk's signals are set and cuBLAS computes that chunk's rows of C.
-    The caller's stream waits for both before it goes on."""
+    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream. Fused:
+    one CUTLASS GEMM on a second stream loads each block of A rows once its signals are set (own
+    chunk first, then by arrival). Decomposed: for each chunk in arrival order (own chunk straight
+    from `a`), a wait kernel holds the second stream until the chunk's signals are set and cuBLAS
+    computes that chunk's rows of C. The caller's stream waits for both before it goes on."""
 
     def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
         torch = _torch()
@@ -393,6 +407,11 @@ class AgGemmOp(_GemmOp):
         timeout_ns = self._timeout_ns(timeout_ms)
         main, comm, comp = self._begin(a, stream)
         mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
+        if self.fused:
+            b = b.contiguous()
+            mod.fused_gemm(gathered, b, c, self._gemm_sms(), comp.cuda_stream, timeout_ns)
+            self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
+            return c
         bm = b if self.b_layout == "kn" else b.t()
         with torch.cuda.stream(comp):
             for chunk in (int(x) for x in mod.compute_order()):
@@ -429,12 +448,16 @@ class GemmRsOp(_GemmOp):
         # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
         # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
         mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
-        bm = b if self.b_layout == "kn" else b.t()
-        with torch.cuda.stream(comp):
-            for chunk in (int(x) for x in mod.compute_order()):
-                rows = slice(chunk * m, (chunk + 1) * m)
-                torch.mm(a[rows], bm, out=partial[rows])
-                mod.signal_chunk(chunk, comp.cuda_stream)
+        if self.fused:
+            a, b = a.contiguous(), b.contiguous()
+            mod.fused_gemm(a, b, partial, self._gemm_sms(), comp.cuda_stream, timeout_ns)
+        else:
+            bm = b if self.b_layout == "kn" else b.t()
+            with torch.cuda.stream(comp):
+                for chunk in (int(x) for x in mod.compute_order()):
+                    rows = slice(chunk * m, (chunk + 1) * m)
+                    torch.mm(a[rows], bm, out=partial[rows])
+                    mod.signal_chunk(chunk, comp.cuda_stream)
         mod.launch_pending(comm.cuda_stream)
         self._finish(main, comm, comp, (a, b, c, partial), timeout_ns, mod)
         return c

@@ -135,8 +135,16 @@ class KernelSpec(_Frozen):
     b_layout: Literal["kn", "nk"] = Field(
         default="kn", description="ag_gemm: B stored [k, n] or [n, k] (a torch Linear weight)")
     overlap: Literal["auto", "decomposed", "fused"] = Field(
-        default="auto", description="ag_gemm: decomposed (communication kernel + per-chunk cuBLAS GEMMs that wait "
-                                    "on its signals in stream order) or fused (one GEMM kernel; not available yet)")
+        default="auto", description="GEMM ops: decomposed (communication kernel + per-chunk cuBLAS GEMMs that wait "
+                                    "on its signals in stream order), fused (one CUTLASS Hopper GEMM whose tile "
+                                    "scheduler waits on the gather's flags / publishes finished parts; sm_90, "
+                                    "bf16/f16), or auto (decomposed, the faster style measured so far)")
+    gemm_tile: Optional[Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
+        default=None, description="fused GEMM tile [m, n, k] (default [128, 256, 64]): m 128 or 256, n 64, 128, "
+                                  "192 or 256, k 64 or 128")
+    stages: Union[Annotated[int, Field(ge=2, le=8)], Literal["auto"]] = Field(
+        default="auto", description="fused GEMM: shared-memory pipeline stages of the mainloop, or auto (as many "
+                                    "as fit beside the epilogue)")
     wait_timeout_ms: int = Field(
         default=0, ge=0, le=3_600_000,
         description="bound on every wait in ms (0: unbounded); a call that times out raises TimeoutError naming "
@@ -199,11 +207,22 @@ class KernelSpec(_Frozen):
                 raise ValueError(f"shape: {self.op} takes A's shard as [m, k], got {len(self.shape)} dimensions")
             if self.dtype not in ("bf16", "f16", "f32"):
                 raise ValueError(f"dtype: {self.op} multiplies bf16, f16 or f32 (fp32 accumulation), not {self.dtype}")
-            if self.overlap == "fused":
-                raise ValueError("overlap: fused (one GEMM kernel waiting on chunk signals) is not available yet; "
-                                 "use decomposed or auto")
-        elif self.n is not None:
-            raise ValueError(f"n: only GEMM ops ({', '.join(GEMM_OPS)}) take n")
+            why_not = self._fused_unsupported()
+            if self.overlap == "fused" and why_not:
+                raise ValueError(f"overlap: fused needs {why_not}; use decomposed or auto")
+            if self.gemm_tile is not None:
+                m, n_, k = self.gemm_tile
+                if m not in (128, 256) or n_ not in (64, 128, 192, 256) or k not in (64, 128):
+                    raise ValueError(f"gemm_tile: expected [m, n, k] with m 128 or 256, n 64/128/192/256, k 64 or 128, "
+                                     f"got {self.gemm_tile}")
+            if not self.fused and (self.gemm_tile is not None or self.stages != "auto"):
+                raise ValueError(f"{'gemm_tile' if self.gemm_tile is not None else 'stages'}: only the fused overlap "
+                                 f"takes GEMM tiles and stages (this spec's overlap is decomposed)")
+        else:
+            for f, unset in (("n", self.n is None), ("gemm_tile", self.gemm_tile is None), ("stages", self.stages == "auto"),
+                             ("overlap", self.overlap == "auto")):
+                if not unset:
+                    raise ValueError(f"{f}: only GEMM ops ({', '.join(GEMM_OPS)}) take {f}")
         shard = self.max_shard_bytes
         if shard * max(self.world_sizes) > (1 << 40):
             raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
@@ -213,6 +232,28 @@ class KernelSpec(_Frozen):
         if self.op in REDUCING and self.dtype == "u8":
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
+
+    def _fused_unsupported(self) -> str | None:
+        """Why the fused GEMM (CUTLASS sm_90 TMA/wgmma) cannot run this spec, or None."""
+        if not self.arch.startswith("sm_90"):
+            return f"a Hopper target (arch sm_90 or sm_90a), not {self.arch}"
+        if self.dtype not in ("bf16", "f16"):
+            return f"bf16 or f16, not {self.dtype}"
+        k = self.max_shape[1] if len(self.shape) > 1 else 0
+        if self.n is not None and (self.n % 8 or k % 8):
+            return f"n and k multiples of 8 (16-byte rows for TMA), got n {self.n}, k {k}"
+        return None
+
+    @property
+    def fused(self) -> bool:
+        """GEMM ops: one fused GEMM kernel beside the communication kernel (else per-chunk cuBLAS)."""
+        # auto stays decomposed: it was the faster style in every run so far (docs/measurements.md);
+        # fused is opt-in until the cost model has 2-GPU figures to choose by.
+        return self.op in GEMM_OPS and self.overlap == "fused"
+
+    @property
+    def gemm_tile_shape(self) -> tuple[int, int, int]:
+        return tuple(self.gemm_tile) if self.gemm_tile is not None else (128, 256, 64)
 
     # ---- derived properties (used by planner and code generator) ----
     @property

@@ -37,7 +37,7 @@ def candidate_specs(spec: KernelSpec) -> list[KernelSpec]:
 def schedule_features(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> dict:
     """What the cost model's terms depend on: bytes over the busiest link, critical hops, bytes a
     rank reads and writes while reducing."""
-    s = make_schedule(spec.op, alg, world, spec.sync)
+    s = make_schedule(spec.op, alg, world, spec.sync, spec.fused)
     flows, reduce_bytes = schedule_traffic(s, in_bytes, spec.elem_bytes)
     topo = TOPOLOGIES[spec.topology]
     return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": _critical_hops(s),

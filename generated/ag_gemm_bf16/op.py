@@ -28,4 +28,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     n=4096,
     b_layout="kn",
+    fused=False,
 )

@@ -28,4 +28,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     n=999,
     b_layout="nk",
+    fused=False,
 )

@@ -28,4 +28,5 @@ OP = GemmRsOp(
     default_timeout_ms=0,
     n=8192,
     b_layout="kn",
+    fused=False,
 )

@@ -6,8 +6,10 @@
 #include <cstring>
 #include <type_traits>
 #include <cuda_runtime.h>
+#ifndef TILEGEN_NO_NVSHMEM  // the fused GEMMs are compiled without NVSHMEM (whole-program, no -rdc)
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#endif
 
 namespace tilegen {
 namespace dev {
@@ -156,6 +158,7 @@ __device__ __forceinline__ bool block_wait_ge(const uint64_t* sig, uint64_t want
 }
 
 // ---------------------------------------------------------------- signals
+#ifndef TILEGEN_NO_NVSHMEM
 // Publish `value` into a peer's signal word after this block's prior stores: every thread's stores
 // are ordered by the barrier, the fence makes them visible system-wide, then one release store.
 // peer_sig == nullptr: the peer is not load/store reachable, use NVSHMEM's signal op on sym_sig.
@@ -168,6 +171,8 @@ __device__ __forceinline__ void signal_peer_one(uint64_t* peer_sig, uint64_t* sy
     nvshmemx_signal_op(sym_sig, value, NVSHMEM_SIGNAL_SET, pe);
   }
 }
+
+#endif
 
 // ---------------------------------------------------------------- data movement
 template <bool READ_ONLY>
@@ -223,6 +228,7 @@ __device__ __forceinline__ void copy_multi(char* const (&dst)[MAXD], int ndst, c
   }
 }
 
+#ifndef TILEGEN_NO_NVSHMEM
 // put/get at warp or block granularity to one PE: peer pointer if reachable, else NVSHMEM.
 __device__ __forceinline__ void put_block(char* peer_dst, char* sym_dst, const char* src, int64_t bytes, int pe) {
   if (peer_dst) {
@@ -257,6 +263,8 @@ __device__ __forceinline__ void get_warp(char* dst, const char* peer_src, const 
   }
 }
 
+#endif
+
 // ---------------------------------------------------------------- barriers
 // Arrive at a per-step counter of this rank; returns true in exactly one block per call: the last
 // one to arrive. `target` = arrivals of all previous calls + gridDim.x (host keeps the count).
@@ -272,6 +280,7 @@ __device__ __forceinline__ bool arrive_last(uint64_t* counter, uint64_t target) 
   return last;
 }
 
+#ifndef TILEGEN_NO_NVSHMEM
 // barrier_blocks: every block of every rank in `ranks` arrives; nobody leaves before all arrived.
 // counter: local; flags: symmetric u64[world] (peer_flags[p] = this rank's slot at p, or null).
 __device__ __forceinline__ bool barrier_blocks(uint64_t* counter, uint64_t target, uint64_t* local_flags,
@@ -291,6 +300,7 @@ __device__ __forceinline__ bool barrier_blocks(uint64_t* counter, uint64_t targe
   return ok;
 }
 
+#endif
 }  // namespace dev
 }  // namespace tilegen
 
