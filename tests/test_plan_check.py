@@ -197,7 +197,7 @@ def test_ag_gemm_spec_rules():
         gemm_spec(gemm_tile=[64, 256, 64])
     with pytest.raises(Exception, match="stages: only the fused overlap"):
         gemm_spec(overlap="decomposed", stages=4)
-    assert gemm_spec(gemm_tile=[256, 128, 64], stages=4).gemm_tile_shape == (256, 128, 64)
+    assert gemm_spec(overlap="fused", gemm_tile=[256, 128, 64], stages=4).gemm_tile_shape == (256, 128, 64)
     with pytest.raises(Exception, match="gemm_tile: only GEMM ops"):
         spec(gemm_tile=[128, 256, 64])
     with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):
