@@ -175,6 +175,8 @@ class _Sim:
         self.W = sched.world
         self.orders = orders  # GEMM ops: each rank's compute-stream chunk order
         self.produces = produces  # gemm_rs: the compute stream produces the input instead of consuming the output
+        # ag_gemm: a schedule whose moves signal their own dests feeds a fused GEMM
+        self.fused = any(st.signal_self for steps in sched.ranks for st in steps)
         self.per_rank = ctas + 1 + (1 if orders else 0)  # CTAs, the host/stream thread, the compute stream
         self.nthreads = self.W * self.per_rank
         self.vc = [[0] * self.nthreads for _ in range(self.nthreads)]
@@ -263,9 +265,8 @@ class _Sim:
                 _vc_join(self.vc[self.tid(r, G)], self.vc[host])
                 if self.produces:
                     agents[(r, G)] = expand_producer(self.s, r, self.orders[r], self.ntiles, call_of[r])
-                else:  # a schedule whose moves signal their own dests feeds a fused GEMM
-                    fused = any(st.signal_self for steps in self.s.ranks for st in steps)
-                    agents[(r, G)] = expand_compute(self.s, r, self.orders[r], self.ntiles, call_of[r], fused)
+                else:
+                    agents[(r, G)] = expand_compute(self.s, r, self.orders[r], self.ntiles, call_of[r], self.fused)
                 pcs[(r, G)] = 0
 
         for r in range(W):

@@ -410,17 +410,16 @@ class AgGemmOp(_GemmOp):
         if self.fused:
             b = b.contiguous()
             mod.fused_gemm(gathered, b, c, self._gemm_sms(), comp.cuda_stream, timeout_ns)
-            self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
-            return c
-        bm = b if self.b_layout == "kn" else b.t()
-        with torch.cuda.stream(comp):
-            for chunk in (int(x) for x in mod.compute_order()):
-                rows = slice(chunk * m, (chunk + 1) * m)
-                if chunk == me:
-                    torch.mm(a, bm, out=c[rows])
-                else:
-                    mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
-                    torch.mm(gathered[rows], bm, out=c[rows])
+        else:
+            bm = b if self.b_layout == "kn" else b.t()
+            with torch.cuda.stream(comp):
+                for chunk in (int(x) for x in mod.compute_order()):
+                    rows = slice(chunk * m, (chunk + 1) * m)
+                    if chunk == me:
+                        torch.mm(a, bm, out=c[rows])
+                    else:
+                        mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
+                        torch.mm(gathered[rows], bm, out=c[rows])
         self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
         return c
 
