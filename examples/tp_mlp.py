@@ -1,83 +1,106 @@
-"""Tensor-parallel MLP block on generated ops (run: torchrun --nproc-per-node 2 examples/tp_mlp.py).
+"""Tensor-parallel Llama-3 MLP block on generated ops, at any world size the specs list.
 
-Sequence-parallel layout as in Megatron-LM: each rank holds x [m, d] (its tokens), the column shard
-W1_r [d, h/world] of the up projection and the row shard W2_r [h/world, d] of the down projection.
+    torchrun --nproc-per-node 4 examples/tp_mlp.py [--model llama3-8b|llama3-70b] [--tokens 2048]
 
-    y_r = reduce_scatter( gelu( allgather(x) @ W1_r ) @ W2_r )      # [m, d] on rank r
+Sequence-parallel layout as in Megatron-LM: each rank holds x [m, d] (its tokens), its rows of the
+fused gate+up weight W_gu_r = [W_gate_r; W_up_r] ([2 * h / world, d], a Linear weight) and its
+columns of the down projection W_down_r ([d, h / world]):
 
-ag_gemm_bf16 does the up projection (gather overlapped with the GEMM), gemm_rs_bf16 the down
-projection (GEMM overlapped with the reduce-scatter); with fused=True their fused versions (one
-CUTLASS GEMM each, waiting on / publishing the communication's signals). `main` compares both with
-the NCCL + cuBLAS version of the same block and prints the times.
+    [g | u] = allgather(x) @ W_gu_r^T               # llama3_*_gate_up: gather overlapped with the GEMM
+    y_r     = reduce_scatter((silu(g) * u) @ W_down_r^T)   # llama3_*_down: GEMM overlapped with the reduce-scatter
+
+The specs give the layer's whole d_ff ({full: ...}), so one generated op serves TP 2, 4 and 8.
+With fused=True the *_fused ops run instead (one CUTLASS GEMM each, waiting on / publishing the
+communication's signals). `main` checks both against the unsharded block on one GPU and times
+them against NCCL + cuBLAS doing the same.
 """
+import argparse
+
 import torch
 import torch.distributed as dist
 
+import generated
 import tilegen
-from generated import ag_gemm_bf16, ag_gemm_bf16_fused, gemm_rs_bf16, gemm_rs_bf16_fused
 
-D, H = 8192, 8192  # model and hidden width (the generated ops' k and n at TP=2)
+MODELS = {"llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672)}  # (d_model, d_ff)
 
 
-def make_weights(world: int, seed: int):
-    """The full weights on every rank (seeded), and this rank's shards."""
+def ops(model: str, fused: bool):
+    """(gate_up op, down op) of a model."""
+    base = model.replace("-", "_")
+    suffix = "_fused" if fused else ""
+    return getattr(generated, f"{base}_gate_up{suffix}"), getattr(generated, f"{base}_down{suffix}")
+
+
+def make_weights(model: str, seed: int):
+    """The full weights (seeded, the same on every rank) and this rank's shards."""
+    d, h = MODELS[model]
+    world, r = dist.get_world_size(), dist.get_rank()
     g = torch.Generator(device="cuda").manual_seed(seed)
-    w1 = (torch.randn((D, H), device="cuda", generator=g) / D ** 0.5).bfloat16()
-    w2 = (torch.randn((H, D), device="cuda", generator=g) / H ** 0.5).bfloat16()
-    r, hw = dist.get_rank(), H // world
-    return w1, w2, w1[:, r * hw:(r + 1) * hw].contiguous(), w2[r * hw:(r + 1) * hw].contiguous()
+    w_gate, w_up = ((torch.randn((h, d), device="cuda", generator=g) / d ** 0.5).bfloat16() for _ in range(2))
+    w_down = (torch.randn((d, h), device="cuda", generator=g) / h ** 0.5).bfloat16()
+    hs = slice(r * h // world, (r + 1) * h // world)
+    w_gu_r = torch.cat([w_gate[hs], w_up[hs]]).contiguous()
+    w_down_r = w_down[:, hs].contiguous()
+    return (w_gate, w_up, w_down), (w_gu_r, w_down_r)
 
 
-def mlp_tilegen(x, w1_r, w2_r, fused: bool = False, w2_r_t=None):
-    """w2_r_t: W2_r transposed ([D, H / world], a Linear weight), the layout gemm_rs_bf16_fused takes."""
-    if fused:
-        h = ag_gemm_bf16_fused(x, w1_r)
-        w2 = w2_r_t if w2_r_t is not None else w2_r.t().contiguous()
-        return gemm_rs_bf16_fused(torch.nn.functional.gelu(h), w2)
-    h = ag_gemm_bf16(x, w1_r)  # [world * m, H / world]
-    return gemm_rs_bf16(torch.nn.functional.gelu(h), w2_r)  # [m, D]
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
 
 
-def mlp_nccl(x, w1_r, w2_r):
+def mlp_tilegen(x, w_gu_r, w_down_r, model: str, fused: bool = False):
+    gate_up, down = ops(model, fused)
+    return down(swiglu(gate_up(x, w_gu_r)), w_down_r)  # [world * m, 2h/w] -> [world * m, h/w] -> [m, d]
+
+
+def mlp_nccl(x, w_gu_r, w_down_r):
     world = dist.get_world_size()
-    full = torch.empty((world * x.shape[0], D), dtype=x.dtype, device=x.device)
+    full = torch.empty((world * x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(full, x)
-    p = torch.nn.functional.gelu(full @ w1_r) @ w2_r
-    y = torch.empty((x.shape[0], D), dtype=x.dtype, device=x.device)
+    p = swiglu(full @ w_gu_r.t()) @ w_down_r.t()
+    y = torch.empty((x.shape[0], p.shape[1]), dtype=x.dtype, device=x.device)
     dist.reduce_scatter_tensor(y, p)
     return y
 
 
-def check_against_single_gpu(tokens_per_rank: int = 512, seed: int = 0, fused: bool = False) -> float:
+def check_against_single_gpu(model: str = "llama3-8b", tokens_per_rank: int = 512, seed: int = 0,
+                             fused: bool = False) -> float:
     """Relative error of this rank's output against the unsharded block computed on one GPU."""
     world, r = dist.get_world_size(), dist.get_rank()
-    w1, w2, w1_r, w2_r = make_weights(world, seed)
+    (w_gate, w_up, w_down), (w_gu_r, w_down_r) = make_weights(model, seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    x_all = torch.randn((world * tokens_per_rank, D), device="cuda", generator=g).bfloat16()
-    x = x_all[r * tokens_per_rank:(r + 1) * tokens_per_rank].contiguous()
-    y = mlp_tilegen(x, w1_r, w2_r, fused)
-    ref = (torch.nn.functional.gelu(x_all.float() @ w1.float()) @ w2.float())[r * tokens_per_rank:(r + 1) * tokens_per_rank]
+    x_all = torch.randn((world * tokens_per_rank, MODELS[model][0]), device="cuda", generator=g).bfloat16()
+    mine = slice(r * tokens_per_rank, (r + 1) * tokens_per_rank)
+    y = mlp_tilegen(x_all[mine].contiguous(), w_gu_r, w_down_r, model, fused)
+    xf = x_all[mine].float()  # the block acts on each token alone: this rank's rows are enough
+    ref = (torch.nn.functional.silu(xf @ w_gate.float().t()) * (xf @ w_up.float().t())) @ w_down.float().t()
     torch.cuda.synchronize()
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
 def main():
     from tilegen.bench import time_batches
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS) + ["all"], default="all")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
     rank, world = tilegen.init()
-    err = check_against_single_gpu()
-    err_fused = check_against_single_gpu(fused=True)
-    tokens = 2048  # per rank: within both ops' maximum m
-    w1, w2, w1_r, w2_r = make_weights(world, 1)
-    w2_r_t = w2_r.t().contiguous()
-    x = torch.randn((tokens, D), device="cuda").bfloat16()
-    t_dec = time_batches(lambda: mlp_tilegen(x, w1_r, w2_r), 5, 15)
-    t_fused = time_batches(lambda: mlp_tilegen(x, w1_r, w2_r, True, w2_r_t), 5, 15)
-    t_nccl = time_batches(lambda: mlp_nccl(x, w1_r, w2_r), 5, 15) if dist.get_backend() == "nccl" else float("nan")
-    if rank == 0:
-        print(f"TP MLP, {world} ranks, {tokens} tokens per rank, d={D}, h={H}: relative error vs one GPU "
-              f"{err:.2e} (decomposed), {err_fused:.2e} (fused); tilegen decomposed {t_dec / 1e3:.3f} ms, "
-              f"fused {t_fused / 1e3:.3f} ms, NCCL+cuBLAS {t_nccl / 1e3:.3f} ms, speedup {t_nccl / t_dec:.2f}x / "
-              f"{t_nccl / t_fused:.2f}x")
+    nccl = dist.get_backend() == "nccl"
+    for model in sorted(MODELS) if args.model == "all" else [args.model]:
+        errs = [check_against_single_gpu(model, 256, fused=f) for f in (False, True)]
+        _, (w_gu_r, w_down_r) = make_weights(model, 1)
+        x = torch.randn((args.tokens, MODELS[model][0]), device="cuda").bfloat16()
+        t = {f: time_batches(lambda: mlp_tilegen(x, w_gu_r, w_down_r, model, f), 5, args.reps) for f in (False, True)}
+        t_nccl = time_batches(lambda: mlp_nccl(x, w_gu_r, w_down_r), 5, args.reps) if nccl else float("nan")
+        if rank == 0:
+            d, h = MODELS[model]
+            print(f"TP MLP {model} (d={d}, d_ff={h}), TP {world}, {args.tokens} tokens per rank: relative error vs one "
+                  f"GPU {errs[0]:.2e} (decomposed), {errs[1]:.2e} (fused); tilegen decomposed {t[False] / 1e3:.3f} ms, "
+                  f"fused {t[True] / 1e3:.3f} ms, NCCL+cuBLAS {t_nccl / 1e3:.3f} ms, speedup {t_nccl / t[False]:.2f}x / "
+                  f"{t_nccl / t[True]:.2f}x", flush=True)
     tilegen.finalize()
     dist.destroy_process_group()
 

@@ -86,6 +86,29 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
     assert "build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o agf/_build/agf_gemm.o" in ninja
 
 
+def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
+    """CUDA-graph safety: every kernel of a GEMM op's call reads the epoch that the op's begin kernel
+    advanced on the device (a host value would be frozen into a captured graph); and a spec giving the
+    layer's whole n or k yields each world size's share in the wrapper and the fused binding."""
+    from tilegen.spec import ShardedDim
+    ag = KernelSpec(name="agf", op="ag_gemm", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=512), 1024],
+                    n=ShardedDim(full=4096), b_layout="nk", overlap="fused")
+    rs = KernelSpec(name="rsd", op="gemm_rs", dtype="bf16", world_sizes=[2, 4, 8],
+                    shape=[DynamicDim(name="m", max=512), ShardedDim(full=8192)], n=1024)
+    for s in (ag, rs):
+        files = render_op(s, None)
+        src = files[f"{s.name}.cu"]
+        assert "__global__ void tilegen_begin_call(uint64_t* epoch_dev)" in src
+        assert "p.epoch_src = g.epoch_dev;" in src and "host_epoch" not in src
+        assert 'run() without begin() on the caller\'s stream first' in src
+        assert "void begin(int64_t stream)" in files[f"{s.name}_binding.cc"]
+    assert "gemm_nk={ 2: (2048, 1024), 4: (1024, 1024) }" in render_op(ag, None)["op.py"]
+    assert "gemm_nk={ 2: (1024, 4096), 4: (1024, 2048), 8: (1024, 1024) }" in render_op(rs, None)["op.py"]
+    binding = render_op(ag, None)["agf_binding.cc"]
+    assert "case 2: *n = 2048; *k = 1024; return true;" in binding and "case 4: *n = 1024; *k = 1024; return true;" in binding
+    assert "s.epoch = g.epoch_dev;" in render_op(ag, None)["agf.cu"]
+
+
 @pytest.mark.parametrize("op, shape", [("allgather", [8, 64]), ("allreduce", [DynamicDim(name="m", max=4096), 1024])])
 def test_step_tables_in_source_are_the_checked_plans(op, shape):
     s = spec(op=op, shape=shape, ctas="auto", tile_bytes="auto")

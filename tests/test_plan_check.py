@@ -291,3 +291,75 @@ def test_gemm_rs_spec_and_plan(root, capsys):
     assert cli.main(["plan", str(root / "specs/gemm_rs_bf16.yaml"), "--world", "2"]) == 0
     out = capsys.readouterr().out
     assert "compute stream: P[1] = A[1] @ B, signal flag[in][1]" in out and "gemm+reduce_scatter/direct" in out
+
+
+# ---------------------------------------------------------------- residency (issue: gemm_rs hang at Llama shapes)
+LLAMA8B_DOWN = """name: down
+op: gemm_rs
+dtype: bf16
+world_sizes: [2, 4]
+shape: [{name: m, max: 8192}, 7168]
+n: 4096
+b_layout: nk
+overlap: auto
+"""
+
+
+def test_the_llama_down_projection_spec_leaves_the_gemms_their_sms():
+    """The spec that hung on 2 and 4 x H100 (gemm_rs, k 7168, n 4096, no ctas given): 264 CTAs spun on
+    every SM while waiting for GEMMs that then could not start. GEMM ops now default to the planner's
+    small CTA counts, every variant leaves SMs free, and the checker passes with that model."""
+    from tilegen.codegen import checked_plans
+    from tilegen.plan import spare_sms
+    from tilegen.spec import max_gemm_comm_ctas, parse_yaml_spec
+    s = parse_yaml_spec(LLAMA8B_DOWN, "down.yaml").spec
+    assert s.ctas == "auto"
+    for p in checked_plans(s):  # raises if the checker rejects a variant
+        for v in p.variants:
+            assert v.ctas <= max_gemm_comm_ctas(s.sm) and spare_sms(s, v.ctas) == 1
+
+
+def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
+    """Planted bug, the class of the hang: a gemm_rs communication kernel with as many CTAs as SMs.
+    Each CTA spins on an SM of its own waiting for a GEMM that can find no SM: a deadlock."""
+    from tilegen.codegen import CodegenError, checked_plans
+    from tilegen.plan import production_order, spare_sms
+    for alg, world in (("direct", 2), ("ring", 4)):
+        s = make_schedule("gemm_rs", alg, world, "per_tile")
+        orders = tuple(production_order(s, r) for r in range(world))
+        v = check_schedule(s, compute_orders=orders, produces=True, spare_sms=0)
+        assert not v.ok and "compute stream cannot be scheduled" in v.problems[0], v
+        assert check_schedule(s, compute_orders=orders, produces=True, spare_sms=1).ok
+    # the pipeline's view: a spec that slipped past validation with 264 CTAs is refused at codegen
+    bad = KernelSpec.model_construct(**{**gemm_spec(op="gemm_rs").model_dump(), "ctas": 264,
+                                        "shape": [DynamicDim(name="m", max=8192), 7168], "n": 4096})
+    assert spare_sms(bad, 264) == 0
+    with pytest.raises(CodegenError, match="compute stream cannot be scheduled"):
+        checked_plans(bad)
+
+
+def test_checker_catches_a_fused_gemm_that_leaves_the_gather_no_sm():
+    """A persistent ag_gemm GEMM waits for the gather beside it: if it takes every SM, the gather's
+    CTAs never run."""
+    from tilegen.plan import arrival_order
+    s = make_schedule("ag_gemm", "ring", 4, "per_tile", fused=True)
+    orders = tuple(arrival_order(s, r) for r in range(4))
+    assert not check_schedule(s, compute_orders=orders, spare_sms=0).ok
+    assert check_schedule(s, compute_orders=orders, spare_sms=1).ok
+
+
+def test_barrier_schedules_need_every_cta_resident():
+    """Why the runtime launches no more CTAs than fit at once: in barrier mode the last CTA of a step
+    signals, so resident CTAs that wait for the next step's signal block the ones waiting for an SM."""
+    s = make_schedule("allgather", "ring", 4, "barrier")
+    v = check_schedule(s, configs=[(3, 2, False)], spare_sms=-1)  # 2 SMs for 3 CTAs
+    assert not v.ok and any("cannot be scheduled" in p for p in v.problems), v
+    assert check_schedule(s, configs=[(3, 2, False)], spare_sms=0).ok
+
+
+def test_gemm_op_ctas_are_bounded_and_default_to_auto():
+    assert gemm_spec().ctas == "auto" and spec().ctas == 264
+    with pytest.raises(Exception, match=r"ctas: a gemm_rs communication kernel runs beside the GEMMs .* at most 39 CTAs "
+                                         r"on sm_90 \(or auto\), got 264"):
+        gemm_spec(op="gemm_rs", ctas=264)
+    assert gemm_spec(ctas=32).ctas == 32

@@ -165,3 +165,49 @@ def test_gemm_rs_without_n_is_a_located_error_not_a_crash():
     # found by the fuzz test: sizes were computed from n before the rule requiring n ran
     text = "name: a\nop: gemm_rs\ndtype: bf16\nworld_sizes: [2]\nshape: [1, 1]\n"
     assert errors_of(text, "fuzz.yaml") == ["fuzz.yaml:1:1: n: gemm_rs needs n, the columns of B"]
+
+
+# ---------------------------------------------------------------- sharded GEMM dims: one spec for every TP degree
+GEMM_RS = """name: down
+op: gemm_rs
+dtype: bf16
+world_sizes: [2, 4, 8]
+shape:
+  - {name: m, max: 8192}
+  - {full: 14336}
+n: 4096
+b_layout: nk
+"""
+
+
+def test_a_sharded_dim_gives_each_world_size_its_share():
+    s = parse_yaml_spec(GEMM_RS, "s.yaml").spec
+    assert [s.gemm_nk(w) for w in (2, 4, 8)] == [(4096, 7168), (4096, 3584), (4096, 1792)]
+    assert s.comm_inner == (4096,) and s.max_shape == (8192, 7168)
+    up = parse_yaml_spec(GEMM_RS.replace("op: gemm_rs", "op: ag_gemm").replace("{full: 14336}", "4096")
+                         .replace("n: 4096", "n: {full: 28672}"), "s.yaml").spec
+    assert [up.gemm_nk(w) for w in (2, 4)] == [(14336, 4096), (7168, 4096)]
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("{full: 14336}", "{full: 14338}", r"s\.yaml:6:3: shape: \{full: 14338\} does not split evenly over world sizes \[4, 8\]"),
+    ("{full: 14336}", "{full: 0}", r"s\.yaml:7:12: shape\[1\]\.full: Input should be greater than 0"),
+    ("{full: 14336}", "{fill: 14336}", r"s\.yaml:7:12: shape\[1\]\.fill: unknown key \(allowed: name, max\)"),
+    ("n: 4096", "n: {full: 8192}", r"s\.yaml:8:1: n: only ag_gemm's n may be sharded"),
+    ("n: 4096", "n: {full: 8192, x: 1}", r"s\.yaml:8:20: n\.x: unknown key \(allowed: full\)"),
+    ("  - {name: m, max: 8192}", "  - {full: 8192}", r"s\.yaml:6:3: shape: dim 0 \(rows\) cannot be sharded"),
+    ("op: gemm_rs", "op: ag_gemm", r"s\.yaml:6:3: shape: only gemm_rs's k \(shape\[1\]\) may be sharded"),
+    ("op: gemm_rs", "op: allgather", r"s\.yaml:\d+:\d+: shape: only a GEMM op's k \(gemm_rs\) may be sharded"),
+    ("b_layout: nk", "b_layout: nk\nctas: 100", r"s\.yaml:10:7: ctas: a gemm_rs communication kernel runs beside"),
+])
+def test_sharding_and_gemm_cta_errors_are_located(old, new, expected):
+    text = GEMM_RS.replace(old, new)
+    if "allgather" in new:
+        text = text.replace("n: 4096\nb_layout: nk\n", "")
+    errs = errors_of(text)
+    assert any(re.match(expected, e) for e in errs), errs
+
+
+def test_fused_needs_every_share_a_multiple_of_8():
+    with pytest.raises(Exception, match="n and k multiples of 8 .* at world 8"):
+        parse_yaml_spec(GEMM_RS.replace("{full: 14336}", "{full: 14368}") + "overlap: fused\n", "s.yaml")

@@ -11,6 +11,13 @@ receive every rank's contribution exactly once. For the configurations it runs i
 * every wait is eventually satisfied (no deadlock), else it names the blocked rank, CTA and signal;
 * no read of data before the signal that publishes it (unsynchronised read), no write into a buffer
   its owner may still be reading (write-after-read), no scratch slot written twice in one call.
+
+Residency: a spinning CTA holds its SM. Given ``spare_sms``, each rank's GPU has that many SMs more
+than the communication kernel has CTAs: a CTA of it runs only once it holds one (until it finishes
+the call), a fused GEMM holds one for the whole call, and each decomposed GEMM needs one free while
+it runs (its one-thread wait kernels need none). So a communication kernel that fills the GPU while
+it waits for a GEMM, or a persistent GEMM that leaves no SM for the gather it waits on, shows up as
+a deadlock.
 """
 from __future__ import annotations
 
@@ -170,8 +177,11 @@ def expand_producer(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, 
 
 
 class _Sim:
-    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None, produces=False):
+    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None, produces=False,
+                 slots: int | None = None):
         self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
+        self.slots = slots  # SMs per rank (None: every CTA resident, nothing else competes)
+        self.held: dict[int, set[tuple[int, int]]] = {r: set() for r in range(sched.world)}
         self.W = sched.world
         self.orders = orders  # GEMM ops: each rank's compute-stream chunk order
         self.produces = produces  # gemm_rs: the compute stream produces the input instead of consuming the output
@@ -199,6 +209,19 @@ class _Sim:
     def name(self, t: int) -> str:
         r, c = divmod(t, self.per_rank)
         return f"rank {r} host" if c == 0 else (f"rank {r} compute stream" if c - 1 == self.G else f"rank {r} CTA {c - 1}")
+
+    def _resident(self, key: tuple[int, int], op: Op) -> bool:
+        """Whether agent ``key`` can run ``op`` now, given the SMs (see Residency above)."""
+        if self.slots is None or key in self.held[key[0]]:
+            return True
+        free = len(self.held[key[0]]) < self.slots
+        if key[1] == self.G and not self.fused:  # a decomposed GEMM: its wait kernels need no SM
+            return op.kind == "wait" or free
+        return free
+
+    def _occupy(self, key: tuple[int, int]) -> None:
+        if self.slots is not None and (key[1] < self.G or self.fused):
+            self.held[key[0]].add(key)
 
     def agents_of(self) -> int:
         return self.G + (1 if self.orders else 0)
@@ -272,14 +295,18 @@ class _Sim:
         for r in range(W):
             start_call(r)
         while True:
-            runnable = [k for k, ops in agents.items() if pcs[k] < len(ops) and self._ready(ops[pcs[k]])]
+            runnable = [k for k, ops in agents.items()
+                        if pcs[k] < len(ops) and self._ready(ops[pcs[k]]) and self._resident(k, ops[pcs[k]])]
             if not runnable:
                 break
             key = self.rng.choice(runnable) if self.rng else runnable[0]
+            self._occupy(key)
             self._exec(key, agents[key][pcs[key]], call_of[key[0]])
             pcs[key] += 1
             nops += 1
             r = key[0]
+            if pcs[key] == len(agents[key]):  # done with this call: its SM is free again
+                self.held[r].discard(key)
             if all(pcs[(r, b)] == len(agents[(r, b)]) for b in range(self.agents_of())):
                 self._finish_call(r, call_of[r])
                 if call_of[r] < CALLS:
@@ -289,13 +316,20 @@ class _Sim:
                 else:
                     for b in range(self.agents_of()):
                         agents.pop((r, b))
-        for key, ops in agents.items():
-            if pcs[key] < len(ops):
-                op = ops[pcs[key]]
-                sig = self.sigs.get((op.rank,) + op.obj)
-                who = "compute stream" if key[1] == G else f"CTA {key[1]}"
-                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
-                             f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it")
+        # agents kept off the GPU first: they are the cause of the waits behind them
+        stuck = sorted((k for k, ops in agents.items() if pcs[k] < len(ops)),
+                       key=lambda k: self._resident(k, agents[k][pcs[k]]))
+        for key in stuck:
+            op = agents[key][pcs[key]]
+            who = "compute stream" if key[1] == G else f"CTA {key[1]}"
+            if not self._resident(key, op):
+                holders = ", ".join("the GEMM" if b == G else f"CTA {b}" for b in sorted(b for _, b in self.held[key[0]]))
+                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} cannot be scheduled: all "
+                             f"{self.slots} SMs are held by spinning {holders}")
+                continue
+            sig = self.sigs.get((op.rank,) + op.obj)
+            self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
+                         f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it")
         return nops
 
     @staticmethod
@@ -421,14 +455,18 @@ def default_configs() -> list[tuple[int, int, bool]]:
 
 
 def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3,
-                   compute_orders: tuple[tuple[int, ...], ...] | None = None, produces: bool = False) -> Verdict:
+                   compute_orders: tuple[tuple[int, ...], ...] | None = None, produces: bool = False,
+                   spare_sms: int | None = None) -> Verdict:
+    """Simulate ``sched`` under each (ctas, tiles per unit, short tails) config. spare_sms: SMs the
+    communication kernel leaves free when each of its CTAs holds one (negative: fewer SMs than CTAs;
+    None: every CTA resident and nothing beside them)."""
     problems: list[str] = []
     done: list[str] = []
     nops = 0
     for ctas, per_unit, short in configs or default_configs():
         for seed in range(seeds + 1):
             sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed),
-                       compute_orders, produces)
+                       compute_orders, produces, None if spare_sms is None else ctas + spare_sms)
             try:
                 nops += sim.run()
             except CheckError as e:
@@ -439,7 +477,8 @@ def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None 
                     problems.append(p)
         done.append(f"{('gemm+' if produces else '') + sched.op + ('+gemm' if compute_orders and not produces else '')}/{sched.algorithm}/{sched.sync} world {sched.world}: "
                     f"{ctas} CTAs x {per_unit} tiles"
-                    f"{' (short tails)' if short else ''}, {CALLS} calls, {seeds + 1} interleavings")
+                    f"{' (short tails)' if short else ''}"
+                    f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, {CALLS} calls, {seeds + 1} interleavings")
     return Verdict(not problems, problems, done, nops)
 
 

@@ -37,7 +37,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import format_plan, plan
+    from .codegen import verdict_of
+    from .plan import format_plan, plan, spare_sms
     try:
         ls = load_spec(args.spec)
     except SpecError as e:
@@ -51,9 +52,8 @@ def cmd_plan(args) -> int:
         return 1
     print(format_plan(p))
     ok = True
-    from .codegen import verdict_of
     for i, v in enumerate(p.variants):
-        verdict = verdict_of(v.schedule, ls.spec.op)
+        verdict = verdict_of(v.schedule, ls.spec.op, spare_sms(ls.spec, v.ctas))
         print(f"variant {i}: {verdict}")
         ok &= verdict.ok
     if args.svg:

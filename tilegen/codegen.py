@@ -20,8 +20,8 @@ import jinja2
 from . import __version__
 from .check import check_schedule
 from .plan import (MIN_TILE_BYTES, OPS, Plan, Schedule, Seg, Step, arrival_order, comm_kind, layout, plan,
-                   production_order, tile_bytes_for)
-from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec
+                   production_order, spare_sms, tile_bytes_for)
+from .spec import IO_SHARDS, DynamicDim, KernelSpec, LoadedSpec, ShardedDim
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEVICE_HEADERS = ("device/tilegen/chunk_sync.cuh", "device/tilegen/device.cuh", "device/tilegen/fused_gemm.cuh")
@@ -120,13 +120,14 @@ def compute_order(op: str, s: Schedule, rank: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=None)
-def verdict_of(s: Schedule, op: str = ""):
+def verdict_of(s: Schedule, op: str = "", spare: int | None = None):
     """The checker's verdict on a schedule (schedules are immutable values: check each once), with
-    the compute stream of a GEMM op: consuming gathered chunks (ag_gemm) or producing inputs (gemm_rs)."""
+    the compute stream of a GEMM op: consuming gathered chunks (ag_gemm) or producing inputs (gemm_rs),
+    on the SMs the communication kernel leaves free (``spare``, see plan.spare_sms)."""
     if op not in ("ag_gemm", "gemm_rs"):
         return check_schedule(s)
     orders = tuple(compute_order(op, s, r) for r in range(s.world))
-    return check_schedule(s, compute_orders=orders, produces=op == "gemm_rs")
+    return check_schedule(s, compute_orders=orders, produces=op == "gemm_rs", spare_sms=spare)
 
 
 def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True) -> list[Plan]:
@@ -142,7 +143,7 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
                     raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
             if not check:
                 continue
-            verdict = verdict_of(s, spec.op)
+            verdict = verdict_of(s, spec.op, spare_sms(spec, v.ctas))
             if not verdict.ok:
                 raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         plans.append(p)
@@ -153,8 +154,14 @@ def _op_id(name: str) -> int:
     return int(hashlib.sha256(name.encode()).hexdigest()[:7], 16)
 
 
+def _dim_text(d) -> str:
+    if isinstance(d, DynamicDim):
+        return f"{d.name}<={d.max}"
+    return f"{d.full}/world" if isinstance(d, ShardedDim) else str(d)
+
+
 def _shape_text(spec: KernelSpec) -> str:
-    return ", ".join(f"{d.name}<={d.max}" if isinstance(d, DynamicDim) else str(d) for d in spec.shape)
+    return ", ".join(_dim_text(d) for d in spec.shape)
 
 
 def _max_tiles(spec: KernelSpec, p: Plan) -> int:
@@ -201,13 +208,14 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "spec": spec,
         "spec_hash": spec.spec_hash(),
         "shape_text": _shape_text(spec),
-        "py_shape": repr([{"name": d.name, "max": d.max} if isinstance(d, DynamicDim) else d for d in spec.shape]),
+        "py_shape": repr([d.model_dump() if isinstance(d, (DynamicDim, ShardedDim)) else d for d in spec.shape]),
         "op_id": _op_id(spec.name),
         "reduces": OPS[comm_kind(spec.op)].reduces,
         "comm_op": comm_kind(spec.op),
         "gemm": spec.op in ("ag_gemm", "gemm_rs"),
         "gemm_ag": spec.op == "ag_gemm",
         "gemm_rs": spec.op == "gemm_rs",
+        "gemm_nk": [(w, spec.gemm_nk(w)) for w in spec.world_sizes] if spec.op in ("ag_gemm", "gemm_rs") else [],
         "fused": spec.fused,
         "fg": fused_gemm_context(spec) if spec.fused else None,
         "in_slots": in_slots,

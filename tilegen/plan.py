@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Literal
 
-from .spec import KernelSpec
+from .spec import ARCH_MIN_SMS, GEMM_OPS, KernelSpec
 
 MIN_TILE_BYTES = 16 * 1024  # below this a CTA's fixed cost dominates; small parts use fewer CTAs
 Buf = Literal["in", "out", "scr"]
@@ -541,6 +541,15 @@ class Plan:
     @property
     def schedule(self) -> Schedule:  # the schedule of the largest messages
         return self.variants[-1].schedule
+
+
+def spare_sms(spec: KernelSpec, ctas: int) -> int | None:
+    """GEMM ops: SMs left for the GEMMs on the smallest GPU of the arch when each communication CTA
+    spins on an SM of its own (the checker needs one; 0 means the kernel can starve its GEMM).
+    None for collectives, which nothing runs beside (the runtime keeps all their CTAs resident)."""
+    if spec.op not in GEMM_OPS:
+        return None
+    return max(0, min(1, ARCH_MIN_SMS.get(spec.sm, 24) - ctas))
 
 
 CTA_CHOICES = (16, 33, 66, 132, 264, 528)

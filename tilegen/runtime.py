@@ -181,6 +181,9 @@ class GeneratedOp:
         if self._mod is not None:
             return self._mod
         _require_init(self.name)
+        if _capturing(None):
+            raise RuntimeError(f"{self.name}: loading an op allocates symmetric memory collectively, which a CUDA graph "
+                               f"cannot capture: call the op once before capturing it")
         if _state["world"] not in self.world_sizes:  # before any collective call into the library
             raise OpLoadError(f"op {self.name} was generated for world sizes {self.world_sizes}, this job has "
                               f"{_state['world']} ranks; add {_state['world']} to world_sizes in its spec and regenerate")
@@ -228,6 +231,10 @@ class GeneratedOp:
             raise ValueError(f"{self.name}: rows must be in [1, {self.max_rows()}], got {rows}")
         key = (rows, world)
         if key not in self._outputs:
+            if self.symmetric_output and _capturing(None):
+                raise RuntimeError(f"{self.name}: the symmetric output for {rows} rows is allocated collectively, which a "
+                                   f"CUDA graph cannot capture: call the op once with this size (or "
+                                   f"{self.name}.empty_output({rows})) before capturing")
             if self.symmetric_output:
                 self._outputs[key] = empty(self.output_shape(rows), self.dtype)
             else:
@@ -246,6 +253,13 @@ class GeneratedOp:
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
         return int(timeout_ms * 1e6)
+
+    def _refuse_bounded_capture(self, handle: int, timeout_ns: int) -> None:
+        """Bounded waits synchronise the stream to read the report: not in a CUDA graph."""
+        if timeout_ns > 0 and _capturing(handle):
+            raise RuntimeError(f"{self.name}: bounded waits (timeout_ms / TILEGEN_WAIT_TIMEOUT_MS / wait_timeout_ms) "
+                               f"synchronise the stream after each call and cannot be captured in a CUDA graph; "
+                               f"capture with timeout_ms=0")
 
     def free_outputs(self) -> None:
         """Free the outputs empty_output cached (collective)."""
@@ -270,6 +284,7 @@ class GeneratedOp:
         timeout_ns = self._timeout_ns(timeout_ms)
         if self.kind != "broadcast" and root != 0:
             raise ValueError(f"{self.name}: root is only meaningful for broadcast")
+        self._refuse_bounded_capture(handle, timeout_ns)
         mod.run(input, output, int(root), handle, timeout_ns, False)
         if timeout_ns > 0:  # bounded mode: wait for the call, then report a wait that gave up
             _synchronize(input, handle)
@@ -296,6 +311,19 @@ def _stream_handle(tensor, stream) -> int:
     return -1
 
 
+def _capturing(handle: int | None) -> bool:
+    """Whether the stream (None: torch's current stream) is being captured into a CUDA graph."""
+    try:
+        torch = _torch()
+    except ImportError:
+        torch = None
+    if handle is None or handle < 0 or (torch is not None and handle == torch.cuda.current_stream().cuda_stream):
+        return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    from cuda.bindings import runtime as rt
+    err, status = rt.cudaStreamIsCapturing(handle)
+    return status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone
+
+
 def _synchronize(tensor, handle: int) -> None:
     if type(tensor).__module__.startswith("torch"):
         torch = _torch()
@@ -308,9 +336,9 @@ def _synchronize(tensor, handle: int) -> None:
 class _GemmOp(GeneratedOp):
     """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
-    def __init__(self, *args, n: int, b_layout: str, fused: bool = False, **kw):
+    def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False, **kw):
         super().__init__(*args, **kw)
-        self.n = n
+        self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
         self.b_layout = b_layout
         self.fused = fused
         self._streams: dict[int, tuple] = {}
@@ -324,10 +352,20 @@ class _GemmOp(GeneratedOp):
             self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[key]
 
+    @property
+    def n(self) -> int:
+        """This rank's columns of B at the job's world size."""
+        return self.gemm_nk[world_size()][0]
+
+    @property
+    def k(self) -> int:
+        """This rank's inner dimension (columns of A) at the job's world size."""
+        return self.gemm_nk[world_size()][1]
+
     def _check(self, a, b, c, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
         """Validates a, b (and c); returns m."""
         torch = _torch()
-        k = self.inner_shape[0]
+        k = self.k
         dtype = getattr(torch, self.dtype)
         for name, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor):
@@ -368,18 +406,21 @@ class _GemmOp(GeneratedOp):
     def _finish(self, main, comm, comp, tensors, timeout_ns: int, mod) -> None:
         main.wait_stream(comp)
         main.wait_stream(comm)
-        for t in tensors:  # the caching allocator must not reuse them before the side streams finish
-            t.record_stream(comp)
-            t.record_stream(comm)
+        if not _capturing(main.cuda_stream):  # a graph's memory stays with the graph
+            for t in tensors:  # the caching allocator must not reuse them before the side streams finish
+                t.record_stream(comp)
+                t.record_stream(comm)
         if timeout_ns > 0:
             main.synchronize()
             mod.check_wait_error()
 
-    def _begin(self, a, stream):
-        """(caller's stream, communication stream, compute stream): both side streams start after
-        everything already queued on the caller's."""
+    def _begin(self, a, stream, mod, timeout_ns: int):
+        """(caller's stream, communication stream, compute stream): the call's epoch advances on the
+        caller's stream (so a CUDA graph replays it right), then both side streams start after it."""
         torch = _torch()
         main = torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
+        self._refuse_bounded_capture(main.cuda_stream, timeout_ns)
+        mod.begin(main.cuda_stream)
         comm, comp = self._side_streams(a.device)
         comm.wait_stream(main)
         comp.wait_stream(main)
@@ -405,7 +446,7 @@ class AgGemmOp(_GemmOp):
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
-        main, comm, comp = self._begin(a, stream)
+        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
         mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
         if self.fused:
             b = b.contiguous()
@@ -425,11 +466,13 @@ class AgGemmOp(_GemmOp):
 
 
 class GemmRsOp(_GemmOp):
-    """C = reduce_scatter(A @ B) with decomposed overlap. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+    """C = reduce_scatter(A @ B). Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
 
-    a is this rank's [world * m, k] (K-sharded) operand. On a compute stream cuBLAS computes the rows
-    of A @ B destined to each rank, others' first, each followed by a signal kernel; the reduce-scatter
-    kernel on the communication stream waits for each chunk's signal before it pushes and reduces it."""
+    a is this rank's [world * m, k] (K-sharded) operand. Decomposed: on a compute stream cuBLAS
+    computes the rows of A @ B destined to each rank, others' first, each followed by a signal kernel.
+    Fused: one CUTLASS GEMM computes them in that order and publishes each part as its last tile is
+    stored. The reduce-scatter kernel on the communication stream waits for each chunk's (part's)
+    signal before it pushes and reduces it."""
 
     def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
         torch = _torch()
@@ -443,7 +486,7 @@ class GemmRsOp(_GemmOp):
         if c is None:
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
-        main, comm, comp = self._begin(a, stream)
+        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
         # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
         # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
         mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)

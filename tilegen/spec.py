@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
@@ -94,7 +95,56 @@ class DynamicDim(_Frozen):
         return check_identifier(v)
 
 
-Dim = Union[Annotated[int, Field(gt=0, le=1 << 31)], DynamicDim]
+class ShardedDim(_Frozen):
+    """A GEMM dimension given whole and split evenly over the ranks: each rank holds ``full / world``
+    (ag_gemm's n: a column-parallel weight; gemm_rs's k: a row-parallel one). One spec then serves
+    every world size it lists."""
+
+    full: int = Field(gt=0, le=1 << 31, description="size of the whole (unsharded) dimension")
+
+    def per_rank(self, world: int) -> int:
+        return self.full // world
+
+
+def _dim_kind(v: Any) -> str:
+    """Which member of a dim union a value is meant for, so that errors name only that one."""
+    if isinstance(v, ShardedDim) or (isinstance(v, dict) and "full" in v):
+        return "sharded"
+    if isinstance(v, (DynamicDim, dict)):
+        return "dynamic"
+    return "static"
+
+
+def _n_kind(v: Any) -> str:
+    return "sharded" if isinstance(v, (ShardedDim, dict)) else "static"
+
+
+Dim = Annotated[Union[Annotated[Annotated[int, Field(gt=0, le=1 << 31)], Tag("static")],
+                      Annotated[DynamicDim, Tag("dynamic")], Annotated[ShardedDim, Tag("sharded")]],
+                Discriminator(_dim_kind)]
+GemmN = Annotated[Union[Annotated[Annotated[int, Field(gt=0, le=1 << 20)], Tag("static")],
+                        Annotated[ShardedDim, Tag("sharded")]], Discriminator(_n_kind)]
+
+# Smallest SM count of a data-center GPU of each architecture. A GEMM op's communication kernel runs
+# beside GEMMs that need SMs; bounding its CTAs by this keeps room for them on every GPU of the arch
+# (the runtime checks the real device again).
+ARCH_MIN_SMS = {70: 80, 75: 40, 80: 56, 86: 28, 89: 24, 90: 78, 100: 148, 101: 148, 103: 148, 120: 24, 121: 24}
+MAX_GEMM_COMM_CTAS = 64
+
+
+def max_gemm_comm_ctas(arch_sm: int) -> int:
+    """Most CTAs a GEMM op's communication kernel may take: at most half the smallest GPU's SMs."""
+    return min(MAX_GEMM_COMM_CTAS, ARCH_MIN_SMS.get(arch_sm, 24) // 2)
+
+
+def dim_size(d: Any, world: int | None = None) -> int:
+    """A shape entry's size: a static int, a dynamic dim's max, a sharded dim's share at ``world``
+    (its largest share, at the smallest world, when world is None)."""
+    if isinstance(d, DynamicDim):
+        return d.max
+    if isinstance(d, ShardedDim):
+        return d.per_rank(world) if world else d.full
+    return d
 
 
 class KernelSpec(_Frozen):
@@ -126,12 +176,14 @@ class KernelSpec(_Frozen):
     topology: Literal["nvswitch", "ring_links"] = Field(
         default="nvswitch", description="link layout the cost model assumes")
     ctas: Union[Annotated[int, Field(ge=1, le=4096)], Literal["auto"]] = Field(
-        default=264, description="CTAs (thread blocks) used for communication, or auto (cost model)")
+        default=264, description="CTAs (thread blocks) used for communication, or auto (cost model); GEMM ops "
+                                 "default to auto and take at most 64 (the GEMMs beside them need the SMs)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
-    n: Optional[Annotated[int, Field(gt=0, le=1 << 20)]] = Field(
+    n: Optional[GemmN] = Field(
         default=None, description="GEMM ops: columns of B. ag_gemm: C = allgather(A[m, k]) @ B is [world*m, n]; "
-                                  "gemm_rs: C = reduce_scatter(A[world*m, k] @ B) is [m, n]")
+                                  "gemm_rs: C = reduce_scatter(A[world*m, k] @ B) is [m, n]. ag_gemm may give "
+                                  "{full: N}: the whole layer's n, each rank holding N / world columns")
     b_layout: Literal["kn", "nk"] = Field(
         default="kn", description="ag_gemm: B stored [k, n] or [n, k] (a torch Linear weight)")
     overlap: Literal["auto", "decomposed", "fused"] = Field(
@@ -163,12 +215,23 @@ class KernelSpec(_Frozen):
             raise ValueError(f"world sizes must be distinct, got {v}")
         return sorted(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gemm_defaults(cls, data: Any) -> Any:
+        """GEMM ops share the GPU with GEMMs: their communication kernel's CTAs default to the planner's
+        small choices instead of the collectives' 264."""
+        if isinstance(data, dict) and data.get("op") in GEMM_OPS and "ctas" not in data:
+            return {**data, "ctas": "auto"}
+        return data
+
     @field_validator("shape")
     @classmethod
     def _shape(cls, v: list) -> list:
         for i, d in enumerate(v[1:], start=1):
             if isinstance(d, DynamicDim):
                 raise ValueError(f"only dim 0 may be dynamic; dim {i} is {{name: {d.name}, max: {d.max}}}")
+        if isinstance(v[0], ShardedDim):
+            raise ValueError("dim 0 (rows) cannot be sharded; only a GEMM's k (gemm_rs) may be {full: K}")
         return v
 
     @field_validator("tile_bytes")
@@ -207,6 +270,11 @@ class KernelSpec(_Frozen):
                 raise ValueError(f"shape: {self.op} takes A's shard as [m, k], got {len(self.shape)} dimensions")
             if self.dtype not in ("bf16", "f16", "f32"):
                 raise ValueError(f"dtype: {self.op} multiplies bf16, f16 or f32 (fp32 accumulation), not {self.dtype}")
+            self._check_sharding()
+            limit = max_gemm_comm_ctas(self.sm)
+            if self.ctas != "auto" and self.ctas > limit:
+                raise ValueError(f"ctas: a {self.op} communication kernel runs beside the GEMMs and must leave them the "
+                                 f"GPU: at most {limit} CTAs on {self.arch} (or auto), got {self.ctas}")
             why_not = self._fused_unsupported()
             if self.overlap == "fused" and why_not:
                 raise ValueError(f"overlap: fused needs {why_not}; use decomposed or auto")
@@ -219,6 +287,8 @@ class KernelSpec(_Frozen):
                 raise ValueError(f"{'gemm_tile' if self.gemm_tile is not None else 'stages'}: only the fused overlap "
                                  f"takes GEMM tiles and stages (this spec's overlap is decomposed)")
         else:
+            if any(isinstance(d, ShardedDim) for d in self.shape):
+                raise ValueError("shape: only a GEMM op's k (gemm_rs) may be sharded ({full: K})")
             for f, unset in (("n", self.n is None), ("gemm_tile", self.gemm_tile is None), ("stages", self.stages == "auto"),
                              ("overlap", self.overlap == "auto")):
                 if not unset:
@@ -233,15 +303,33 @@ class KernelSpec(_Frozen):
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
 
+    def _check_sharding(self) -> None:
+        """A sharded dim must be ag_gemm's n or gemm_rs's k, and split evenly at every world size."""
+        k = self.shape[1]
+        if isinstance(self.n, ShardedDim) and self.op != "ag_gemm":
+            raise ValueError("n: only ag_gemm's n may be sharded ({full: N}); gemm_rs shards k (shape[1])")
+        if isinstance(k, ShardedDim) and self.op != "gemm_rs":
+            raise ValueError("shape: only gemm_rs's k (shape[1]) may be sharded ({full: K}); ag_gemm shards n")
+        for field_, d in (("n", self.n), ("shape", k)):
+            if isinstance(d, ShardedDim):
+                bad = [w for w in self.world_sizes if d.full % w]
+                if bad:
+                    raise ValueError(f"{field_}: {{full: {d.full}}} does not split evenly over world sizes {bad}")
+
+    def gemm_nk(self, world: int) -> tuple[int, int]:
+        """GEMM ops: this rank's (n, k) at ``world`` ranks."""
+        return dim_size(self.n, world), dim_size(self.shape[1], world)
+
     def _fused_unsupported(self) -> str | None:
         """Why the fused GEMM (CUTLASS sm_90 TMA/wgmma) cannot run this spec, or None."""
         if not self.arch.startswith("sm_90"):
             return f"a Hopper target (arch sm_90 or sm_90a), not {self.arch}"
         if self.dtype not in ("bf16", "f16"):
             return f"bf16 or f16, not {self.dtype}"
-        k = self.max_shape[1] if len(self.shape) > 1 else 0
-        if self.n is not None and (self.n % 8 or k % 8):
-            return f"n and k multiples of 8 (16-byte rows for TMA), got n {self.n}, k {k}"
+        for w in self.world_sizes:
+            n, k = self.gemm_nk(w)
+            if n % 8 or k % 8:
+                return f"n and k multiples of 8 (16-byte rows for TMA), got n {n}, k {k} at world {w}"
         return None
 
     @property
@@ -274,7 +362,8 @@ class KernelSpec(_Frozen):
 
     @property
     def max_shape(self) -> tuple[int, ...]:
-        return tuple(d.max if isinstance(d, DynamicDim) else d for d in self.shape)
+        """Largest per-rank size of each dim (a sharded dim's share at the smallest world size)."""
+        return tuple(dim_size(d, min(self.world_sizes)) for d in self.shape)
 
     @property
     def inner_elems(self) -> int:
@@ -286,7 +375,7 @@ class KernelSpec(_Frozen):
     @property
     def comm_inner(self) -> tuple[int, ...]:
         """Inner dims of the tensors the communication moves (gemm_rs moves partial C: [.., n])."""
-        return (self.n,) if self.op == "gemm_rs" and self.n is not None else tuple(self.max_shape[1:])
+        return (dim_size(self.n),) if self.op == "gemm_rs" and self.n is not None else tuple(self.max_shape[1:])
 
     @property
     def max_shard_bytes(self) -> int:
@@ -338,12 +427,14 @@ class SpecError(Exception):
         super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in self.problems))
 
 
-_UNION_TAGS = ("int", "constrained-int", "DynamicDim")
+_UNION_TAGS = ("static", "dynamic", "sharded")
 
 
 def _is_union_tag(loc: tuple, i: int) -> bool:
-    """pydantic names the member of shape[k]'s int | DynamicDim union in the location: shape, k, <tag>."""
-    return i == 2 and loc[0] == "shape" and isinstance(loc[1], int) and loc[2] in _UNION_TAGS
+    """pydantic names the member of a dim union in the location: shape, k, <tag> or n, <tag>."""
+    if i == 2 and loc[0] == "shape" and isinstance(loc[1], int):
+        return loc[2] in _UNION_TAGS
+    return i == 1 and loc[0] == "n" and loc[1] in _UNION_TAGS
 
 
 def _format_field(loc: tuple) -> str:
@@ -364,7 +455,8 @@ def _message(err: dict) -> str:
     msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         loc = tuple(err["loc"])
-        model = DynamicDim if len(loc) > 2 and _is_union_tag(loc, 2) else KernelSpec
+        tag = next((p for i, p in enumerate(loc) if _is_union_tag(loc, i)), None)
+        model = {"dynamic": DynamicDim, "sharded": ShardedDim}.get(tag, KernelSpec)
         msg = "unknown key (allowed: " + ", ".join(model.model_fields) + ")"
     elif err["type"] == "missing":
         msg = "required field is missing"
@@ -410,19 +502,10 @@ def _yaml_key_position(root: Any, loc: tuple) -> tuple[int, int] | None:
     return None
 
 
-def _wrong_union_branch(loc: tuple, value: Any) -> bool:
-    """A dim is an int or a {name, max} mapping: report only the branch the input was meant for."""
-    if len(loc) != 3 or not _is_union_tag(loc, 2):
-        return False
-    return isinstance(value, dict) if loc[2] != "DynamicDim" else not isinstance(value, dict)
-
-
 def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[SourceLoc, str]]:
     problems = []
     seen = set()
-    errors = exc.errors()
-    kept = [e for e in errors if not _wrong_union_branch(tuple(e["loc"]), e.get("input"))] or errors
-    for err in kept:
+    for err in exc.errors():
         loc = tuple(err["loc"])
         m = re.match(r"(?:Value error, )?(\w+): (.*)", err["msg"], re.S)
         if not loc and m and m.group(1) in KernelSpec.model_fields:  # a cross-field rule names its field

@@ -41,9 +41,9 @@ def main():
     rows = []
     for label, M, N, K in CASES:
         m, n = M // world, N // world
-        if n != op.n or K != op.inner_shape[0] or m > op.max_rows():
+        if n != op.n or K != op.k or m > op.max_rows():
             if rank == 0:
-                print(f"skip {label}: the op is generated for k={op.inner_shape[0]}, n={op.n}, m<={op.max_rows()}")
+                print(f"skip {label}: the op is generated for k={op.k}, n={op.n}, m<={op.max_rows()}")
             continue
         x = torch.randn((m, K), device="cuda").to(torch.bfloat16)
         b = (torch.randn((K, n), device="cuda") / 64).to(torch.bfloat16)
@@ -53,7 +53,7 @@ def main():
         res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(full, b, out=c), 5, a.reps)
         res["us"]["tilegen_decomposed"] = time_batches(lambda: op(x, b, c), 5, a.reps)
         fused = getattr(generated, "ag_gemm_bf16_fused", None)
-        if fused is not None and fused.n == n and fused.inner_shape[0] == K and m <= fused.max_rows():
+        if fused is not None and fused.n == n and fused.k == K and m <= fused.max_rows():
             res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, b, c), 5, a.reps)
             # The fused GEMM kernel alone: rerun on the last call's gathered A, whose flags are all
             # set (no waiting), to separate the CUTLASS kernel's own speed from the overlap.
@@ -82,7 +82,7 @@ def main():
     rs = generated.gemm_rs_bf16
     for label, M, N, K in CASES:  # C[M/TP, N] = reduce_scatter(A[M, K/TP] @ B[K/TP, N])
         m, k = M // world, K // world
-        if k != rs.inner_shape[0] or N != rs.n or m > rs.max_rows():
+        if k != rs.k or N != rs.n or m > rs.max_rows():
             continue
         x = torch.randn((M, k), device="cuda").to(torch.bfloat16)
         b = (torch.randn((k, N), device="cuda") / 64).to(torch.bfloat16)
@@ -92,7 +92,7 @@ def main():
         res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(x, b, out=p), 5, a.reps)
         res["us"]["tilegen_decomposed"] = time_batches(lambda: rs(x, b, c), 5, a.reps)
         fused = getattr(generated, "gemm_rs_bf16_fused", None)
-        if fused is not None and fused.n == N and fused.inner_shape[0] == k and m <= fused.max_rows():
+        if fused is not None and fused.n == N and fused.k == k and m <= fused.max_rows():
             w = b.t().contiguous() if fused.b_layout == "nk" else b
             res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, w, c), 5, a.reps)
         if nccl:

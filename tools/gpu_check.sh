@@ -1,62 +1,103 @@
 #!/usr/bin/env bash
-# Everything that needs GPUs, in one call on the device machine (nvidia-h200-x2):
-# install the missing wheels, generate + build every spec, run the GPU tests under torchrun,
-# run the benchmarks, print a short table last.   Usage: bash tools/gpu_check.sh [quick|sweep|gemm]
-# (quick: tests only; gemm: tests, then only the GEMM benchmarks and the TP MLP example)
+# Everything that needs GPUs, on the device machine, one GPU per rank, in phases that each fit one
+# 10-minute call (chain the calls while the machine is warm):
+#   bash tools/gpu_check.sh quick       GPU tests at 2 ranks, then at every GPU (4 on a 4-GPU machine)
+#   bash tools/gpu_check.sh tests [N]   GPU tests at N ranks (default: every GPU); GPU_TESTS=path selects
+#   bash tools/gpu_check.sh bench [N]   collective benchmarks (CTA/tile variants too) at N ranks
+#   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks
+# Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
+# tools/pack_prebuilt.sh, saves the build there), else generates and builds every spec. With one GPU,
+# ranks share it under CUDA MPS: that checks the protocol, not link speed or NCCL.
 set -uo pipefail
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # never multicast there
 # Spinning kernels and lazily loaded kernels can deadlock (a load may wait for the spinning kernel):
 export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
-export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-16G} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
+export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-24G} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 OUT=${OUT:-/tmp/tilegen-out}; mkdir -p "$OUT"
+PHASE=${1:-quick}
 NGPU=$(nvidia-smi -L | wc -l)
-NP=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
-if [ "$NP" -gt "$NGPU" ]; then
-  # More ranks than GPUs: NVSHMEM's multi-process-per-GPU mode, with CUDA MPS so that the ranks'
-  # kernels run side by side (each gets a share of the SMs). Checks the protocol, not link speed.
+NP=${2:-${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}}
+
+setup_python() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+  fi
+}
+
+make_ops() {
+  if [ -f .prebuilt/ops.tar.xz ]; then  # built on the CPU machine: the libraries find NVSHMEM and TVM-FFI here
+    tar -xJf .prebuilt/ops.tar.xz || exit 1
+    local nv ffi
+    nv=$(python3 -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])")/lib
+    ffi=$(python3 -c "import tvm_ffi, os; print(os.path.join(os.path.dirname(tvm_ffi.__file__), 'lib'))")
+    export LD_LIBRARY_PATH=$nv:$ffi${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "ops: prebuilt ($(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries)"
+  elif ! python3 -m tilegen.cli generate specs/ -o generated -j 32 -q > "$OUT/generate.log" 2>&1; then
+    tail -30 "$OUT/generate.log"; echo "generate failed"; exit 1
+  fi
+}
+
+start_mps_if_shared() {  # more ranks than GPUs: NVSHMEM's multi-process-per-GPU mode under CUDA MPS
+  [ "$1" -gt "$NGPU" ] || return 0
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 / (NP / NGPU) )) NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=1
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 / ($1 / NGPU) )) NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=1
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  nvidia-cuda-mps-control -d && echo "MPS started: $NP ranks on $NGPU GPU(s)" || echo "MPS not started: ranks time-slice"
+  nvidia-cuda-mps-control -d && echo "MPS started: $1 ranks on $NGPU GPU(s)" || echo "MPS not started: ranks time-slice"
   trap 'echo quit | nvidia-cuda-mps-control 2>/dev/null' EXIT
-  # A fused GEMM and its communication kernel spin on each other, so both must be resident: size
-  # the persistent GEMM to this rank's share of the SMs, less a margin: with exactly the share
-  # minus the 8 communication CTAs (58 of 66) a run hung, MPS does not promise every SM of the share.
-  SMS=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -qi "h100\|h200" && echo 132 || echo 108)
-  export TILEGEN_GEMM_SMS=${TILEGEN_GEMM_SMS:-$(( SMS * CUDA_MPS_ACTIVE_THREAD_PERCENTAGE / 100 - 16 ))}
-  echo "fused GEMMs: TILEGEN_GEMM_SMS=$TILEGEN_GEMM_SMS CTAs per rank"
-fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nvidia-smi topo -m | head -4
+  # A fused GEMM and its communication kernel spin on each other, so both must be resident: size the
+  # persistent GEMM to this rank's share of the SMs, less a margin (MPS does not promise all of it).
+  local sms
+  sms=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)")
+  export TILEGEN_GEMM_SMS=${TILEGEN_GEMM_SMS:-$(( sms * CUDA_MPS_ACTIVE_THREAD_PERCENTAGE / 100 - 16 ))}
+}
+
+run_tests() {  # $1 ranks
+  local log="$OUT/gpu_tests_np$1.log" rc
+  timeout "${GPU_TEST_TIMEOUT:-540}" torchrun --nproc-per-node "$1" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider \
+    > "$log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)|Error|error:" "$log" | grep -v "^E  " | sort | uniq | head -40
+  echo "== gpu tests at $1 ranks: $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1)$([ $rc = 124 ] && echo ' (TIMED OUT)')"
+  return $rc
+}
+
+setup_python
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c
+make_ops
 status=0
-python3 -m tilegen.cli generate specs/ -o generated -j 16 -q 2>&1 | tee "$OUT/generate.log" || status=1
-[ $status = 0 ] || { echo "generate failed"; exit 1; }
-timeout ${GPU_TEST_TIMEOUT:-420} torchrun --nproc-per-node "$NP" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-OPS=generated:allgather_bf16
-if [ "$NGPU" -ge 2 ] || [ "${1:-}" = sweep ]; then  # CTA / tile variants (tools/bench_specs), one build
-  python3 -m tilegen.cli generate tools/bench_specs -o bench_generated -j 16 -q > "$OUT/generate_bench.log" 2>&1 \
-    && OPS="$OPS,bench_generated:*" || echo "bench variants did not build: see generate_bench.log"
-fi
-if [ "${1:-}" != quick ] && [ "${1:-}" != gemm ]; then
-  timeout 400 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" --out "$OUT/bench_allgather.json" \
-    > "$OUT/bench.log" 2>&1 || { status=1; tail -30 "$OUT/bench.log"; }
-  sed -n '/ranks on /,$p' "$OUT/bench.log"
-  timeout 500 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives.json" \
-    --plot "$OUT/collectives.png" > "$OUT/bench_collectives.log" 2>&1 || { status=1; tail -30 "$OUT/bench_collectives.log"; }
-  sed -n '/ranks on /,$p' "$OUT/bench_collectives.log"
-fi
-if [ "${1:-}" != quick ]; then
-  timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm.json" \
-    > "$OUT/bench_gemm.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm.log"; }
-  sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm.log"
-  timeout 200 torchrun --nproc-per-node "$NP" examples/tp_mlp.py > "$OUT/tp_mlp.log" 2>&1 || { status=1; tail -30 "$OUT/tp_mlp.log"; }
-  grep "^TP MLP" "$OUT/tp_mlp.log"
-fi
-echo "== gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1)"
+case "$PHASE" in
+  quick)
+    for np in 2 $(( NGPU > 2 ? NGPU : 0 )); do
+      [ "$np" -gt 0 ] || continue
+      start_mps_if_shared "$np"
+      run_tests "$np" || status=1
+    done ;;
+  tests)
+    start_mps_if_shared "$NP"
+    run_tests "$NP" || status=1 ;;
+  bench)
+    start_mps_if_shared "$NP"
+    OPS=generated:allgather_bf16
+    python3 -m tilegen.cli generate tools/bench_specs -o bench_generated -j 32 -q > "$OUT/generate_bench.log" 2>&1 \
+      && OPS="$OPS,bench_generated:*" || echo "bench variants did not build: see generate_bench.log"
+    timeout 250 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" --out "$OUT/bench_allgather_np$NP.json" \
+      > "$OUT/bench_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_np$NP.log"; }
+    sed -n '/ranks on /,$p' "$OUT/bench_np$NP.log"
+    timeout 300 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives_np$NP.json" \
+      --plot "$OUT/collectives_np$NP.png" > "$OUT/bench_collectives_np$NP.log" 2>&1 \
+      || { status=1; tail -30 "$OUT/bench_collectives_np$NP.log"; }
+    sed -n '/ranks on /,$p' "$OUT/bench_collectives_np$NP.log" ;;
+  gemm)
+    start_mps_if_shared "$NP"
+    timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm_np$NP.json" \
+      > "$OUT/bench_gemm_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm_np$NP.log"; }
+    sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm_np$NP.log"
+    timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py > "$OUT/tp_mlp_np$NP.log" 2>&1 \
+      || { status=1; tail -30 "$OUT/tp_mlp_np$NP.log"; }
+    grep "^TP MLP" "$OUT/tp_mlp_np$NP.log" ;;
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|gemm [ranks]"; exit 2 ;;
+esac
 exit $status

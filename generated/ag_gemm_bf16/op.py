@@ -2,9 +2,11 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    c = ag_gemm_bf16(a, b)   # a: [m, 8192], b: [8192, 4096]; c = allgather(a) @ b: [world * m, 4096]
+    c = ag_gemm_bf16(a, b)   # a: [m, k], b: [k, n]; c = allgather(a) @ b: [world * m, n]
 
-A is gathered by a communication kernel (16 CTAs) with per-tile signals while cuBLAS GEMMs on a
+with this rank's (n, k) = 4096, 8192 at world 2, 2048, 8192 at world 4, 1024, 8192 at world 8.
+
+A is gathered by a communication kernel with per-tile signals while cuBLAS GEMMs on a
 second stream wait for each chunk in arrival order (decomposed overlap), own chunk first.
 
 Shard shape: [m<=8192, 8192].
@@ -26,7 +28,7 @@ OP = AgGemmOp(
     world_sizes=[2, 4, 8],
     symmetric_output=True,
     default_timeout_ms=0,
-    n=4096,
+    gemm_nk={ 2: (4096, 8192), 4: (2048, 8192), 8: (1024, 8192) },
     b_layout="kn",
     fused=False,
 )

@@ -20,8 +20,9 @@ int tilegen_ag_gemm_bf16_fused_wait_error(char* msg, int len);
 void tilegen_ag_gemm_bf16_fused_nvshmem_versions(int* compiled, int* runtime);
 int tilegen_ag_gemm_bf16_fused_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_ag_gemm_bf16_fused_compute_order(int* out);
-int tilegen_ag_gemm_bf16_fused_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int sms, void* stream,
-                                       uint64_t timeout_ns, char* msg, int len);
+int tilegen_ag_gemm_bf16_fused_begin(void* stream, char* msg, int len);
+int tilegen_ag_gemm_bf16_fused_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms,
+                                       void* stream, uint64_t timeout_ns, char* msg, int len);
 }
 
 namespace {
@@ -154,13 +155,32 @@ void wait_chunk(int64_t chunk, int64_t stream, int64_t timeout_ns) {
 }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, wait_chunk);
 
-// The fused GEMM of the call run() just prepared: a [world * m, 8192], b [8192, 4096], c [world * m, 4096]
+// Before run(): on the caller's stream, start a call (advances the epoch all its kernels read).
+void begin(int64_t stream) {
+  ensure_ready();
+  char msg[kMsg] = {0};
+  if (tilegen_ag_gemm_bf16_fused_begin(reinterpret_cast<void*>(stream), msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, begin);
+
+// This rank's GEMM (n, k) at each world size (a sharded dim is split evenly over the ranks).
+bool gemm_nk(int world, int64_t* n, int64_t* k) {
+  switch (world) {
+    case 2: *n = 4096; *k = 8192; return true;
+    case 4: *n = 2048; *k = 8192; return true;
+    case 8: *n = 1024; *k = 8192; return true;
+    default: return false;
+  }
+}
+
+// The fused GEMM of the call run() just prepared: a [world * m, k], b [k, n], c [world * m, n]
 // (a: the gathered buffer run() fills); sms 0: the device's SMs minus the communication's CTAs.
 void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, int64_t stream, int64_t timeout_ns) {
   ensure_ready();
   const int world = tilegen_ag_gemm_bf16_fused_world();
-  constexpr int64_t kK = 8192, kN = 4096;
-  const int64_t b_rows = kK, b_cols = kN;
+  int64_t n = 0, k = 0;
+  if (!gemm_nk(world, &n, &k)) TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: no GEMM shape for world " << world;
+  const int64_t b_rows = k, b_cols = n;
   const TensorView* ts[3] = {&a, &b, &c};
   const char* names[3] = {"a", "b", "c"};
   for (int i = 0; i < 3; ++i) {
@@ -173,16 +193,16 @@ void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, int64_t s
       TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: " << names[i] << " is on cuda:" << t.device().device_id << " but a is on cuda:"
                                 << a.device().device_id;
   }
-  if (a.size(1) != kK || a.size(0) % world || a.size(0) / world < 1 || a.size(0) / world > kMaxRows)
-    TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: a must be [world * m, " << kK << "] with 1 <= m <= " << kMaxRows << ", got " << shape_str(a);
+  if (a.size(1) != k || a.size(0) % world || a.size(0) / world < 1 || a.size(0) / world > kMaxRows)
+    TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: a must be [world * m, " << k << "] with 1 <= m <= " << kMaxRows << ", got " << shape_str(a);
   if (b.size(0) != b_rows || b.size(1) != b_cols)
     TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: b must be [" << b_rows << ", " << b_cols << "], got " << shape_str(b);
-  if (c.size(0) != a.size(0) || c.size(1) != kN)
-    TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: c must be [" << a.size(0) << ", " << kN << "], got " << shape_str(c);
+  if (c.size(0) != a.size(0) || c.size(1) != n)
+    TVM_FFI_THROW(ValueError) << "ag_gemm_bf16_fused: c must be [" << a.size(0) << ", " << n << "], got " << shape_str(c);
   auto ptr = [](const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); };
   void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, a.device().device_id);
   char msg[kMsg] = {0};
-  if (tilegen_ag_gemm_bf16_fused_fused_gemm(ptr(a), ptr(b), ptr(c), a.size(0) / world, static_cast<int>(sms), s,
+  if (tilegen_ag_gemm_bf16_fused_fused_gemm(ptr(a), ptr(b), ptr(c), a.size(0) / world, n, k, static_cast<int>(sms), s,
                                          static_cast<uint64_t>(timeout_ns), msg, kMsg))
     TVM_FFI_THROW(RuntimeError) << msg;
 }

@@ -106,7 +106,7 @@ struct Params {
   uint64_t* state;                // local state block
   int64_t in_bytes, shard, part, tile;
   int32_t parts, rank, world, root, nsteps;
-  uint64_t epoch;  // 0: the device's count (state[0] + 1); else given by the host (ag_gemm's compute stream needs it)
+  const uint64_t* epoch_src;  // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word (begin())
   StepDesc steps[kMaxSteps];
   dev::WaitCtx wait;
 };
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) tilegen_kernel(const __grid_constant
   __shared__ uint64_t s_epoch;
   __shared__ int s_abort;
   if (threadIdx.x == 0) {
-    s_epoch = p.epoch ? p.epoch : dev::ld_acquire_gpu(p.state) + 1;  // calls on a stream are ordered
+    s_epoch = p.epoch_src ? dev::ld_acquire_gpu(p.epoch_src) : dev::ld_acquire_gpu(p.state) + 1;  // stream-ordered calls
     s_abort = 0;
   }
   __syncthreads();
@@ -283,7 +283,10 @@ struct State {
   bool ready = false;
   bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
   int pending_grid = 0;
-  uint64_t host_epoch = 0;  // calls so far (ag_gemm: the epoch is chosen on the host)
+  bool begun = false;     // GEMM ops: begin() advanced the epoch word for the next run()
+  bool prepared = false;  // GEMM ops: run() prepared a call (layout, order) that the compute side joins
+  int max_grid = 0;       // CTAs that are all resident at once (and, GEMM ops, leave the GEMMs an SM)
+  uint64_t* epoch_dev = nullptr;  // GEMM ops: the epoch of the current call, advanced on the device by begin()
   int64_t last_shard = 0, last_part = 0, last_tile = 0;
   int last_parts = 1, last_variant = 0, last_grid = 0;
   uint64_t* counters = nullptr;  // fused gemm_rs: finished tiles per input part (local, zero between calls)
@@ -347,8 +350,9 @@ int64_t tile_size_for(int64_t part, int64_t tile_bytes, int ctas) {
 // Compute-stream side of AllGather+GEMM: one thread waits until every tile of a gathered chunk has
 // landed (the same flags the copy kernel's waits use), so the GEMM queued after it reads complete data.
 __global__ void tilegen_wait_chunk(const uint64_t* sig, int chunk, int parts, int64_t shard, int64_t part,
-                                   int64_t tile, uint64_t epoch, dev::WaitCtx w) {
+                                   int64_t tile, const uint64_t* epoch_src, dev::WaitCtx w) {
   if (threadIdx.x != 0) return;
+  const uint64_t epoch = dev::ld_acquire_gpu(epoch_src);
   for (int h = 0; h < parts; ++h) {
     int64_t len = shard - static_cast<int64_t>(h) * part;
     len = len < 0 ? 0 : (len > part ? part : len);
@@ -359,6 +363,10 @@ __global__ void tilegen_wait_chunk(const uint64_t* sig, int chunk, int parts, in
     }
   }
 }
+
+// Every kernel of one call reads its epoch from epoch_dev, which this kernel advances on the caller's
+// stream before the call forks onto its streams: epochs stay right when a CUDA graph replays the call.
+__global__ void tilegen_begin_call(uint64_t* epoch_dev) { dev::st_release_gpu(epoch_dev, *epoch_dev + 1); }
 
 // Chunk order of the compute stream per world, variant and rank (ag_gemm: own chunk first, then by
 // arrival; gemm_rs: in the order the communication first needs them).
@@ -379,13 +387,23 @@ extern "C" {
 
 // After run(): wait on `stream` until chunk `chunk` of this call's gather is complete.
 int tilegen_ag_gemm_f16_nk_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len) {
-  if (!g.ready || !g.host_epoch) return fail(msg, len, "ag_gemm_f16_nk: wait_chunk before any call");
+  if (!g.ready || !g.prepared) return fail(msg, len, "ag_gemm_f16_nk: wait_chunk before any call");
   if (chunk < 0 || chunk >= g.world) return fail(msg, len, "ag_gemm_f16_nk: chunk %d outside [0, %d)", chunk, g.world);
   const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, kOpId};
   tilegen_wait_chunk<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, g.last_parts, g.last_shard,
-                                                                      g.last_part, g.last_tile, g.host_epoch, w);
+                                                                      g.last_part, g.last_tile, g.epoch_dev, w);
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : fail(msg, len, "ag_gemm_f16_nk: wait launch failed: %s", cudaGetErrorString(e));
+}
+
+// Starts a call on the caller's stream, before it forks: advances the epoch every kernel of the call reads.
+int tilegen_ag_gemm_f16_nk_begin(void* stream, char* msg, int len) {
+  if (!g.ready) return fail(msg, len, "ag_gemm_f16_nk: not initialised (call tilegen.init() first)");
+  tilegen_begin_call<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fail(msg, len, "ag_gemm_f16_nk: begin launch failed: %s", cudaGetErrorString(e));
+  g.begun = true;
+  return 0;
 }
 
 // The compute stream's chunk order for the last call (world entries).
@@ -414,6 +432,8 @@ int tilegen_ag_gemm_f16_nk_init(char* msg, int len) {
   cudaError_t e = cudaMemset(g.sig, 0, kSigWords * sizeof(uint64_t));
   if (e == cudaSuccess) e = cudaMalloc(&g.state, kStateWords * sizeof(uint64_t));
   if (e == cudaSuccess) e = cudaMemset(g.state, 0, kStateWords * sizeof(uint64_t));
+  if (e == cudaSuccess) e = cudaMalloc(&g.epoch_dev, sizeof(uint64_t));
+  if (e == cudaSuccess) e = cudaMemset(g.epoch_dev, 0, sizeof(uint64_t));
   if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
   if (e == cudaSuccess) { memset(g.err_host, 0, sizeof(dev::WaitError)); e = cudaHostGetDevicePointer(&g.err_dev, g.err_host, 0); }
   if (e == cudaSuccess) e = cudaDeviceSynchronize();
@@ -423,7 +443,19 @@ int tilegen_ag_gemm_f16_nk_init(char* msg, int len) {
   cudaFuncAttributes fa;
   e = cudaFuncGetAttributes(&fa, tilegen_kernel);
   if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, tilegen_wait_chunk);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, tilegen_begin_call);
   if (e != cudaSuccess) return fail(msg, len, "ag_gemm_f16_nk: loading kernels: %s", cudaGetErrorString(e));
+  // The checker proves the schedules deadlock-free with every CTA running: launch no more CTAs than
+  // can be resident at once. A GEMM op's kernel spins beside GEMMs (which it may wait for): leave
+  // them SMs even if each CTA takes an SM of its own.
+  int device = 0, sms = 0, per_sm = 0;
+  e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tilegen_kernel, kThreads, 0);
+  if (e != cudaSuccess || per_sm < 1)
+    return fail(msg, len, "ag_gemm_f16_nk: the kernel cannot run %d threads per CTA here: %s", kThreads, cudaGetErrorString(e));
+  g.max_grid = per_sm * sms;
+  g.max_grid = g.max_grid < sms / 2 ? g.max_grid : sms / 2;
   nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
   for (int q = 0; q < g.world; ++q) {
     g.sig_peer[q] = kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
@@ -444,6 +476,7 @@ int tilegen_ag_gemm_f16_nk_release(char* msg, int len) {
   nvshmem_free(g.stage);
   cudaFree(g.state);
   if (g.counters) cudaFree(g.counters);
+  if (g.epoch_dev) cudaFree(g.epoch_dev);
   cudaFreeHost(g.err_host);
   g = State{};
   return 0;
@@ -497,13 +530,17 @@ int tilegen_ag_gemm_f16_nk_run(const void* in, void* out, int64_t in_bytes, int 
   const int rel = (g.rank - root + g.world) % g.world;
   for (int i = 0; i < p.nsteps; ++i) p.steps[i] = v.table[rel][i];
   p.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, kOpId};
-  p.epoch = ++g.host_epoch;
+  if (!g.begun) return fail(msg, len, "ag_gemm_f16_nk: run() without begin() on the caller's stream first");
+  g.begun = false;
+  g.prepared = true;
+  p.epoch_src = g.epoch_dev;
   g.last_shard = p.shard;
   g.last_part = p.part;
   g.last_tile = p.tile;
   g.last_parts = p.parts;
   g.last_variant = vi;
-  const int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+  int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+  grid = grid < g.max_grid ? grid : g.max_grid;
   g.last_grid = grid;
   if (defer) {  // prepared now (epoch, layout), launched by launch_pending() after the producers are queued
     g_pending = p;

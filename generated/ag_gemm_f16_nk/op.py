@@ -2,9 +2,11 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    c = ag_gemm_f16_nk(a, b)   # a: [m, 1000], b: [999, 1000]; c = allgather(a) @ b.T: [world * m, 999]
+    c = ag_gemm_f16_nk(a, b)   # a: [m, k], b: [n, k]; c = allgather(a) @ b.T: [world * m, n]
 
-A is gathered by a communication kernel (8 CTAs) with per-tile signals while cuBLAS GEMMs on a
+with this rank's (n, k) = 999, 1000 at world 2, 999, 1000 at world 4, 999, 1000 at world 8.
+
+A is gathered by a communication kernel with per-tile signals while cuBLAS GEMMs on a
 second stream wait for each chunk in arrival order (decomposed overlap), own chunk first.
 
 Shard shape: [m<=2048, 1000].
@@ -26,7 +28,7 @@ OP = AgGemmOp(
     world_sizes=[2, 4, 8],
     symmetric_output=True,
     default_timeout_ms=0,
-    n=999,
+    gemm_nk={ 2: (999, 1000), 4: (999, 1000), 8: (999, 1000) },
     b_layout="nk",
     fused=False,
 )

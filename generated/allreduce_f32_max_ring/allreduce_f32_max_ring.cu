@@ -106,7 +106,7 @@ struct Params {
   uint64_t* state;                // local state block
   int64_t in_bytes, shard, part, tile;
   int32_t parts, rank, world, root, nsteps;
-  uint64_t epoch;  // 0: the device's count (state[0] + 1); else given by the host (ag_gemm's compute stream needs it)
+  const uint64_t* epoch_src;  // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word (begin())
   StepDesc steps[kMaxSteps];
   dev::WaitCtx wait;
 };
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) tilegen_kernel(const __grid_constant
   __shared__ uint64_t s_epoch;
   __shared__ int s_abort;
   if (threadIdx.x == 0) {
-    s_epoch = p.epoch ? p.epoch : dev::ld_acquire_gpu(p.state) + 1;  // calls on a stream are ordered
+    s_epoch = p.epoch_src ? dev::ld_acquire_gpu(p.epoch_src) : dev::ld_acquire_gpu(p.state) + 1;  // stream-ordered calls
     s_abort = 0;
   }
   __syncthreads();
@@ -303,7 +303,10 @@ struct State {
   bool ready = false;
   bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
   int pending_grid = 0;
-  uint64_t host_epoch = 0;  // calls so far (ag_gemm: the epoch is chosen on the host)
+  bool begun = false;     // GEMM ops: begin() advanced the epoch word for the next run()
+  bool prepared = false;  // GEMM ops: run() prepared a call (layout, order) that the compute side joins
+  int max_grid = 0;       // CTAs that are all resident at once (and, GEMM ops, leave the GEMMs an SM)
+  uint64_t* epoch_dev = nullptr;  // GEMM ops: the epoch of the current call, advanced on the device by begin()
   int64_t last_shard = 0, last_part = 0, last_tile = 0;
   int last_parts = 1, last_variant = 0, last_grid = 0;
   uint64_t* counters = nullptr;  // fused gemm_rs: finished tiles per input part (local, zero between calls)
@@ -394,6 +397,16 @@ int tilegen_allreduce_f32_max_ring_init(char* msg, int len) {
   cudaFuncAttributes fa;
   e = cudaFuncGetAttributes(&fa, tilegen_kernel);
   if (e != cudaSuccess) return fail(msg, len, "allreduce_f32_max_ring: loading kernels: %s", cudaGetErrorString(e));
+  // The checker proves the schedules deadlock-free with every CTA running: launch no more CTAs than
+  // can be resident at once. A GEMM op's kernel spins beside GEMMs (which it may wait for): leave
+  // them SMs even if each CTA takes an SM of its own.
+  int device = 0, sms = 0, per_sm = 0;
+  e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tilegen_kernel, kThreads, 0);
+  if (e != cudaSuccess || per_sm < 1)
+    return fail(msg, len, "allreduce_f32_max_ring: the kernel cannot run %d threads per CTA here: %s", kThreads, cudaGetErrorString(e));
+  g.max_grid = per_sm * sms;
   nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
   for (int q = 0; q < g.world; ++q) {
     g.sig_peer[q] = kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
@@ -414,6 +427,7 @@ int tilegen_allreduce_f32_max_ring_release(char* msg, int len) {
   nvshmem_free(g.stage);
   cudaFree(g.state);
   if (g.counters) cudaFree(g.counters);
+  if (g.epoch_dev) cudaFree(g.epoch_dev);
   cudaFreeHost(g.err_host);
   g = State{};
   return 0;
@@ -472,7 +486,8 @@ int tilegen_allreduce_f32_max_ring_run(const void* in, void* out, int64_t in_byt
   g.last_tile = p.tile;
   g.last_parts = p.parts;
   g.last_variant = vi;
-  const int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+  int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+  grid = grid < g.max_grid ? grid : g.max_grid;
   g.last_grid = grid;
   if (defer) {  // prepared now (epoch, layout), launched by launch_pending() after the producers are queued
     g_pending = p;

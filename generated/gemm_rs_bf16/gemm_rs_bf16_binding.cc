@@ -20,6 +20,7 @@ int tilegen_gemm_rs_bf16_wait_error(char* msg, int len);
 void tilegen_gemm_rs_bf16_nvshmem_versions(int* compiled, int* runtime);
 int tilegen_gemm_rs_bf16_signal_chunk(int chunk, void* stream, char* msg, int len);
 int tilegen_gemm_rs_bf16_compute_order(int* out);
+int tilegen_gemm_rs_bf16_begin(void* stream, char* msg, int len);
 }
 
 namespace {
@@ -150,6 +151,14 @@ void signal_chunk(int64_t chunk, int64_t stream) {
     TVM_FFI_THROW(RuntimeError) << msg;
 }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(signal_chunk, signal_chunk);
+
+// Before run(): on the caller's stream, start a call (advances the epoch all its kernels read).
+void begin(int64_t stream) {
+  ensure_ready();
+  char msg[kMsg] = {0};
+  if (tilegen_gemm_rs_bf16_begin(reinterpret_cast<void*>(stream), msg, kMsg)) TVM_FFI_THROW(RuntimeError) << msg;
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, begin);
 
 tvm::ffi::Array<int64_t> compute_order() {
   int o[8];

@@ -2,12 +2,14 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    c = gemm_rs_bf16(a, b)   # a: [world * m, 4096] (K-sharded), b: [4096, 8192]; c = reduce_scatter(a @ b): [m, 8192]
+    c = gemm_rs_bf16(a, b)   # a: [world * m, k] (K-sharded), b: [k, n]; c = reduce_scatter(a @ b): [m, n]
+
+with this rank's (n, k) = 8192, 4096 at world 2, 8192, 2048 at world 4, 8192, 1024 at world 8.
 
 GEMMs on a compute stream produce the rows destined to each rank (others' first) and signal them; the
-reduce-scatter kernel (16 CTAs) pushes and reduces each chunk once its signal is set.
+reduce-scatter kernel pushes and reduces each chunk once its signal is set.
 
-Shard shape: [m<=4096, 4096].
+Shard shape: [m<=4096, 8192/world].
 Schedules (checked), by world size and input size:
   world 2: direct up to 134217728 B
   world 4: direct up to 268435456 B
@@ -22,11 +24,11 @@ OP = GemmRsOp(
     name="gemm_rs_bf16",
     kind="gemm_rs",
     dtype="bfloat16",
-    shape=[{'name': 'm', 'max': 4096}, 4096],
+    shape=[{'name': 'm', 'max': 4096}, {'full': 8192}],
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
-    n=8192,
+    gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="kn",
     fused=False,
 )

@@ -2,13 +2,15 @@
 
 Call it on every rank with the same shapes, after ``tilegen.init()``::
 
-    c = gemm_rs_bf16_fused(a, b)   # a: [world * m, 4096] (K-sharded), b: [8192, 4096]; c = reduce_scatter(a @ b.T): [m, 8192]
+    c = gemm_rs_bf16_fused(a, b)   # a: [world * m, k] (K-sharded), b: [n, k]; c = reduce_scatter(a @ b.T): [m, n]
+
+with this rank's (n, k) = 8192, 4096 at world 2, 8192, 2048 at world 4, 8192, 1024 at world 8.
 
 One fused CUTLASS GEMM (128x256x64 tiles) produces the rows destined to each rank (others' first)
-and publishes each part of them as its last tile is stored; the reduce-scatter kernel (8 CTAs)
+and publishes each part of them as its last tile is stored; the reduce-scatter kernel
 beside it pushes and reduces each part once it is published.
 
-Shard shape: [m<=4096, 4096].
+Shard shape: [m<=4096, 8192/world].
 Schedules (checked), by world size and input size:
   world 2: direct up to 134217728 B
   world 4: direct up to 268435456 B
@@ -23,11 +25,11 @@ OP = GemmRsOp(
     name="gemm_rs_bf16_fused",
     kind="gemm_rs",
     dtype="bfloat16",
-    shape=[{'name': 'm', 'max': 4096}, 4096],
+    shape=[{'name': 'm', 'max': 4096}, {'full': 8192}],
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
-    n=8192,
+    gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="nk",
     fused=True,
 )

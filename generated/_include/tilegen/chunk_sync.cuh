@@ -29,7 +29,7 @@ struct ChunkSync {
   int64_t flag_stride = 0;
   int64_t in_flag_base = 0;    // gemm_rs: input flag of (c, h) = sig[in_flag_base + c*parts + h]
   uint64_t* counters = nullptr;  // gemm_rs: finished tiles per (c, h); zero between calls
-  uint64_t epoch = 0;
+  const uint64_t* epoch = nullptr;  // the call's epoch, on the device (advanced by the op's begin kernel)
   dev::WaitCtx wait{};
 };
 

@@ -33,6 +33,7 @@ __device__ __forceinline__ int64_t part_length(const ChunkSync& s, int h) {
 __device__ __forceinline__ void wait_rows(const ChunkSync& s, int c, int64_t r0, int64_t r1) {
   const int64_t b0 = r0 * s.row_bytes, b1 = r1 * s.row_bytes;
   if (b1 <= b0 || s.part <= 0) return;
+  const uint64_t epoch = dev::ld_acquire_gpu(s.epoch);
   for (int64_t h = b0 / s.part; h <= (b1 - 1) / s.part && h < s.parts; ++h) {
     const int64_t base = h * s.part, len = part_length(s, static_cast<int>(h));
     const int64_t lo = (b0 > base ? b0 : base) - base, hi = (b1 < base + len ? b1 : base + len) - base;
@@ -40,7 +41,7 @@ __device__ __forceinline__ void wait_rows(const ChunkSync& s, int c, int64_t r0,
     const int64_t t0 = s.per_tile ? lo / s.tile : 0, t1 = s.per_tile ? (hi - 1) / s.tile : 0;
     for (int64_t t = t0; t <= t1; ++t) {
       const int64_t idx = s.flag_base + (static_cast<int64_t>(c) * s.parts + h) * s.flag_stride + t;
-      if (!dev::wait_ge(s.sig + idx, s.epoch, s.wait, 1, idx, -1)) return;  // recorded; finish, do not hang
+      if (!dev::wait_ge(s.sig + idx, epoch, s.wait, 1, idx, -1)) return;  // recorded; finish, do not hang
     }
   }
 }
@@ -58,6 +59,7 @@ __device__ __forceinline__ uint64_t tiles_touching_part(const ChunkSync& s, int 
 __device__ __forceinline__ void publish_tile(const ChunkSync& s, int c, int64_t r0, int64_t r1) {
   const int64_t b0 = r0 * s.row_bytes, b1 = r1 * s.row_bytes;
   if (b1 <= b0 || s.part <= 0) return;
+  const uint64_t epoch = dev::ld_acquire_gpu(s.epoch);
   for (int64_t h = b0 / s.part; h <= (b1 - 1) / s.part && h < s.parts; ++h) {
     if (part_length(s, static_cast<int>(h)) == 0) continue;
     const int64_t slot = static_cast<int64_t>(c) * s.parts + h;
@@ -65,9 +67,9 @@ __device__ __forceinline__ void publish_tile(const ChunkSync& s, int c, int64_t 
     if (dev::atomic_add_acq_rel_gpu(s.counters + slot, 1) + 1 != want) continue;
     s.counters[slot] = 0;  // every tile of this call has counted: reset for the next call
     dev::fence_acq_rel_gpu();
-    dev::st_release_gpu(s.sig + s.in_flag_base + slot, s.epoch);
+    dev::st_release_gpu(s.sig + s.in_flag_base + slot, epoch);
     const bool last_nonempty = h + 1 >= s.parts || part_length(s, static_cast<int>(h + 1)) == 0;
-    for (int64_t e = h + 1; last_nonempty && e < s.parts; ++e) dev::st_release_gpu(s.sig + s.in_flag_base + c * s.parts + e, s.epoch);
+    for (int64_t e = h + 1; last_nonempty && e < s.parts; ++e) dev::st_release_gpu(s.sig + s.in_flag_base + c * s.parts + e, epoch);
   }
 }
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds every spec on this (CPU, x86-64) machine and packs the op libraries for the GPU machine into
+# .prebuilt/ops.tar.xz (ignored by git): carry .prebuilt with the device call and tools/gpu_check.sh
+# unpacks it instead of building there (minutes of device time saved per fresh machine).
+# The libraries link TVM-FFI dynamically: carry the apache-tvm-ffi wheel of the version built against
+# (build.json's tvm_ffi), e.g. ../shared/device/prepare-wheels.sh ... apache-tvm-ffi==<that version>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qxF '/.prebuilt/' .git/info/exclude 2>/dev/null || echo '/.prebuilt/' >> .git/info/exclude
+tilegen generate specs/ -o generated -q
+mkdir -p .prebuilt
+tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
+echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
+     "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
