@@ -97,10 +97,13 @@ def main():
         t_nccl = time_batches(lambda: mlp_nccl(x, w_gu_r, w_down_r), 5, args.reps) if nccl else float("nan")
         if rank == 0:
             d, h = MODELS[model]
-            print(f"TP MLP {model} (d={d}, d_ff={h}), TP {world}, {args.tokens} tokens per rank: relative error vs one "
-                  f"GPU {errs[0]:.2e} (decomposed), {errs[1]:.2e} (fused); tilegen decomposed {t[False] / 1e3:.3f} ms, "
-                  f"fused {t[True] / 1e3:.3f} ms, NCCL+cuBLAS {t_nccl / 1e3:.3f} ms, speedup {t_nccl / t[False]:.2f}x / "
-                  f"{t_nccl / t[True]:.2f}x", flush=True)
+            print(
+                f"TP MLP {model} (d={d}, d_ff={h}), TP {world}, {args.tokens} tokens per rank: relative error vs one "
+                f"GPU {errs[0]:.2e} (decomposed), {errs[1]:.2e} (fused); tilegen decomposed {t[False] / 1e3:.3f} ms, "
+                f"fused {t[True] / 1e3:.3f} ms, NCCL+cuBLAS {t_nccl / 1e3:.3f} ms, speedup {t_nccl / t[False]:.2f}x / "
+                f"{t_nccl / t[True]:.2f}x",
+                flush=True,
+            )
     tilegen.finalize()
     dist.destroy_process_group()
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tilegen import cli
-from tilegen import plan as plan_mod
+from tilegen import cli, pipeline, registry
 from tilegen.build import BuildError, build_package, nvshmem_header_version
-from tilegen.codegen import CodegenError, FileManager, render_op, render_package, step_table, write_package
+from tilegen.codegen import INCLUDE_DIR, CodegenError, step_lines
+from tilegen.files import FileManager, write_files
+from tilegen.pipeline import generate_op, generate_package
 from tilegen.plan import plan
 from tilegen.runtime import OpLoadError, check_build
 from tilegen.spec import DynamicDim, KernelSpec, load_specs
@@ -27,17 +28,17 @@ def spec(**kw):
 
 def test_rendering_is_deterministic(tmp_path):
     specs, _ = load_specs([Path(__file__).parent.parent / "specs"])
-    a = render_package(specs, "pkg", "3.4.5")
-    b = render_package(specs, "pkg", "3.4.5")
+    a = generate_package(specs, "pkg", "3.4.5")
+    b = generate_package(specs, "pkg", "3.4.5")
     assert a == b
-    write_package(a, tmp_path / "one")
-    write_package(b, tmp_path / "two")
+    write_files(a, tmp_path / "one")
+    write_files(b, tmp_path / "two")
     for rel in a:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
 
 
 def test_spec_strings_never_reach_cuda_source():
-    files = render_op(spec(), "3.4.5")
+    files = generate_op(spec(), "3.4.5")
     for name, text in files.items():
         if name.endswith((".cu", ".cc", ".py")):
             for fragment in ("system(", "evil", "ünïcode", "$(id)", "49"):
@@ -48,42 +49,67 @@ def test_spec_strings_never_reach_cuda_source():
 
 def test_manifest_records_provenance():
     s = spec()
-    man = json.loads(render_op(s, "3.4.5")["manifest.json"])
+    man = json.loads(generate_op(s, "3.4.5")["manifest.json"])
     assert man["spec_hash"] == s.spec_hash()
     assert re.fullmatch(r"[0-9a-f]{64}", man["template_hash"])
     assert man["arch"] == "sm_90" and "-gencode=arch=compute_90,code=sm_90" in man["nvcc_flags"]
     assert man["nvshmem_headers"] == "3.4.5"
     assert man["plans"]["4"][0]["algorithm"] == "direct" and man["plans"]["4"][0]["max_in_bytes"] == s.max_in_bytes(4)
-    assert set(man["files"]) == {"ag_test.cu", "ag_test_binding.cc", "op.py"}
+    assert set(man["files"]) == {"ag_test.cu", "ag_test_steps.inc", "ag_test_binding.cc", "op.py"}
+    assert "include/tilegen/collective.cuh" in man["templates"]
 
 
 def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path):
     from tilegen.build import find_toolchain, ninja_file
     from tilegen.codegen import template_files
-    ag = KernelSpec(name="agf", op="ag_gemm", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=512), 1024],
-                    n=768, overlap="fused", gemm_tile=[128, 128, 64], stages=5)
-    rs = KernelSpec(name="rsf", op="gemm_rs", dtype="f16", world_sizes=[2], shape=[256, 512], n=1024, b_layout="nk",
-                    overlap="fused")
+    ag = KernelSpec(
+        name="agf",
+        op="ag_gemm",
+        dtype="bf16",
+        world_sizes=[2, 4],
+        shape=[DynamicDim(name="m", max=512), 1024],
+        n=768,
+        overlap="fused",
+        gemm_tile=[128, 128, 64],
+        stages=5,
+    )
+    rs = KernelSpec(
+        name="rsf", op="gemm_rs", dtype="f16", world_sizes=[2], shape=[256, 512], n=1024, b_layout="nk", overlap="fused"
+    )
     dec = KernelSpec(name="agd", op="ag_gemm", dtype="bf16", world_sizes=[2], shape=[256, 1024], n=768)
-    files = render_op(ag, None)
+    files = generate_op(ag, None)
     src = files["agf_gemm.cu"]
-    assert "tilegen::fused::ChunkSchedulerTag" in src and "KernelTmaWarpSpecializedCooperative" in src
-    assert "Shape<_128, _128, _64>" in src and "StageCount<5>" in src and "cutlass::bfloat16_t" in src
-    assert "tf::kWaitRows" in files["agf.cu"] and "kSignalSelf = true" in files["agf.cu"]
-    assert "def fused_gemm" not in files["agf_binding.cc"] and "void fused_gemm(" in files["agf_binding.cc"]
-    rs_files = render_op(rs, None)
-    assert "tf::kPublishParts" in rs_files["rsf.cu"] and "kSignalSelf = false" in rs_files["rsf.cu"]
-    assert "cutlass::layout::ColumnMajor;  // B [N, K]" in rs_files["rsf_gemm.cu"] and "cutlass::half_t" in rs_files["rsf_gemm.cu"]
-    assert "agd_gemm.cu" not in render_op(dec, None) and "fused=False" in render_op(dec, None)["op.py"]
+    assert (
+        "tilegen::fused::FusedGemm<cutlass::bfloat16_t, /*kBRowMajor=*/true, 128, 128, 64,\n"
+        "                                         /*Stages=*/5, /*kGathersA=*/true>"
+    ) in src
+    assert "TILEGEN_EXPORT_FUSED_GEMM(OpGemm)" in src
+    lib = (INCLUDE_DIR / "tilegen/fused_gemm_op.cuh").read_text()
+    assert "ChunkSchedulerTag>" in lib and "KernelTmaWarpSpecializedCooperative" in lib
+    assert "Gemm kGemm = Gemm::kConsume;" in files["agf.cu"] and "bool kFused = true;" in files["agf.cu"]
+    assert "#define TILEGEN_BINDING_FUSED 1" in files["agf_binding.cc"]
+    rs_files = generate_op(rs, None)
+    assert "Gemm kGemm = Gemm::kProduce;" in rs_files["rsf.cu"]
+    assert (
+        "cutlass::half_t, /*kBRowMajor=*/false" in rs_files["rsf_gemm.cu"]
+        and "kGathersA=*/false" in rs_files["rsf_gemm.cu"]
+    )
+    assert "agd_gemm.cu" not in generate_op(dec, None) and "fused=False" in generate_op(dec, None)["op.py"]
     man = json.loads(files["manifest.json"])
-    assert man["fused_gemm"]["tile"] == [128, 128, 64] and "-gencode=arch=compute_90a,code=sm_90a" in man["fused_gemm"]["nvcc_flags"]
+    assert (
+        man["fused_gemm"]["tile"] == [128, 128, 64]
+        and "-gencode=arch=compute_90a,code=sm_90a" in man["fused_gemm"]["nvcc_flags"]
+    )
     assert "fused_gemm.cu.j2" in template_files(ag) and "fused_gemm.cu.j2" not in template_files(dec)
     ninja = ninja_file(tmp_path, [ag, dec], find_toolchain())
-    gemm_edge = next(l for l in ninja.splitlines() if l.startswith("build agf/_build/agf_gemm.o"))
+    gemm_edge = next(line for line in ninja.splitlines() if line.startswith("build agf/_build/agf_gemm.o"))
     assert "cu_gemm" in gemm_edge and "agd_gemm" not in ninja
     gemm_rule = ninja.split("gemmflags = ")[1].splitlines()[0]
     assert "-rdc" not in gemm_rule and "-DNDEBUG" in gemm_rule and "cutlass" in gemm_rule.lower()
-    assert "build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o agf/_build/agf_gemm.o" in ninja
+    assert (
+        "build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o agf/_build/agf_gemm.o"
+        in ninja
+    )
 
 
 def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
@@ -91,58 +117,82 @@ def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
     advanced on the device (a host value would be frozen into a captured graph); and a spec giving the
     layer's whole n or k yields each world size's share in the wrapper and the fused binding."""
     from tilegen.spec import ShardedDim
-    ag = KernelSpec(name="agf", op="ag_gemm", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=512), 1024],
-                    n=ShardedDim(full=4096), b_layout="nk", overlap="fused")
-    rs = KernelSpec(name="rsd", op="gemm_rs", dtype="bf16", world_sizes=[2, 4, 8],
-                    shape=[DynamicDim(name="m", max=512), ShardedDim(full=8192)], n=1024)
-    for s in (ag, rs):
-        files = render_op(s, None)
-        src = files[f"{s.name}.cu"]
-        assert "__global__ void tilegen_begin_call(uint64_t* epoch_dev)" in src
-        assert "p.epoch_src = g.epoch_dev;" in src and "host_epoch" not in src
-        assert 'run() without begin() on the caller\'s stream first' in src
-        assert "void begin(int64_t stream)" in files[f"{s.name}_binding.cc"]
-    assert "gemm_nk={ 2: (2048, 1024), 4: (1024, 1024) }" in render_op(ag, None)["op.py"]
-    assert "gemm_nk={ 2: (1024, 4096), 4: (1024, 2048), 8: (1024, 1024) }" in render_op(rs, None)["op.py"]
-    binding = render_op(ag, None)["agf_binding.cc"]
-    assert "case 2: *n = 2048; *k = 1024; return true;" in binding and "case 4: *n = 1024; *k = 1024; return true;" in binding
-    assert "s.epoch = g.epoch_dev;" in render_op(ag, None)["agf.cu"]
+
+    ag = KernelSpec(
+        name="agf",
+        op="ag_gemm",
+        dtype="bf16",
+        world_sizes=[2, 4],
+        shape=[DynamicDim(name="m", max=512), 1024],
+        n=ShardedDim(full=4096),
+        b_layout="nk",
+        overlap="fused",
+    )
+    rs = KernelSpec(
+        name="rsd",
+        op="gemm_rs",
+        dtype="bf16",
+        world_sizes=[2, 4, 8],
+        shape=[DynamicDim(name="m", max=512), ShardedDim(full=8192)],
+        n=1024,
+    )
+    host = (INCLUDE_DIR / "tilegen/collective_host.cuh").read_text()
+    assert "begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev);" in host
+    assert "p.epoch_src = g.epoch_dev;" in host and "s.epoch = g.epoch_dev;" in host and "host_epoch" not in host
+    assert "run() without begin() on the caller's stream first" in host
+    for s, gemm in ((ag, 1), (rs, 2)):
+        files = generate_op(s, None)
+        assert f"#define TILEGEN_BINDING_GEMM {gemm}" in files[f"{s.name}_binding.cc"]  # exports begin()
+    assert "gemm_nk={ 2: (2048, 1024), 4: (1024, 1024) }" in generate_op(ag, None)["op.py"]
+    assert "gemm_nk={ 2: (1024, 4096), 4: (1024, 2048), 8: (1024, 1024) }" in generate_op(rs, None)["op.py"]
+    binding = generate_op(ag, None)["agf_binding.cc"]
+    assert (
+        "case 2: *n = 2048; *k = 1024; return true;" in binding
+        and "case 4: *n = 1024; *k = 1024; return true;" in binding
+    )
 
 
 @pytest.mark.parametrize("op, shape", [("allgather", [8, 64]), ("allreduce", [DynamicDim(name="m", max=4096), 1024])])
 def test_step_tables_in_source_are_the_checked_plans(op, shape):
     s = spec(op=op, shape=shape, ctas="auto", tile_bytes="auto")
-    src = render_op(s, None)["ag_test.cu"]
+    src = generate_op(s, None)["ag_test_steps.inc"]
     for w in s.world_sizes:
         for i, v in enumerate(plan(s, w).variants):
-            block = re.search(rf"kSteps_w{w}_v{i}\[{w}\]\[kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
-            want = "\n".join("    { " + ", ".join(row) + " }," for row in step_table(v.schedule))
-            assert block == want
-            assert f"out[{i}] = Variant{{ {v.max_bytes}LL, {v.schedule.parts}, {v.ctas}, {v.tile_bytes}LL" in src
+            block = re.search(rf"kSteps_w{w}_v{i}\[{w}\]\[Op::kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
+            codes = [line.split("//")[0].strip().removesuffix(",") for line in block.splitlines() if "St::" in line]
+            assert codes == [code for rank in step_lines(v.schedule) for code, _ in rank]
+            assert (
+                f"{{ {v.max_bytes}LL, {v.schedule.parts}, {v.ctas}, {v.tile_bytes}LL, {v.schedule.max_steps}, "
+                f"kSteps_w{w}_v{i}"
+                in src
+            )
 
 
 @pytest.fixture
 def fresh_schedule_caches():
     """Schedules and verdicts are memoised; a test that swaps a schedule builder must not see old ones."""
-    from tilegen import codegen
-    plan_mod.make_schedule.cache_clear()
-    codegen.verdict_of.cache_clear()
+    registry.make_schedule.cache_clear()
+    pipeline.verdict_of.cache_clear()
     yield
-    plan_mod.make_schedule.cache_clear()
-    codegen.verdict_of.cache_clear()
+    registry.make_schedule.cache_clear()
+    pipeline.verdict_of.cache_clear()
 
 
 def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys, fresh_schedule_caches):
     import dataclasses
-    real = plan_mod.ag_direct
+
+    real = registry.OPS["allgather"].schedules["direct"]
 
     def no_waits(world, sync):
         good = real(world, sync)
         return dataclasses.replace(good, ranks=tuple(tuple(s for s in r if s.kind != "wait") for r in good.ranks))
-    monkeypatch.setitem(plan_mod.ALGORITHMS["allgather"], "direct", no_waits)
+
+    monkeypatch.setitem(registry.OPS["allgather"].schedules, "direct", no_waits)
     with pytest.raises(CodegenError, match="checker rejected the direct schedule"):
-        render_op(spec(), None)
-    (tmp_path / "s.yaml").write_text("name: a\nop: allgather\ndtype: f32\nworld_sizes: [2]\nshape: [4]\nschedule: direct\n")
+        generate_op(spec(), None)
+    (tmp_path / "s.yaml").write_text(
+        "name: a\nop: allgather\ndtype: f32\nworld_sizes: [2]\nshape: [4]\nschedule: direct\n"
+    )
     assert cli.main(["generate", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out"), "--no-build"]) == 1
     assert "unsynchronised read" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -166,7 +216,9 @@ def test_committed_generated_sources_are_current(root, capsys):
 
 
 def test_drift_check_names_stale_files(root, tmp_path, capsys):
-    shutil.copytree(root / "generated", tmp_path / "generated", ignore=shutil.ignore_patterns("_build", ".ninja*", "*.ninja"))
+    shutil.copytree(
+        root / "generated", tmp_path / "generated", ignore=shutil.ignore_patterns("_build", ".ninja*", "*.ninja")
+    )
     cu = tmp_path / "generated/allgather_bf16/allgather_bf16.cu"
     cu.write_text(cu.read_text() + "// hand edit\n")
     assert cli.main(["generate", str(root / "specs"), "-o", str(tmp_path / "generated"), "--check"]) == 1
@@ -177,8 +229,13 @@ def _fake_build(tmp_path, **over):
     d = tmp_path / "op"
     (d / "_build").mkdir(parents=True)
     (d / "manifest.json").write_text(json.dumps({"spec_hash": "abc"}))
-    info = {"spec_hash": "abc", "tilegen_version": "0.1.0", "nvshmem": "3.4.5", "arch": "sm_90",
-            "library": "libtilegen_op.so"}
+    info = {
+        "spec_hash": "abc",
+        "tilegen_version": "0.1.0",
+        "nvshmem": "3.4.5",
+        "arch": "sm_90",
+        "library": "libtilegen_op.so",
+    }
     info.update(over)
     (d / "_build" / "build.json").write_text(json.dumps(info))
     (d / "_build" / "libtilegen_op.so").write_text("")
@@ -188,7 +245,9 @@ def _fake_build(tmp_path, **over):
 def test_loading_checks_nvshmem_arch_and_tilegen_versions(tmp_path):
     ok = _fake_build(tmp_path / "a")
     assert check_build(ok, "op", "3.4.5", "sm_90").name == "libtilegen_op.so"
-    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.4\.5, but this process runs NVSHMEM 3\.8\.0; rebuild"):
+    with pytest.raises(
+        OpLoadError, match=r"built against NVSHMEM 3\.4\.5, but this process runs NVSHMEM 3\.8\.0; rebuild"
+    ):
         check_build(ok, "op", "3.8.0", "sm_90")
     with pytest.raises(OpLoadError, match=r"built for sm_90, but this GPU is sm_100.*tilegen generate"):
         check_build(ok, "op", "3.4.5", "sm_100")
@@ -200,6 +259,7 @@ def test_loading_checks_nvshmem_arch_and_tilegen_versions(tmp_path):
         check_build(tmp_path / "missing", "op", None, None)
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_path, capsys):
     specs = tmp_path / "specs"
@@ -226,9 +286,9 @@ def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_pat
 @needs_nvcc
 def test_nvcc_failure_names_spec_file_and_message(tmp_path):
     s = spec(world_sizes=[2])
-    files = render_package([type("L", (), {"spec": s})()], "pkg", None)
+    files = generate_package([type("L", (), {"spec": s})()], "pkg", None)
     files["ag_test/ag_test.cu"] += "\nint broken = undeclared_thing;\n"
-    write_package(files, tmp_path)
+    write_files(files, tmp_path)
     with pytest.raises(BuildError) as e:
         build_package(tmp_path, [s], {"ag_test": "specs/ag_test.yaml"}, progress=False)
     msg = str(e.value)
@@ -240,9 +300,20 @@ def test_nvcc_failure_names_spec_file_and_message(tmp_path):
 def test_every_device_primitive_compiles(root, tmp_path):
     import subprocess
     from tilegen.build import find_toolchain
+
     tc = find_toolchain()
-    cmd = [tc.nvcc, "-std=c++17", "-rdc=true", "-gencode=arch=compute_90,code=sm_90", f"-I{root}/templates/device",
-           f"-I{tc.nvshmem_dir}/include", "-c", str(root / "tests/device/primitives.cu"), "-o", str(tmp_path / "p.o")]
+    cmd = [
+        tc.nvcc,
+        "-std=c++17",
+        "-rdc=true",
+        "-gencode=arch=compute_90,code=sm_90",
+        f"-I{root}/tilegen/include",
+        f"-I{tc.nvshmem_dir}/include",
+        "-c",
+        str(root / "tests/device/primitives.cu"),
+        "-o",
+        str(tmp_path / "p.o"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     syms = subprocess.run(["nm", "-C", str(tmp_path / "p.o")], capture_output=True, text=True).stdout  # host stubs
@@ -256,9 +327,11 @@ def test_tilegen_list_shows_ops_and_provenance(root, capsys):
     assert "allgather_bf16" in out and "allgather_f16_nvshmem" in out and "sm_90" in out
 
 
+@pytest.mark.slow
 def test_concurrent_generate_runs_leave_a_consistent_package(root, tmp_path):
     import subprocess
     import sys
+
     out = tmp_path / "pkg"
     cmd = [sys.executable, "-m", "tilegen.cli", "generate", str(root / "specs"), "-o", str(out), "--no-build", "-q"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
@@ -270,6 +343,7 @@ def test_concurrent_generate_runs_leave_a_consistent_package(root, tmp_path):
 
 def test_an_op_refuses_a_job_of_another_world_size(monkeypatch):
     from tilegen import runtime
+
     monkeypatch.setitem(runtime._state, "initialised", True)
     monkeypatch.setitem(runtime._state, "world", 3)
     op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2, 4, 8])
@@ -279,6 +353,7 @@ def test_an_op_refuses_a_job_of_another_world_size(monkeypatch):
 
 def test_calls_before_init_say_what_to_do(monkeypatch):
     from tilegen import runtime
+
     monkeypatch.setitem(runtime._state, "initialised", False)
     op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2])
     with pytest.raises(RuntimeError, match=r"call tilegen.init\(\) first"):
@@ -287,6 +362,7 @@ def test_calls_before_init_say_what_to_do(monkeypatch):
 
 def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
     from tilegen import runtime
+
     op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2], default_timeout_ms=250)
     monkeypatch.delenv("TILEGEN_WAIT_TIMEOUT_MS", raising=False)
     assert op._timeout_ns(None) == 250_000_000

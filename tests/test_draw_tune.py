@@ -5,14 +5,21 @@ import pytest
 
 from tilegen import cli
 from tilegen.draw import timeline
-from tilegen.plan import make_schedule
+from tilegen.registry import make_schedule
 from tilegen.spec import DynamicDim, KernelSpec
 from tilegen.tune import candidate_specs, fit, schedule_features
 
 
 def ar_spec(**kw):
-    base = dict(name="ar", op="allreduce", dtype="bf16", world_sizes=[2, 4], shape=[DynamicDim(name="m", max=1024), 4096],
-                ctas="auto", tile_bytes="auto")
+    base = dict(
+        name="ar",
+        op="allreduce",
+        dtype="bf16",
+        world_sizes=[2, 4],
+        shape=[DynamicDim(name="m", max=1024), 4096],
+        ctas="auto",
+        tile_bytes="auto",
+    )
     base.update(kw)
     return KernelSpec(**base)
 
@@ -25,7 +32,10 @@ def test_plan_svg_is_a_drawing_of_every_rank(root, tmp_path, capsys):
     for r in range(4):
         assert f"rank {r}" in svg
     png = tmp_path / "plan.png"
-    assert cli.main(["plan", str(root / "specs/broadcast_f32.yaml"), "--world", "2", "--svg", str(png), "--bytes", "4096"]) == 0
+    assert (
+        cli.main(["plan", str(root / "specs/broadcast_f32.yaml"), "--world", "2", "--svg", str(png), "--bytes", "4096"])
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -60,18 +70,33 @@ def test_fit_recovers_known_constants():
 
 
 def test_fit_never_returns_negative_constants():
-    rows = [{"hops": h, "link_bytes": x, "reduce_bytes": 0, "us": 50.0 - 10 * h + x / 1e5}
-            for h in (0, 1, 2) for x in (0, 1e6, 1e7)]
+    rows = [
+        {"hops": h, "link_bytes": x, "reduce_bytes": 0, "us": 50.0 - 10 * h + x / 1e5}
+        for h in (0, 1, 2)
+        for x in (0, 1e6, 1e7)
+    ]
     got = fit(rows)
     assert all(v >= 0 for v in got.values()) and got["hop_us"] == 0.0
 
 
 def test_bench_table_and_plot_from_rows(tmp_path):
     from tilegen.bench import busbw_GBps, format_table, plot
-    rows = [{"op": "allreduce_bf16", "kind": "allreduce", "bytes": n, "rows": 1, "matches_nccl": True,
-             "times_us": {"allreduce_bf16": 10.0 + n / 3e5, "nccl": 30.0 + n / 2.5e5},
-             "busbw_GBps": {"allreduce_bf16": busbw_GBps("allreduce", n, 10.0 + n / 3e5, 2),
-                            "nccl": busbw_GBps("allreduce", n, 30.0 + n / 2.5e5, 2)}} for n in (1 << 14, 1 << 20, 1 << 26)]
+
+    rows = [
+        {
+            "op": "allreduce_bf16",
+            "kind": "allreduce",
+            "bytes": n,
+            "rows": 1,
+            "matches_nccl": True,
+            "times_us": {"allreduce_bf16": 10.0 + n / 3e5, "nccl": 30.0 + n / 2.5e5},
+            "busbw_GBps": {
+                "allreduce_bf16": busbw_GBps("allreduce", n, 10.0 + n / 3e5, 2),
+                "nccl": busbw_GBps("allreduce", n, 30.0 + n / 2.5e5, 2),
+            },
+        }
+        for n in (1 << 14, 1 << 20, 1 << 26)
+    ]
     text = format_table(rows, 2, "2 x NVIDIA H200", False)
     assert "allreduce_bf16" in text and "nccl" in text and text.count("yes") == 3
     assert busbw_GBps("allreduce", 1 << 30, 1e6, 2) == pytest.approx((1 << 30) / 1e9)  # 2(n-1)/n = 1 at n = 2

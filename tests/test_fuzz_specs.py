@@ -10,11 +10,12 @@ import json
 import re
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from tilegen.codegen import render_op
+from tilegen.pipeline import generate_op
 from tilegen.spec import SCHEDULES, KernelSpec, SpecError, parse_yaml_spec
 
 EXAMPLES = int(__import__('os').environ.get('TILEGEN_FUZZ_EXAMPLES', 10_000))
@@ -22,12 +23,32 @@ PROBLEM = re.compile(r"^fuzz\.yaml:(\d+):(\d+): \S.*$", re.S)
 
 EVIL_TEXT = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["'; rm -rf / #", '"); system("id"); //', "*/ #include <x> /*", "{{ 7*7 }}", "$(reboot)",
-                     "name\n  injected: 1", "ünïcödé_ñame", "a" * 300, "", " ", "\t", "NULL", "class", "int", "__init__",
-                     "x\x00y", "../../etc/passwd", "%s%n%x", "\u202eevil"]),
+    st.sampled_from(
+        [
+            "'; rm -rf / #",
+            '"); system("id"); //',
+            "*/ #include <x> /*",
+            "{{ 7*7 }}",
+            "$(reboot)",
+            "name\n  injected: 1",
+            "ünïcödé_ñame",
+            "a" * 300,
+            "",
+            " ",
+            "\t",
+            "NULL",
+            "class",
+            "int",
+            "__init__",
+            "x\x00y",
+            "../../etc/passwd",
+            "%s%n%x",
+            "\u202eevil",
+        ]
+    ),
 )
 ANY_VALUE = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70), st.floats(allow_nan=True), EVIL_TEXT),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), EVIL_TEXT),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(EVIL_TEXT, inner, max_size=3)),
     max_leaves=8,
 )
@@ -36,7 +57,9 @@ ANY_VALUE = st.recursive(
 @st.composite
 def valid_fields(draw):
     op = draw(st.sampled_from(list(SCHEDULES)))
-    dtype = draw(st.sampled_from(["bf16", "f16", "f32", "i32"] + ([] if op in ("reduce_scatter", "allreduce") else ["u8"])))
+    dtype = draw(
+        st.sampled_from(["bf16", "f16", "f32", "i32"] + ([] if op in ("reduce_scatter", "allreduce") else ["u8"]))
+    )
     dims = draw(st.lists(st.integers(1, 4096), min_size=0, max_size=2))
     first = draw(st.one_of(st.integers(1, 512), st.builds(lambda m: {"name": "m", "max": m}, st.integers(1, 4096))))
     spec = {
@@ -56,8 +79,12 @@ def valid_fields(draw):
     if op in ("reduce_scatter", "allreduce"):
         spec["reduce"] = draw(st.sampled_from(["sum", "max", "min"]))
     if op in ("ag_gemm", "gemm_rs"):
-        spec.update(n=draw(st.integers(1, 4096)), b_layout=draw(st.sampled_from(["kn", "nk"])),
-                    shape=[first, draw(st.integers(1, 4096))], dtype=draw(st.sampled_from(["bf16", "f16", "f32"])))
+        spec.update(
+            n=draw(st.integers(1, 4096)),
+            b_layout=draw(st.sampled_from(["kn", "nk"])),
+            shape=[first, draw(st.integers(1, 4096))],
+            dtype=draw(st.sampled_from(["bf16", "f16", "f32"])),
+        )
     return spec
 
 
@@ -75,8 +102,16 @@ def mutated(draw):
         elif kind == "name":
             fields["name"] = draw(EVIL_TEXT)
         else:
-            fields["shape"] = draw(st.lists(st.one_of(st.integers(-5, 2 ** 40), st.dictionaries(
-                st.sampled_from(["name", "max", "min", "x"]), ANY_VALUE, max_size=3), ANY_VALUE), max_size=6))
+            fields["shape"] = draw(
+                st.lists(
+                    st.one_of(
+                        st.integers(-5, 2**40),
+                        st.dictionaries(st.sampled_from(["name", "max", "min", "x"]), ANY_VALUE, max_size=3),
+                        ANY_VALUE,
+                    ),
+                    max_size=6,
+                )
+            )
     out = io.StringIO()
     y = YAML(typ="safe", pure=True)
     y.default_flow_style = draw(st.booleans())
@@ -90,12 +125,16 @@ def mutated(draw):
 
 def _render(spec: KernelSpec) -> tuple[dict[str, str], dict]:
     """Generated sources (provenance hash masked: it is hex of the whole spec) and the manifest."""
-    files = render_op(spec, "3.4.5", check=False)
-    sources = {k: re.sub(r"spec sha256 [0-9a-f]{16}", "spec sha256 <hash>", v) for k, v in files.items()
-               if not k.endswith(".json")}
+    files = generate_op(spec, "3.4.5", check=False)
+    sources = {
+        k: re.sub(r"spec sha256 [0-9a-f]{16}", "spec sha256 <hash>", v)
+        for k, v in files.items()
+        if not k.endswith(".json")
+    }
     return sources, json.loads(files["manifest.json"])
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(mutated())
 def test_any_spec_text_loads_cleanly_or_fails_with_located_problems(text):

@@ -6,11 +6,13 @@ from dataclasses import replace
 
 from tilegen import cli
 from tilegen.check import check_cover, check_layout, check_schedule
-from tilegen.plan import (ALGORITHMS, MIN_TILE_BYTES, OPS, Schedule, Seg, Step, format_plan, layout, make_schedule,
-                          plan, tile_bytes_for, tile_ranges)
+from tilegen.ir import Seg, Step
+from tilegen.layout import MIN_TILE_BYTES, layout, tile_bytes_for, tile_ranges
+from tilegen.plan import format_plan, plan
+from tilegen.registry import OPS, make_schedule
 from tilegen.spec import DynamicDim, KernelSpec
 
-ALL = [(op, alg) for op, algs in ALGORITHMS.items() for alg in algs]
+ALL = [(op, alg) for op, d in OPS.items() if d.gemm is None for alg in d.schedules]
 
 
 def spec(**kw):
@@ -78,12 +80,15 @@ def test_checker_reports_deadlock_with_rank_cta_and_signal():
     b = _broken(make_schedule("allgather", "direct", 2, "per_tile"),
                 lambda r: r + [Step("wait", unit=0, waits=(Seg(r[1].srcs[0].rank, "out", 0),))])
     v = check_schedule(b)
-    assert any(p.startswith("deadlock: call 1: rank 0 CTA 0 waits flag[out][0][0]@0 >= 1, sees 0") for p in v.problems), v.problems
+    assert any(
+        p.startswith("deadlock: call 1: rank 0 CTA 0 waits flag[out][0][0]@0 >= 1, sees 0") for p in v.problems
+    ), v.problems
 
 
 def test_checker_rejects_reduction_that_reads_before_arrival():
     def no_wait(r):
         return [dataclasses.replace(s, waits=()) if s.kind == "move" and len(s.srcs) > 1 else s for s in r]
+
     v = check_schedule(_broken(make_schedule("reduce_scatter", "ring", 4, "per_tile"), no_wait))
     assert not v.ok and any("unsynchronised read" in p and "scr@" in p for p in v.problems)
 
@@ -92,23 +97,36 @@ def test_checker_counts_contributions_exactly_once():
     def twice(r):  # rank adds its own input twice in the final reduction
         last = r[-1]
         return r[:-1] + [dataclasses.replace(last, srcs=last.srcs + last.srcs[:1])]
+
     v = check_schedule(_broken(make_schedule("reduce_scatter", "direct", 2, "per_tile"), twice))
     assert any("holds 2x in@" in p for p in v.problems), v.problems
 
 
 def test_checker_rejects_scratch_slot_reuse_within_a_call():
     def reuse(r):  # every push lands in scratch slot 0
-        return [dataclasses.replace(s, dests=tuple(dataclasses.replace(d, slot=0) if d.buf == "scr" else d for d in s.dests),
-                                    srcs=tuple(dataclasses.replace(g, slot=0) if g.buf == "scr" else g for g in s.srcs),
-                                    waits=tuple(dataclasses.replace(g, slot=0) for g in s.waits)) for s in r]
+        return [
+            dataclasses.replace(
+                s,
+                dests=tuple(dataclasses.replace(d, slot=0) if d.buf == "scr" else d for d in s.dests),
+                srcs=tuple(dataclasses.replace(g, slot=0) if g.buf == "scr" else g for g in s.srcs),
+                waits=tuple(dataclasses.replace(g, slot=0) for g in s.waits),
+            )
+            for s in r
+        ]
+
     v = check_schedule(_broken(make_schedule("reduce_scatter", "direct", 3, "per_tile"), reuse))
     assert any("written 2 times in one call" in p for p in v.problems), v.problems
 
 
 def test_checker_rejects_wrong_sources():
     def wrong_chunk(r):  # all-to-all that sends block q to rank q's slot q instead of slot r
-        return [dataclasses.replace(s, dests=tuple(dataclasses.replace(d, slot=d.rank) for d in s.dests)) if s.kind == "move" else s
-                for s in r]
+        return [
+            dataclasses.replace(s, dests=tuple(dataclasses.replace(d, slot=d.rank) for d in s.dests))
+            if s.kind == "move"
+            else s
+            for s in r
+        ]
+
     v = check_schedule(_broken(make_schedule("all_to_all", "direct", 3, "per_tile"), wrong_chunk))
     assert not v.ok and any("expected in@" in p or "never written" in p or "write-write race" in p for p in v.problems)
 
@@ -117,13 +135,13 @@ def test_checker_rejects_wrong_sources():
 @pytest.mark.parametrize("world", [2, 3, 8])
 @pytest.mark.parametrize("parts", [1, 2])
 def test_layout_tiles_every_byte_exactly_once(op, world, parts):
-    k = world if op in ("reduce_scatter", "all_to_all") else 1
+    k = OPS[op].in_rows(world)
     sizes = [k * 2 * n for n in (1, 7, 8, 1000, 4096 * 3 + 1, 65536 * 8 + 7)]
     assert check_layout(op, world, 2, parts, sizes, 4096) == []
 
 
 def test_tile_sizes():
-    for n in [1, 15, 16, 17, 4095, 4096, 262144 + 18, 10 ** 7 + 3]:
+    for n in [1, 15, 16, 17, 4095, 4096, 262144 + 18, 10**7 + 3]:
         for ctas in [1, 7, 264]:
             t = tile_bytes_for(n, 262144, ctas)
             assert t % 16 == 0 and MIN_TILE_BYTES <= t <= 262144
@@ -175,8 +193,14 @@ def test_cli_plan_prints_schedule_and_verdict(root, capsys):
 
 
 def gemm_spec(**kw):
-    base = dict(name="agg", op="ag_gemm", dtype="bf16", world_sizes=[2, 4, 8],
-                shape=[DynamicDim(name="m", max=4096), 8192], n=4096)
+    base = dict(
+        name="agg",
+        op="ag_gemm",
+        dtype="bf16",
+        world_sizes=[2, 4, 8],
+        shape=[DynamicDim(name="m", max=4096), 8192],
+        n=4096,
+    )
     base.update(kw)
     return KernelSpec(**base)
 
@@ -212,7 +236,8 @@ def test_ag_gemm_spec_rules():
 def test_fused_ag_gemm_protocol_passes_the_checker(alg, world, sync):
     """The fused GEMM reads its own chunk from the gathered buffer too: the moves that fill this
     rank's own chunk signal it, and the GEMM waits per piece before reading it."""
-    from tilegen.plan import arrival_order
+    from tilegen.schedules import arrival_order
+
     s = make_schedule("ag_gemm", alg, world, sync, fused=True)
     assert any(st.signal_self for st in s.ranks[0])
     orders = tuple(arrival_order(s, r) for r in range(world))
@@ -223,7 +248,8 @@ def test_fused_ag_gemm_protocol_passes_the_checker(alg, world, sync):
 def test_fused_ag_gemm_without_own_signals_is_caught():
     """Planted bug: the GEMM waits on flags of its own chunk that nobody sets (the decomposed
     schedule never signals itself) -> the checker reports the deadlock."""
-    from tilegen.plan import arrival_order
+    from tilegen.schedules import arrival_order
+
     fused = make_schedule("ag_gemm", "direct", 2, "per_tile", fused=True)
     # rank 1's moves forget to signal its own chunk (rank 0 keeps them, so the model stays fused)
     broken = replace(fused, ranks=(fused.ranks[0], tuple(replace(st, signal_self=False) for st in fused.ranks[1])))
@@ -235,7 +261,8 @@ def test_fused_ag_gemm_without_own_signals_is_caught():
 @pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_compute_stream_order_passes_the_checker(alg, world):
-    from tilegen.plan import arrival_order
+    from tilegen.schedules import arrival_order
+
     s = make_schedule("ag_gemm", alg, world, "per_tile")
     orders = tuple(arrival_order(s, r) for r in range(world))
     for r, o in enumerate(orders):
@@ -245,13 +272,15 @@ def test_compute_stream_order_passes_the_checker(alg, world):
 
 
 def test_ring_compute_order_follows_arrival():
-    from tilegen.plan import arrival_order
+    from tilegen.schedules import arrival_order
+
     s = make_schedule("ag_gemm", "ring", 4, "per_tile")
     assert arrival_order(s, 0) == (0, 3, 2, 1)
 
 
 def test_checker_catches_a_compute_stream_that_does_not_wait(monkeypatch):
     import tilegen.check as ck
+
     real = ck.expand_compute
     monkeypatch.setattr(ck, "expand_compute", lambda *a: [o for o in real(*a) if o.kind != "wait"])
     s = make_schedule("ag_gemm", "direct", 2, "per_tile")
@@ -270,7 +299,8 @@ def test_ag_gemm_plan_prints_the_compute_stream(root, capsys):
 @pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("sync", ["per_tile", "barrier"])
 def test_gemm_rs_producer_stream_passes_the_checker(alg, world, sync):
-    from tilegen.plan import production_order
+    from tilegen.schedules import production_order
+
     s = make_schedule("gemm_rs", alg, world, sync)
     orders = tuple(production_order(s, r) for r in range(world))
     for r, o in enumerate(orders):
@@ -309,9 +339,10 @@ def test_the_llama_down_projection_spec_leaves_the_gemms_their_sms():
     """The spec that hung on 2 and 4 x H100 (gemm_rs, k 7168, n 4096, no ctas given): 264 CTAs spun on
     every SM while waiting for GEMMs that then could not start. GEMM ops now default to the planner's
     small CTA counts, every variant leaves SMs free, and the checker passes with that model."""
-    from tilegen.codegen import checked_plans
+    from tilegen.pipeline import checked_plans
     from tilegen.plan import spare_sms
     from tilegen.spec import max_gemm_comm_ctas, parse_yaml_spec
+
     s = parse_yaml_spec(LLAMA8B_DOWN, "down.yaml").spec
     assert s.ctas == "auto"
     for p in checked_plans(s):  # raises if the checker rejects a variant
@@ -322,8 +353,11 @@ def test_the_llama_down_projection_spec_leaves_the_gemms_their_sms():
 def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
     """Planted bug, the class of the hang: a gemm_rs communication kernel with as many CTAs as SMs.
     Each CTA spins on an SM of its own waiting for a GEMM that can find no SM: a deadlock."""
-    from tilegen.codegen import CodegenError, checked_plans
-    from tilegen.plan import production_order, spare_sms
+    from tilegen.codegen import CodegenError
+    from tilegen.pipeline import checked_plans
+    from tilegen.plan import spare_sms
+    from tilegen.schedules import production_order
+
     for alg, world in (("direct", 2), ("ring", 4)):
         s = make_schedule("gemm_rs", alg, world, "per_tile")
         orders = tuple(production_order(s, r) for r in range(world))
@@ -331,8 +365,14 @@ def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
         assert not v.ok and "compute stream cannot be scheduled" in v.problems[0], v
         assert check_schedule(s, compute_orders=orders, produces=True, spare_sms=1).ok
     # the pipeline's view: a spec that slipped past validation with 264 CTAs is refused at codegen
-    bad = KernelSpec.model_construct(**{**gemm_spec(op="gemm_rs").model_dump(), "ctas": 264,
-                                        "shape": [DynamicDim(name="m", max=8192), 7168], "n": 4096})
+    bad = KernelSpec.model_construct(
+        **{
+            **gemm_spec(op="gemm_rs").model_dump(),
+            "ctas": 264,
+            "shape": [DynamicDim(name="m", max=8192), 7168],
+            "n": 4096,
+        }
+    )
     assert spare_sms(bad, 264) == 0
     with pytest.raises(CodegenError, match="compute stream cannot be scheduled"):
         checked_plans(bad)
@@ -341,7 +381,8 @@ def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
 def test_checker_catches_a_fused_gemm_that_leaves_the_gather_no_sm():
     """A persistent ag_gemm GEMM waits for the gather beside it: if it takes every SM, the gather's
     CTAs never run."""
-    from tilegen.plan import arrival_order
+    from tilegen.schedules import arrival_order
+
     s = make_schedule("ag_gemm", "ring", 4, "per_tile", fused=True)
     orders = tuple(arrival_order(s, r) for r in range(4))
     assert not check_schedule(s, compute_orders=orders, spare_sms=0).ok
@@ -359,7 +400,10 @@ def test_barrier_schedules_need_every_cta_resident():
 
 def test_gemm_op_ctas_are_bounded_and_default_to_auto():
     assert gemm_spec().ctas == "auto" and spec().ctas == 264
-    with pytest.raises(Exception, match=r"ctas: a gemm_rs communication kernel runs beside the GEMMs .* at most 39 CTAs "
-                                         r"on sm_90 \(or auto\), got 264"):
+    with pytest.raises(
+        Exception,
+        match=r"ctas: a gemm_rs communication kernel runs beside the GEMMs .* at most 39 CTAs "
+        r"on sm_90 \(or auto\), got 264",
+    ):
         gemm_spec(op="gemm_rs", ctas=264)
     assert gemm_spec(ctas=32).ctas == 32

@@ -118,7 +118,9 @@ def test_python_config_spec(tmp_path):
 
 def test_python_config_errors_are_located(tmp_path):
     p = tmp_path / "cfg.py"
-    p.write_text("SPEC = dict(\n    name='ok',\n    op='allgather',\n    dtype='f64',\n    world_sizes=[2],\n    shape=[8],\n)\n")
+    p.write_text(
+        "SPEC = dict(\n    name='ok',\n    op='allgather',\n    dtype='f64',\n    world_sizes=[2],\n    shape=[8],\n)\n"
+    )
     with pytest.raises(SpecError) as e:
         load_spec(p)
     assert str(e.value).startswith(f"{p}:4:11: dtype: Input should be")
@@ -184,22 +186,33 @@ def test_a_sharded_dim_gives_each_world_size_its_share():
     s = parse_yaml_spec(GEMM_RS, "s.yaml").spec
     assert [s.gemm_nk(w) for w in (2, 4, 8)] == [(4096, 7168), (4096, 3584), (4096, 1792)]
     assert s.comm_inner == (4096,) and s.max_shape == (8192, 7168)
-    up = parse_yaml_spec(GEMM_RS.replace("op: gemm_rs", "op: ag_gemm").replace("{full: 14336}", "4096")
-                         .replace("n: 4096", "n: {full: 28672}"), "s.yaml").spec
+    up = parse_yaml_spec(
+        GEMM_RS.replace("op: gemm_rs", "op: ag_gemm")
+        .replace("{full: 14336}", "4096")
+        .replace("n: 4096", "n: {full: 28672}"),
+        "s.yaml",
+    ).spec
     assert [up.gemm_nk(w) for w in (2, 4)] == [(14336, 4096), (7168, 4096)]
 
 
-@pytest.mark.parametrize("old, new, expected", [
-    ("{full: 14336}", "{full: 14338}", r"s\.yaml:6:3: shape: \{full: 14338\} does not split evenly over world sizes \[4, 8\]"),
-    ("{full: 14336}", "{full: 0}", r"s\.yaml:7:12: shape\[1\]\.full: Input should be greater than 0"),
-    ("{full: 14336}", "{fill: 14336}", r"s\.yaml:7:12: shape\[1\]\.fill: unknown key \(allowed: name, max\)"),
-    ("n: 4096", "n: {full: 8192}", r"s\.yaml:8:1: n: only ag_gemm's n may be sharded"),
-    ("n: 4096", "n: {full: 8192, x: 1}", r"s\.yaml:8:20: n\.x: unknown key \(allowed: full\)"),
-    ("  - {name: m, max: 8192}", "  - {full: 8192}", r"s\.yaml:6:3: shape: dim 0 \(rows\) cannot be sharded"),
-    ("op: gemm_rs", "op: ag_gemm", r"s\.yaml:6:3: shape: only gemm_rs's k \(shape\[1\]\) may be sharded"),
-    ("op: gemm_rs", "op: allgather", r"s\.yaml:\d+:\d+: shape: only a GEMM op's k \(gemm_rs\) may be sharded"),
-    ("b_layout: nk", "b_layout: nk\nctas: 100", r"s\.yaml:10:7: ctas: a gemm_rs communication kernel runs beside"),
-])
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        (
+            "{full: 14336}",
+            "{full: 14338}",
+            r"s\.yaml:6:3: shape: \{full: 14338\} does not split evenly over world sizes \[4, 8\]",
+        ),
+        ("{full: 14336}", "{full: 0}", r"s\.yaml:7:12: shape\[1\]\.full: Input should be greater than 0"),
+        ("{full: 14336}", "{fill: 14336}", r"s\.yaml:7:12: shape\[1\]\.fill: unknown key \(allowed: name, max\)"),
+        ("n: 4096", "n: {full: 8192}", r"s\.yaml:8:1: n: only ag_gemm's n may be sharded"),
+        ("n: 4096", "n: {full: 8192, x: 1}", r"s\.yaml:8:20: n\.x: unknown key \(allowed: full\)"),
+        ("  - {name: m, max: 8192}", "  - {full: 8192}", r"s\.yaml:6:3: shape: dim 0 \(rows\) cannot be sharded"),
+        ("op: gemm_rs", "op: ag_gemm", r"s\.yaml:6:3: shape: only gemm_rs's k \(shape\[1\]\) may be sharded"),
+        ("op: gemm_rs", "op: allgather", r"s\.yaml:\d+:\d+: shape: only a GEMM op's k \(gemm_rs\) may be sharded"),
+        ("b_layout: nk", "b_layout: nk\nctas: 100", r"s\.yaml:10:7: ctas: a gemm_rs communication kernel runs beside"),
+    ],
+)
 def test_sharding_and_gemm_cta_errors_are_located(old, new, expected):
     text = GEMM_RS.replace(old, new)
     if "allgather" in new:

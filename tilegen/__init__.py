@@ -1,11 +1,19 @@
 """tilegen: declarative generator of multi-GPU communication kernels.
 
-Stages, one module each: spec -> plan -> check -> codegen -> build -> runtime; cli drives them.
+Stages, one module each: spec -> plan -> check -> codegen -> build -> runtime; tilegen.pipeline
+runs them and the cli drives it. Importing tilegen (and a generated op) loads only the runtime:
+the spec machinery (pydantic, ruamel) loads on first use of KernelSpec / load_spec.
 """
 __version__ = "0.1.0"
 
 from .runtime import empty, finalize, free, init, is_initialized, rank, world_size  # noqa: E402
-from .spec import KernelSpec, load_spec  # noqa: E402
 
 __all__ = ["KernelSpec", "load_spec", "init", "finalize", "empty", "free", "rank", "world_size", "is_initialized",
            "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("KernelSpec", "load_spec"):
+        from . import spec
+        return getattr(spec, name)
+    raise AttributeError(f"module 'tilegen' has no attribute {name!r}")

@@ -12,10 +12,9 @@ import importlib
 import json
 import statistics
 
+from .registry import OPS
+
 MiB = 1 << 20
-# nccl-tests' bus-bandwidth factors
-BUSBW = {"allgather": lambda w: (w - 1) / w, "reduce_scatter": lambda w: (w - 1) / w,
-         "allreduce": lambda w: 2 * (w - 1) / w, "all_to_all": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0}
 DEFAULT_SIZES_KIB = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
 
@@ -43,7 +42,8 @@ def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
 
 
 def busbw_GBps(kind: str, size_bytes: int, us: float, world: int) -> float:
-    return size_bytes / (us * 1e-6) * BUSBW[kind](world) / 1e9
+    """nccl-tests' bus bandwidth (the registry holds each op's factor)."""
+    return size_bytes / (us * 1e-6) * OPS[kind].busbw(world) / 1e9
 
 
 def calls_for(size_bytes: int) -> int:
@@ -59,22 +59,28 @@ def resolve(ref: str) -> list:
     return [getattr(mod, n) for n in (mod.OPS if name == "*" else [name])]
 
 
-def baselines(kind: str, x, world: int) -> dict:
-    """name -> callable for the reference implementations of one op on input x."""
+def nccl_result(kind: str, x, out, root: int = 0):
+    """The op through NCCL (torch.distributed) into `out`, as the registry describes it."""
+    import torch.distributed as dist
+    desc = OPS[kind]
+    if desc.nccl_in_place:
+        out.copy_(x.reshape(out.shape))
+    desc.nccl(dist, x, out, root)
+    return out
+
+
+def baselines(kind: str, x, out, world: int) -> dict:
+    """name -> callable for the reference implementations of one op on input x (outputs like `out`)."""
     import torch
     import torch.distributed as dist
-    if dist.get_backend() != "nccl":
+    if dist.get_backend() != "nccl" or OPS[kind].nccl is None:
         return {}
-    fns = {}
-    if kind == "allgather":
-        out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        fns["nccl"] = lambda: dist.all_gather_into_tensor(out, x)
-    elif kind == "reduce_scatter":
-        out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        fns["nccl"] = lambda: dist.reduce_scatter_tensor(out, x)
-    elif kind == "allreduce":
-        y = x.clone()
-        fns["nccl"] = lambda: dist.all_reduce(y)
+    desc = OPS[kind]
+    y = torch.empty_like(out)
+    if desc.nccl_in_place:
+        y.copy_(x.reshape(y.shape))
+    fns = {"nccl": lambda: desc.nccl(dist, x, y, 0)}  # in-place ops reduce y again each call: timing only
+    if kind == "allreduce":  # torch symmetric memory's one-shot / two-shot kernels, the small-message bar
         try:
             import torch.distributed._symmetric_memory as symm_mem
             group = dist.group.WORLD.group_name
@@ -86,30 +92,15 @@ def baselines(kind: str, x, world: int) -> dict:
         except Exception as e:  # reported, and the table shows n/a
             if dist.get_rank() == 0:
                 print(f"torch symmetric memory unavailable: {type(e).__name__}: {e}")
-    elif kind == "all_to_all":
-        out = torch.empty_like(x)
-        fns["nccl"] = lambda: dist.all_to_all_single(out, x)
-    elif kind == "broadcast":
-        y = x.clone()
-        fns["nccl"] = lambda: dist.broadcast(y, src=0)
     return fns
 
 
 def matches_nccl(kind: str, ours, x) -> bool | None:
     import torch
     import torch.distributed as dist
-    if dist.get_backend() != "nccl":
+    if dist.get_backend() != "nccl" or OPS[kind].nccl is None:
         return None
-    ref = torch.empty_like(ours)
-    if kind == "allgather":
-        dist.all_gather_into_tensor(ref, x)
-    elif kind == "reduce_scatter":
-        dist.reduce_scatter_tensor(ref, x)
-    elif kind == "all_to_all":
-        dist.all_to_all_single(ref, x)
-    else:
-        ref.copy_(x)
-        dist.all_reduce(ref) if kind == "allreduce" else dist.broadcast(ref, src=0)
+    ref = nccl_result(kind, x, torch.empty_like(ours))
     return bool(torch.allclose(ours.float(), ref.float(), rtol=1e-2, atol=1e-2))
 
 
@@ -118,7 +109,6 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
     mode (every wait limited, the call synchronised to read the wait-error record)."""
     import torch
     import torch.distributed as dist
-    from .spec import IO_SHARDS
     world = dist.get_world_size()
     kind = op.kind
     inner = 1
@@ -126,8 +116,8 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
         inner *= d
     dtype = getattr(torch, op.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
-    k_in, k_out = IO_SHARDS[kind][0](world), IO_SHARDS[kind][1](world)
-    k_size = k_out if kind == "allgather" else k_in  # rows the nccl-tests size counts
+    k_in, k_out = OPS[kind].in_rows(world), OPS[kind].out_rows(world)
+    k_size = k_out if OPS[kind].bench_counts == "out" else k_in  # rows the nccl-tests size counts
     rows = []
     for kib in sizes_kib:
         m = kib * 1024 // (k_size * inner * elem)
@@ -139,7 +129,7 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
         impls = {op.name: lambda: op(x, out, timeout_ms=0)}
         if bounded_ms:
             impls[op.name + "+bounded"] = lambda: op(x, out, timeout_ms=bounded_ms)
-        impls.update(baselines(kind, x, world))
+        impls.update(baselines(kind, x, out, world))
         res = {"op": op.name, "kind": kind, "bytes": size, "rows": m, "times_us": {}, "busbw_GBps": {}}
         for name, fn in impls.items():
             us = time_batches(fn, calls_for(size), reps)
@@ -174,9 +164,8 @@ def format_table(rows: list[dict], world: int, device: str, shared_gpu: bool) ->
 
 
 def plot(rows: list[dict], path: str, world: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .draw import pyplot
+    plt = pyplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops), figsize=(4.4 * len(ops), 3.6), squeeze=False)
     for ax, name in zip(axes[0], ops):

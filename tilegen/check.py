@@ -25,7 +25,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .plan import OPS, Schedule, expected_output, tile_ranges
+from .ir import Schedule
+from .layout import tile_ranges
+from .registry import OPS, expected_output
 
 CALLS = 2
 
@@ -42,7 +44,8 @@ class Verdict:
     ops: int = 0
 
     def __str__(self) -> str:
-        s = f"checker: {'OK' if self.ok else 'FAILED'} ({len(self.configs)} configurations, {self.ops} simulated operations)"
+        s = (f"checker: {'OK' if self.ok else 'FAILED'} ({len(self.configs)} configurations, {self.ops} simulated "
+             f"operations)")
         for c in self.configs:
             s += f"\n  checked {c}"
         for p in self.problems[:20]:
@@ -91,13 +94,18 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch:
                 ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
             for t in mine:
                 if per_tile:  # inputs produced during the call (gemm_rs) are signalled per chunk: tile 0
-                    ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0 if g.buf == "in" else t), epoch) for g in st.waits]
+                    ops += [
+                        Op("wait", rank, ("flag", g.buf, g.slot, 0 if g.buf == "in" else t), epoch) for g in st.waits
+                    ]
                 ops.append(Op("read", -1, ("begin",)))
                 ops += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
                 ops += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
                 if per_tile:
-                    ops += [Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch) for d in st.dests
-                            if d.rank != rank or st.signal_self]
+                    ops += [
+                        Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch)
+                        for d in st.dests
+                        if d.rank != rank or st.signal_self
+                    ]
             if not per_tile:
                 remote = tuple((d.rank, d.buf, d.slot) for d in st.dests if d.rank != rank or st.signal_self)
                 ops.append(Op("arrive", rank, ("ctr", i), epoch, signals=remote))
@@ -126,12 +134,9 @@ class _Sig:
     vc: list[int] | None = None
 
 
-def out_unit(op: str, rank: int, slot: int, parts: int) -> int:
-    """The unit (length) of output slot ``slot`` on ``rank``."""
-    return rank * parts + slot if op == "reduce_scatter" else slot
-
-
-def expand_compute(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int, fused: bool = False) -> list[Op]:
+def expand_compute(
+    sched: Schedule, rank: int, order: tuple[int, ...], ntiles, epoch: int, fused: bool = False
+) -> list[Op]:
     """The compute stream of an AllGather+GEMM: for each chunk in order, wait for all its flags (the
     wait kernel), then the GEMM reads the whole chunk (its own chunk: straight from the input) and
     writes that chunk of C. fused: one GEMM kernel reads every chunk from the gathered buffer, each
@@ -177,8 +182,16 @@ def expand_producer(sched: Schedule, rank: int, order: tuple[int, ...], ntiles, 
 
 
 class _Sim:
-    def __init__(self, sched: Schedule, ctas: int, ntiles, rng: random.Random | None, orders=None, produces=False,
-                 slots: int | None = None):
+    def __init__(
+        self,
+        sched: Schedule,
+        ctas: int,
+        ntiles,
+        rng: random.Random | None,
+        orders=None,
+        produces=False,
+        slots: int | None = None,
+    ):
         self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
         self.slots = slots  # SMs per rank (None: every CTA resident, nothing else competes)
         self.held: dict[int, set[tuple[int, int]]] = {r: set() for r in range(sched.world)}
@@ -208,7 +221,9 @@ class _Sim:
 
     def name(self, t: int) -> str:
         r, c = divmod(t, self.per_rank)
-        return f"rank {r} host" if c == 0 else (f"rank {r} compute stream" if c - 1 == self.G else f"rank {r} CTA {c - 1}")
+        return (
+            f"rank {r} host" if c == 0 else (f"rank {r} compute stream" if c - 1 == self.G else f"rank {r} CTA {c - 1}")
+        )
 
     def _resident(self, key: tuple[int, int], op: Op) -> bool:
         """Whether agent ``key`` can run ``op`` now, given the SMs (see Residency above)."""
@@ -238,28 +253,36 @@ class _Sim:
     def do_read(self, t: int, key: tuple, call: int) -> Counter | None:
         cell = self.cells.setdefault(key, _Cell())
         if cell.write is not None and not _hb(cell.write, self.vc[t]):
-            self.problem(f"call {call}: {self.name(t)} reads {self.where(key)} before the signal of its write by "
-                         f"{cell.writer} (unsynchronised read)")
+            self.problem(
+                f"call {call}: {self.name(t)} reads {self.where(key)} before the signal of its write by "
+                f"{cell.writer} (unsynchronised read)"
+            )
         cell.reads[t] = self.tick(t)[1]
         return cell.value
 
     def do_write(self, t: int, key: tuple, value: Counter | None, call: int) -> None:
         cell = self.cells.setdefault(key, _Cell())
         if cell.write is not None and cell.write[0] != t and not _hb(cell.write, self.vc[t]):
-            self.problem(f"call {call}: {self.name(t)} writes {self.where(key)} concurrently with {cell.writer} "
-                         f"(write-write race)")
+            self.problem(
+                f"call {call}: {self.name(t)} writes {self.where(key)} concurrently with {cell.writer} "
+                f"(write-write race)"
+            )
         for rt, rc in cell.reads.items():
             if rt != t and not _hb((rt, rc), self.vc[t]):
-                self.problem(f"call {call}: {self.name(t)} writes {self.where(key)} while {self.name(rt)} may still "
-                             f"read it (write-after-read: missing entry synchronisation)")
+                self.problem(
+                    f"call {call}: {self.name(t)} writes {self.where(key)} while {self.name(rt)} may still "
+                    f"read it (write-after-read: missing entry synchronisation)"
+                )
         cell.write = self.tick(t)
         cell.writer = self.name(t)
         cell.value = value
         cell.reads = {}
         cell.writes[call] += 1
         if key[1] == "scr" and cell.writes[call] > 1:
-            self.problem(f"call {call}: {self.where(key)} written {cell.writes[call]} times in one call "
-                         f"(its flag cannot tell the writes apart)")
+            self.problem(
+                f"call {call}: {self.where(key)} written {cell.writes[call]} times in one call "
+                f"(its flag cannot tell the writes apart)"
+            )
 
     def write_inputs(self, r: int, call: int) -> None:
         if self.produces:  # written by the compute stream during the call
@@ -295,8 +318,11 @@ class _Sim:
         for r in range(W):
             start_call(r)
         while True:
-            runnable = [k for k, ops in agents.items()
-                        if pcs[k] < len(ops) and self._ready(ops[pcs[k]]) and self._resident(k, ops[pcs[k]])]
+            runnable = [
+                k
+                for k, ops in agents.items()
+                if pcs[k] < len(ops) and self._ready(ops[pcs[k]]) and self._resident(k, ops[pcs[k]])
+            ]
             if not runnable:
                 break
             key = self.rng.choice(runnable) if self.rng else runnable[0]
@@ -317,19 +343,26 @@ class _Sim:
                     for b in range(self.agents_of()):
                         agents.pop((r, b))
         # agents kept off the GPU first: they are the cause of the waits behind them
-        stuck = sorted((k for k, ops in agents.items() if pcs[k] < len(ops)),
-                       key=lambda k: self._resident(k, agents[k][pcs[k]]))
+        stuck = sorted(
+            (k for k, ops in agents.items() if pcs[k] < len(ops)), key=lambda k: self._resident(k, agents[k][pcs[k]])
+        )
         for key in stuck:
             op = agents[key][pcs[key]]
             who = "compute stream" if key[1] == G else f"CTA {key[1]}"
             if not self._resident(key, op):
-                holders = ", ".join("the GEMM" if b == G else f"CTA {b}" for b in sorted(b for _, b in self.held[key[0]]))
-                self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} cannot be scheduled: all "
-                             f"{self.slots} SMs are held by spinning {holders}")
+                holders = ", ".join(
+                    "the GEMM" if b == G else f"CTA {b}" for b in sorted(b for _, b in self.held[key[0]])
+                )
+                self.problem(
+                    f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} cannot be scheduled: all "
+                    f"{self.slots} SMs are held by spinning {holders}"
+                )
                 continue
             sig = self.sigs.get((op.rank,) + op.obj)
-            self.problem(f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
-                         f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it")
+            self.problem(
+                f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
+                f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it"
+            )
         return nops
 
     @staticmethod
@@ -375,7 +408,7 @@ class _Sim:
             if n == op.value * self.G:  # the last CTA of this call signals once per remote dest
                 _vc_join(self.vc[t], cvc)
                 self.tick(t)
-                for (d, buf, slot) in op.signals:
+                for d, buf, slot in op.signals:
                     self.sigs[(d, "flag", buf, slot, 0)] = _Sig(op.value, list(self.vc[t]))
 
     def _finish_call(self, r: int, call: int) -> None:
@@ -388,19 +421,25 @@ class _Sim:
         if self.orders and not self.produces:
             self._check_gemm_output(r, call)
         for k in range(self.out_slots):
-            for tt in range(self.ntiles(out_unit(self.s.op, r, k, P))):
+            sources = expected_output(self.s.op, self.W, P, r, k)
+            for tt in range(self.ntiles(OPS[self.s.op].out_unit(r, k, P))):
                 key = (r, "out", k, tt)
                 cell = self.cells.get(key)
                 n = cell.writes[call] if cell else 0
+                if sources is None:  # the op leaves this rank's output alone
+                    if n:
+                        self.problem(f"call {call}: {self.where(key)} written, but the op writes no output on rank {r}")
+                    continue
                 if n != 1:
-                    self.problem(f"call {call}: {self.where(key)} " + ("never written" if n == 0 else f"written {n} times"))
+                    self.problem(
+                        f"call {call}: {self.where(key)} " + ("never written" if n == 0 else f"written {n} times")
+                    )
                     if n == 0:
                         continue
-                want = Counter({(s, i, tt, call): 1 for s, i in expected_output(self.s.op, self.W, P, r, k)})
+                want = Counter({(s, i, tt, call): 1 for s, i in sources})
                 got = self.do_read(host, key, call)
                 if got != want:
                     self.problem(f"call {call}: {self.where(key)} holds {_show(got)}, expected {_show(want)}")
-
 
     def _check_gemm_output(self, r: int, call: int) -> None:
         P = self.s.parts
@@ -446,6 +485,7 @@ def _tiles_fn(sched: Schedule, per_unit: int, short: bool):
         if c == W - 1 and sched.op == "allreduce":
             return 0
         return per_unit - (1 if h == 1 else 0)
+
     return ntiles
 
 
@@ -454,9 +494,14 @@ def default_configs() -> list[tuple[int, int, bool]]:
     return [(1, 1, False), (2, 3, False), (3, 2, False), (2, 4, True), (5, 7, False)]
 
 
-def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None = None, seeds: int = 3,
-                   compute_orders: tuple[tuple[int, ...], ...] | None = None, produces: bool = False,
-                   spare_sms: int | None = None) -> Verdict:
+def check_schedule(
+    sched: Schedule,
+    configs: list[tuple[int, int, bool]] | None = None,
+    seeds: int = 3,
+    compute_orders: tuple[tuple[int, ...], ...] | None = None,
+    produces: bool = False,
+    spare_sms: int | None = None,
+) -> Verdict:
     """Simulate ``sched`` under each (ctas, tiles per unit, short tails) config. spare_sms: SMs the
     communication kernel leaves free when each of its CTAs holds one (negative: fewer SMs than CTAs;
     None: every CTA resident and nothing beside them)."""
@@ -465,8 +510,15 @@ def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None 
     nops = 0
     for ctas, per_unit, short in configs or default_configs():
         for seed in range(seeds + 1):
-            sim = _Sim(sched, ctas, _tiles_fn(sched, per_unit, short), None if seed == 0 else random.Random(seed),
-                       compute_orders, produces, None if spare_sms is None else ctas + spare_sms)
+            sim = _Sim(
+                sched,
+                ctas,
+                _tiles_fn(sched, per_unit, short),
+                None if seed == 0 else random.Random(seed),
+                compute_orders,
+                produces,
+                None if spare_sms is None else ctas + spare_sms,
+            )
             try:
                 nops += sim.run()
             except CheckError as e:
@@ -475,16 +527,19 @@ def check_schedule(sched: Schedule, configs: list[tuple[int, int, bool]] | None 
             for p in sim.problems:
                 if p not in problems:
                     problems.append(p)
-        done.append(f"{('gemm+' if produces else '') + sched.op + ('+gemm' if compute_orders and not produces else '')}/{sched.algorithm}/{sched.sync} world {sched.world}: "
-                    f"{ctas} CTAs x {per_unit} tiles"
-                    f"{' (short tails)' if short else ''}"
-                    f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, {CALLS} calls, {seeds + 1} interleavings")
+        what = ("gemm+" if produces else "") + sched.op + ("+gemm" if compute_orders and not produces else "")
+        done.append(
+            f"{what}/{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {per_unit} tiles"
+            f"{' (short tails)' if short else ''}"
+            f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, {CALLS} calls, {seeds + 1} interleavings"
+        )
     return Verdict(not problems, problems, done, nops)
 
 
 def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int], tile: int) -> list[str]:
     """Units tile every chunk and the whole buffer exactly, for concrete sizes (the kernel's arithmetic)."""
-    from .plan import layout, unit_length
+    from .layout import layout, unit_length
+
     problems = []
     nunits = OPS[op].in_chunks(world) * parts
     for n in in_sizes:

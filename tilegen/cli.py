@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from .spec import SpecError, json_schema, load_spec, load_specs
@@ -26,7 +25,10 @@ def cmd_validate(args) -> int:
     good, problems = load_specs(args.paths)
     _print_problems(problems)
     if problems:
-        print(f"{len(problems)} problem(s) in {len(good) + len({str(l.path) for l, _ in problems})} spec file(s)", file=sys.stderr)
+        print(
+            f"{len(problems)} problem(s) in {len(good) + len({str(loc.path) for loc, _ in problems})} spec file(s)",
+            file=sys.stderr,
+        )
         return 1
     if not good:
         print("no spec files found (looked for *.yaml, *.yml, *.py)", file=sys.stderr)
@@ -37,8 +39,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .codegen import verdict_of
-    from .plan import format_plan, plan, spare_sms
+    from .pipeline import plan_verdicts
+    from .plan import format_plan, plan
+
     try:
         ls = load_spec(args.spec)
     except SpecError as e:
@@ -52,12 +55,12 @@ def cmd_plan(args) -> int:
         return 1
     print(format_plan(p))
     ok = True
-    for i, v in enumerate(p.variants):
-        verdict = verdict_of(v.schedule, ls.spec.op, spare_sms(ls.spec, v.ctas))
+    for i, verdict in enumerate(plan_verdicts(p)):
         print(f"variant {i}: {verdict}")
         ok &= verdict.ok
     if args.svg:
         from .draw import draw_plan
+
         draw_plan(p, args.svg, shard_bytes=args.bytes)
         print(f"wrote {args.svg}")
     return 0 if ok else 1
@@ -65,13 +68,16 @@ def cmd_plan(args) -> int:
 
 def _generated_files(specs, package: str, calibration: dict | None = None) -> dict[str, str]:
     from .build import nvshmem_header_version
-    from .codegen import render_package
-    return render_package(specs, package, nvshmem_header_version(), calibration)
+    from .pipeline import generate_package
+
+    return generate_package(specs, package, nvshmem_header_version(), calibration)
 
 
 def cmd_generate(args) -> int:
     from .build import BuildError, build_package, package_lock
-    from .codegen import CodegenError, write_package
+    from .codegen import CodegenError
+    from .files import write_files
+
     good, problems = load_specs(args.paths)
     _print_problems(problems)
     if problems:
@@ -88,13 +94,18 @@ def cmd_generate(args) -> int:
     if args.check:
         return _check_drift(files, out)
     with package_lock(out):
-        fm = write_package(files, out)
+        fm = write_files(files, out)
         print(f"wrote {len(fm.written)} file(s), {len(fm.unchanged)} unchanged, in {out}")
         if args.no_build:
             return 0
         try:
-            built = build_package(out, [ls.spec for ls in good], {ls.spec.name: str(ls.loc.path) for ls in good},
-                                  jobs=args.jobs, progress=not args.quiet)
+            built = build_package(
+                out,
+                [ls.spec for ls in good],
+                {ls.spec.name: str(ls.loc.path) for ls in good},
+                jobs=args.jobs,
+                progress=not args.quiet,
+            )
         except BuildError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -131,6 +142,7 @@ def cmd_schema(args) -> int:
 def cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
     root = Path(args.directory)
     table = Table(title=f"ops in {root}")
     for col in ("op", "kind", "dtype", "worlds: schedule", "spec hash", "built", "nvshmem", "arch"):
@@ -140,19 +152,30 @@ def cmd_list(args) -> int:
         man = json.loads(man_path.read_text())
         bj = man_path.parent / "_build" / "build.json"
         info = json.loads(bj.read_text()) if bj.exists() else {}
-        plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
-                          for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
-        table.add_row(man["name"], man["op"], man["spec"]["dtype"], plans, man["spec_hash"][:12],
-                      f"nvcc {info['nvcc']}" if info else "no", info.get("nvshmem", man.get("nvshmem_headers") or "?"),
-                      man["arch"])
+        plans = ", ".join(
+            f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
+            for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0]))
+        )
+        table.add_row(
+            man["name"],
+            man["op"],
+            man["spec"]["dtype"],
+            plans,
+            man["spec_hash"][:12],
+            f"nvcc {info['nvcc']}" if info else "no",
+            info.get("nvshmem", man.get("nvshmem_headers") or "?"),
+            man["arch"],
+        )
         found += 1
     import shutil
+
     Console(width=max(shutil.get_terminal_size().columns, 260)).print(table)
     return 0 if found else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tilegen plan ... | head` ends quietly
     ap = argparse.ArgumentParser(prog="tilegen", description="declarative generator of multi-GPU communication kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -187,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bounded-ms", type=float, default=0.0, help="also time bounded-wait mode with this bound")
     p.add_argument("--out", help="results as JSON")
     p.add_argument("--plot", help="busbw plot (.png or .svg)")
-    p.set_defaults(fn=lambda a: __import__("tilegen.bench", fromlist=["run"]).run(
-        a.ops, [int(s) for s in a.sizes_kib.split(",")], a.reps, a.out, a.plot, a.bounded_ms))
+    p.set_defaults(
+        fn=lambda a: __import__("tilegen.bench", fromlist=["run"]).run(
+            a.ops, [int(s) for s in a.sizes_kib.split(",")], a.reps, a.out, a.plot, a.bounded_ms
+        )
+    )
     p = sub.add_parser("schema", help="JSON Schema of spec files (for editor completion)")
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_schema)

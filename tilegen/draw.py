@@ -3,7 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plan import TOPOLOGIES, Plan, Schedule, layout, tile_bytes_for, unit_length
+from .ir import Schedule
+from .layout import layout, tile_bytes_for, unit_length
+from .plan import TOPOLOGIES, Plan
+
+def pyplot():
+    """matplotlib's pyplot (headless), or a clear error: plotting is an optional extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install 'tilegen[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
 
 COLOURS = {"entry": "#9e9e9e", "put": "#4c72b0", "reduce": "#dd8452", "wait": "#c44e52"}
 
@@ -42,7 +55,9 @@ def timeline(s: Schedule, in_bytes: int, elem: int, ctas: int, tile_bytes: int, 
                         dur += n * (len(st.srcs) + len(st.dests)) / topo.reduce_Bpus
                     end = start + dur
                     for d in st.dests:
-                        first[(d.rank, d.buf, d.slot)] = start + min(tile, n) / topo.egress_Bpus + (topo.hop_us if d.rank != r else 0)
+                        first[(d.rank, d.buf, d.slot)] = (
+                            start + min(tile, n) / topo.egress_Bpus + (topo.hop_us if d.rank != r else 0)
+                        )
                     rows.append((r, i, "reduce" if len(st.srcs) > 1 else "put", start, end, remote))
                 t = end
     return rows
@@ -50,9 +65,8 @@ def timeline(s: Schedule, in_bytes: int, elem: int, ctas: int, tile_bytes: int, 
 
 def draw_plan(p: Plan, path: str | Path, shard_bytes: int | None = None) -> None:
     """Draw the plan's variant for the given input size (default: the largest) as one row per rank."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+
     spec = p.spec
     n = shard_bytes or p.variants[-1].max_bytes
     v = next((v for v in p.variants if n <= v.max_bytes), p.variants[-1])
@@ -68,7 +82,9 @@ def draw_plan(p: Plan, path: str | Path, shard_bytes: int | None = None) -> None
     ax.set_yticks(range(w), [f"rank {r}" for r in range(w)])
     ax.invert_yaxis()
     ax.set_xlabel("estimated time (us, cost model)")
-    ax.set_title(f"{spec.name}: {v.schedule.algorithm}, world {w}, {n} B input per rank, {v.ctas} CTAs, sync {spec.sync}")
+    ax.set_title(
+        f"{spec.name}: {v.schedule.algorithm}, world {w}, {n} B input per rank, {v.ctas} CTAs, sync {spec.sync}"
+    )
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
     ax.legend(handles, list(COLOURS), loc="upper right", fontsize=8, ncol=4)
     fig.tight_layout()

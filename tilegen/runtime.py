@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import __version__
-from .spec import IO_SHARDS
+from .registry import OPS
 
 _state: dict[str, Any] = {"initialised": False, "ops": [], "rank": None, "world": None}
 
@@ -21,7 +21,7 @@ class OpLoadError(RuntimeError):
     """A generated op cannot be used here (not built, or built for another toolchain/GPU)."""
 
 
-def _torch():
+def _torch() -> Any:
     import torch
     return torch
 
@@ -79,7 +79,7 @@ def _require_init(what: str) -> None:
         raise RuntimeError(f"tilegen.{what}: call tilegen.init() first (on every rank)")
 
 
-def empty(shape, dtype) -> Any:
+def empty(shape: Sequence[int], dtype: Any) -> Any:
     """A torch tensor on the NVSHMEM symmetric heap (collective: same shape on every rank)."""
     _require_init("empty")
     import nvshmem.core as nvshmem
@@ -89,7 +89,7 @@ def empty(shape, dtype) -> Any:
     return nvshmem.tensor(tuple(int(s) for s in shape), dtype=dtype)
 
 
-def free(tensor) -> None:
+def free(tensor: Any) -> None:
     import nvshmem.core as nvshmem
     nvshmem.free_tensor(tensor)
 
@@ -134,15 +134,20 @@ def check_build(directory: Path, name: str, runtime_nvshmem: str | None, device_
     if info.get("spec_hash") != man.get("spec_hash"):
         raise OpLoadError(f"op {name}: the library was built from another version of its spec; {rebuild}")
     if info.get("tilegen_version") != __version__:
-        raise OpLoadError(f"op {name} was built by tilegen {info.get('tilegen_version')}, this is tilegen {__version__}; {rebuild}")
+        raise OpLoadError(f"op {name} was built by tilegen {info.get('tilegen_version')}, this is tilegen "
+                          f"{__version__}; {rebuild}")
     if runtime_nvshmem is not None and info.get("nvshmem") != runtime_nvshmem:
-        raise OpLoadError(f"op {name} was built against NVSHMEM {info.get('nvshmem')}, but this process runs "
-                          f"NVSHMEM {runtime_nvshmem}; {rebuild}")
+        raise OpLoadError(
+            f"op {name} was built against NVSHMEM {info.get('nvshmem')}, but this process runs "
+            f"NVSHMEM {runtime_nvshmem}; {rebuild}"
+        )
     if device_arch is not None:
         built = info.get("arch", "")
         if built.rstrip("a") != device_arch:
-            raise OpLoadError(f"op {name} was built for {built}, but this GPU is {device_arch}; set arch: {device_arch} "
-                              f"in its spec and {rebuild}")
+            raise OpLoadError(
+                f"op {name} was built for {built}, but this GPU is {device_arch}; set arch: {device_arch} "
+                f"in its spec and {rebuild}"
+            )
     lib = directory / "_build" / info["library"]
     if not lib.exists():
         raise OpLoadError(f"op {name}: {lib} is missing; {rebuild}")
@@ -152,8 +157,17 @@ def check_build(directory: Path, name: str, runtime_nvshmem: str | None, device_
 class GeneratedOp:
     """A pre-generated, pre-built op. Callable: op(input, output=None, *, stream=None, timeout_ms=None)."""
 
-    def __init__(self, directory: Path, name: str, kind: str, dtype: str, shape: list, world_sizes: list[int],
-                 symmetric_output: bool = True, default_timeout_ms: float = 0):
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        kind: str,
+        dtype: str,
+        shape: list,
+        world_sizes: list[int],
+        symmetric_output: bool = True,
+        default_timeout_ms: float = 0,
+    ):
         self.directory = Path(directory)
         self.name = name
         self.kind = kind
@@ -176,27 +190,36 @@ class GeneratedOp:
     def inner_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[1:])
 
-    def load(self):
+    def load(self) -> Any:
         """Load the library (checks provenance first). Needs tilegen.init()."""
         if self._mod is not None:
             return self._mod
         _require_init(self.name)
         if _capturing(None):
-            raise RuntimeError(f"{self.name}: loading an op allocates symmetric memory collectively, which a CUDA graph "
-                               f"cannot capture: call the op once before capturing it")
+            raise RuntimeError(
+                f"{self.name}: loading an op allocates symmetric memory collectively, which a CUDA graph "
+                f"cannot capture: call the op once before capturing it"
+            )
         if _state["world"] not in self.world_sizes:  # before any collective call into the library
-            raise OpLoadError(f"op {self.name} was generated for world sizes {self.world_sizes}, this job has "
-                              f"{_state['world']} ranks; add {_state['world']} to world_sizes in its spec and regenerate")
+            raise OpLoadError(
+                f"op {self.name} was generated for world sizes {self.world_sizes}, this job has "
+                f"{_state['world']} ranks; add {_state['world']} to world_sizes in its spec and regenerate"
+            )
         import nvshmem.core as nvshmem
         import tvm_ffi
+
         _register_errors()
-        lib = check_build(self.directory, self.name, nvshmem.get_version().libnvshmem_version, _arch_of_current_device())
+        lib = check_build(
+            self.directory, self.name, nvshmem.get_version().libnvshmem_version, _arch_of_current_device()
+        )
         mod = tvm_ffi.load_module(str(lib))
         compiled, runtime = (int(v) for v in mod.nvshmem_versions())
         if compiled != runtime:
-            raise OpLoadError(f"op {self.name}: compiled against NVSHMEM {compiled // 10000}.{compiled // 100 % 100}."
-                              f"{compiled % 100} but linked to {runtime // 10000}.{runtime // 100 % 100}.{runtime % 100}; "
-                              f"rebuild it with: tilegen generate <specs> -o {self.directory.parent}")
+            raise OpLoadError(
+                f"op {self.name}: compiled against NVSHMEM {compiled // 10000}.{compiled // 100 % 100}."
+                f"{compiled % 100} but linked to {runtime // 10000}.{runtime // 100 % 100}.{runtime % 100}; "
+                f"rebuild it with: tilegen generate <specs> -o {self.directory.parent}"
+            )
         world = int(mod.world())  # collective on first use: allocates the op's symmetric signals
         if world not in self.world_sizes:
             raise OpLoadError(f"op {self.name} supports world sizes {self.world_sizes}, this job has {world}")
@@ -215,15 +238,15 @@ class GeneratedOp:
 
     def shard_rows(self, input_rows: int) -> int:
         """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold world * m)."""
-        k = IO_SHARDS[self.kind][0](world_size())
+        k = OPS[self.kind].in_rows(world_size())
         if input_rows % k:
             raise ValueError(f"{self.name}: input dim 0 must be a multiple of {k}, got {input_rows}")
         return input_rows // k
 
     def output_shape(self, rows: int) -> tuple[int, ...]:
-        return (IO_SHARDS[self.kind][1](world_size()) * rows,) + self.inner_shape
+        return (OPS[self.kind].out_rows(world_size()) * rows,) + self.inner_shape
 
-    def empty_output(self, rows: int):
+    def empty_output(self, rows: int) -> Any:
         """Output for shards of `rows` rows: on the symmetric heap when peers store into it
         (collective then; cached per size)."""
         world = world_size()
@@ -232,9 +255,11 @@ class GeneratedOp:
         key = (rows, world)
         if key not in self._outputs:
             if self.symmetric_output and _capturing(None):
-                raise RuntimeError(f"{self.name}: the symmetric output for {rows} rows is allocated collectively, which a "
-                                   f"CUDA graph cannot capture: call the op once with this size (or "
-                                   f"{self.name}.empty_output({rows})) before capturing")
+                raise RuntimeError(
+                    f"{self.name}: the symmetric output for {rows} rows is allocated collectively, which a "
+                    f"CUDA graph cannot capture: call the op once with this size (or "
+                    f"{self.name}.empty_output({rows})) before capturing"
+                )
             if self.symmetric_output:
                 self._outputs[key] = empty(self.output_shape(rows), self.dtype)
             else:
@@ -257,9 +282,11 @@ class GeneratedOp:
     def _refuse_bounded_capture(self, handle: int, timeout_ns: int) -> None:
         """Bounded waits synchronise the stream to read the report: not in a CUDA graph."""
         if timeout_ns > 0 and _capturing(handle):
-            raise RuntimeError(f"{self.name}: bounded waits (timeout_ms / TILEGEN_WAIT_TIMEOUT_MS / wait_timeout_ms) "
-                               f"synchronise the stream after each call and cannot be captured in a CUDA graph; "
-                               f"capture with timeout_ms=0")
+            raise RuntimeError(
+                f"{self.name}: bounded waits (timeout_ms / TILEGEN_WAIT_TIMEOUT_MS / wait_timeout_ms) "
+                f"synchronise the stream after each call and cannot be captured in a CUDA graph; "
+                f"capture with timeout_ms=0"
+            )
 
     def free_outputs(self) -> None:
         """Free the outputs empty_output cached (collective)."""
@@ -267,14 +294,18 @@ class GeneratedOp:
             free(t)
         self._outputs.clear()
 
-    def __call__(self, input, output=None, *, root: int = 0, stream=None, timeout_ms: float | None = None):
-        """Run the op on the current stream (or `stream`). Broadcast: only the root's input is read;
-        other ranks may pass None (the output is then used as the nominal input)."""
+    def __call__(self, input: Any, output: Any = None, *, root: int = 0, stream: Any = None,
+                 timeout_ms: float | None = None) -> Any:
+        """Run the op on the current stream (or `stream`). Rooted ops (broadcast) take `root`; where only
+        the root's input is read, other ranks may pass None (the output is then the nominal input)."""
         mod = self.load()
+        desc = OPS[self.kind]
         if input is None:
-            if self.kind != "broadcast" or output is None:
-                raise ValueError(f"{self.name}: input is required" + (" (None is allowed for broadcast's "
-                                 "non-root ranks when an output is given)" if self.kind == "broadcast" else ""))
+            if not desc.root_only_input or output is None:
+                raise ValueError(
+                    f"{self.name}: input is required"
+                    + (" (None is allowed on non-root ranks when an output is given)" if desc.root_only_input else "")
+                )
             input = output
         if output is None:
             if not hasattr(input, "shape") or len(input.shape) < 1:
@@ -282,8 +313,9 @@ class GeneratedOp:
             output = self.empty_output(self.shard_rows(int(input.shape[0])))
         handle = _stream_handle(input, stream)
         timeout_ns = self._timeout_ns(timeout_ms)
-        if self.kind != "broadcast" and root != 0:
-            raise ValueError(f"{self.name}: root is only meaningful for broadcast")
+        if not desc.rooted and root != 0:
+            rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
+            raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
         self._refuse_bounded_capture(handle, timeout_ns)
         mod.run(input, output, int(root), handle, timeout_ns, False)
         if timeout_ns > 0:  # bounded mode: wait for the call, then report a wait that gave up
@@ -292,7 +324,7 @@ class GeneratedOp:
         return output
 
 
-def _stream_handle(tensor, stream) -> int:
+def _stream_handle(tensor: Any, stream: Any) -> int:
     """The CUDA stream to launch on: explicit, else the framework's current stream, else TVM-FFI's."""
     if stream is not None:
         if isinstance(stream, int):
@@ -320,186 +352,16 @@ def _capturing(handle: int | None) -> bool:
     if handle is None or handle < 0 or (torch is not None and handle == torch.cuda.current_stream().cuda_stream):
         return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     from cuda.bindings import runtime as rt
+
     err, status = rt.cudaStreamIsCapturing(handle)
     return status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone
 
 
-def _synchronize(tensor, handle: int) -> None:
+def _synchronize(tensor: Any, handle: int) -> None:
     if type(tensor).__module__.startswith("torch"):
         torch = _torch()
         torch.cuda.ExternalStream(handle).synchronize() if handle > 0 else torch.cuda.synchronize()
         return
     from cuda.bindings import runtime as rt
+
     rt.cudaStreamSynchronize(handle if handle > 0 else 0)
-
-
-class _GemmOp(GeneratedOp):
-    """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
-
-    def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False, **kw):
-        super().__init__(*args, **kw)
-        self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
-        self.b_layout = b_layout
-        self.fused = fused
-        self._streams: dict[int, tuple] = {}
-        self._buffers: dict[tuple, Any] = {}
-
-    def _side_streams(self, device):
-        """(communication stream, compute stream) of a device, created once."""
-        torch = _torch()
-        key = device.index if device.index is not None else torch.cuda.current_device()
-        if key not in self._streams:
-            self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-        return self._streams[key]
-
-    @property
-    def n(self) -> int:
-        """This rank's columns of B at the job's world size."""
-        return self.gemm_nk[world_size()][0]
-
-    @property
-    def k(self) -> int:
-        """This rank's inner dimension (columns of A) at the job's world size."""
-        return self.gemm_nk[world_size()][1]
-
-    def _check(self, a, b, c, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
-        """Validates a, b (and c); returns m."""
-        torch = _torch()
-        k = self.k
-        dtype = getattr(torch, self.dtype)
-        for name, t in (("a", a), ("b", b)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{self.name}: {name} must be a torch tensor, got {type(t).__name__}")
-            if t.dtype != dtype:
-                raise ValueError(f"{self.name}: {name} must have dtype {self.dtype}, got {t.dtype}")
-            if not t.is_cuda:
-                raise ValueError(f"{self.name}: {name} must be a CUDA tensor, got device {t.device}")
-        rows = f"{a_rows_per_m} * m" if a_rows_per_m > 1 else "m"
-        if (a.dim() != 2 or a.shape[1] != k or a.shape[0] % a_rows_per_m
-                or not 1 <= a.shape[0] // a_rows_per_m <= self.max_rows()):
-            raise ValueError(f"{self.name}: a must be [{rows}, {k}] with 1 <= m <= {self.max_rows()}, got {list(a.shape)}")
-        m = a.shape[0] // a_rows_per_m
-        want_b = [k, self.n] if self.b_layout == "kn" else [self.n, k]
-        if list(b.shape) != want_b:
-            raise ValueError(f"{self.name}: b must be {want_b} (b_layout {self.b_layout}), got {list(b.shape)}")
-        if b.device != a.device:
-            raise ValueError(f"{self.name}: b is on {b.device} but a is on {a.device}")
-        if c is not None:
-            want_c = [c_rows_per_m * m, self.n]
-            if list(c.shape) != want_c or c.dtype != dtype or c.device != a.device or not c.is_contiguous():
-                raise ValueError(f"{self.name}: c must be a contiguous {self.dtype} tensor {want_c} on {a.device}, got "
-                                 f"{list(c.shape)} {c.dtype} on {c.device}")
-        return m
-
-    @staticmethod
-    def _gemm_sms() -> int:
-        """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the device's SMs minus the communication's)."""
-        env = os.environ.get("TILEGEN_GEMM_SMS", "")
-        try:
-            n = int(env) if env else 0
-        except ValueError:
-            raise ValueError(f"TILEGEN_GEMM_SMS must be a number of CTAs, got {env!r}") from None
-        if n < 0:
-            raise ValueError(f"TILEGEN_GEMM_SMS must be >= 0, got {n}")
-        return n
-
-    def _finish(self, main, comm, comp, tensors, timeout_ns: int, mod) -> None:
-        main.wait_stream(comp)
-        main.wait_stream(comm)
-        if not _capturing(main.cuda_stream):  # a graph's memory stays with the graph
-            for t in tensors:  # the caching allocator must not reuse them before the side streams finish
-                t.record_stream(comp)
-                t.record_stream(comm)
-        if timeout_ns > 0:
-            main.synchronize()
-            mod.check_wait_error()
-
-    def _begin(self, a, stream, mod, timeout_ns: int):
-        """(caller's stream, communication stream, compute stream): the call's epoch advances on the
-        caller's stream (so a CUDA graph replays it right), then both side streams start after it."""
-        torch = _torch()
-        main = torch.cuda.ExternalStream(_stream_handle(a, stream)) if stream is not None else torch.cuda.current_stream(a.device)
-        self._refuse_bounded_capture(main.cuda_stream, timeout_ns)
-        mod.begin(main.cuda_stream)
-        comm, comp = self._side_streams(a.device)
-        comm.wait_stream(main)
-        comp.wait_stream(main)
-        return main, comm, comp
-
-
-class AgGemmOp(_GemmOp):
-    """C = allgather(A) @ B. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
-
-    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream. Fused:
-    one CUTLASS GEMM on a second stream loads each block of A rows once its signals are set (own
-    chunk first, then by arrival). Decomposed: for each chunk in arrival order (own chunk straight
-    from `a`), a wait kernel holds the second stream until the chunk's signals are set and cuBLAS
-    computes that chunk's rows of C. The caller's stream waits for both before it goes on."""
-
-    def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
-        torch = _torch()
-        mod = self.load()
-        world, me = world_size(), rank()
-        m = self._check(a, b, c, 1, world, world)
-        a = a.contiguous()
-        gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
-        if c is None:
-            c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
-        timeout_ns = self._timeout_ns(timeout_ms)
-        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
-        mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
-        if self.fused:
-            b = b.contiguous()
-            mod.fused_gemm(gathered, b, c, self._gemm_sms(), comp.cuda_stream, timeout_ns)
-        else:
-            bm = b if self.b_layout == "kn" else b.t()
-            with torch.cuda.stream(comp):
-                for chunk in (int(x) for x in mod.compute_order()):
-                    rows = slice(chunk * m, (chunk + 1) * m)
-                    if chunk == me:
-                        torch.mm(a, bm, out=c[rows])
-                    else:
-                        mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
-                        torch.mm(gathered[rows], bm, out=c[rows])
-        self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
-        return c
-
-
-class GemmRsOp(_GemmOp):
-    """C = reduce_scatter(A @ B). Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
-
-    a is this rank's [world * m, k] (K-sharded) operand. Decomposed: on a compute stream cuBLAS
-    computes the rows of A @ B destined to each rank, others' first, each followed by a signal kernel.
-    Fused: one CUTLASS GEMM computes them in that order and publishes each part as its last tile is
-    stored. The reduce-scatter kernel on the communication stream waits for each chunk's (part's)
-    signal before it pushes and reduces it."""
-
-    def __call__(self, a, b, c=None, *, stream=None, timeout_ms: float | None = None):
-        torch = _torch()
-        mod = self.load()
-        world = world_size()
-        m = self._check(a, b, c, world, 1, world)
-        key = (m, a.device.index)
-        if key not in self._buffers:  # partial products [world * m, n], reused across calls of this size
-            self._buffers[key] = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
-        partial = self._buffers[key]
-        if c is None:
-            c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
-        timeout_ns = self._timeout_ns(timeout_ms)
-        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
-        # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
-        # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
-        mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
-        if self.fused:
-            a, b = a.contiguous(), b.contiguous()
-            mod.fused_gemm(a, b, partial, self._gemm_sms(), comp.cuda_stream, timeout_ns)
-        else:
-            bm = b if self.b_layout == "kn" else b.t()
-            with torch.cuda.stream(comp):
-                for chunk in (int(x) for x in mod.compute_order()):
-                    rows = slice(chunk * m, (chunk + 1) * m)
-                    torch.mm(a[rows], bm, out=partial[rows])
-                    mod.signal_chunk(chunk, comp.cuda_stream)
-        mod.launch_pending(comm.cuda_stream)
-        self._finish(main, comm, comp, (a, b, c, partial), timeout_ns, mod)
-        return c

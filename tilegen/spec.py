@@ -20,6 +20,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from .registry import GEMM_OPS, OPS, all_schedule_names, comm_op
+
 SPEC_SUFFIXES = (".yaml", ".yml", ".py")
 
 # Names become C identifiers, Python module names and file names: keep them boring.
@@ -54,29 +56,10 @@ DTYPES: dict[str, tuple[int, str, str]] = {
     "u8": (1, "uint8_t", "uint8"),
 }
 
-OpKind = Literal["allgather", "reduce_scatter", "allreduce", "all_to_all", "broadcast", "ag_gemm", "gemm_rs"]
-GEMM_OPS = ("ag_gemm", "gemm_rs")
-REDUCING = ("reduce_scatter", "allreduce")
-# schedules each op has (tilegen.plan.ALGORITHMS holds the generators)
-SCHEDULES = {
-    "allgather": ("direct", "ring", "bidir_ring"),
-    "reduce_scatter": ("direct", "ring", "bidir_ring"),
-    "allreduce": ("one_shot", "two_shot", "ring", "bidir_ring"),
-    "all_to_all": ("direct",),
-    "broadcast": ("direct", "chain"),
-    "ag_gemm": ("direct", "ring", "bidir_ring"),  # how A is gathered
-    "gemm_rs": ("direct", "ring", "bidir_ring"),  # how the partial products are reduce-scattered
-}
-# per-rank input and output in units of the spec's shape, as a function of the world size
-IO_SHARDS = {
-    "allgather": (lambda w: 1, lambda w: w),
-    "reduce_scatter": (lambda w: w, lambda w: 1),
-    "allreduce": (lambda w: 1, lambda w: 1),
-    "all_to_all": (lambda w: w, lambda w: w),
-    "broadcast": (lambda w: 1, lambda w: 1),
-    "ag_gemm": (lambda w: 1, lambda w: w),  # A [m, k] -> gathered A [world*m, k] (and C [world*m, n])
-    "gemm_rs": (lambda w: w, lambda w: 1),  # partial C [world*m, n] -> C [m, n]
-}
+OpKind = Literal[tuple(OPS)]  # type: ignore[valid-type]
+REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
+SCHEDULES = {k: tuple(comm_op(k).schedules) for k in OPS}  # the schedules each op kind has
+ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
 
 
 class _Frozen(BaseModel):
@@ -151,15 +134,14 @@ class KernelSpec(_Frozen):
     """One kernel: what it computes and how it communicates."""
 
     name: str = Field(description="op name: a Python module and C identifier")
-    op: OpKind = Field(description="collective or fused kernel kind")
+    op: OpKind = Field(description="what the op computes: " + "; ".join(f"{k}: {d.summary}" for k, d in OPS.items()))
     dtype: Literal["bf16", "f16", "f32", "i32", "u8"] = Field(description="element type")
     world_sizes: list[Annotated[int, Field(ge=2, le=8)]] = Field(
         min_length=1, description="numbers of ranks the op supports (2..8, one NVLink domain)")
     shape: list[Dim] = Field(
         min_length=1, max_length=4,
-        description="shard shape; dim 0 may be dynamic {name, max}. allgather: input [m,..] -> output "
-                    "[world*m,..]; reduce_scatter: [world*m,..] -> [m,..]; allreduce and broadcast: [m,..] -> "
-                    "[m,..]; all_to_all: [world*m,..] -> [world*m,..] (block r goes to rank r)")
+        description="shard shape [m, ...]; dim 0 may be dynamic {name, max}; the op's tensors are m or world * m "
+                    "rows of it (see op); GEMM ops: A's [m, k], where gemm_rs's k may be {full: K}")
     reduce: Literal["sum", "max", "min"] = Field(
         default="sum", description="reduction of reduce_scatter/allreduce (accumulated in fp32 for bf16/f16)")
     tile_bytes: Union[int, Literal["auto"]] = Field(
@@ -171,7 +153,7 @@ class KernelSpec(_Frozen):
                     "auto: peer pointers where NVLink reaches, NVSHMEM elsewhere")
     sync: Literal["per_tile", "barrier"] = Field(
         default="per_tile", description="per_tile: one signal per tile; barrier: one signal per chunk after all CTAs")
-    schedule: Literal["auto", "direct", "ring", "bidir_ring", "one_shot", "two_shot", "chain"] = Field(
+    schedule: ScheduleName = Field(
         default="auto", description="auto: the planner's cost model chooses (per message size)")
     topology: Literal["nvswitch", "ring_links"] = Field(
         default="nvswitch", description="link layout the cost model assumes")
@@ -273,32 +255,43 @@ class KernelSpec(_Frozen):
             self._check_sharding()
             limit = max_gemm_comm_ctas(self.sm)
             if self.ctas != "auto" and self.ctas > limit:
-                raise ValueError(f"ctas: a {self.op} communication kernel runs beside the GEMMs and must leave them the "
-                                 f"GPU: at most {limit} CTAs on {self.arch} (or auto), got {self.ctas}")
+                raise ValueError(
+                    f"ctas: a {self.op} communication kernel runs beside the GEMMs and must leave them the "
+                    f"GPU: at most {limit} CTAs on {self.arch} (or auto), got {self.ctas}"
+                )
             why_not = self._fused_unsupported()
             if self.overlap == "fused" and why_not:
                 raise ValueError(f"overlap: fused needs {why_not}; use decomposed or auto")
             if self.gemm_tile is not None:
                 m, n_, k = self.gemm_tile
                 if m not in (128, 256) or n_ not in (64, 128, 192, 256) or k not in (64, 128):
-                    raise ValueError(f"gemm_tile: expected [m, n, k] with m 128 or 256, n 64/128/192/256, k 64 or 128, "
-                                     f"got {self.gemm_tile}")
+                    raise ValueError(
+                        f"gemm_tile: expected [m, n, k] with m 128 or 256, n 64/128/192/256, k 64 or 128, "
+                        f"got {self.gemm_tile}"
+                    )
             if not self.fused and (self.gemm_tile is not None or self.stages != "auto"):
-                raise ValueError(f"{'gemm_tile' if self.gemm_tile is not None else 'stages'}: only the fused overlap "
-                                 f"takes GEMM tiles and stages (this spec's overlap is decomposed)")
+                raise ValueError(
+                    f"{'gemm_tile' if self.gemm_tile is not None else 'stages'}: only the fused overlap "
+                    f"takes GEMM tiles and stages (this spec's overlap is decomposed)"
+                )
         else:
             if any(isinstance(d, ShardedDim) for d in self.shape):
                 raise ValueError("shape: only a GEMM op's k (gemm_rs) may be sharded ({full: K})")
-            for f, unset in (("n", self.n is None), ("gemm_tile", self.gemm_tile is None), ("stages", self.stages == "auto"),
-                             ("overlap", self.overlap == "auto")):
+            for f, unset in (
+                ("n", self.n is None),
+                ("gemm_tile", self.gemm_tile is None),
+                ("stages", self.stages == "auto"),
+                ("overlap", self.overlap == "auto"),
+            ):
                 if not unset:
                     raise ValueError(f"{f}: only GEMM ops ({', '.join(GEMM_OPS)}) take {f}")
         shard = self.max_shard_bytes
         if shard * max(self.world_sizes) > (1 << 40):
             raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
         if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
-            raise ValueError(f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), "
-                             f"not {self.schedule}")
+            raise ValueError(
+                f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), not {self.schedule}"
+            )
         if self.op in REDUCING and self.dtype == "u8":
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
@@ -385,10 +378,10 @@ class KernelSpec(_Frozen):
         return self.max_shape[0] * n * self.elem_bytes
 
     def max_in_bytes(self, world: int) -> int:
-        return IO_SHARDS[self.op][0](world) * self.max_shard_bytes
+        return OPS[self.op].in_rows(world) * self.max_shard_bytes
 
     def max_out_bytes(self, world: int) -> int:
-        return IO_SHARDS[self.op][1](world) * self.max_shard_bytes
+        return OPS[self.op].out_rows(world) * self.max_shard_bytes
 
     @property
     def sm(self) -> int:
@@ -559,7 +552,9 @@ def load_yaml_spec(path: str | Path) -> LoadedSpec:
 
 def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
     if len(text) > MAX_SPEC_BYTES:
-        raise SpecError([(SourceLoc(path, 1, 1), f"<file>: {len(text)} characters; a spec is at most {MAX_SPEC_BYTES}")])
+        raise SpecError(
+            [(SourceLoc(path, 1, 1), f"<file>: {len(text)} characters; a spec is at most {MAX_SPEC_BYTES}")]
+        )
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
@@ -570,7 +565,9 @@ def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
         problem = (e.problem or e.context or "malformed YAML").strip()
         raise SpecError([(SourceLoc(path, line + 1, col + 1), f"<yaml>: {problem}")]) from None
     except (YAMLError, ValueError, RecursionError) as e:
-        raise SpecError([(SourceLoc(path, 1, 1), f"<yaml>: {str(e).splitlines()[0] if str(e) else type(e).__name__}")]) from None
+        raise SpecError(
+            [(SourceLoc(path, 1, 1), f"<yaml>: {str(e).splitlines()[0] if str(e) else type(e).__name__}")]
+        ) from None
     if not isinstance(root, dict):
         kind = "empty document" if root is None else f"a {type(root).__name__}"
         raise SpecError([(SourceLoc(path, 1, 1), f"<spec>: expected a mapping of fields, got {kind}")])
@@ -591,8 +588,9 @@ def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
     except ValidationError as e:
         raise SpecError(_validation_problems(e, path, locate)) from None
     except (_TooLarge, RecursionError):
-        raise SpecError([(SourceLoc(path, 1, 1), f"<spec>: more than {MAX_SPEC_NODES} values (recursive or "
-                                                 f"exploding aliases?)")]) from None
+        raise SpecError(
+            [(SourceLoc(path, 1, 1), f"<spec>: more than {MAX_SPEC_NODES} values (recursive or exploding aliases?)")]
+        ) from None
     return LoadedSpec(spec, SourceLoc(path, root.lc.line + 1, root.lc.col + 1))
 
 
@@ -627,7 +625,9 @@ def load_python_spec(path: str | Path) -> LoadedSpec:
     try:
         ns = runpy.run_path(path, run_name="tilegen_spec")
     except ValidationError as e:
-        raise SpecError(_validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)) from None
+        raise SpecError(
+            _validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
+        ) from None
     except Exception as e:  # a config that fails to run is reported at its own line
         tb = e.__traceback__
         line = 1
@@ -644,11 +644,20 @@ def load_python_spec(path: str | Path) -> LoadedSpec:
     if isinstance(value, KernelSpec):
         return LoadedSpec(value, SourceLoc(path, where[0] + 1, where[1] + 1))
     if not isinstance(value, dict):
-        raise SpecError([(SourceLoc(path, where[0] + 1, where[1] + 1), f"SPEC: expected a KernelSpec or a dict, got {type(value).__name__}")])
+        raise SpecError(
+            [
+                (
+                    SourceLoc(path, where[0] + 1, where[1] + 1),
+                    f"SPEC: expected a KernelSpec or a dict, got {type(value).__name__}",
+                )
+            ]
+        )
     try:
         spec = KernelSpec.model_validate(value)
     except ValidationError as e:
-        raise SpecError(_validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)) from None
+        raise SpecError(
+            _validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
+        ) from None
     return LoadedSpec(spec, SourceLoc(path, where[0] + 1, where[1] + 1))
 
 
@@ -666,7 +675,9 @@ def find_spec_files(paths: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_"))))
+            files.extend(
+                sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_")))
+            )
         else:
             files.append(p)
     return files

@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from .plan import TOPOLOGIES, _critical_hops, _sizes, algorithms_for, make_schedule, schedule_traffic
+from .plan import TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
+from .registry import OPS, algorithms_for, make_schedule
 from .spec import KernelSpec
 
 
@@ -40,7 +41,7 @@ def schedule_features(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> 
     s = make_schedule(spec.op, alg, world, spec.sync, spec.fused)
     flows, reduce_bytes = schedule_traffic(s, in_bytes, spec.elem_bytes)
     topo = TOPOLOGIES[spec.topology]
-    return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": _critical_hops(s),
+    return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": critical_hops(s),
             "reduce_bytes": reduce_bytes}
 
 
@@ -81,7 +82,8 @@ def tune(spec_path: str, output: str, reps: int = 15) -> int:
 
     import tilegen
     from .build import build_package
-    from .codegen import render_package, write_package
+    from .files import write_files
+    from .pipeline import generate_package
     from .spec import LoadedSpec, load_spec
 
     ls = load_spec(spec_path)
@@ -91,7 +93,7 @@ def tune(spec_path: str, output: str, reps: int = 15) -> int:
     root = Path(".tilegen-tune") / f"pkg_{key}"
     if rank == 0:
         loaded = [LoadedSpec(c, ls.loc) for c in cands]
-        write_package(render_package(loaded, root.name, None), root)
+        write_files(generate_package(loaded, root.name, None), root)
         build_package(root, cands, {c.name: spec_path for c in cands}, progress=False)
     dist.barrier()
     sys.path.insert(0, str(root.parent.resolve()))
@@ -102,11 +104,10 @@ def tune(spec_path: str, output: str, reps: int = 15) -> int:
     for d in ls.spec.max_shape[1:]:
         inner *= d
     row_bytes = inner * elem
-    from .spec import IO_SHARDS
-    k_in = IO_SHARDS[ls.spec.op][0](world)
+    k_in = OPS[ls.spec.op].in_rows(world)
     for c in cands:
         op = getattr(pkg, c.name)
-        for n in _sizes(ls.spec.max_in_bytes(world)):
+        for n in message_sizes(ls.spec.max_in_bytes(world)):
             m = max(1, n // (k_in * row_bytes))
             x = torch.randn((k_in * m,) + tuple(ls.spec.max_shape[1:]), device="cuda").to(getattr(torch, c.torch_dtype))
             out = op.empty_output(m)

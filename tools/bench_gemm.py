@@ -25,7 +25,11 @@ CASES = [  # (label, M, N, K) of the full problem
 
 def _efficiency(res: dict) -> None:
     """GEMM alone over each tilegen variant's time; the headline is the better variant's."""
-    effs = {k.removeprefix("tilegen_"): res["us"]["gemm_alone"] / v for k, v in res["us"].items() if k.startswith("tilegen_")}
+    effs = {
+        k.removeprefix("tilegen_"): res["us"]["gemm_alone"] / v
+        for k, v in res["us"].items()
+        if k.startswith("tilegen_")
+    }
     res["overlap_efficiency_by_variant"] = effs
     res["overlap_efficiency"] = max(effs.values())
 
@@ -60,20 +64,24 @@ def main():
             mod, gathered_f = fused.load(), fused.empty_output(m)
             stream = torch.cuda.current_stream().cuda_stream
             res["us"]["fused_kernel_only"] = time_batches(
-                lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), 5, a.reps)
+                lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), 5, a.reps
+            )
         if nccl:
             gathered = torch.empty((M, K), device="cuda", dtype=torch.bfloat16)
 
             def sequential():
                 dist.all_gather_into_tensor(gathered, x)
                 torch.mm(gathered, b, out=c)
+
             res["us"]["nccl_then_cublas"] = time_batches(sequential, 5, a.reps)
             try:
                 import torch.distributed._symmetric_memory as symm_mem
+
                 group = dist.group.WORLD.group_name
                 symm_mem.enable_symm_mem_for_group(group)
                 res["us"]["torch_fused_all_gather_matmul"] = time_batches(
-                    lambda: symm_mem.fused_all_gather_matmul(x, [b], gather_dim=0, group_name=group), 5, a.reps)
+                    lambda: symm_mem.fused_all_gather_matmul(x, [b], gather_dim=0, group_name=group), 5, a.reps
+                )
             except Exception as e:
                 if rank == 0:
                     print(f"torch fused_all_gather_matmul unavailable: {type(e).__name__}: {e}")
@@ -96,29 +104,41 @@ def main():
             w = b.t().contiguous() if fused.b_layout == "nk" else b
             res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, w, c), 5, a.reps)
         if nccl:
+
             def sequential_rs():
                 torch.mm(x, b, out=p)
                 dist.reduce_scatter_tensor(c, p)
+
             res["us"]["nccl_then_cublas"] = time_batches(sequential_rs, 5, a.reps)
             try:
                 import torch.distributed._symmetric_memory as symm_mem
+
                 group = dist.group.WORLD.group_name
                 res["us"]["torch_fused_matmul_reduce_scatter"] = time_batches(
-                    lambda: symm_mem.fused_matmul_reduce_scatter(x, b, "sum", scatter_dim=0, group_name=group), 5, a.reps)
+                    lambda: symm_mem.fused_matmul_reduce_scatter(x, b, "sum", scatter_dim=0, group_name=group),
+                    5,
+                    a.reps,
+                )
             except Exception as e:
                 if rank == 0:
                     print(f"torch fused_matmul_reduce_scatter unavailable: {type(e).__name__}: {e}")
         _efficiency(res)
         rows.append(res)
     if rank == 0:
-        print(f"\nag_gemm / gemm_rs bf16, {world} ranks on {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, median ms"
-              + ("" if nccl else " -- RANKS SHARE ONE GPU: GEMMs compete, no NCCL baseline"))
+        print(
+            f"\nag_gemm / gemm_rs bf16, {world} ranks on {torch.cuda.device_count()} x "
+            f"{torch.cuda.get_device_name()}, median ms"
+            + ("" if nccl else " -- RANKS SHARE ONE GPU: GEMMs compete, no NCCL baseline")
+        )
         names = list(dict.fromkeys(k for r in rows for k in r["us"]))
         print(f"{'case':<32}" + "".join(f"{k:>34}" for k in names) + f"{'overlap eff. (dec / fused)':>28}")
         for r in rows:
             e = r["overlap_efficiency_by_variant"]
-            print(f"{r['case']:<32}" + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>34.3f}" for k in names)
-                  + f"{e.get('decomposed', float('nan')):>20.2f} / {e.get('fused', float('nan')):.2f}")
+            print(
+                f"{r['case']:<32}"
+                + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>34.3f}" for k in names)
+                + f"{e.get('decomposed', float('nan')):>20.2f} / {e.get('fused', float('nan')):.2f}"
+            )
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(rows, f, indent=2)

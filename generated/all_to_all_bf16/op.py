@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = all_to_all_bf16.empty_output(m)   # [world * m, 4096] on the symmetric heap
     all_to_all_bf16(x, out)    # x: [world * m, 4096] bf16, m <= 8192
 
+Block r of every rank's [world * m, ...] input, concatenated in rank order, on rank r.
+
 Shard shape: [m<=8192, 4096].
 Schedules (checked), by world size and input size:
   world 2: direct up to 134217728 B

@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = allgather_bf16.empty_output(m)   # [world * m, 8192] on the symmetric heap
     allgather_bf16(x, out)    # x: [m, 8192] bf16, m <= 65536
 
+Every rank's [m, ...] shard, concatenated in rank order on every rank.
+
 Shard shape: [m<=65536, 8192].
 Schedules (checked), by world size and input size:
   world 2: direct up to 1073741824 B

@@ -2,513 +2,55 @@
 // Do not edit: regenerate with `tilegen generate`. Provenance is in manifest.json beside this file.
 //
 // allgather of f16, shard [m<=4096, 1001], world sizes 2, 4, 8.
-// One generic kernel executes the planner's checked step tables (see `tilegen plan`): the host picks
-// the variant for the message size and the table row for the caller's rank.
-#include <cstdarg>
+// The op's traits and its checked step tables (allgather_f16_nvshmem_steps.inc); the kernel that executes
+// them and the host code are tilegen/collective.cuh's.
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <cuda_runtime.h>
-#include "tilegen/device.cuh"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "tilegen/collective.cuh"
 
-namespace {
-namespace dev = tilegen::dev;
-using Elem = __half;
+namespace tilegen_op {  // named: each op is its own library (hidden symbols), one Op per library
+using namespace tilegen::coll;
 
-constexpr int kOpId = 247515618;
-constexpr int kMaxWorld = 8;
-constexpr int kMaxSteps = 9;
-constexpr int kMaxSrc = 1;
-constexpr int kMaxDst = 2;
-constexpr int kMaxWait = 1;
-constexpr int64_t kMaxTiles = 127;  // flag slots per (buffer, slot)
-constexpr int kOutSlots = 8;      // most output slots of any variant and world
-constexpr int kScrSlots = 1;      // most scratch slots of any variant and world
-constexpr int64_t kScrBytes = 0LL;  // scratch, symmetric
-constexpr int64_t kStageBytes = 16LL;  // per-CTA staging for reduced tiles sent through NVSHMEM
-constexpr int64_t kMaxInBytes = 8200192LL;  // at the largest world size
-constexpr int64_t kMinTileBytes = 16384LL;
-constexpr int kThreads = 256;
-constexpr int kReduceOp = 0;  // 0 sum, 1 max, 2 min
-constexpr bool kPerTile = false;
-constexpr bool kAllowPeerPtr = false;
-constexpr bool kRequirePeerPtr = false;
-constexpr bool kIsAllreduce = false;
-constexpr bool kInIsWorldShards = false;  // input = world shards
-
-constexpr int kInSlots = 1;        // input chunks produced during the call (gemm_rs), one flag each
-constexpr bool kInProduced = false;
-constexpr bool kSignalSelf = false;  // a fused GEMM here reads this rank's own gathered chunk
-// Signal block (symmetric u64): entry[kMaxWorld], flag[buffer][slot][tile] for out and scr, flag[in][slot].
-constexpr int64_t kSigWords = kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles + kInSlots;
-// State block (local u64): [0] epoch of the last finished call, [1] exit counter, [2 + s] step counters.
-constexpr int kStateWords = 2 + kMaxSteps;
-
-enum : uint8_t { kEntry = 0, kMove = 1, kWait = 2 };
-enum : uint8_t { kIn = 0, kOut = 1, kScr = 2 };
-struct SegDesc {
-  int8_t rank;  // relative to the root (broadcast) or absolute
-  uint8_t buf;
-  uint8_t slot;
+struct Op {
+  static constexpr const char* kName = "allgather_f16_nvshmem";
+  static constexpr const char* kWorldSizes = "2, 4, 8";
+  using Elem = __half;
+  static constexpr int kOpId = 247515618;
+  static constexpr int kMaxWorld = 8;
+  static constexpr int kMaxSteps = 9;
+  static constexpr int kMaxSrc = 1;
+  static constexpr int kMaxDst = 2;
+  static constexpr int kMaxWait = 1;
+  static constexpr int kOutSlots = 8;
+  static constexpr int kScrSlots = 1;
+  static constexpr int kInSlots = 1;
+  static constexpr int64_t kMaxTiles = 127LL;
+  static constexpr int64_t kScrBytes = 0LL;
+  static constexpr int64_t kStageBytes = 16LL;
+  static constexpr int64_t kMaxInBytes = 8200192LL;
+  static constexpr int kThreads = 256;
+  static constexpr int kMaxCtas = 64;
+  static constexpr int kReduceOp = 0;
+  static constexpr Chunks kChunks = Chunks::kOne;
+  static constexpr Gemm kGemm = Gemm::kNone;
+  static constexpr bool kFused = false;
+  static constexpr bool kReduces = false;
+  static constexpr bool kPerTile = false;
+  static constexpr bool kAllowPeerPtr = false;
+  static constexpr bool kRequirePeerPtr = false;
+  using Step = tilegen::coll::Step<kMaxSrc, kMaxDst, kMaxWait>;
+  static const WorldPlan<Op>* plan(int world);
 };
-struct StepDesc {
-  uint8_t kind, nsrc, ndst, nwait;
-  int16_t unit;
-  uint32_t notify, await_mask;  // entry: relative ranks told / awaited
-  SegDesc src[kMaxSrc];
-  SegDesc dst[kMaxDst];
-  SegDesc wait[kMaxWait];
-};
+using St = Op::Step;
 
-// Step tables from the checked plans: kSteps_w<world>_v<variant>[rank][step].
-// world 2, variant 0 (inputs <= 8200192 B): ring, 1 part(s), 64 CTAs, tiles <= 65536 B
-const StepDesc kSteps_w2_v0[2][kMaxSteps] = {
-    { { 0, 0, 0, 0, -1, 2u, 2u, {}, {}, {} }, { 1, 1, 2, 0, 0, 0u, 0u, { { 0, 0, 0 } }, { { 0, 1, 0 }, { 1, 1, 0 } }, {} }, { 2, 0, 0, 1, 1, 0u, 0u, {}, {}, { { 0, 1, 1 } } } },
-    { { 0, 0, 0, 0, -1, 1u, 1u, {}, {}, {} }, { 1, 1, 2, 0, 1, 0u, 0u, { { 1, 0, 0 } }, { { 1, 1, 1 }, { 0, 1, 1 } }, {} }, { 2, 0, 0, 1, 0, 0u, 0u, {}, {}, { { 1, 1, 0 } } } },
-};
-// world 4, variant 0 (inputs <= 8200192 B): ring, 1 part(s), 64 CTAs, tiles <= 65536 B
-const StepDesc kSteps_w4_v0[4][kMaxSteps] = {
-    { { 0, 0, 0, 0, -1, 8u, 2u, {}, {}, {} }, { 1, 1, 2, 0, 0, 0u, 0u, { { 0, 0, 0 } }, { { 0, 1, 0 }, { 1, 1, 0 } }, {} }, { 1, 1, 1, 1, 3, 0u, 0u, { { 0, 1, 3 } }, { { 1, 1, 3 } }, { { 0, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 0, 1, 2 } }, { { 1, 1, 2 } }, { { 0, 1, 2 } } }, { 2, 0, 0, 1, 1, 0u, 0u, {}, {}, { { 0, 1, 1 } } } },
-    { { 0, 0, 0, 0, -1, 1u, 4u, {}, {}, {} }, { 1, 1, 2, 0, 1, 0u, 0u, { { 1, 0, 0 } }, { { 1, 1, 1 }, { 2, 1, 1 } }, {} }, { 1, 1, 1, 1, 0, 0u, 0u, { { 1, 1, 0 } }, { { 2, 1, 0 } }, { { 1, 1, 0 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 1, 1, 3 } }, { { 2, 1, 3 } }, { { 1, 1, 3 } } }, { 2, 0, 0, 1, 2, 0u, 0u, {}, {}, { { 1, 1, 2 } } } },
-    { { 0, 0, 0, 0, -1, 2u, 8u, {}, {}, {} }, { 1, 1, 2, 0, 2, 0u, 0u, { { 2, 0, 0 } }, { { 2, 1, 2 }, { 3, 1, 2 } }, {} }, { 1, 1, 1, 1, 1, 0u, 0u, { { 2, 1, 1 } }, { { 3, 1, 1 } }, { { 2, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 2, 1, 0 } }, { { 3, 1, 0 } }, { { 2, 1, 0 } } }, { 2, 0, 0, 1, 3, 0u, 0u, {}, {}, { { 2, 1, 3 } } } },
-    { { 0, 0, 0, 0, -1, 4u, 1u, {}, {}, {} }, { 1, 1, 2, 0, 3, 0u, 0u, { { 3, 0, 0 } }, { { 3, 1, 3 }, { 0, 1, 3 } }, {} }, { 1, 1, 1, 1, 2, 0u, 0u, { { 3, 1, 2 } }, { { 0, 1, 2 } }, { { 3, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 3, 1, 1 } }, { { 0, 1, 1 } }, { { 3, 1, 1 } } }, { 2, 0, 0, 1, 0, 0u, 0u, {}, {}, { { 3, 1, 0 } } } },
-};
-// world 8, variant 0 (inputs <= 8200192 B): ring, 1 part(s), 64 CTAs, tiles <= 65536 B
-const StepDesc kSteps_w8_v0[8][kMaxSteps] = {
-    { { 0, 0, 0, 0, -1, 128u, 2u, {}, {}, {} }, { 1, 1, 2, 0, 0, 0u, 0u, { { 0, 0, 0 } }, { { 0, 1, 0 }, { 1, 1, 0 } }, {} }, { 1, 1, 1, 1, 7, 0u, 0u, { { 0, 1, 7 } }, { { 1, 1, 7 } }, { { 0, 1, 7 } } }, { 1, 1, 1, 1, 6, 0u, 0u, { { 0, 1, 6 } }, { { 1, 1, 6 } }, { { 0, 1, 6 } } }, { 1, 1, 1, 1, 5, 0u, 0u, { { 0, 1, 5 } }, { { 1, 1, 5 } }, { { 0, 1, 5 } } }, { 1, 1, 1, 1, 4, 0u, 0u, { { 0, 1, 4 } }, { { 1, 1, 4 } }, { { 0, 1, 4 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 0, 1, 3 } }, { { 1, 1, 3 } }, { { 0, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 0, 1, 2 } }, { { 1, 1, 2 } }, { { 0, 1, 2 } } }, { 2, 0, 0, 1, 1, 0u, 0u, {}, {}, { { 0, 1, 1 } } } },
-    { { 0, 0, 0, 0, -1, 1u, 4u, {}, {}, {} }, { 1, 1, 2, 0, 1, 0u, 0u, { { 1, 0, 0 } }, { { 1, 1, 1 }, { 2, 1, 1 } }, {} }, { 1, 1, 1, 1, 0, 0u, 0u, { { 1, 1, 0 } }, { { 2, 1, 0 } }, { { 1, 1, 0 } } }, { 1, 1, 1, 1, 7, 0u, 0u, { { 1, 1, 7 } }, { { 2, 1, 7 } }, { { 1, 1, 7 } } }, { 1, 1, 1, 1, 6, 0u, 0u, { { 1, 1, 6 } }, { { 2, 1, 6 } }, { { 1, 1, 6 } } }, { 1, 1, 1, 1, 5, 0u, 0u, { { 1, 1, 5 } }, { { 2, 1, 5 } }, { { 1, 1, 5 } } }, { 1, 1, 1, 1, 4, 0u, 0u, { { 1, 1, 4 } }, { { 2, 1, 4 } }, { { 1, 1, 4 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 1, 1, 3 } }, { { 2, 1, 3 } }, { { 1, 1, 3 } } }, { 2, 0, 0, 1, 2, 0u, 0u, {}, {}, { { 1, 1, 2 } } } },
-    { { 0, 0, 0, 0, -1, 2u, 8u, {}, {}, {} }, { 1, 1, 2, 0, 2, 0u, 0u, { { 2, 0, 0 } }, { { 2, 1, 2 }, { 3, 1, 2 } }, {} }, { 1, 1, 1, 1, 1, 0u, 0u, { { 2, 1, 1 } }, { { 3, 1, 1 } }, { { 2, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 2, 1, 0 } }, { { 3, 1, 0 } }, { { 2, 1, 0 } } }, { 1, 1, 1, 1, 7, 0u, 0u, { { 2, 1, 7 } }, { { 3, 1, 7 } }, { { 2, 1, 7 } } }, { 1, 1, 1, 1, 6, 0u, 0u, { { 2, 1, 6 } }, { { 3, 1, 6 } }, { { 2, 1, 6 } } }, { 1, 1, 1, 1, 5, 0u, 0u, { { 2, 1, 5 } }, { { 3, 1, 5 } }, { { 2, 1, 5 } } }, { 1, 1, 1, 1, 4, 0u, 0u, { { 2, 1, 4 } }, { { 3, 1, 4 } }, { { 2, 1, 4 } } }, { 2, 0, 0, 1, 3, 0u, 0u, {}, {}, { { 2, 1, 3 } } } },
-    { { 0, 0, 0, 0, -1, 4u, 16u, {}, {}, {} }, { 1, 1, 2, 0, 3, 0u, 0u, { { 3, 0, 0 } }, { { 3, 1, 3 }, { 4, 1, 3 } }, {} }, { 1, 1, 1, 1, 2, 0u, 0u, { { 3, 1, 2 } }, { { 4, 1, 2 } }, { { 3, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 3, 1, 1 } }, { { 4, 1, 1 } }, { { 3, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 3, 1, 0 } }, { { 4, 1, 0 } }, { { 3, 1, 0 } } }, { 1, 1, 1, 1, 7, 0u, 0u, { { 3, 1, 7 } }, { { 4, 1, 7 } }, { { 3, 1, 7 } } }, { 1, 1, 1, 1, 6, 0u, 0u, { { 3, 1, 6 } }, { { 4, 1, 6 } }, { { 3, 1, 6 } } }, { 1, 1, 1, 1, 5, 0u, 0u, { { 3, 1, 5 } }, { { 4, 1, 5 } }, { { 3, 1, 5 } } }, { 2, 0, 0, 1, 4, 0u, 0u, {}, {}, { { 3, 1, 4 } } } },
-    { { 0, 0, 0, 0, -1, 8u, 32u, {}, {}, {} }, { 1, 1, 2, 0, 4, 0u, 0u, { { 4, 0, 0 } }, { { 4, 1, 4 }, { 5, 1, 4 } }, {} }, { 1, 1, 1, 1, 3, 0u, 0u, { { 4, 1, 3 } }, { { 5, 1, 3 } }, { { 4, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 4, 1, 2 } }, { { 5, 1, 2 } }, { { 4, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 4, 1, 1 } }, { { 5, 1, 1 } }, { { 4, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 4, 1, 0 } }, { { 5, 1, 0 } }, { { 4, 1, 0 } } }, { 1, 1, 1, 1, 7, 0u, 0u, { { 4, 1, 7 } }, { { 5, 1, 7 } }, { { 4, 1, 7 } } }, { 1, 1, 1, 1, 6, 0u, 0u, { { 4, 1, 6 } }, { { 5, 1, 6 } }, { { 4, 1, 6 } } }, { 2, 0, 0, 1, 5, 0u, 0u, {}, {}, { { 4, 1, 5 } } } },
-    { { 0, 0, 0, 0, -1, 16u, 64u, {}, {}, {} }, { 1, 1, 2, 0, 5, 0u, 0u, { { 5, 0, 0 } }, { { 5, 1, 5 }, { 6, 1, 5 } }, {} }, { 1, 1, 1, 1, 4, 0u, 0u, { { 5, 1, 4 } }, { { 6, 1, 4 } }, { { 5, 1, 4 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 5, 1, 3 } }, { { 6, 1, 3 } }, { { 5, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 5, 1, 2 } }, { { 6, 1, 2 } }, { { 5, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 5, 1, 1 } }, { { 6, 1, 1 } }, { { 5, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 5, 1, 0 } }, { { 6, 1, 0 } }, { { 5, 1, 0 } } }, { 1, 1, 1, 1, 7, 0u, 0u, { { 5, 1, 7 } }, { { 6, 1, 7 } }, { { 5, 1, 7 } } }, { 2, 0, 0, 1, 6, 0u, 0u, {}, {}, { { 5, 1, 6 } } } },
-    { { 0, 0, 0, 0, -1, 32u, 128u, {}, {}, {} }, { 1, 1, 2, 0, 6, 0u, 0u, { { 6, 0, 0 } }, { { 6, 1, 6 }, { 7, 1, 6 } }, {} }, { 1, 1, 1, 1, 5, 0u, 0u, { { 6, 1, 5 } }, { { 7, 1, 5 } }, { { 6, 1, 5 } } }, { 1, 1, 1, 1, 4, 0u, 0u, { { 6, 1, 4 } }, { { 7, 1, 4 } }, { { 6, 1, 4 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 6, 1, 3 } }, { { 7, 1, 3 } }, { { 6, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 6, 1, 2 } }, { { 7, 1, 2 } }, { { 6, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 6, 1, 1 } }, { { 7, 1, 1 } }, { { 6, 1, 1 } } }, { 1, 1, 1, 1, 0, 0u, 0u, { { 6, 1, 0 } }, { { 7, 1, 0 } }, { { 6, 1, 0 } } }, { 2, 0, 0, 1, 7, 0u, 0u, {}, {}, { { 6, 1, 7 } } } },
-    { { 0, 0, 0, 0, -1, 64u, 1u, {}, {}, {} }, { 1, 1, 2, 0, 7, 0u, 0u, { { 7, 0, 0 } }, { { 7, 1, 7 }, { 0, 1, 7 } }, {} }, { 1, 1, 1, 1, 6, 0u, 0u, { { 7, 1, 6 } }, { { 0, 1, 6 } }, { { 7, 1, 6 } } }, { 1, 1, 1, 1, 5, 0u, 0u, { { 7, 1, 5 } }, { { 0, 1, 5 } }, { { 7, 1, 5 } } }, { 1, 1, 1, 1, 4, 0u, 0u, { { 7, 1, 4 } }, { { 0, 1, 4 } }, { { 7, 1, 4 } } }, { 1, 1, 1, 1, 3, 0u, 0u, { { 7, 1, 3 } }, { { 0, 1, 3 } }, { { 7, 1, 3 } } }, { 1, 1, 1, 1, 2, 0u, 0u, { { 7, 1, 2 } }, { { 0, 1, 2 } }, { { 7, 1, 2 } } }, { 1, 1, 1, 1, 1, 0u, 0u, { { 7, 1, 1 } }, { { 0, 1, 1 } }, { { 7, 1, 1 } } }, { 2, 0, 0, 1, 0, 0u, 0u, {}, {}, { { 7, 1, 0 } } } },
-};
+#include "allgather_f16_nvshmem_steps.inc"
 
-struct Variant {
-  int64_t max_in_bytes;
-  int parts;
-  int ctas;
-  int64_t tile_bytes;
-  int nsteps;
-  const StepDesc (*table)[kMaxSteps];
-};
-
-struct Params {
-  const char* in;
-  char* out;                      // this rank's output
-  char* scr;                      // this rank's scratch (symmetric)
-  char* stage;                    // this rank's staging (symmetric), kStageBytes per CTA
-  char* out_peer[kMaxWorld];      // peers' outputs through NVLink, or null -> NVSHMEM
-  char* scr_peer[kMaxWorld];
-  uint64_t* sig;                  // this rank's signal block (symmetric)
-  uint64_t* sig_peer[kMaxWorld];  // peers' signal blocks through NVLink, or null -> NVSHMEM
-  uint64_t* state;                // local state block
-  int64_t in_bytes, shard, part, tile;
-  int32_t parts, rank, world, root, nsteps;
-  const uint64_t* epoch_src;  // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word (begin())
-  StepDesc steps[kMaxSteps];
-  dev::WaitCtx wait;
-};
-
-__device__ __host__ __forceinline__ int64_t flag_index(uint8_t buf, int slot, int64_t tile) {
-  if (buf == kIn) return kMaxWorld + (kOutSlots + kScrSlots) * kMaxTiles + slot;  // per chunk, set by the compute stream
-  return kMaxWorld + ((buf == kScr ? kOutSlots : 0) + slot) * kMaxTiles + tile;
+const WorldPlan<Op>* Op::plan(int world) {
+  for (const WorldPlan<Op>& p : kPlans)
+    if (p.world == world) return &p;
+  return nullptr;
 }
-__device__ __forceinline__ int abs_rank(const Params& p, int rel) { return (rel + p.root) % p.world; }
-__device__ __forceinline__ int64_t slot_offset(const Params& p, int slot) {
-  return static_cast<int64_t>(slot / p.parts) * p.shard + static_cast<int64_t>(slot % p.parts) * p.part;
-}
-// Length of a unit: part h of chunk c (allreduce's last chunks may be short or empty).
-__device__ __forceinline__ int64_t unit_length(const Params& p, int unit) {
-  const int c = unit / p.parts, h = unit % p.parts;
-  int64_t chunk = p.shard;
-  if (kIsAllreduce) {
-    chunk = p.in_bytes - static_cast<int64_t>(c) * p.shard;
-    chunk = chunk < 0 ? 0 : (chunk > p.shard ? p.shard : chunk);
-  }
-  int64_t len = chunk - static_cast<int64_t>(h) * p.part;
-  return len < 0 ? 0 : (len > p.part ? p.part : len);
-}
-// Address of a segment: local base, the peer's through NVLink, or null (reach it through NVSHMEM).
-__device__ __forceinline__ char* seg_ptr(const Params& p, const SegDesc& g, int64_t off) {
-  const int q = abs_rank(p, g.rank);
-  char* base;
-  if (g.buf == kIn) base = const_cast<char*>(p.in);
-  else if (q == p.rank) base = g.buf == kOut ? p.out : p.scr;
-  else base = g.buf == kOut ? p.out_peer[q] : p.scr_peer[q];
-  return base ? base + slot_offset(p, g.slot) + off : nullptr;
-}
-__device__ __forceinline__ char* seg_sym(const Params& p, const SegDesc& g, int64_t off) {  // symmetric address
-  return (g.buf == kOut ? p.out : p.scr) + slot_offset(p, g.slot) + off;
-}
+}  // namespace tilegen_op
 
-__device__ __forceinline__ bool wait_flags(const Params& p, const StepDesc& st, int64_t tile, uint64_t epoch, int s) {
-  __shared__ int ok;
-  if (threadIdx.x == 0) {
-    ok = 1;
-    for (int i = 0; i < st.nwait && ok; ++i) {
-      const int64_t idx = flag_index(st.wait[i].buf, st.wait[i].slot, tile);
-      ok = dev::wait_ge(p.sig + idx, epoch, p.wait, 1, idx, s);
-    }
-  }
-  __syncthreads();
-  return ok;
-}
-
-__device__ __forceinline__ void signal_remote(const Params& p, const StepDesc& st, int64_t tile, uint64_t epoch, bool skip_nvshmem) {
-  for (int i = 0; i < st.ndst; ++i) {
-    const int q = abs_rank(p, st.dst[i].rank);
-    const int64_t idx = flag_index(st.dst[i].buf, st.dst[i].slot, tile);
-    if (q == p.rank) {
-      if (kSignalSelf && st.dst[i].buf == kOut) {  // the plan's signal_self (with_local_signals)
-        dev::fence_acq_rel_gpu();
-        dev::st_release_gpu(p.sig + idx, epoch);
-      }
-      continue;
-    }
-    if (p.sig_peer[q] && seg_ptr(p, st.dst[i], 0)) {
-      dev::fence_acq_rel_sys();
-      dev::st_release_sys(p.sig_peer[q] + idx, epoch);
-    } else if (!skip_nvshmem) {
-      dev::signal_peer_one(nullptr, p.sig + idx, epoch, q);
-    }
-  }
-}
-
-// One tile of a move: copy (one source) or reduce (several) into every destination.
-__device__ __forceinline__ void move_tile(const Params& p, const StepDesc& st, int64_t lo, int64_t n, int64_t t,
-                                          uint64_t epoch) {
-  const char* src[kMaxSrc];
-  bool ro[kMaxSrc];
-  for (int i = 0; i < kMaxSrc; ++i) {
-    src[i] = i < st.nsrc ? seg_ptr(p, st.src[i], lo) : nullptr;
-    ro[i] = i < st.nsrc && st.src[i].buf == kIn && !kInProduced;  // read-only for the whole kernel
-  }
-  char* dst[kMaxDst];
-  int nd = 0;
-  bool remote_nvshmem = false;
-  for (int i = 0; i < st.ndst; ++i) {
-    char* d = seg_ptr(p, st.dst[i], lo);
-    if (d) dst[nd++] = d;
-    else remote_nvshmem = true;
-  }
-  if (st.nsrc == 1) {
-    if (ro[0]) dev::copy_multi<kMaxDst, true>(dst, nd, src[0], n, threadIdx.x, blockDim.x);
-    else dev::copy_multi<kMaxDst, false>(dst, nd, src[0], n, threadIdx.x, blockDim.x);
-    if (remote_nvshmem)
-      for (int i = 0; i < st.ndst; ++i) {
-        const int q = abs_rank(p, st.dst[i].rank);
-        if (seg_ptr(p, st.dst[i], lo)) continue;
-        if (kPerTile)
-          nvshmemx_putmem_signal_nbi_block(seg_sym(p, st.dst[i], lo), src[0], n,
-                                           p.sig + flag_index(st.dst[i].buf, st.dst[i].slot, t), epoch, NVSHMEM_SIGNAL_SET, q);
-        else
-          nvshmemx_putmem_nbi_block(seg_sym(p, st.dst[i], lo), src[0], n, q);
-      }
-    return;
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) tilegen_kernel(const __grid_constant__ Params p) {
-  __shared__ uint64_t s_epoch;
-  __shared__ int s_abort;
-  if (threadIdx.x == 0) {
-    s_epoch = p.epoch_src ? dev::ld_acquire_gpu(p.epoch_src) : dev::ld_acquire_gpu(p.state) + 1;  // stream-ordered calls
-    s_abort = 0;
-  }
-  __syncthreads();
-  const uint64_t epoch = s_epoch;
-  for (int s = 0; s < p.nsteps; ++s) {
-    const StepDesc& st = p.steps[s];
-    if (st.kind == kEntry) {
-      if (blockIdx.x == 0 && threadIdx.x == 0) {
-        for (int q = 0; q < p.world; ++q)
-          if (st.notify >> q & 1u) {
-            const int a = abs_rank(p, q);
-            if (p.sig_peer[a]) dev::st_release_sys(p.sig_peer[a] + p.rank, epoch);
-            else nvshmemx_signal_op(p.sig + p.rank, epoch, NVSHMEM_SIGNAL_SET, a);
-          }
-      }
-      if (threadIdx.x == 0)
-        for (int q = 0; q < p.world && !s_abort; ++q)
-          if (st.await_mask >> q & 1u) {
-            const int a = abs_rank(p, q);
-            if (!dev::wait_ge(p.sig + a, epoch, p.wait, 0, a, s)) s_abort = 1;
-          }
-      __syncthreads();
-      if (s_abort) return;
-      continue;
-    }
-    const int64_t len = unit_length(p, st.unit);
-    const int64_t ntiles = (len + p.tile - 1) / p.tile;
-    if (st.kind == kMove) {
-      if (!kPerTile && st.nwait && blockIdx.x < ntiles)
-        if (!wait_flags(p, st, 0, epoch, s)) return;
-      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
-        if (kPerTile && st.nwait)
-          if (!wait_flags(p, st, t, epoch, s)) return;
-        const int64_t lo = t * p.tile;
-        const int64_t n = len - lo < p.tile ? len - lo : p.tile;
-        move_tile(p, st, lo, n, t, epoch);
-        if (kPerTile) {
-          __syncthreads();
-          if (threadIdx.x == 0) signal_remote(p, st, t, epoch, true);
-        }
-      }
-      if (!kPerTile) {
-        if (threadIdx.x == 0) nvshmem_quiet();  // NVSHMEM puts of this block are complete (no-op without any)
-        if (dev::arrive_last(p.state + 2 + s, gridDim.x) && threadIdx.x == 0) signal_remote(p, st, 0, epoch, false);
-      }
-    } else {  // kWait
-      if (kPerTile) {
-        for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
-          if (!wait_flags(p, st, t, epoch, s)) return;
-      } else if (blockIdx.x == 0) {
-        if (!wait_flags(p, st, 0, epoch, s)) return;
-      }
-    }
-  }
-  // The last block to leave resets the step counters and publishes the epoch for the next call.
-  if (dev::arrive_last(p.state + 1, gridDim.x) && threadIdx.x == 0) {
-    for (int i = 0; i < kMaxSteps; ++i) p.state[2 + i] = 0;
-    p.state[1] = 0;
-    dev::st_release_gpu(p.state, epoch);
-  }
-}
-
-// ------------------------------------------------------------------------------------------- host
-struct Params;
-struct State {
-  bool ready = false;
-  bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
-  int pending_grid = 0;
-  bool begun = false;     // GEMM ops: begin() advanced the epoch word for the next run()
-  bool prepared = false;  // GEMM ops: run() prepared a call (layout, order) that the compute side joins
-  int max_grid = 0;       // CTAs that are all resident at once (and, GEMM ops, leave the GEMMs an SM)
-  uint64_t* epoch_dev = nullptr;  // GEMM ops: the epoch of the current call, advanced on the device by begin()
-  int64_t last_shard = 0, last_part = 0, last_tile = 0;
-  int last_parts = 1, last_variant = 0, last_grid = 0;
-  uint64_t* counters = nullptr;  // fused gemm_rs: finished tiles per input part (local, zero between calls)
-  bool poisoned = false;
-  int rank = -1;
-  int world = 0;
-  uint64_t* sig = nullptr;
-  uint64_t* sig_peer[kMaxWorld] = {};
-  char* scr = nullptr;
-  char* scr_peer[kMaxWorld] = {};
-  char* stage = nullptr;
-  uint64_t* state = nullptr;
-  dev::WaitError* err_host = nullptr;
-  dev::WaitError* err_dev = nullptr;
-};
-State g;
-Params g_pending;
-
-int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-int fail(char* msg, int len, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, len, fmt, ap);
-  va_end(ap);
-  return 1;
-}
-
-// Variants of a world size, smallest messages first.
-constexpr int kMaxVariants = 1;
-int variants_for(int world, Variant* out) {
-  switch (world) {
-    case 2:
-      out[0] = Variant{ 8200192LL, 1, 64, 65536LL, 3, kSteps_w2_v0 };
-      return 1;
-    case 4:
-      out[0] = Variant{ 8200192LL, 1, 64, 65536LL, 5, kSteps_w4_v0 };
-      return 1;
-    case 8:
-      out[0] = Variant{ 8200192LL, 1, 64, 65536LL, 9, kSteps_w8_v0 };
-      return 1;
-    default: return 0;
-  }
-}
-
-// Same rules as tilegen.plan.layout and tile_bytes_for (the checker's model).
-void layout(int64_t in_bytes, int world, int parts, int64_t* shard, int64_t* part) {
-  if (kIsAllreduce) *shard = ((in_bytes + world - 1) / world + 15) / 16 * 16;
-  else *shard = in_bytes / (kInIsWorldShards ? world : 1);
-  if (parts == 1) { *part = *shard; return; }
-  const int64_t align = (*shard % 16 == 0 || kIsAllreduce) ? 16 : static_cast<int64_t>(sizeof(Elem));
-  *part = ((*shard + parts - 1) / parts + align - 1) / align * align;
-}
-int64_t tile_size_for(int64_t part, int64_t tile_bytes, int ctas) {
-  int64_t per_cta = ((part > 1 ? part : 1) + ctas - 1) / ctas;
-  per_cta = (per_cta + 15) / 16 * 16;
-  const int64_t lo = kMinTileBytes < tile_bytes ? kMinTileBytes : tile_bytes;
-  const int64_t t = per_cta < tile_bytes ? per_cta : tile_bytes;
-  return t > lo ? t : lo;
-}
-}  // namespace
-
-extern "C" {
-
-// Collective: every rank calls it once (NVSHMEM must already be initialised, e.g. by nvshmem4py).
-int tilegen_allgather_f16_nvshmem_init(char* msg, int len) {
-  if (g.ready) return 0;
-  nvshmem_init();  // refcounted: attaches this module's device state to the running NVSHMEM
-  g.rank = nvshmem_my_pe();
-  g.world = nvshmem_n_pes();
-  Variant v[kMaxVariants];
-  if (!variants_for(g.world, v))
-    return fail(msg, len, "allgather_f16_nvshmem: NVSHMEM has %d PEs; this op was generated for world sizes 2, 4, 8", g.world);
-  g.sig = static_cast<uint64_t*>(nvshmem_malloc(kSigWords * sizeof(uint64_t)));
-  g.scr = kScrBytes ? static_cast<char*>(nvshmem_malloc(kScrBytes)) : nullptr;
-  g.stage = static_cast<char*>(nvshmem_malloc(kStageBytes * 64));  // CTAs of the widest variant
-  if (!g.sig || (kScrBytes && !g.scr) || !g.stage)
-    return fail(msg, len, "allgather_f16_nvshmem: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
-                (long long)(kSigWords * 8), (long long)kScrBytes);
-  cudaError_t e = cudaMemset(g.sig, 0, kSigWords * sizeof(uint64_t));
-  if (e == cudaSuccess) e = cudaMalloc(&g.state, kStateWords * sizeof(uint64_t));
-  if (e == cudaSuccess) e = cudaMemset(g.state, 0, kStateWords * sizeof(uint64_t));
-  if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
-  if (e == cudaSuccess) { memset(g.err_host, 0, sizeof(dev::WaitError)); e = cudaHostGetDevicePointer(&g.err_dev, g.err_host, 0); }
-  if (e == cudaSuccess) e = cudaDeviceSynchronize();
-  if (e != cudaSuccess) return fail(msg, len, "allgather_f16_nvshmem: init: %s", cudaGetErrorString(e));
-  // Load every kernel of this module now: a lazily loaded kernel launched while a spinning kernel
-  // runs can wait for that kernel, which may be waiting for it (CUDA_MODULE_LOADING=LAZY).
-  cudaFuncAttributes fa;
-  e = cudaFuncGetAttributes(&fa, tilegen_kernel);
-  if (e != cudaSuccess) return fail(msg, len, "allgather_f16_nvshmem: loading kernels: %s", cudaGetErrorString(e));
-  // The checker proves the schedules deadlock-free with every CTA running: launch no more CTAs than
-  // can be resident at once. A GEMM op's kernel spins beside GEMMs (which it may wait for): leave
-  // them SMs even if each CTA takes an SM of its own.
-  int device = 0, sms = 0, per_sm = 0;
-  e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tilegen_kernel, kThreads, 0);
-  if (e != cudaSuccess || per_sm < 1)
-    return fail(msg, len, "allgather_f16_nvshmem: the kernel cannot run %d threads per CTA here: %s", kThreads, cudaGetErrorString(e));
-  g.max_grid = per_sm * sms;
-  nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
-  for (int q = 0; q < g.world; ++q) {
-    g.sig_peer[q] = kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
-    g.scr_peer[q] = (kAllowPeerPtr && g.scr) ? static_cast<char*>(nvshmem_ptr(g.scr, q)) : nullptr;
-    if (kRequirePeerPtr && !g.sig_peer[q])
-      return fail(msg, len, "allgather_f16_nvshmem: transport nvlink, but rank %d is not load/store reachable from rank %d (use transport: auto)", q, g.rank);
-  }
-  g.ready = true;
-  return 0;
-}
-
-// Collective teardown (before NVSHMEM is finalised).
-int tilegen_allgather_f16_nvshmem_release(char* msg, int len) {
-  if (!g.ready) return 0;
-  cudaDeviceSynchronize();
-  nvshmem_free(g.sig);
-  if (g.scr) nvshmem_free(g.scr);
-  nvshmem_free(g.stage);
-  cudaFree(g.state);
-  if (g.counters) cudaFree(g.counters);
-  if (g.epoch_dev) cudaFree(g.epoch_dev);
-  cudaFreeHost(g.err_host);
-  g = State{};
-  return 0;
-}
-
-int tilegen_allgather_f16_nvshmem_world(void) { return g.ready ? g.world : 0; }
-int tilegen_allgather_f16_nvshmem_rank(void) { return g.ready ? g.rank : -1; }
-
-// True when [ptr, ptr + bytes) lies in this rank's symmetric heap.
-int tilegen_allgather_f16_nvshmem_is_symmetric(const void* ptr, int64_t bytes) {
-  if (!g.ready || bytes <= 0) return 0;
-  const char* p = static_cast<const char*>(ptr);
-  return nvshmem_ptr(p, g.rank) != nullptr && nvshmem_ptr(p + bytes - 1, g.rank) != nullptr;
-}
-
-// in: in_bytes; out: as the op defines. Arguments were validated by the binding.
-int tilegen_allgather_f16_nvshmem_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns,
-                                int defer, char* msg, int len) {
-  if (!g.ready) return fail(msg, len, "allgather_f16_nvshmem: not initialised (call tilegen.init() first)");
-  if (g.poisoned) return fail(msg, len, "allgather_f16_nvshmem: an earlier call timed out; signal state is unreliable, restart the job");
-  if (in_bytes <= 0 || in_bytes > kMaxInBytes)
-    return fail(msg, len, "allgather_f16_nvshmem: input of %lld bytes outside (0, %lld]", (long long)in_bytes, (long long)kMaxInBytes);
-  if (root < 0 || root >= g.world) return fail(msg, len, "allgather_f16_nvshmem: root %d outside [0, %d)", root, g.world);
-  Variant vs[kMaxVariants];
-  const int nv = variants_for(g.world, vs);
-  int vi = 0;
-  while (vi + 1 < nv && in_bytes > vs[vi].max_in_bytes) ++vi;
-  const Variant& v = vs[vi];
-  Params p{};
-  p.in = static_cast<const char*>(in);
-  p.out = static_cast<char*>(out);
-  p.scr = g.scr;
-  p.stage = g.stage;
-  for (int q = 0; q < g.world; ++q) {
-    p.out_peer[q] = (q == g.rank || !kAllowPeerPtr) ? nullptr : static_cast<char*>(nvshmem_ptr(out, q));
-    p.scr_peer[q] = q == g.rank ? nullptr : g.scr_peer[q];
-    p.sig_peer[q] = g.sig_peer[q];
-  }
-  p.sig = g.sig;
-  p.state = g.state;
-  p.in_bytes = in_bytes;
-  p.parts = v.parts;
-  layout(in_bytes, g.world, v.parts, &p.shard, &p.part);
-  p.tile = tile_size_for(p.part, v.tile_bytes, v.ctas);
-  const int64_t ntiles = (p.part + p.tile - 1) / p.tile;
-  if (ntiles > kMaxTiles) return fail(msg, len, "allgather_f16_nvshmem: %lld tiles exceed the %lld signal slots", (long long)ntiles, (long long)kMaxTiles);
-  p.rank = g.rank;
-  p.world = g.world;
-  p.root = root;
-  p.nsteps = v.nsteps;
-  const int rel = (g.rank - root + g.world) % g.world;
-  for (int i = 0; i < p.nsteps; ++i) p.steps[i] = v.table[rel][i];
-  p.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, kOpId};
-  g.last_shard = p.shard;
-  g.last_part = p.part;
-  g.last_tile = p.tile;
-  g.last_parts = p.parts;
-  g.last_variant = vi;
-  int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
-  grid = grid < g.max_grid ? grid : g.max_grid;
-  g.last_grid = grid;
-  if (defer) {  // prepared now (epoch, layout), launched by launch_pending() after the producers are queued
-    g_pending = p;
-    g.pending_grid = grid;
-    g.has_pending = true;
-    return 0;
-  }
-  tilegen_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return fail(msg, len, "allgather_f16_nvshmem: launch failed: %s", cudaGetErrorString(e));
-  return 0;
-}
-
-// Launch what run(..., defer=1) prepared.
-int tilegen_allgather_f16_nvshmem_launch_pending(void* stream, char* msg, int len) {
-  if (!g.has_pending) return fail(msg, len, "allgather_f16_nvshmem: no prepared call to launch");
-  g.has_pending = false;
-  tilegen_kernel<<<g.pending_grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(g_pending);
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? 0 : fail(msg, len, "allgather_f16_nvshmem: launch failed: %s", cudaGetErrorString(e));
-}
-
-// After a bounded-wait call has finished on the stream: 0 if no wait timed out, else a message.
-int tilegen_allgather_f16_nvshmem_wait_error(char* msg, int len) {
-  if (!g.err_host || !g.err_host->failed) return 0;
-  const dev::WaitError& w = *g.err_host;
-  static const char* kinds[] = {"entry", "tile flag", "CTA counter"};
-  g.poisoned = true;
-  return fail(msg, len,
-              "allgather_f16_nvshmem: rank %d timed out in step %d (block %d) waiting for %s signal %lld >= %llu, saw %llu; "
-              "a peer rank did not make the matching call",
-              w.rank, w.step, w.block, kinds[w.signal_kind < 3 ? w.signal_kind : 0], (long long)w.signal_index,
-              (unsigned long long)w.expected, (unsigned long long)w.seen);
-}
-
-// NVSHMEM version this module was compiled against (headers) and the library it runs with.
-void tilegen_allgather_f16_nvshmem_nvshmem_versions(int* compiled, int* runtime) {
-  *compiled = NVSHMEM_VENDOR_MAJOR_VERSION * 10000 + NVSHMEM_VENDOR_MINOR_VERSION * 100 + NVSHMEM_VENDOR_PATCH_VERSION;
-  int maj = 0, min = 0, patch = 0;
-  nvshmemx_vendor_get_version_info(&maj, &min, &patch);
-  *runtime = maj * 10000 + min * 100 + patch;
-}
-
-}  // extern "C"
+TILEGEN_EXPORT_COLLECTIVE(tilegen_op::Op)

@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = allgather_f16_nvshmem.empty_output(m)   # [world * m, 1001] on the symmetric heap
     allgather_f16_nvshmem(x, out)    # x: [m, 1001] f16, m <= 4096
 
+Every rank's [m, ...] shard, concatenated in rank order on every rank.
+
 Shard shape: [m<=4096, 1001].
 Schedules (checked), by world size and input size:
   world 2: ring up to 8200192 B

@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = allreduce_bf16.empty_output(m)   # [m, 4096] on the symmetric heap
     allreduce_bf16(x, out)    # x: [m, 4096] bf16, m <= 16384
 
+Every rank's [m, ...] tensor, reduced, on every rank.
+
 Shard shape: [m<=16384, 4096].
 Schedules (checked), by world size and input size:
   world 2: one_shot up to 1048576 B, ring up to 134217728 B

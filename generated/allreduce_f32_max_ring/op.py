@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = allreduce_f32_max_ring.empty_output(m)   # [m, 999] on the symmetric heap
     allreduce_f32_max_ring(x, out)    # x: [m, 999] f32, m <= 4096
 
+Every rank's [m, ...] tensor, reduced, on every rank.
+
 Shard shape: [m<=4096, 999].
 Schedules (checked), by world size and input size:
   world 2: bidir_ring up to 16367616 B

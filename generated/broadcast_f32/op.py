@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = broadcast_f32.empty_output(m)   # [m, 1000] on the symmetric heap
     broadcast_f32(x, out, root=0)    # x: [m, 1000] f32, m <= 65536
 
+The root's [m, ...] tensor on every rank (root: a call argument).
+
 Shard shape: [m<=65536, 1000].
 Schedules (checked), by world size and input size:
   world 2: chain up to 262144000 B

@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = reduce_scatter_bf16.empty_output(m)   # [m, 8192]
     reduce_scatter_bf16(x, out)    # x: [world * m, 8192] bf16, m <= 16384
 
+Block r of every rank's [world * m, ...] input, reduced, on rank r.
+
 Shard shape: [m<=16384, 8192].
 Schedules (checked), by world size and input size:
   world 2: direct up to 536870912 B

@@ -5,6 +5,8 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
     out = reduce_scatter_f16_min_nvshmem.empty_output(m)   # [m, 1000]
     reduce_scatter_f16_min_nvshmem(x, out)    # x: [world * m, 1000] f16, m <= 2048
 
+Block r of every rank's [world * m, ...] input, reduced, on rank r.
+
 Shard shape: [m<=2048, 1000].
 Schedules (checked), by world size and input size:
   world 2: ring up to 8192000 B

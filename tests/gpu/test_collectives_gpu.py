@@ -136,7 +136,7 @@ def test_bad_calls_name_the_argument(dist_env):
         rs(torch.zeros((world * 4 + 1, 8192), dtype=torch.bfloat16, device="cuda"))
     with pytest.raises(ValueError, match="root must be in"):
         generated.broadcast_f32(torch.zeros((4, 1000), device="cuda"), root=world)
-    with pytest.raises(ValueError, match="root is only meaningful for broadcast"):
+    with pytest.raises(ValueError, match="root is only meaningful for rooted ops"):
         generated.allreduce_bf16(torch.zeros((4, 4096), dtype=torch.bfloat16, device="cuda"), root=1)
     x = generated.allreduce_bf16.empty_output(4)
     with pytest.raises(ValueError, match="input overlaps output"):
@@ -158,5 +158,5 @@ def test_loading_a_build_for_another_nvshmem_fails_clearly(dist_env, tmp_path_fa
     info["nvshmem"] = "3.0.0"
     (dst / "_build" / "build.json").write_text(json.dumps(info))
     op = GeneratedOp(dst, "all_to_all_bf16", "all_to_all", "bfloat16", [{"name": "m", "max": 8192}, 4096], [2, 4, 8])
-    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0, but this process runs NVSHMEM 3\.\d+\.\d+; rebuild"):
+    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0, but this process runs NVSHMEM [\d.]+; "):
         op.load()

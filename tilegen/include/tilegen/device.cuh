@@ -1,6 +1,7 @@
 // tilegen device library: distributed primitives that generated kernels are written on.
 // Lowering: peer pointers (plain vector stores over NVLink, from nvshmem_ptr) where the peer is
-// reachable, NVSHMEM device calls elsewhere. Copied verbatim into every generated package.
+// reachable, NVSHMEM device calls elsewhere. The generic collective kernel (tilegen/collective.cuh)
+// is written on these. Copied verbatim into every generated package.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -229,13 +230,32 @@ __device__ __forceinline__ void copy_multi(char* const (&dst)[MAXD], int ndst, c
 }
 
 #ifndef TILEGEN_NO_NVSHMEM
-// put/get at warp or block granularity to one PE: peer pointer if reachable, else NVSHMEM.
+// put/get at warp or block granularity to one PE: peer pointer if reachable, else NVSHMEM (NBI:
+// return before the data has left; otherwise src may be reused on return).
+template <bool NBI = true>
 __device__ __forceinline__ void put_block(char* peer_dst, char* sym_dst, const char* src, int64_t bytes, int pe) {
   if (peer_dst) {
     char* const d[1] = {peer_dst};
     copy_multi<1>(d, 1, src, bytes, threadIdx.x, blockDim.x);
-  } else {
+  } else if (NBI) {
     nvshmemx_putmem_nbi_block(sym_dst, src, bytes, pe);
+  } else {
+    nvshmemx_putmem_block(sym_dst, src, bytes, pe);
+  }
+}
+// put, then set the peer's signal word to `value` once the data is there (the whole block calls;
+// through a peer pointer: the block's stores, a system fence and one release store).
+template <bool NBI = true>
+__device__ __forceinline__ void put_signal_block(char* peer_dst, char* sym_dst, const char* src, int64_t bytes,
+                                                 uint64_t* peer_sig, uint64_t* sym_sig, uint64_t value, int pe) {
+  if (peer_dst) {
+    put_block<NBI>(peer_dst, sym_dst, src, bytes, pe);
+    __syncthreads();
+    if (threadIdx.x == 0) signal_peer_one(peer_sig, sym_sig, value, pe);
+  } else if (NBI) {
+    nvshmemx_putmem_signal_nbi_block(sym_dst, src, bytes, sym_sig, value, NVSHMEM_SIGNAL_SET, pe);
+  } else {
+    nvshmemx_putmem_signal_block(sym_dst, src, bytes, sym_sig, value, NVSHMEM_SIGNAL_SET, pe);
   }
 }
 __device__ __forceinline__ void put_warp(char* peer_dst, char* sym_dst, const char* src, int64_t bytes, int pe) {

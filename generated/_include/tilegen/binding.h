@@ -1,0 +1,245 @@
+// tilegen binding library: an op's TVM-FFI functions. Any DLPack framework's tensors come in as
+// TensorViews; every argument is checked before anything is launched. A generated <op>_binding.cc
+// defines `struct BindingSpec` (the op's constants) and the TILEGEN_BINDING_* switches, then
+// includes this header, which defines and exports the functions (one op per library).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+extern "C" {  // the op library's C interface (tilegen/collective_host.cuh)
+int tilegen_op_init(char* msg, int len);
+int tilegen_op_release(char* msg, int len);
+int tilegen_op_world(void);
+int tilegen_op_rank(void);
+int tilegen_op_is_symmetric(const void* ptr, int64_t bytes);
+int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns, int defer,
+                   char* msg, int len);
+int tilegen_op_launch_pending(void* stream, char* msg, int len);
+int tilegen_op_wait_error(char* msg, int len);
+void tilegen_op_nvshmem_versions(int* compiled, int* runtime);
+int tilegen_op_begin(void* stream, char* msg, int len);
+int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
+int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
+int tilegen_op_compute_order(int* out);
+int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
+                          uint64_t timeout_ns, char* msg, int len);
+}
+
+namespace tilegen_binding {
+using tvm::ffi::TensorView;
+using Spec = BindingSpec;
+constexpr int kMsg = 1024;
+enum Alias : int { kNoAlias = 0, kWholeOutput = 1, kOwnChunk = 2 };  // what the input may be exactly
+
+// Calls f(msg) (a C function of the op library, 0 on success) and raises its message otherwise
+// (named: prefixed with the op's name, for messages that do not carry it).
+template <class F>
+void call(F&& f, bool named = false) {
+  char msg[kMsg] = {0};
+  if (f(msg)) TVM_FFI_THROW(RuntimeError) << (named ? Spec::kName : "") << (named ? ": " : "") << msg;
+}
+
+inline std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+inline char* data(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+inline bool has_dtype(const TensorView& t) {
+  return t.dtype().code == Spec::kCode && t.dtype().bits == Spec::kBits && t.dtype().lanes == 1;
+}
+
+// dtype, device, rank, inner dims, rows (when >= 0) and contiguity of a communicated tensor.
+inline void check_tensor(const TensorView& t, const char* arg, int64_t rows) {
+  if (!has_dtype(t))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have dtype " << Spec::kDtype << " (DLPack code "
+                              << int(Spec::kCode) << ", " << int(Spec::kBits) << " bits), got code "
+                              << int(t.dtype().code) << ", " << int(t.dtype().bits) << " bits";
+  if (t.device().device_type != kDLCUDA)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be a CUDA tensor, got device type "
+                              << int(t.device().device_type);
+  if (t.ndim() != Spec::kNdim)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have " << Spec::kNdim << " dimensions, got shape "
+                              << shape_str(t);
+  for (int i = 1; i < Spec::kNdim; ++i)
+    if (t.size(i) != Spec::kShape[i])
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim " << i << " must be " << Spec::kShape[i]
+                                << ", got shape " << shape_str(t);
+  if (rows >= 0 && t.size(0) != rows)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim 0 must be " << rows << ", got shape " << shape_str(t);
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
+}
+
+inline void ensure_ready() { call([&](char* msg) { return tilegen_op_init(msg, kMsg); }); }
+
+// m of an input, checked against the spec's rows (input rows = m or world * m).
+inline int64_t rows_of(const TensorView& input, int world) {
+  const int64_t in_rows = input.size(0);
+  if (Spec::kInWorldRows && in_rows % world)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": input dim 0 must be a multiple of the world size " << world
+                              << ", got shape " << shape_str(input);
+  const int64_t m = Spec::kInWorldRows ? in_rows / world : in_rows;
+  if (m < 1 || m > Spec::kShape[0])
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": input dim 0 must be " << (Spec::kInWorldRows ? "world * m with m" : "m")
+                              << " in [1, " << Spec::kShape[0] << "]"
+                              << (Spec::kDynamicRows ? std::string(" (dynamic dim ") + Spec::kRowsName + ")" : "")
+                              << ", got shape " << shape_str(input);
+  if (!Spec::kDynamicRows && m != Spec::kShape[0])
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": input dim 0 must be "
+                              << (Spec::kInWorldRows ? world * Spec::kShape[0] : Spec::kShape[0]) << ", got shape "
+                              << shape_str(input);
+  return m;
+}
+
+// run(input, output, root, stream or -1 for the framework's current one, timeout_ns, defer): defer
+// prepares the call (checks, layout) and leaves the launch to launch_pending().
+inline void run(TensorView input, TensorView output, int64_t root, int64_t stream, int64_t timeout_ns, bool defer) {
+  ensure_ready();
+  const int world = tilegen_op_world();
+  check_tensor(input, "input", -1);
+  const int64_t m = rows_of(input, world);
+  check_tensor(output, "output", Spec::kOutWorldRows ? world * m : m);
+  if (input.device().device_id != output.device().device_id)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": input is on cuda:" << input.device().device_id
+                              << " but output is on cuda:" << output.device().device_id;
+  if (root < 0 || root >= world)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": root must be in [0, " << world << "), got " << root;
+  const int64_t in_bytes = input.numel() * (Spec::kBits / 8), out_bytes = output.numel() * (Spec::kBits / 8);
+  const char* in = data(input);
+  char* out = data(output);
+  if (Spec::kOutSymmetric && !tilegen_op_is_symmetric(out, out_bytes))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": output must be allocated on the NVSHMEM symmetric heap "
+                              << "(tilegen.empty(...) or op.empty_output(m)) with the same shape on every rank";
+  const char* alias = Spec::kAlias == kOwnChunk ? out + in_bytes * tilegen_op_rank() : out;
+  if (in < out + out_bytes && out < in + in_bytes && !(Spec::kAlias != kNoAlias && in == alias && in_bytes <= out_bytes))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": input overlaps output"
+                              << (Spec::kAlias == kOwnChunk    ? " other than exactly at this rank's chunk of the output"
+                                  : Spec::kAlias == kWholeOutput ? " other than exactly at the output"
+                                                                 : " (not supported by this op)");
+  void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, output.device().device_id);
+  call([&](char* msg) {
+    return tilegen_op_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns), defer ? 1 : 0,
+                          msg, kMsg);
+  });
+}
+
+inline void launch_pending(int64_t stream) {
+  call([&](char* msg) { return tilegen_op_launch_pending(reinterpret_cast<void*>(stream), msg, kMsg); });
+}
+
+// After a bounded call has completed on its stream: raises TimeoutError naming rank and signal.
+inline void check_wait_error() {
+  char msg[kMsg] = {0};
+  if (tilegen_op_wait_error(msg, kMsg)) TVM_FFI_THROW(TimeoutError) << msg;
+}
+
+inline bool is_symmetric(TensorView t) {
+  ensure_ready();
+  return tilegen_op_is_symmetric(data(t), t.numel() * (t.dtype().bits / 8));
+}
+
+inline int64_t world() {
+  ensure_ready();
+  return tilegen_op_world();
+}
+
+inline void release() { call([&](char* msg) { return tilegen_op_release(msg, kMsg); }); }
+
+inline tvm::ffi::Array<int64_t> nvshmem_versions() {
+  int compiled = 0, runtime = 0;
+  tilegen_op_nvshmem_versions(&compiled, &runtime);
+  return {compiled, runtime};
+}
+
+// GEMM ops ------------------------------------------------------------------------------------------
+// Before run(): on the caller's stream, start a call (advances the epoch all its kernels read).
+inline void begin(int64_t stream) {
+  ensure_ready();
+  call([&](char* msg) { return tilegen_op_begin(reinterpret_cast<void*>(stream), msg, kMsg); });
+}
+
+// ag_gemm: after run(A, A_full, ...), a wait on `stream` for gathered chunk `chunk`.
+inline void wait_chunk(int64_t chunk, int64_t stream, int64_t timeout_ns) {
+  call([&](char* msg) {
+    return tilegen_op_wait_chunk(static_cast<int>(chunk), reinterpret_cast<void*>(stream), static_cast<uint64_t>(timeout_ns),
+                                 msg, kMsg);
+  });
+}
+
+// gemm_rs: after the GEMM of chunk `chunk` on `stream`, hand it to the reduce-scatter kernel.
+inline void signal_chunk(int64_t chunk, int64_t stream) {
+  call([&](char* msg) {
+    return tilegen_op_signal_chunk(static_cast<int>(chunk), reinterpret_cast<void*>(stream), msg, kMsg);
+  });
+}
+
+inline tvm::ffi::Array<int64_t> compute_order() {
+  int o[64];
+  if (tilegen_op_compute_order(o)) TVM_FFI_THROW(RuntimeError) << Spec::kName << ": no call yet";
+  tvm::ffi::Array<int64_t> out;
+  for (int i = 0; i < tilegen_op_world(); ++i) out.push_back(o[i]);
+  return out;
+}
+
+// The fused GEMM of the call run() just prepared: a [world * m, k], b [k, n] or [n, k], c [world * m, n]
+// (ag_gemm: a is the gathered buffer run() fills; gemm_rs: c the partial products run() reduce-scatters);
+// sms 0: the device's SMs minus the communication's CTAs.
+inline void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  const int world = tilegen_op_world();
+  int64_t n = 0, k = 0;
+  if (!Spec::gemm_nk(world, &n, &k)) TVM_FFI_THROW(ValueError) << Spec::kName << ": no GEMM shape for world " << world;
+  const int64_t b_rows = Spec::kBLayoutKN ? k : n, b_cols = Spec::kBLayoutKN ? n : k;
+  const TensorView* ts[3] = {&a, &b, &c};
+  const char* names[3] = {"a", "b", "c"};
+  for (int i = 0; i < 3; ++i) {
+    const TensorView& t = *ts[i];
+    if (!has_dtype(t) || t.device().device_type != kDLCUDA || t.ndim() != 2 || !t.IsContiguous())
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << names[i] << " must be a contiguous 2-d " << Spec::kDtype
+                                << " CUDA tensor, got shape " << shape_str(t);
+    if (t.device().device_id != a.device().device_id)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << names[i] << " is on cuda:" << t.device().device_id
+                                << " but a is on cuda:" << a.device().device_id;
+  }
+  if (a.size(1) != k || a.size(0) % world || a.size(0) / world < 1 || a.size(0) / world > Spec::kShape[0])
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": a must be [world * m, " << k << "] with 1 <= m <= " << Spec::kShape[0]
+                              << ", got " << shape_str(a);
+  if (b.size(0) != b_rows || b.size(1) != b_cols)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": b must be [" << b_rows << ", " << b_cols << "], got " << shape_str(b);
+  if (c.size(0) != a.size(0) || c.size(1) != n)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": c must be [" << a.size(0) << ", " << n << "], got " << shape_str(c);
+  void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, a.device().device_id);
+  call([&](char* msg) {
+    return tilegen_op_fused_gemm(data(a), data(b), data(c), a.size(0) / world, n, k, static_cast<int>(sms), s,
+                                 static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  }, /*named=*/true);
+}
+}  // namespace tilegen_binding
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, tilegen_binding::run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(launch_pending, tilegen_binding::launch_pending);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_binding::check_wait_error);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, tilegen_binding::is_symmetric);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_binding::world);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_binding::release);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_binding::nvshmem_versions);
+#if TILEGEN_BINDING_GEMM
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, tilegen_binding::begin);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(compute_order, tilegen_binding::compute_order);
+#endif
+#if TILEGEN_BINDING_GEMM == 1
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, tilegen_binding::wait_chunk);
+#endif
+#if TILEGEN_BINDING_GEMM == 2
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(signal_chunk, tilegen_binding::signal_chunk);
+#endif
+#if TILEGEN_BINDING_FUSED
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(fused_gemm, tilegen_binding::fused_gemm);
+#endif

@@ -1,0 +1,336 @@
+// tilegen collective library: the one generic kernel that executes an op's checked step tables, on
+// tilegen/device.cuh's primitives, and its host side (symmetric state, variant choice, launch,
+// bounded-wait reports, the GEMM ops' compute-stream hooks). Everything is templated on an op's
+// traits struct, which a generated <op>.cu defines (constants, step tables, plans) before it
+// exports the op with TILEGEN_EXPORT_COLLECTIVE.
+//
+// Traits (struct Op): kName, Elem, kOpId, kMaxWorld, kMaxSteps, kMaxSrc, kMaxDst, kMaxWait, kOutSlots,
+// kScrSlots, kInSlots, kMaxTiles, kScrBytes, kStageBytes, kMaxInBytes, kThreads, kReduceOp, kMaxCtas,
+// kMaxVariants, kChunks, kReduces, kPerTile, kAllowPeerPtr, kRequirePeerPtr, kGemm, kFused, kWorldSizes,
+// using Step = coll::Step<kMaxSrc, kMaxDst, kMaxWait>, and static const WorldPlan<Op>* plan(int world).
+#pragma once
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <cuda_runtime.h>
+#include "tilegen/chunk_sync.cuh"
+#include "tilegen/device.cuh"
+#include "tilegen/layout.cuh"
+
+namespace tilegen {
+namespace coll {
+using layout::Chunks;
+using layout::kIn;
+using layout::kOut;
+using layout::kScr;
+
+enum : uint8_t { kEntry = 0, kMove = 1, kWait = 2 };
+enum class Gemm : int { kNone = 0, kConsume = 1, kProduce = 2 };  // ag_gemm reads gathered chunks; gemm_rs makes its input
+
+// A segment: slot `slot` of buffer `buf` on rank `rank` (relative to the root for rooted ops).
+struct Seg {
+  int8_t rank;
+  uint8_t buf;
+  uint8_t slot;
+};
+constexpr Seg In(int rank, int slot) { return Seg{static_cast<int8_t>(rank), kIn, static_cast<uint8_t>(slot)}; }
+constexpr Seg Out(int rank, int slot) { return Seg{static_cast<int8_t>(rank), kOut, static_cast<uint8_t>(slot)}; }
+constexpr Seg Scr(int rank, int slot) { return Seg{static_cast<int8_t>(rank), kScr, static_cast<uint8_t>(slot)}; }
+
+// One step of a rank's program (see tilegen/ir.py): entry handshake, move (copy or reduce tiles of a
+// unit into its destinations, signalling remote ones) or wait (for the flags of a unit's tiles).
+template <int S, int D, int W>
+struct Step {
+  uint8_t kind, nsrc, ndst, nwait;
+  int16_t unit;
+  uint32_t notify, await_mask;  // entry: the ranks told / awaited, as bit masks
+  Seg src[S];
+  Seg dst[D];
+  Seg wait[W];
+
+  static constexpr Step entry(uint32_t notify, uint32_t await_mask) {
+    Step s{};
+    s.kind = kEntry;
+    s.notify = notify;
+    s.await_mask = await_mask;
+    return s;
+  }
+  static constexpr Step move(int unit, std::initializer_list<Seg> src, std::initializer_list<Seg> dst,
+                             std::initializer_list<Seg> wait = {}) {
+    Step s{};
+    s.kind = kMove;
+    s.unit = static_cast<int16_t>(unit);
+    s.nsrc = static_cast<uint8_t>(src.size());
+    s.ndst = static_cast<uint8_t>(dst.size());
+    s.nwait = static_cast<uint8_t>(wait.size());
+    int i = 0;
+    for (const Seg& g : src) s.src[i++] = g;
+    i = 0;
+    for (const Seg& g : dst) s.dst[i++] = g;
+    i = 0;
+    for (const Seg& g : wait) s.wait[i++] = g;
+    return s;
+  }
+  static constexpr Step wait_for(int unit, std::initializer_list<Seg> wait) {
+    Step s = move(unit, {}, {}, wait);
+    s.kind = kWait;
+    return s;
+  }
+};
+
+template <class Op>
+struct Variant {
+  int64_t max_in_bytes;
+  int parts, ctas;
+  int64_t tile_bytes;
+  int nsteps;
+  const typename Op::Step (*table)[Op::kMaxSteps];  // [rank][step]
+  const int (*order)[Op::kMaxWorld];                // GEMM ops: compute-stream chunk order per rank, else null
+};
+
+template <class Op>
+struct WorldPlan {
+  int world;
+  int nvariants;  // smallest messages first
+  const Variant<Op>* variants;
+};
+
+template <class Op>
+struct Params {
+  const char* in;
+  char* out;                          // this rank's output
+  char* scr;                          // this rank's scratch (symmetric)
+  char* stage;                        // this rank's staging (symmetric), kStageBytes per CTA
+  char* out_peer[Op::kMaxWorld];      // peers' outputs through NVLink, or null -> NVSHMEM
+  char* scr_peer[Op::kMaxWorld];
+  uint64_t* sig;                      // this rank's signal block (symmetric)
+  uint64_t* sig_peer[Op::kMaxWorld];  // peers' signal blocks through NVLink, or null -> NVSHMEM
+  uint64_t* state;                    // local: [0] epoch of the last finished call, [1] exit counter, [2 + s] step counters
+  const uint64_t* epoch_src;          // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word
+  int64_t in_bytes, shard, part, tile;
+  int32_t parts, rank, world, root, nsteps;
+  typename Op::Step steps[Op::kMaxSteps];
+  dev::WaitCtx wait;
+};
+
+template <class Op>
+TILEGEN_HD constexpr layout::Signals signals() {
+  return layout::Signals{Op::kMaxWorld, Op::kOutSlots, Op::kScrSlots, Op::kInSlots, Op::kMaxTiles};
+}
+
+// ------------------------------------------------------------------------------------------ device
+template <class Op>
+__device__ __forceinline__ int abs_rank(const Params<Op>& p, int rel) { return (rel + p.root) % p.world; }
+
+// Address of a segment: local, the peer's through NVLink, or null (reach it through NVSHMEM).
+template <class Op>
+__device__ __forceinline__ char* seg_ptr(const Params<Op>& p, const Seg& g, int64_t off) {
+  const int q = abs_rank(p, g.rank);
+  char* base;
+  if (g.buf == kIn) base = const_cast<char*>(p.in);
+  else if (q == p.rank) base = g.buf == kOut ? p.out : p.scr;
+  else base = g.buf == kOut ? p.out_peer[q] : p.scr_peer[q];
+  return base ? base + layout::slot_offset(p.shard, p.part, p.parts, g.slot) + off : nullptr;
+}
+template <class Op>
+__device__ __forceinline__ char* seg_sym(const Params<Op>& p, const Seg& g, int64_t off) {  // symmetric address
+  return (g.buf == kOut ? p.out : p.scr) + layout::slot_offset(p.shard, p.part, p.parts, g.slot) + off;
+}
+
+// One thread waits for the flags of a step's waits at tile t; the block learns the outcome.
+template <class Op>
+__device__ __forceinline__ bool wait_flags(const Params<Op>& p, const typename Op::Step& st, int64_t tile, uint64_t epoch,
+                                           int s) {
+  __shared__ int ok;
+  if (threadIdx.x == 0) {
+    ok = 1;
+    for (int i = 0; i < st.nwait && ok; ++i) {
+      const int64_t idx = signals<Op>().flag(st.wait[i].buf, st.wait[i].slot, tile);
+      ok = dev::wait_ge(p.sig + idx, epoch, p.wait, 1, idx, s);
+    }
+  }
+  __syncthreads();
+  return ok;
+}
+
+// After a tile's stores (one thread): set the flags of its remote destinations (and, for a fused
+// ag_gemm, of this rank's own chunk). skip_nvshmem: NVSHMEM puts carried their own signal.
+template <class Op>
+__device__ __forceinline__ void signal_dests(const Params<Op>& p, const typename Op::Step& st, int64_t tile, uint64_t epoch,
+                                             bool skip_nvshmem) {
+  for (int i = 0; i < st.ndst; ++i) {
+    const int q = abs_rank(p, st.dst[i].rank);
+    const int64_t idx = signals<Op>().flag(st.dst[i].buf, st.dst[i].slot, tile);
+    if (q == p.rank) {
+      if (Op::kGemm == Gemm::kConsume && Op::kFused && st.dst[i].buf == kOut) {  // the plan's signal_self
+        dev::fence_acq_rel_gpu();
+        dev::st_release_gpu(p.sig + idx, epoch);
+      }
+      continue;
+    }
+    const bool peer = p.sig_peer[q] && seg_ptr(p, st.dst[i], 0);
+    if (peer || !skip_nvshmem) dev::signal_peer_one(peer ? p.sig_peer[q] + idx : nullptr, p.sig + idx, epoch, q);
+  }
+}
+
+// One tile of a move: copy (one source) or reduce (several) into every destination. Destinations a
+// peer pointer reaches get one load and several vector stores; the others an NVSHMEM put.
+template <class Op>
+__device__ __forceinline__ void move_tile(const Params<Op>& p, const typename Op::Step& st, int64_t lo, int64_t n, int64_t t,
+                                          uint64_t epoch) {
+  constexpr bool kInProduced = Op::kGemm == Gemm::kProduce;  // gemm_rs: the input is written during the call
+  const char* src[Op::kMaxSrc];
+  bool ro[Op::kMaxSrc];
+  for (int i = 0; i < Op::kMaxSrc; ++i) {
+    src[i] = i < st.nsrc ? seg_ptr(p, st.src[i], lo) : nullptr;
+    ro[i] = i < st.nsrc && st.src[i].buf == kIn && !kInProduced;  // read-only for the whole kernel
+  }
+  char* dst[Op::kMaxDst];
+  int nd = 0;
+  bool remote_nvshmem = false;
+  for (int i = 0; i < st.ndst; ++i) {
+    char* d = seg_ptr(p, st.dst[i], lo);
+    if (d) dst[nd++] = d;
+    else remote_nvshmem = true;
+  }
+  const char* from = src[0];
+  if (st.nsrc == 1) {
+    if (ro[0]) dev::copy_multi<Op::kMaxDst, true>(dst, nd, src[0], n, threadIdx.x, blockDim.x);
+    else dev::copy_multi<Op::kMaxDst, false>(dst, nd, src[0], n, threadIdx.x, blockDim.x);
+  } else if constexpr (Op::kReduces) {
+    if (!remote_nvshmem) {
+      dev::reduce_multi<typename Op::Elem, Op::kReduceOp, Op::kMaxSrc, Op::kMaxDst>(dst, nd, src, st.nsrc, ro, n, threadIdx.x,
+                                                                                    blockDim.x);
+      return;
+    }
+    // Some destination is reachable only through NVSHMEM: reduce into this CTA's staging first.
+    char* stage = p.stage + static_cast<int64_t>(blockIdx.x) * Op::kStageBytes;
+    char* const sdst[1] = {stage};
+    dev::reduce_multi<typename Op::Elem, Op::kReduceOp, Op::kMaxSrc, 1>(sdst, 1, src, st.nsrc, ro, n, threadIdx.x, blockDim.x);
+    __syncthreads();
+    dev::copy_multi<Op::kMaxDst, false>(dst, nd, stage, n, threadIdx.x, blockDim.x);
+    from = stage;
+  }
+  if (!remote_nvshmem) return;
+  const bool staged = st.nsrc > 1;  // blocking puts: the staging is reused by the next tile
+  for (int i = 0; i < st.ndst; ++i) {
+    if (seg_ptr(p, st.dst[i], lo)) continue;
+    const int q = abs_rank(p, st.dst[i].rank);
+    char* sym = seg_sym(p, st.dst[i], lo);
+    uint64_t* flag = p.sig + signals<Op>().flag(st.dst[i].buf, st.dst[i].slot, t);
+    if (Op::kPerTile && staged) dev::put_signal_block<false>(nullptr, sym, from, n, nullptr, flag, epoch, q);
+    else if (Op::kPerTile) dev::put_signal_block<true>(nullptr, sym, from, n, nullptr, flag, epoch, q);
+    else if (staged) dev::put_block<false>(nullptr, sym, from, n, q);
+    else dev::put_block<true>(nullptr, sym, from, n, q);
+  }
+  if (staged) __syncthreads();
+}
+
+// The entry handshake: CTA 0 tells the ranks that write into this one that it entered the call;
+// every CTA waits until the ranks it writes into have entered it.
+template <class Op>
+__device__ __forceinline__ bool enter_call(const Params<Op>& p, const typename Op::Step& st, uint64_t epoch, int s) {
+  __shared__ int ok;
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    for (int q = 0; q < p.world; ++q)
+      if (st.notify >> q & 1u) {
+        const int a = abs_rank(p, q);
+        dev::signal_peer_one(p.sig_peer[a] ? p.sig_peer[a] + p.rank : nullptr, p.sig + p.rank, epoch, a);
+      }
+  if (threadIdx.x == 0) {
+    ok = 1;
+    for (int q = 0; q < p.world && ok; ++q)
+      if (st.await_mask >> q & 1u) {
+        const int a = abs_rank(p, q);
+        ok = dev::wait_ge(p.sig + a, epoch, p.wait, 0, a, s);
+      }
+  }
+  __syncthreads();
+  return ok;
+}
+
+// Tiles of a unit go to CTAs round-robin (tile t to CTA t % grid), the same rule on every rank.
+template <class Op>
+__global__ void __launch_bounds__(Op::kThreads) kernel(const __grid_constant__ Params<Op> p) {
+  __shared__ uint64_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = p.epoch_src ? dev::ld_acquire_gpu(p.epoch_src) : dev::ld_acquire_gpu(p.state) + 1;
+  __syncthreads();
+  const uint64_t epoch = s_epoch;  // calls on a stream are ordered: the previous one published its epoch
+  for (int s = 0; s < p.nsteps; ++s) {
+    const typename Op::Step& st = p.steps[s];
+    if (st.kind == kEntry) {
+      if (!enter_call(p, st, epoch, s)) return;
+      continue;
+    }
+    const int64_t len = layout::unit_length(Op::kChunks, p.in_bytes, p.shard, p.part, p.parts, st.unit);
+    const int64_t ntiles = (len + p.tile - 1) / p.tile;
+    if (st.kind == kMove) {
+      if (!Op::kPerTile && st.nwait && blockIdx.x < ntiles)
+        if (!wait_flags(p, st, 0, epoch, s)) return;
+      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        if (Op::kPerTile && st.nwait)
+          if (!wait_flags(p, st, t, epoch, s)) return;
+        const int64_t lo = t * p.tile;
+        move_tile(p, st, lo, len - lo < p.tile ? len - lo : p.tile, t, epoch);
+        if (Op::kPerTile) {
+          __syncthreads();
+          if (threadIdx.x == 0) signal_dests(p, st, t, epoch, true);
+        }
+      }
+      if (!Op::kPerTile) {
+        if (threadIdx.x == 0) nvshmem_quiet();  // NVSHMEM puts of this block are complete (no-op without any)
+        if (dev::arrive_last(p.state + 2 + s, gridDim.x) && threadIdx.x == 0) signal_dests(p, st, 0, epoch, false);
+      }
+    } else if (Op::kPerTile) {  // kWait
+      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
+        if (!wait_flags(p, st, t, epoch, s)) return;
+    } else if (blockIdx.x == 0) {
+      if (!wait_flags(p, st, 0, epoch, s)) return;
+    }
+  }
+  // The last block to leave resets the step counters and publishes the epoch for the next call.
+  if (dev::arrive_last(p.state + 1, gridDim.x) && threadIdx.x == 0) {
+    for (int i = 0; i < Op::kMaxSteps; ++i) p.state[2 + i] = 0;
+    p.state[1] = 0;
+    dev::st_release_gpu(p.state, epoch);
+  }
+}
+
+// GEMM ops. Every kernel of a call reads its epoch from the op's epoch word, which begin_call
+// advances on the caller's stream before the call forks: a CUDA graph replays the epochs right.
+template <class Op>
+__global__ void begin_call(uint64_t* epoch_dev) { dev::st_release_gpu(epoch_dev, *epoch_dev + 1); }
+
+// gemm_rs, compute stream: after the GEMM of a chunk of partial C (same stream, so its stores are
+// complete), publish the chunk to the communication kernel running beside it.
+template <class Op>
+__global__ void signal_chunk(uint64_t* sig, int chunk, int parts, const uint64_t* epoch_src) {
+  const uint64_t epoch = dev::ld_acquire_gpu(epoch_src);
+  for (int h = 0; h < parts; ++h) {
+    dev::fence_acq_rel_gpu();
+    dev::st_release_gpu(sig + signals<Op>().flag(kIn, chunk * parts + h, 0), epoch);
+  }
+}
+
+// ag_gemm, compute stream: one thread waits until every tile of a gathered chunk has landed (the
+// flags the copy kernel's waits use), so the GEMM queued after it reads complete data.
+template <class Op>
+__global__ void wait_chunk(const uint64_t* sig, int chunk, int parts, int64_t shard, int64_t part, int64_t tile,
+                           const uint64_t* epoch_src, dev::WaitCtx w) {
+  if (threadIdx.x != 0) return;
+  const uint64_t epoch = dev::ld_acquire_gpu(epoch_src);
+  for (int h = 0; h < parts; ++h) {
+    const int64_t len = layout::unit_length(Chunks::kOne, shard, shard, part, parts, h);
+    const int64_t nt = Op::kPerTile ? (len + tile - 1) / tile : 1;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t idx = signals<Op>().flag(kOut, chunk * parts + h, t);
+      if (!dev::wait_ge(sig + idx, epoch, w, 1, idx, -1)) return;
+    }
+  }
+}
+}  // namespace coll
+}  // namespace tilegen
+
+#include "tilegen/collective_host.cuh"

@@ -1,0 +1,360 @@
+// tilegen collective library, host side: one op's symmetric state and calls (included by
+// tilegen/collective.cuh). Each generated op library exports these through TILEGEN_EXPORT_COLLECTIVE
+// under fixed names (tilegen_op_*): every op is its own shared library, built with hidden visibility.
+#pragma once
+
+extern "C" int tilegen_op_fused_load(char* msg, int len);  // the fused GEMM's translation unit (fused ops only)
+
+namespace tilegen {
+namespace coll {
+
+int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+inline int fail(char* msg, int len, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, len, fmt, ap);
+  va_end(ap);
+  return 1;
+}
+
+template <class Op>
+struct Host {
+  struct State {
+    bool ready = false;
+    bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
+    int pending_grid = 0;
+    bool begun = false;     // GEMM ops: begin() advanced the epoch word for the next run()
+    bool prepared = false;  // GEMM ops: run() prepared a call (layout, order) that the compute side joins
+    int max_grid = 0;       // CTAs that are all resident at once (and, GEMM ops, leave the GEMMs SMs)
+    int64_t last_shard = 0, last_part = 0, last_tile = 0;
+    int last_parts = 1, last_grid = 0;
+    const Variant<Op>* last_variant = nullptr;
+    uint64_t* counters = nullptr;   // fused gemm_rs: finished tiles per input part (local, zero between calls)
+    uint64_t* epoch_dev = nullptr;  // GEMM ops: the epoch of the current call, advanced by begin()
+    bool poisoned = false;
+    int rank = -1, world = 0;
+    const WorldPlan<Op>* plan = nullptr;
+    uint64_t* sig = nullptr;
+    uint64_t* sig_peer[Op::kMaxWorld] = {};
+    char* scr = nullptr;
+    char* scr_peer[Op::kMaxWorld] = {};
+    char* stage = nullptr;
+    uint64_t* state = nullptr;
+    dev::WaitError* err_host = nullptr;
+    dev::WaitError* err_dev = nullptr;
+  };
+  static inline State g;
+  static inline Params<Op> pending;
+  static constexpr bool kGemm = Op::kGemm != Gemm::kNone;
+  static constexpr int kStateWords = 2 + Op::kMaxSteps;
+
+  // Loads every kernel of the module now: a lazily loaded kernel launched while a spinning kernel
+  // runs can wait for that kernel, which may be waiting for it (CUDA_MODULE_LOADING=LAZY).
+  static cudaError_t load_kernels() {
+    cudaFuncAttributes fa;
+    cudaError_t e = cudaFuncGetAttributes(&fa, kernel<Op>);
+    if constexpr (kGemm)
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, begin_call<Op>);
+    if constexpr (Op::kGemm == Gemm::kConsume)
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, wait_chunk<Op>);
+    if constexpr (Op::kGemm == Gemm::kProduce)
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, signal_chunk<Op>);
+    return e;
+  }
+
+  // The checker proves the schedules deadlock-free with every CTA running: launch no more CTAs than
+  // can be resident at once. A GEMM op's kernel spins beside GEMMs (which it may wait for): leave them
+  // SMs even when each CTA takes an SM of its own.
+  static cudaError_t resident_grid(int* max_grid) {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel<Op>, Op::kThreads, 0);
+    *max_grid = per_sm * sms;
+    if (kGemm && *max_grid > sms / 2) *max_grid = sms / 2;
+    return e;
+  }
+
+  // Collective: every rank calls it once (NVSHMEM must already be initialised, e.g. by nvshmem4py).
+  static int init(char* msg, int len) {
+    if (g.ready) return 0;
+    nvshmem_init();  // refcounted: attaches this module's device state to the running NVSHMEM
+    g.rank = nvshmem_my_pe();
+    g.world = nvshmem_n_pes();
+    g.plan = Op::plan(g.world);
+    if (!g.plan)
+      return fail(msg, len, "%s: NVSHMEM has %d PEs; this op was generated for world sizes %s", Op::kName, g.world,
+                  Op::kWorldSizes);
+    const int64_t sig_words = signals<Op>().words();
+    g.sig = static_cast<uint64_t*>(nvshmem_malloc(sig_words * sizeof(uint64_t)));
+    g.scr = Op::kScrBytes ? static_cast<char*>(nvshmem_malloc(Op::kScrBytes)) : nullptr;
+    g.stage = static_cast<char*>(nvshmem_malloc(Op::kStageBytes * Op::kMaxCtas));  // CTAs of the widest variant
+    if (!g.sig || (Op::kScrBytes && !g.scr) || !g.stage)
+      return fail(msg, len, "%s: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
+                  Op::kName, static_cast<long long>(sig_words * 8), static_cast<long long>(Op::kScrBytes));
+    cudaError_t e = cudaMemset(g.sig, 0, sig_words * sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaMalloc(&g.state, kStateWords * sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaMemset(g.state, 0, kStateWords * sizeof(uint64_t));
+    if (Op::kFused && e == cudaSuccess) e = cudaMalloc(&g.counters, Op::kInSlots * sizeof(uint64_t));
+    if (Op::kFused && e == cudaSuccess) e = cudaMemset(g.counters, 0, Op::kInSlots * sizeof(uint64_t));
+    if (kGemm && e == cudaSuccess) e = cudaMalloc(&g.epoch_dev, sizeof(uint64_t));
+    if (kGemm && e == cudaSuccess) e = cudaMemset(g.epoch_dev, 0, sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
+    if (e == cudaSuccess) {
+      memset(g.err_host, 0, sizeof(dev::WaitError));
+      e = cudaHostGetDevicePointer(&g.err_dev, g.err_host, 0);
+    }
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) return fail(msg, len, "%s: init: %s", Op::kName, cudaGetErrorString(e));
+    if ((e = load_kernels()) != cudaSuccess) return fail(msg, len, "%s: loading kernels: %s", Op::kName, cudaGetErrorString(e));
+    if (resident_grid(&g.max_grid) != cudaSuccess || g.max_grid < 1)
+      return fail(msg, len, "%s: the kernel cannot run %d threads per CTA here", Op::kName, Op::kThreads);
+    if constexpr (Op::kFused)
+      if (tilegen_op_fused_load(msg, len)) return 1;
+    nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
+    for (int q = 0; q < g.world; ++q) {
+      g.sig_peer[q] = Op::kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
+      g.scr_peer[q] = (Op::kAllowPeerPtr && g.scr) ? static_cast<char*>(nvshmem_ptr(g.scr, q)) : nullptr;
+      if (Op::kRequirePeerPtr && !g.sig_peer[q])
+        return fail(msg, len, "%s: transport nvlink, but rank %d is not load/store reachable from rank %d (use transport: auto)",
+                    Op::kName, q, g.rank);
+    }
+    g.ready = true;
+    return 0;
+  }
+
+  // Collective teardown (before NVSHMEM is finalised).
+  static int release(char*, int) {
+    if (!g.ready) return 0;
+    cudaDeviceSynchronize();
+    nvshmem_free(g.sig);
+    if (g.scr) nvshmem_free(g.scr);
+    nvshmem_free(g.stage);
+    cudaFree(g.state);
+    if (g.counters) cudaFree(g.counters);
+    if (g.epoch_dev) cudaFree(g.epoch_dev);
+    cudaFreeHost(g.err_host);
+    g = State{};
+    return 0;
+  }
+
+  // True when [ptr, ptr + bytes) lies in this rank's symmetric heap.
+  static int is_symmetric(const void* ptr, int64_t bytes) {
+    if (!g.ready || bytes <= 0) return 0;
+    const char* p = static_cast<const char*>(ptr);
+    return nvshmem_ptr(p, g.rank) != nullptr && nvshmem_ptr(p + bytes - 1, g.rank) != nullptr;
+  }
+
+  // in: in_bytes; out: as the op defines. Arguments were validated by the binding. defer: prepare
+  // the call (checks, layout) and leave the launch to launch_pending().
+  static int run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns, int defer,
+                 char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    if (g.poisoned) return fail(msg, len, "%s: an earlier call timed out; signal state is unreliable, restart the job", Op::kName);
+    if (in_bytes <= 0 || in_bytes > Op::kMaxInBytes)
+      return fail(msg, len, "%s: input of %lld bytes outside (0, %lld]", Op::kName, static_cast<long long>(in_bytes),
+                  static_cast<long long>(Op::kMaxInBytes));
+    if (root < 0 || root >= g.world) return fail(msg, len, "%s: root %d outside [0, %d)", Op::kName, root, g.world);
+    int vi = 0;
+    while (vi + 1 < g.plan->nvariants && in_bytes > g.plan->variants[vi].max_in_bytes) ++vi;
+    const Variant<Op>& v = g.plan->variants[vi];
+    Params<Op> p{};
+    p.in = static_cast<const char*>(in);
+    p.out = static_cast<char*>(out);
+    p.scr = g.scr;
+    p.stage = g.stage;
+    for (int q = 0; q < g.world; ++q) {
+      p.out_peer[q] = (q == g.rank || !Op::kAllowPeerPtr) ? nullptr : static_cast<char*>(nvshmem_ptr(out, q));
+      p.scr_peer[q] = q == g.rank ? nullptr : g.scr_peer[q];
+      p.sig_peer[q] = g.sig_peer[q];
+    }
+    p.sig = g.sig;
+    p.state = g.state;
+    p.in_bytes = in_bytes;
+    p.parts = v.parts;
+    layout::shard_and_part(Op::kChunks, in_bytes, g.world, v.parts, sizeof(typename Op::Elem), &p.shard, &p.part);
+    p.tile = layout::tile_size(p.part, v.tile_bytes, v.ctas);
+    const int64_t ntiles = (p.part + p.tile - 1) / p.tile;
+    if (ntiles > Op::kMaxTiles)
+      return fail(msg, len, "%s: %lld tiles exceed the %lld signal slots", Op::kName, static_cast<long long>(ntiles),
+                  static_cast<long long>(Op::kMaxTiles));
+    p.rank = g.rank;
+    p.world = g.world;
+    p.root = root;
+    p.nsteps = v.nsteps;
+    const int rel = (g.rank - root + g.world) % g.world;
+    for (int i = 0; i < p.nsteps; ++i) p.steps[i] = v.table[rel][i];
+    p.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    if constexpr (kGemm) {
+      if (!g.begun) return fail(msg, len, "%s: run() without begin() on the caller's stream first", Op::kName);
+      g.begun = false;
+      g.prepared = true;
+      p.epoch_src = g.epoch_dev;
+    }
+    g.last_shard = p.shard;
+    g.last_part = p.part;
+    g.last_tile = p.tile;
+    g.last_parts = p.parts;
+    g.last_variant = &v;
+    int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+    grid = grid < g.max_grid ? grid : g.max_grid;
+    g.last_grid = grid;
+    if (defer) {  // launched by launch_pending() after the producers are queued
+      pending = p;
+      g.pending_grid = grid;
+      g.has_pending = true;
+      return 0;
+    }
+    return launch(p, grid, stream, msg, len);
+  }
+
+  static int launch(const Params<Op>& p, int grid, void* stream, char* msg, int len) {
+    kernel<Op><<<grid, Op::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: launch failed: %s", Op::kName, cudaGetErrorString(e));
+  }
+
+  static int launch_pending(void* stream, char* msg, int len) {
+    if (!g.has_pending) return fail(msg, len, "%s: no prepared call to launch", Op::kName);
+    g.has_pending = false;
+    return launch(pending, g.pending_grid, stream, msg, len);
+  }
+
+  // After a bounded-wait call has finished on the stream: 0 if no wait timed out, else a message.
+  static int wait_error(char* msg, int len) {
+    if (!g.err_host || !g.err_host->failed) return 0;
+    const dev::WaitError& w = *g.err_host;
+    static const char* kinds[] = {"entry", "tile flag", "CTA counter"};
+    g.poisoned = true;
+    return fail(msg, len,
+                "%s: rank %d timed out in step %d (block %d) waiting for %s signal %lld >= %llu, saw %llu; "
+                "a peer rank did not make the matching call",
+                Op::kName, w.rank, w.step, w.block, kinds[w.signal_kind < 3 ? w.signal_kind : 0],
+                static_cast<long long>(w.signal_index), static_cast<unsigned long long>(w.expected),
+                static_cast<unsigned long long>(w.seen));
+  }
+
+  // ---------------------------------------------------------------------------------- GEMM ops
+  // Starts a call on the caller's stream, before it forks: advances the epoch every kernel of it reads.
+  static int begin(void* stream, char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    if constexpr (kGemm) {
+      begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return fail(msg, len, "%s: begin launch failed: %s", Op::kName, cudaGetErrorString(e));
+      g.begun = true;
+    }
+    return 0;
+  }
+
+  static int check_chunk(const char* what, int chunk, char* msg, int len) {
+    if (!g.ready || !g.prepared) return fail(msg, len, "%s: %s before any call", Op::kName, what);
+    if (chunk < 0 || chunk >= g.world) return fail(msg, len, "%s: chunk %d outside [0, %d)", Op::kName, chunk, g.world);
+    return 0;
+  }
+
+  // gemm_rs: after the GEMM of chunk `chunk` on `stream`, let the communication kernel take it.
+  static int signal_chunk_after(int chunk, void* stream, char* msg, int len) {
+    if (check_chunk("signal_chunk", chunk, msg, len)) return 1;
+    if constexpr (Op::kGemm == Gemm::kProduce) {
+      signal_chunk<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, g.last_parts, g.epoch_dev);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return fail(msg, len, "%s: signal launch failed: %s", Op::kName, cudaGetErrorString(e));
+    }
+    return 0;
+  }
+
+  // ag_gemm: wait on `stream` until chunk `chunk` of this call's gather is complete.
+  static int wait_chunk_on(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if (check_chunk("wait_chunk", chunk, msg, len)) return 1;
+    if constexpr (Op::kGemm == Gemm::kConsume) {
+      const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+      wait_chunk<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, g.last_parts, g.last_shard, g.last_part,
+                                                                       g.last_tile, g.epoch_dev, w);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return fail(msg, len, "%s: wait launch failed: %s", Op::kName, cudaGetErrorString(e));
+    }
+    return 0;
+  }
+
+  // The compute stream's chunk order for the last call (world entries).
+  static int compute_order(int* out) {
+    if (!g.ready || !g.last_variant || !g.last_variant->order) return 1;
+    for (int i = 0; i < g.world; ++i) out[i] = g.last_variant->order[g.rank][i];
+    return 0;
+  }
+
+  // For the fused GEMM of the call run() just prepared: where its flags are, the epoch, the chunk
+  // order and the layout, checked against the GEMM's view of the rows.
+  static int chunk_sync(fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes, uint64_t timeout_ns,
+                        int* comm_ctas, char* msg, int len) {
+    if (!g.ready || !g.prepared) return fail(msg, len, "%s: fused GEMM before run() prepared the communication", Op::kName);
+    if (g.world > fused::kMaxChunks) return fail(msg, len, "%s: world %d exceeds %d chunks", Op::kName, g.world, fused::kMaxChunks);
+    if (rows * row_bytes != g.last_shard)
+      return fail(msg, len, "%s: fused GEMM of %lld rows x %lld B does not match the communication's %lld-byte chunks",
+                  Op::kName, static_cast<long long>(rows), static_cast<long long>(row_bytes),
+                  static_cast<long long>(g.last_shard));
+    fused::ChunkSync s{};
+    s.mode = Op::kGemm == Gemm::kConsume ? fused::kWaitRows : fused::kPublishParts;
+    s.world = g.world;
+    for (int i = 0; i < g.world; ++i) s.order[i] = g.last_variant->order[g.rank][i];
+    s.rows = static_cast<int>(rows);
+    s.tile_m = tile_m;
+    s.tiles_n = tiles_n;
+    s.parts = g.last_parts;
+    s.per_tile = Op::kPerTile ? 1 : 0;
+    s.row_bytes = row_bytes;
+    s.shard = g.last_shard;
+    s.part = g.last_part;
+    s.tile = g.last_tile;
+    s.sig = g.sig;
+    s.flag_base = signals<Op>().flag(kOut, 0, 0);
+    s.flag_stride = Op::kMaxTiles;
+    s.in_flag_base = signals<Op>().flag(kIn, 0, 0);
+    s.counters = g.counters;
+    s.epoch = g.epoch_dev;
+    s.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    *out = s;
+    *comm_ctas = g.last_grid;
+    return 0;
+  }
+};
+
+}  // namespace coll
+}  // namespace tilegen
+
+// The op library's C interface (its binding and fused GEMM call these). One op per library.
+#define TILEGEN_EXPORT_COLLECTIVE(OP)                                                                                      \
+  extern "C" {                                                                                                            \
+  int tilegen_op_init(char* msg, int len) { return tilegen::coll::Host<OP>::init(msg, len); }                             \
+  int tilegen_op_release(char* msg, int len) { return tilegen::coll::Host<OP>::release(msg, len); }                       \
+  int tilegen_op_world(void) { return tilegen::coll::Host<OP>::g.ready ? tilegen::coll::Host<OP>::g.world : 0; }           \
+  int tilegen_op_rank(void) { return tilegen::coll::Host<OP>::g.ready ? tilegen::coll::Host<OP>::g.rank : -1; }            \
+  int tilegen_op_is_symmetric(const void* ptr, int64_t bytes) { return tilegen::coll::Host<OP>::is_symmetric(ptr, bytes); } \
+  int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns, int defer,  \
+                     char* msg, int len) {                                                                                \
+    return tilegen::coll::Host<OP>::run(in, out, in_bytes, root, stream, timeout_ns, defer, msg, len);                     \
+  }                                                                                                                       \
+  int tilegen_op_launch_pending(void* stream, char* msg, int len) {                                                       \
+    return tilegen::coll::Host<OP>::launch_pending(stream, msg, len);                                                     \
+  }                                                                                                                       \
+  int tilegen_op_wait_error(char* msg, int len) { return tilegen::coll::Host<OP>::wait_error(msg, len); }                 \
+  void tilegen_op_nvshmem_versions(int* compiled, int* runtime) {                                                         \
+    *compiled = NVSHMEM_VENDOR_MAJOR_VERSION * 10000 + NVSHMEM_VENDOR_MINOR_VERSION * 100 + NVSHMEM_VENDOR_PATCH_VERSION;  \
+    int maj = 0, min = 0, patch = 0;                                                                                      \
+    nvshmemx_vendor_get_version_info(&maj, &min, &patch);                                                                 \
+    *runtime = maj * 10000 + min * 100 + patch;                                                                           \
+  }                                                                                                                       \
+  int tilegen_op_begin(void* stream, char* msg, int len) { return tilegen::coll::Host<OP>::begin(stream, msg, len); }     \
+  int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len) {                                              \
+    return tilegen::coll::Host<OP>::signal_chunk_after(chunk, stream, msg, len);                                          \
+  }                                                                                                                       \
+  int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len) {                           \
+    return tilegen::coll::Host<OP>::wait_chunk_on(chunk, stream, timeout_ns, msg, len);                                   \
+  }                                                                                                                       \
+  int tilegen_op_compute_order(int* out) { return tilegen::coll::Host<OP>::compute_order(out); }                          \
+  int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes,     \
+                            uint64_t timeout_ns, int* comm_ctas, char* msg, int len) {                                    \
+    return tilegen::coll::Host<OP>::chunk_sync(out, rows, tile_m, tiles_n, row_bytes, timeout_ns, comm_ctas, msg, len);  \
+  }                                                                                                                       \
+  }

@@ -1,0 +1,189 @@
+"""GEMM + communication overlap ops: the orchestration of a communication kernel and GEMMs (cuBLAS
+per chunk, or one fused CUTLASS kernel) on side streams, around the generated op library.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, rank, world_size
+
+
+class _GemmOp(GeneratedOp):
+    """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
+
+    def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
+        self.b_layout = b_layout
+        self.fused = fused
+        self._streams: dict[int, tuple] = {}
+        self._buffers: dict[tuple, Any] = {}
+
+    def _side_streams(self, device: Any) -> tuple[Any, Any]:
+        """(communication stream, compute stream) of a device, created once."""
+        torch = _torch()
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in self._streams:
+            self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[key]
+
+    @property
+    def n(self) -> int:
+        """This rank's columns of B at the job's world size."""
+        return self.gemm_nk[world_size()][0]
+
+    @property
+    def k(self) -> int:
+        """This rank's inner dimension (columns of A) at the job's world size."""
+        return self.gemm_nk[world_size()][1]
+
+    def _check(self, a: Any, b: Any, c: Any, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
+        """Validates a, b (and c); returns m."""
+        torch = _torch()
+        k = self.k
+        dtype = getattr(torch, self.dtype)
+        for name, t in (("a", a), ("b", b)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.name}: {name} must be a torch tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"{self.name}: {name} must have dtype {self.dtype}, got {t.dtype}")
+            if not t.is_cuda:
+                raise ValueError(f"{self.name}: {name} must be a CUDA tensor, got device {t.device}")
+        rows = f"{a_rows_per_m} * m" if a_rows_per_m > 1 else "m"
+        if (a.dim() != 2 or a.shape[1] != k or a.shape[0] % a_rows_per_m
+                or not 1 <= a.shape[0] // a_rows_per_m <= self.max_rows()):
+            raise ValueError(
+                f"{self.name}: a must be [{rows}, {k}] with 1 <= m <= {self.max_rows()}, got {list(a.shape)}"
+            )
+        m = a.shape[0] // a_rows_per_m
+        want_b = [k, self.n] if self.b_layout == "kn" else [self.n, k]
+        if list(b.shape) != want_b:
+            raise ValueError(f"{self.name}: b must be {want_b} (b_layout {self.b_layout}), got {list(b.shape)}")
+        if b.device != a.device:
+            raise ValueError(f"{self.name}: b is on {b.device} but a is on {a.device}")
+        if c is not None:
+            want_c = [c_rows_per_m * m, self.n]
+            if list(c.shape) != want_c or c.dtype != dtype or c.device != a.device or not c.is_contiguous():
+                raise ValueError(
+                    f"{self.name}: c must be a contiguous {self.dtype} tensor {want_c} on {a.device}, got "
+                    f"{list(c.shape)} {c.dtype} on {c.device}"
+                )
+        return m
+
+    @staticmethod
+    def _gemm_sms() -> int:
+        """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the device's SMs minus the communication's)."""
+        env = os.environ.get("TILEGEN_GEMM_SMS", "")
+        try:
+            n = int(env) if env else 0
+        except ValueError:
+            raise ValueError(f"TILEGEN_GEMM_SMS must be a number of CTAs, got {env!r}") from None
+        if n < 0:
+            raise ValueError(f"TILEGEN_GEMM_SMS must be >= 0, got {n}")
+        return n
+
+    def _finish(self, main: Any, comm: Any, comp: Any, tensors: tuple, timeout_ns: int, mod: Any) -> None:
+        main.wait_stream(comp)
+        main.wait_stream(comm)
+        if not _capturing(main.cuda_stream):  # a graph's memory stays with the graph
+            for t in tensors:  # the caching allocator must not reuse them before the side streams finish
+                t.record_stream(comp)
+                t.record_stream(comm)
+        if timeout_ns > 0:
+            main.synchronize()
+            mod.check_wait_error()
+
+    def _begin(self, a: Any, stream: Any, mod: Any, timeout_ns: int) -> tuple[Any, Any, Any]:
+        """(caller's stream, communication stream, compute stream): the call's epoch advances on the
+        caller's stream (so a CUDA graph replays it right), then both side streams start after it."""
+        torch = _torch()
+        main = (
+            torch.cuda.ExternalStream(_stream_handle(a, stream))
+            if stream is not None
+            else torch.cuda.current_stream(a.device)
+        )
+        self._refuse_bounded_capture(main.cuda_stream, timeout_ns)
+        mod.begin(main.cuda_stream)
+        comm, comp = self._side_streams(a.device)
+        comm.wait_stream(main)
+        comp.wait_stream(main)
+        return main, comm, comp
+
+
+class AgGemmOp(_GemmOp):
+    """C = allgather(A) @ B. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+
+    A communication kernel gathers A into a symmetric buffer (per-tile signals) on one stream. Fused:
+    one CUTLASS GEMM on a second stream loads each block of A rows once its signals are set (own
+    chunk first, then by arrival). Decomposed: for each chunk in arrival order (own chunk straight
+    from `a`), a wait kernel holds the second stream until the chunk's signals are set and cuBLAS
+    computes that chunk's rows of C. The caller's stream waits for both before it goes on."""
+
+    def __call__(self, a: Any, b: Any, c: Any = None, *, stream: Any = None, timeout_ms: float | None = None) -> Any:
+        torch = _torch()
+        mod = self.load()
+        world, me = world_size(), rank()
+        m = self._check(a, b, c, 1, world, world)
+        a = a.contiguous()
+        gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
+        if c is None:
+            c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
+        mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
+        if self.fused:
+            b = b.contiguous()
+            mod.fused_gemm(gathered, b, c, self._gemm_sms(), comp.cuda_stream, timeout_ns)
+        else:
+            bm = b if self.b_layout == "kn" else b.t()
+            with torch.cuda.stream(comp):
+                for chunk in (int(x) for x in mod.compute_order()):
+                    rows = slice(chunk * m, (chunk + 1) * m)
+                    if chunk == me:
+                        torch.mm(a, bm, out=c[rows])
+                    else:
+                        mod.wait_chunk(chunk, comp.cuda_stream, timeout_ns)
+                        torch.mm(gathered[rows], bm, out=c[rows])
+        self._finish(main, comm, comp, (a, b, c, gathered), timeout_ns, mod)
+        return c
+
+
+class GemmRsOp(_GemmOp):
+    """C = reduce_scatter(A @ B). Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
+
+    a is this rank's [world * m, k] (K-sharded) operand. Decomposed: on a compute stream cuBLAS
+    computes the rows of A @ B destined to each rank, others' first, each followed by a signal kernel.
+    Fused: one CUTLASS GEMM computes them in that order and publishes each part as its last tile is
+    stored. The reduce-scatter kernel on the communication stream waits for each chunk's (part's)
+    signal before it pushes and reduces it."""
+
+    def __call__(self, a: Any, b: Any, c: Any = None, *, stream: Any = None, timeout_ms: float | None = None) -> Any:
+        torch = _torch()
+        mod = self.load()
+        world = world_size()
+        m = self._check(a, b, c, world, 1, world)
+        key = (m, a.device.index)
+        if key not in self._buffers:  # partial products [world * m, n], reused across calls of this size
+            self._buffers[key] = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
+        partial = self._buffers[key]
+        if c is None:
+            c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        main, comm, comp = self._begin(a, stream, mod, timeout_ns)
+        # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
+        # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
+        mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
+        if self.fused:
+            a, b = a.contiguous(), b.contiguous()
+            mod.fused_gemm(a, b, partial, self._gemm_sms(), comp.cuda_stream, timeout_ns)
+        else:
+            bm = b if self.b_layout == "kn" else b.t()
+            with torch.cuda.stream(comp):
+                for chunk in (int(x) for x in mod.compute_order()):
+                    rows = slice(chunk * m, (chunk + 1) * m)
+                    torch.mm(a[rows], bm, out=partial[rows])
+                    mod.signal_chunk(chunk, comp.cuda_stream)
+        mod.launch_pending(comm.cuda_stream)
+        self._finish(main, comm, comp, (a, b, c, partial), timeout_ns, mod)
+        return c

@@ -1,0 +1,256 @@
+"""Schedule generators: for each collective kind, per-rank step programs (push schedules: a rank
+reads only its own memory). Every one of them must pass the checker at every world size (tests).
+The registry (tilegen.registry) names which schedules each op kind has.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .ir import Schedule, Seg, Step
+
+
+def _with_entry(op: str, alg: str, world: int, sync: str, parts: int, bodies: list[list[Step]]) -> Schedule:
+    """Prefix every rank's program with the entry handshake its remote writes need: a rank may store
+    into a peer's buffers only after that peer entered the call (it no longer reads the last call's)."""
+    writes_to = [sorted({d.rank for s in body for d in s.dests if d.rank != r}) for r, body in enumerate(bodies)]
+    written_by = [sorted(r for r in range(world) if q in writes_to[r]) for q in range(world)]
+    ranks = []
+    for r, body in enumerate(bodies):
+        entry = Step("entry", notify=tuple(written_by[r]), await_ranks=tuple(writes_to[r]))
+        ranks.append(tuple([entry] + body))
+    return Schedule(op, alg, world, sync, parts, tuple(ranks))
+
+
+def _others(world: int, r: int) -> list[int]:
+    return [p for p in range(world) if p != r]
+
+
+def ag_direct(w: int, sync: str) -> Schedule:
+    bodies = []
+    for r in range(w):
+        body = [
+            Step("move", unit=r, srcs=(Seg(r, "in", 0),), dests=tuple(Seg(q, "out", r) for q in [r] + _others(w, r)))
+        ]
+        body += [Step("wait", unit=p, waits=(Seg(r, "out", p),)) for p in _others(w, r)]
+        bodies.append(body)
+    return _with_entry("allgather", "direct", w, sync, 1, bodies)
+
+
+def _ag_ring_body(
+    w: int, r: int, d: int, h: int, P: int, first_srcs: tuple[Seg, ...] | None = None, first_waits: tuple[Seg, ...] = ()
+) -> list[Step]:
+    """Allgather round a ring in direction d for part h; the first move sends our chunk (from the
+    input, or from ``first_srcs`` when a reduction produced it)."""
+    nxt = (r + d) % w
+    u = r * P + h
+    srcs = first_srcs or (Seg(r, "in", h),)
+    body = [Step("move", unit=u, srcs=srcs, waits=first_waits, dests=(Seg(r, "out", u), Seg(nxt, "out", u)))]
+    for s in range(1, w - 1):
+        c = ((r - d * s) % w) * P + h
+        body.append(
+            Step("move", unit=c, srcs=(Seg(r, "out", c),), waits=(Seg(r, "out", c),), dests=(Seg(nxt, "out", c),))
+        )
+    last = ((r + d) % w) * P + h
+    body.append(Step("wait", unit=last, waits=(Seg(r, "out", last),)))
+    return body
+
+
+def _interleave(a: list[Step], b: list[Step]) -> list[Step]:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += a[i : i + 1] + b[i : i + 1]
+    return out
+
+
+def ag_ring(w: int, sync: str) -> Schedule:
+    return _with_entry("allgather", "ring", w, sync, 1, [_ag_ring_body(w, r, 1, 0, 1) for r in range(w)])
+
+
+def ag_bidir(w: int, sync: str) -> Schedule:
+    bodies = [_interleave(_ag_ring_body(w, r, 1, 0, 2), _ag_ring_body(w, r, -1, 1, 2)) for r in range(w)]
+    return _with_entry("allgather", "bidir_ring", w, sync, 2, bodies)
+
+
+def _push_to_owners(w: int, r: int) -> list[Step]:
+    """Reduce-scatter's first shot: chunk q of my input goes to rank q's scratch slot r."""
+    return [Step("move", unit=q, srcs=(Seg(r, "in", q),), dests=(Seg(q, "scr", r),)) for q in _others(w, r)]
+
+
+def _reduce_own(w: int, r: int, dests: tuple[Seg, ...]) -> Step:
+    scr = tuple(Seg(r, "scr", s) for s in _others(w, r))
+    return Step("move", unit=r, srcs=(Seg(r, "in", r),) + scr, waits=scr, dests=dests)
+
+
+def rs_direct(w: int, sync: str) -> Schedule:
+    bodies = [_push_to_owners(w, r) + [_reduce_own(w, r, (Seg(r, "out", 0),))] for r in range(w)]
+    return _with_entry("reduce_scatter", "direct", w, sync, 1, bodies)
+
+
+def _rs_ring_body(w: int, r: int, d: int, h: int, P: int) -> tuple[list[Step], tuple[Seg, ...], tuple[Seg, ...]]:
+    """Reduce-scatter round a ring: at step s rank r adds its part of chunk r - d*s to what came from
+    r - d and passes it on (scratch slot s). Returns the steps and the sources/waits of the final
+    reduction of chunk r (left to the caller: it decides where the result goes)."""
+    nxt = (r + d) % w
+    body = []
+    for s in range(1, w):
+        c = ((r - d * s) % w) * P + h
+        srcs = (Seg(r, "in", c),)
+        waits: tuple[Seg, ...] = ()
+        if s > 1:
+            prev = Seg(r, "scr", (s - 1) * P + h)
+            srcs, waits = srcs + (prev,), (prev,)
+        body.append(Step("move", unit=c, srcs=srcs, waits=waits, dests=(Seg(nxt, "scr", s * P + h),)))
+    last = Seg(r, "scr", (w - 1) * P + h)
+    return body, (Seg(r, "in", r * P + h), last), (last,)
+
+
+def _rings(op: str, w: int, sync: str, bidir: bool, finish) -> Schedule:
+    """A reduce-scatter ring (both directions, one half each, when bidir) followed by what
+    ``finish(r, d, h, P, srcs, waits)`` makes of each rank's reduced part."""
+    P = 2 if bidir else 1
+    bodies = []
+    for r in range(w):
+        parts = []
+        for d, h in [(1, 0), (-1, 1)] if bidir else [(1, 0)]:
+            body, srcs, waits = _rs_ring_body(w, r, d, h, P)
+            parts.append(body + finish(r, d, h, P, srcs, waits))
+        bodies.append(_interleave(*parts) if bidir else parts[0])
+    return _with_entry(op, "bidir_ring" if bidir else "ring", w, sync, P, bodies)
+
+
+def rs_ring(w: int, sync: str, bidir: bool = False) -> Schedule:
+    return _rings(
+        "reduce_scatter",
+        w,
+        sync,
+        bidir,
+        lambda r, d, h, P, srcs, waits: [
+            Step("move", unit=r * P + h, srcs=srcs, waits=waits, dests=(Seg(r, "out", h),))
+        ],
+    )
+
+
+def rs_bidir(w: int, sync: str) -> Schedule:
+    return rs_ring(w, sync, True)
+
+
+def ar_one_shot(w: int, sync: str) -> Schedule:
+    """Every rank pushes its whole tensor into every peer's scratch, then reduces locally."""
+    bodies = []
+    for r in range(w):
+        body = [
+            Step("move", unit=c, srcs=(Seg(r, "in", c),), dests=tuple(Seg(q, "scr", r * w + c) for q in _others(w, r)))
+            for c in range(w)
+        ]
+        for c in range(w):
+            scr = tuple(Seg(r, "scr", s * w + c) for s in _others(w, r))
+            body.append(Step("move", unit=c, srcs=(Seg(r, "in", c),) + scr, waits=scr, dests=(Seg(r, "out", c),)))
+        bodies.append(body)
+    return _with_entry("allreduce", "one_shot", w, sync, 1, bodies)
+
+
+def ar_two_shot(w: int, sync: str) -> Schedule:
+    """Reduce-scatter by direct pushes, then the owner stores its reduced chunk into every output."""
+    bodies = []
+    for r in range(w):
+        body = _push_to_owners(w, r)
+        body.append(_reduce_own(w, r, tuple(Seg(q, "out", r) for q in [r] + _others(w, r))))
+        body += [Step("wait", unit=p, waits=(Seg(r, "out", p),)) for p in _others(w, r)]
+        bodies.append(body)
+    return _with_entry("allreduce", "two_shot", w, sync, 1, bodies)
+
+
+def ar_ring(w: int, sync: str, bidir: bool = False) -> Schedule:
+    """Reduce-scatter round the ring, then allgather the reduced parts round it."""
+    return _rings(
+        "allreduce",
+        w,
+        sync,
+        bidir,
+        lambda r, d, h, P, srcs, waits: _ag_ring_body(w, r, d, h, P, first_srcs=srcs, first_waits=waits),
+    )
+
+
+def ar_bidir(w: int, sync: str) -> Schedule:
+    return ar_ring(w, sync, True)
+
+
+def a2a_direct(w: int, sync: str) -> Schedule:
+    bodies = []
+    for r in range(w):
+        body = [Step("move", unit=r, srcs=(Seg(r, "in", r),), dests=(Seg(r, "out", r),))]
+        body += [Step("move", unit=q, srcs=(Seg(r, "in", q),), dests=(Seg(q, "out", r),)) for q in _others(w, r)]
+        body += [Step("wait", unit=p, waits=(Seg(r, "out", p),)) for p in _others(w, r)]
+        bodies.append(body)
+    return _with_entry("all_to_all", "direct", w, sync, 1, bodies)
+
+
+def bc_direct(w: int, sync: str) -> Schedule:
+    bodies = [[Step("move", unit=0, srcs=(Seg(0, "in", 0),), dests=tuple(Seg(q, "out", 0) for q in range(w)))]]
+    bodies += [[Step("wait", unit=0, waits=(Seg(r, "out", 0),))] for r in range(1, w)]
+    return _with_entry("broadcast", "direct", w, sync, 1, bodies)
+
+
+def bc_chain(w: int, sync: str) -> Schedule:
+    """Pipelined chain root -> 1 -> 2 -> ...: each rank forwards tiles as they arrive."""
+    bodies = [[Step("move", unit=0, srcs=(Seg(0, "in", 0),), dests=(Seg(0, "out", 0), Seg(1, "out", 0)))]]
+    for r in range(1, w - 1):
+        bodies.append(
+            [Step("move", unit=0, srcs=(Seg(r, "out", 0),), waits=(Seg(r, "out", 0),), dests=(Seg(r + 1, "out", 0),))]
+        )
+    bodies.append([Step("wait", unit=0, waits=(Seg(w - 1, "out", 0),))])
+    return _with_entry("broadcast", "chain", w, sync, 1, bodies)
+
+
+# ------------------------------------------------------------------------------ GEMM ops
+def with_input_waits(s: Schedule) -> Schedule:
+    """gemm_rs: the input (partial C) is produced by GEMMs during the call, chunk by chunk; every move
+    that reads an input chunk first waits for that chunk's flag (set by the compute stream)."""
+    ranks = []
+    for steps in s.ranks:
+        out = []
+        for st in steps:
+            ins = tuple(g for g in st.srcs if g.buf == "in")
+            out.append(replace(st, waits=ins + st.waits) if st.kind == "move" and ins else st)
+        ranks.append(tuple(out))
+    return replace(s, ranks=tuple(ranks))
+
+
+def with_local_signals(s: Schedule) -> Schedule:
+    """Fused ag_gemm: the GEMM reads every chunk of A, its own too, from the gathered buffer, so the
+    moves that fill this rank's own output also set its flags."""
+    ranks = tuple(
+        tuple(
+            replace(st, signal_self=True)
+            if st.kind == "move" and any(d.rank == r and d.buf == "out" for d in st.dests)
+            else st
+            for st in steps
+        )
+        for r, steps in enumerate(s.ranks)
+    )
+    return replace(s, ranks=ranks)
+
+
+def production_order(s: Schedule, rank: int) -> tuple[int, ...]:
+    """gemm_rs: the chunks of partial C in the order the communication first needs them."""
+    first: dict[int, int] = {}
+    for i, st in enumerate(s.ranks[rank]):
+        for g in st.srcs:
+            if g.buf == "in":
+                first.setdefault(g.slot // s.parts, i)
+    return tuple(sorted(first, key=lambda c: (first[c], c)))
+
+
+def arrival_order(s: Schedule, rank: int) -> tuple[int, ...]:
+    """Chunks of an allgather's output in the order they become complete on ``rank``: its own chunk
+    first, then by the step at which the last of its parts is waited for (GEMMs follow this order)."""
+    done: dict[int, int] = {}
+    for i, st in enumerate(s.ranks[rank]):
+        if st.kind == "move" and st.srcs and st.srcs[0].buf == "in":
+            for d in st.dests:
+                if d.rank == rank:
+                    done[d.slot // s.parts] = max(done.get(d.slot // s.parts, -1), -1)
+        for g in st.waits:
+            if g.buf == "out":
+                done[g.slot // s.parts] = max(done.get(g.slot // s.parts, -1), i)
+    return tuple(sorted(done, key=lambda c: (done[c], c)))
