@@ -407,3 +407,13 @@ def test_gemm_op_ctas_are_bounded_and_default_to_auto():
     ):
         gemm_spec(op="gemm_rs", ctas=264)
     assert gemm_spec(ctas=32).ctas == 32
+
+
+def test_rooted_reduce_leaves_other_outputs_alone():
+    """reduce writes only the root's output: a schedule that also writes another rank's is refused."""
+    s = make_schedule("reduce", "direct", 4, "per_tile")
+    assert check_schedule(s).ok
+    extra = Step("move", unit=0, srcs=(Seg(2, "in", 0),), dests=(Seg(2, "out", 0),))
+    broken = replace(s, ranks=tuple(steps + ((extra,) if r == 2 else ()) for r, steps in enumerate(s.ranks)))
+    v = check_schedule(broken)
+    assert any("written, but the op writes no output on rank 2" in p for p in v.problems), v

@@ -79,6 +79,14 @@ def _bc(w, P, r, slot):
     return [(0, slot)]
 
 
+def _reduce(w, P, r, slot):
+    return [(s, slot) for s in range(w)] if r == 0 else None
+
+
+def _nccl_reduce(dist, x, out, root):
+    dist.reduce(out, dst=root)
+
+
 _COLLECTIVES = [
     OpDesc(
         "allgather",
@@ -138,6 +146,18 @@ _COLLECTIVES = [
         root_only_input=True,
         alias="whole",
         nccl=lambda dist, x, out, root: dist.broadcast(out, src=root),
+        nccl_in_place=True,
+    ),
+    OpDesc(
+        "reduce",
+        "every rank's [m, ...] tensor, reduced, on the root only (root: a call argument)",
+        lambda w: 1,
+        lambda w: 1,
+        _reduce,
+        {"direct": S.reduce_direct},
+        reduces=True,
+        rooted=True,
+        nccl=_nccl_reduce,
         nccl_in_place=True,
     ),
 ]

@@ -202,6 +202,14 @@ def bc_chain(w: int, sync: str) -> Schedule:
     return _with_entry("broadcast", "chain", w, sync, 1, bodies)
 
 
+def reduce_direct(w: int, sync: str) -> Schedule:
+    """Every other rank pushes its tensor into the root's scratch; the root adds them to its own."""
+    scr = tuple(Seg(0, "scr", r - 1) for r in range(1, w))
+    root = [Step("move", unit=0, srcs=(Seg(0, "in", 0),) + scr, waits=scr, dests=(Seg(0, "out", 0),))]
+    others = [[Step("move", unit=0, srcs=(Seg(r, "in", 0),), dests=(Seg(0, "scr", r - 1),))] for r in range(1, w)]
+    return _with_entry("reduce", "direct", w, sync, 1, [root] + others)
+
+
 # ------------------------------------------------------------------------------ GEMM ops
 def with_input_waits(s: Schedule) -> Schedule:
     """gemm_rs: the input (partial C) is produced by GEMMs during the call, chunk by chunk; every move

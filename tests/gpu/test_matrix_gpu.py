@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import generated
+from tilegen.registry import OPS
 
 from ._refs import (TORCH_DTYPES, all_inputs, assert_reduction, gemm_operands, gemm_reference, nccl, rel_err)
 
@@ -69,8 +70,8 @@ def run_collective(op, rows: int, seed: int, root: int = 0):
     xs = all_inputs((k_in * rows,) + op.inner_shape, dtype, seed)
     out = op.empty_output(rows)
     out.fill_(0 if not dtype.is_floating_point else float("nan"))  # poison: every element must be written
-    if op.kind == "broadcast":
-        op(xs[rank] if rank == root else None, out, root=root)
+    if OPS[op.kind].rooted:  # broadcast's other ranks pass no input; reduce's pass theirs
+        op(xs[rank] if rank == root or not OPS[op.kind].root_only_input else None, out, root=root)
     else:
         op(xs[rank], out)
     return out, xs
@@ -92,6 +93,17 @@ def check_collective(op, out, xs, rows: int, what: str, root: int = 0) -> None:
             ref_nccl = xs[rank].clone()
             dist.all_reduce(ref_nccl)
         assert_reduction(out, xs, how, ref_nccl, what)
+        return
+    elif op.kind == "reduce":
+        ref_nccl = None
+        if nccl() and how == "sum":
+            ref_nccl = xs[rank].clone()
+            dist.reduce(ref_nccl, dst=root)
+        if rank == root:
+            assert_reduction(out, xs, how, ref_nccl, what)
+        else:  # other ranks' outputs are left alone: still the poison
+            untouched = out.isnan().all() if out.dtype.is_floating_point else (out == 0).all()
+            assert untouched, f"{what}: non-root output written"
         return
     elif op.kind == "reduce_scatter":
         ref_nccl = None
@@ -116,7 +128,7 @@ def test_collective_random_shapes(dist_env, name):
     op = _op(name)
     for i, rows in enumerate(draw_rows(op, world)):
         seed = _seed(name, world, str(rows))
-        root = seed % world if op.kind == "broadcast" else 0
+        root = seed % world if OPS[op.kind].rooted else 0
         out, xs = run_collective(op, rows, seed, root)
         check_collective(op, out, xs, rows, _case_id(name, rows, seed), root)
     dist.barrier()
