@@ -170,8 +170,14 @@ __device__ __forceinline__ void signal_dests(const Params<Op>& p, const typename
       }
       continue;
     }
-    const bool peer = p.sig_peer[q] && seg_ptr(p, st.dst[i], 0);
-    if (peer || !skip_nvshmem) dev::signal_peer_one(peer ? p.sig_peer[q] + idx : nullptr, p.sig + idx, epoch, q);
+    // Two explicit paths, not signal_peer_one(peer ? .. : nullptr): inlined with its NVSHMEM branch,
+    // that made each tile's signal cost ~10 us (measured: gathers of 8-16 CTAs 20-40% slower).
+    if (p.sig_peer[q] && seg_ptr(p, st.dst[i], 0)) {
+      dev::fence_acq_rel_sys();
+      dev::st_release_sys(p.sig_peer[q] + idx, epoch);
+    } else if (!skip_nvshmem) {
+      dev::signal_peer_one(nullptr, p.sig + idx, epoch, q);
+    }
   }
 }
 
@@ -237,7 +243,8 @@ __device__ __forceinline__ bool enter_call(const Params<Op>& p, const typename O
     for (int q = 0; q < p.world; ++q)
       if (st.notify >> q & 1u) {
         const int a = abs_rank(p, q);
-        dev::signal_peer_one(p.sig_peer[a] ? p.sig_peer[a] + p.rank : nullptr, p.sig + p.rank, epoch, a);
+        if (p.sig_peer[a]) dev::st_release_sys(p.sig_peer[a] + p.rank, epoch);  // no data precedes it: no fence
+        else dev::signal_peer_one(nullptr, p.sig + p.rank, epoch, a);
       }
   if (threadIdx.x == 0) {
     ok = 1;
