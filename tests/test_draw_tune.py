@@ -29,6 +29,9 @@ def test_plan_svg_is_a_drawing_of_every_rank(root, tmp_path, capsys):
     assert cli.main(["plan", str(root / "specs/allreduce_bf16.yaml"), "--world", "4", "--svg", str(out)]) == 0
     svg = out.read_text()
     ET.fromstring(svg)  # well-formed
+    again = tmp_path / "again.svg"
+    assert cli.main(["plan", str(root / "specs/allreduce_bf16.yaml"), "--world", "4", "--svg", str(again)]) == 0
+    assert again.read_text() == svg and "<dc:date>" not in svg  # reproducible: no timestamp, fixed ids
     for r in range(4):
         assert f"rank {r}" in svg
     png = tmp_path / "plan.png"
@@ -102,3 +105,38 @@ def test_bench_table_and_plot_from_rows(tmp_path):
     assert busbw_GBps("allreduce", 1 << 30, 1e6, 2) == pytest.approx((1 << 30) / 1e9)  # 2(n-1)/n = 1 at n = 2
     plot(rows, str(tmp_path / "b.png"), 2)
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_drawing_keeps_labels_inside_their_steps_and_the_legend_off_the_ranks(root, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from tilegen.draw import draw_plan
+    from tilegen.plan import plan
+    from tilegen.spec import load_spec
+    s = load_spec(root / "specs/allreduce_f32_max_ring.py").spec
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **kw):
+        captured["fig"] = fig
+        return real_savefig(fig, *a, **kw)
+    plt.Figure.savefig = keep
+    try:
+        draw_plan(plan(s, 4), str(tmp_path / "plan.png"), shard_bytes=65536)
+    finally:
+        plt.Figure.savefig = real_savefig
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = captured["fig"]
+    ax = fig.axes[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    legend_box = ax.get_legend().get_window_extent(renderer)
+    assert legend_box.y1 <= axes_box.y0  # below the plot, not over rank 0
+    labels = [t for t in ax.texts if t.get_text()]
+    assert labels  # the long steps keep theirs
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):  # no two labels overlap
+        for b in boxes[i + 1:]:
+            assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from .spec import SpecError, json_schema, load_spec, load_specs
+from .spec import json_schema, load_specs
+
+VERDICTS = ".tilegen-verdicts.json"  # the checker's verdicts, remembered beside a generated package
 
 
 def load_calibration(path: str | None) -> dict | None:
@@ -22,7 +25,7 @@ def _print_problems(problems) -> None:
 
 
 def cmd_validate(args) -> int:
-    good, problems = load_specs(args.paths)
+    good, problems = load_specs(args.paths, allow_python=not args.no_python)
     _print_problems(problems)
     if problems:
         print(
@@ -42,12 +45,12 @@ def cmd_plan(args) -> int:
     from .pipeline import plan_verdicts
     from .plan import format_plan, plan
 
-    try:
-        ls = load_spec(args.spec)
-    except SpecError as e:
-        _print_problems(e.problems)
+    good, problems = load_specs([args.spec], allow_python=not args.no_python)
+    if problems or not good:
+        _print_problems(problems)
         return 1
-    world = args.world or ls.spec.world_sizes[0]
+    ls = good[0]
+    world = args.world if args.world is not None else ls.spec.world_sizes[0]
     try:
         p = plan(ls.spec, world, calibration=load_calibration(args.calibration))
     except ValueError as e:
@@ -66,19 +69,27 @@ def cmd_plan(args) -> int:
     return 0 if ok else 1
 
 
-def _generated_files(specs, package: str, calibration: dict | None = None) -> dict[str, str]:
-    from .build import nvshmem_header_version
-    from .pipeline import generate_package
+def package_ops(out: Path) -> set[str]:
+    """The ops a generated package already holds (folders with a manifest)."""
+    return {m.parent.name for m in out.glob("*/manifest.json")} if out.is_dir() else set()
 
-    return generate_package(specs, package, nvshmem_header_version(), calibration)
+
+def _output_problem(out: Path) -> str | None:
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: exists and is not a directory (the generated package is a folder)"
+    if not out.resolve().name.isidentifier():
+        return (f"-o {out}: {out.resolve().name!r} is not a Python module name (letters, digits and _, not starting "
+                f"with a digit), so the package could not be imported; choose another folder name")
+    return None
 
 
 def cmd_generate(args) -> int:
-    from .build import BuildError, build_package, package_lock
+    from .build import BuildError, build_package, nvshmem_header_version, package_lock
     from .codegen import CodegenError
     from .files import write_files
+    from .pipeline import VerdictCache, generate_package
 
-    good, problems = load_specs(args.paths)
+    good, problems = load_specs(args.paths, allow_python=not args.no_python)
     _print_problems(problems)
     if problems:
         return 1
@@ -86,26 +97,37 @@ def cmd_generate(args) -> int:
         print("no spec files found", file=sys.stderr)
         return 1
     out = Path(args.output)
+    problem = _output_problem(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    names = {ls.spec.name for ls in good}
+    others = sorted(package_ops(out) - names)  # ops of earlier runs: kept (listed) unless --prune
+    cache = VerdictCache(out / VERDICTS, writable=not args.check)
     try:
-        files = _generated_files(good, out.resolve().name, load_calibration(args.calibration))
+        files = generate_package(good, nvshmem_header_version(), load_calibration(args.calibration), cache,
+                                 kept=() if args.prune else tuple(others))
     except CodegenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.check:
         return _check_drift(files, out)
-    with package_lock(out):
+    with package_lock(out, say=lambda m: print(m, file=sys.stderr)):
+        cache.save()
         fm = write_files(files, out)
         print(f"wrote {len(fm.written)} file(s), {len(fm.unchanged)} unchanged, in {out}")
+        if others and args.prune:
+            for name in others:
+                shutil.rmtree(out / name)
+            print(f"removed {len(others)} op(s) no spec of this run generates: {', '.join(others)}")
+        elif others:
+            print(f"kept {len(others)} op(s) of earlier runs that no spec of this run generates: {', '.join(others)} "
+                  f"(--prune removes them)")
         if args.no_build:
             return 0
         try:
-            built = build_package(
-                out,
-                [ls.spec for ls in good],
-                {ls.spec.name: str(ls.loc.path) for ls in good},
-                jobs=args.jobs,
-                progress=not args.quiet,
-            )
+            built = build_package(out, [ls.spec for ls in good], {ls.spec.name: str(ls.loc.path) for ls in good},
+                                  jobs=args.jobs, progress=not args.quiet)
         except BuildError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -144,33 +166,31 @@ def cmd_list(args) -> int:
     from rich.table import Table
 
     root = Path(args.directory)
+    if not root.is_dir():
+        print(f"error: {root}: no such directory (a generated package is a folder written by tilegen generate)",
+              file=sys.stderr)
+        return 1
+    manifests = sorted(root.glob("*/manifest.json"))
+    if not manifests:
+        print(f"error: {root}: no generated ops here (no */manifest.json)", file=sys.stderr)
+        return 1
     table = Table(title=f"ops in {root}")
-    for col in ("op", "kind", "dtype", "worlds: schedule", "spec hash", "built", "nvshmem", "arch"):
-        table.add_column(col, no_wrap=True)
-    found = 0
-    for man_path in sorted(root.glob("*/manifest.json")):
+    table.add_column("op", no_wrap=True)
+    table.add_column("kind", overflow="fold")
+    table.add_column("worlds: schedules", overflow="fold")
+    table.add_column("spec", no_wrap=True)
+    table.add_column("built: nvcc, NVSHMEM, arch", overflow="fold")
+    for man_path in manifests:
         man = json.loads(man_path.read_text())
         bj = man_path.parent / "_build" / "build.json"
         info = json.loads(bj.read_text()) if bj.exists() else {}
-        plans = ", ".join(
-            f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
-            for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0]))
-        )
-        table.add_row(
-            man["name"],
-            man["op"],
-            man["spec"]["dtype"],
-            plans,
-            man["spec_hash"][:12],
-            f"nvcc {info['nvcc']}" if info else "no",
-            info.get("nvshmem", man.get("nvshmem_headers") or "?"),
-            man["arch"],
-        )
-        found += 1
-    import shutil
-
-    Console(width=max(shutil.get_terminal_size().columns, 260)).print(table)
-    return 0 if found else 1
+        plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
+                          for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
+        built = (f"{info['nvcc']}, {info.get('nvshmem', '?')}, {info.get('arch', man['arch'])}" if info
+                 else f"no ({man['arch']})")
+        table.add_row(man["name"], f"{man['op']} {man['spec']['dtype']}", plans, man["spec_hash"][:8], built)
+    Console(width=min(shutil.get_terminal_size((100, 24)).columns, 100)).print(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="check spec files; errors as path:LINE:COL: field: message")
     p.add_argument("paths", nargs="+")
+    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they run as code)")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("plan", help="print a spec's per-rank schedule and the checker's verdict")
     p.add_argument("spec")
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", type=int, help="input bytes per rank the drawing shows (default: the largest)")
     p.add_argument("--svg", help="draw the schedule as a per-rank timeline (.svg or .png)")
     p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
+    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they run as code)")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("generate", help="write sources for every spec and build them (nvcc -rdc, ninja)")
     p.add_argument("paths", nargs="+")
@@ -197,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="fail if the sources in -o differ from what would be written")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the package's ops that no spec of this run generates (kept and listed otherwise)")
+    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they are code)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("tune", help="time every schedule of a spec on the GPUs (under torchrun) and fit the cost model")
     p.add_argument("spec")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -43,7 +44,9 @@ class CodegenError(Exception):
     pass
 
 
+@lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    """One environment per process: it compiles each template once."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -65,8 +68,13 @@ def template_files(spec: KernelSpec) -> list[str]:
 
 
 def template_hash(spec: KernelSpec) -> str:
+    return _files_hash(tuple(template_files(spec)))
+
+
+@lru_cache(maxsize=None)
+def _files_hash(rels: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for rel in template_files(spec):
+    for rel in rels:
         path = PACKAGE_DIR / rel if rel.startswith("include/") else TEMPLATES_DIR / rel
         h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
@@ -291,13 +299,11 @@ def render_op(spec: KernelSpec, plans: list[Plan], nvshmem_headers: str | None,
     return files
 
 
-def render_package_files(ops: dict[str, dict[str, str]], package: str) -> dict[str, str]:
-    """A package's files: its __init__, the library headers, and every op's files (name -> files)."""
-    out = {
-        "__init__.py": _env()
-        .get_template("package_init.py.j2")
-        .render(tilegen_version=__version__, ops=sorted(ops), package=package)
-    }
+def render_package_files(ops: dict[str, dict[str, str]], kept: tuple[str, ...] = ()) -> dict[str, str]:
+    """A package's files: its __init__ (listing these ops and the `kept` ones already in the
+    package), the library headers, and every op's files (name -> files)."""
+    names = sorted(set(ops) | set(kept))
+    out = {"__init__.py": _env().get_template("package_init.py.j2").render(tilegen_version=__version__, ops=names)}
     for rel in LIBRARY_HEADERS:
         out[f"_include/{rel}"] = (INCLUDE_DIR / rel).read_text()
     for name in sorted(ops):

@@ -64,29 +64,48 @@ def timeline(s: Schedule, in_bytes: int, elem: int, ctas: int, tile_bytes: int, 
 
 
 def draw_plan(p: Plan, path: str | Path, shard_bytes: int | None = None) -> None:
-    """Draw the plan's variant for the given input size (default: the largest) as one row per rank."""
-    plt = pyplot()
+    """Draw the plan's variant for the given input size (default: the largest) as one row per rank.
+    Steps too short for their label show only their colour (the legend, below the plot, names them);
+    the file is the same for the same plan (no timestamp, fixed SVG ids)."""
+    from .plan import fmt_bytes
 
+    plt = pyplot()
+    plt.rcParams["svg.hashsalt"] = "tilegen"
     spec = p.spec
     n = shard_bytes or p.variants[-1].max_bytes
     v = next((v for v in p.variants if n <= v.max_bytes), p.variants[-1])
     rows = timeline(v.schedule, n, spec.elem_bytes, v.ctas, v.tile_bytes)
     w = v.schedule.world
-    fig, ax = plt.subplots(figsize=(12, 0.9 + 0.75 * w))
+    fig, ax = plt.subplots(figsize=(12, 1.4 + 0.75 * w))
+    span = max((end for *_, end, _ in rows), default=1.0)
+    ax.set_xlim(0, span * 1.02)
+    texts = []
     for r, i, kind, start, end, remote in rows:
         ax.broken_barh([(start, max(end - start, 0.05))], (r - 0.35, 0.7), facecolors=COLOURS[kind], edgecolor="white")
         label = f"{i}:{kind}" + (f"→{','.join(map(str, remote))}" if remote else "")
-        ax.text(start + (end - start) / 2, r, label, ha="center", va="center", fontsize=7, color="white", clip_on=True)
+        t = ax.text(start + (end - start) / 2, r, label, ha="center", va="center", fontsize=7, color="white")
+        texts.append((t, start, end))
         for q in remote:
             ax.annotate("", xy=(end, q), xytext=(end, r), arrowprops=dict(arrowstyle="->", color="#555555", lw=0.6))
     ax.set_yticks(range(w), [f"rank {r}" for r in range(w)])
     ax.invert_yaxis()
     ax.set_xlabel("estimated time (us, cost model)")
-    ax.set_title(
-        f"{spec.name}: {v.schedule.algorithm}, world {w}, {n} B input per rank, {v.ctas} CTAs, sync {spec.sync}"
-    )
+    ax.set_title(f"{spec.name}: {v.schedule.algorithm}, world {w}, {fmt_bytes(n)} input per rank, {v.ctas} CTAs, "
+                 f"sync {spec.sync}")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, list(COLOURS), loc="upper right", fontsize=8, ncol=4)
+    ax.legend(handles, list(COLOURS), loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=len(COLOURS),
+              frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    _drop_labels_wider_than_their_step(fig, ax, texts)
+    fig.savefig(path, metadata={"Date": None} if str(path).endswith(".svg") else None)
     plt.close(fig)
+
+
+def _drop_labels_wider_than_their_step(fig, ax, texts) -> None:
+    """A label that would spill out of its step's bar (and over its neighbours') is removed."""
+    renderer = fig.canvas.get_renderer()
+    for t, start, end in texts:
+        box = t.get_window_extent(renderer)
+        x0, x1 = (ax.transData.transform((x, 0))[0] for x in (start, end))
+        if box.x0 < x0 or box.x1 > x1:
+            t.remove()

@@ -3,8 +3,14 @@ accepted; `tilegen generate` and `tilegen plan` both come through here.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
+from . import check
 from .check import Verdict, check_schedule
 from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
@@ -24,12 +30,62 @@ def verdict_of(s: Schedule, op: str = "", spare: int | None = None) -> Verdict:
     return check_schedule(s, compute_orders=orders, produces=OPS[op].gemm == "produce", spare_sms=spare)
 
 
-def plan_verdicts(p: Plan) -> list[Verdict]:
+@lru_cache(maxsize=1)
+def checker_version() -> str:
+    """The checker's source: a verdict remembered under another version is checked again."""
+    return hashlib.sha256(Path(check.__file__).read_bytes()).hexdigest()[:16]
+
+
+class VerdictCache:
+    """Verdicts remembered across runs (a JSON file beside the generated package), keyed by the
+    schedule's content, the op, the SMs modelled and the checker's version: a `tilegen generate`
+    that changes nothing re-checks nothing, and a changed spec re-checks only its new schedules."""
+
+    def __init__(self, path: Path | None = None, writable: bool = True):
+        self.path, self.writable, self.hits, self.misses = path, writable, 0, 0
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.exists():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):  # unreadable or half-written: start afresh
+                self.entries = {}
+        self._dirty = False
+
+    @staticmethod
+    def key(s: Schedule, op: str, spare: int | None) -> str:
+        return hashlib.sha256(f"{checker_version()}|{op}|{spare}|{s!r}".encode()).hexdigest()
+
+    def verdict(self, s: Schedule, op: str, spare: int | None) -> Verdict:
+        k = self.key(s, op, spare)
+        if k in self.entries:
+            self.hits += 1
+            e = self.entries[k]
+            return Verdict(e["ok"], e["problems"], e["configs"], e["ops"])
+        self.misses += 1
+        v = verdict_of(s, op, spare)
+        self.entries[k] = {"ok": v.ok, "problems": v.problems, "configs": v.configs, "ops": v.ops}
+        self._dirty = True
+        return v
+
+    def save(self) -> None:
+        if self.path is None or not self.writable or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verdicts.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.entries, f, sort_keys=True)
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+
+def plan_verdicts(p: Plan, cache: VerdictCache | None = None) -> list[Verdict]:
     """The verdict on every variant of a plan."""
-    return [verdict_of(v.schedule, p.spec.op, spare_sms(p.spec, v.ctas)) for v in p.variants]
+    get = cache.verdict if cache is not None else verdict_of
+    return [get(v.schedule, p.spec.op, spare_sms(p.spec, v.ctas)) for v in p.variants]
 
 
-def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True) -> list[Plan]:
+def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True,
+                  cache: VerdictCache | None = None) -> list[Plan]:
     """Plan every world size and refuse a schedule the checker rejects (check=False: plan only, for
     tests of the renderer itself)."""
     plans = []
@@ -41,7 +97,7 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
                 if any(g.rank != r for st in steps for g in st.srcs):
                     raise CodegenError(f"{spec.name}: world {w}: {s.algorithm} reads another rank's memory")
         if check:
-            for v, verdict in zip(p.variants, plan_verdicts(p)):
+            for v, verdict in zip(p.variants, plan_verdicts(p, cache)):
                 if not verdict.ok:
                     raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {v.schedule.algorithm} "
                                        f"schedule:\n{verdict}")
@@ -50,13 +106,14 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
 
 
 def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict | None = None,
-                check: bool = True) -> dict[str, str]:
+                check: bool = True, cache: VerdictCache | None = None) -> dict[str, str]:
     """All files of one op (relative to its directory), from checked plans."""
-    return render_op(spec, checked_plans(spec, calibration, check), nvshmem_headers, calibration)
+    return render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers, calibration)
 
 
-def generate_package(specs: list[LoadedSpec], package: str, nvshmem_headers: str | None,
-                     calibration: dict | None = None) -> dict[str, str]:
-    """Every file of a generated package, relative to its root."""
-    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration) for ls in specs}
-    return render_package_files(ops, package)
+def generate_package(specs: list[LoadedSpec], nvshmem_headers: str | None, calibration: dict | None = None,
+                     cache: VerdictCache | None = None, kept: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file of a generated package, relative to its root; `kept`: ops already in the package
+    that this run leaves as they are (its __init__ lists them too)."""
+    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration, cache=cache) for ls in specs}
+    return render_package_files(ops, kept)

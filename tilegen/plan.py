@@ -228,11 +228,20 @@ def plan(spec: KernelSpec, world: int, calibration: dict | None = None) -> Plan:
         why = (
             f"{alg} fixed by the spec"
             if spec.schedule != "auto"
-            else f"{alg}: lowest predicted time for inputs in ({lo}, {n}] B on {spec.topology}"
+            else f"{alg}: lowest predicted time for inputs in ({fmt_bytes(lo)}, {fmt_bytes(n)}] on {spec.topology}"
         )
         variants.append(Variant(n, make_schedule(spec.op, alg, world, spec.sync, spec.fused), ctas, tile, why))
         lo = n
     return Plan(spec, world, tuple(variants), tuple(table))
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes for people: 1536 -> '1.5 KiB', 268435456 -> '256 MiB'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
 
 
 def _compute_stream_line(spec: KernelSpec, sched: Schedule, r: int) -> str | None:
@@ -259,18 +268,19 @@ def format_plan(p: Plan) -> str:
     s = p.spec
     lines = [
         f"op {s.name}: {s.op} {s.dtype}{' ' + s.reduce if OPS[s.op].reduces else ''}, world {p.world}, "
-        f"input up to {s.max_in_bytes(p.world)} B per rank, sync {s.sync}, transport {s.transport}"
+        f"input up to {fmt_bytes(s.max_in_bytes(p.world))} per rank, sync {s.sync}, transport {s.transport}"
     ]
-    lines.append("predicted time of one call (us), best CTA count and tile per schedule:")
+    lines.append("predicted time of one call (us) per schedule, each at its best CTA count and tile (* the choice):")
     algs = [c.algorithm for c in p.table[0][1]]
     lines.append("  " + f"{'bytes':>12}" + "".join(f"{a:>12}" for a in algs))
     for n, cands in p.table:
         best = min(cands, key=lambda c: (c.predicted_us, c.algorithm))
-        lines.append("  " + f"{n:>12}" + "".join(f"{c.predicted_us:>11.1f}{'*' if c is best else ' '}" for c in cands))
+        lines.append("  " + f"{fmt_bytes(n):>12}" + "".join(f"{c.predicted_us:>11.1f}{'*' if c is best else ' '}"
+                                                           for c in cands))
     for i, v in enumerate(p.variants):
         lines.append(
-            f"variant {i}: inputs <= {v.max_bytes} B: {v.schedule.algorithm}, {v.ctas} CTAs x {s.threads} threads, "
-            f"tiles <= {v.tile_bytes} B ({v.reason})"
+            f"variant {i}: inputs <= {fmt_bytes(v.max_bytes)}: {v.schedule.algorithm}, {v.ctas} CTAs x {s.threads} "
+            f"threads, tiles <= {fmt_bytes(v.tile_bytes)} ({v.reason})"
         )
         for r, steps in enumerate(v.schedule.ranks):
             lines.append(f"  rank {r}{' (root-relative)' if OPS[s.op].rooted else ''}:")

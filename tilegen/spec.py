@@ -35,11 +35,17 @@ _C_RESERVED = {
 }
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """repr of a user's value, cut to `limit` characters (a 5,000-character name is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
+
+
 def check_identifier(value: str) -> str:
     if not isinstance(value, str) or not _IDENT.match(value):
         raise ValueError(
             "expected an identifier: lowercase letter first, then lowercase letters, digits or '_', "
-            f"at most 63 characters; got {value!r}")
+            f"at most 63 characters; got {shown(value)}")
     if keyword.iskeyword(value) or value in _C_RESERVED:
         raise ValueError(f"{value!r} is a reserved word in Python or C++")
     return value
@@ -287,7 +293,8 @@ class KernelSpec(_Frozen):
                     raise ValueError(f"{f}: only GEMM ops ({', '.join(GEMM_OPS)}) take {f}")
         shard = self.max_shard_bytes
         if shard * max(self.world_sizes) > (1 << 40):
-            raise ValueError(f"output of {shard * max(self.world_sizes)} bytes exceeds 1 TiB")
+            raise ValueError(f"shape: the output at world {max(self.world_sizes)} would be "
+                             f"{shard * max(self.world_sizes)} bytes, over 1 TiB")
         if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
             raise ValueError(
                 f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), not {self.schedule}"
@@ -454,11 +461,8 @@ def _message(err: dict) -> str:
     elif err["type"] == "missing":
         msg = "required field is missing"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-        shown = repr(err["input"])
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
         if "got" not in msg:
-            msg += f" (got {shown})"
+            msg += f" (got {shown(err['input'])})"
     return msg
 
 
@@ -620,7 +624,10 @@ def _python_spec_positions(path: str, text: str) -> tuple[dict[str, tuple[int, i
 def load_python_spec(path: str | Path) -> LoadedSpec:
     """A Python config: a module that defines ``SPEC`` as a KernelSpec or a dict of fields."""
     path = str(path)
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([(SourceLoc(path, 1, 1), f"<file>: cannot read as UTF-8 Python: {e}")]) from None
     keys, where = _python_spec_positions(path, text)
     try:
         ns = runpy.run_path(path, run_name="tilegen_spec")
@@ -670,27 +677,45 @@ def load_spec(path: str | Path) -> LoadedSpec:
     raise SpecError([(SourceLoc(str(p), 1, 1), f"<file>: expected one of {', '.join(SPEC_SUFFIXES)}")])
 
 
+def defines_spec(path: Path) -> bool:
+    """Whether a Python file assigns SPEC at module level (read, not run): only such files in a
+    folder are spec configs; helpers beside them are not executed."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return True  # unreadable or broken: load it, so that the problem is reported where it is
+    return any(isinstance(node, (ast.Assign, ast.AnnAssign))
+               and any(isinstance(t, ast.Name) and t.id == "SPEC"
+                       for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+               for node in tree.body)
+
+
 def find_spec_files(paths: list[str | Path]) -> list[Path]:
-    """Spec files named directly, or found (sorted) in the directories named."""
+    """Spec files named directly, or found (sorted) in the directories named: YAML files, and Python
+    files that assign SPEC at module level."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(
-                sorted(f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_")))
-            )
+            found = (f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_")))
+            files.extend(sorted(f for f in found if f.suffix != ".py" or defines_spec(f)))
         else:
             files.append(p)
     return files
 
 
-def load_specs(paths: list[str | Path]) -> tuple[list[LoadedSpec], list[tuple[SourceLoc, str]]]:
-    """Load every spec; returns the good ones and all problems (including duplicate names)."""
+def load_specs(paths: list[str | Path],
+               allow_python: bool = True) -> tuple[list[LoadedSpec], list[tuple[SourceLoc, str]]]:
+    """Load every spec; returns the good ones and all problems (including duplicate names).
+    allow_python=False refuses Python configs (they run as code) instead of running them."""
     good: list[LoadedSpec] = []
     problems: list[tuple[SourceLoc, str]] = []
     names: dict[str, SourceLoc] = {}
     for f in find_spec_files(paths):
         if not f.exists():
             problems.append((SourceLoc(str(f), 1, 1), "<file>: no such file"))
+            continue
+        if f.suffix == ".py" and not allow_python:
+            problems.append((SourceLoc(str(f), 1, 1), "<file>: a Python config runs as code; refused (--no-python)"))
             continue
         try:
             ls = load_spec(f)

@@ -24,6 +24,18 @@ KERNEL_FLAGS = ("-O3", "-std=c++17", "-rdc=true")  # the op's kernels: separate 
 GEMM_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-DTILEGEN_NO_NVSHMEM")
 BINDING_FLAGS = ("-O2", "-std=c++17")  # the TVM-FFI binding, host C++
 HOST_CODE = ("-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden")
+# Reproducible objects: no randomness in the host compiler's symbol names and no build id. (Absolute
+# paths are mapped away per package by the build: reproducible_flags.) What nvcc still varies from
+# one build to the next is its temporary file names (tmpxft_<pid>_...) embedded in the host stub
+# and in the fatbinary's module id: see docs/design.md.
+REPRODUCIBLE = ("-Xcompiler", "-frandom-seed=tilegen")
+LINK_REPRODUCIBLE = ("-Xlinker", "--build-id=none")
+
+
+def reproducible_flags(*roots: str) -> tuple[str, ...]:
+    """Host-compiler flags that write these folders' absolute paths as relative ones (__FILE__ in
+    error messages, debug info), so that the same sources build alike in any folder."""
+    return REPRODUCIBLE + tuple(f for r in roots for f in ("-Xcompiler", f"-ffile-prefix-map={r.rstrip('/')}/="))
 
 
 def gemm_arch(arch: str) -> str:

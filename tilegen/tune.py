@@ -93,7 +93,7 @@ def tune(spec_path: str, output: str, reps: int = 15) -> int:
     root = Path(".tilegen-tune") / f"pkg_{key}"
     if rank == 0:
         loaded = [LoadedSpec(c, ls.loc) for c in cands]
-        write_files(generate_package(loaded, root.name, None), root)
+        write_files(generate_package(loaded, None), root)
         build_package(root, cands, {c.name: spec_path for c in cands}, progress=False)
     dist.barrier()
     sys.path.insert(0, str(root.parent.resolve()))
