@@ -55,10 +55,14 @@ def test_the_wheel_installs_and_generates_an_op(root, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "tilegen/templates/collective.cu.j2" in names and "tilegen/include/tilegen/collective.cuh" in names
     venv = tmp_path / "venv"  # fresh; the dependencies come from this interpreter's site-packages
-    assert run(sys.executable, "-m", "venv", "--system-site-packages", str(venv)).returncode == 0
-    py = venv / "bin" / "python"
-    r = run(str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel))
+    r = run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv))
     assert r.returncode == 0, r.stdout + r.stderr
+    py = venv / "bin" / "python"
+    site = run(str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (venv / "bin" / "tilegen").write_text(f"#!{py}\nimport sys\nfrom tilegen.cli import main\nsys.exit(main())\n")
+    (venv / "bin" / "tilegen").chmod(0o755)
     r = run(str(py), "-c", "import tilegen, sys; print(tilegen.__file__)", cwd=tmp_path)
     assert r.stdout.startswith(str(venv)), r.stdout + r.stderr  # the installed copy, not the checkout
     spec = tmp_path / "ag.yaml"
