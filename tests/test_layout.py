@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tilegen.codegen import INCLUDE_DIR, _chunks
+from tilegen.codegen import INCLUDE_DIR
 from tilegen.layout import layout, tile_bytes_for, unit_length
 from tilegen.registry import OPS
 
@@ -65,7 +65,7 @@ def test_layout_header_matches_python(layout_exe):
     rows = list(cases())
     stdin = ""
     for op, n, w, parts, elem, tile, ctas in rows:
-        stdin += f"{CHUNK_CODE[_chunks(op)]} {n} {w} {parts} {elem} {tile} {ctas} {OPS[op].in_chunks(w) * parts}\n"
+        stdin += f"{CHUNK_CODE[OPS[op].chunks]} {n} {w} {parts} {elem} {tile} {ctas} {OPS[op].in_chunks(w) * parts}\n"
     out = subprocess.run([str(layout_exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
     for (op, n, w, parts, elem, tile, ctas), line in zip(rows, out):
         shard, part = layout(op, w, n, elem, parts)

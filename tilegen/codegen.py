@@ -17,7 +17,7 @@ import jinja2
 
 from . import __version__
 from .ir import Schedule, Seg, Step
-from .layout import MIN_TILE_BYTES, layout, tile_bytes_for
+from .layout import layout, tile_bytes_for
 from .plan import Plan
 from .registry import OPS, comm_op, compute_order
 from .spec import DynamicDim, KernelSpec, ShardedDim
@@ -132,11 +132,6 @@ def _shape_text(spec: KernelSpec) -> str:
     return ", ".join(_dim_text(d) for d in spec.shape)
 
 
-def _chunks(op: str) -> str:
-    d = comm_op(op)
-    return "split" if d.world_chunks else ("per_rank" if d.in_rows(2) == 2 else "one")
-
-
 @dataclass
 class Totals:
     """The most any variant at any world needs: sizes of the traits' arrays and buffers."""
@@ -152,7 +147,6 @@ class Totals:
     scr_bytes: int = 0
     stage_bytes: int = 16
     max_ctas: int = 1
-    max_variants: int = 1
     out_symmetric: bool = False
 
 
@@ -160,7 +154,6 @@ def totals(spec: KernelSpec, plans: list[Plan]) -> Totals:
     t = Totals()
     desc = OPS[spec.op]
     for p in plans:
-        t.max_variants = max(t.max_variants, len(p.variants))
         for v in p.variants:
             s = v.schedule
             shard, part = layout(s.op, p.world, v.max_bytes, spec.elem_bytes, s.parts)
@@ -202,7 +195,7 @@ def op_traits(spec: KernelSpec, t: Totals) -> list[tuple[str, str, str]]:
         ("int", "kThreads", str(spec.threads)),
         ("int", "kMaxCtas", str(t.max_ctas)),
         ("int", "kReduceOp", str(REDUCE_CODE[spec.reduce])),
-        ("Chunks", "kChunks", CHUNKS[_chunks(spec.op)]),
+        ("Chunks", "kChunks", CHUNKS[comm_op(spec.op).chunks]),
         ("Gemm", "kGemm", GEMM_CODE[desc.gemm]),
         ("bool", "kFused", b(spec.fused)),
         ("bool", "kReduces", b(comm_op(spec.op).reduces)),
@@ -240,7 +233,6 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "fused": spec.fused,
         "fg": fused_gemm_context(spec) if spec.fused else None,
         "traits": op_traits(spec, t),
-        "totals": t,
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
         "worlds": worlds,
         "in_world_rows": desc.in_rows(2) == 2,
@@ -249,7 +241,6 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "alias_code": ALIAS_CODE[desc.alias],
         "dl_code": code,
         "dl_bits": bits,
-        "min_tile_bytes": MIN_TILE_BYTES,
     }
 
 

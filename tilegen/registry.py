@@ -47,6 +47,12 @@ class OpDesc:
         None  # GEMM ops: the compute stream reads gathered chunks / makes the input
     )
 
+    @property
+    def chunks(self) -> str:
+        """How the input is cut into chunks: 'one' chunk, one 'per_rank' of m rows, or a 'split' tensor
+        (include/tilegen/layout.cuh's Chunks)."""
+        return "split" if self.world_chunks else ("per_rank" if self.in_rows(2) == 2 else "one")
+
     def in_chunks(self, world: int) -> int:
         return world if self.world_chunks else self.in_rows(world)
 
