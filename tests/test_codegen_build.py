@@ -14,6 +14,7 @@ from tilegen.pipeline import generate_op, generate_package
 from tilegen.plan import plan
 from tilegen.runtime import OpLoadError, check_build
 from tilegen.spec import DynamicDim, KernelSpec, load_specs
+from tilegen.calibration import resolve
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 EVIL = 'x"; system("rm -rf /"); /* ünïcode */ #include <evil> {{ 7*7 }} $(id)'
@@ -54,7 +55,10 @@ def test_manifest_records_provenance():
     assert re.fullmatch(r"[0-9a-f]{64}", man["template_hash"])
     assert man["arch"] == "sm_90" and "-gencode=arch=compute_90,code=sm_90" in man["nvcc_flags"]
     assert man["nvshmem_headers"] == "3.4.5"
-    assert man["plans"]["4"][0]["algorithm"] == "direct" and man["plans"]["4"][0]["max_in_bytes"] == s.max_in_bytes(4)
+    from tilegen.plan import plan
+    chosen = plan(s, 4, resolve("auto", s.arch)).variants
+    assert man["plans"]["4"][-1]["algorithm"] == chosen[-1].schedule.algorithm
+    assert man["plans"]["4"][-1]["max_in_bytes"] == s.max_in_bytes(4)
     assert set(man["files"]) == {"ag_test.cu", "ag_test_steps.inc", "ag_test_binding.cc", "op.py"}
     assert "include/tilegen/collective.cuh" in man["templates"]
 
@@ -157,13 +161,13 @@ def test_step_tables_in_source_are_the_checked_plans(op, shape):
     s = spec(op=op, shape=shape, ctas="auto", tile_bytes="auto")
     src = generate_op(s, None)["ag_test_steps.inc"]
     for w in s.world_sizes:
-        for i, v in enumerate(plan(s, w).variants):
+        for i, v in enumerate(plan(s, w, resolve("auto", s.arch)).variants):  # what generate uses
             block = re.search(rf"kSteps_w{w}_v{i}\[{w}\]\[Op::kMaxSteps\] = \{{\n(.*?)\n\}};", src, re.S).group(1)
             codes = [line.split("//")[0].strip().removesuffix(",") for line in block.splitlines() if "St::" in line]
             assert codes == [code for rank in step_lines(v.schedule) for code, _ in rank]
             assert (
                 f"{{ {v.max_bytes}LL, {v.schedule.parts}, {v.ctas}, {v.tile_bytes}LL, {v.schedule.max_steps}, "
-                f"kSteps_w{w}_v{i}"
+                f"{'true' if v.schedule.sync == 'll' else 'false'}, kSteps_w{w}_v{i}"
                 in src
             )
 

@@ -54,7 +54,7 @@ def test_timeline_orders_dependent_steps():
 
 def test_candidate_specs_fix_each_schedule():
     cands = candidate_specs(ar_spec())
-    assert [c.schedule for c in cands] == ["one_shot", "two_shot", "ring", "bidir_ring"]
+    assert [c.schedule for c in cands] == ["one_shot", "two_shot", "ring", "bidir_ring", "ll_one_shot", "ll_two_shot"]
     assert all(c.name.startswith("ar__") and isinstance(c.ctas, int) and isinstance(c.tile_bytes, int) for c in cands)
 
 
@@ -140,3 +140,231 @@ def test_plan_drawing_keeps_labels_inside_their_steps_and_the_legend_off_the_ran
     for i, a in enumerate(boxes):  # no two labels overlap
         for b in boxes[i + 1:]:
             assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
+
+
+def _bench_rows(world: int, graph: bool, kinds=(("allreduce", "allreduce_bf16"), ("allgather", "allgather_bf16"))):
+    """Synthetic rows as tilegen.bench.bench_op makes them (graph: with CUDA-graph replayed times)."""
+    from tilegen.bench import busbw_GBps
+
+    rows = []
+    for kind, op in kinds:
+        for n in (1 << 14, 1 << 20, 1 << 26):
+            t = {op: 10.0 + n / 3e5, "nccl": 30.0 + n / 2.5e5}
+            r = {"op": op, "kind": kind, "bytes": n, "rows": 1, "matches_nccl": True, "times_us": t,
+                 "busbw_GBps": {k: busbw_GBps(kind, n, v, world) for k, v in t.items()}}
+            if graph:
+                g = {k: v / 2 for k, v in t.items()}
+                r.update(times_graph_us=g, busbw_graph_GBps={k: busbw_GBps(kind, n, v, world) for k, v in g.items()})
+            rows.append(r)
+    return rows
+
+
+def test_bench_table_shows_eager_and_graph_times_and_both_ratios():
+    from tilegen.bench import format_table
+
+    rows = [
+        {"op": "allreduce_bf16", "kind": "allreduce", "bytes": 1 << 20, "rows": 128, "matches_nccl": True,
+         "times_us": {"allreduce_bf16": 20.0, "nccl": 50.0}, "busbw_GBps": {"allreduce_bf16": 99.5, "nccl": 39.8},
+         "times_graph_us": {"allreduce_bf16": 8.0, "nccl": 36.0},
+         "busbw_graph_GBps": {"allreduce_bf16": 248.7, "nccl": 55.3}},
+        # the op's capture failed on some rank: only nccl has a graph time
+        {"op": "allreduce_bf16", "kind": "allreduce", "bytes": 4 << 20, "rows": 512, "matches_nccl": False,
+         "times_us": {"allreduce_bf16": 40.0, "nccl": 60.0}, "busbw_GBps": {"allreduce_bf16": 199.0, "nccl": 132.7},
+         "times_graph_us": {"nccl": 55.0}, "busbw_graph_GBps": {"nccl": 144.7}},
+        # graph=False rows carry no graph keys at all
+        {"op": "allreduce_bf16", "kind": "allreduce", "bytes": 16 << 20, "rows": 2048, "matches_nccl": None,
+         "times_us": {"allreduce_bf16": 100.0, "nccl": 150.0}, "busbw_GBps": {"allreduce_bf16": 318.0, "nccl": 212.0}},
+    ]
+    lines = format_table(rows, 2, "2 x NVIDIA H100", False).splitlines()
+    assert "graph" in lines[0] and [c.strip() for c in lines[1].split("|")[1:3]] == ["tilegen", "nccl"]
+    assert lines[2].split("|")[1].split() == ["eager", "graph", "GB/s"]
+    full, partial, none = (line.split("|") for line in lines[3:6])
+    assert full[1].split() == ["20.0", "8.0", "99.5"] and full[2].split() == ["50.0", "36.0", "39.8"]
+    assert full[3].split() == ["2.50x", "4.50x", "yes"]  # nccl/ours eager 50/20, graph 36/8
+    assert partial[1].split() == ["40.0", "-", "199.0"] and partial[2].split() == ["60.0", "55.0", "132.7"]
+    assert partial[3].split() == ["1.50x", "-", "NO"]
+    assert none[1].split() == ["100.0", "-", "318.0"] and none[3].split() == ["1.50x", "-", "-"]
+    assert all(len(line) <= 120 for line in lines[1:])  # two implementations fit a doc page
+
+
+def test_bench_table_without_graph_times_has_no_graph_columns():
+    from tilegen.bench import format_table
+
+    lines = format_table(_bench_rows(2, graph=False), 2, "2 x NVIDIA H100", False).splitlines()
+    assert not any("graph" in line for line in lines)
+    assert lines[2].split("|")[1].split() == ["us", "GB/s"]
+    first = lines[3].split("|")
+    assert first[1].split()[0] == f"{10.0 + (1 << 14) / 3e5:.1f}" and first[3].split() == [
+        f"{(30.0 + (1 << 14) / 2.5e5) / (10.0 + (1 << 14) / 3e5):.2f}x", "yes"]
+
+
+def test_plot_collectives_combines_world_sizes_into_one_figure(root, tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tilegen.bench import figure
+
+    results = [{"device": "2 x NVIDIA H100", "world": 2, "backend": "nccl", "rows": _bench_rows(2, graph=True)},
+               {"device": "4 x NVIDIA H100", "world": 4, "backend": "nccl", "rows": _bench_rows(4, graph=False)}]
+    paths = []
+    for res in results:
+        paths.append(tmp_path / f"r{res['world']}.json")
+        paths[-1].write_text(json.dumps(res))
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for extra, name in (([], "busbw.png"), (["--latency"], "latency.png")):
+        out = tmp_path / name
+        cmd = [sys.executable, str(root / "tools/plot_collectives.py"), *map(str, paths), "-o", str(out), *extra]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig = figure(results)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["allreduce, 2 ranks", "allgather, 2 ranks",
+                                               "allreduce, 4 ranks", "allgather, 4 ranks"]
+    for ax in axes[:2]:  # world 2: eager solid and graph dashed per implementation, in the same colour
+        styles = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+        assert len(ax.get_lines()) == 4 and {s for _, s in styles} == {"-", "--"}
+        assert len({c for c, _ in styles}) == 2
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    for ax in axes[2:]:  # world 4 has no graph times
+        assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "-"]
+    ours = [line for line in axes[0].get_lines() if line.get_linestyle() == "-"][0]
+    assert list(ours.get_xdata()) == [1 << 14, 1 << 20, 1 << 26]
+    assert list(ours.get_ydata()) == [r["busbw_GBps"]["allreduce_bf16"] for r in results[0]["rows"][:3]]
+    lat = figure(results, latency=True)
+    assert lat.axes[0].get_yscale() == "log"
+    dashed = [line for line in lat.axes[0].get_lines() if line.get_linestyle() == "--"][0]
+    assert list(dashed.get_ydata()) == [r["times_graph_us"]["allreduce_bf16"] for r in results[0]["rows"][:3]]
+    from matplotlib import pyplot as plt
+    plt.close("all")
+
+
+class _FakeCollectives:
+    """Just enough of torch / torch.distributed for tilegen.bench.time_graph on one simulated rank of
+    two: the other rank's capture verdict and time come from `peer_ok` / `peer_us`."""
+
+    def __init__(self, fail_capture: bool, peer_ok: bool, peer_us: float = 0.0, replay_ms: float = 1.0):
+        import types
+        self.fail_capture, self.peer_ok, self.peer_us, self.replay_ms = fail_capture, peer_ok, peer_us, replay_ms
+        self.log: list = []
+        self.clock = 0.0
+        fake = self
+
+        class Stream:
+            def __init__(self, name="side"):
+                self.name = name
+
+            def wait_stream(self, other):
+                pass
+
+        class Ctx:
+            def __init__(self, enter, exit_):
+                self.enter, self.exit_ = enter, exit_
+
+            def __enter__(self):
+                self.enter()
+
+            def __exit__(self, *exc):
+                self.exit_()
+                return False
+
+        class Graph:
+            def replay(self):
+                fake.log.append("replay")
+                fake.clock += fake.replay_ms
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = fake.clock
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        class Tensor:
+            def __init__(self, v):
+                self.v = v[0]
+
+            def item(self):
+                return self.v
+
+        self.streams = {"caller": Stream("caller")}
+        self.current = self.streams["caller"]
+
+        def set_stream(s):
+            fake.current = s
+
+        def stream(s):
+            old = []
+            return Ctx(lambda: (old.append(fake.current), set_stream(s)), lambda: set_stream(old[0]))
+
+        def graph(g, pool=None, capture_error_mode="global"):
+            fake.log.append(("mode", capture_error_mode))
+            fake.log.append(("pool", pool))
+
+            def begin():
+                set_stream(Stream("capture"))  # like torch: the capture stream is current inside
+                fake.log.append("capture_begin")
+                if fake.fail_capture:
+                    raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            return Ctx(begin, lambda: (fake.log.append("capture_end"), set_stream(fake.streams["caller"])))
+
+        cuda = types.SimpleNamespace(
+            current_stream=lambda: fake.current, Stream=Stream, stream=stream, graph=graph, CUDAGraph=Graph,
+            Event=Event, set_stream=set_stream, synchronize=lambda: fake.log.append("sync"))
+
+        def all_reduce(t, op):
+            t.v = min(t.v, int(fake.peer_ok)) if op == "min" else max(t.v, fake.peer_us)
+
+        def all_gather_object(out, obj):
+            out[0], out[1] = obj, (None if fake.peer_ok else "RuntimeError: peer failed")
+
+        self.dist = types.SimpleNamespace(
+            get_backend=lambda: "gloo", get_world_size=lambda: 2, barrier=lambda: fake.log.append("barrier"),
+            all_reduce=all_reduce, all_gather_object=all_gather_object,
+            ReduceOp=types.SimpleNamespace(MIN="min", MAX="max"))
+        self.torch = types.SimpleNamespace(
+            cuda=cuda, distributed=self.dist, int32="int32", float64="float64",
+            tensor=lambda v, dtype=None, device=None: Tensor(v),
+            _C=types.SimpleNamespace(_cuda_endAllocateToPool=lambda dev, pool: fake.log.append(("end_pool", pool))))
+        cuda.current_device = lambda: 0
+        cuda.graph_pool_handle = lambda: (0, 7)
+
+    def fn(self):
+        self.log.append(("call", self.current.name))
+
+
+@pytest.mark.parametrize("fail_capture, peer_ok", [(False, True), (True, True), (False, False)])
+def test_time_graph_replays_only_when_every_rank_captured(monkeypatch, fail_capture, peer_ok):
+    import sys
+
+    from tilegen.bench import time_graph
+
+    f = _FakeCollectives(fail_capture, peer_ok, peer_us=15.0, replay_ms=1.0)
+    monkeypatch.setitem(sys.modules, "torch", f.torch)
+    monkeypatch.setitem(sys.modules, "torch.distributed", f.dist)
+    us, err = time_graph(f.fn, calls=50, reps=7, warmup=2)
+    calls = [e[1] for e in f.log if isinstance(e, tuple) and e[0] == "call"]
+    assert calls[:2] == ["side", "side"]  # warm-up on a side stream before the capture
+    assert ("mode", "thread_local") in f.log
+    assert f.current is f.streams["caller"]  # the caller's stream is current again, capture failed or not
+    # a failed capture leaves torch's allocator routing to the graph's pool: ended by hand, only then
+    assert ("pool", (0, 7)) in f.log and (("end_pool", (0, 7)) in f.log) == fail_capture
+    if fail_capture or not peer_ok:
+        assert us is None and "replay" not in f.log
+        assert err == ("rank 0: RuntimeError: operation not permitted when stream is capturing" if fail_capture
+                       else "rank 1: RuntimeError: peer failed")
+    else:
+        assert err is None and calls[2:] == ["capture"] * 50
+        assert f.log.count("replay") == 1 + 7  # one upload replay, then the timed ones
+        assert f.log.count("barrier") == 7
+        assert us == pytest.approx(max(1.0 * 1e3 / 50, 15.0))  # per call, the slowest rank's

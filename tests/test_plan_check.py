@@ -37,7 +37,7 @@ def test_direct_allgather_shape():
     assert [st.kind for st in r1] == ["entry", "move", "wait", "wait", "wait"]
     assert r1[0].notify == r1[0].await_ranks == (0, 2, 3)
     assert r1[1].srcs == (Seg(1, "in", 0),) and {d.rank for d in r1[1].dests} == {0, 1, 2, 3}
-    assert [st.waits[0].slot for st in r1[2:]] == [0, 2, 3]
+    assert [st.waits[0].slot for st in r1[2:]] == [2, 3, 0]  # peers in the order 1 + 1, 1 + 2, ...: no incast
 
 
 def test_ring_reduce_scatter_accumulates_round_the_ring():
@@ -155,7 +155,7 @@ def test_planner_picks_by_size_and_topology():
     ar = spec(name="ar", op="allreduce", shape=[DynamicDim(name="m", max=16384), 4096])
     p = plan(ar, 8)
     algs = [v.schedule.algorithm for v in p.variants]
-    assert algs[0] == "one_shot" and algs[-1] != "one_shot" and len(algs) <= 3
+    assert algs[0] == "ll_one_shot" and algs[-1] not in ("one_shot", "ll_one_shot") and len(algs) <= 3
     assert p.variants[-1].max_bytes == ar.max_in_bytes(8)
     assert [v.max_bytes for v in p.variants] == sorted(v.max_bytes for v in p.variants)
     assert plan(spec(), 8).schedule.algorithm == "direct"
@@ -399,7 +399,7 @@ def test_barrier_schedules_need_every_cta_resident():
 
 
 def test_gemm_op_ctas_are_bounded_and_default_to_auto():
-    assert gemm_spec().ctas == "auto" and spec().ctas == 264
+    assert gemm_spec().ctas == "auto" and spec().ctas == "auto"
     with pytest.raises(
         Exception,
         match=r"ctas: a gemm_rs communication kernel runs beside the GEMMs .* at most 39 CTAs "

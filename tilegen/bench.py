@@ -5,6 +5,11 @@
 the output, reduce_scatter the input, allreduce/broadcast the buffer, all_to_all one rank's
 buffer); times are medians over batches of back-to-back calls between CUDA events, reported as the
 slowest rank's; busbw uses nccl-tests' factors. Results are checked against NCCL where it runs.
+
+Every implementation is timed twice: eager (Python calls) and, with graph=True, as replays of one
+CUDA graph holding `calls` back-to-back calls (no host cost per call: what the kernels alone take).
+Rows: times_us / busbw_GBps (eager) and times_graph_us / busbw_graph_GBps (only the implementations
+whose capture succeeded on every rank), each keyed by implementation.
 """
 from __future__ import annotations
 
@@ -16,6 +21,16 @@ from .registry import OPS
 
 MiB = 1 << 20
 DEFAULT_SIZES_KIB = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+GRAPH_REPS = 10  # replays of a captured batch: a replay holds `calls` calls, so 10 are enough for a median
+
+
+def _slowest(us: float) -> float:
+    """The largest value over the ranks (collective)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([us], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
@@ -36,9 +51,79 @@ def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / calls)
-    med = torch.tensor([statistics.median(times)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return _slowest(statistics.median(times))
+
+
+def time_graph(fn, calls: int, reps: int = GRAPH_REPS, warmup: int = 2) -> tuple[float | None, str | None]:
+    """`calls` back-to-back calls captured into one CUDA graph; median over `reps` replays, us per call,
+    slowest rank's. Returns (us, None), or (None, 'rank r: error') on every rank when the capture failed
+    on any rank: ranks agree (a MIN all-reduce of a success flag) before any of them replays.
+
+    fn must have run eagerly before (a tilegen op allocates on its first call, which a graph cannot
+    hold). Collective: every rank must call it with the same `calls` and `reps`."""
+    import torch
+    import torch.distributed as dist
+    caller = torch.cuda.current_stream()
+    graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()  # known even when the capture fails (graph.pool() is not then)
+    err = None
+    try:
+        side = torch.cuda.Stream()  # warm-up on a side stream, as torch advises before a capture
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        caller.wait_stream(side)
+        torch.cuda.synchronize()
+        # thread_local: NCCL's watchdog thread may query events of earlier calls during the capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                fn()
+    except Exception as e:  # the context manager ended the capture; reported below, never fatal
+        err = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        _end_allocating_to_pool(pool)
+    finally:
+        torch.cuda.set_stream(caller)  # a failed capture_begin / capture_end leaves the capture stream current
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:
+        err = err or f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    ok = torch.tensor([0 if err else 1], dtype=torch.int32,
+                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+        del graph
+        r = next(i for i, m in enumerate(errs) if m)
+        return None, f"rank {r}: {errs[r]}"
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    del graph
+    torch.cuda.synchronize()
+    return _slowest(statistics.median(times)), None
+
+
+def _end_allocating_to_pool(pool) -> None:
+    """After a failed capture: torch's capture_end raises on an invalidated capture (cudaStreamEndCapture
+    fails) before it tells the caching allocator that the capture ended, so the graph's pool stays
+    'capture underway' (and torch aborts at exit when a MemPool, e.g. symmetric memory's, is destroyed).
+    End it here; when capture_end got that far, torch raises 'not currently recording', ignored."""
+    import torch
+    try:
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
+    except Exception:
+        pass
 
 
 def busbw_GBps(kind: str, size_bytes: int, us: float, world: int) -> float:
@@ -102,9 +187,11 @@ def matches_nccl(kind: str, ours, x) -> bool | None:
     return bool(torch.allclose(ours.float(), ref.float(), rtol=1e-2, atol=1e-2))
 
 
-def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float = 0.0) -> list[dict]:
-    """Time `op` and its baselines at each size it accepts; with bounded_ms also the op in bounded
-    mode (every wait limited, the call synchronised to read the wait-error record)."""
+def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float = 0.0, graph: bool = True,
+             graph_reps: int = GRAPH_REPS) -> list[dict]:
+    """Time `op` and its baselines at each size it accepts, eager and (graph=True) CUDA-graph replayed;
+    with bounded_ms also the op in bounded mode (every wait limited, the call synchronised to read the
+    wait-error record: eager only, a graph cannot hold it)."""
     import torch
     import torch.distributed as dist
     world = dist.get_world_size()
@@ -125,14 +212,27 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
         x = torch.randn((k_in * m,) + op.inner_shape, device="cuda").to(dtype)
         out = op.empty_output(m)
         impls = {op.name: lambda: op(x, out, timeout_ms=0)}
+        eager_only = set()
         if bounded_ms:
             impls[op.name + "+bounded"] = lambda: op(x, out, timeout_ms=bounded_ms)
+            eager_only.add(op.name + "+bounded")
         impls.update(baselines(kind, x, out, world))
         res = {"op": op.name, "kind": kind, "bytes": size, "rows": m, "times_us": {}, "busbw_GBps": {}}
+        if graph:
+            res.update(times_graph_us={}, busbw_graph_GBps={})
+        calls = calls_for(size)
         for name, fn in impls.items():
-            us = time_batches(fn, calls_for(size), reps)
+            us = time_batches(fn, calls, reps)  # also the eager call a tilegen op needs before a capture
             res["times_us"][name] = us
             res["busbw_GBps"][name] = busbw_GBps(kind, size, us, world)
+            if graph and name not in eager_only:
+                gus, err = time_graph(fn, calls, graph_reps)
+                if gus is None:
+                    if dist.get_rank() == 0:
+                        print(f"graph capture of {name} at {size} B failed ({err}): no graph time")
+                else:
+                    res["times_graph_us"][name] = gus
+                    res["busbw_graph_GBps"][name] = busbw_GBps(kind, size, gus, world)
         op(x, out)
         res["matches_nccl"] = matches_nccl(kind, out, x)
         rows.append(res)
@@ -145,45 +245,153 @@ def _role(row: dict, impl: str) -> str:
     return impl.replace(row["op"], "tilegen", 1) if impl.startswith(row["op"]) else impl
 
 
+_TIMES = ("times_us", "busbw_GBps", "times_graph_us", "busbw_graph_GBps")
+
+
+def _num(v, width: int, fmt: str = ".1f") -> str:
+    """A number right-aligned in `width`, '-' when missing."""
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width}{fmt}}"
+
+
+def _ratio(times: dict, width: int) -> str:
+    """nccl/ours of one timing dict, 'x' after it; '-' when either is missing."""
+    if "nccl" in times and "tilegen" in times and times["tilegen"] > 0:
+        return f"{times['nccl'] / times['tilegen']:>{width - 1}.2f}x"
+    return f"{'-':>{width - 1}} "
+
+
 def format_table(rows: list[dict], world: int, device: str, shared_gpu: bool) -> str:
-    rows = [{**r, "times_us": {_role(r, k): v for k, v in r["times_us"].items()},
-             "busbw_GBps": {_role(r, k): v for k, v in r["busbw_GBps"].items()}} for r in rows]
+    """Per implementation: median us per call eager | CUDA-graph replayed (when any row has graph times)
+    | busbw GB/s of the eager calls; then nccl/ours of each timing, and whether ours matched NCCL."""
+    rows = [{**r, **{k: {_role(r, n): v for n, v in (r.get(k) or {}).items()} for k in _TIMES}} for r in rows]
     impls = list(dict.fromkeys(n for r in rows for n in r["times_us"]))
-    lines = [f"{world} ranks on {device}: median us per call | busbw GB/s"
-             + (" -- RANKS SHARE ONE GPU: no baselines, not link bandwidth" if shared_gpu else "")]
-    lines.append(f"{'op':<24}{'size MiB':>10}" + "".join(f"{n[:22]:>24}" for n in impls) + f"{'nccl/ours':>10} ok")
+    graph = any(r["times_graph_us"] for r in rows)
+    note = " -- RANKS SHARE ONE GPU: no baselines, not link bandwidth" if shared_gpu else ""
+    if graph:
+        what = "median us per call eager | graph (CUDA-graph replayed) | busbw GB/s eager"
+        sub = f"{'eager':>8}{'graph':>8}{'GB/s':>7} |"
+        ratio_head, ratio_sub = f"{'nccl/ours':^16}", f"{'eager':>8}{'graph':>8}"
+    else:
+        what = "median us per call | busbw GB/s"
+        sub = f"{'us':>12}{'GB/s':>9} |"
+        ratio_head, ratio_sub = f"{'nccl/ours':>9}", ""
+
+    def cell(r: dict, n: str) -> str:
+        if graph:
+            return _num(r["times_us"].get(n), 8) + _num(r["times_graph_us"].get(n), 8) + _num(r["busbw_GBps"].get(n), 7)
+        return _num(r["times_us"].get(n), 12) + _num(r["busbw_GBps"].get(n), 9)
+
+    def ratios(r: dict) -> str:
+        return _ratio(r["times_us"], 8) + _ratio(r["times_graph_us"], 8) if graph else _ratio(r["times_us"], 9)
+
+    w = len(sub) - 2
+    lines = [f"{world} ranks on {device}: {what}{note}",
+             f"{'':<34} |" + "".join(f" {n[:w - 2]:^{w - 2}}  |" for n in impls) + f"{ratio_head} ok",
+             f"{'op':<24}{'size MiB':>10} |" + sub * len(impls) + ratio_sub]
     for r in rows:
-        cells = "".join(f"{r['times_us'].get(n, float('nan')):>11.1f} |{r['busbw_GBps'].get(n, float('nan')):>9.1f} "
-                        for n in impls)
-        ratio = r["times_us"]["nccl"] / r["times_us"]["tilegen"] if "nccl" in r["times_us"] else float("nan")
         ok = {True: "yes", False: "NO", None: "-"}[r["matches_nccl"]]
-        lines.append(f"{r['op']:<24}{r['bytes'] / MiB:>10.3f}{cells}{ratio:>9.2f}x {ok}")
-    return "\n".join(lines)
+        lines.append(f"{r['op'][:23]:<24}{r['bytes'] / MiB:>10.3f} |" + "".join(cell(r, n) + " |" for n in impls)
+                     + f"{ratios(r)} {ok}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
-def plot(rows: list[dict], path: str, world: int) -> None:
+def _short_bytes(n: float) -> str:
+    """16384 -> '16K', 268435456 -> '256M' (axis ticks)."""
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _series(rows: list[dict], times: str, bw: str, latency: bool) -> dict:
+    """impl -> sorted [(bytes, value)] of one timing (the first row of a size wins: a baseline repeats
+    for every op of a kind)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        for impl, v in (r.get(times if latency else bw) or {}).items():
+            out.setdefault(impl, {}).setdefault(r["bytes"], v)
+    return {impl: sorted(pts.items()) for impl, pts in out.items()}
+
+
+def figure(results: list[dict], latency: bool = False):
+    """One figure of bench results ({"world", "rows", "device"?} each, as run() writes them): a panel per
+    op kind (columns) and world size (rows of panels); busbw GB/s (or, latency=True, us per call on a log
+    scale) against the nccl-tests message size; a colour per implementation, eager solid, CUDA-graph
+    replayed dashed. Results of the same world size are merged."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+
     from .draw import pyplot
     plt = pyplot()
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.4 * len(ops), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], ops):
-        rs = [r for r in rows if r["op"] == name]
-        for impl in dict.fromkeys(n for r in rs for n in r["busbw_GBps"]):
-            pts = [(r["bytes"], r["busbw_GBps"][impl]) for r in rs if impl in r["busbw_GBps"]]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{name} ({world} ranks)", fontsize=9)
-        ax.set_xlabel("bytes (nccl-tests convention)")
-        ax.set_ylabel("busbw GB/s")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    by_world: dict[int, list] = {}
+    for res in results:
+        by_world.setdefault(int(res["world"]), []).extend(res["rows"])
+    worlds = sorted(by_world)
+    kinds = list(dict.fromkeys(r["kind"] for w in worlds for r in by_world[w]))
+    if not kinds:
+        raise ValueError("no benchmark rows to plot")
+    devices = list(dict.fromkeys(res["device"] for res in results if res.get("device")))
+    colours: dict[str, str] = {"tilegen": "C0", "nccl": "C1"}
+    fig, axes = plt.subplots(len(worlds), len(kinds), figsize=(4.6 * len(kinds), 3.6 * len(worlds)), squeeze=False)
+    for i, w in enumerate(worlds):
+        for j, kind in enumerate(kinds):
+            ax = axes[i][j]
+            rs = [r for r in by_world[w] if r["kind"] == kind]
+            ax.set_title(f"{kind}, {w} ranks", fontsize=9)
+            if not rs:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            ops = list(dict.fromkeys(r["op"] for r in rs))
+            eager = _series(rs, "times_us", "busbw_GBps", latency)
+            graph = _series(rs, "times_graph_us", "busbw_graph_GBps", latency)
+            handles = []
+            for impl in list(dict.fromkeys([*eager, *graph])):
+                key = "tilegen" if len(ops) == 1 and impl == ops[0] else impl
+                c = colours.setdefault(key, f"C{len(colours) % 10}")
+                for pts, style, marker in ((eager.get(impl), "-", "o"), (graph.get(impl), "--", "x")):
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, ls=style, marker=marker, ms=3)
+                handles.append(Line2D([], [], color=c, label=impl))
+            if graph:
+                handles += [Line2D([], [], color="k", ls="-", label="eager"),
+                            Line2D([], [], color="k", ls="--", label="CUDA graph")]
+            ax.set_xscale("log", base=2)
+            sizes = sorted({r["bytes"] for r in rs})
+            ax.set_xticks(sizes, [_short_bytes(s) for s in sizes], fontsize=7)
+            ax.xaxis.set_minor_locator(NullLocator())
+            if latency:
+                ax.set_yscale("log")
+            ax.set_xlabel("bytes (nccl-tests convention)", fontsize=8)
+            ax.set_ylabel("us per call" if latency else "busbw GB/s", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(handles=handles, fontsize=7)
+    what = "us per call (median, slowest rank)" if latency else "bus bandwidth (nccl-tests)"
+    fig.suptitle(f"{what}; eager solid, CUDA-graph replayed dashed" + (f" -- {', '.join(devices)}" if devices else ""),
+                 fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_results(results: list[dict], path: str, latency: bool = False) -> None:
+    """figure(results, latency) saved to `path` (.png, .svg, ...)."""
+    from .draw import pyplot
+    plt = pyplot()
+    fig = figure(results, latency)
     fig.savefig(path)
     plt.close(fig)
 
 
+def plot(rows: list[dict], path: str, world: int) -> None:
+    """One run's busbw plot (tools/plot_collectives.py combines runs)."""
+    plot_results([{"world": world, "rows": rows}], path)
+
+
 def run(refs: list[str], sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, out: str | None = None,
-        plot_path: str | None = None, bounded_ms: float = 0.0) -> int:
+        plot_path: str | None = None, bounded_ms: float = 0.0, graph: bool = True,
+        graph_reps: int = GRAPH_REPS) -> int:
     """Entry point of `tilegen bench` (under torchrun)."""
     import torch
     import torch.distributed as dist
@@ -193,7 +401,7 @@ def run(refs: list[str], sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, out: str |
     rows = []
     for ref in refs:
         for op in resolve(ref):
-            rows += bench_op(op, sizes_kib, reps, bounded_ms)
+            rows += bench_op(op, sizes_kib, reps, bounded_ms, graph, graph_reps)
     if rank == 0:
         device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
         print(format_table(rows, world, device, dist.get_backend() != "nccl"))

@@ -12,6 +12,13 @@ receive every rank's contribution exactly once. For the configurations it runs i
 * no read of data before the signal that publishes it (unsynchronised read), no write into a buffer
   its owner may still be reading (write-after-read), no scratch slot written twice in one call.
 
+LL schedules (sync "ll", flag in data): a move's stores into scratch carry the call's flag, so the
+store is its own signal, and readers wait for exactly that flag (a later call's flag must not
+satisfy them); scratch alternates between two halves by call parity (slot "k.parity" below) and
+there is no entry handshake. Three calls are simulated, so a rank that could store into a half its
+peer still reads (two calls back) shows up as a write-after-read or a deadlock. LL schedules may
+store remotely only into scratch (the caller's output has no flags).
+
 Residency: a spinning CTA holds its SM. Given ``spare_sms``, each rank's GPU has that many SMs more
 than the communication kernel has CTAs: a CTA of it runs only once it holds one (until it finishes
 the call), a fused GEMM holds one for the whole call, and each decomposed GEMM needs one free while
@@ -30,6 +37,7 @@ from .layout import tile_ranges
 from .registry import OPS, expected_output
 
 CALLS = 2
+LL_CALLS = 3  # scratch halves alternate by parity: the third call reuses the first call's half
 
 
 class CheckError(Exception):
@@ -62,6 +70,7 @@ class Op:
     obj: tuple = ()  # ("entry", r) | ("flag", buf, slot, t) | (buf, slot, t) | ("ctr", step)
     value: int = 0
     signals: tuple = ()  # arrive: (rank, buf, slot) flags the last CTA sets
+    exact: bool = False  # wait: for exactly `value` (LL flags), not >= value
 
 
 def _vc_join(a: list[int], b: list[int]) -> None:
@@ -75,12 +84,19 @@ def _hb(clock: tuple[int, int], vc: list[int]) -> bool:
     return vc[t] >= c
 
 
-def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: int) -> list[Op]:
-    """The ops CTA ``cta`` of ``rank`` performs in one call: mirrors the kernel's step loop."""
+def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: int, gemm: bool = False) -> list[Op]:
+    """The ops CTA ``cta`` of ``rank`` performs in one call: mirrors the kernel's step loop. A
+    collective with per-tile flags runs tile-major (round k: tile k * ctas + cta of every step in
+    turn, collective.cuh's kTileMajor); a GEMM op's kernel (gemm) and barrier mode step by step."""
+    if sched.sync == "ll":
+        return _expand_ll(sched, rank, cta, ctas, ntiles, epoch)
     ops: list[Op] = []
     per_tile = sched.sync == "per_tile"
+    rounds: list[list[list[Op]]] = []  # per step, the ops of each of this CTA's tiles
     for i, st in enumerate(sched.ranks[rank]):
         if st.kind == "entry":
+            if rounds:
+                raise CheckError(f"rank {rank} step {i}: an entry step after other steps")
             if cta == 0:
                 ops += [Op("signal", p, ("entry", rank), epoch) for p in st.notify]
             ops += [Op("wait", rank, ("entry", p), epoch) for p in st.await_ranks]
@@ -89,33 +105,79 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch:
             if g.rank != rank:
                 raise CheckError(f"rank {rank} step {i}: waits on {g}, a segment of another rank")
         mine = [t for t in range(ntiles(st.unit)) if t % ctas == cta]
+        tiles: list[list[Op]] = []
         if st.kind == "move":
             if not per_tile and mine:
-                ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
+                ops_pre = [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
+            else:
+                ops_pre = []
             for t in mine:
+                tile: list[Op] = []
                 if per_tile:  # inputs produced during the call (gemm_rs) are signalled per chunk: tile 0
-                    ops += [
+                    tile += [
                         Op("wait", rank, ("flag", g.buf, g.slot, 0 if g.buf == "in" else t), epoch) for g in st.waits
                     ]
-                ops.append(Op("read", -1, ("begin",)))
-                ops += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
-                ops += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
+                tile.append(Op("read", -1, ("begin",)))
+                tile += [Op("read", g.rank, (g.buf, g.slot, t)) for g in st.srcs]
+                tile += [Op("write", d.rank, (d.buf, d.slot, t)) for d in st.dests]
                 if per_tile:
-                    ops += [
+                    tile += [
                         Op("signal", d.rank, ("flag", d.buf, d.slot, t), epoch)
                         for d in st.dests
                         if d.rank != rank or st.signal_self
                     ]
+                tiles.append(tile)
+            if tiles:
+                tiles[0] = ops_pre + tiles[0]
             if not per_tile:
                 remote = tuple((d.rank, d.buf, d.slot) for d in st.dests if d.rank != rank or st.signal_self)
-                ops.append(Op("arrive", rank, ("ctr", i), epoch, signals=remote))
+                arrive = [Op("arrive", rank, ("ctr", i), epoch, signals=remote)]
+                tiles = [sum(tiles, []) + arrive]  # barrier mode: one round
         elif st.kind == "wait":
             if per_tile:
-                ops += [Op("wait", rank, ("flag", g.buf, g.slot, t), epoch) for t in mine for g in st.waits]
+                tiles = [[Op("wait", rank, ("flag", g.buf, g.slot, t), epoch) for g in st.waits] for t in mine]
             elif cta == 0:
-                ops += [Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]
+                tiles = [[Op("wait", rank, ("flag", g.buf, g.slot, 0), epoch) for g in st.waits]]
         else:
             raise CheckError(f"rank {rank} step {i}: unknown step kind {st.kind!r}")
+        rounds.append(tiles)
+    if per_tile and not gemm:
+        for k in range(max((len(r) for r in rounds), default=0)):
+            for r in rounds:
+                if k < len(r):
+                    ops += r[k]
+    else:
+        for r in rounds:
+            for tile in r:
+                ops += tile
+    return ops
+
+
+def _expand_ll(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: int) -> list[Op]:
+    """An LL schedule's ops: per tile, wait for exactly this call's flag in each scratch source, read,
+    store; a store into scratch publishes itself (flag in data) in this call's half."""
+    half = lambda g: f"{g.slot}.{epoch % 2}" if g.buf == "scr" else g.slot  # noqa: E731
+    ops: list[Op] = []
+    for i, st in enumerate(sched.ranks[rank]):
+        if st.kind != "move":
+            raise CheckError(f"rank {rank} step {i}: LL schedules have only moves (reads wait for their flags)")
+        for d in st.dests:
+            if d.rank != rank and d.buf != "scr":
+                raise CheckError(f"rank {rank} step {i}: LL stores into {d}, but peers' buffers other than scratch "
+                                 f"carry no flags")
+        for g in st.waits:
+            if g.rank != rank or g.buf != "scr":
+                raise CheckError(f"rank {rank} step {i}: LL waits on {g}; only this rank's scratch has LL flags")
+        for t in range(ntiles(st.unit)):
+            if t % ctas != cta:
+                continue
+            ops += [Op("wait", rank, ("flag", "scr", half(g), t), epoch, exact=True) for g in st.waits]
+            ops.append(Op("read", -1, ("begin",)))
+            ops += [Op("read", g.rank, (g.buf, half(g), t)) for g in st.srcs]
+            for d in st.dests:
+                ops.append(Op("write", d.rank, (d.buf, half(d), t)))
+                if d.buf == "scr":
+                    ops.append(Op("signal", d.rank, ("flag", "scr", half(d), t), epoch))
     return ops
 
 
@@ -211,6 +273,7 @@ class _Sim:
         opdef = OPS[sched.op]
         self.in_slots = opdef.in_chunks(self.W) * sched.parts
         self.out_slots = opdef.out_chunks(self.W) * sched.parts
+        self.calls = LL_CALLS if sched.sync == "ll" else CALLS
 
     def tid(self, rank: int, cta: int) -> int:  # cta == -1: the host/stream thread; cta == G: compute stream
         return rank * self.per_rank + (cta + 1)
@@ -278,7 +341,7 @@ class _Sim:
         cell.value = value
         cell.reads = {}
         cell.writes[call] += 1
-        if key[1] == "scr" and cell.writes[call] > 1:
+        if key[1] == "scr" and cell.writes[call] > 1:  # LL: per half, the slot is "k.parity"
             self.problem(
                 f"call {call}: {self.where(key)} written {cell.writes[call]} times in one call "
                 f"(its flag cannot tell the writes apart)"
@@ -305,7 +368,7 @@ class _Sim:
             host = self.tid(r, -1)
             for b in range(G):  # stream order: the kernel's CTAs start after the host's prior work
                 _vc_join(self.vc[self.tid(r, b)], self.vc[host])
-                agents[(r, b)] = expand_agent(self.s, r, b, G, self.ntiles, call_of[r])
+                agents[(r, b)] = expand_agent(self.s, r, b, G, self.ntiles, call_of[r], gemm=bool(self.orders))
                 pcs[(r, b)] = 0
             if self.orders:  # the compute stream also starts after the host's prior work
                 _vc_join(self.vc[self.tid(r, G)], self.vc[host])
@@ -335,7 +398,7 @@ class _Sim:
                 self.held[r].discard(key)
             if all(pcs[(r, b)] == len(agents[(r, b)]) for b in range(self.agents_of())):
                 self._finish_call(r, call_of[r])
-                if call_of[r] < CALLS:
+                if call_of[r] < self.calls:
                     call_of[r] += 1
                     self.write_inputs(r, call_of[r])  # the next call's input, after the kernel (stream order)
                     start_call(r)
@@ -360,8 +423,8 @@ class _Sim:
                 continue
             sig = self.sigs.get((op.rank,) + op.obj)
             self.problem(
-                f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} >= "
-                f"{op.value}, sees {sig.value if sig else 0}, and nothing left can set it"
+                f"deadlock: call {call_of[key[0]]}: rank {key[0]} {who} waits {self._sig(op)} "
+                f"{'==' if op.exact else '>='} {op.value}, sees {sig.value if sig else 0}, and nothing left can set it"
             )
         return nops
 
@@ -376,7 +439,7 @@ class _Sim:
         if op.kind != "wait":
             return True
         sig = self.sigs.get((op.rank,) + op.obj)
-        return sig is not None and sig.value >= op.value
+        return sig is not None and (sig.value == op.value if op.exact else sig.value >= op.value)
 
     def _exec(self, key: tuple[int, int], op: Op, call: int) -> None:
         r, b = key
@@ -531,7 +594,8 @@ def check_schedule(
         done.append(
             f"{what}/{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {per_unit} tiles"
             f"{' (short tails)' if short else ''}"
-            f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, {CALLS} calls, {seeds + 1} interleavings"
+            f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, "
+            f"{LL_CALLS if sched.sync == 'll' else CALLS} calls, {seeds + 1} interleavings"
         )
     return Verdict(not problems, problems, done, nops)
 

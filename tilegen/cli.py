@@ -7,16 +7,19 @@ import shutil
 import sys
 from pathlib import Path
 
+from .calibration import resolve
 from .spec import json_schema, load_specs
 
 VERDICTS = ".tilegen-verdicts.json"  # the checker's verdicts, remembered beside a generated package
 
 
-def load_calibration(path: str | None) -> dict | None:
-    """Cost-model constants measured by `tilegen tune` (a JSON file), if any."""
-    if not path:
-        return None
-    return json.loads(Path(path).read_text())["topology"]
+def load_calibration(path: str | None):
+    """--calibration: 'auto' (the committed measurements for each spec's arch), 'none', or a path."""
+    if path in (None, "", "auto", "none"):
+        return path or "auto"
+    if not Path(path).exists():
+        raise SystemExit(f"--calibration {path}: no such file or directory")
+    return path
 
 
 def _print_problems(problems) -> None:
@@ -52,7 +55,7 @@ def cmd_plan(args) -> int:
     ls = good[0]
     world = args.world if args.world is not None else ls.spec.world_sizes[0]
     try:
-        p = plan(ls.spec, world, calibration=load_calibration(args.calibration))
+        p = plan(ls.spec, world, calibration=resolve(load_calibration(args.calibration), ls.spec.arch))
     except ValueError as e:
         print(f"{ls.loc}: world_sizes: {e}", file=sys.stderr)
         return 1
@@ -208,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, help="number of ranks (default: the spec's smallest)")
     p.add_argument("--bytes", type=int, help="input bytes per rank the drawing shows (default: the largest)")
     p.add_argument("--svg", help="draw the schedule as a per-rank timeline (.svg or .png)")
-    p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
+    p.add_argument("--calibration", default="auto",
+                   help="auto (the measurements committed for the spec's arch, if any), none (cost model only), "
+                        "or a `tilegen tune` output file / directory")
     p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they run as code)")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("generate", help="write sources for every spec and build them (nvcc -rdc, ninja)")
@@ -218,16 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="write sources only")
     p.add_argument("--check", action="store_true", help="fail if the sources in -o differ from what would be written")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--calibration", help="cost-model constants from `tilegen tune` (JSON)")
+    p.add_argument("--calibration", default="auto",
+                   help="auto (the measurements committed for the spec's arch, if any), none (cost model only), "
+                        "or a `tilegen tune` output file / directory")
     p.add_argument("--prune", action="store_true",
                    help="remove the package's ops that no spec of this run generates (kept and listed otherwise)")
     p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they are code)")
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("tune", help="time every schedule of a spec on the GPUs (under torchrun) and fit the cost model")
-    p.add_argument("spec")
-    p.add_argument("-o", "--output", default="calibration.json")
-    p.add_argument("--reps", type=int, default=15)
-    p.set_defaults(fn=lambda a: __import__("tilegen.tune", fromlist=["tune"]).tune(a.spec, a.output, a.reps))
+    p = sub.add_parser("tune", help="time every schedule, CTA count and tile of specs on the GPUs (under torchrun) "
+                                    "into calibration files the planner uses")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("-o", "--output", default="calibration", help="directory: one <op>_w<world>.json per spec")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--build-only", action="store_true",
+                   help="generate and build the candidate ops only (no GPU; carry .tilegen-tune to the GPU machine)")
+    p.set_defaults(fn=lambda a: __import__("tilegen.tune", fromlist=["main"]).main(a.specs, a.output, a.reps,
+                                                                                   a.build_only))
     p = sub.add_parser("bench", help="time ops against NCCL / torch symmetric memory (under torchrun); table and plot")
     p.add_argument("ops", nargs="+", help="package:op or package:* (e.g. generated:allreduce_bf16)")
     p.add_argument("--sizes-kib", default="16,64,256,1024,4096,16384,65536,262144")

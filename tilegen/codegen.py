@@ -98,7 +98,7 @@ def step_code(st: Step) -> str:
     return f"St::move({st.unit}, {_segs(st.srcs)}, {_segs(st.dests)}" + (f", {_segs(st.waits)})" if st.waits else ")")
 
 
-def step_comment(st: Step, rank: int) -> str:
+def step_comment(st: Step, rank: int, ll: bool = False) -> str:
     """What a step does, decoded: the comment beside it in the generated table."""
     if st.kind == "entry":
         return f"entry: tell {list(st.notify)}, await {list(st.await_ranks)}"
@@ -108,13 +108,16 @@ def step_comment(st: Step, rank: int) -> str:
     what = "put" if len(st.srcs) == 1 else "reduce"
     srcs = " + ".join(str(g) for g in st.srcs)
     remote = sorted({d.rank for d in st.dests if d.rank != rank or st.signal_self})
+    if ll:
+        return (f"{what} unit {st.unit}: {srcs}{' (lines as their flags arrive)' if waits else ''}"
+                f" -> {', '.join(str(d) for d in st.dests)}" + (f"; LL lines @{remote}" if remote else ""))
     return (f"{what} unit {st.unit}: {f'(after {waits}) ' if waits else ''}{srcs} -> "
             f"{', '.join(str(d) for d in st.dests)}" + (f"; signal @{remote}" if remote else ""))
 
 
 def step_lines(s: Schedule) -> list[list[tuple[str, str]]]:
     """(code, comment) of every step, per rank."""
-    return [[(step_code(st), step_comment(st, r)) for st in steps] for r, steps in enumerate(s.ranks)]
+    return [[(step_code(st), step_comment(st, r, s.sync == "ll")) for st in steps] for r, steps in enumerate(s.ranks)]
 
 
 # ------------------------------------------------------------------------------ contexts
@@ -148,6 +151,17 @@ class Totals:
     stage_bytes: int = 16
     max_ctas: int = 1
     out_symmetric: bool = False
+    ll_slots: int = 0  # LL scratch: two parity halves of ll_slots slots (include/tilegen/collective.cuh's ll_addr)
+    ll_slot_bytes: int = 0
+
+    @property
+    def ll_bytes(self) -> int:
+        return 2 * self.ll_slots * self.ll_slot_bytes
+
+
+def ll_line_bytes(part: int) -> int:
+    """An LL slot: one 16-byte line per 8 bytes of a part."""
+    return 2 * (-(-part // 8) * 8)
 
 
 def totals(spec: KernelSpec, plans: list[Plan]) -> Totals:
@@ -157,19 +171,25 @@ def totals(spec: KernelSpec, plans: list[Plan]) -> Totals:
         for v in p.variants:
             s = v.schedule
             shard, part = layout(s.op, p.world, v.max_bytes, spec.elem_bytes, s.parts)
+            t.max_steps = max(t.max_steps, s.max_steps)
+            for steps in s.ranks:
+                for st in steps:
+                    t.max_src, t.max_dst = max(t.max_src, len(st.srcs)), max(t.max_dst, len(st.dests))
+                    t.max_wait = max(t.max_wait, len(st.waits))
+            if s.sync == "ll":  # its own scratch; no signal flags, no staging, nothing stored into peers' outputs
+                t.ll_slots = max(t.ll_slots, s.slots("scr"))
+                t.ll_slot_bytes = max(t.ll_slot_bytes, ll_line_bytes(part))
+                continue
             t.scr_bytes = max(t.scr_bytes, -(-s.slots("scr") // s.parts) * shard)
             t.scr_slots = max(t.scr_slots, s.slots("scr"))
             t.out_slots = max(t.out_slots, desc.out_chunks(p.world) * s.parts)
             t.in_slots = max(t.in_slots, desc.in_chunks(p.world) * s.parts)
             t.max_ctas = max(t.max_ctas, v.ctas)
-            t.max_steps = max(t.max_steps, s.max_steps)
             t.max_tiles = max(t.max_tiles, -(-part // tile_bytes_for(part, v.tile_bytes, v.ctas)) + 1, v.ctas + 1)
             if desc.reduces and spec.transport != "nvlink":
                 t.stage_bytes = max(t.stage_bytes, v.tile_bytes)
             for r, steps in enumerate(s.ranks):
                 for st in steps:
-                    t.max_src, t.max_dst = max(t.max_src, len(st.srcs)), max(t.max_dst, len(st.dests))
-                    t.max_wait = max(t.max_wait, len(st.waits))
                     t.out_symmetric |= any(d.buf == "out" and d.rank != r for d in st.dests)
     return t
 
@@ -190,6 +210,8 @@ def op_traits(spec: KernelSpec, t: Totals) -> list[tuple[str, str, str]]:
         ("int", "kInSlots", str(t.in_slots)),
         ("int64_t", "kMaxTiles", f"{t.max_tiles}LL"),
         ("int64_t", "kScrBytes", f"{t.scr_bytes}LL"),
+        ("int64_t", "kLLBytes", f"{t.ll_bytes}LL"),
+        ("int", "kLLSlots", str(t.ll_slots)),
         ("int64_t", "kStageBytes", f"{t.stage_bytes}LL"),
         ("int64_t", "kMaxInBytes", f"{spec.max_in_bytes(max(spec.world_sizes))}LL"),
         ("int", "kThreads", str(spec.threads)),
@@ -215,6 +237,7 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
             s = v.schedule
             variants.append({"index": i, "max_bytes": v.max_bytes, "algorithm": s.algorithm, "parts": s.parts,
                              "ctas": v.ctas, "tile_bytes": v.tile_bytes, "nsteps": s.max_steps, "ranks": step_lines(s),
+                             "ll": s.sync == "ll",
                              "order": [compute_order(spec.op, s, r) for r in range(p.world)] if desc.gemm else None})
         worlds.append({"world": p.world, "variants": variants})
     code, bits = DL_CODES[spec.dtype]

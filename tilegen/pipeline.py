@@ -14,6 +14,7 @@ from . import check
 from .check import Verdict, check_schedule
 from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
+from .calibration import manifest_record, resolve
 from .plan import Plan, plan, spare_sms
 from .registry import OPS, compute_order
 from .spec import KernelSpec, LoadedSpec
@@ -84,11 +85,12 @@ def plan_verdicts(p: Plan, cache: VerdictCache | None = None) -> list[Verdict]:
     return [get(v.schedule, p.spec.op, spare_sms(p.spec, v.ctas)) for v in p.variants]
 
 
-def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool = True,
+def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
                   cache: VerdictCache | None = None) -> list[Plan]:
     """Plan every world size and refuse a schedule the checker rejects (check=False: plan only, for
     tests of the renderer itself)."""
     plans = []
+    calibration = resolve(calibration, spec.arch)
     for w in spec.world_sizes:
         p = plan(spec, w, calibration)
         for v in p.variants:
@@ -105,13 +107,16 @@ def checked_plans(spec: KernelSpec, calibration: dict | None = None, check: bool
     return plans
 
 
-def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration: dict | None = None,
+def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration="auto",
                 check: bool = True, cache: VerdictCache | None = None) -> dict[str, str]:
-    """All files of one op (relative to its directory), from checked plans."""
-    return render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers, calibration)
+    """All files of one op (relative to its directory), from checked plans. calibration: 'auto' (the
+    committed measurements of the spec's arch), None, a path, or loaded (tilegen.calibration)."""
+    calibration = resolve(calibration, spec.arch)
+    return render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers,
+                     manifest_record(calibration))
 
 
-def generate_package(specs: list[LoadedSpec], nvshmem_headers: str | None, calibration: dict | None = None,
+def generate_package(specs: list[LoadedSpec], nvshmem_headers: str | None, calibration="auto",
                      cache: VerdictCache | None = None, kept: tuple[str, ...] = ()) -> dict[str, str]:
     """Every file of a generated package, relative to its root; `kept`: ops already in the package
     that this run leaves as they are (its __init__ lists them too)."""

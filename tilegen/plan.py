@@ -13,6 +13,8 @@ from functools import lru_cache
 from .ir import Schedule
 from .layout import layout, tile_bytes_for, unit_length
 from .registry import GEMM_OPS, OPS, algorithms_for, compute_order, make_schedule
+from .calibration import Calibration
+from .schedules import is_ll
 from .spec import ARCH_MIN_SMS, KernelSpec
 
 
@@ -53,6 +55,7 @@ class Topology:
 
 
 TOPOLOGIES = {"nvswitch": Topology("nvswitch"), "ring_links": Topology("ring_links")}
+LL_MAX_BYTES = 1 << 20  # LL schedules (flag in data: twice the bytes, 4x scratch) only up to 1 MiB inputs
 
 
 @lru_cache(maxsize=None)
@@ -107,6 +110,9 @@ def predict_us(s: Schedule, in_bytes: int, elem: int, topo: Topology, ctas: int,
     per_rank_out = max(flows.values(), default=0)
     cta_limit = per_rank_out / (ctas * topo.cta_Bpus) if per_rank_out else 0.0
     hops = critical_hops(s)
+    if s.sync == "ll":  # no entry handshake, no separate signals; 16-byte lines carry 8 data bytes
+        return topo.launch_us + topo.hop_us * hops + topo.step_us * steps + 2 * max(bw, cta_limit) \
+            + reduce_bytes / topo.reduce_Bpus
     fill = max(0, hops - 1) * min(tile, part) / topo.link_Bpus  # pipeline fill, tile by tile
     return topo.launch_us + topo.hop_us * (hops + 1) + topo.step_us * steps + max(bw, cta_limit) + fill \
         + reduce_bytes / topo.reduce_Bpus
@@ -176,6 +182,9 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology,
     best = None
     for alg in algorithms:
         s = make_schedule(spec.op, alg, world, spec.sync, spec.fused)
+        if s.sync == "ll" and in_bytes > LL_MAX_BYTES:
+            best_per_alg.append(Candidate(alg, float("inf")))
+            continue
         shard, part = layout(s.op, world, in_bytes, spec.elem_bytes, s.parts)
         traffic = schedule_traffic(s, in_bytes, spec.elem_bytes)
         opts = []
@@ -191,40 +200,88 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology,
     return best[0], best[1], best[2], tuple(best_per_alg)
 
 
-def plan(spec: KernelSpec, world: int, calibration: dict | None = None) -> Plan:
+MAX_VARIANTS = 4  # schedules per world, by message size
+
+
+def measured_choice(cal: Calibration, spec: KernelSpec, world: int, in_bytes: int,
+                    algorithms: list[str]) -> tuple[Candidate, int, int, tuple[Candidate, ...]] | None:
+    """Like choose(), from `tilegen tune` measurements (None where there are none for this size)."""
+    picks = cal.best(spec.op, world, in_bytes, algorithms, None if spec.ctas == "auto" else spec.ctas,
+                     None if spec.tile_bytes == "auto" else spec.tile_bytes)
+    if not picks:
+        return None
+    best = min(picks.values(), key=lambda p: (p.us, p.algorithm))
+    cands = tuple(Candidate(a, picks[a].us if a in picks else float("inf")) for a in algorithms)
+    return Candidate(best.algorithm, best.us), best.ctas, best.tile_bytes, cands
+
+
+def plan(spec: KernelSpec, world: int, calibration: dict | Calibration | None = None) -> Plan:
     """Plan every message size the spec allows: one variant per range of sizes with the same best
-    schedule (at most 3), chosen by the cost model unless the spec fixes the schedule."""
+    schedule (at most MAX_VARIANTS), chosen by measurements where a calibration has them for this op
+    and world (collectives), else by the cost model (whose constants a dict may replace), unless the
+    spec fixes the schedule."""
     if world not in spec.world_sizes:
         raise ValueError(f"world size {world} is not in the spec's world_sizes {spec.world_sizes}")
     topo = TOPOLOGIES[spec.topology]
-    if calibration:
+    measured = calibration if isinstance(calibration, Calibration) else None
+    if measured is not None and (spec.op in GEMM_OPS or not measured.has(spec.op, world)):
+        measured = None  # GEMM ops share the GPU with their GEMMs: collective timings do not transfer
+    if isinstance(calibration, dict) and calibration:
         topo = replace(
             topo, **{k: v for k, v in calibration.items() if k in Topology.__dataclass_fields__ and k != "name"}
         )
     algs = algorithms_for(spec.op) if spec.schedule == "auto" else [spec.schedule]
+    if spec.transport == "nvshmem":  # LL lines are stored through peer pointers only
+        if spec.schedule != "auto" and is_ll(spec.schedule):
+            raise ValueError(f"schedule {spec.schedule} needs NVLink peer pointers, which transport nvshmem lacks "
+                             f"(use auto or nvlink)")
+        algs = [a for a in algs if not is_ll(a)]
     for a in algs:
         make_schedule(spec.op, a, world, spec.sync, spec.fused)  # raises for a schedule the op lacks
     max_in = spec.max_in_bytes(world)
+    if spec.schedule != "auto" and is_ll(spec.schedule) and max_in > LL_MAX_BYTES:
+        raise ValueError(f"schedule {spec.schedule} carries its flags in the data and serves inputs up to "
+                         f"{fmt_bytes(LL_MAX_BYTES)}; this spec allows {fmt_bytes(max_in)} at world {world} "
+                         f"(use schedule: auto, which uses it for small inputs)")
     table = []
     picks = []
     for n in message_sizes(max_in):
-        best, ctas, tile, cands = choose(spec, world, n, topo, algs)
+        algs_n = [a for a in algs if not (is_ll(a) and n > LL_MAX_BYTES)] or algs
+        got = measured_choice(measured, spec, world, n, algs_n) if measured else None
+        best, ctas, tile, cands = got or choose(spec, world, n, topo, algs)
+        if got and len(algs_n) < len(algs):  # the table lists every schedule
+            cands = tuple(next((c for c in cands if c.algorithm == a), Candidate(a, float("inf"))) for a in algs)
         table.append((n, cands))
         picks.append((n, best.algorithm, ctas, tile))
+    segs = measured.segments(spec.op, world, algs, max_in, MAX_VARIANTS, None if spec.ctas == "auto" else spec.ctas,
+                             None if spec.tile_bytes == "auto" else spec.tile_bytes) if measured else []
+    variants = []
+    lo = 0
+    if segs:  # measured: ranges of sizes, one configuration each, closest to the fastest at every size
+        where = measured.devices[(spec.op, world)]
+        for i, (n, pick, worst) in enumerate(segs):
+            n = max_in if i == len(segs) - 1 else n
+            why = (f"{pick.algorithm} fixed by the spec" if spec.schedule != "auto" else
+                   f"{pick.algorithm}: measured on {where}, within {100 * (worst - 1):.0f}% of the fastest "
+                   f"configuration at every size in ({fmt_bytes(lo)}, {fmt_bytes(n)}]")
+            tile = pick.tile_bytes or (64 << 10)  # LL ignores tiles; a valid one for the kernel's arithmetic
+            variants.append(Variant(n, make_schedule(spec.op, pick.algorithm, world, spec.sync, spec.fused),
+                                    pick.ctas, tile, why))
+            lo = n
+        return Plan(spec, world, tuple(variants), tuple(table))
     # merge runs of the same algorithm into variants; keep the settings chosen at each run's top size
     runs: list[list] = []
     for n, alg, ctas, tile in picks:
         if runs and runs[-1][1] == alg:
-            runs[-1] = [n, alg, ctas, tile]
+            runs[-1] = [n, alg, ctas, tile, runs[-1][4] + 1]
         else:
-            runs.append([n, alg, ctas, tile])
-    while len(runs) > 3:  # fold the smallest run into its neighbour
-        i = min(range(len(runs) - 1), key=lambda k: runs[k][0])
+            runs.append([n, alg, ctas, tile, 1])
+    while len(runs) > MAX_VARIANTS:  # fold the run of fewest sizes (not the last) into the one above it
+        i = min(range(len(runs) - 1), key=lambda k: (runs[k][4], k))
+        runs[i + 1][4] += runs[i][4]
         runs.pop(i)
     runs[-1][0] = max_in
-    variants = []
-    lo = 0
-    for n, alg, ctas, tile in runs:
+    for n, alg, ctas, tile, _count in runs:
         why = (
             f"{alg} fixed by the spec"
             if spec.schedule != "auto"

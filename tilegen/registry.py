@@ -100,7 +100,7 @@ _COLLECTIVES = [
         lambda w: 1,
         lambda w: w,
         _ag,
-        {"direct": S.ag_direct, "ring": S.ag_ring, "bidir_ring": S.ag_bidir},
+        {"direct": S.ag_direct, "ring": S.ag_ring, "bidir_ring": S.ag_bidir, "ll_direct": S.ag_ll},
         alias="own_chunk",
         busbw=lambda w: (w - 1) / w,
         bench_counts="out",
@@ -112,7 +112,7 @@ _COLLECTIVES = [
         lambda w: w,
         lambda w: 1,
         _rs,
-        {"direct": S.rs_direct, "ring": S.rs_ring, "bidir_ring": S.rs_bidir},
+        {"direct": S.rs_direct, "ring": S.rs_ring, "bidir_ring": S.rs_bidir, "ll_direct": S.rs_ll},
         reduces=True,
         own_chunk_out=True,
         busbw=lambda w: (w - 1) / w,
@@ -124,7 +124,8 @@ _COLLECTIVES = [
         lambda w: 1,
         lambda w: 1,
         _ar,
-        {"one_shot": S.ar_one_shot, "two_shot": S.ar_two_shot, "ring": S.ar_ring, "bidir_ring": S.ar_bidir},
+        {"one_shot": S.ar_one_shot, "two_shot": S.ar_two_shot, "ring": S.ar_ring, "bidir_ring": S.ar_bidir,
+         "ll_one_shot": S.ar_ll_one_shot, "ll_two_shot": S.ar_ll_two_shot},
         world_chunks=True,
         reduces=True,
         busbw=lambda w: 2 * (w - 1) / w,
@@ -137,7 +138,7 @@ _COLLECTIVES = [
         lambda w: w,
         lambda w: w,
         _a2a,
-        {"direct": S.a2a_direct},
+        {"direct": S.a2a_direct, "ll_direct": S.a2a_ll},
         busbw=lambda w: (w - 1) / w,
         nccl=lambda dist, x, out, root: dist.all_to_all_single(out, x),
     ),
@@ -203,7 +204,9 @@ def comm_kind(op: str) -> str:
 
 
 def algorithms_for(op: str) -> list[str]:
-    return list(comm_op(op).schedules)
+    """The schedules an op can use. GEMM ops leave out the LL ones: their compute stream waits on
+    the per-tile flags that LL schedules do without."""
+    return [a for a in comm_op(op).schedules if not (OPS[op].gemm and S.is_ll(a))]
 
 
 def all_schedule_names() -> tuple[str, ...]:
@@ -222,10 +225,9 @@ def make_schedule(op: str, algorithm: str, world: int, sync: str, fused: bool = 
     """An op's schedule by name (schedules are pure functions of these: each is built once). GEMM
     ops get their collective's schedule with the compute stream's signals added."""
     desc, comm = OPS[op], comm_op(op)
-    try:
-        s = comm.schedules[algorithm](world, sync)
-    except KeyError:
-        raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(comm.schedules)}") from None
+    if algorithm not in algorithms_for(op):
+        raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(algorithms_for(op))}")
+    s = comm.schedules[algorithm](world, sync)
     if desc.gemm == "produce":
         return S.with_input_waits(s)
     return S.with_local_signals(s) if desc.gemm == "consume" and fused else s

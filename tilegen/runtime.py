@@ -177,6 +177,7 @@ class GeneratedOp:
         self.symmetric_output = symmetric_output
         self.default_timeout_ms = default_timeout_ms
         self._mod = None
+        self._run = None  # mod.run, looked up once (a module attribute is a function lookup per access)
         self._outputs: dict[tuple, Any] = {}
 
     def __repr__(self) -> str:
@@ -224,6 +225,7 @@ class GeneratedOp:
         if world not in self.world_sizes:
             raise OpLoadError(f"op {self.name} supports world sizes {self.world_sizes}, this job has {world}")
         self._mod = mod
+        self._run = mod.run
         _state["ops"].append(self)
         return mod
 
@@ -231,6 +233,7 @@ class GeneratedOp:
         if self._mod is not None:
             self._mod.release()
             self._mod = None
+            self._run = None
 
     def max_rows(self) -> int:
         d0 = self.shape[0]
@@ -297,8 +300,30 @@ class GeneratedOp:
     def __call__(self, input: Any, output: Any = None, *, root: int = 0, stream: Any = None,
                  timeout_ms: float | None = None) -> Any:
         """Run the op on the current stream (or `stream`). Rooted ops (broadcast) take `root`; where only
-        the root's input is read, other ranks may pass None (the output is then the nominal input)."""
-        mod = self.load()
+        the root's input is read, other ranks may pass None (the output is then the nominal input).
+        The common call (tensors given, default stream and timeout) does little Python: an eager call's
+        host cost is the launch's."""
+        run = self._run
+        if run is None:
+            self.load()
+            run = self._run
+        if input is None or output is None:
+            input, output = self._complete_args(input, output)
+        if root and not OPS[self.kind].rooted:
+            rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
+            raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
+        handle = -1 if stream is None else _stream_handle(input, stream)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        if timeout_ns:
+            self._refuse_bounded_capture(handle, timeout_ns)
+        run(input, output, root, handle, timeout_ns, False)
+        if timeout_ns:  # bounded mode: wait for the call, then report a wait that gave up
+            _synchronize(input, handle)
+            self._mod.check_wait_error()
+        return output
+
+    def _complete_args(self, input: Any, output: Any) -> tuple[Any, Any]:
+        """A missing output (cached symmetric one) or, on non-root ranks of root-only-input ops, input."""
         desc = OPS[self.kind]
         if input is None:
             if not desc.root_only_input or output is None:
@@ -306,41 +331,26 @@ class GeneratedOp:
                     f"{self.name}: input is required"
                     + (" (None is allowed on non-root ranks when an output is given)" if desc.root_only_input else "")
                 )
-            input = output
-        if output is None:
-            if not hasattr(input, "shape") or len(input.shape) < 1:
-                raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
-            output = self.empty_output(self.shard_rows(int(input.shape[0])))
-        handle = _stream_handle(input, stream)
-        timeout_ns = self._timeout_ns(timeout_ms)
-        if not desc.rooted and root != 0:
-            rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
-            raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
-        self._refuse_bounded_capture(handle, timeout_ns)
-        mod.run(input, output, int(root), handle, timeout_ns, False)
-        if timeout_ns > 0:  # bounded mode: wait for the call, then report a wait that gave up
-            _synchronize(input, handle)
-            mod.check_wait_error()
-        return output
+            return output, output
+        if not hasattr(input, "shape") or len(input.shape) < 1:
+            raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
+        return input, self.empty_output(self.shard_rows(int(input.shape[0])))
 
 
 def _stream_handle(tensor: Any, stream: Any) -> int:
-    """The CUDA stream to launch on: explicit, else the framework's current stream, else TVM-FFI's."""
-    if stream is not None:
-        if isinstance(stream, int):
-            return stream
-        for attr in ("cuda_stream", "handle"):
-            if hasattr(stream, attr):
-                return int(getattr(stream, attr))
-        if hasattr(stream, "__cuda_stream__"):
-            return int(stream.__cuda_stream__()[1])
-        raise ValueError(f"stream must be an int handle or a stream object, got {type(stream).__name__}")
-    mod = type(tensor).__module__
-    if mod.startswith("torch"):
-        torch = _torch()
-        if getattr(tensor, "is_cuda", False):
-            return int(torch.cuda.current_stream(tensor.device).cuda_stream)
-    return -1
+    """The CUDA stream to launch on: explicit, else -1: the binding takes TVM-FFI's stream for the
+    call, which TVM-FFI sets to the framework's current stream (torch's, through the DLPack exchange
+    API) when the arguments are its tensors. No Python-side stream lookup per call."""
+    if stream is None:
+        return -1
+    if isinstance(stream, int):
+        return stream
+    for attr in ("cuda_stream", "handle"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    raise ValueError(f"stream must be an int handle or a stream object, got {type(stream).__name__}")
 
 
 def _capturing(handle: int | None) -> bool:

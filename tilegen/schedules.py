@@ -22,7 +22,9 @@ def _with_entry(op: str, alg: str, world: int, sync: str, parts: int, bodies: li
 
 
 def _others(world: int, r: int) -> list[int]:
-    return [p for p in range(world) if p != r]
+    """The other ranks in the order r + 1, r + 2, ...: at every step of a direct schedule each rank
+    targets a different peer (ascending order would have every rank send to rank 0 first: incast)."""
+    return [(r + k) % world for k in range(1, world)]
 
 
 def ag_direct(w: int, sync: str) -> Schedule:
@@ -208,6 +210,65 @@ def reduce_direct(w: int, sync: str) -> Schedule:
     root = [Step("move", unit=0, srcs=(Seg(0, "in", 0),) + scr, waits=scr, dests=(Seg(0, "out", 0),))]
     others = [[Step("move", unit=0, srcs=(Seg(r, "in", 0),), dests=(Seg(0, "scr", r - 1),))] for r in range(1, w)]
     return _with_entry("reduce", "direct", w, sync, 1, [root] + others)
+
+
+# ------------------------------------------------------------------------------ LL (flag in data)
+# Small messages: every remote store carries its flag in the data (16-byte lines of 8 data bytes and
+# two copies of the call's flag, NCCL's LL protocol), into scratch that alternates by call parity.
+# No entry handshake and no separate signal: a rank may store into a peer's scratch for call n + 2
+# because in call n + 1 it waited for data that peer stored after it had finished reading call n.
+# The checker simulates three calls with the parity buffers to prove exactly that for each schedule.
+def _ll(op: str, alg: str, w: int, bodies: list[list[Step]]) -> Schedule:
+    return Schedule(op, alg, w, "ll", 1, tuple(tuple(b) for b in bodies))
+
+
+def _unpack(w: int, r: int, slot_of) -> list[Step]:
+    """Copy each peer's chunk from this rank's scratch (slot_of(p)) into output slot p."""
+    return [Step("move", unit=p, srcs=(Seg(r, "scr", slot_of(p)),), waits=(Seg(r, "scr", slot_of(p)),),
+                 dests=(Seg(r, "out", p),)) for p in _others(w, r)]
+
+
+def ag_ll(w: int, sync: str) -> Schedule:
+    bodies = []
+    for r in range(w):
+        send = Step("move", unit=r, srcs=(Seg(r, "in", 0),),
+                    dests=(Seg(r, "out", r),) + tuple(Seg(q, "scr", r) for q in _others(w, r)))
+        bodies.append([send] + _unpack(w, r, lambda p: p))
+    return _ll("allgather", "ll_direct", w, bodies)
+
+
+def rs_ll(w: int, sync: str) -> Schedule:
+    return _ll("reduce_scatter", "ll_direct", w,
+               [_push_to_owners(w, r) + [_reduce_own(w, r, (Seg(r, "out", 0),))] for r in range(w)])
+
+
+def a2a_ll(w: int, sync: str) -> Schedule:
+    bodies = []
+    for r in range(w):
+        body = [Step("move", unit=r, srcs=(Seg(r, "in", r),), dests=(Seg(r, "out", r),))]
+        body += [Step("move", unit=q, srcs=(Seg(r, "in", q),), dests=(Seg(q, "scr", r),)) for q in _others(w, r)]
+        bodies.append(body + _unpack(w, r, lambda p: p))
+    return _ll("all_to_all", "ll_direct", w, bodies)
+
+
+def ar_ll_one_shot(w: int, sync: str) -> Schedule:
+    """Every rank stores its whole tensor into every peer's scratch and reduces locally."""
+    return _ll("allreduce", "ll_one_shot", w, [list(ar_one_shot(w, sync).ranks[r][1:]) for r in range(w)])
+
+
+def ar_ll_two_shot(w: int, sync: str) -> Schedule:
+    """Reduce-scatter into the owners' scratch, then each owner stores its reduced chunk into every
+    peer's scratch (slots w..2w-1), which each rank copies into its output."""
+    bodies = []
+    for r in range(w):
+        body = _push_to_owners(w, r)
+        body.append(_reduce_own(w, r, (Seg(r, "out", r),) + tuple(Seg(q, "scr", w + r) for q in _others(w, r))))
+        bodies.append(body + _unpack(w, r, lambda p: w + p))
+    return _ll("allreduce", "ll_two_shot", w, bodies)
+
+
+def is_ll(algorithm: str) -> bool:
+    return algorithm.startswith("ll_")
 
 
 # ------------------------------------------------------------------------------ GEMM ops

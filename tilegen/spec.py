@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from .registry import GEMM_OPS, OPS, all_schedule_names, comm_op
+from .registry import GEMM_OPS, OPS, algorithms_for, all_schedule_names
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".py")
 
@@ -64,7 +64,7 @@ DTYPES: dict[str, tuple[int, str, str]] = {
 
 OpKind = Literal[tuple(OPS)]  # type: ignore[valid-type]
 REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
-SCHEDULES = {k: tuple(comm_op(k).schedules) for k in OPS}  # the schedules each op kind has
+SCHEDULES = {k: tuple(algorithms_for(k)) for k in OPS}  # the schedules each op kind has
 ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
 
 
@@ -151,8 +151,9 @@ class KernelSpec(_Frozen):
     reduce: Literal["sum", "max", "min"] = Field(
         default="sum", description="reduction of reduce_scatter/allreduce (accumulated in fp32 for bf16/f16)")
     tile_bytes: Union[int, Literal["auto"]] = Field(
-        default=256 * 1024,
-        description="largest tile a CTA moves before it signals (multiple of 16, 1 KiB..64 MiB), or auto")
+        default="auto",
+        description="largest tile a CTA moves before it signals (multiple of 16, 1 KiB..64 MiB), or auto (the "
+                    "planner's, measured where a calibration has it)")
     transport: Literal["auto", "nvlink", "nvshmem"] = Field(
         default="auto",
         description="nvlink: plain vector stores through peer pointers; nvshmem: NVSHMEM put calls; "
@@ -160,12 +161,13 @@ class KernelSpec(_Frozen):
     sync: Literal["per_tile", "barrier"] = Field(
         default="per_tile", description="per_tile: one signal per tile; barrier: one signal per chunk after all CTAs")
     schedule: ScheduleName = Field(
-        default="auto", description="auto: the planner's cost model chooses (per message size)")
+        default="auto", description="auto: the planner chooses per message size, from measurements where a "
+                                    "calibration has them (tilegen tune), else by its cost model")
     topology: Literal["nvswitch", "ring_links"] = Field(
         default="nvswitch", description="link layout the cost model assumes")
     ctas: Union[Annotated[int, Field(ge=1, le=4096)], Literal["auto"]] = Field(
-        default=264, description="CTAs (thread blocks) used for communication, or auto (cost model); GEMM ops "
-                                 "default to auto and take at most 64 (the GEMMs beside them need the SMs)")
+        default="auto", description="CTAs (thread blocks) used for communication, or auto (the planner's, measured "
+                                    "where a calibration has it); GEMM ops take at most 64 (the GEMMs need the SMs)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
     arch: str = Field(default="sm_90", description="GPU architecture: sm_XY or sm_XYa")
     n: Optional[GemmN] = Field(
@@ -202,15 +204,6 @@ class KernelSpec(_Frozen):
         if len(set(v)) != len(v):
             raise ValueError(f"world sizes must be distinct, got {v}")
         return sorted(v)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gemm_defaults(cls, data: Any) -> Any:
-        """GEMM ops share the GPU with GEMMs: their communication kernel's CTAs default to the planner's
-        small choices instead of the collectives' 264."""
-        if isinstance(data, dict) and data.get("op") in GEMM_OPS and "ctas" not in data:
-            return {**data, "ctas": "auto"}
-        return data
 
     @field_validator("shape")
     @classmethod

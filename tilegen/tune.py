@@ -1,13 +1,16 @@
-"""`tilegen tune`: measure every candidate schedule of a spec on the GPUs and fit the cost model.
+"""`tilegen tune`: time every schedule, CTA count and tile size of specs on the GPUs.
 
-Run under torchrun on the machine the ops will run on:
+Run under torchrun on the machine the ops will run on (one GPU per rank):
 
-    torchrun --nproc-per-node 2 -m tilegen.cli tune specs/allreduce_bf16.yaml -o calibration.json
+    torchrun --nproc-per-node 4 -m tilegen.cli tune specs/allreduce_bf16.yaml ... -o calibrations/mine
 
-Rank 0 generates and builds one copy of the spec per candidate schedule (schedule fixed); every rank
-then times each at sizes from 4 KiB to the spec's maximum (CUDA events, median of batches). A non-negative
-least-squares fit of  t = launch + hop * (hops + 1) + busiest_link_bytes / egress + reduce_bytes /
-reduce_bw  over all measurements gives the constants `tilegen plan/generate --calibration FILE` use.
+One op library per candidate schedule is generated and built (rank 0; or beforehand on a CPU machine
+with --build-only, then carried); every rank then times each at message sizes from 4 KiB up to
+TUNE_MAX_BYTES, at every CTA count and tile size (set at run time through the op's `tune` hook),
+CUDA events, median of batches, slowest rank. The output, one <op>_w<world>.json per spec, lists every
+measurement (the planner picks the fastest per size: tilegen.calibration) and the cost model's
+constants fitted to the fastest configuration of each schedule (non-negative least squares of
+t = launch + hop * (hops + 1) + busiest_link_bytes / egress + reduce_bytes / reduce_bw).
 """
 from __future__ import annotations
 
@@ -18,19 +21,30 @@ import statistics
 import sys
 from pathlib import Path
 
-from .plan import TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
-from .registry import OPS, algorithms_for, make_schedule
+from .layout import layout, tile_bytes_for
+from .plan import LL_MAX_BYTES, TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
+from .registry import GEMM_OPS, OPS, algorithms_for, make_schedule
+from .schedules import is_ll
 from .spec import KernelSpec
 
 
 def candidate_specs(spec: KernelSpec) -> list[KernelSpec]:
-    """One spec per schedule of the op, with CTAs and tile fixed (auto -> the defaults)."""
+    """One spec per schedule of the op, with CTAs and tile fixed (auto -> the defaults). LL schedules
+    serve inputs up to LL_MAX_BYTES: their candidates have fewer rows (none if the rows are fixed)."""
     out = []
     for alg in algorithms_for(spec.op):
         data = spec.model_dump()
-        data.update(name=f"{spec.name}__{alg}", schedule=alg,
-                    ctas=264 if spec.ctas == "auto" else spec.ctas,
-                    tile_bytes=256 * 1024 if spec.tile_bytes == "auto" else spec.tile_bytes)
+        # the most CTAs and the smallest tiles of the sweep: signal slots for any configuration it runs
+        data.update(name=f"{spec.name}__{alg}", schedule=alg, ctas=max(CTA_SWEEP), tile_bytes=min(TILE_SWEEP))
+        if is_ll(alg):
+            d0 = data["shape"][0]
+            if not isinstance(d0, dict):
+                continue
+            row_bytes = spec.max_in_bytes(1) // d0["max"]
+            rows = LL_MAX_BYTES // (OPS[spec.op].in_rows(max(spec.world_sizes)) * row_bytes)
+            if rows < 1:
+                continue
+            data["shape"][0] = {**d0, "max": min(d0["max"], rows)}
         out.append(KernelSpec.model_validate(data))
     return out
 
@@ -76,66 +90,179 @@ def fit(rows: list[dict]) -> dict:
             "reduce_Bpus": float(1.0 / inv_red) if inv_red > 1e-12 else default.reduce_Bpus}
 
 
-def tune(spec_path: str, output: str, reps: int = 15) -> int:
+TUNE_DIR = Path(".tilegen-tune")
+TUNE_MAX_BYTES = 64 << 20  # beyond this the choice no longer changes (bandwidth-bound); the planner uses the largest
+CTA_SWEEP = (16, 33, 66, 132, 264, 528)
+TILE_SWEEP = (64 << 10, 256 << 10, 1 << 20)
+
+
+def candidate_package(specs: list[KernelSpec]) -> tuple[Path, dict[str, list[KernelSpec]]]:
+    """Where the candidates of these specs are built (keyed by their content), and the candidates."""
+    cands = {s.name: candidate_specs(s) for s in specs}
+    key = hashlib.sha256("".join(c.canonical_json() for cs in cands.values() for c in cs).encode()).hexdigest()[:12]
+    return TUNE_DIR / f"pkg_{key}", cands
+
+
+def build_candidates(loaded: list, root: Path, cands: dict[str, list[KernelSpec]]) -> None:
+    """Generate and build every candidate (the checker runs on each, as for any op)."""
+    from .build import build_package
+    from .files import write_files
+    from .pipeline import generate_package
+    from .runtime import OpLoadError, check_build
+    from .spec import LoadedSpec
+
+    flat = [(c, ls) for ls in loaded for c in cands[ls.spec.name]]
+    try:  # carried from a CPU machine: nothing to do
+        for c, _ in flat:
+            check_build(root / c.name, c.name, None, None)
+        return
+    except (OpLoadError, FileNotFoundError):
+        pass
+    write_files(generate_package([LoadedSpec(c, ls.loc) for c, ls in flat], None, "none"), root)
+    build_package(root, [c for c, _ in flat], {c.name: str(ls.loc) for c, ls in flat}, progress=False)
+
+
+def sweep(part: int, threads: int, ll: bool) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """(ctas, tile bytes) worth timing for parts of `part` bytes, each with the configurations the
+    kernel runs the same way (a grid larger than the tiles, a tile larger than a CTA's share): one
+    timing stands for all of them, so any configuration a plan picks has a measurement."""
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for c in CTA_SWEEP:
+        for t in ((0,) if ll else TILE_SWEEP):
+            tile = 0 if ll else tile_bytes_for(part, t, c)
+            lines = -(-part // 8)  # LL: a thread per 16-byte line of a part
+            grid = min(c, max(1, -(-lines // threads))) if ll else min(c, max(1, -(-part // tile)))
+            groups.setdefault((grid, tile), []).append((c, t))
+    return [(members[0], members) for members in groups.values()]
+
+
+def part_of(spec: KernelSpec, world: int, schedule: str, in_bytes: int) -> int:
+    parts = make_schedule(spec.op, schedule, world, spec.sync).parts
+    return layout(spec.op, world, in_bytes, spec.elem_bytes, parts)[1]
+
+
+def _time(fn, reps: int, calls: int) -> float:
+    """Median us per call of `calls` back-to-back calls over `reps` batches, slowest rank."""
+    import torch
+    import torch.distributed as dist
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    t = torch.tensor([statistics.median(times)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure_spec(spec: KernelSpec, cands: list[KernelSpec], pkg, world: int, reps: int) -> list[dict]:
+    import torch
+    rows = []
+    row_bytes = spec.max_in_bytes(1) // spec.max_shape[0]
+    k_in = OPS[spec.op].in_rows(world)
+    for c in cands:
+        op = getattr(pkg, c.name)
+        mod = op.load()
+        ll = is_ll(c.schedule)
+        for n in message_sizes(min(c.max_in_bytes(world), TUNE_MAX_BYTES)):
+            m = max(1, n // (k_in * row_bytes))
+            if m > c.max_shape[0]:
+                continue
+            in_bytes = k_in * m * row_bytes
+            x = torch.randn((k_in * m,) + tuple(spec.max_shape[1:]), device="cuda").to(getattr(torch, c.torch_dtype))
+            out = op.empty_output(m)
+            feats = schedule_features(spec, world, c.schedule, in_bytes)
+            for (ctas, tile), same in sweep(part_of(spec, world, c.schedule, in_bytes), spec.threads, ll):
+                try:
+                    mod.tune(ctas, tile)
+                    us = _time(lambda: op(x, out, timeout_ms=0), reps, 10 if in_bytes <= (16 << 20) else 3)
+                except RuntimeError as e:  # e.g. more tiles than the op has signal slots: every rank alike
+                    print(f"  skip {c.schedule} {ctas} CTAs {tile} B tiles at {in_bytes} B: {e}")
+                    continue
+                rows += [{"schedule": c.schedule, "ctas": k, "tile_bytes": t, "in_bytes": in_bytes, "us": round(us, 3),
+                          "timed_as": [ctas, tile], **feats} for k, t in same]
+            op.free_outputs()
+        mod.tune(0, 0)
+    return rows
+
+
+def fastest_per_schedule(rows: list[dict]) -> list[dict]:
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["schedule"], r["in_bytes"])
+        if k not in best or r["us"] < best[k]["us"]:
+            best[k] = r
+    return list(best.values())
+
+
+def auto_vs_fastest(spec: KernelSpec, world: int, path: Path) -> list[tuple[int, str, float, float]]:
+    """At each measured size: the configuration the planner picks from this calibration, its measured
+    time and the fastest measured time (goal: within 5%)."""
+    from .calibration import load
+    from .plan import plan
+    cal = load(path)
+    p = plan(spec, world, cal)
+    rows = cal.tables[(spec.op, world)]
+    out = []
+    for n in sorted({r["in_bytes"] for r in rows}):
+        v = next(v for v in p.variants if n <= v.max_bytes)
+        alg, ll = v.schedule.algorithm, is_ll(v.schedule.algorithm)
+        mine = [r["us"] for r in rows if r["in_bytes"] == n and r["schedule"] == alg and r["ctas"] == v.ctas
+                and r["tile_bytes"] == (0 if ll else v.tile_bytes)]
+        fastest = min(r["us"] for r in rows if r["in_bytes"] == n)
+        out.append((n, f"{alg}/{v.ctas}/{v.tile_bytes}", min(mine) if mine else float("nan"), fastest))
+    return out
+
+
+def main(spec_paths: list[str], output: str, reps: int = 5, build_only: bool = False) -> int:
+    from .spec import load_spec
+
+    loaded = [load_spec(p) for p in spec_paths]
+    for ls in loaded:
+        if ls.spec.op in GEMM_OPS:
+            raise SystemExit(f"{ls.loc}: tilegen tune times collectives; {ls.spec.op} runs beside GEMMs "
+                             f"(its CTA budget is the planner's model)")
+    root, cands = candidate_package([ls.spec for ls in loaded])
+    if build_only:
+        build_candidates(loaded, root, cands)
+        print(f"built {sum(len(c) for c in cands.values())} candidate ops in {root}")
+        return 0
     import torch
     import torch.distributed as dist
 
     import tilegen
-    from .build import build_package
-    from .files import write_files
-    from .pipeline import generate_package
-    from .spec import LoadedSpec, load_spec
-
-    ls = load_spec(spec_path)
     rank, world = tilegen.init()
-    cands = candidate_specs(ls.spec)
-    key = hashlib.sha256("".join(c.canonical_json() for c in cands).encode()).hexdigest()[:12]
-    root = Path(".tilegen-tune") / f"pkg_{key}"
     if rank == 0:
-        loaded = [LoadedSpec(c, ls.loc) for c in cands]
-        write_files(generate_package(loaded, None), root)
-        build_package(root, cands, {c.name: spec_path for c in cands}, progress=False)
+        build_candidates(loaded, root, cands)
     dist.barrier()
     sys.path.insert(0, str(root.parent.resolve()))
     pkg = importlib.import_module(root.name)
-    rows = []
-    elem = ls.spec.elem_bytes
-    inner = 1
-    for d in ls.spec.max_shape[1:]:
-        inner *= d
-    row_bytes = inner * elem
-    k_in = OPS[ls.spec.op].in_rows(world)
-    for c in cands:
-        op = getattr(pkg, c.name)
-        for n in message_sizes(ls.spec.max_in_bytes(world)):
-            m = max(1, n // (k_in * row_bytes))
-            x = torch.randn((k_in * m,) + tuple(ls.spec.max_shape[1:]), device="cuda").to(getattr(torch, c.torch_dtype))
-            out = op.empty_output(m)
-            for _ in range(3):
-                op(x, out)
-            times = []
-            for _ in range(reps):
-                dist.barrier()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(10):
-                    op(x, out)
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 100.0)  # us per call
-            # the slowest rank's median: a collective ends when its last rank does
-            t = torch.tensor([statistics.median(times)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            feats = schedule_features(ls.spec, world, c.schedule, k_in * m * row_bytes)
-            rows.append({"schedule": c.schedule, "in_bytes": k_in * m * row_bytes, "us": t.item(), **feats})
-            op.free_outputs()
-    if rank == 0:
-        calib = {"spec": ls.spec.name, "world": world, "device": torch.cuda.get_device_name(),
-                 "topology": fit(rows), "measurements": rows}
-        Path(output).write_text(json.dumps(calib, indent=2) + "\n")
-        print(f"wrote {output}: " + ", ".join(f"{k}={v:.3g}" for k, v in calib["topology"].items()))
-        for r in rows:
-            print(f"  {r['schedule']:<11} {r['in_bytes']:>11} B {r['us']:9.1f} us")
+    out_dir = Path(output)
+    for ls in loaded:
+        spec = ls.spec
+        if world not in spec.world_sizes:
+            continue
+        rows = measure_spec(spec, cands[spec.name], pkg, world, reps)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{spec.op}_w{world}.json"
+            calib = {"format": 2, "op": spec.op, "world": world, "spec": spec.name, "dtype": spec.dtype,
+                     "device": f"{world} x {torch.cuda.get_device_name()}",
+                     "topology": fit(fastest_per_schedule(rows)), "measurements": rows}
+            path.write_text(json.dumps(calib, indent=1) + "\n")
+            print(f"wrote {path}: {len(rows)} measurements")
+            for n, cfg, mine, fastest in auto_vs_fastest(spec, world, path):
+                print(f"  {n:>11} B  auto {cfg:<28} {mine:9.1f} us  fastest {fastest:9.1f} us  "
+                      f"({mine / fastest:.3f}x)")
+        dist.barrier()
     tilegen.finalize()
     dist.destroy_process_group()
     return 0

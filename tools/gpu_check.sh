@@ -4,6 +4,9 @@
 #   bash tools/gpu_check.sh quick       GPU tests at 2 ranks, then at every GPU (4 on a 4-GPU machine)
 #   bash tools/gpu_check.sh tests [N]   GPU tests at N ranks (default: every GPU); GPU_TESTS=path selects
 #   bash tools/gpu_check.sh bench [N]   collective benchmarks (CTA/tile variants too) at N ranks
+#   bash tools/gpu_check.sh coll [N]    collective benchmark (eager + CUDA graph) and host cost at N ranks
+#   bash tools/gpu_check.sh tune [N]    tilegen tune of the collective specs at N ranks ($OUT/calibration)
+#   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
 # tools/pack_prebuilt.sh, saves the build there), else generates and builds every spec. With one GPU,
@@ -19,6 +22,8 @@ NGPU=$(nvidia-smi -L | wc -l)
 NP=${2:-${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}}
 
 setup_python() {
+  [ -n "${TILEGEN_PY_READY:-}" ] && return 0
+  export TILEGEN_PY_READY=1
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
@@ -28,6 +33,8 @@ setup_python() {
 }
 
 make_ops() {
+  [ -n "${TILEGEN_OPS_READY:-}" ] && return 0  # a phase that runs others made them already
+  export TILEGEN_OPS_READY=1
   if [ -f .prebuilt/ops.tar.xz ]; then  # built on the CPU machine: the libraries find NVSHMEM and TVM-FFI here
     tar -xJf .prebuilt/ops.tar.xz || exit 1
     local nv ffi
@@ -80,16 +87,57 @@ case "$PHASE" in
     run_tests "$NP" || status=1 ;;
   bench)
     start_mps_if_shared "$NP"
+    # Each step's timeout is capped by what is left of BENCH_BUDGET_S (since the script started), so the
+    # phase ends inside one 10-minute call even when a step hangs; a step with under 30 s left is skipped.
+    cap() { local left=$(( ${BENCH_BUDGET_S:-570} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
     OPS=generated:allgather_bf16
     python3 -m tilegen.cli generate tools/bench_specs -o bench_generated -j 32 -q > "$OUT/generate_bench.log" 2>&1 \
       && OPS="$OPS,bench_generated:*" || echo "bench variants did not build: see generate_bench.log"
-    timeout 250 torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" --out "$OUT/bench_allgather_np$NP.json" \
-      > "$OUT/bench_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_np$NP.log"; }
-    sed -n '/ranks on /,$p' "$OUT/bench_np$NP.log"
-    timeout 300 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives_np$NP.json" \
-      --plot "$OUT/collectives_np$NP.png" > "$OUT/bench_collectives_np$NP.log" 2>&1 \
-      || { status=1; tail -30 "$OUT/bench_collectives_np$NP.log"; }
-    sed -n '/ranks on /,$p' "$OUT/bench_collectives_np$NP.log" ;;
+    t=$(cap 200)
+    if [ "$t" -ge 30 ]; then
+      timeout "$t" torchrun --nproc-per-node "$NP" tools/bench_allgather.py --ops "$OPS" \
+        --out "$OUT/bench_allgather_np$NP.json" > "$OUT/bench_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_np$NP.log"; }
+      grep "^graph capture of" "$OUT/bench_np$NP.log" | head -10
+      sed -n '/ranks on /,$p' "$OUT/bench_np$NP.log"
+    else echo "bench_allgather skipped: ${t}s left of BENCH_BUDGET_S"; status=1; fi
+    t=$(cap 300)
+    if [ "$t" -ge 30 ]; then  # eager and CUDA-graph replayed (--no-graph: eager only)
+      timeout "$t" torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives_np$NP.json" \
+        --plot "$OUT/collectives_np$NP.png" > "$OUT/bench_collectives_np$NP.log" 2>&1 \
+        || { status=1; tail -30 "$OUT/bench_collectives_np$NP.log"; }
+      grep "^graph capture of" "$OUT/bench_collectives_np$NP.log" | head -10
+      sed -n '/ranks on /,$p' "$OUT/bench_collectives_np$NP.log"
+    else echo "bench_collectives skipped: ${t}s left of BENCH_BUDGET_S"; status=1; fi
+    t=$(cap 120)
+    if [ "$t" -ge 30 ]; then  # host cost of an eager call: wrapper, binding + launch, NCCL
+      timeout "$t" torchrun --nproc-per-node "$NP" tools/bench_host.py --out "$OUT/bench_host_np$NP.json" \
+        > "$OUT/bench_host_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_host_np$NP.log"; }
+      grep -E "^(host cost|torch.Tensor has|no NCCL)" "$OUT/bench_host_np$NP.log"
+    else echo "bench_host skipped: ${t}s left of BENCH_BUDGET_S"; status=1; fi ;;
+  coll)  # the collective benchmark (eager + graph) and the host cost only
+    start_mps_if_shared "$NP"
+    timeout 420 torchrun --nproc-per-node "$NP" tools/bench_collectives.py --out "$OUT/bench_collectives_np$NP.json" \
+      ${BENCH_ARGS:-} > "$OUT/bench_collectives_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_collectives_np$NP.log"; }
+    sed -n '/ranks on /,$p' "$OUT/bench_collectives_np$NP.log"
+    timeout 100 torchrun --nproc-per-node "$NP" tools/bench_host.py --out "$OUT/bench_host_np$NP.json" \
+      > "$OUT/bench_host_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_host_np$NP.log"; }
+    grep -E "^(host cost|torch.Tensor has)" "$OUT/bench_host_np$NP.log" ;;
+  tune)  # measured calibrations of the collective specs (tilegen tune) at N ranks into $OUT/calibration
+    start_mps_if_shared "$NP"
+    [ -f .prebuilt/tune.tar.xz ] && tar -xJf .prebuilt/tune.tar.xz
+    timeout 560 torchrun --nproc-per-node "$NP" -m tilegen.cli tune ${TUNE_SPECS:-specs/allgather_bf16.yaml \
+      specs/reduce_scatter_bf16.yaml specs/allreduce_bf16.yaml specs/all_to_all_bf16.yaml specs/broadcast_f32.yaml} \
+      -o "$OUT/calibration" > "$OUT/tune_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/tune_np$NP.log"; }
+    grep -vE "^\s+skip|Warning|warn" "$OUT/tune_np$NP.log" | tail -80 ;;
+  calibrate)  # tune at N ranks, rebuild the collective specs here with the new measurements, then tests + coll
+    CAL=tilegen/calibrations/${CALIBRATION_MACHINE:-h100-sxm-nvswitch}
+    bash "$0" tune "$NP" || status=1
+    cp "$OUT"/calibration/*.json "$CAL"/ && mkdir -p "$OUT/committed" && cp "$CAL"/*.json "$OUT/committed/"
+    python3 -m tilegen.cli generate ${TUNE_SPECS:-specs/allgather_bf16.yaml specs/reduce_scatter_bf16.yaml \
+      specs/allreduce_bf16.yaml specs/all_to_all_bf16.yaml specs/broadcast_f32.yaml} -o generated -j 64 -q \
+      > "$OUT/generate_calibrated.log" 2>&1 || { tail -20 "$OUT/generate_calibrated.log"; exit 1; }
+    bash "$0" tests "$NP" || status=1
+    bash "$0" coll "$NP" || status=1 ;;
   gemm)
     start_mps_if_shared "$NP"
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm_np$NP.json" \

@@ -12,3 +12,8 @@ mkdir -p .prebuilt
 tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
 echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
      "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
+# tilegen tune's candidate ops (tilegen tune --build-only ...), when built: tools/gpu_check.sh tune unpacks them
+if ls -d .tilegen-tune/pkg_* >/dev/null 2>&1; then
+  tar -cJf .prebuilt/tune.tar.xz --exclude='*.o' --exclude='.ninja*' --exclude='build.ninja' .tilegen-tune
+  echo "packed tune candidates: $(du -h .prebuilt/tune.tar.xz | cut -f1)"
+fi

@@ -27,6 +27,8 @@ struct Op {
   static constexpr int kInSlots = 1;
   static constexpr int64_t kMaxTiles = 513LL;
   static constexpr int64_t kScrBytes = 0LL;
+  static constexpr int64_t kLLBytes = 0LL;
+  static constexpr int kLLSlots = 0;
   static constexpr int64_t kStageBytes = 16LL;
   static constexpr int64_t kMaxInBytes = 134217728LL;
   static constexpr int kThreads = 512;

@@ -27,6 +27,8 @@ struct Op {
   static constexpr int kInSlots = 16;
   static constexpr int64_t kMaxTiles = 64LL;
   static constexpr int64_t kScrBytes = 16367616LL;
+  static constexpr int64_t kLLBytes = 0LL;
+  static constexpr int kLLSlots = 0;
   static constexpr int64_t kStageBytes = 65536LL;
   static constexpr int64_t kMaxInBytes = 16367616LL;
   static constexpr int kThreads = 256;

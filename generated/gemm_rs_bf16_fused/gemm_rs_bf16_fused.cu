@@ -27,6 +27,8 @@ struct Op {
   static constexpr int kInSlots = 8;
   static constexpr int64_t kMaxTiles = 257LL;
   static constexpr int64_t kScrBytes = 536870912LL;
+  static constexpr int64_t kLLBytes = 0LL;
+  static constexpr int kLLSlots = 0;
   static constexpr int64_t kStageBytes = 262144LL;
   static constexpr int64_t kMaxInBytes = 536870912LL;
   static constexpr int kThreads = 512;

@@ -27,6 +27,8 @@ struct Op {
   static constexpr int kInSlots = 8;
   static constexpr int64_t kMaxTiles = 126LL;
   static constexpr int64_t kScrBytes = 32768000LL;
+  static constexpr int64_t kLLBytes = 0LL;
+  static constexpr int kLLSlots = 0;
   static constexpr int64_t kStageBytes = 32768LL;
   static constexpr int64_t kMaxInBytes = 32768000LL;
   static constexpr int kThreads = 256;

@@ -32,6 +32,8 @@ struct Host {
     uint64_t* counters = nullptr;   // fused gemm_rs: finished tiles per input part (local, zero between calls)
     uint64_t* epoch_dev = nullptr;  // GEMM ops: the epoch of the current call, advanced by begin()
     bool poisoned = false;
+    int tune_ctas = 0;          // tilegen tune: CTAs and tile bytes for every call instead of the variant's (0: its own)
+    int64_t tune_tile = 0;
     int rank = -1, world = 0;
     const WorldPlan<Op>* plan = nullptr;
     uint64_t* sig = nullptr;
@@ -39,6 +41,12 @@ struct Host {
     char* scr = nullptr;
     char* scr_peer[Op::kMaxWorld] = {};
     char* stage = nullptr;
+    char* ll = nullptr;                   // LL schedules' scratch (kLLBytes, symmetric)
+    char* ll_peer[Op::kMaxWorld] = {};
+    bool ll_ok = false;                   // every peer's LL scratch is load/store reachable
+    typename Op::Step* steps = nullptr;   // every variant's step table of this world, in device memory
+    const void* last_out = nullptr;       // the last call's output and its peers' addresses
+    char* out_peer[Op::kMaxWorld] = {};
     uint64_t* state = nullptr;
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
@@ -89,10 +97,13 @@ struct Host {
     g.sig = static_cast<uint64_t*>(nvshmem_malloc(sig_words * sizeof(uint64_t)));
     g.scr = Op::kScrBytes ? static_cast<char*>(nvshmem_malloc(Op::kScrBytes)) : nullptr;
     g.stage = static_cast<char*>(nvshmem_malloc(Op::kStageBytes * Op::kMaxCtas));  // CTAs of the widest variant
-    if (!g.sig || (Op::kScrBytes && !g.scr) || !g.stage)
+    g.ll = Op::kLLBytes ? static_cast<char*>(nvshmem_malloc(Op::kLLBytes)) : nullptr;
+    if (!g.sig || (Op::kScrBytes && !g.scr) || !g.stage || (Op::kLLBytes && !g.ll))
       return fail(msg, len, "%s: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
                   Op::kName, static_cast<long long>(sig_words * 8), static_cast<long long>(Op::kScrBytes));
     cudaError_t e = cudaMemset(g.sig, 0, sig_words * sizeof(uint64_t));
+    if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll, 0, Op::kLLBytes);  // flag 0: no call's
+    if (e == cudaSuccess) e = upload_steps();
     if (e == cudaSuccess) e = cudaMalloc(&g.state, kStateWords * sizeof(uint64_t));
     if (e == cudaSuccess) e = cudaMemset(g.state, 0, kStateWords * sizeof(uint64_t));
     if (Op::kFused && e == cudaSuccess) e = cudaMalloc(&g.counters, Op::kInSlots * sizeof(uint64_t));
@@ -115,12 +126,26 @@ struct Host {
     for (int q = 0; q < g.world; ++q) {
       g.sig_peer[q] = Op::kAllowPeerPtr ? static_cast<uint64_t*>(nvshmem_ptr(g.sig, q)) : nullptr;
       g.scr_peer[q] = (Op::kAllowPeerPtr && g.scr) ? static_cast<char*>(nvshmem_ptr(g.scr, q)) : nullptr;
+      g.ll_peer[q] = (Op::kAllowPeerPtr && g.ll) ? static_cast<char*>(nvshmem_ptr(g.ll, q)) : nullptr;
       if (Op::kRequirePeerPtr && !g.sig_peer[q])
         return fail(msg, len, "%s: transport nvlink, but rank %d is not load/store reachable from rank %d (use transport: auto)",
                     Op::kName, q, g.rank);
     }
+    g.ll_ok = g.ll != nullptr;
+    for (int q = 0; q < g.world; ++q) g.ll_ok &= q == g.rank || g.ll_peer[q] != nullptr;
     g.ready = true;
     return 0;
+  }
+
+  // Every variant's step tables of this world into device memory once: a launch then passes a
+  // pointer, not the program (launch parameters of several KB cost microseconds per call).
+  static cudaError_t upload_steps() {
+    const int64_t per_rank = Op::kMaxSteps, per_variant = per_rank * g.world;
+    cudaError_t e = cudaMalloc(&g.steps, g.plan->nvariants * per_variant * sizeof(typename Op::Step));
+    for (int v = 0; v < g.plan->nvariants && e == cudaSuccess; ++v)
+      e = cudaMemcpy(g.steps + v * per_variant, g.plan->variants[v].table, per_variant * sizeof(typename Op::Step),
+                     cudaMemcpyHostToDevice);
+    return e;
   }
 
   // Collective teardown (before NVSHMEM is finalised).
@@ -130,6 +155,8 @@ struct Host {
     nvshmem_free(g.sig);
     if (g.scr) nvshmem_free(g.scr);
     nvshmem_free(g.stage);
+    if (g.ll) nvshmem_free(g.ll);
+    cudaFree(g.steps);
     cudaFree(g.state);
     if (g.counters) cudaFree(g.counters);
     if (g.epoch_dev) cudaFree(g.epoch_dev);
@@ -141,8 +168,13 @@ struct Host {
   // True when [ptr, ptr + bytes) lies in this rank's symmetric heap.
   static int is_symmetric(const void* ptr, int64_t bytes) {
     if (!g.ready || bytes <= 0) return 0;
+    static const void* last_ptr = nullptr;  // apps call with the same output again and again
+    static int64_t last_bytes = 0;
+    if (ptr == last_ptr && bytes == last_bytes) return 1;
     const char* p = static_cast<const char*>(ptr);
-    return nvshmem_ptr(p, g.rank) != nullptr && nvshmem_ptr(p + bytes - 1, g.rank) != nullptr;
+    const int yes = nvshmem_ptr(p, g.rank) != nullptr && nvshmem_ptr(p + bytes - 1, g.rank) != nullptr;
+    if (yes) last_ptr = ptr, last_bytes = bytes;
+    return yes;
   }
 
   // in: in_bytes; out: as the op defines. Arguments were validated by the binding. defer: prepare
@@ -155,35 +187,52 @@ struct Host {
       return fail(msg, len, "%s: input of %lld bytes outside (0, %lld]", Op::kName, static_cast<long long>(in_bytes),
                   static_cast<long long>(Op::kMaxInBytes));
     if (root < 0 || root >= g.world) return fail(msg, len, "%s: root %d outside [0, %d)", Op::kName, root, g.world);
-    int vi = 0;
-    while (vi + 1 < g.plan->nvariants && in_bytes > g.plan->variants[vi].max_in_bytes) ++vi;
+    int vi = 0;  // the first variant for this size; LL ones only where every peer's LL scratch is reachable
+    while (vi + 1 < g.plan->nvariants &&
+           (in_bytes > g.plan->variants[vi].max_in_bytes || (g.plan->variants[vi].ll && !g.ll_ok)))
+      ++vi;
     const Variant<Op>& v = g.plan->variants[vi];
+    if (v.ll && !g.ll_ok)
+      return fail(msg, len, "%s: this size's only schedule is LL, which needs every peer load/store reachable", Op::kName);
+    if (out != g.last_out) {  // nvshmem_ptr is a lookup: once per output buffer, not per call
+      for (int q = 0; q < g.world; ++q)
+        g.out_peer[q] = (q == g.rank || !Op::kAllowPeerPtr) ? nullptr : static_cast<char*>(nvshmem_ptr(out, q));
+      g.last_out = out;
+    }
     Params<Op> p{};
     p.in = static_cast<const char*>(in);
     p.out = static_cast<char*>(out);
     p.scr = g.scr;
     p.stage = g.stage;
+    p.ll = g.ll;
     for (int q = 0; q < g.world; ++q) {
-      p.out_peer[q] = (q == g.rank || !Op::kAllowPeerPtr) ? nullptr : static_cast<char*>(nvshmem_ptr(out, q));
+      p.out_peer[q] = g.out_peer[q];
       p.scr_peer[q] = q == g.rank ? nullptr : g.scr_peer[q];
       p.sig_peer[q] = g.sig_peer[q];
+      p.ll_peer[q] = g.ll_peer[q];
     }
     p.sig = g.sig;
     p.state = g.state;
     p.in_bytes = in_bytes;
     p.parts = v.parts;
     layout::shard_and_part(Op::kChunks, in_bytes, g.world, v.parts, sizeof(typename Op::Elem), &p.shard, &p.part);
-    p.tile = layout::tile_size(p.part, v.tile_bytes, v.ctas);
-    const int64_t ntiles = (p.part + p.tile - 1) / p.tile;
-    if (ntiles > Op::kMaxTiles)
+    const int ctas = g.tune_ctas > 0 ? g.tune_ctas : v.ctas;
+    p.tile = layout::tile_size(p.part, g.tune_tile > 0 ? g.tune_tile : v.tile_bytes, ctas);
+    // LL: one thread per 16-byte line of a part (tiles play no part); others: one CTA per tile at most
+    const int64_t ntiles = v.ll ? ((p.part + 7) / 8 + Op::kThreads - 1) / Op::kThreads : (p.part + p.tile - 1) / p.tile;
+    if (!v.ll && ntiles > Op::kMaxTiles)
       return fail(msg, len, "%s: %lld tiles exceed the %lld signal slots", Op::kName, static_cast<long long>(ntiles),
                   static_cast<long long>(Op::kMaxTiles));
     p.rank = g.rank;
     p.world = g.world;
     p.root = root;
     p.nsteps = v.nsteps;
+    p.is_ll = v.ll;
     const int rel = (g.rank - root + g.world) % g.world;
-    for (int i = 0; i < p.nsteps; ++i) p.steps[i] = v.table[rel][i];
+    p.steps = g.steps + (static_cast<int64_t>(vi) * g.world + rel) * Op::kMaxSteps;
+    if (v.ll && 2 * ((p.part + 7) / 8 * 8) * Op::kLLSlots > Op::kLLBytes / 2)
+      return fail(msg, len, "%s: %lld-byte parts exceed the LL scratch (%lld bytes)", Op::kName,
+                  static_cast<long long>(p.part), static_cast<long long>(Op::kLLBytes));
     p.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
     if constexpr (kGemm) {
       if (!g.begun) return fail(msg, len, "%s: run() without begin() on the caller's stream first", Op::kName);
@@ -196,7 +245,7 @@ struct Host {
     g.last_tile = p.tile;
     g.last_parts = p.parts;
     g.last_variant = &v;
-    int grid = static_cast<int>(ntiles < v.ctas ? (ntiles > 0 ? ntiles : 1) : v.ctas);
+    int grid = static_cast<int>(ntiles < ctas ? (ntiles > 0 ? ntiles : 1) : ctas);
     grid = grid < g.max_grid ? grid : g.max_grid;
     g.last_grid = grid;
     if (defer) {  // launched by launch_pending() after the producers are queued
@@ -220,12 +269,28 @@ struct Host {
     return launch(pending, g.pending_grid, stream, msg, len);
   }
 
+  // tilegen tune: run every call with `ctas` CTAs and tiles of `tile_bytes` (0: the plan's).
+  static int tune(int ctas, int64_t tile_bytes, char* msg, int len) {
+    if (ctas < 0 || tile_bytes < 0 || (tile_bytes && tile_bytes % 16))
+      return fail(msg, len, "%s: tune(%d CTAs, %lld-byte tiles): expected >= 0 and tiles of 16-byte multiples", Op::kName,
+                  ctas, static_cast<long long>(tile_bytes));
+    g.tune_ctas = ctas;
+    g.tune_tile = tile_bytes;
+    return 0;
+  }
+
   // After a bounded-wait call has finished on the stream: 0 if no wait timed out, else a message.
   static int wait_error(char* msg, int len) {
     if (!g.err_host || !g.err_host->failed) return 0;
     const dev::WaitError& w = *g.err_host;
     static const char* kinds[] = {"entry", "tile flag", "CTA counter"};
     g.poisoned = true;
+    if (w.signal_kind == 3)
+      return fail(msg, len,
+                  "%s: rank %d timed out in step %d (block %d) waiting for the LL lines of scratch slot %lld to hold flag "
+                  "%llu, saw %llu; a peer rank did not make the matching call",
+                  Op::kName, w.rank, w.step, w.block, static_cast<long long>(w.signal_index),
+                  static_cast<unsigned long long>(w.expected), static_cast<unsigned long long>(w.seen));
     return fail(msg, len,
                 "%s: rank %d timed out in step %d (block %d) waiting for %s signal %lld >= %llu, saw %llu; "
                 "a peer rank did not make the matching call",
@@ -353,6 +418,7 @@ struct Host {
     return tilegen::coll::Host<OP>::wait_chunk_on(chunk, stream, timeout_ns, msg, len);                                   \
   }                                                                                                                       \
   int tilegen_op_compute_order(int* out) { return tilegen::coll::Host<OP>::compute_order(out); }                          \
+  int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len) { return tilegen::coll::Host<OP>::tune(ctas, tile, msg, len); } \
   int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes,     \
                             uint64_t timeout_ns, int* comm_ctas, char* msg, int len) {                                    \
     return tilegen::coll::Host<OP>::chunk_sync(out, rows, tile_m, tiles_n, row_bytes, timeout_ns, comm_ctas, msg, len);  \

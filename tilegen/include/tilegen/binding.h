@@ -26,6 +26,7 @@ int tilegen_op_begin(void* stream, char* msg, int len);
 int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
 int tilegen_op_compute_order(int* out);
+int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len);
 int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                           uint64_t timeout_ns, char* msg, int len);
 }
@@ -180,6 +181,12 @@ inline void signal_chunk(int64_t chunk, int64_t stream) {
   });
 }
 
+// tilegen tune: every later call runs with `ctas` CTAs and `tile_bytes` tiles (0: the plan's choice).
+inline void tune(int64_t ctas, int64_t tile_bytes) {
+  ensure_ready();
+  call([&](char* msg) { return tilegen_op_tune(static_cast<int>(ctas), tile_bytes, msg, kMsg); }, /*named=*/false);
+}
+
 inline tvm::ffi::Array<int64_t> compute_order() {
   int o[64];
   if (tilegen_op_compute_order(o)) TVM_FFI_THROW(RuntimeError) << Spec::kName << ": no call yet";
@@ -230,6 +237,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, tilegen_binding::is_symmetric);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_binding::world);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_binding::release);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_binding::nvshmem_versions);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tune, tilegen_binding::tune);
 #if TILEGEN_BINDING_GEMM
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, tilegen_binding::begin);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(compute_order, tilegen_binding::compute_order);

@@ -5,7 +5,7 @@
 // exports the op with TILEGEN_EXPORT_COLLECTIVE.
 //
 // Traits (struct Op): kName, Elem, kOpId, kMaxWorld, kMaxSteps, kMaxSrc, kMaxDst, kMaxWait, kOutSlots,
-// kScrSlots, kInSlots, kMaxTiles, kScrBytes, kStageBytes, kMaxInBytes, kThreads, kReduceOp, kMaxCtas,
+// kScrSlots, kInSlots, kMaxTiles, kScrBytes, kLLBytes, kLLSlots, kStageBytes, kMaxInBytes, kThreads, kReduceOp, kMaxCtas,
 // kMaxVariants, kChunks, kReduces, kPerTile, kAllowPeerPtr, kRequirePeerPtr, kGemm, kFused, kWorldSizes,
 // using Step = coll::Step<kMaxSrc, kMaxDst, kMaxWait>, and static const WorldPlan<Op>* plan(int world).
 #pragma once
@@ -86,6 +86,7 @@ struct Variant {
   int parts, ctas;
   int64_t tile_bytes;
   int nsteps;
+  bool ll;                                          // flag-in-data schedule (LL scratch, no signals)
   const typename Op::Step (*table)[Op::kMaxSteps];  // [rank][step]
   const int (*order)[Op::kMaxWorld];                // GEMM ops: compute-stream chunk order per rank, else null
 };
@@ -107,11 +108,13 @@ struct Params {
   char* scr_peer[Op::kMaxWorld];
   uint64_t* sig;                      // this rank's signal block (symmetric)
   uint64_t* sig_peer[Op::kMaxWorld];  // peers' signal blocks through NVLink, or null -> NVSHMEM
+  char* ll;                           // LL schedules: this rank's LL scratch (symmetric, two parity halves)
+  char* ll_peer[Op::kMaxWorld];       // peers' LL scratch through NVLink
   uint64_t* state;                    // local: [0] epoch of the last finished call, [1] exit counter, [2 + s] step counters
   const uint64_t* epoch_src;          // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word
+  const typename Op::Step* steps;     // this rank's program, in device memory (small launch parameters)
   int64_t in_bytes, shard, part, tile;
-  int32_t parts, rank, world, root, nsteps;
-  typename Op::Step steps[Op::kMaxSteps];
+  int32_t parts, rank, world, root, nsteps, is_ll;
   dev::WaitCtx wait;
 };
 
@@ -234,6 +237,54 @@ __device__ __forceinline__ void move_tile(const Params<Op>& p, const typename Op
   if (staged) __syncthreads();
 }
 
+// ------------------------------------------------------------------------------------------- LL
+// Line `line` of scratch slot `slot` in the LL buffer `base` (one rank's), in this call's half.
+template <class Op>
+__device__ __forceinline__ char* ll_addr(const Params<Op>& p, char* base, int slot, int64_t line, uint64_t epoch) {
+  const int64_t stride = 2 * ((p.part + 7) / 8 * 8);  // a slot: one 16-byte line per 8 bytes of a part
+  return base + (epoch & 1) * (Op::kLLBytes / 2) + slot * stride + line * 16;
+}
+
+// One LL step. Line i of every unit goes to the same thread of the grid, so a thread that reads a
+// unit's bytes in one step and writes the same bytes in a later one does so in program order.
+template <class Op>
+__device__ __forceinline__ bool ll_step(const Params<Op>& p, const typename Op::Step& st, int64_t len, uint64_t epoch,
+                                        int s) {
+  using T = typename Op::Elem;
+  const uint32_t flag = static_cast<uint32_t>(epoch);
+  const int64_t lines = (len + 7) / 8;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < lines;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t lo = i * 8;
+    const int n = len - lo < 8 ? static_cast<int>(len - lo) : 8;
+    uint64_t v = 0;
+    typename dev::Acc<T>::type acc[8 / sizeof(T)];
+    for (int k = 0; k < st.nsrc; ++k) {
+      const Seg& g = st.src[k];
+      uint64_t x;
+      if (g.buf == kScr) {
+        if (!dev::ll_load(ll_addr(p, p.ll, g.slot, i, epoch), flag, &x, p.wait, g.slot, s)) return false;
+      } else {
+        x = dev::load8<true>(seg_ptr(p, g, lo), n);  // in (read-only) or this rank's out
+      }
+      if (st.nsrc == 1) v = x;
+      else if constexpr (Op::kReduces) dev::combine8<T, Op::kReduceOp>(acc, x, k == 0);
+    }
+    if constexpr (Op::kReduces)
+      if (st.nsrc > 1) v = dev::pack8<T>(acc);
+    for (int k = 0; k < st.ndst; ++k) {
+      const Seg& d = st.dst[k];
+      if (d.buf == kScr) {
+        const int q = abs_rank(p, d.rank);
+        dev::ll_store(ll_addr(p, q == p.rank ? p.ll : p.ll_peer[q], d.slot, i, epoch), v, flag);
+      } else {
+        dev::store8(seg_ptr(p, d, lo), v, n);  // this rank's out (the checker allows no other)
+      }
+    }
+  }
+  return true;
+}
+
 // The entry handshake: CTA 0 tells the ranks that write into this one that it entered the call;
 // every CTA waits until the ranks it writes into have entered it.
 template <class Op>
@@ -258,47 +309,88 @@ __device__ __forceinline__ bool enter_call(const Params<Op>& p, const typename O
   return ok;
 }
 
+// One tile of a non-LL step; false when a bounded wait gave up (the whole block returns).
+template <class Op>
+__device__ __forceinline__ bool run_tile(const Params<Op>& p, const typename Op::Step& st, int64_t len, int64_t t,
+                                         uint64_t epoch, int s) {
+  if (Op::kPerTile && st.nwait)
+    if (!wait_flags(p, st, t, epoch, s)) return false;
+  if (st.kind != kMove) return true;
+  const int64_t lo = t * p.tile;
+  move_tile(p, st, lo, len - lo < p.tile ? len - lo : p.tile, t, epoch);
+  if (Op::kPerTile) {
+    __syncthreads();
+    if (threadIdx.x == 0) signal_dests(p, st, t, epoch, true);
+  }
+  return true;
+}
+
 // Tiles of a unit go to CTAs round-robin (tile t to CTA t % grid), the same rule on every rank.
+// Collectives with per-tile flags go tile-major: round k runs tile k * grid + CTA of every step in
+// turn, so a later step (a reduction, a forward) works on tiles while earlier steps still send
+// others (tilegen/check.py simulates this order). GEMM ops and barrier mode go step by step.
 template <class Op>
 __global__ void __launch_bounds__(Op::kThreads) kernel(const __grid_constant__ Params<Op> p) {
+  constexpr bool kTileMajor = Op::kPerTile && Op::kGemm == Gemm::kNone;
   __shared__ uint64_t s_epoch;
+  __shared__ typename Op::Step s_steps[Op::kMaxSteps];  // the program, read once (not a global load per field)
+  __shared__ int64_t s_len[Op::kMaxSteps];
   if (threadIdx.x == 0) s_epoch = p.epoch_src ? dev::ld_acquire_gpu(p.epoch_src) : dev::ld_acquire_gpu(p.state) + 1;
+  {
+    static_assert(sizeof(typename Op::Step) % 4 == 0, "steps are copied as words");
+    const uint32_t* from = reinterpret_cast<const uint32_t*>(p.steps);
+    uint32_t* to = reinterpret_cast<uint32_t*>(s_steps);
+    const int words = p.nsteps * static_cast<int>(sizeof(typename Op::Step) / 4);
+    for (int i = threadIdx.x; i < words; i += blockDim.x) to[i] = __ldg(from + i);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.nsteps; i += blockDim.x)
+    s_len[i] = layout::unit_length(Op::kChunks, p.in_bytes, p.shard, p.part, p.parts, s_steps[i].unit);
   __syncthreads();
   const uint64_t epoch = s_epoch;  // calls on a stream are ordered: the previous one published its epoch
-  for (int s = 0; s < p.nsteps; ++s) {
-    const typename Op::Step& st = p.steps[s];
-    if (st.kind == kEntry) {
-      if (!enter_call(p, st, epoch, s)) return;
-      continue;
-    }
-    const int64_t len = layout::unit_length(Op::kChunks, p.in_bytes, p.shard, p.part, p.parts, st.unit);
-    const int64_t ntiles = (len + p.tile - 1) / p.tile;
-    if (st.kind == kMove) {
-      if (!Op::kPerTile && st.nwait && blockIdx.x < ntiles)
-        if (!wait_flags(p, st, 0, epoch, s)) return;
-      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
-        if (Op::kPerTile && st.nwait)
-          if (!wait_flags(p, st, t, epoch, s)) return;
-        const int64_t lo = t * p.tile;
-        move_tile(p, st, lo, len - lo < p.tile ? len - lo : p.tile, t, epoch);
-        if (Op::kPerTile) {
-          __syncthreads();
-          if (threadIdx.x == 0) signal_dests(p, st, t, epoch, true);
+  if (p.is_ll) {
+    bool ok = true;  // a thread whose wait timed out skips the rest (the block still exits together)
+    for (int s = 0; s < p.nsteps && ok; ++s) ok = ll_step(p, s_steps[s], s_len[s], epoch, s);
+  } else {
+    int s0 = 0;
+    for (; s0 < p.nsteps && s_steps[s0].kind == kEntry; ++s0)
+      if (!enter_call(p, s_steps[s0], epoch, s0)) return;
+    if (kTileMajor) {
+      for (int64_t t0 = blockIdx.x;; t0 += gridDim.x) {
+        bool any = false;
+        for (int s = s0; s < p.nsteps; ++s) {
+          if (t0 * p.tile >= s_len[s]) continue;
+          any = true;
+          if (!run_tile(p, s_steps[s], s_len[s], t0, epoch, s)) return;
+        }
+        if (!any) break;
+      }
+    } else {
+      for (int s = s0; s < p.nsteps; ++s) {
+        const typename Op::Step& st = s_steps[s];
+        const int64_t len = s_len[s];
+        const int64_t ntiles = (len + p.tile - 1) / p.tile;
+        if (st.kind == kMove) {
+          if (!Op::kPerTile && st.nwait && blockIdx.x < ntiles)
+            if (!wait_flags(p, st, 0, epoch, s)) return;
+          for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
+            if (!run_tile(p, st, len, t, epoch, s)) return;
+          if (!Op::kPerTile) {
+            if (threadIdx.x == 0) nvshmem_quiet();  // NVSHMEM puts of this block are complete (no-op without any)
+            if (dev::arrive_last(p.state + 2 + s, gridDim.x) && threadIdx.x == 0) signal_dests(p, st, 0, epoch, false);
+          }
+        } else if (Op::kPerTile) {  // kWait
+          for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
+            if (!wait_flags(p, st, t, epoch, s)) return;
+        } else if (blockIdx.x == 0) {
+          if (!wait_flags(p, st, 0, epoch, s)) return;
         }
       }
-      if (!Op::kPerTile) {
-        if (threadIdx.x == 0) nvshmem_quiet();  // NVSHMEM puts of this block are complete (no-op without any)
-        if (dev::arrive_last(p.state + 2 + s, gridDim.x) && threadIdx.x == 0) signal_dests(p, st, 0, epoch, false);
-      }
-    } else if (Op::kPerTile) {  // kWait
-      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
-        if (!wait_flags(p, st, t, epoch, s)) return;
-    } else if (blockIdx.x == 0) {
-      if (!wait_flags(p, st, 0, epoch, s)) return;
     }
   }
-  // The last block to leave resets the step counters and publishes the epoch for the next call.
-  if (dev::arrive_last(p.state + 1, gridDim.x) && threadIdx.x == 0) {
+  // The last block to leave resets the step counters and publishes the epoch for the next call
+  // (gpu scope: only this device's next kernel reads them, and nothing remote is ordered by it).
+  if (dev::arrive_last<false>(p.state + 1, gridDim.x) && threadIdx.x == 0) {
     for (int i = 0; i < Op::kMaxSteps; ++i) p.state[2 + i] = 0;
     p.state[1] = 0;
     dev::st_release_gpu(p.state, epoch);

@@ -81,7 +81,7 @@ struct WaitError {
   int32_t failed;      // 0 = no error; set once by the first waiter that timed out
   int32_t rank;        // rank that waited
   int32_t op_id;       // which op (index in the generated package)
-  int32_t signal_kind; // 0 = entry, 1 = tile flag, 2 = CTA counter
+  int32_t signal_kind; // 0 = entry, 1 = tile flag, 2 = CTA counter, 3 = LL line
   int64_t signal_index;
   uint64_t expected;
   uint64_t seen;
@@ -285,16 +285,78 @@ __device__ __forceinline__ void get_warp(char* dst, const char* peer_src, const 
 
 #endif
 
+// ---------------------------------------------------------------- LL: flag in data
+// NCCL's LL protocol: a 16-byte line holds 8 data bytes as {lo, flag, hi, flag}; one vector store
+// writes it and each 8-byte half is written atomically, so a reader that sees both flags equal to
+// the call's sees that call's data: no fence and no separate signal (twice the bytes).
+__device__ __forceinline__ void ll_store(char* line, uint64_t v, uint32_t flag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(line), "r"(static_cast<uint32_t>(v)), "r"(flag),
+               "r"(static_cast<uint32_t>(v >> 32)), "r"(flag)
+               : "memory");
+}
+// Spins until the line holds `flag` in both halves; false on timeout (after recording it).
+__device__ __forceinline__ bool ll_load(const char* line, uint32_t flag, uint64_t* v, const WaitCtx& ctx, int64_t index,
+                                        int step) {
+  uint32_t lo, f0, hi, f1;
+  uint64_t t0 = 0;
+  uint32_t spins = 0;
+  while (true) {
+    asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(lo), "=r"(f0), "=r"(hi), "=r"(f1) : "l"(line) : "memory");
+    if (f0 == flag && f1 == flag) break;
+    if (ctx.timeout_ns && ((++spins & 1023u) == 0)) {
+      const uint64_t now = globaltimer_ns();
+      if (!t0) t0 = now;
+      else if (now - t0 > ctx.timeout_ns) {
+        if (ctx.err && atomicCAS(&ctx.err->failed, 0, 1) == 0) {
+          ctx.err->rank = ctx.rank;
+          ctx.err->op_id = ctx.op_id;
+          ctx.err->signal_kind = 3;
+          ctx.err->signal_index = index;
+          ctx.err->expected = flag;
+          ctx.err->seen = f0 != flag ? f0 : f1;
+          ctx.err->block = blockIdx.x;
+          ctx.err->step = step;
+          __threadfence_system();
+        }
+        return false;
+      }
+    }
+  }
+  *v = static_cast<uint64_t>(lo) | static_cast<uint64_t>(hi) << 32;
+  return true;
+}
+// Up to 8 bytes of plain memory (the tail of a unit may be shorter or unaligned).
+template <bool READ_ONLY>
+__device__ __forceinline__ uint64_t load8(const char* p, int n) {
+  if (n == 8 && (reinterpret_cast<uintptr_t>(p) & 7) == 0) {
+    if constexpr (READ_ONLY) return __ldg(reinterpret_cast<const unsigned long long*>(p));
+    return __ldcg(reinterpret_cast<const unsigned long long*>(p));
+  }
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(READ_ONLY ? __ldg(p + i) : __ldcg(p + i))) << (8 * i);
+  return v;
+}
+__device__ __forceinline__ void store8(char* p, uint64_t v, int n) {
+  if (n == 8 && (reinterpret_cast<uintptr_t>(p) & 7) == 0) {
+    *reinterpret_cast<uint64_t*>(p) = v;
+    return;
+  }
+  for (int i = 0; i < n; ++i) p[i] = static_cast<char>(v >> (8 * i));
+}
+
 // ---------------------------------------------------------------- barriers
 // Arrive at a per-step counter of this rank; returns true in exactly one block per call: the last
 // one to arrive. `target` = arrivals of all previous calls + gridDim.x (host keeps the count).
+// SYS: the last block goes on to signal peers, so every block's stores (to peers too) are ordered
+// system-wide first; without it only this GPU's view is ordered (much cheaper).
+template <bool SYS = true>
 __device__ __forceinline__ bool arrive_last(uint64_t* counter, uint64_t target) {
   __shared__ int last;
   __syncthreads();  // all of this block's stores precede the arrival
   if (threadIdx.x == 0) {
-    fence_acq_rel_sys();
+    if (SYS) fence_acq_rel_sys();
     last = (atomic_add_acq_rel_gpu(counter, 1) + 1 == target);
-    if (last) fence_acq_rel_sys();
+    if (last && SYS) fence_acq_rel_sys();
   }
   __syncthreads();
   return last;
@@ -359,6 +421,24 @@ __device__ __forceinline__ A combine(A a, A b) {
   if constexpr (OP == 0) return a + b;
   else if constexpr (OP == 1) return a > b ? a : b;
   else return a < b ? a : b;
+}
+
+// acc (8 bytes of T) op= v, element-wise in T's accumulator type; first: acc = v.
+template <typename T, int OP>
+__device__ __forceinline__ void combine8(typename Acc<T>::type (&acc)[8 / sizeof(T)], uint64_t v, bool first) {
+  T e[8 / sizeof(T)];
+  memcpy(e, &v, 8);
+#pragma unroll
+  for (int k = 0; k < int(8 / sizeof(T)); ++k) acc[k] = first ? to_acc(e[k]) : combine<OP>(acc[k], to_acc(e[k]));
+}
+template <typename T>
+__device__ __forceinline__ uint64_t pack8(const typename Acc<T>::type (&acc)[8 / sizeof(T)]) {
+  T e[8 / sizeof(T)];
+#pragma unroll
+  for (int k = 0; k < int(8 / sizeof(T)); ++k) e[k] = from_acc<T>(acc[k]);
+  uint64_t v;
+  memcpy(&v, e, 8);
+  return v;
 }
 
 template <typename T, int OP, int MAXS, int MAXD>
