@@ -94,10 +94,10 @@ def test_planner_uses_ll_for_small_messages_only():
 
 
 def test_ll_schedule_rules_are_clear_errors():
-    with pytest.raises(ValueError, match="serves inputs up to 1 MiB"):
-        plan(spec(schedule="ll_two_shot", shape=[DynamicDim(name="m", max=65536), 1024]), 2)
-    with pytest.raises(ValueError, match="transport nvshmem lacks"):
-        plan(spec(schedule="ll_two_shot", transport="nvshmem"), 2)
+    with pytest.raises(ValueError, match="schedule: ll_two_shot carries its flags in the data and serves inputs up to"):
+        spec(schedule="ll_two_shot", shape=[DynamicDim(name="m", max=65536), 1024])
+    with pytest.raises(ValueError, match="schedule: ll_two_shot stores through NVLink peer pointers"):
+        spec(schedule="ll_two_shot", transport="nvshmem")
     assert all(v.schedule.sync != "ll" for v in plan(spec(transport="nvshmem"), 2).variants)
     with pytest.raises(ValueError):
         make_schedule("ag_gemm", "ll_direct", 2, "per_tile")  # GEMM ops wait on per-tile flags

@@ -70,3 +70,72 @@ def test_the_wheel_installs_and_generates_an_op(root, tmp_path):
     r = run(str(venv / "bin" / "tilegen"), "generate", str(spec), "-o", str(tmp_path / "pkg"), "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "pkg" / "ag" / "_build" / "libtilegen_ag.so").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.nvcc
+def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path):
+    """examples/downstream as its users build it: `pip wheel .` runs tilegen through its build backend;
+    the wheel holds every op's library for both archs with its provenance; a second build rebuilds
+    nothing; installed in a fresh venv on a PATH without nvcc, the ops import and describe themselves."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import zipfile
+    from pathlib import Path
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, **kw)  # noqa: E731
+    proj = tmp_path / "downstream"
+    shutil.copytree(root / "examples" / "downstream", proj,
+                    ignore=shutil.ignore_patterns("tp_ops", "build", "*.egg-info"))
+    wheel_cmd = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "-w", str(tmp_path / "dist"), str(proj))
+    r = run(*wheel_cmd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wheel = next((tmp_path / "dist").glob("tp_app-*.whl"))
+    assert wheel.name.endswith("-py3-none-linux_x86_64.whl")  # platform-specific, any CPython 3
+    names = set(zipfile.ZipFile(wheel).namelist())
+    ops = ("allreduce_bf16", "mlp_gate_up", "mlp_down")
+    for op in ops:
+        assert {f"tp_ops/{op}/_build/libtilegen_{op}.so", f"tp_ops/{op}/_build/build.json",
+                f"tp_ops/{op}/manifest.json", f"tp_ops/{op}/op.py"} <= names
+    assert not any(n.endswith((".o", ".d", "build.ninja")) for n in names)
+    libs = {op: proj / "tp_ops" / op / "_build" / f"libtilegen_{op}.so" for op in ops}
+    before = {op: p.stat().st_mtime_ns for op, p in libs.items()}
+    t0 = time.monotonic()
+    r = run(*wheel_cmd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {op: p.stat().st_mtime_ns for op, p in libs.items()} == before, "the second build rebuilt a library"
+    assert time.monotonic() - t0 < 60
+
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)).returncode == 0
+    py = venv / "bin" / "python"
+    site = run(str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    code = (
+        "import json, tp_ops, tp_app\n"
+        "from tilegen.runtime import OpLoadError, check_build\n"
+        "assert tp_ops.__file__.startswith(%r), tp_ops.__file__\n"
+        "prov = tp_app.provenance()\n"
+        "print(json.dumps(prov, sort_keys=True))\n"
+        "op = tp_ops.allreduce_bf16\n"
+        "assert check_build(op.directory, op.name, prov['allreduce_bf16']['nvshmem'], 'sm_100').exists()\n"
+        "try:\n"
+        "    check_build(op.directory, op.name, None, 'sm_80')\n"
+        "    raise SystemExit('sm_80 accepted')\n"
+        "except OpLoadError as e:\n"
+        "    assert 'holds GPU code for sm_90a, sm_100a only, but this GPU is sm_80' in str(e), e\n"
+    ) % site
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "nvcc").exists())
+    r = run(str(py), "-c", code, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prov = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(prov) == set(ops)
+    assert all(p["archs"] == ["sm_90a", "sm_100a"] and p["tilegen"] for p in prov.values())

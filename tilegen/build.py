@@ -34,7 +34,21 @@ def _q(s: str) -> str:
     return s.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
-def ninja_file(root: Path, specs: list[KernelSpec], tc: Toolchain) -> str:
+def op_archs(spec: KernelSpec, archs: list[str] | None) -> list[str]:
+    """The GPU archs an op's library holds code for: `archs` (one fat binary), else its spec's."""
+    if not archs:
+        return [spec.arch]
+    if spec.fused and any(a.rstrip("a") != gemm_arch(spec.arch).rstrip("a") for a in archs):
+        raise BuildError(f"op {spec.name}: its fused GEMM (CUTLASS wgmma/TMA) builds for {gemm_arch(spec.arch)} "
+                         f"only, not {', '.join(archs)}; build it in a package of its own or use overlap: decomposed")
+    return list(archs)
+
+
+def _gencode(archs: list[str]) -> str:
+    return " ".join(f for a in archs for f in nvcc_arch_flags(a))
+
+
+def ninja_file(root: Path, specs: list[KernelSpec], tc: Toolchain, archs: list[str] | None = None) -> str:
     inc = [f"-I{root / '_include'}", f"-I{tc.nvshmem_dir}/include"]
     fused = [s.name for s in specs if s.fused]
     if fused and not tc.cutlass_dir:
@@ -76,7 +90,7 @@ def ninja_file(root: Path, specs: list[KernelSpec], tc: Toolchain) -> str:
     ]
     for s in sorted(specs, key=lambda s: s.name):
         d = f"{s.name}/{BUILD_DIR}"
-        arch = " ".join(nvcc_arch_flags(s.arch))
+        arch = _gencode(op_archs(s, archs))
         objs = f"{d}/{s.name}.o {d}/{s.name}_binding.o"
         lines += [
             f"build {d}/{s.name}.o: cu {s.name}/{s.name}.cu",
@@ -169,13 +183,14 @@ def run_ninja(root: Path, specs: list[KernelSpec], spec_paths: dict[str, str], j
     return built
 
 
-def build_info(root: Path, spec: KernelSpec, tc: Toolchain) -> dict:
+def build_info(root: Path, spec: KernelSpec, tc: Toolchain, archs: list[str] | None = None) -> dict:
     lib = library_path(root, spec.name)
     return {
         "tilegen_version": __version__,
         "name": spec.name,
         "spec_hash": spec.spec_hash(),
         "arch": spec.arch,
+        "archs": op_archs(spec, archs),
         "nvcc": tc.nvcc_version,
         "nvshmem": tc.nvshmem_version,
         "tvm_ffi": tc.tvm_ffi_version,
@@ -186,12 +201,14 @@ def build_info(root: Path, spec: KernelSpec, tc: Toolchain) -> dict:
 
 
 def build_package(root: Path, specs: list[KernelSpec], spec_paths: dict[str, str], jobs: int | None = None,
-                  progress: bool = True) -> list[str]:
+                  progress: bool = True, archs: list[str] | None = None) -> list[str]:
+    """Build every op (ninja: only what changed); archs: GPU archs every library holds code for
+    (default: each spec's arch)."""
     tc = find_toolchain()
     fm = FileManager(root)
-    fm.write("build.ninja", ninja_file(root.resolve(), specs, tc))
+    fm.write("build.ninja", ninja_file(root.resolve(), specs, tc, archs))
     built = run_ninja(root, specs, spec_paths, jobs=jobs, progress=progress)
     for s in specs:
-        info = json.dumps(build_info(root, s, tc), indent=2, sort_keys=True) + "\n"
+        info = json.dumps(build_info(root, s, tc, archs), indent=2, sort_keys=True) + "\n"
         fm.write(f"{s.name}/{BUILD_DIR}/build.json", info)
     return built

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -130,12 +131,23 @@ def cmd_generate(args) -> int:
             return 0
         try:
             built = build_package(out, [ls.spec for ls in good], {ls.spec.name: str(ls.loc.path) for ls in good},
-                                  jobs=args.jobs, progress=not args.quiet)
+                                  jobs=args.jobs, progress=not args.quiet, archs=parse_archs(args.archs))
         except BuildError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     print(f"built {len(built)} step(s)" if built else "up to date: nothing rebuilt")
     return 0
+
+
+def parse_archs(text: str | None) -> list[str] | None:
+    """--archs sm_90a,sm_100a -> ['sm_90a', 'sm_100a'] (checked like a spec's arch)."""
+    if not text:
+        return None
+    archs = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in archs if not re.fullmatch(r"sm_\d{2,3}a?", a)]
+    if bad or not archs:
+        raise SystemExit(f"--archs: expected GPU archs like sm_90a,sm_100a, got {text!r}")
+    return archs
 
 
 def _check_drift(files: dict[str, str], out: Path) -> int:
@@ -221,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="generated")
     p.add_argument("-j", "--jobs", type=int)
     p.add_argument("--no-build", action="store_true", help="write sources only")
+    p.add_argument("--archs", help="GPU archs every library holds code for, e.g. sm_90a,sm_100a (default: the "
+                                   "spec's arch); plans are made for the spec's")
     p.add_argument("--check", action="store_true", help="fail if the sources in -o differ from what would be written")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--calibration", default="auto",

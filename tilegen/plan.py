@@ -14,7 +14,7 @@ from .ir import Schedule
 from .layout import layout, tile_bytes_for, unit_length
 from .registry import GEMM_OPS, OPS, algorithms_for, compute_order, make_schedule
 from .calibration import Calibration
-from .schedules import is_ll
+from .schedules import LL_MAX_BYTES, is_ll  # noqa: F401 (LL_MAX_BYTES: part of plan's API)
 from .spec import ARCH_MIN_SMS, KernelSpec
 
 
@@ -55,7 +55,6 @@ class Topology:
 
 
 TOPOLOGIES = {"nvswitch": Topology("nvswitch"), "ring_links": Topology("ring_links")}
-LL_MAX_BYTES = 1 << 20  # LL schedules (flag in data: twice the bytes, 4x scratch) only up to 1 MiB inputs
 
 
 @lru_cache(maxsize=None)
@@ -231,18 +230,11 @@ def plan(spec: KernelSpec, world: int, calibration: dict | Calibration | None = 
             topo, **{k: v for k, v in calibration.items() if k in Topology.__dataclass_fields__ and k != "name"}
         )
     algs = algorithms_for(spec.op) if spec.schedule == "auto" else [spec.schedule]
-    if spec.transport == "nvshmem":  # LL lines are stored through peer pointers only
-        if spec.schedule != "auto" and is_ll(spec.schedule):
-            raise ValueError(f"schedule {spec.schedule} needs NVLink peer pointers, which transport nvshmem lacks "
-                             f"(use auto or nvlink)")
+    if spec.transport == "nvshmem":  # LL lines are stored through peer pointers only (the spec refuses a fixed one)
         algs = [a for a in algs if not is_ll(a)]
     for a in algs:
         make_schedule(spec.op, a, world, spec.sync, spec.fused)  # raises for a schedule the op lacks
     max_in = spec.max_in_bytes(world)
-    if spec.schedule != "auto" and is_ll(spec.schedule) and max_in > LL_MAX_BYTES:
-        raise ValueError(f"schedule {spec.schedule} carries its flags in the data and serves inputs up to "
-                         f"{fmt_bytes(LL_MAX_BYTES)}; this spec allows {fmt_bytes(max_in)} at world {world} "
-                         f"(use schedule: auto, which uses it for small inputs)")
     table = []
     picks = []
     for n in message_sizes(max_in):

@@ -138,20 +138,37 @@ def check_build(directory: Path, name: str, runtime_nvshmem: str | None, device_
                           f"{__version__}; {rebuild}")
     if runtime_nvshmem is not None and info.get("nvshmem") != runtime_nvshmem:
         raise OpLoadError(
-            f"op {name} was built against NVSHMEM {info.get('nvshmem')}, but this process runs "
-            f"NVSHMEM {runtime_nvshmem}; {rebuild}"
+            f"op {name} was built against NVSHMEM {info.get('nvshmem')} (its device code is linked in), but this "
+            f"process runs NVSHMEM {runtime_nvshmem}; install a build for NVSHMEM {runtime_nvshmem} or {rebuild}"
         )
     if device_arch is not None:
-        built = info.get("arch", "")
-        if built.rstrip("a") != device_arch:
+        built = info.get("archs") or [info.get("arch", "")]
+        if device_arch not in {a.rstrip("a") for a in built}:
             raise OpLoadError(
-                f"op {name} was built for {built}, but this GPU is {device_arch}; set arch: {device_arch} "
-                f"in its spec and {rebuild}"
+                f"op {name} holds GPU code for {', '.join(built)} only, but this GPU is {device_arch}; set arch: "
+                f"{device_arch} in its spec (or generate --archs ...,{device_arch}) and {rebuild}"
             )
     lib = directory / "_build" / info["library"]
     if not lib.exists():
         raise OpLoadError(f"op {name}: {lib} is missing; {rebuild}")
     return lib
+
+
+def _preload_shared_libraries() -> None:
+    """Load NVSHMEM's host library and TVM-FFI's from their Python packages (global symbols), so that
+    an op library finds them by name wherever it was built (a wheel's rpath points at the build
+    machine's site-packages; no LD_LIBRARY_PATH needed)."""
+    if _state.get("preloaded"):
+        return
+    import ctypes
+
+    import tvm_ffi.libinfo
+    from .toolchain import nvshmem_dir
+
+    for path in (Path(nvshmem_dir()) / "lib" / "libnvshmem_host.so.3", Path(tvm_ffi.libinfo.find_libtvm_ffi())):
+        if path.exists():
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    _state["preloaded"] = True
 
 
 class GeneratedOp:
@@ -213,6 +230,7 @@ class GeneratedOp:
         lib = check_build(
             self.directory, self.name, nvshmem.get_version().libnvshmem_version, _arch_of_current_device()
         )
+        _preload_shared_libraries()
         mod = tvm_ffi.load_module(str(lib))
         compiled, runtime = (int(v) for v in mod.nvshmem_versions())
         if compiled != runtime:

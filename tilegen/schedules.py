@@ -267,6 +267,9 @@ def ar_ll_two_shot(w: int, sync: str) -> Schedule:
     return _ll("allreduce", "ll_two_shot", w, bodies)
 
 
+LL_MAX_BYTES = 1 << 20  # LL moves twice the bytes and needs 4x scratch: inputs up to 1 MiB
+
+
 def is_ll(algorithm: str) -> bool:
     return algorithm.startswith("ll_")
 

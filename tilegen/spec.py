@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from .registry import GEMM_OPS, OPS, algorithms_for, all_schedule_names
+from .schedules import LL_MAX_BYTES, is_ll
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".py")
 
@@ -292,6 +293,15 @@ class KernelSpec(_Frozen):
             raise ValueError(
                 f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), not {self.schedule}"
             )
+        if self.schedule != "auto" and is_ll(self.schedule):
+            if self.transport == "nvshmem":
+                raise ValueError(f"schedule: {self.schedule} stores through NVLink peer pointers, which transport "
+                                 f"nvshmem does not use (transport auto or nvlink, or another schedule)")
+            big = [w for w in self.world_sizes if self.max_in_bytes(w) > LL_MAX_BYTES]
+            if big:
+                raise ValueError(f"schedule: {self.schedule} carries its flags in the data and serves inputs up to "
+                                 f"{LL_MAX_BYTES} bytes; this spec allows {self.max_in_bytes(big[0])} at world "
+                                 f"{big[0]} (schedule: auto uses it for the small ones)")
         if self.op in REDUCING and self.dtype == "u8":
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self

@@ -82,7 +82,11 @@ def main() -> int:
     op(x, out, timeout_ms=0)  # loads the op (collective, allocates) before anything is timed
     mod = op.load()
     impls = {op.name: lambda: op(x, out, timeout_ms=0),
-             f"{op.name}.mod.run": lambda: mod.run(x, out, 0, -1, 0, False)}
+             f"{op.name}.mod.run": lambda: mod.run(x, out, 0, -1, 0, False),
+             # where a binding call's time goes: a TVM-FFI call, one tensor through DLPack, a bare launch
+             "ffi call, no tensor (mod.world)": lambda: mod.world(),
+             "ffi call, one tensor (mod.is_symmetric)": lambda: mod.is_symmetric(out),
+             "torch kernel launch (torch.cuda._sleep(0))": lambda: torch.cuda._sleep(0)}
     if dist.get_backend() == "nccl" and desc.nccl is not None:
         y = torch.empty_like(out)
         if desc.nccl_in_place:

@@ -7,6 +7,7 @@
 #   bash tools/gpu_check.sh coll [N]    collective benchmark (eager + CUDA graph) and host cost at N ranks
 #   bash tools/gpu_check.sh tune [N]    tilegen tune of the collective specs at N ranks ($OUT/calibration)
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
+#   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
 # tools/pack_prebuilt.sh, saves the build there), else generates and builds every spec. With one GPU,
@@ -138,6 +139,12 @@ case "$PHASE" in
       > "$OUT/generate_calibrated.log" 2>&1 || { tail -20 "$OUT/generate_calibrated.log"; exit 1; }
     bash "$0" tests "$NP" || status=1
     bash "$0" coll "$NP" || status=1 ;;
+  downstream)  # the downstream example's app from its wheel (carried in .whl/), no LD_LIBRARY_PATH: as users run it
+    python3 -c "import tp_app" 2>/dev/null || { echo "tp_app wheel not installed (pip wheel examples/downstream -w .whl)"; exit 1; }
+    start_mps_if_shared "$NP"
+    env -u LD_LIBRARY_PATH timeout 240 torchrun --nproc-per-node "$NP" -m tp_app > "$OUT/downstream_np$NP.log" 2>&1 \
+      || status=1
+    grep -E "^(tp_app|allreduce_bf16|mlp_)|Error" "$OUT/downstream_np$NP.log" | head -20 ;;
   gemm)
     start_mps_if_shared "$NP"
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --out "$OUT/bench_gemm_np$NP.json" \

@@ -158,5 +158,5 @@ def test_loading_a_build_for_another_nvshmem_fails_clearly(dist_env, tmp_path_fa
     info["nvshmem"] = "3.0.0"
     (dst / "_build" / "build.json").write_text(json.dumps(info))
     op = GeneratedOp(dst, "all_to_all_bf16", "all_to_all", "bfloat16", [{"name": "m", "max": 8192}, 4096], [2, 4, 8])
-    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0, but this process runs NVSHMEM [\d.]+; "):
+    with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0 .*but this process runs NVSHMEM [\d.]+; "):
         op.load()

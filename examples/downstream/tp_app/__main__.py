@@ -1,0 +1,3 @@
+from tp_app import main
+
+raise SystemExit(main())
