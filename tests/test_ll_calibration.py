@@ -193,3 +193,18 @@ def test_committed_calibrations_pick_within_5_percent_of_the_fastest(root, path)
     assert rows and all(not math.isnan(mine) for _, _, mine, _ in rows), rows
     worst = max(mine / fastest for _, _, mine, fastest in rows)
     assert worst <= 1.05, rows
+
+
+def test_ll_ops_make_every_rank_wait_for_every_other():
+    """Why an LL call may follow a non-LL one of the same op (variants switch by size): a rank's call
+    ends only after every rank stored data for that call (its output depends on every rank's input),
+    so every rank had finished the call before; the next LL call's parity half is free again. True
+    of every op with LL schedules, and must stay so (broadcast and reduce have none)."""
+    from tilegen.registry import OPS, expected_output
+    for kind, d in OPS.items():
+        if not any(a.startswith("ll_") for a in d.schedules):
+            continue
+        for w in (2, 3, 4, 8):
+            for r in range(w):
+                srcs = {s for k in range(d.out_chunks(w)) for s, _ in (expected_output(kind, w, 1, r, k) or [])}
+                assert srcs == set(range(w)), (kind, w, r, srcs)
