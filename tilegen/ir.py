@@ -55,6 +55,8 @@ class Step:
     signal_self: bool = False
 
     def describe(self, rank: int, sync: str) -> str:
+        if sync == "ll":
+            return self._describe_ll(rank)
         per = "per tile t" if sync == "per_tile" else "per chunk by the last CTA, t=0"
         if self.kind == "entry":
             return (f"entry   store entry[{rank}]=epoch -> ranks {list(self.notify)}; "
@@ -69,6 +71,14 @@ class Step:
         remote = sorted({d.rank for d in self.dests if d.rank != rank or self.signal_self})
         sig = f"; signal their flags @{remote} {per}" if remote else ""
         return f"{what} {pre}{src} (unit {self.unit}) -> {dst}{sig}"
+
+
+    def _describe_ll(self, rank: int) -> str:
+        what = "put    " if len(self.srcs) == 1 else "reduce "
+        src = " + ".join(f"{s.buf}[{s.slot}]" + (" (LL lines, as their flag arrives)" if s.buf == "scr" else "")
+                         for s in self.srcs)
+        dst = ", ".join(str(d) + (" (LL lines: flag in the data)" if d.buf == "scr" else "") for d in self.dests)
+        return f"{what} {src} (unit {self.unit}) -> {dst}"
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,9 @@ def format_plan(p: Plan) -> str:
         f"op {s.name}: {s.op} {s.dtype}{' ' + s.reduce if OPS[s.op].reduces else ''}, world {p.world}, "
         f"input up to {fmt_bytes(s.max_in_bytes(p.world))} per rank, sync {s.sync}, transport {s.transport}"
     ]
-    lines.append("predicted time of one call (us) per schedule, each at its best CTA count and tile (* the choice):")
+    how = ("measured (tilegen tune)" if any("measured on" in v.reason for v in p.variants)
+           else "predicted (cost model)")
+    lines.append(f"{how} time of one call (us) per schedule, each at its best CTA count and tile (* the choice):")
     algs = [c.algorithm for c in p.table[0][1]]
     lines.append("  " + f"{'bytes':>12}" + "".join(f"{a:>12}" for a in algs))
     for n, cands in p.table:
@@ -334,7 +336,7 @@ def format_plan(p: Plan) -> str:
         for r, steps in enumerate(v.schedule.ranks):
             lines.append(f"  rank {r}{' (root-relative)' if OPS[s.op].rooted else ''}:")
             for k, st in enumerate(steps):
-                lines.append(f"    {k:2d}  {st.describe(r, s.sync)}")
+                lines.append(f"    {k:2d}  {st.describe(r, v.schedule.sync)}")
             line = _compute_stream_line(s, v.schedule, r)
             if line:
                 lines.append(line)
