@@ -76,7 +76,7 @@ def test_per_tile_collectives_run_tile_major_and_gemm_ops_step_by_step():
     ntiles = lambda u: 3  # noqa: E731
     s = make_schedule("reduce_scatter", "direct", 2, "per_tile")
     ops = [o for o in expand_agent(s, 0, 0, 1, ntiles, 1) if o.kind == "write"]
-    assert [o.obj[2] for o in ops] == [0, 0, 1, 1, 2, 2]  # tile 0 of each step, then tile 1, ...
+    assert [o.obj[2] for o in ops] == [0, 1, 0, 2, 1, 2]  # round k: push tile k, reduce tile k - 1
     g = make_schedule("gemm_rs", "direct", 2, "per_tile")
     ops = [o for o in expand_agent(g, 0, 0, 1, ntiles, 1, gemm=True) if o.kind == "write"]
     assert [o.obj[2] for o in ops] == [0, 1, 2, 0, 1, 2]

@@ -87,7 +87,8 @@ def _hb(clock: tuple[int, int], vc: list[int]) -> bool:
 def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: int, gemm: bool = False) -> list[Op]:
     """The ops CTA ``cta`` of ``rank`` performs in one call: mirrors the kernel's step loop. A
     collective with per-tile flags runs tile-major (round k: tile k * ctas + cta of every step in
-    turn, collective.cuh's kTileMajor); a GEMM op's kernel (gemm) and barrier mode step by step."""
+    turn, a step with waits the tile of round k - 1: collective.cuh's kTileMajor); a GEMM op's
+    kernel (gemm) and barrier mode step by step."""
     if sched.sync == "ll":
         return _expand_ll(sched, rank, cta, ctas, ntiles, epoch)
     ops: list[Op] = []
@@ -141,11 +142,13 @@ def expand_agent(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch:
         else:
             raise CheckError(f"rank {rank} step {i}: unknown step kind {st.kind!r}")
         rounds.append(tiles)
-    if per_tile and not gemm:
-        for k in range(max((len(r) for r in rounds), default=0)):
-            for r in rounds:
-                if k < len(r):
-                    ops += r[k]
+    if per_tile and not gemm:  # a step that waits runs one round behind (collective.cuh)
+        steps = [st for st in sched.ranks[rank] if st.kind != "entry"]
+        lag = [1 if st.waits else 0 for st in steps]
+        for k in range(max((len(r) for r in rounds), default=0) + 1):
+            for r, d in zip(rounds, lag):
+                if 0 <= k - d < len(r):
+                    ops += r[k - d]
     else:
         for r in rounds:
             for tile in r:

@@ -112,12 +112,13 @@ def build_candidates(loaded: list, root: Path, cands: dict[str, list[KernelSpec]
     from .spec import LoadedSpec
 
     flat = [(c, ls) for ls in loaded for c in cands[ls.spec.name]]
-    try:  # carried from a CPU machine: nothing to do
-        for c, _ in flat:
-            check_build(root / c.name, c.name, None, None)
-        return
-    except (OpLoadError, FileNotFoundError):
-        pass
+    if not (root / "build.ninja").exists():  # carried from a CPU machine without its build state: built there
+        try:
+            for c, _ in flat:
+                check_build(root / c.name, c.name, None, None)
+            return
+        except (OpLoadError, FileNotFoundError):
+            pass
     write_files(generate_package([LoadedSpec(c, ls.loc) for c, ls in flat], None, "none"), root)
     build_package(root, [c for c, _ in flat], {c.name: str(ls.loc) for c, ls in flat}, progress=False)
 

@@ -9,7 +9,7 @@ Block r of every rank's [world * m, ...] input, concatenated in rank order, on r
 
 Shard shape: [m<=8192, 4096].
 Schedules (checked), by world size and input size:
-  world 2: ll_direct up to 16384 B, ll_direct up to 262144 B, direct up to 1048576 B, direct up to 134217728 B
+  world 2: ll_direct up to 16384 B, ll_direct up to 262144 B, direct up to 4194304 B, direct up to 134217728 B
   world 4: ll_direct up to 262144 B, direct up to 268435456 B
   world 8: ll_direct up to 262144 B, direct up to 536870912 B
 """

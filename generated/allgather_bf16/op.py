@@ -9,7 +9,7 @@ Every rank's [m, ...] shard, concatenated in rank order on every rank.
 
 Shard shape: [m<=65536, 8192].
 Schedules (checked), by world size and input size:
-  world 2: ll_direct up to 16384 B, ll_direct up to 1048576 B, ring up to 4194304 B, ring up to 1073741824 B
+  world 2: ll_direct up to 16384 B, ll_direct up to 1048576 B, direct up to 4194304 B, ring up to 1073741824 B
   world 4: ll_direct up to 65536 B, direct up to 1073741824 B
   world 8: ll_direct up to 65536 B, direct up to 1073741824 B
 """

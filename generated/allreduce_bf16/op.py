@@ -9,7 +9,7 @@ Every rank's [m, ...] tensor, reduced, on every rank.
 
 Shard shape: [m<=16384, 4096].
 Schedules (checked), by world size and input size:
-  world 2: ll_two_shot up to 1048576 B, ring up to 4194304 B, ring up to 16777216 B, ring up to 134217728 B
+  world 2: ll_one_shot up to 8192 B, ll_one_shot up to 262144 B, ll_two_shot up to 1048576 B, ring up to 134217728 B
   world 4: ll_one_shot up to 65536 B, ll_two_shot up to 262144 B, two_shot up to 134217728 B
   world 8: ll_one_shot up to 16384 B, ll_two_shot up to 262144 B, two_shot up to 134217728 B
 """

@@ -9,7 +9,7 @@ The root's [m, ...] tensor on every rank (root: a call argument).
 
 Shard shape: [m<=65536, 1000].
 Schedules (checked), by world size and input size:
-  world 2: chain up to 16000 B, direct up to 64000 B, chain up to 4192000 B, chain up to 262144000 B
+  world 2: chain up to 16000 B, direct up to 64000 B, chain up to 4192000 B, direct up to 262144000 B
   world 4: direct up to 262144 B, chain up to 262144000 B
   world 8: direct up to 262144 B, chain up to 262144000 B
 """

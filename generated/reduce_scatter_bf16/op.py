@@ -9,7 +9,7 @@ Block r of every rank's [world * m, ...] input, reduced, on rank r.
 
 Shard shape: [m<=16384, 8192].
 Schedules (checked), by world size and input size:
-  world 2: ll_direct up to 32768 B, ll_direct up to 262144 B, ring up to 16777216 B, ring up to 536870912 B
+  world 2: ll_direct up to 262144 B, ring up to 1048576 B, ring up to 16777216 B, ring up to 536870912 B
   world 4: ll_direct up to 262144 B, direct up to 1073741824 B
   world 8: ll_direct up to 262144 B, direct up to 2147483648 B
 """

@@ -32,7 +32,7 @@ struct Op {
   static constexpr int64_t kStageBytes = 65536LL;
   static constexpr int64_t kMaxInBytes = 2147483648LL;
   static constexpr int kThreads = 512;
-  static constexpr int kMaxCtas = 528;
+  static constexpr int kMaxCtas = 264;
   static constexpr int kReduceOp = 0;
   static constexpr Chunks kChunks = Chunks::kPerRank;
   static constexpr Gemm kGemm = Gemm::kNone;

@@ -327,8 +327,9 @@ __device__ __forceinline__ bool run_tile(const Params<Op>& p, const typename Op:
 
 // Tiles of a unit go to CTAs round-robin (tile t to CTA t % grid), the same rule on every rank.
 // Collectives with per-tile flags go tile-major: round k runs tile k * grid + CTA of every step in
-// turn, so a later step (a reduction, a forward) works on tiles while earlier steps still send
-// others (tilegen/check.py simulates this order). GEMM ops and barrier mode go step by step.
+// turn (a step that waits for peers' data: the tile of round k - 1), so a later step (a reduction,
+// a forward) works on tiles while earlier steps still send others (tilegen/check.py simulates this
+// order). GEMM ops and barrier mode go step by step.
 template <class Op>
 __global__ void __launch_bounds__(Op::kThreads) kernel(const __grid_constant__ Params<Op> p) {
   constexpr bool kTileMajor = Op::kPerTile && Op::kGemm == Gemm::kNone;
@@ -359,9 +360,16 @@ __global__ void __launch_bounds__(Op::kThreads) kernel(const __grid_constant__ P
       for (int64_t t0 = blockIdx.x;; t0 += gridDim.x) {
         bool any = false;
         for (int s = s0; s < p.nsteps; ++s) {
-          if (t0 * p.tile >= s_len[s]) continue;
+          // a step that waits for peers' data runs one round behind: its tile arrived while this
+          // CTA sent the round's other tiles (software pipelining: the wait is rarely a wait)
+          const int64_t t = s_steps[s].nwait ? t0 - gridDim.x : t0;
+          if (t < 0) {
+            any |= s_len[s] > 0;
+            continue;
+          }
+          if (t * p.tile >= s_len[s]) continue;
           any = true;
-          if (!run_tile(p, s_steps[s], s_len[s], t0, epoch, s)) return;
+          if (!run_tile(p, s_steps[s], s_len[s], t, epoch, s)) return;
         }
         if (!any) break;
       }
