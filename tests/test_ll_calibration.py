@@ -208,3 +208,11 @@ def test_ll_ops_make_every_rank_wait_for_every_other():
             for r in range(w):
                 srcs = {s for k in range(d.out_chunks(w)) for s, _ in (expected_output(kind, w, 1, r, k) or [])}
                 assert srcs == set(range(w)), (kind, w, r, srcs)
+
+
+def test_ll_reads_only_input_and_scratch():
+    s = make_schedule("allgather", "ll_direct", 2, "per_tile")
+    bad = list(s.ranks[1])
+    bad[-1] = Step("move", unit=0, srcs=(Seg(1, "out", 1),), dests=(Seg(1, "out", 0),))
+    v = check_schedule(Schedule(s.op, s.algorithm, 2, "ll", 1, (s.ranks[0], tuple(bad))))
+    assert not v.ok and "reads only its input and its scratch" in v.problems[0]

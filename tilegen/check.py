@@ -171,6 +171,9 @@ def _expand_ll(sched: Schedule, rank: int, cta: int, ctas: int, ntiles, epoch: i
         for g in st.waits:
             if g.rank != rank or g.buf != "scr":
                 raise CheckError(f"rank {rank} step {i}: LL waits on {g}; only this rank's scratch has LL flags")
+        for g in st.srcs:
+            if g.buf not in ("in", "scr"):  # the kernel reads plain memory through the read-only path
+                raise CheckError(f"rank {rank} step {i}: LL reads {g}; it reads only its input and its scratch")
         for t in range(ntiles(st.unit)):
             if t % ctas != cta:
                 continue

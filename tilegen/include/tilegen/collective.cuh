@@ -265,7 +265,7 @@ __device__ __forceinline__ bool ll_step(const Params<Op>& p, const typename Op::
       if (g.buf == kScr) {
         if (!dev::ll_load(ll_addr(p, p.ll, g.slot, i, epoch), flag, &x, p.wait, g.slot, s)) return false;
       } else {
-        x = dev::load8<true>(seg_ptr(p, g, lo), n);  // in (read-only) or this rank's out
+        x = dev::load8<true>(seg_ptr(p, g, lo), n);  // the input: read-only during the call (LL reads no other)
       }
       if (st.nsrc == 1) v = x;
       else if constexpr (Op::kReduces) dev::combine8<T, Op::kReduceOp>(acc, x, k == 0);
