@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .schedules import is_ll
+
 CALIBRATIONS_DIR = Path(__file__).resolve().parent / "calibrations"
 DEFAULT_MACHINE = {"sm_90": "h100-sxm-nvswitch", "sm_90a": "h100-sxm-nvswitch"}  # arch -> committed measurements
 FORMAT = 2
@@ -38,7 +40,6 @@ class Calibration:
 
     source: str
     tables: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
-    topology: dict[tuple[str, int], dict] = field(default_factory=dict)
     devices: dict[tuple[str, int], str] = field(default_factory=dict)
     digest: str = ""
 
@@ -50,27 +51,28 @@ class Calibration:
         return {"source": self.source, "sha256": self.digest,
                 "measured": sorted(f"{op} world {w} on {d}" for (op, w), d in self.devices.items())}
 
+    def rows(self, op: str, world: int, algorithms: list[str], ctas: int | None, tile_bytes: int | None) -> list[dict]:
+        """The measurements of these schedules, at the spec's fixed CTAs / tile when given (LL ones
+        have no tiles)."""
+        return [r for r in self.tables.get((op, world), []) if r["schedule"] in algorithms
+                and (ctas is None or r["ctas"] == ctas)
+                and (tile_bytes is None or is_ll(r["schedule"]) or r["tile_bytes"] == tile_bytes)]
+
     def best(self, op: str, world: int, in_bytes: int, algorithms: list[str], ctas: int | None = None,
              tile_bytes: int | None = None) -> dict[str, Pick]:
         """Per schedule, its fastest measured configuration at the measured size nearest in_bytes
         (ratio), among the fixed ctas / tile when given. Empty without measurements there."""
-        rows = self.tables.get((op, world), [])
         near = self.nearest(op, world, in_bytes)
         if near is None:
             return {}
         out: dict[str, Pick] = {}
-        for r in rows:
-            if r["in_bytes"] != near or r["schedule"] not in algorithms:
-                continue
-            if ctas is not None and r["ctas"] != ctas:
-                continue
-            if tile_bytes is not None and not r["schedule"].startswith("ll_") and r["tile_bytes"] != tile_bytes:
+        for r in self.rows(op, world, algorithms, ctas, tile_bytes):
+            if r["in_bytes"] != near:
                 continue
             p = Pick(r["schedule"], r["ctas"], r["tile_bytes"], r["us"])
             if r["schedule"] not in out or (p.us, p.ctas) < (out[r["schedule"]].us, out[r["schedule"]].ctas):
                 out[r["schedule"]] = p
         return out
-
 
     def nearest(self, op: str, world: int, in_bytes: int) -> int | None:
         sizes = sorted({r["in_bytes"] for r in self.tables.get((op, world), [])})
@@ -78,30 +80,13 @@ class Calibration:
             return None
         return min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(max(in_bytes, 1))), s))
 
-    def run_config(self, op: str, world: int, algorithm: str, sizes: list[int]) -> tuple[int, int] | None:
-        """The (ctas, tile bytes) of `algorithm` whose worst ratio to that schedule's fastest time over
-        the measured sizes nearest `sizes` is smallest: one setting for a variant's range of sizes."""
-        near = {self.nearest(op, world, n) for n in sizes} - {None}
-        rows = [r for r in self.tables.get((op, world), []) if r["schedule"] == algorithm and r["in_bytes"] in near]
-        fastest = {n: min((r["us"] for r in rows if r["in_bytes"] == n), default=None) for n in near}
-        by_cfg: dict[tuple[int, int], dict[int, float]] = {}
-        for r in rows:
-            by_cfg.setdefault((r["ctas"], r["tile_bytes"]), {})[r["in_bytes"]] = r["us"]
-        full = {c: t for c, t in by_cfg.items() if set(t) == near}
-        if not full:
-            return None
-        return min(full, key=lambda c: (max(full[c][n] / fastest[n] for n in near), c))
-
-
     def segments(self, op: str, world: int, algorithms: list[str], max_in: int, max_variants: int,
                  ctas: int | None = None, tile_bytes: int | None = None) -> list[tuple[int, Pick, float]]:
         """Split the measured sizes (up to max_in) into at most max_variants ranges, one configuration
         (schedule, ctas, tile) each, minimising the worst ratio of a size's time to the fastest
         measured at that size. Returns (top size, configuration, its worst ratio) per range; empty
         without measurements."""
-        rows = [r for r in self.tables.get((op, world), []) if r["schedule"] in algorithms and r["in_bytes"] <= max_in
-                and (ctas is None or r["ctas"] == ctas)
-                and (tile_bytes is None or r["schedule"].startswith("ll_") or r["tile_bytes"] == tile_bytes)]
+        rows = [r for r in self.rows(op, world, algorithms, ctas, tile_bytes) if r["in_bytes"] <= max_in]
         sizes = sorted({r["in_bytes"] for r in rows})
         if not sizes:
             return []
@@ -147,7 +132,6 @@ def _add_file(cal: Calibration, path: Path, h) -> None:
         raise ValueError(f"{path}: not a tilegen calibration of format {FORMAT} (rerun `tilegen tune`)")
     key = (data["op"], int(data["world"]))
     cal.tables.setdefault(key, []).extend(data["measurements"])
-    cal.topology[key] = data.get("topology", {})
     cal.devices[key] = data.get("device", "?")
     h.update(path.name.encode() + b"\0" + path.read_bytes())
 

@@ -14,7 +14,7 @@ from .ir import Schedule
 from .layout import layout, tile_bytes_for, unit_length
 from .registry import GEMM_OPS, OPS, algorithms_for, compute_order, make_schedule
 from .calibration import Calibration
-from .schedules import LL_MAX_BYTES, is_ll  # noqa: F401 (LL_MAX_BYTES: part of plan's API)
+from .schedules import LL_MAX_BYTES, is_ll
 from .spec import ARCH_MIN_SMS, KernelSpec
 
 
@@ -202,11 +202,15 @@ def choose(spec: KernelSpec, world: int, in_bytes: int, topo: Topology,
 MAX_VARIANTS = 4  # schedules per world, by message size
 
 
+def fixed_settings(spec: KernelSpec) -> tuple[int | None, int | None]:
+    """The CTAs and tile bytes the spec fixes (None: auto), which measured choices must keep."""
+    return None if spec.ctas == "auto" else spec.ctas, None if spec.tile_bytes == "auto" else spec.tile_bytes
+
+
 def measured_choice(cal: Calibration, spec: KernelSpec, world: int, in_bytes: int,
                     algorithms: list[str]) -> tuple[Candidate, int, int, tuple[Candidate, ...]] | None:
     """Like choose(), from `tilegen tune` measurements (None where there are none for this size)."""
-    picks = cal.best(spec.op, world, in_bytes, algorithms, None if spec.ctas == "auto" else spec.ctas,
-                     None if spec.tile_bytes == "auto" else spec.tile_bytes)
+    picks = cal.best(spec.op, world, in_bytes, algorithms, *fixed_settings(spec))
     if not picks:
         return None
     best = min(picks.values(), key=lambda p: (p.us, p.algorithm))
@@ -245,8 +249,7 @@ def plan(spec: KernelSpec, world: int, calibration: dict | Calibration | None = 
             cands = tuple(next((c for c in cands if c.algorithm == a), Candidate(a, float("inf"))) for a in algs)
         table.append((n, cands))
         picks.append((n, best.algorithm, ctas, tile))
-    segs = measured.segments(spec.op, world, algs, max_in, MAX_VARIANTS, None if spec.ctas == "auto" else spec.ctas,
-                             None if spec.tile_bytes == "auto" else spec.tile_bytes) if measured else []
+    segs = measured.segments(spec.op, world, algs, max_in, MAX_VARIANTS, *fixed_settings(spec)) if measured else []
     variants = []
     lo = 0
     if segs:  # measured: ranges of sizes, one configuration each, closest to the fastest at every size
