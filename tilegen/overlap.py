@@ -99,7 +99,7 @@ class _GemmOp(GeneratedOp):
         caller's stream (so a CUDA graph replays it right), then both side streams start after it."""
         torch = _torch()
         main = (
-            torch.cuda.ExternalStream(_stream_handle(a, stream))
+            torch.cuda.ExternalStream(_stream_handle(stream))
             if stream is not None
             else torch.cuda.current_stream(a.device)
         )

@@ -330,7 +330,7 @@ class GeneratedOp:
         if root and not OPS[self.kind].rooted:
             rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
             raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
-        handle = -1 if stream is None else _stream_handle(input, stream)
+        handle = _stream_handle(stream)
         timeout_ns = self._timeout_ns(timeout_ms)
         if timeout_ns:
             self._refuse_bounded_capture(handle, timeout_ns)
@@ -355,7 +355,7 @@ class GeneratedOp:
         return input, self.empty_output(self.shard_rows(int(input.shape[0])))
 
 
-def _stream_handle(tensor: Any, stream: Any) -> int:
+def _stream_handle(stream: Any) -> int:
     """The CUDA stream to launch on: explicit, else -1: the binding takes TVM-FFI's stream for the
     call, which TVM-FFI sets to the framework's current stream (torch's, through the DLPack exchange
     API) when the arguments are its tensors. No Python-side stream lookup per call."""
