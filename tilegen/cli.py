@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .calibration import resolve
 from .spec import json_schema, load_specs
+from .toolchain import ARCH_PATTERN
 
 VERDICTS = ".tilegen-verdicts.json"  # the checker's verdicts, remembered beside a generated package
 
@@ -144,7 +145,7 @@ def parse_archs(text: str | None) -> list[str] | None:
     if not text:
         return None
     archs = [a.strip() for a in text.split(",") if a.strip()]
-    bad = [a for a in archs if not re.fullmatch(r"sm_\d{2,3}a?", a)]
+    bad = [a for a in archs if not re.fullmatch(ARCH_PATTERN, a)]
     if bad or not archs:
         raise SystemExit(f"--archs: expected GPU archs like sm_90a,sm_100a, got {text!r}")
     return archs

@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .toolchain import ARCH_PATTERN
+
 # What a wheel carries of a generated package (besides its __init__.py): the libraries, their
 # provenance, the wrappers and the reviewable sources; not objects, ninja state or verdicts.
 PACKAGE_DATA = ["_include/tilegen/*", "*/op.py", "*/manifest.json", "*/*.cu", "*/*.cc", "*/*.inc",
@@ -72,7 +74,7 @@ def read_config(pyproject: Path) -> ProjectConfig | None:
         raise ProjectError(f"{where}.package: expected the folder of a top-level package (e.g. 'myproject_ops' or "
                            f"'src/myproject_ops'), got {package!r}")
     archs = table.get("archs", [])
-    if not isinstance(archs, list) or not all(isinstance(a, str) and re.fullmatch(r"sm_\d{2,3}a?", a) for a in archs):
+    if not isinstance(archs, list) or not all(isinstance(a, str) and re.fullmatch(ARCH_PATTERN, a) for a in archs):
         raise ProjectError(f"{where}.archs: expected GPU archs like ['sm_90a', 'sm_100a'], got {archs!r}")
     cal = table.get("calibration", "auto")
     if not isinstance(cal, str):

@@ -22,6 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from .registry import GEMM_OPS, OPS, algorithms_for, all_schedule_names
 from .schedules import LL_MAX_BYTES, is_ll
+from .toolchain import ARCH_PATTERN
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".py")
 
@@ -237,7 +238,7 @@ class KernelSpec(_Frozen):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
-        if not re.fullmatch(r"sm_(7[05]|8[069]|9[0]a?|10[0-3]a?|12[01]a?)", v):
+        if not re.fullmatch(ARCH_PATTERN, v):
             raise ValueError(f"expected an architecture such as sm_90 or sm_90a, got {v!r}")
         if int(re.sub(r"\D", "", v)) < 70:
             raise ValueError("needs sm_70 or newer (NVSHMEM device API)")

@@ -38,6 +38,10 @@ def reproducible_flags(*roots: str) -> tuple[str, ...]:
     return REPRODUCIBLE + tuple(f for r in roots for f in ("-Xcompiler", f"-ffile-prefix-map={r.rstrip('/')}/="))
 
 
+# The GPU architectures a spec, `generate --archs` and a project's archs may name (NVSHMEM: sm_70+).
+ARCH_PATTERN = r"sm_(7[05]|8[069]|9[0]a?|10[0-3]a?|12[01]a?)"
+
+
 def gemm_arch(arch: str) -> str:
     """The fused GEMM uses wgmma/TMA: Hopper's arch-specific target (sm_90a)."""
     return arch if arch.endswith("a") else arch + "a"
