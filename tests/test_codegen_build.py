@@ -98,7 +98,8 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
         "cutlass::half_t, /*kBRowMajor=*/false" in rs_files["rsf_gemm.cu"]
         and "kGathersA=*/false" in rs_files["rsf_gemm.cu"]
     )
-    assert "agd_gemm.cu" not in generate_op(dec, None) and "fused=False" in generate_op(dec, None)["op.py"]
+    assert "agd_gemm.cu" not in generate_op(dec, None) and 'overlap="copy_engine"' in generate_op(dec, None)["op.py"]
+    assert 'overlap="fused"' in files["op.py"]
     man = json.loads(files["manifest.json"])
     assert (
         man["fused_gemm"]["tile"] == [128, 128, 64]

@@ -1,5 +1,6 @@
 """Planner schedules and cost model; the checker on every schedule and on deliberately broken ones."""
 import dataclasses
+import re
 
 import pytest
 from dataclasses import replace
@@ -417,3 +418,70 @@ def test_rooted_reduce_leaves_other_outputs_alone():
     broken = replace(s, ranks=tuple(steps + ((extra,) if r == 2 else ()) for r, steps in enumerate(s.ranks)))
     v = check_schedule(broken)
     assert any("written, but the op writes no output on rank 2" in p for p in v.problems), v
+
+
+# ------------------------------------------------------------------ copy-engine overlap protocol
+from tilegen import ce_program  # noqa: E402
+from tilegen.check import check_copy_engine  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["ag_gemm", "gemm_rs"])
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_copy_engine_programs_pass_the_checker(kind, world):
+    v = check_copy_engine(kind, world, seeds=8)
+    assert v.ok, str(v)
+    assert v.ops > 0 and len(v.configs) == 3
+
+
+def _mutated(kind, change):
+    """program_fn whose programs are the real ones with `change(steps, rank)` applied."""
+    return lambda w, r, s: tuple(change(list(ce_program.program(kind, w, r, s)), r))
+
+
+def _drop(kind_of_step, stream=None, last=False):
+    def change(steps, r):
+        idx = [i for i, st in enumerate(steps) if st.kind == kind_of_step and (stream is None or st.stream == stream)]
+        del steps[idx[-1] if last else idx[0]]
+        return steps
+    return change
+
+
+@pytest.mark.parametrize("kind, change, symptom", [
+    # no entry handshake: a fast rank pushes into / reads from buffers its peer's previous call still uses
+    ("ag_gemm", _drop("begin"), "write-after-read|expected|set again"),
+    ("gemm_rs", _drop("begin"), "write-after-read|expected|set again|deadlock"),
+    # the caller's stream returns before the copies finish: the user's next A is read mid-copy
+    ("ag_gemm", _drop("join", last=True), "write-after-read|expected"),
+    # a consumer that does not wait for the flag reads another call's data (or none)
+    ("ag_gemm", _drop("wait"), "expected|set again"),
+    ("gemm_rs", _drop("wait"), "expected|set again"),
+    # the own GEMM before its split's pulls are joined: C misses the peers' contributions
+    ("gemm_rs", _drop("join"), "expected|write-after-read"),
+])
+def test_copy_engine_checker_catches_broken_protocols(kind, change, symptom):
+    v = check_copy_engine(kind, 2, splits_options=(1, 2), seeds=30, program_fn=_mutated(kind, change))
+    assert not v.ok
+    assert any(re.search(symptom, p) for p in v.problems), v.problems[:5]
+
+
+def test_copy_engine_checker_reports_a_split_mismatch_as_deadlock():
+    """Ranks that split their chunks differently (e.g. TILEGEN_CE_SPLITS set on one rank only) wait
+    for flags nobody sets: the checker names the blocked wait."""
+    def fn(w, r, s):
+        return ce_program.program("gemm_rs", w, r, s + (r == 1))
+    v = check_copy_engine("gemm_rs", 2, splits_options=(1,), seeds=3, program_fn=fn)
+    assert not v.ok and any("deadlock" in p and "wait for flag" in p for p in v.problems)
+
+
+def test_copy_engine_program_shape():
+    """Rank r sends to r+1 first and hears from r-1 first; every split of every peer is flagged once."""
+    assert ce_program.peers(1, 4) == ((2, 3, 0), (0, 3, 2))
+    steps = ce_program.program("ag_gemm", 4, 1, 2)
+    puts = [(st.peer, st.flag) for st in steps if st.kind == "put"]
+    assert puts == [(q, ce_program.flag(1, s)) for q in (2, 3, 0) for s in (0, 1)]
+    waits = [st.flag for st in steps if st.kind == "wait"]
+    assert waits == [ce_program.flag(q, s) for q in (0, 3, 2) for s in (0, 1)]
+    rs = ce_program.program("gemm_rs", 4, 1, 1)
+    assert [st.dst[0] for st in rs if st.kind == "get"] == ["c", "extra.0", "extra.1"]
+    with pytest.raises(ValueError, match="splits"):
+        ce_program.program("gemm_rs", 2, 0, 9)

@@ -224,3 +224,25 @@ def test_sharding_and_gemm_cta_errors_are_located(old, new, expected):
 def test_fused_needs_every_share_a_multiple_of_8():
     with pytest.raises(Exception, match="n and k multiples of 8 .* at world 8"):
         parse_yaml_spec(GEMM_RS.replace("{full: 14336}", "{full: 14368}") + "overlap: fused\n", "s.yaml")
+
+
+def test_overlap_auto_is_the_copy_engine_unless_the_kernel_is_configured():
+    """auto runs the copy engines (the fastest measured style); a spec that sets the communication
+    kernel's CTAs, tiles, schedule or NVSHMEM transport keeps the kernel (decomposed)."""
+    assert parse_yaml_spec(GEMM_RS, "s.yaml").spec.overlap_style == "copy_engine"
+    assert parse_yaml_spec(GEMM_RS + "ctas: 8\n", "s.yaml").spec.overlap_style == "decomposed"
+    assert parse_yaml_spec(GEMM_RS + "transport: nvshmem\n", "s.yaml").spec.overlap_style == "decomposed"
+    assert parse_yaml_spec(GEMM_RS + "overlap: fused\n", "s.yaml").spec.overlap_style == "fused"
+    assert parse_yaml_spec(GEMM_RS.replace("op: gemm_rs", "op: allgather").replace("n: 4096\nb_layout: nk\n", "")
+                           .replace("{full: 14336}", "14336"), "s.yaml").spec.overlap_style is None
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("overlap: copy_engine\ntransport: nvshmem\n", r"s\.yaml:\d+:\d+: transport: the copy-engine overlap copies"),
+    ("overlap: copy_engine\nctas: 8\n", r"s\.yaml:\d+:\d+: ctas: the copy-engine overlap runs no communication kernel"),
+    ("overlap: copy_engine\ntile_bytes: 65536\n", r"s\.yaml:\d+:\d+: tile_bytes: the copy-engine overlap runs no"),
+    ("overlap: dma\n", r"s\.yaml:\d+:\d+: overlap: .*copy_engine"),
+])
+def test_copy_engine_spec_errors_are_located(extra, expected):
+    errs = errors_of(GEMM_RS + extra)
+    assert any(re.match(expected, e) for e in errs), errs

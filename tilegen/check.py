@@ -630,3 +630,180 @@ def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int]
         if pos != n:
             problems.append(f"{op} {n} B: units cover {pos} bytes")
     return problems
+
+
+# ------------------------------------------------------------------ copy-engine overlap (GEMM ops)
+# The programs of tilegen/ce_program.py on every rank, CE_CALLS calls back to back, each step of a
+# stream in issue order. A copy or GEMM reads its sources when it starts and writes its destination
+# when it ends, and other streams run in between: a source changed in between is a write-after-read,
+# and data are tagged with (rank, chunk, split, call), so a read of another call's data (or of no
+# data) shows in the outputs the user reads after each call. The user writes A before each call and
+# reads C after it on the caller's stream.
+CE_CALLS = 3
+
+
+def _ce_regions(reg, splits: int) -> list[tuple]:
+    buf, chunk, split = reg
+    return [(buf, chunk, s) for s in (range(splits) if split is None else (split,))]
+
+
+class _CeSim:
+    def __init__(self, kind: str, world: int, splits: int, programs, rng: random.Random | None):
+        self.kind, self.W, self.S, self.rng = kind, world, splits, rng
+        self.data: dict[tuple, object] = {}  # (rank, buffer, chunk, split) -> value
+        self.flags: dict[tuple[int, int], int] = {}
+        self.entry: dict[tuple[int, int], int] = {}  # (rank, peer) -> the last call the peer entered
+        self.queues: dict[tuple[int, str], list] = {}
+        for r in range(world):
+            main, copy = [], []
+            for call in range(CE_CALLS):
+                main.append(("user_write", call, None))
+                for st in programs[r]:
+                    q = main if st.stream == "main" else copy
+                    # a join waits for the copy steps issued so far, a fork for the main steps so far
+                    mark = len(copy) if st.kind == "join" else len(main) if st.kind == "fork" else None
+                    if st.kind in ("gemm", "put", "get", "add"):
+                        q.append(("start", call, st))
+                        q.append(("end", call, st))
+                    elif st.kind == "begin":  # notify the peers, then wait until they all entered
+                        q.append(("begin", call, st))
+                        q.append(("begin_wait", call, st))
+                    else:
+                        q.append((st.kind, call, st if mark is None else (st, mark)))
+                main.append(("user_read", call, None))
+            self.queues[(r, "main")], self.queues[(r, "copy")] = main, copy
+        self.pos = {k: 0 for k in self.queues}
+        self.inflight: dict[tuple[int, str], tuple] = {}  # stream -> (sources and the values read, result)
+        self.problems: list[str] = []
+
+    # values
+    def a_value(self, r: int, reg, call: int):
+        return ("A", r, reg[1], reg[2], call)
+
+    def expected_c(self, r: int, reg, call: int):
+        buf, chunk, s = reg
+        if self.kind == "ag_gemm":
+            return ("G", ("A", chunk, None, s, call))
+        return frozenset(("G", ("A", q, r, s, call)) for q in range(self.W))
+
+    def where(self, r: int, st, src: bool):
+        """(rank, region) list a step reads (src) or writes."""
+        reg = st.src if src else st.dst
+        remote = (st.kind == "get" and src) or (st.kind == "put" and not src)
+        return [(st.peer if remote else r,) + x for x in _ce_regions(reg, self.S)]
+
+    def result(self, st, vals: list, old: list):
+        if st.kind == "gemm":
+            g = [("G", v) for v in vals]
+            return [frozenset(o | {x}) if isinstance(o, frozenset) else None for o, x in zip(old, g)] \
+                if st.accumulate else g
+        if st.kind == "add":
+            return [frozenset(o | v) if isinstance(o, frozenset) and isinstance(v, frozenset) else None
+                    for o, v in zip(old, vals)]
+        if st.kind == "get":  # gemm_rs: a peer's partial product starts a sum
+            return [frozenset({v}) if v is not None else None for v in vals]
+        return list(vals)
+
+    def blocked(self, key) -> str | None:
+        """Why stream `key`'s next step cannot run now, or None."""
+        r, _ = key
+        kind, call, st = self.queues[key][self.pos[key]]
+        if kind == "wait" and self.flags.get((r, st.flag), 0) != 1:
+            return f"rank {r} call {call}: wait for flag {st.flag} (rank {st.flag // 8}, split {st.flag % 8})"
+        if kind == "begin_wait" and any(self.entry.get((r, q), -1) < call for q in range(self.W) if q != r):
+            return f"rank {r} call {call}: entry handshake"
+        if kind in ("join", "fork"):
+            other = (r, "copy" if kind == "join" else "main")
+            if self.pos[other] < st[1]:
+                return f"rank {r} call {call}: {kind} on the {other[1]} stream"
+        return None
+
+    def step(self, key) -> None:
+        r, stream = key
+        kind, call, st = self.queues[key][self.pos[key]]
+        self.pos[key] += 1
+        if kind == "user_write":
+            for reg in self._a_regions():
+                self.data[(r,) + reg] = self.a_value(r, reg, call)
+        elif kind == "user_read":
+            for reg in self._c_regions():
+                got, want = self.data.get((r,) + reg), self.expected_c(r, reg, call)
+                if got != want:
+                    self.problems.append(f"rank {r} call {call}: {reg} holds {got}, expected {want}")
+        elif kind == "begin":
+            for q in range(self.W):
+                if q != r:
+                    self.entry[(q, r)] = call
+        elif kind == "signal" or (kind == "end" and st.kind == "put"):
+            if kind == "end":
+                self._finish(key, st, call)
+            if self.flags.get((st.peer, st.flag), 0):
+                self.problems.append(f"rank {r} call {call}: flag {st.flag} of rank {st.peer} set again before its "
+                                     f"wait cleared it")
+            self.flags[(st.peer, st.flag)] = 1
+        elif kind == "wait":
+            self.flags[(r, st.flag)] = 0
+        elif kind == "start":
+            reads = self.where(r, st, True) + (self.where(r, st, False) if st.accumulate or st.kind == "add" else [])
+            self.inflight[key] = [(w, self.data.get(w)) for w in reads]
+        elif kind == "end":
+            self._finish(key, st, call)
+
+    def _finish(self, key, st, call) -> None:
+        r = key[0]
+        read = self.inflight.pop(key)
+        for w, v in read:
+            if self.data.get(w) != v:
+                self.problems.append(f"rank {r} call {call}: {st.kind} read rank {w[0]}'s {w[1:]} while it was "
+                                     f"overwritten (write-after-read)")
+        srcs = self.where(r, st, True)
+        vals = [v for w, v in read[:len(srcs)]]
+        dsts = self.where(r, st, False)
+        old = [v for w, v in read[len(srcs):]] or [self.data.get(w) for w in dsts]
+        for w, v in zip(dsts, self.result(st, vals, old)):
+            self.data[w] = v
+
+    def _a_regions(self) -> list:
+        if self.kind == "ag_gemm":
+            return [("a", None, s) for s in range(self.S)]
+        return [("a", d, s) for d in range(self.W) for s in range(self.S)]
+
+    def _c_regions(self) -> list:
+        if self.kind == "ag_gemm":
+            return [("c", q, s) for q in range(self.W) for s in range(self.S)]
+        return [("c", None, s) for s in range(self.S)]
+
+    def run(self) -> int:
+        n = 0
+        while True:
+            live = [k for k in self.queues if self.pos[k] < len(self.queues[k])]
+            if not live:
+                return n
+            ready = [k for k in live if self.blocked(k) is None]
+            if not ready:
+                raise CheckError("deadlock: " + "; ".join(self.blocked(k) for k in live))
+            key = self.rng.choice(ready) if self.rng else ready[0]
+            self.step(key)
+            n += 1
+
+
+def check_copy_engine(kind: str, world: int, splits_options=(1, 2, 3), seeds: int = 40, program_fn=None) -> Verdict:
+    """Simulate the copy-engine overlap of `kind` at `world` ranks (programs from tilegen.ce_program,
+    or program_fn(world, rank, splits)) for each number of splits, under `seeds` random
+    interleavings and in order (the first ready stream first)."""
+    from .ce_program import program
+    problems, done, nops = [], [], 0
+    for splits in splits_options:
+        progs = [(program_fn or (lambda w, r, s: program(kind, w, r, s)))(world, r, splits) for r in range(world)]
+        for seed in range(seeds + 1):
+            sim = _CeSim(kind, world, splits, progs, None if seed == 0 else random.Random(seed))
+            try:
+                nops += sim.run()
+            except CheckError as e:
+                problems.append(f"{splits} splits: {e}")
+                break
+            for p in sim.problems:
+                if f"{splits} splits: {p}" not in problems:
+                    problems.append(f"{splits} splits: {p}")
+        done.append(f"{kind} copy engine world {world}: {splits} splits, {CE_CALLS} calls, {seeds + 1} interleavings")
+    return Verdict(not problems, problems, done, nops)

@@ -66,6 +66,11 @@ def cmd_plan(args) -> int:
     for i, verdict in enumerate(plan_verdicts(p)):
         print(f"variant {i}: {verdict}")
         ok &= verdict.ok
+    if p.spec.overlap_style == "copy_engine":
+        from .pipeline import copy_engine_verdict
+        verdict = copy_engine_verdict(p.spec.op, p.world)
+        print(f"copy-engine program (the overlap this op runs): {verdict}")
+        ok &= verdict.ok
     if args.svg:
         from .draw import draw_plan
 

@@ -254,6 +254,7 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
         "gemm_rs": desc.gemm == "produce",
         "gemm_nk": [(w, spec.gemm_nk(w)) for w in spec.world_sizes] if desc.gemm else [],
         "fused": spec.fused,
+        "overlap": spec.overlap_style,
         "fg": fused_gemm_context(spec) if spec.fused else None,
         "traits": op_traits(spec, t),
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),

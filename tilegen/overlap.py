@@ -1,24 +1,77 @@
-"""GEMM + communication overlap ops: the orchestration of a communication kernel and GEMMs (cuBLAS
-per chunk, or one fused CUTLASS kernel) on side streams, around the generated op library.
+"""GEMM + communication overlap ops: the orchestration of the communication (a kernel, or the copy
+engines) and GEMMs (cuBLAS per chunk, or one fused CUTLASS kernel) on side streams, around the
+generated op library.
+
+Copy-engine overlap (overlap: copy_engine): the chunks move by cudaMemcpyAsync between symmetric
+buffers over NVLink (DMA engines, no SMs taken from the GEMMs), ordered by one-thread flag
+kernels of the op library. Every call starts with a handshake on the caller's stream (each rank
+tells its peers it entered the call, after its previous call finished, and waits until they all
+did), so a copy never lands in, or reads from, a buffer a peer's previous call still uses.
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, rank, world_size
+from functools import lru_cache
+
+from .ce_program import MAX_SPLITS, program
+from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, empty, rank, world_size
+
+CE_SPLITS = {"ag_gemm": 1, "gemm_rs": 2}  # row splits per chunk by default (docs/measurements.md)
+
+
+def ce_splits(kind: str, m: int) -> int:
+    """Row splits per chunk for the copy-engine overlap: TILEGEN_CE_SPLITS, else the op's default;
+    never more than the rows. Every rank must use the same (the checker shows a mismatch deadlocks)."""
+    env = os.environ.get("TILEGEN_CE_SPLITS", "")
+    try:
+        s = int(env) if env else CE_SPLITS[kind]
+    except ValueError:
+        raise ValueError(f"TILEGEN_CE_SPLITS must be a number of splits, got {env!r}") from None
+    if not 1 <= s <= MAX_SPLITS:
+        raise ValueError(f"TILEGEN_CE_SPLITS must be in [1, {MAX_SPLITS}], got {s}")
+    return min(s, m)
+
+
+def split_bounds(m: int, splits: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of `splits` near-equal splits of m rows."""
+    return [(m * s // splits, m * (s + 1) // splits) for s in range(splits)]
+
+
+@lru_cache(maxsize=64)
+def ce_steps(kind: str, world: int, me: int, m: int, splits: int) -> tuple[tuple, ...]:
+    """The checked program (tilegen.ce_program) with its regions as row ranges:
+    (kind, stream, peer, flag, dst buffer, dst rows, src buffer, src rows, accumulate)."""
+    bounds = split_bounds(m, splits)
+
+    def rows(reg):
+        if reg is None:
+            return None, None
+        buf, chunk, split = reg
+        lo, hi = (0, m) if split is None else bounds[split]
+        base = 0 if chunk is None else chunk * m
+        return buf, (base + lo, base + hi)
+
+    return tuple((st.kind, st.stream, st.peer, st.flag, *rows(st.dst), *rows(st.src), st.accumulate)
+                 for st in program(kind, world, me, splits))
 
 
 class _GemmOp(GeneratedOp):
     """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
-    def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False, **kw):
+    def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False,
+                 overlap: str | None = None, **kw):
         super().__init__(*args, **kw)
         self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
         self.b_layout = b_layout
-        self.fused = fused
+        self.overlap = overlap or ("fused" if fused else "decomposed")
+        if self.overlap not in ("decomposed", "fused", "copy_engine"):
+            raise ValueError(f"{self.name}: overlap must be decomposed, fused or copy_engine, got {self.overlap!r}")
+        self.fused = self.overlap == "fused"
         self._streams: dict[int, tuple] = {}
         self._buffers: dict[tuple, Any] = {}
+        self._ce_comm: dict[int, tuple[Any, int]] = {}  # device -> (copy stream, its handle)
 
     def _side_streams(self, device: Any) -> tuple[Any, Any]:
         """(communication stream, compute stream) of a device, created once."""
@@ -27,6 +80,26 @@ class _GemmOp(GeneratedOp):
         if key not in self._streams:
             self._streams[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[key]
+
+    def _symmetric(self, what: str, shape: tuple[int, ...]) -> Any:
+        """A symmetric-heap buffer (collective on first use; cached, freed by free_outputs)."""
+        key = (what, shape, world_size())
+        if key not in self._outputs:
+            if _capturing(None):
+                raise RuntimeError(
+                    f"{self.name}: its symmetric {what} buffer {list(shape)} is allocated collectively, which a "
+                    f"CUDA graph cannot capture: call the op once with this size before capturing"
+                )
+            self._outputs[key] = empty(shape, self.dtype)
+        return self._outputs[key]
+
+    def _local(self, what: str, shape: tuple[int, ...], device: Any) -> Any:
+        """A local scratch buffer, cached per shape and device."""
+        key = (what, shape, device.index)
+        if key not in self._buffers:
+            torch = _torch()
+            self._buffers[key] = torch.empty(shape, dtype=getattr(torch, self.dtype), device=device)
+        return self._buffers[key]
 
     @property
     def n(self) -> int:
@@ -111,6 +184,69 @@ class _GemmOp(GeneratedOp):
         return main, comm, comp
 
 
+    # ---------------------------------------------------------------- copy-engine overlap
+    # The GEMMs run on the caller's stream, the copies on one side stream; the op library orders
+    # them (entry handshake, flags, joins by pooled events), as the checked program says.
+    def _copy_engine(self, bufs: dict, m: int, b: Any, mod: Any, stream: Any, timeout_ns: int) -> None:
+        """Runs this rank's program (tilegen.ce_program) for one call on buffers `bufs`."""
+        torch = _torch()
+        a = bufs["a"]
+        key = a.device.index
+        if key not in self._ce_comm:
+            side = torch.cuda.Stream(a.device)
+            self._ce_comm[key] = (side, side.cuda_stream)
+        copy_stream, copy = self._ce_comm[key]
+        current = torch.cuda.current_stream(a.device)
+        main = current.cuda_stream if stream is None else _stream_handle(stream)
+        self._refuse_bounded_capture(main, timeout_ns)
+        handles = {"main": main, "copy": copy}
+        bm = b if self.b_layout == "kn" else b.t()
+        row_bytes = {name: t[0].numel() * t.element_size() for name, t in bufs.items()}
+        switch = None if main == current.cuda_stream else torch.cuda.stream(torch.cuda.ExternalStream(main, a.device))
+        if switch is not None:
+            switch.__enter__()
+        try:
+            for kind, on, peer, flag, dst, drows, src, srows, acc in ce_steps(self.kind, world_size(), rank(), m,
+                                                                              ce_splits(self.kind, m)):
+                if kind == "gemm" or kind == "add":  # torch work: on the caller's stream unless the step says copy
+                    out, x = bufs[dst][drows[0]:drows[1]], bufs[src][srows[0]:srows[1]]
+                    ctx = torch.cuda.stream(copy_stream) if on == "copy" else None
+                    if ctx is not None:
+                        ctx.__enter__()
+                    if kind == "add":
+                        out.add_(x)
+                    elif acc:
+                        out.addmm_(x, bm)
+                    else:
+                        torch.mm(x, bm, out=out)
+                    if ctx is not None:
+                        ctx.__exit__(None, None, None)
+                elif kind == "put":
+                    mod.ce_put(bufs[src], srows[0] * row_bytes[src], bufs[dst], drows[0] * row_bytes[dst],
+                               (srows[1] - srows[0]) * row_bytes[src], peer, flag, handles[on])
+                elif kind == "get":
+                    mod.ce_get(bufs[dst], drows[0] * row_bytes[dst], bufs[src], srows[0] * row_bytes[src],
+                               (srows[1] - srows[0]) * row_bytes[src], peer, handles[on])
+                elif kind == "wait":
+                    mod.ce_wait(flag, handles[on], timeout_ns)
+                elif kind == "signal":
+                    mod.ce_signal(peer, flag, handles[on])
+                elif kind == "begin":
+                    mod.ce_begin(main, timeout_ns)
+                elif kind == "fork":
+                    mod.join(copy, main)
+                elif kind == "join":
+                    mod.join(main, copy)
+                else:
+                    raise AssertionError(f"unknown copy-engine step {kind}")
+        finally:
+            if switch is not None:
+                switch.__exit__(None, None, None)
+        if timeout_ns > 0:  # the program ends with the caller's stream joined to the copies
+            (current if main == current.cuda_stream else torch.cuda.ExternalStream(main, a.device)).synchronize()
+            mod.check_wait_error()
+
+
 class AgGemmOp(_GemmOp):
     """C = allgather(A) @ B. Callable: op(a, b, c=None, *, stream=None, timeout_ms=None).
 
@@ -130,6 +266,9 @@ class AgGemmOp(_GemmOp):
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
+        if self.overlap == "copy_engine":
+            self._copy_engine({"a": a, "gathered": gathered, "c": c}, m, b, mod, stream, timeout_ns)
+            return c
         main, comm, comp = self._begin(a, stream, mod, timeout_ns)
         mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
         if self.fused:
@@ -163,16 +302,20 @@ class GemmRsOp(_GemmOp):
         mod = self.load()
         world = world_size()
         m = self._check(a, b, c, world, 1, world)
-        key = (m, a.device.index)
-        if key not in self._buffers:  # partial products [world * m, n], reused across calls of this size
-            self._buffers[key] = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
-        partial = self._buffers[key]
         if c is None:
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
+        if self.overlap == "copy_engine":
+            bufs = {"a": a, "partial": self._symmetric("partial", (world * m, self.n)), "c": c}  # peers read partial
+            if world > 2:  # the second and later peers' rows, added into c on the copy stream
+                extra = self._local("received", (world - 2, m, self.n), a.device)
+                bufs.update({f"extra.{j}": extra[j] for j in range(world - 2)})
+            self._copy_engine(bufs, m, b, mod, stream, timeout_ns)
+            return c
         main, comm, comp = self._begin(a, stream, mod, timeout_ns)
         # Prepare the reduce-scatter (checks, epoch, layout), queue the GEMMs and their signals, then
         # launch it: it spins on those signals, so everything it waits for is queued (and loaded) first.
+        partial = self._local("partial", (world * m, self.n), a.device)  # read by this rank's kernel only
         mod.run(partial, c, 0, comm.cuda_stream, timeout_ns, True)
         if self.fused:
             a, b = a.contiguous(), b.contiguous()

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import check
-from .check import Verdict, check_schedule
+from .check import Verdict, check_copy_engine, check_schedule
 from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
 from .calibration import manifest_record, resolve
@@ -29,6 +29,12 @@ def verdict_of(s: Schedule, op: str = "", spare: int | None = None) -> Verdict:
         return check_schedule(s)
     orders = tuple(compute_order(op, s, r) for r in range(s.world))
     return check_schedule(s, compute_orders=orders, produces=OPS[op].gemm == "produce", spare_sms=spare)
+
+
+@lru_cache(maxsize=None)
+def copy_engine_verdict(op: str, world: int) -> Verdict:
+    """The checker's verdict on the copy-engine overlap's programs (tilegen.ce_program) of a GEMM op."""
+    return check_copy_engine(op, world)
 
 
 @lru_cache(maxsize=1)
@@ -103,6 +109,11 @@ def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
                 if not verdict.ok:
                     raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {v.schedule.algorithm} "
                                        f"schedule:\n{verdict}")
+            if spec.overlap_style == "copy_engine":
+                verdict = copy_engine_verdict(spec.op, w)
+                if not verdict.ok:
+                    raise CodegenError(f"{spec.name}: world {w}: the checker rejected the copy-engine "
+                                       f"program:\n{verdict}")
         plans.append(p)
     return plans
 

@@ -302,6 +302,12 @@ def _compute_stream_line(spec: KernelSpec, sched: Schedule, r: int) -> str | Non
     if role is None:
         return None
     order = compute_order(spec.op, sched, r)
+    if spec.overlap_style == "copy_engine":
+        if role == "produce":
+            return (f"    copy engine: compute stream P[d] = A[d] @ B for peers d = r+1, r+2, ... (split by rows, each "
+                    f"flagged at d); rank {r} pulls its rows of P from every peer into C, then C += A[{r}] @ B")
+        return (f"    copy engine: rank {r} pushes A into every peer's A_full (cudaMemcpyAsync, a flag per split); "
+                f"compute stream C[{r}] = A @ B, then C[q] = A_full[q] @ B for q = r-1, r-2, ... as they arrive")
     if spec.fused:
         what = (
             "the tile completing a part of a chunk sets flag[in][part]"

@@ -178,11 +178,14 @@ class KernelSpec(_Frozen):
                                   "{full: N}: the whole layer's n, each rank holding N / world columns")
     b_layout: Literal["kn", "nk"] = Field(
         default="kn", description="ag_gemm: B stored [k, n] or [n, k] (a torch Linear weight)")
-    overlap: Literal["auto", "decomposed", "fused"] = Field(
-        default="auto", description="GEMM ops: decomposed (communication kernel + per-chunk cuBLAS GEMMs that wait "
-                                    "on its signals in stream order), fused (one CUTLASS Hopper GEMM whose tile "
-                                    "scheduler waits on the gather's flags / publishes finished parts; sm_90, "
-                                    "bf16/f16), or auto (decomposed, the faster style measured so far)")
+    overlap: Literal["auto", "copy_engine", "decomposed", "fused"] = Field(
+        default="auto", description="GEMM ops: copy_engine (per-chunk cuBLAS GEMMs; the chunks move by "
+                                    "cudaMemcpyAsync between symmetric buffers over NVLink, no SMs; gemm_rs "
+                                    "reduces in the last GEMM's epilogue), decomposed (a communication kernel + "
+                                    "per-chunk cuBLAS GEMMs that wait on its signals in stream order), fused (one "
+                                    "CUTLASS Hopper GEMM whose tile scheduler waits on the gather's flags / "
+                                    "publishes finished parts; sm_90, bf16/f16), or auto (copy_engine, the "
+                                    "fastest style measured; docs/measurements.md)")
     gemm_tile: Optional[Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
         default=None, description="fused GEMM tile [m, n, k] (default [128, 256, 64]): m 128 or 256, n 64, 128, "
                                   "192 or 256, k 64 or 128")
@@ -260,6 +263,8 @@ class KernelSpec(_Frozen):
                     f"ctas: a {self.op} communication kernel runs beside the GEMMs and must leave them the "
                     f"GPU: at most {limit} CTAs on {self.arch} (or auto), got {self.ctas}"
                 )
+            if self.overlap_style == "copy_engine":
+                self._check_copy_engine()
             why_not = self._fused_unsupported()
             if self.overlap == "fused" and why_not:
                 raise ValueError(f"overlap: fused needs {why_not}; use decomposed or auto")
@@ -319,6 +324,29 @@ class KernelSpec(_Frozen):
                 bad = [w for w in self.world_sizes if d.full % w]
                 if bad:
                     raise ValueError(f"{field_}: {{full: {d.full}}} does not split evenly over world sizes {bad}")
+
+    def _check_copy_engine(self) -> None:
+        """The copy-engine overlap copies between peers' memory over NVLink and runs no communication kernel."""
+        if self.transport == "nvshmem":
+            raise ValueError("transport: the copy-engine overlap copies over NVLink (P2P); use transport auto or "
+                             "nvlink, or overlap: decomposed")
+        given = [f for f, unset in (("ctas", self.ctas == "auto"), ("tile_bytes", self.tile_bytes == "auto"),
+                                    ("schedule", self.schedule == "auto")) if not unset]
+        if given and self.overlap == "copy_engine":
+            raise ValueError(f"{given[0]}: the copy-engine overlap runs no communication kernel, so it takes no "
+                             f"{given[0]}; leave it out or use overlap: decomposed")
+
+    @property
+    def overlap_style(self) -> str | None:
+        """GEMM ops: the overlap the op runs (auto resolved), else None."""
+        if self.op not in GEMM_OPS:
+            return None
+        if self.overlap != "auto":
+            return self.overlap
+        # auto: the copy engines where the spec leaves the communication kernel's settings open
+        # (it beat the decomposed and fused styles in every measured row: docs/measurements.md)
+        fixed = (self.ctas, self.tile_bytes, self.schedule) != ("auto",) * 3 or self.transport == "nvshmem"
+        return "decomposed" if fixed else "copy_engine"
 
     def gemm_nk(self, world: int) -> tuple[int, int]:
         """GEMM ops: this rank's (n, k) at ``world`` ranks."""

@@ -30,5 +30,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (4096, 8192), 4: (2048, 8192), 8: (1024, 8192) },
     b_layout="kn",
-    fused=False,
+    overlap="decomposed",
 )

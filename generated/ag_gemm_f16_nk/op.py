@@ -30,5 +30,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (999, 1000), 4: (999, 1000), 8: (999, 1000) },
     b_layout="nk",
-    fused=False,
+    overlap="decomposed",
 )

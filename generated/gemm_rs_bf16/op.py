@@ -30,5 +30,5 @@ OP = GemmRsOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="kn",
-    fused=False,
+    overlap="decomposed",
 )

@@ -6,8 +6,9 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
 
 with this rank's (n, k) = 8192, 14336 at world 2, 8192, 7168 at world 4, 8192, 3584 at world 8.
 
-GEMMs on a compute stream produce the rows destined to each rank (others' first) and signal them; the
-reduce-scatter kernel pushes and reduces each chunk once its signal is set.
+cuBLAS GEMMs on a compute stream produce the rows destined to each peer (in splits, peers in send
+order), each flagged in that peer's signals; each rank pulls its rows from every peer with the copy
+engines (cudaMemcpyAsync over NVLink, no SMs) and its own GEMM adds them in its epilogue.
 
 Shard shape: [tokens<=8192, 28672/world].
 Schedules (checked), by world size and input size:
@@ -30,5 +31,5 @@ OP = GemmRsOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (8192, 14336), 4: (8192, 7168), 8: (8192, 3584) },
     b_layout="nk",
-    fused=False,
+    overlap="copy_engine",
 )

@@ -31,5 +31,5 @@ OP = GemmRsOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (8192, 14336), 4: (8192, 7168), 8: (8192, 3584) },
     b_layout="nk",
-    fused=True,
+    overlap="fused",
 )

@@ -31,5 +31,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (28672, 8192), 4: (14336, 8192), 8: (7168, 8192) },
     b_layout="nk",
-    fused=True,
+    overlap="fused",
 )

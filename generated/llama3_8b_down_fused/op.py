@@ -31,5 +31,5 @@ OP = GemmRsOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (4096, 7168), 4: (4096, 3584), 8: (4096, 1792) },
     b_layout="nk",
-    fused=True,
+    overlap="fused",
 )

@@ -6,8 +6,9 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
 
 with this rank's (n, k) = 14336, 4096 at world 2, 7168, 4096 at world 4, 3584, 4096 at world 8.
 
-A is gathered by a communication kernel with per-tile signals while cuBLAS GEMMs on a
-second stream wait for each chunk in arrival order (decomposed overlap), own chunk first.
+Each rank pushes its A into every peer's symmetric buffer with the copy engines (cudaMemcpyAsync
+over NVLink, no SMs; one flag per chunk) while cuBLAS GEMMs on a second stream compute its own
+rows, then each arrived chunk in arrival order.
 
 Shard shape: [tokens<=8192, 4096].
 Schedules (checked), by world size and input size:
@@ -30,5 +31,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (14336, 4096), 4: (7168, 4096), 8: (3584, 4096) },
     b_layout="nk",
-    fused=False,
+    overlap="copy_engine",
 )

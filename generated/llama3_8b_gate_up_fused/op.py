@@ -31,5 +31,5 @@ OP = AgGemmOp(
     default_timeout_ms=0,
     gemm_nk={ 2: (14336, 4096), 4: (7168, 4096), 8: (3584, 4096) },
     b_layout="nk",
-    fused=True,
+    overlap="fused",
 )

@@ -1,4 +1,4 @@
-"""AllGather+GEMM and GEMM+ReduceScatter, decomposed and fused (CUTLASS) overlap, against the gathered
+"""AllGather+GEMM and GEMM+ReduceScatter, copy-engine, decomposed and fused (CUTLASS) overlap, against the gathered
 matmul / matmul then reduce-scatter, bf16/f16 with fp32 accumulation, at whatever world size runs:
 the example specs give the layer's whole n (ag_gemm) or k (gemm_rs), each rank holding its share."""
 import pytest
@@ -10,7 +10,7 @@ import generated
 from ._refs import as_kn, gemm_operands, gemm_reference, rel_err
 
 
-@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_fused"])
+@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_ce", "ag_gemm_bf16_fused"])
 @pytest.mark.parametrize("rows", [1, 17, 1000, 4096])
 def test_ag_gemm_bf16_matches_gathered_matmul(dist_env, rows, name):
     rank, world = dist_env
@@ -40,7 +40,7 @@ def test_ag_gemm_f16_weight_layout_odd_sizes_ring_barrier(dist_env, rows):
     assert rel_err(c, ref) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_fused"])
+@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_ce", "ag_gemm_bf16_fused"])
 def test_ag_gemm_back_to_back_and_side_stream(dist_env, name):
     rank, world = dist_env
     op = getattr(generated, name)
@@ -58,7 +58,7 @@ def test_ag_gemm_back_to_back_and_side_stream(dist_env, name):
         assert rel_err(c, ref) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_fused"])
+@pytest.mark.parametrize("name", ["ag_gemm_bf16", "ag_gemm_bf16_ce", "ag_gemm_bf16_fused"])
 def test_ag_gemm_bad_arguments(dist_env, name):
     rank, world = dist_env
     op = getattr(generated, name)
@@ -73,7 +73,7 @@ def test_ag_gemm_bad_arguments(dist_env, name):
     dist.barrier()
 
 
-@pytest.mark.parametrize("name", ["gemm_rs_bf16", "gemm_rs_bf16_fused"])
+@pytest.mark.parametrize("name", ["gemm_rs_bf16", "gemm_rs_bf16_ce", "gemm_rs_bf16_fused"])
 @pytest.mark.parametrize("rows", [1, 5, 200, 640, 4096])
 def test_gemm_rs_matches_matmul_then_reduce_scatter(dist_env, rows, name):
     """Rows that are not a multiple of the 128-row GEMM tile make blocks straddle two ranks' chunks."""
@@ -92,7 +92,7 @@ def test_gemm_rs_matches_matmul_then_reduce_scatter(dist_env, rows, name):
         assert rel_err(c, y) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["gemm_rs_bf16", "gemm_rs_bf16_fused"])
+@pytest.mark.parametrize("name", ["gemm_rs_bf16", "gemm_rs_bf16_ce", "gemm_rs_bf16_fused"])
 def test_gemm_rs_back_to_back_with_changing_sizes(dist_env, name):
     """No host sync between calls; the fused op's per-part tile counters reset themselves across sizes."""
     rank, world = dist_env

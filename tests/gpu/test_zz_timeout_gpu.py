@@ -1,29 +1,67 @@
-"""Bounded waits: runs last (the op it uses is unusable on rank 0 afterwards)."""
-import pytest
+"""Bounded waits: runs last (the ops it uses are unusable on rank 0 afterwards).
+
+Rank 0's calls are made first and checked after a barrier both ranks reach: a failed check on rank 0
+must not leave rank 1 waiting in a barrier (the suite would hang instead of reporting it)."""
+import re
+import time
+
 import torch
 import torch.distributed as dist
 
 from .test_allgather_gpu import _ops, _random
 
 
-def test_bounded_wait_reports_a_missing_peer(dist_env):
-    """Rank 0 calls, rank 1 skips its call: rank 0 gets a TimeoutError naming rank and signal, no hang.
+def _rank0_calls(rank: int, *calls) -> list:
+    """On rank 0: each call's exception (or None) and seconds taken; then a barrier on every rank."""
+    outcomes = []
+    if rank == 0:
+        for call in calls:
+            t0 = time.monotonic()
+            try:
+                call()
+                outcomes.append((None, time.monotonic() - t0))
+            except Exception as e:
+                outcomes.append((e, time.monotonic() - t0))
+    dist.barrier()
+    return outcomes
 
-    Runs last: the op is unusable on rank 0 afterwards (its epochs no longer match rank 1's)."""
+
+def test_bounded_wait_reports_a_missing_peer(dist_env):
+    """Rank 0 calls, rank 1 skips its call: rank 0 gets a TimeoutError naming rank and signal, no hang;
+    its next call fails clearly (its epochs no longer match rank 1's)."""
     rank, world = dist_env
     _, op = _ops()
     x = _random((4, 1001), torch.float16, seed=5)
     out = op.empty_output(4)
     torch.cuda.synchronize()
     dist.barrier()
+    outcomes = _rank0_calls(rank, lambda: op(x, out, timeout_ms=300), lambda: op(x, out))
     if rank == 0:
-        import time
-        t0 = time.monotonic()
+        (first, seconds), (second, _) = outcomes
+        assert isinstance(first, TimeoutError), repr(first)
         # small messages take the LL schedule (flags in the data), larger ones wait on the entry signal
-        with pytest.raises(TimeoutError, match=r"rank 0 timed out .* waiting for (entry signal 1 >= \d+|the LL lines "
-                                                r"of scratch slot 1 to hold flag \d+)"):
-            op(x, out, timeout_ms=300)
-        assert time.monotonic() - t0 < 30
-        with pytest.raises(RuntimeError, match="timed out"):
-            op(x, out)
+        assert re.search(r"rank 0 timed out .* waiting for (entry signal 1 >= \d+|the LL lines of scratch slot 1 to "
+                         r"hold flag \d+)", str(first)), str(first)
+        assert seconds < 30
+        assert isinstance(second, RuntimeError) and "timed out" in str(second), repr(second)
+
+
+def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
+    """The copy-engine GEMM op's entry handshake is bounded too: rank 0 calls alone and gets a
+    TimeoutError naming the rank it waited for, then a clear error on the next call."""
+    import generated
+    from ._refs import gemm_operands
+
+    rank, world = dist_env
+    op = generated.gemm_rs_bf16_ce
+    a, bs = gemm_operands(op, 64, 11)
+    op(a[rank], bs[rank])  # loads the op and allocates its buffers on every rank (collective)
+    torch.cuda.synchronize()
     dist.barrier()
+    outcomes = _rank0_calls(rank, lambda: op(a[rank], bs[rank], timeout_ms=300), lambda: op(a[rank], bs[rank]))
+    if rank == 0:
+        (first, seconds), (second, _) = outcomes
+        assert isinstance(first, TimeoutError), repr(first)
+        assert re.search(r"rank 0 timed out .* waiting for entry signal 1 >= \d+", str(first)), str(first)
+        assert seconds < 30
+        assert isinstance(second, RuntimeError) and "timed out" in str(second), repr(second)

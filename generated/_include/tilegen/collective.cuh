@@ -437,6 +437,52 @@ __global__ void wait_chunk(const uint64_t* sig, int chunk, int parts, int64_t sh
     }
   }
 }
+
+// ---------------------------------------------------------------------- GEMM ops, copy-engine overlap
+// The data moves by cudaMemcpyAsync between symmetric buffers (the DMA engines, no SMs). Chunk flags
+// go 0 -> 1 (the producer, after its copy or GEMM) -> 0 (the consumer, after its wait), written and
+// waited with stream memory operations (the GPU's front end, no SM: a waiting kernel would hold an
+// SM the GEMM beside it needs); the kernels below are the fallback and the bounded (reporting) wait.
+// Constant values: a CUDA graph replays them right. The entry handshake carries the call's epoch.
+constexpr int kCeMaxSplits = 8;  // row splits of a chunk (a flag per source rank and split)
+
+// Signal words of the copy-engine protocol: [0, kMaxWorld) entry (rank q entered epoch e), then one
+// flag per (source rank, split).
+template <class Op>
+struct CeSignals {
+  static constexpr int kEntry = 0, kFlags = Op::kMaxWorld;
+  static constexpr int kWords = Op::kMaxWorld + Op::kMaxWorld * kCeMaxSplits;
+  uint64_t* peer[Op::kMaxWorld];  // every rank's words through NVLink (this rank's own included)
+};
+
+// Caller's stream, before the call forks: advance the epoch, tell every peer this rank entered the
+// call (its previous call's GEMMs and copies are done: the stream joined them), and wait until
+// every peer entered it (so their buffers this call writes or reads are free).
+template <class Op>
+__global__ void ce_begin(uint64_t* epoch_dev, const __grid_constant__ CeSignals<Op> s, int rank, int world,
+                         dev::WaitCtx w) {
+  if (threadIdx.x != 0) return;
+  const uint64_t epoch = *epoch_dev + 1;
+  dev::st_release_gpu(epoch_dev, epoch);
+  for (int q = 0; q < world; ++q)
+    if (q != rank) dev::st_release_sys(s.peer[q] + CeSignals<Op>::kEntry + rank, epoch);
+  for (int i = 1; i < world; ++i) {
+    const int q = (rank + i) % world;
+    if (!dev::wait_ge(s.peer[rank] + CeSignals<Op>::kEntry + q, epoch, w, 0, q, -1)) return;
+  }
+}
+
+// After the copy or GEMM queued before it on this stream: set a (peer's) flag.
+__global__ void ce_signal(uint64_t* flag) {
+  dev::fence_acq_rel_sys();
+  dev::st_release_sys(flag, 1);
+}
+
+// Holds this stream until this rank's flag `index` is set, then clears it for the next call.
+__global__ void ce_wait(uint64_t* flag, int64_t index, dev::WaitCtx w) {
+  if (threadIdx.x != 0) return;
+  if (dev::wait_eq(flag, 1, w, 4, index, -1)) dev::st_relaxed_sys(flag, 0);
+}
 }  // namespace coll
 }  // namespace tilegen
 

@@ -3,10 +3,41 @@
 // under fixed names (tilegen_op_*): every op is its own shared library, built with hidden visibility.
 #pragma once
 
+#include <cstdlib>
+#include <cuda.h>  // driver API types only: its functions come through the runtime's entry points (no -lcuda)
+
 extern "C" int tilegen_op_fused_load(char* msg, int len);  // the fused GEMM's translation unit (fused ops only)
 
 namespace tilegen {
 namespace coll {
+
+// Stream memory operations (cuStreamWaitValue64 / cuStreamWriteValue64): a stream waits for or
+// writes a word in the GPU's front end, without a kernel. TILEGEN_CE_MEMOPS=0 uses kernels instead.
+struct StreamMemOps {
+  using ValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+  using AttrFn = CUresult (*)(int*, CUdevice_attribute, CUdevice);
+  ValueFn wait = nullptr, write = nullptr;
+  bool ok = false;
+
+  static void* entry(const char* name) {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    return cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+                   q == cudaDriverEntryPointSuccess
+               ? f
+               : nullptr;
+  }
+
+  void load(int device) {
+    const char* env = getenv("TILEGEN_CE_MEMOPS");
+    if (env && env[0] == '0') return;
+    wait = reinterpret_cast<ValueFn>(entry("cuStreamWaitValue64"));
+    write = reinterpret_cast<ValueFn>(entry("cuStreamWriteValue64"));
+    auto attr = reinterpret_cast<AttrFn>(entry("cuDeviceGetAttribute"));
+    int yes = 0;
+    ok = wait && write && attr && attr(&yes, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, device) == CUDA_SUCCESS && yes;
+  }
+};
 
 int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 inline int fail(char* msg, int len, const char* fmt, ...) {
@@ -19,6 +50,7 @@ inline int fail(char* msg, int len, const char* fmt, ...) {
 
 template <class Op>
 struct Host {
+  static constexpr int kJoinEvents = 32;  // reused round-robin: a wait takes the event's state when queued
   struct State {
     bool ready = false;
     bool has_pending = false;  // run(..., defer) prepared a launch that launch_pending() issues
@@ -50,6 +82,12 @@ struct Host {
     uint64_t* state = nullptr;
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
+    uint64_t* ce_sig = nullptr;           // GEMM ops: the copy-engine protocol's words (CeSignals), symmetric
+    CeSignals<Op> ce{};                   // every rank's words through NVLink (null where unreachable)
+    bool ce_ok = false;                   // every peer's words are load/store reachable
+    StreamMemOps memops{};                // flags by stream memory operations where the device has them
+    cudaEvent_t joins[kJoinEvents] = {};  // GEMM ops: events that order one stream after another
+    int next_join = 0;
   };
   static inline State g;
   static inline Params<Op> pending;
@@ -67,6 +105,11 @@ struct Host {
       if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, wait_chunk<Op>);
     if constexpr (Op::kGemm == Gemm::kProduce)
       if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, signal_chunk<Op>);
+    if constexpr (kGemm) {
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_begin<Op>);
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_signal);
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_wait);
+    }
     return e;
   }
 
@@ -98,11 +141,16 @@ struct Host {
     g.scr = Op::kScrBytes ? static_cast<char*>(nvshmem_malloc(Op::kScrBytes)) : nullptr;
     g.stage = static_cast<char*>(nvshmem_malloc(Op::kStageBytes * Op::kMaxCtas));  // CTAs of the widest variant
     g.ll = Op::kLLBytes ? static_cast<char*>(nvshmem_malloc(Op::kLLBytes)) : nullptr;
+    if constexpr (kGemm) {
+      g.ce_sig = static_cast<uint64_t*>(nvshmem_malloc(CeSignals<Op>::kWords * sizeof(uint64_t)));
+      if (!g.ce_sig) return fail(msg, len, "%s: nvshmem_malloc of the copy-engine signals failed", Op::kName);
+    }
     if (!g.sig || (Op::kScrBytes && !g.scr) || !g.stage || (Op::kLLBytes && !g.ll))
       return fail(msg, len, "%s: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
                   Op::kName, static_cast<long long>(sig_words * 8), static_cast<long long>(Op::kScrBytes));
     cudaError_t e = cudaMemset(g.sig, 0, sig_words * sizeof(uint64_t));
     if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll, 0, Op::kLLBytes);  // flag 0: no call's
+    if (e == cudaSuccess && g.ce_sig) e = cudaMemset(g.ce_sig, 0, CeSignals<Op>::kWords * sizeof(uint64_t));
     if (e == cudaSuccess) e = upload_steps();
     if (e == cudaSuccess) e = cudaMalloc(&g.state, kStateWords * sizeof(uint64_t));
     if (e == cudaSuccess) e = cudaMemset(g.state, 0, kStateWords * sizeof(uint64_t));
@@ -131,6 +179,18 @@ struct Host {
         return fail(msg, len, "%s: transport nvlink, but rank %d is not load/store reachable from rank %d (use transport: auto)",
                     Op::kName, q, g.rank);
     }
+    if constexpr (kGemm) {
+      int device = 0;
+      cudaGetDevice(&device);
+      g.memops.load(device);
+      for (int i = 0; i < kJoinEvents && e == cudaSuccess; ++i) e = cudaEventCreateWithFlags(&g.joins[i], cudaEventDisableTiming);
+      if (e != cudaSuccess) return fail(msg, len, "%s: init: %s", Op::kName, cudaGetErrorString(e));
+    }
+    g.ce_ok = g.ce_sig != nullptr;
+    for (int q = 0; q < g.world && g.ce_sig; ++q) {
+      g.ce.peer[q] = static_cast<uint64_t*>(nvshmem_ptr(g.ce_sig, q));
+      g.ce_ok &= g.ce.peer[q] != nullptr;
+    }
     g.ll_ok = g.ll != nullptr;
     for (int q = 0; q < g.world; ++q) g.ll_ok &= q == g.rank || g.ll_peer[q] != nullptr;
     g.ready = true;
@@ -156,6 +216,9 @@ struct Host {
     if (g.scr) nvshmem_free(g.scr);
     nvshmem_free(g.stage);
     if (g.ll) nvshmem_free(g.ll);
+    if (g.ce_sig) nvshmem_free(g.ce_sig);
+    for (cudaEvent_t ev : g.joins)
+      if (ev) cudaEventDestroy(ev);
     cudaFree(g.steps);
     cudaFree(g.state);
     if (g.counters) cudaFree(g.counters);
@@ -283,7 +346,7 @@ struct Host {
   static int wait_error(char* msg, int len) {
     if (!g.err_host || !g.err_host->failed) return 0;
     const dev::WaitError& w = *g.err_host;
-    static const char* kinds[] = {"entry", "tile flag", "CTA counter"};
+    static const char* kinds[] = {"entry", "tile flag", "CTA counter", "LL line", "copy-engine chunk flag"};
     g.poisoned = true;
     if (w.signal_kind == 3)
       return fail(msg, len,
@@ -294,7 +357,7 @@ struct Host {
     return fail(msg, len,
                 "%s: rank %d timed out in step %d (block %d) waiting for %s signal %lld >= %llu, saw %llu; "
                 "a peer rank did not make the matching call",
-                Op::kName, w.rank, w.step, w.block, kinds[w.signal_kind < 3 ? w.signal_kind : 0],
+                Op::kName, w.rank, w.step, w.block, kinds[w.signal_kind >= 0 && w.signal_kind < 5 ? w.signal_kind : 0],
                 static_cast<long long>(w.signal_index), static_cast<unsigned long long>(w.expected),
                 static_cast<unsigned long long>(w.seen));
   }
@@ -347,6 +410,113 @@ struct Host {
     if (!g.ready || !g.last_variant || !g.last_variant->order) return 1;
     for (int i = 0; i < g.world; ++i) out[i] = g.last_variant->order[g.rank][i];
     return 0;
+  }
+
+  // ------------------------------------------------------------ GEMM ops, copy-engine overlap
+  // The orchestration (which chunk, which stream, in what order) is the Python op's
+  // (tilegen/overlap.py); these check their arguments and queue the copies and the flag kernels.
+  static int ce_check(const char* what, int peer, int flag, char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    if (g.poisoned) return fail(msg, len, "%s: an earlier call timed out; signal state is unreliable, restart the job", Op::kName);
+    if (!g.ce_ok)
+      return fail(msg, len, "%s: %s: the copy-engine overlap needs every peer's memory reachable over NVLink (P2P); "
+                  "use overlap: decomposed", Op::kName, what);
+    if (peer < 0 || peer >= g.world) return fail(msg, len, "%s: %s: peer %d outside [0, %d)", Op::kName, what, peer, g.world);
+    if (flag < 0 || flag >= Op::kMaxWorld * kCeMaxSplits)
+      return fail(msg, len, "%s: %s: flag %d outside [0, %d)", Op::kName, what, flag, Op::kMaxWorld * kCeMaxSplits);
+    return 0;
+  }
+
+  static int launched(const char* what, char* msg, int len) {
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: %s: %s", Op::kName, what, cudaGetErrorString(e));
+  }
+
+  static int ce_begin_call(void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if (ce_check("begin", g.rank, 0, msg, len)) return 1;
+    const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    ce_begin<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev, g.ce, g.rank, g.world, w);
+    return launched("begin", msg, len);
+  }
+
+  // Rank `peer`'s address of symmetric [ptr, ptr + bytes), or null (with a message) if it is not one.
+  static char* peer_address(const char* what, const void* ptr, int64_t bytes, int peer, char* msg, int len) {
+    if (!is_symmetric(ptr, bytes)) {
+      fail(msg, len, "%s: %s: the buffer is not on the NVSHMEM symmetric heap", Op::kName, what);
+      return nullptr;
+    }
+    char* p = static_cast<char*>(nvshmem_ptr(ptr, peer));
+    if (!p) fail(msg, len, "%s: %s: rank %d's buffer is not reachable over NVLink", Op::kName, what, peer);
+    return p;
+  }
+
+  // Copy `bytes` from local `src` into rank `peer`'s symmetric `dst` (this rank's address), then
+  // set the peer's flag `flag` (flag < 0: no flag).
+  static int ce_put(const void* src, void* dst, int64_t bytes, int peer, int flag, void* stream, char* msg, int len) {
+    if (ce_check("put", peer, flag < 0 ? 0 : flag, msg, len)) return 1;
+    char* to = peer_address("put", dst, bytes, peer, msg, len);
+    if (!to) return 1;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t e = cudaMemcpyAsync(to, src, bytes, cudaMemcpyDeviceToDevice, s);
+    if (e != cudaSuccess) return fail(msg, len, "%s: put: %s", Op::kName, cudaGetErrorString(e));
+    return flag < 0 ? 0 : set_flag(g.ce.peer[peer] + CeSignals<Op>::kFlags + flag, s, msg, len);
+  }
+
+  // Sets a flag after the work queued before on `stream` (its writes are visible first).
+  static int set_flag(uint64_t* flag, cudaStream_t s, char* msg, int len) {
+    if (g.memops.ok) {
+      CUresult r = g.memops.write(reinterpret_cast<CUstream>(s), reinterpret_cast<CUdeviceptr>(flag), 1, 0);
+      return r == CUDA_SUCCESS ? 0 : fail(msg, len, "%s: cuStreamWriteValue64 failed (CUresult %d; TILEGEN_CE_MEMOPS=0 "
+                                          "signals in kernels)", Op::kName, static_cast<int>(r));
+    }
+    ce_signal<<<1, 1, 0, s>>>(flag);
+    return launched("signal", msg, len);
+  }
+
+  // Copy `bytes` from rank `peer`'s symmetric `src` (this rank's address) into local `dst`.
+  static int ce_get(void* dst, const void* src, int64_t bytes, int peer, void* stream, char* msg, int len) {
+    if (ce_check("get", peer, 0, msg, len)) return 1;
+    const char* from = peer_address("get", src, bytes, peer, msg, len);
+    if (!from) return 1;
+    cudaError_t e = cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream));
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: get: %s", Op::kName, cudaGetErrorString(e));
+  }
+
+  // After the work queued before it on `stream`: set rank `peer`'s flag `flag` to the call's epoch.
+  static int ce_signal_peer(int peer, int flag, void* stream, char* msg, int len) {
+    if (ce_check("signal", peer, flag, msg, len)) return 1;
+    return set_flag(g.ce.peer[peer] + CeSignals<Op>::kFlags + flag, static_cast<cudaStream_t>(stream), msg, len);
+  }
+
+  // `waiter` runs what is queued on it from now on after the work queued on `producer` so far.
+  static int join(void* waiter, void* producer, char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    cudaEvent_t ev = g.joins[g.next_join];
+    g.next_join = (g.next_join + 1) % kJoinEvents;
+    cudaError_t e = cudaEventRecord(ev, static_cast<cudaStream_t>(producer));
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(static_cast<cudaStream_t>(waiter), ev, 0);
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: join: %s", Op::kName, cudaGetErrorString(e));
+  }
+
+  // Holds `stream` until this rank's flag `flag` is set, then clears it. A bounded wait runs as a
+  // kernel (it reports a missing peer); an unbounded one in the front end where the device can.
+  static int ce_wait_flag(int flag, void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if (ce_check("wait", g.rank, flag, msg, len)) return 1;
+    uint64_t* word = g.ce.peer[g.rank] + CeSignals<Op>::kFlags + flag;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (g.memops.ok && !timeout_ns) {
+      const CUstream cs = reinterpret_cast<CUstream>(s);
+      const CUdeviceptr p = reinterpret_cast<CUdeviceptr>(word);
+      CUresult r = g.memops.wait(cs, p, 1, CU_STREAM_WAIT_VALUE_EQ);
+      if (r != CUDA_SUCCESS)
+        return fail(msg, len, "%s: cuStreamWaitValue64 failed (CUresult %d; TILEGEN_CE_MEMOPS=0 waits in kernels)",
+                    Op::kName, static_cast<int>(r));
+      r = g.memops.write(cs, p, 0, 0);
+      return r == CUDA_SUCCESS ? 0 : fail(msg, len, "%s: cuStreamWriteValue64 failed (CUresult %d)", Op::kName, static_cast<int>(r));
+    }
+    const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    ce_wait<<<1, 32, 0, s>>>(word, flag, w);
+    return launched("wait", msg, len);
   }
 
   // For the fused GEMM of the call run() just prepared: where its flags are, the epoch, the chunk
@@ -418,6 +588,24 @@ struct Host {
     return tilegen::coll::Host<OP>::wait_chunk_on(chunk, stream, timeout_ns, msg, len);                                   \
   }                                                                                                                       \
   int tilegen_op_compute_order(int* out) { return tilegen::coll::Host<OP>::compute_order(out); }                          \
+  int tilegen_op_ce_begin(void* stream, uint64_t timeout_ns, char* msg, int len) {                                        \
+    return tilegen::coll::Host<OP>::ce_begin_call(stream, timeout_ns, msg, len);                                          \
+  }                                                                                                                       \
+  int tilegen_op_ce_put(const void* src, void* dst, int64_t bytes, int peer, int flag, void* stream, char* msg, int len) { \
+    return tilegen::coll::Host<OP>::ce_put(src, dst, bytes, peer, flag, stream, msg, len);                                \
+  }                                                                                                                       \
+  int tilegen_op_ce_get(void* dst, const void* src, int64_t bytes, int peer, void* stream, char* msg, int len) {         \
+    return tilegen::coll::Host<OP>::ce_get(dst, src, bytes, peer, stream, msg, len);                                      \
+  }                                                                                                                       \
+  int tilegen_op_ce_signal(int peer, int flag, void* stream, char* msg, int len) {                                        \
+    return tilegen::coll::Host<OP>::ce_signal_peer(peer, flag, stream, msg, len);                                         \
+  }                                                                                                                       \
+  int tilegen_op_join(void* waiter, void* producer, char* msg, int len) {                                                 \
+    return tilegen::coll::Host<OP>::join(waiter, producer, msg, len);                                                     \
+  }                                                                                                                       \
+  int tilegen_op_ce_wait(int flag, void* stream, uint64_t timeout_ns, char* msg, int len) {                              \
+    return tilegen::coll::Host<OP>::ce_wait_flag(flag, stream, timeout_ns, msg, len);                                     \
+  }                                                                                                                       \
   int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len) { return tilegen::coll::Host<OP>::tune(ctas, tile, msg, len); } \
   int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes,     \
                             uint64_t timeout_ns, int* comm_ctas, char* msg, int len) {                                    \

@@ -26,6 +26,12 @@ int tilegen_op_begin(void* stream, char* msg, int len);
 int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
 int tilegen_op_compute_order(int* out);
+int tilegen_op_ce_begin(void* stream, uint64_t timeout_ns, char* msg, int len);
+int tilegen_op_ce_put(const void* src, void* dst, int64_t bytes, int peer, int flag, void* stream, char* msg, int len);
+int tilegen_op_ce_get(void* dst, const void* src, int64_t bytes, int peer, void* stream, char* msg, int len);
+int tilegen_op_ce_signal(int peer, int flag, void* stream, char* msg, int len);
+int tilegen_op_ce_wait(int flag, void* stream, uint64_t timeout_ns, char* msg, int len);
+int tilegen_op_join(void* waiter, void* producer, char* msg, int len);
 int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len);
 int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                           uint64_t timeout_ns, char* msg, int len);
@@ -181,6 +187,67 @@ inline void signal_chunk(int64_t chunk, int64_t stream) {
   });
 }
 
+// Copy-engine overlap (tilegen/overlap.py orchestrates): byte ranges of whole contiguous tensors,
+// bounds-checked here; the symmetric side's address is this rank's (the library finds the peer's).
+inline char* byte_range(const TensorView& t, const char* arg, int64_t offset, int64_t bytes, int device) {
+  const int64_t size = t.numel() * ((t.dtype().bits * t.dtype().lanes + 7) / 8);
+  if (t.device().device_type != kDLCUDA || t.device().device_id != device || !t.IsContiguous())
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be a contiguous tensor on cuda:" << device;
+  if (offset < 0 || bytes <= 0 || offset > size || bytes > size - offset)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " bytes [" << offset << ", " << offset + bytes
+                              << ") outside its " << size << " bytes";
+  return data(t) + offset;
+}
+
+inline void ce_begin(int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  call([&](char* msg) {
+    return tilegen_op_ce_begin(reinterpret_cast<void*>(stream), static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  });
+}
+
+inline void ce_put(TensorView src, int64_t src_offset, TensorView dst, int64_t dst_offset, int64_t bytes, int64_t peer,
+                   int64_t flag, int64_t stream) {
+  const int device = src.device().device_id;
+  const char* from = byte_range(src, "source", src_offset, bytes, device);
+  char* to = byte_range(dst, "destination", dst_offset, bytes, device);
+  call([&](char* msg) {
+    return tilegen_op_ce_put(from, to, bytes, static_cast<int>(peer), static_cast<int>(flag),
+                             reinterpret_cast<void*>(stream), msg, kMsg);
+  });
+}
+
+inline void ce_get(TensorView dst, int64_t dst_offset, TensorView src, int64_t src_offset, int64_t bytes, int64_t peer,
+                   int64_t stream) {
+  const int device = dst.device().device_id;
+  char* to = byte_range(dst, "destination", dst_offset, bytes, device);
+  const char* from = byte_range(src, "source", src_offset, bytes, device);
+  call([&](char* msg) {
+    return tilegen_op_ce_get(to, from, bytes, static_cast<int>(peer), reinterpret_cast<void*>(stream), msg, kMsg);
+  });
+}
+
+inline void ce_signal(int64_t peer, int64_t flag, int64_t stream) {
+  call([&](char* msg) {
+    return tilegen_op_ce_signal(static_cast<int>(peer), static_cast<int>(flag), reinterpret_cast<void*>(stream), msg, kMsg);
+  });
+}
+
+inline void ce_wait(int64_t flag, int64_t stream, int64_t timeout_ns) {
+  call([&](char* msg) {
+    return tilegen_op_ce_wait(static_cast<int>(flag), reinterpret_cast<void*>(stream), static_cast<uint64_t>(timeout_ns),
+                              msg, kMsg);
+  });
+}
+
+// `waiter` runs what is queued on it from now on after the work queued on `producer` so far (an
+// event from the op's pool: no allocation per call).
+inline void join(int64_t waiter, int64_t producer) {
+  call([&](char* msg) {
+    return tilegen_op_join(reinterpret_cast<void*>(waiter), reinterpret_cast<void*>(producer), msg, kMsg);
+  });
+}
+
 // tilegen tune: every later call runs with `ctas` CTAs and `tile_bytes` tiles (0: the plan's choice).
 inline void tune(int64_t ctas, int64_t tile_bytes) {
   ensure_ready();
@@ -241,6 +308,12 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tune, tilegen_binding::tune);
 #if TILEGEN_BINDING_GEMM
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, tilegen_binding::begin);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(compute_order, tilegen_binding::compute_order);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_begin, tilegen_binding::ce_begin);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_put, tilegen_binding::ce_put);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_get, tilegen_binding::ce_get);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_signal, tilegen_binding::ce_signal);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_wait, tilegen_binding::ce_wait);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(join, tilegen_binding::join);
 #endif
 #if TILEGEN_BINDING_GEMM == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, tilegen_binding::wait_chunk);
