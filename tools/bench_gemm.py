@@ -1,21 +1,25 @@
-"""AllGather+GEMM and GEMM+ReduceScatter: tilegen's decomposed and fused (CUTLASS) overlap against
+"""AllGather+GEMM and GEMM+ReduceScatter: tilegen's copy-engine, decomposed and fused (CUTLASS) overlap against
 NCCL and cuBLAS in sequence and torch's fused_all_gather_matmul / fused_matmul_reduce_scatter, same
 run; overlap efficiency = GEMM alone (cuBLAS) / overlapped time, per tilegen variant.
 
-    torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json]
+    torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json] [--splits 1,2,4]
+
+--splits also times the copy-engine ops at each number of row splits per chunk (TILEGEN_CE_SPLITS).
 
 Shapes are per rank with TP = world: C[M, N/TP] = allgather(A[M/TP, K]) @ B[K, N/TP].
 """
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
 
 import generated
 import tilegen
-from tilegen.bench import time_batches
+from tilegen.bench import time_batches, time_graph
 
+CALLS = 10  # back-to-back calls per timed batch (and per graph): the ranks' start skew is spread over them
 CASES = [  # (label, M, N, K) of the full problem
     ("M=N=K=8192", 8192, 8192, 8192),
     ("llama-70b up (M=4096)", 4096, 8192, 8192),
@@ -28,7 +32,7 @@ def _efficiency(res: dict) -> None:
     effs = {
         k.removeprefix("tilegen_"): res["us"]["gemm_alone"] / v
         for k, v in res["us"].items()
-        if k.startswith("tilegen_")
+        if k.startswith("tilegen_") or k.startswith("ce_splits_")
     }
     res["overlap_efficiency_by_variant"] = effs
     res["overlap_efficiency"] = max(effs.values())
@@ -38,7 +42,28 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out")
+    ap.add_argument("--splits", default="", help="comma-separated row splits to time the copy-engine ops at")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time GEMM alone, the copy-engine op and NCCL+cuBLAS replayed in a CUDA graph")
     a = ap.parse_args()
+    splits = [int(x) for x in a.splits.split(",") if x]
+
+    def graphed(res: dict, name: str, fn) -> None:
+        """With --graph: CALLS calls of fn captured in one CUDA graph, us per call (fn ran eagerly before)."""
+        if a.graph:
+            us, err = time_graph(fn, CALLS, 10)
+            res["us"]["graph_" + name] = us if us is not None else float("nan")
+            if err and rank == 0:
+                print(f"graph {name}: {err}")
+
+    def time_ce(op, *args):
+        """The copy-engine op at its default splits, and at each of --splits (us by name)."""
+        out = {"tilegen_copy_engine": time_batches(lambda: op(*args), CALLS, a.reps)}
+        for sp in splits:
+            os.environ["TILEGEN_CE_SPLITS"] = str(sp)
+            out[f"ce_splits_{sp}"] = time_batches(lambda: op(*args), CALLS, a.reps)
+            del os.environ["TILEGEN_CE_SPLITS"]
+        return out
     rank, world = tilegen.init()
     op = generated.ag_gemm_bf16
     nccl = dist.get_backend() == "nccl"
@@ -54,17 +79,22 @@ def main():
         full = torch.randn((M, K), device="cuda").to(torch.bfloat16)
         c = torch.empty((M, n), device="cuda", dtype=torch.bfloat16)
         res = {"case": label, "M": M, "N": N, "K": K, "world": world, "us": {}}
-        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(full, b, out=c), 5, a.reps)
-        res["us"]["tilegen_decomposed"] = time_batches(lambda: op(x, b, c), 5, a.reps)
+        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(full, b, out=c), CALLS, a.reps)
+        graphed(res, "gemm_alone", lambda: torch.mm(full, b, out=c))
+        res["us"]["tilegen_decomposed"] = time_batches(lambda: op(x, b, c), CALLS, a.reps)
+        ce = getattr(generated, "ag_gemm_bf16_ce", None)
+        if ce is not None and ce.n == n and ce.k == K and m <= ce.max_rows():
+            res["us"].update(time_ce(ce, x, b, c))
+            graphed(res, "copy_engine", lambda: ce(x, b, c))
         fused = getattr(generated, "ag_gemm_bf16_fused", None)
         if fused is not None and fused.n == n and fused.k == K and m <= fused.max_rows():
-            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, b, c), 5, a.reps)
+            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, b, c), CALLS, a.reps)
             # The fused GEMM kernel alone: rerun on the last call's gathered A, whose flags are all
             # set (no waiting), to separate the CUTLASS kernel's own speed from the overlap.
             mod, gathered_f = fused.load(), fused.empty_output(m)
             stream = torch.cuda.current_stream().cuda_stream
             res["us"]["fused_kernel_only"] = time_batches(
-                lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), 5, a.reps
+                lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), CALLS, a.reps
             )
         if nccl:
             gathered = torch.empty((M, K), device="cuda", dtype=torch.bfloat16)
@@ -73,15 +103,15 @@ def main():
                 dist.all_gather_into_tensor(gathered, x)
                 torch.mm(gathered, b, out=c)
 
-            res["us"]["nccl_then_cublas"] = time_batches(sequential, 5, a.reps)
+            res["us"]["nccl_then_cublas"] = time_batches(sequential, CALLS, a.reps)
+            graphed(res, "nccl_then_cublas", sequential)
             try:
                 import torch.distributed._symmetric_memory as symm_mem
 
                 group = dist.group.WORLD.group_name
-                symm_mem.enable_symm_mem_for_group(group)
-                res["us"]["torch_fused_all_gather_matmul"] = time_batches(
-                    lambda: symm_mem.fused_all_gather_matmul(x, [b], gather_dim=0, group_name=group), 5, a.reps
-                )
+                getattr(symm_mem, "enable_symm_mem_for_group", lambda g: None)(group)  # gone in newer torch
+                fn = getattr(symm_mem, "fused_all_gather_matmul", None) or torch.ops.symm_mem.fused_all_gather_matmul
+                res["us"]["torch_fused_all_gather_matmul"] = time_batches(lambda: fn(x, [b], 0, group), CALLS, a.reps)
             except Exception as e:
                 if rank == 0:
                     print(f"torch fused_all_gather_matmul unavailable: {type(e).__name__}: {e}")
@@ -97,27 +127,33 @@ def main():
         c = torch.empty((m, N), device="cuda", dtype=torch.bfloat16)
         p = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
         res = {"case": "gemm_rs " + label, "M": M, "N": N, "K": K, "world": world, "us": {}}
-        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(x, b, out=p), 5, a.reps)
-        res["us"]["tilegen_decomposed"] = time_batches(lambda: rs(x, b, c), 5, a.reps)
+        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(x, b, out=p), CALLS, a.reps)
+        graphed(res, "gemm_alone", lambda: torch.mm(x, b, out=p))
+        res["us"]["tilegen_decomposed"] = time_batches(lambda: rs(x, b, c), CALLS, a.reps)
+        ce = getattr(generated, "gemm_rs_bf16_ce", None)
+        if ce is not None and ce.n == N and ce.k == k and m <= ce.max_rows():
+            res["us"].update(time_ce(ce, x, b, c))
+            graphed(res, "copy_engine", lambda: ce(x, b, c))
         fused = getattr(generated, "gemm_rs_bf16_fused", None)
         if fused is not None and fused.n == N and fused.k == k and m <= fused.max_rows():
             w = b.t().contiguous() if fused.b_layout == "nk" else b
-            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, w, c), 5, a.reps)
+            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, w, c), CALLS, a.reps)
         if nccl:
 
             def sequential_rs():
                 torch.mm(x, b, out=p)
                 dist.reduce_scatter_tensor(c, p)
 
-            res["us"]["nccl_then_cublas"] = time_batches(sequential_rs, 5, a.reps)
+            res["us"]["nccl_then_cublas"] = time_batches(sequential_rs, CALLS, a.reps)
+            graphed(res, "nccl_then_cublas", sequential_rs)
             try:
                 import torch.distributed._symmetric_memory as symm_mem
 
                 group = dist.group.WORLD.group_name
+                fn = (getattr(symm_mem, "fused_matmul_reduce_scatter", None)
+                      or torch.ops.symm_mem.fused_matmul_reduce_scatter)  # torch >= 2.6 keeps them as ops only
                 res["us"]["torch_fused_matmul_reduce_scatter"] = time_batches(
-                    lambda: symm_mem.fused_matmul_reduce_scatter(x, b, "sum", scatter_dim=0, group_name=group),
-                    5,
-                    a.reps,
+                    lambda: fn(x, b, "sum", 0, group), CALLS, a.reps
                 )
             except Exception as e:
                 if rank == 0:
@@ -131,13 +167,17 @@ def main():
             + ("" if nccl else " -- RANKS SHARE ONE GPU: GEMMs compete, no NCCL baseline")
         )
         names = list(dict.fromkeys(k for r in rows for k in r["us"]))
-        print(f"{'case':<32}" + "".join(f"{k:>34}" for k in names) + f"{'overlap eff. (dec / fused)':>28}")
+        short = {k: k.replace("torch_fused_", "torch_").replace("tilegen_", "") for k in names}
+        print(f"{'case':<28}" + "".join(f"{short[k]:>{max(12, len(short[k]) + 2)}}" for k in names)
+              + "  overlap eff. (ce / dec / fused), vs NCCL+cuBLAS (ce)")
         for r in rows:
             e = r["overlap_efficiency_by_variant"]
+            vs = r["us"].get("nccl_then_cublas", float("nan")) / r["us"].get("tilegen_copy_engine", float("nan"))
             print(
-                f"{r['case']:<32}"
-                + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>34.3f}" for k in names)
-                + f"{e.get('decomposed', float('nan')):>20.2f} / {e.get('fused', float('nan')):.2f}"
+                f"{r['case']:<28}"
+                + "".join(f"{r['us'].get(k, float('nan')) / 1e3:>{max(12, len(short[k]) + 2)}.3f}" for k in names)
+                + f"  {e.get('copy_engine', float('nan')):.2f} / {e.get('decomposed', float('nan')):.2f} / "
+                  f"{e.get('fused', float('nan')):.2f}, {vs:.2f}x"
             )
         if a.out:
             with open(a.out, "w") as f:
