@@ -20,6 +20,9 @@ class FakeTensor:
     def numel(self):
         return self.rows * self.cols
 
+    def stride(self, dim):
+        return self.cols if dim == 0 else 1
+
     def element_size(self):
         return 2
 

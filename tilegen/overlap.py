@@ -2,18 +2,19 @@
 engines) and GEMMs (cuBLAS per chunk, or one fused CUTLASS kernel) on side streams, around the
 generated op library.
 
-Copy-engine overlap (overlap: copy_engine): the chunks move by cudaMemcpyAsync between symmetric
-buffers over NVLink (DMA engines, no SMs taken from the GEMMs), ordered by one-thread flag
-kernels of the op library. Every call starts with a handshake on the caller's stream (each rank
-tells its peers it entered the call, after its previous call finished, and waits until they all
-did), so a copy never lands in, or reads from, a buffer a peer's previous call still uses.
+Copy-engine overlap (overlap: copy_engine): the op runs its checked program (tilegen.ce_program):
+GEMMs on the caller's stream, chunks moved by cudaMemcpyAsync between symmetric buffers over NVLink
+on one copy stream (DMA engines, no SMs taken from the GEMMs), ordered by the op library's flags
+(stream memory operations) and event joins. Every call starts with a handshake on the caller's
+stream (each rank tells its peers it entered the call, after its previous call finished, and waits
+until they all did), so a copy never lands in, or reads from, a buffer a peer's previous call still
+uses.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
-
 from functools import lru_cache
+from typing import Any
 
 from .ce_program import MAX_SPLITS, program
 from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, empty, rank, world_size
@@ -183,7 +184,6 @@ class _GemmOp(GeneratedOp):
         comp.wait_stream(main)
         return main, comm, comp
 
-
     # ---------------------------------------------------------------- copy-engine overlap
     # The GEMMs run on the caller's stream, the copies on one side stream; the op library orders
     # them (entry handshake, flags, joins by pooled events), as the checked program says.
@@ -201,7 +201,7 @@ class _GemmOp(GeneratedOp):
         self._refuse_bounded_capture(main, timeout_ns)
         handles = {"main": main, "copy": copy}
         bm = b if self.b_layout == "kn" else b.t()
-        row_bytes = {name: t[0].numel() * t.element_size() for name, t in bufs.items()}
+        row_bytes = {name: t.stride(0) * t.element_size() for name, t in bufs.items()}  # contiguous 2-d buffers
         switch = None if main == current.cuda_stream else torch.cuda.stream(torch.cuda.ExternalStream(main, a.device))
         if switch is not None:
             switch.__enter__()

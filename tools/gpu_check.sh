@@ -64,10 +64,11 @@ start_mps_if_shared() {  # more ranks than GPUs: NVSHMEM's multi-process-per-GPU
 
 run_tests() {  # $1 ranks
   local log="$OUT/gpu_tests_np$1.log" rc
+  # faulthandler: a test still running after 150 s dumps every thread's stack into the log (where a hang waits)
   timeout "${GPU_TEST_TIMEOUT:-540}" torchrun --nproc-per-node "$1" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider \
-    > "$log" 2>&1
+    -o faulthandler_timeout=150 > "$log" 2>&1
   rc=$?
-  grep -E "^(FAILED|ERROR)|Error|error:" "$log" | grep -v "^E  " | sort | uniq | head -40
+  grep -E "^(FAILED|ERROR)|Error|error:|Timeout \(0:" "$log" | grep -v "^E  " | sort | uniq | head -40
   echo "== gpu tests at $1 ranks: $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1)$([ $rc = 124 ] && echo ' (TIMED OUT)')"
   return $rc
 }

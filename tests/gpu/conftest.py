@@ -31,3 +31,14 @@ def dist_env():
     tilegen.finalize()
     import torch.distributed as dist
     dist.destroy_process_group()
+
+
+def pytest_runtest_logreport(report):
+    """A GPU test that fails on one rank often leaves the others waiting in a collective (the suite then
+    hangs until gpu_check's timeout, and pytest's summary is never printed): write the failure to the
+    log as it happens, with the rank."""
+    if report.failed and "tests/gpu" in report.nodeid.replace(os.sep, "/"):
+        import sys
+        sys.stderr.write(f"\nFAILED (rank {os.environ.get('RANK', '?')}, {report.when}) {report.nodeid}:\n"
+                         f"{report.longreprtext[-4000:]}\n")
+        sys.stderr.flush()

@@ -55,10 +55,15 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
     rank, world = dist_env
     op = generated.gemm_rs_bf16_ce
     a, bs = gemm_operands(op, 64, 11)
-    op(a[rank], bs[rank])  # loads the op and allocates its buffers on every rank (collective)
-    torch.cuda.synchronize()
+    try:  # a failure here must still reach the barrier below (or the other rank would wait there)
+        op(a[rank], bs[rank])  # loads the op and allocates its buffers on every rank (collective)
+        torch.cuda.synchronize()
+        setup_error = None
+    except Exception as e:
+        setup_error = e
     dist.barrier()
     outcomes = _rank0_calls(rank, lambda: op(a[rank], bs[rank], timeout_ms=300), lambda: op(a[rank], bs[rank]))
+    assert setup_error is None, repr(setup_error)  # checked after the last barrier: no rank is left waiting
     if rank == 0:
         (first, seconds), (second, _) = outcomes
         assert isinstance(first, TimeoutError), repr(first)
