@@ -33,6 +33,9 @@ def test_bounded_wait_reports_a_missing_peer(dist_env):
     _, op = _ops()
     x = _random((4, 1001), torch.float16, seed=5)
     out = op.empty_output(4)
+    # a call on every rank first: loading the op's library is collective (NVSHMEM allocations), so
+    # a first call on rank 0 alone would wait in the load for rank 1 (this file run alone hung there)
+    op(x, out)
     torch.cuda.synchronize()
     dist.barrier()
     outcomes = _rank0_calls(rank, lambda: op(x, out, timeout_ms=300), lambda: op(x, out))
