@@ -88,12 +88,13 @@ def check_against_single_gpu(model: str = "llama3-8b", tokens_per_rank: int = 51
 
 
 def main():
-    from tilegen.bench import time_batches
+    from tilegen.bench import time_batches, time_graph
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS) + ["all"], default="all")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--calls", type=int, default=10, help="back-to-back calls per timed batch")
+    ap.add_argument("--graph", action="store_true", help="also time the blocks replayed in a CUDA graph")
     args = ap.parse_args()
     rank, world = tilegen.init()
     nccl = dist.get_backend() == "nccl"
@@ -106,6 +107,13 @@ def main():
              for f in (False, True)}
         t_nccl = time_batches(lambda: mlp_nccl(x, w_gu_r, w_down_r), args.calls, args.reps) if nccl else float("nan")
         t_gemm = time_batches(lambda: mlp_compute_only(full, w_gu_r, w_down_r), args.calls, args.reps)
+        graphs = {}
+        if args.graph:  # no host cost: what a serving loop that replays graphs sees
+            for name, fn in (("copy engine", lambda: mlp_tilegen(x, w_gu_r, w_down_r, model, False)),
+                             ("NCCL+cuBLAS", lambda: mlp_nccl(x, w_gu_r, w_down_r)),
+                             ("compute alone", lambda: mlp_compute_only(full, w_gu_r, w_down_r))):
+                us, err = time_graph(fn, args.calls, 10)
+                graphs[name] = f"{us / 1e3:.3f} ms" if us is not None else f"failed ({err})"
         if rank == 0:
             d, h = MODELS[model]
             print(
@@ -116,6 +124,9 @@ def main():
                 f"{t_nccl / t_gemm:.2f}x",
                 flush=True,
             )
+            if graphs:
+                print(f"TP MLP {model}, TP {world}, CUDA graph of {args.calls} calls: "
+                      + ", ".join(f"{k} {v}" for k, v in graphs.items()), flush=True)
     tilegen.finalize()
     dist.destroy_process_group()
 

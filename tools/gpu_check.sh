@@ -151,7 +151,7 @@ case "$PHASE" in
     timeout 360 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --graph --out "$OUT/bench_gemm_np$NP.json" \
       > "$OUT/bench_gemm_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm_np$NP.log"; }
     grep "unavailable\|^graph" "$OUT/bench_gemm_np$NP.log"; sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm_np$NP.log"
-    timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py > "$OUT/tp_mlp_np$NP.log" 2>&1 \
+    timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py --graph > "$OUT/tp_mlp_np$NP.log" 2>&1 \
       || { status=1; tail -30 "$OUT/tp_mlp_np$NP.log"; }
     grep "^TP MLP" "$OUT/tp_mlp_np$NP.log" ;;
   *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|gemm [ranks]"; exit 2 ;;
