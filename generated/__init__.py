@@ -5,6 +5,7 @@ Import an op by name from this package (its folder on sys.path), e.g. its first 
     from <this package> import ag_gemm_bf16
 """
 import importlib as _importlib
+import sys as _sys
 
 OPS = ['ag_gemm_bf16', 'ag_gemm_bf16_ce', 'ag_gemm_bf16_fused', 'ag_gemm_f16_nk', 'all_to_all_bf16', 'allgather_bf16', 'allgather_f16_nvshmem', 'allreduce_bf16', 'allreduce_f32_max_ring', 'broadcast_f32', 'gemm_rs_bf16', 'gemm_rs_bf16_ce', 'gemm_rs_bf16_fused', 'llama3_70b_down', 'llama3_70b_down_fused', 'llama3_70b_gate_up', 'llama3_70b_gate_up_fused', 'llama3_8b_down', 'llama3_8b_down_fused', 'llama3_8b_gate_up', 'llama3_8b_gate_up_fused', 'reduce_bf16', 'reduce_scatter_bf16', 'reduce_scatter_f16_min_nvshmem']
 __all__ = list(OPS)
@@ -16,3 +17,12 @@ def __getattr__(name):
     op = _importlib.import_module(f"{__name__}.{name}.op").OP
     globals()[name] = op  # replaces the subpackage attribute the import just set
     return op
+
+
+def load(*names):
+    """Loads the named ops (every op when none are named) now, in this order. Loading an op
+    allocates its symmetric memory, which is collective: every rank calls this with the same names.
+    An op's first call loads it too, so an op that only some ranks call first would wait in its
+    load for the others; load those at start-up."""
+    for name in names or OPS:
+        getattr(_sys.modules[__name__], name).load()

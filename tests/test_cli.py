@@ -172,3 +172,27 @@ def test_builds_in_two_folders_differ_only_where_nvcc_makes_them(specs, tmp_path
         libs.append((build / "reduce_bf16_binding.o").read_bytes())
         assert str(out).encode() not in (build / "libtilegen_reduce_bf16.so").read_bytes()
     assert libs[0] == libs[1]
+
+
+def test_generated_package_loads_its_ops_in_one_collective_order(specs, tmp_path, monkeypatch):
+    """pkg.load(): every op (or the named ones) in a fixed order, so every rank can load them at
+    start-up instead of in whichever first call each rank makes."""
+    import importlib
+    out = tmp_path / "pkgload"
+    assert cli.main(["generate", str(specs / "allgather_bf16.yaml"), str(specs / "reduce_bf16.yaml"),
+                     "-o", str(out), "--no-build"]) == 0
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg = importlib.import_module("pkgload")
+    try:
+        loaded = []
+        for name in pkg.OPS:
+            monkeypatch.setattr(pkg, name, type("Fake", (), {"load": lambda self, n=name: loaded.append(n)})(),
+                                raising=False)
+        pkg.load()
+        assert loaded == ["allgather_bf16", "reduce_bf16"]
+        pkg.load("reduce_bf16")
+        assert loaded[-1] == "reduce_bf16" and len(loaded) == 3
+        with pytest.raises(AttributeError, match="has no op 'nope'"):
+            pkg.load("nope")
+    finally:
+        sys.modules.pop("pkgload", None)
