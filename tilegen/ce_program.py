@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .schedules import _others
+
 MAX_SPLITS = 8  # flags per source rank (kCeMaxSplits in include/tilegen/collective.cuh)
 
 Region = tuple[str, "int | None", "int | None"]
@@ -39,9 +41,10 @@ class Step:
 
 
 def peers(me: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(ranks this rank sends to, in order; ranks it receives from, in arrival order). Rank r sends
-    to r+1 first, so at every step each rank receives from one peer (no incast)."""
-    return tuple((me + i) % world for i in range(1, world)), tuple((me - i) % world for i in range(1, world))
+    """(ranks this rank sends to, in order; ranks it receives from, in arrival order): the direct
+    schedules' order, r+1 first, so at every step each rank receives from one peer (no incast)."""
+    to = tuple(_others(world, me))
+    return to, to[::-1]
 
 
 def flag(source: int, split: int) -> int:

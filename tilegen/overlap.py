@@ -13,6 +13,7 @@ uses.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -202,25 +203,20 @@ class _GemmOp(GeneratedOp):
         handles = {"main": main, "copy": copy}
         bm = b if self.b_layout == "kn" else b.t()
         row_bytes = {name: t.stride(0) * t.element_size() for name, t in bufs.items()}  # contiguous 2-d buffers
-        switch = None if main == current.cuda_stream else torch.cuda.stream(torch.cuda.ExternalStream(main, a.device))
-        if switch is not None:
-            switch.__enter__()
-        try:
+        # torch work goes on the caller's stream (made current if it is not) unless a step says copy
+        caller = torch.cuda.ExternalStream(main, a.device) if main != current.cuda_stream else None
+        with torch.cuda.stream(caller) if caller is not None else nullcontext():
             for kind, on, peer, flag, dst, drows, src, srows, acc in ce_steps(self.kind, world_size(), rank(), m,
                                                                               ce_splits(self.kind, m)):
-                if kind == "gemm" or kind == "add":  # torch work: on the caller's stream unless the step says copy
+                if kind == "gemm" or kind == "add":
                     out, x = bufs[dst][drows[0]:drows[1]], bufs[src][srows[0]:srows[1]]
-                    ctx = torch.cuda.stream(copy_stream) if on == "copy" else None
-                    if ctx is not None:
-                        ctx.__enter__()
-                    if kind == "add":
-                        out.add_(x)
-                    elif acc:
-                        out.addmm_(x, bm)
-                    else:
-                        torch.mm(x, bm, out=out)
-                    if ctx is not None:
-                        ctx.__exit__(None, None, None)
+                    with torch.cuda.stream(copy_stream) if on == "copy" else nullcontext():
+                        if kind == "add":
+                            out.add_(x)
+                        elif acc:
+                            out.addmm_(x, bm)
+                        else:
+                            torch.mm(x, bm, out=out)
                 elif kind == "put":
                     mod.ce_put(bufs[src], srows[0] * row_bytes[src], bufs[dst], drows[0] * row_bytes[dst],
                                (srows[1] - srows[0]) * row_bytes[src], peer, flag, handles[on])
@@ -239,11 +235,8 @@ class _GemmOp(GeneratedOp):
                     mod.join(main, copy)
                 else:
                     raise AssertionError(f"unknown copy-engine step {kind}")
-        finally:
-            if switch is not None:
-                switch.__exit__(None, None, None)
         if timeout_ns > 0:  # the program ends with the caller's stream joined to the copies
-            (current if main == current.cuda_stream else torch.cuda.ExternalStream(main, a.device)).synchronize()
+            (caller if caller is not None else current).synchronize()
             mod.check_wait_error()
 
 

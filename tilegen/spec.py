@@ -330,8 +330,7 @@ class KernelSpec(_Frozen):
         if self.transport == "nvshmem":
             raise ValueError("transport: the copy-engine overlap copies over NVLink (P2P); use transport auto or "
                              "nvlink, or overlap: decomposed")
-        given = [f for f, unset in (("ctas", self.ctas == "auto"), ("tile_bytes", self.tile_bytes == "auto"),
-                                    ("schedule", self.schedule == "auto")) if not unset]
+        given = self._kernel_settings()
         if given and self.overlap == "copy_engine":
             raise ValueError(f"{given[0]}: the copy-engine overlap runs no communication kernel, so it takes no "
                              f"{given[0]}; leave it out or use overlap: decomposed")
@@ -345,8 +344,11 @@ class KernelSpec(_Frozen):
             return self.overlap
         # auto: the copy engines where the spec leaves the communication kernel's settings open
         # (it beat the decomposed and fused styles in every measured row: docs/measurements.md)
-        fixed = (self.ctas, self.tile_bytes, self.schedule) != ("auto",) * 3 or self.transport == "nvshmem"
-        return "decomposed" if fixed else "copy_engine"
+        return "decomposed" if self._kernel_settings() or self.transport == "nvshmem" else "copy_engine"
+
+    def _kernel_settings(self) -> list[str]:
+        """The communication kernel's settings this spec fixes (not auto)."""
+        return [f for f in ("ctas", "tile_bytes", "schedule") if getattr(self, f) != "auto"]
 
     def gemm_nk(self, world: int) -> tuple[int, int]:
         """GEMM ops: this rank's (n, k) at ``world`` ranks."""

@@ -26,6 +26,16 @@ def _rank0_calls(rank: int, *calls) -> list:
     return outcomes
 
 
+def _check_timed_out_then_refused(outcomes: list, pattern: str) -> None:
+    """Rank 0's bounded call raised a TimeoutError matching `pattern` within 30 s, and its next call
+    was refused with a message saying an earlier call timed out."""
+    (first, seconds), (second, _) = outcomes
+    assert isinstance(first, TimeoutError), repr(first)
+    assert re.search(pattern, str(first)), str(first)
+    assert seconds < 30
+    assert isinstance(second, RuntimeError) and "timed out" in str(second), repr(second)
+
+
 def test_bounded_wait_reports_a_missing_peer(dist_env):
     """Rank 0 calls, rank 1 skips its call: rank 0 gets a TimeoutError naming rank and signal, no hang;
     its next call fails clearly (its epochs no longer match rank 1's)."""
@@ -39,14 +49,9 @@ def test_bounded_wait_reports_a_missing_peer(dist_env):
     torch.cuda.synchronize()
     dist.barrier()
     outcomes = _rank0_calls(rank, lambda: op(x, out, timeout_ms=300), lambda: op(x, out))
-    if rank == 0:
-        (first, seconds), (second, _) = outcomes
-        assert isinstance(first, TimeoutError), repr(first)
-        # small messages take the LL schedule (flags in the data), larger ones wait on the entry signal
-        assert re.search(r"rank 0 timed out .* waiting for (entry signal 1 >= \d+|the LL lines of scratch slot 1 to "
-                         r"hold flag \d+)", str(first)), str(first)
-        assert seconds < 30
-        assert isinstance(second, RuntimeError) and "timed out" in str(second), repr(second)
+    if rank == 0:  # small messages take the LL schedule (flags in the data), larger ones wait on the entry signal
+        _check_timed_out_then_refused(outcomes, r"rank 0 timed out .* waiting for (entry signal 1 >= \d+|the LL lines "
+                                                r"of scratch slot 1 to hold flag \d+)")
 
 
 def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
@@ -68,8 +73,4 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
     outcomes = _rank0_calls(rank, lambda: op(a[rank], bs[rank], timeout_ms=300), lambda: op(a[rank], bs[rank]))
     assert setup_error is None, repr(setup_error)  # checked after the last barrier: no rank is left waiting
     if rank == 0:
-        (first, seconds), (second, _) = outcomes
-        assert isinstance(first, TimeoutError), repr(first)
-        assert re.search(r"rank 0 timed out .* waiting for entry signal 1 >= \d+", str(first)), str(first)
-        assert seconds < 30
-        assert isinstance(second, RuntimeError) and "timed out" in str(second), repr(second)
+        _check_timed_out_then_refused(outcomes, r"rank 0 timed out .* waiting for entry signal 1 >= \d+")

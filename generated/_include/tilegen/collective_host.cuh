@@ -244,8 +244,7 @@ struct Host {
   // the call (checks, layout) and leave the launch to launch_pending().
   static int run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns, int defer,
                  char* msg, int len) {
-    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
-    if (g.poisoned) return fail(msg, len, "%s: an earlier call timed out; signal state is unreliable, restart the job", Op::kName);
+    if (usable(msg, len)) return 1;
     if (in_bytes <= 0 || in_bytes > Op::kMaxInBytes)
       return fail(msg, len, "%s: input of %lld bytes outside (0, %lld]", Op::kName, static_cast<long long>(in_bytes),
                   static_cast<long long>(Op::kMaxInBytes));
@@ -296,7 +295,7 @@ struct Host {
     if (v.ll && 2 * ((p.part + 7) / 8 * 8) * Op::kLLSlots > Op::kLLBytes / 2)
       return fail(msg, len, "%s: %lld-byte parts exceed the LL scratch (%lld bytes)", Op::kName,
                   static_cast<long long>(p.part), static_cast<long long>(Op::kLLBytes));
-    p.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    p.wait = wait_ctx(timeout_ns);
     if constexpr (kGemm) {
       if (!g.begun) return fail(msg, len, "%s: run() without begin() on the caller's stream first", Op::kName);
       g.begun = false;
@@ -324,6 +323,24 @@ struct Host {
     kernel<Op><<<grid, Op::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
     cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? 0 : fail(msg, len, "%s: launch failed: %s", Op::kName, cudaGetErrorString(e));
+  }
+
+  // After launching one of the op's small kernels: 0, or a message naming it.
+  static int launched(const char* what, char* msg, int len) {
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: %s launch failed: %s", Op::kName, what, cudaGetErrorString(e));
+  }
+
+  // The bound and error report of a call's waits (timeout_ns 0: unbounded, nothing reported).
+  static dev::WaitCtx wait_ctx(uint64_t timeout_ns) {
+    return dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+  }
+
+  // 0 when the op can take a call: initialised, and no earlier call timed out.
+  static int usable(char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    if (g.poisoned) return fail(msg, len, "%s: an earlier call timed out; signal state is unreliable, restart the job", Op::kName);
+    return 0;
   }
 
   static int launch_pending(void* stream, char* msg, int len) {
@@ -368,8 +385,7 @@ struct Host {
     if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
     if constexpr (kGemm) {
       begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev);
-      cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return fail(msg, len, "%s: begin launch failed: %s", Op::kName, cudaGetErrorString(e));
+      if (launched("begin", msg, len)) return 1;
       g.begun = true;
     }
     return 0;
@@ -386,8 +402,7 @@ struct Host {
     if (check_chunk("signal_chunk", chunk, msg, len)) return 1;
     if constexpr (Op::kGemm == Gemm::kProduce) {
       signal_chunk<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, g.last_parts, g.epoch_dev);
-      cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return fail(msg, len, "%s: signal launch failed: %s", Op::kName, cudaGetErrorString(e));
+      return launched("signal", msg, len);
     }
     return 0;
   }
@@ -396,11 +411,10 @@ struct Host {
   static int wait_chunk_on(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len) {
     if (check_chunk("wait_chunk", chunk, msg, len)) return 1;
     if constexpr (Op::kGemm == Gemm::kConsume) {
-      const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+      const dev::WaitCtx w = wait_ctx(timeout_ns);
       wait_chunk<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, g.last_parts, g.last_shard, g.last_part,
                                                                        g.last_tile, g.epoch_dev, w);
-      cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return fail(msg, len, "%s: wait launch failed: %s", Op::kName, cudaGetErrorString(e));
+      return launched("wait", msg, len);
     }
     return 0;
   }
@@ -416,8 +430,7 @@ struct Host {
   // The orchestration (which chunk, which stream, in what order) is the Python op's
   // (tilegen/overlap.py); these check their arguments and queue the copies and the flag kernels.
   static int ce_check(const char* what, int peer, int flag, char* msg, int len) {
-    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
-    if (g.poisoned) return fail(msg, len, "%s: an earlier call timed out; signal state is unreliable, restart the job", Op::kName);
+    if (usable(msg, len)) return 1;
     if (!g.ce_ok)
       return fail(msg, len, "%s: %s: the copy-engine overlap needs every peer's memory reachable over NVLink (P2P); "
                   "use overlap: decomposed", Op::kName, what);
@@ -427,14 +440,9 @@ struct Host {
     return 0;
   }
 
-  static int launched(const char* what, char* msg, int len) {
-    cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? 0 : fail(msg, len, "%s: %s: %s", Op::kName, what, cudaGetErrorString(e));
-  }
-
   static int ce_begin_call(void* stream, uint64_t timeout_ns, char* msg, int len) {
     if (ce_check("begin", g.rank, 0, msg, len)) return 1;
-    const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    const dev::WaitCtx w = wait_ctx(timeout_ns);
     ce_begin<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev, g.ce, g.rank, g.world, w);
     return launched("begin", msg, len);
   }
@@ -451,15 +459,15 @@ struct Host {
   }
 
   // Copy `bytes` from local `src` into rank `peer`'s symmetric `dst` (this rank's address), then
-  // set the peer's flag `flag` (flag < 0: no flag).
+  // set the peer's flag `flag`.
   static int ce_put(const void* src, void* dst, int64_t bytes, int peer, int flag, void* stream, char* msg, int len) {
-    if (ce_check("put", peer, flag < 0 ? 0 : flag, msg, len)) return 1;
+    if (ce_check("put", peer, flag, msg, len)) return 1;
     char* to = peer_address("put", dst, bytes, peer, msg, len);
     if (!to) return 1;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e = cudaMemcpyAsync(to, src, bytes, cudaMemcpyDeviceToDevice, s);
     if (e != cudaSuccess) return fail(msg, len, "%s: put: %s", Op::kName, cudaGetErrorString(e));
-    return flag < 0 ? 0 : set_flag(g.ce.peer[peer] + CeSignals<Op>::kFlags + flag, s, msg, len);
+    return set_flag(g.ce.peer[peer] + CeSignals<Op>::kFlags + flag, s, msg, len);
   }
 
   // Sets a flag after the work queued before on `stream` (its writes are visible first).
@@ -514,7 +522,7 @@ struct Host {
       r = g.memops.write(cs, p, 0, 0);
       return r == CUDA_SUCCESS ? 0 : fail(msg, len, "%s: cuStreamWriteValue64 failed (CUresult %d)", Op::kName, static_cast<int>(r));
     }
-    const dev::WaitCtx w{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    const dev::WaitCtx w = wait_ctx(timeout_ns);
     ce_wait<<<1, 32, 0, s>>>(word, flag, w);
     return launched("wait", msg, len);
   }
@@ -548,7 +556,7 @@ struct Host {
     s.in_flag_base = signals<Op>().flag(kIn, 0, 0);
     s.counters = g.counters;
     s.epoch = g.epoch_dev;
-    s.wait = dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+    s.wait = wait_ctx(timeout_ns);
     *out = s;
     *comm_ctas = g.last_grid;
     return 0;
