@@ -1,9 +1,13 @@
-"""The copy-engine overlap's host side without a GPU: the op runs its checked program
-(tilegen.ce_program) as the op library calls and cuBLAS GEMMs below, in this order, on these streams
-and byte ranges. A fake torch records what would be launched."""
+"""The copy-engine overlap's host side without a GPU: the op hands its checked program
+(tilegen.ce_program) to the op library once and runs it with one call per op call; the Python
+executor (the reference) issues the library calls and cuBLAS GEMMs below, in this order, on these
+streams and byte ranges. A fake torch records what would be launched."""
+from pathlib import Path
+
 import pytest
 
 from tilegen import overlap
+from tilegen.ce_program import STYLES
 from tilegen.overlap import AgGemmOp, GemmRsOp, split_bounds
 
 
@@ -29,11 +33,19 @@ class FakeTensor:
     def t(self):
         return self
 
-    def addmm_(self, x, b):
-        self.log.append(("gemm+=", STREAM[0], x.name, x.lo, x.lo + x.rows, self.name, self.lo, self.lo + self.rows))
+    def float(self):
+        return self
 
-    def add_(self, x):
-        self.log.append(("add", STREAM[0], x.name, x.lo, self.name, self.lo, self.rows))
+    def sum(self, dim):
+        return self
+
+    def copy_(self, x):
+        self.log.append(("copy", STREAM[0], x.name, self.name, self.lo, self.rows))
+
+    @property
+    def shape(self):
+        return (self.rows, self.cols)
+
 
 
 STREAM = ["main"]
@@ -63,13 +75,26 @@ class FakeCuda:
 
 
 class FakeTorch:
-    cuda = FakeCuda
-
     def __init__(self, log):
         self.log = log
 
     def mm(self, x, b, out):
         self.log.append(("gemm", STREAM[0], x.name, x.lo, x.lo + x.rows, out.name, out.lo, out.lo + out.rows))
+
+    def stack(self, ts):
+        self.log.append(("sum", STREAM[0], [(t.name, t.lo, t.rows) for t in ts]))
+        return FakeTensor("sum", 0, 0)
+
+    def addmm(self, add, x, b, out):
+        self.log.append(("gemm+", STREAM[0], x.name, x.lo, x.lo + x.rows, out.name, out.lo, out.lo + out.rows,
+                         add.name, add.lo))
+
+    class cuda(FakeCuda):
+        @staticmethod
+        def ExternalStream(handle, device=None):
+            s = FakeCuda.Stream()
+            s.cuda_stream = handle
+            return s
 
 
 class FakeMod:
@@ -83,22 +108,24 @@ class FakeMod:
         return call
 
 
-def _run(op_cls, kind, world, me, m, splits, monkeypatch):
+def _run(op_cls, kind, world, me, m, splits, monkeypatch, executor="python", calls=1, style=""):
     log = []
     monkeypatch.setattr(overlap, "_torch", lambda: FakeTorch(log))
     monkeypatch.setattr(overlap, "world_size", lambda: world)
     monkeypatch.setattr(overlap, "rank", lambda: me)
     monkeypatch.setenv("TILEGEN_CE_SPLITS", str(splits))
+    monkeypatch.setenv("TILEGEN_CE_EXECUTOR", executor)
+    monkeypatch.setenv("TILEGEN_CE_STYLE", style)
     op = op_cls(directory=".", name="x", kind=kind, dtype="bfloat16", shape=[{"name": "m", "max": 64}, 8],
                 world_sizes=[world], gemm_nk={world: (4, 8)}, b_layout="kn", overlap="copy_engine")
     if kind == "ag_gemm":
         bufs = {"a": FakeTensor("a", m, 8, 0, log), "gathered": FakeTensor("gathered", world * m, 8, 0, log),
                 "c": FakeTensor("c", world * m, 4, 0, log)}
     else:
-        bufs = {"a": FakeTensor("a", world * m, 8, 0, log), "partial": FakeTensor("partial", world * m, 4, 0, log),
-                "c": FakeTensor("c", m, 4, 0, log)}
-        bufs.update({f"extra.{j}": FakeTensor(f"extra.{j}", m, 4, 0, log) for j in range(world - 2)})
-    op._copy_engine(bufs, m, FakeTensor("b", 8, 4, 0, log), FakeMod(log), None, 0)
+        bufs = {"a": FakeTensor("a", world * m, 8, 0, log), "recv": FakeTensor("recv", (world - 1) * m, 4, 0, log),
+                "c": FakeTensor("c", m, 4, 0, log), "acc": FakeTensor("acc", (world - 1) * m, 4, 0, log)}
+    for _ in range(calls):
+        op._copy_engine(bufs, m, FakeTensor("b", 8, 4, 0, log), FakeMod(log), None, 0)
     return log
 
 
@@ -118,35 +145,138 @@ def test_ag_gemm_copy_engine_issues_its_program(monkeypatch):
     ]
 
 
-def test_gemm_rs_copy_engine_issues_its_program(monkeypatch):
-    """World 3, rank 1, 6 rows, 2 splits: partial products for ranks 2 then 0, each flagged at that
-    rank; per split: pulls from rank 0 (into c) and rank 2 (into scratch, added on the copy stream),
-    the caller's stream joins the copies and adds its own product into c (beta = 1)."""
-    log = _run(GemmRsOp, "gemm_rs", 3, 1, 6, 2, monkeypatch)
-    rb = 4 * 2  # bytes per row of partial / c
-    want = [("ce_begin", 111, 0), ("join", 222, 111)]
+def test_gemm_rs_ring_copy_engine_issues_its_program(monkeypatch):
+    """World 3, rank 1, 6 rows, 2 splits, a ring: step 0 computes rank 0's rows into acc, step 1 rank
+    2's rows plus what rank 0 pushed (recv), each split pushed to rank 2 (flag 8 * step + split) once
+    its GEMM is done (fork); then its own rows plus the sum received at step 1, into c."""
+    log = _run(GemmRsOp, "gemm_rs", 3, 1, 6, 2, monkeypatch, style="ring")
+    rb = 4 * 2  # bytes per row of acc / recv / c
+    want = [("ce_begin", 111, 0)]
+    for t, d in enumerate((0, 2)):
+        for s, (lo, hi) in enumerate(split_bounds(6, 2)):
+            if t:
+                want += [("ce_wait", 8 * (t - 1) + s, 111, 0),
+                         ("gemm+", "main", "a", d * 6 + lo, d * 6 + hi, "acc", t * 6 + lo, t * 6 + hi, "recv", lo)]
+            else:
+                want += [("gemm", "main", "a", d * 6 + lo, d * 6 + hi, "acc", lo, hi)]
+            want += [("join", 222, 111), ("ce_put", "acc", (t * 6 + lo) * rb, "recv", (t * 6 + lo) * rb,
+                                          (hi - lo) * rb, 2, 8 * t + s, 222)]
     for s, (lo, hi) in enumerate(split_bounds(6, 2)):
-        for d in (2, 0):
-            want += [("gemm", "main", "a", d * 6 + lo, d * 6 + hi, "partial", d * 6 + lo, d * 6 + hi),
-                     ("ce_signal", d, 8 + s, 111)]
-    for s, (lo, hi) in enumerate(split_bounds(6, 2)):
-        want += [("ce_wait", 0 * 8 + s, 222, 0), ("ce_get", "c", lo * rb, "partial", (6 + lo) * rb, 3 * rb, 0, 222),
-                 ("ce_wait", 2 * 8 + s, 222, 0),
-                 ("ce_get", "extra.0", lo * rb, "partial", (6 + lo) * rb, 3 * rb, 2, 222),
-                 ("add", "copy", "extra.0", lo, "c", lo, 3),
-                 ("join", 111, 222), ("gemm+=", "main", "a", 6 + lo, 6 + hi, "c", lo, hi)]
+        want += [("ce_wait", 8 + s, 111, 0), ("gemm+", "main", "a", 6 + lo, 6 + hi, "c", lo, hi, "recv", 6 + lo)]
     want.append(("join", 111, 222))
     assert log == want
 
 
-def test_copy_engine_splits_setting(monkeypatch):
+def test_gemm_rs_direct_copy_engine_issues_its_program(monkeypatch):
+    """World 4, rank 1, 6 rows, 1 split, direct: the rows of ranks 2, 3, 0 into acc slots 0-2, each
+    pushed (once computed) into that rank's recv slot for rank 1 (0, 1, 2) with flag 8; then its
+    own rows plus the first arrival (rank 0's, slot 0), and ranks 3's and 2's (slots 1, 2) summed in."""
+    log = _run(GemmRsOp, "gemm_rs", 4, 1, 6, 1, monkeypatch, style="direct")
+    rb = 4 * 2
+    want = [("ce_begin", 111, 0)]
+    for j, d in enumerate((2, 3, 0)):
+        want += [("gemm", "main", "a", d * 6, d * 6 + 6, "acc", j * 6, j * 6 + 6), ("join", 222, 111),
+                 ("ce_put", "acc", j * 6 * rb, "recv", j * 6 * rb, 6 * rb, d, 8, 222)]
+    want += [("ce_wait", 0, 111, 0), ("gemm+", "main", "a", 6, 12, "c", 0, 6, "recv", 0),
+             ("ce_wait", 24, 111, 0), ("ce_wait", 16, 111, 0),
+             ("sum", "main", [("c", 0, 6), ("recv", 6, 6), ("recv", 12, 6)]), ("copy", "main", "sum", "c", 0, 6),
+             ("join", 111, 222)]
+    assert log == want
+
+
+@pytest.mark.parametrize("kind, op_cls", [("ag_gemm", AgGemmOp), ("gemm_rs", GemmRsOp)])
+def test_library_executor_registers_once_and_runs_in_one_call(kind, op_cls, monkeypatch):
+    log = _run(op_cls, kind, 4, 2, 10, 2, monkeypatch, executor="library", calls=3)
+    key = (10 * 16 + 2) * 4
+    assert log[0] == ("ce_program", key, list(overlap.ce_encoded(kind, 4, 2, 10, 2)))
+    sym, acc = ("gathered", "c") if kind == "ag_gemm" else ("recv", "acc")
+    assert log[1:] == [("ce_run", key, "a", "b", "c", sym, acc, 111, 0)] * 3
+
+
+@pytest.mark.parametrize("kind", ["ag_gemm", "gemm_rs"])
+@pytest.mark.parametrize("world, splits", [(2, 1), (4, 2), (8, 3)])
+def test_library_encoding_is_the_checked_program(kind, world, splits):
+    """Decoding the op library's 15-number steps gives back every step of the checked program."""
+    m = 37
+    for style in STYLES[kind]:
+        for me in range(world):
+            flat = overlap.ce_encoded(kind, world, me, m, splits, style)
+            steps = overlap.ce_steps(kind, world, me, m, splits, style)
+            assert len(flat) == overlap.CE_FIELDS * len(steps)
+            names = {v: k for k, v in overlap.CE_BUFFERS.items() if k not in ("recv",)}
+            sym = "gathered" if kind == "ag_gemm" else "recv"
+            for i, st in enumerate(steps):
+                f = flat[15 * i: 15 * i + 15]
+                assert f[5] == m  # a reduce's terms are chunks of m rows
+                got = [overlap.CE_KINDS[f[0]], "main" if f[1] == 0 else "copy", f[2], f[3], f[4]]
+                for j in (6, 9, 12):
+                    buf = None if f[j] < 0 else (sym if f[j] == 1 else names[f[j]])
+                    got += [buf, None if buf is None else (f[j + 1], f[j + 2])]
+                assert tuple(got) == st
+
+
+def test_merged_gemm_covers_contiguous_peer_rows():
+    """ag_gemm merged, world 4, rank 2: GEMMs of rows [0, 2m) and [3m, 4m) of gathered into c."""
+    gemms = [(st[6], st[8]) for st in overlap.ce_steps("ag_gemm", 4, 2, 10, 1, "merged") if st[0] == "gemm"]
+    assert gemms == [((20, 30), (0, 10)), ((0, 20), (0, 20)), ((30, 40), (30, 40))]
+
+
+def test_copy_engine_executor_setting(monkeypatch):
+    monkeypatch.setenv("TILEGEN_CE_EXECUTOR", "cuda")
+    with pytest.raises(ValueError, match="TILEGEN_CE_EXECUTOR must be library or python"):
+        overlap.ce_executor()
+
+
+def test_copy_engine_config_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("TILEGEN_CE_SPLITS", "9")
     with pytest.raises(ValueError, match=r"TILEGEN_CE_SPLITS must be in \[1, 8\]"):
-        overlap.ce_splits("gemm_rs", 100)
+        overlap.ce_config("gemm_rs", 2, 100)
     monkeypatch.setenv("TILEGEN_CE_SPLITS", "x")
     with pytest.raises(ValueError, match="a number of splits"):
-        overlap.ce_splits("gemm_rs", 100)
+        overlap.ce_config("gemm_rs", 2, 100)
     monkeypatch.delenv("TILEGEN_CE_SPLITS")
-    assert overlap.ce_splits("gemm_rs", 100) == 2 and overlap.ce_splits("gemm_rs", 1) == 1
-    assert overlap.ce_splits("ag_gemm", 100) == 1
+    monkeypatch.setenv("TILEGEN_CE_STYLE", "merged")
+    with pytest.raises(ValueError, match="TILEGEN_CE_STYLE must be one of direct, ring for gemm_rs"):
+        overlap.ce_config("gemm_rs", 2, 100)
+    monkeypatch.delenv("TILEGEN_CE_STYLE")
+    assert overlap.ce_config("gemm_rs", 2, 100) == ("direct", 2) and overlap.ce_config("gemm_rs", 2, 1) == ("direct", 1)
+    assert overlap.ce_config("ag_gemm", 2, 100) == ("chunks", 1)
     assert split_bounds(5, 2) == [(0, 2), (2, 5)]
+    # a machine's measured choices by size (rows: largest m, style, splits; past the last: the last)
+    (tmp_path / "box" / "copy_engine").mkdir(parents=True)
+    (tmp_path / "box" / "copy_engine" / "choices.json").write_text(
+        '{"choices": {"ag_gemm": {"4": [[600, "merged", 1], [1500, "chunks", 2]]}}}')
+    monkeypatch.setattr("tilegen.calibration.CALIBRATIONS_DIR", tmp_path)
+    overlap.ce_table.cache_clear()
+    assert [overlap.ce_config("ag_gemm", 4, m, "box") for m in (512, 600, 601, 4096)] == \
+        [("merged", 1), ("merged", 1), ("chunks", 2), ("chunks", 2)]
+    assert overlap.ce_config("ag_gemm", 2, 512, "box") == ("chunks", 1)  # no measurement at world 2
+    overlap.ce_table.cache_clear()
+
+
+def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
+    """tools/ce_calibrate.py: the fastest (style, splits) per measured m, boundaries at geometric
+    midpoints, equal neighbours merged; what ce_config then chooses."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("ce_calibrate", Path(__file__).parents[1] / "tools/ce_calibrate.py")
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    rows = [{"case": "gemm_rs M=2048", "M": 2048, "world": 4, "us": {"ce_direct_1": 120.0, "ce_ring_2": 250.0}},
+            {"case": "gemm_rs M=4096", "M": 4096, "world": 4, "us": {"ce_direct_1": 230.0, "ce_direct_2": 220.0}},
+            {"case": "gemm_rs M=8192", "M": 8192, "world": 4, "us": {"ce_direct_2": 400.0, "ce_ring_2": 560.0}},
+            {"case": "M=2048", "M": 2048, "world": 4, "us": {"gemm_alone": 90.0}}]
+    best = cal.fastest(rows)
+    assert best == {("gemm_rs", 4): [(512, "direct", 1, 120.0), (1024, "direct", 2, 220.0), (2048, "direct", 2, 400.0)]}
+    assert cal.ranges(best[("gemm_rs", 4)]) == [[724, "direct", 1], [1 << 30, "direct", 2]]
+    (tmp_path / "box").mkdir()
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(rows))
+    monkeypatch.setattr(cal, "CALIBRATIONS_DIR", tmp_path)
+    monkeypatch.setattr("sys.argv", ["ce_calibrate", str(sweep), "--machine", "box"])
+    cal.main()
+    monkeypatch.setattr("tilegen.calibration.CALIBRATIONS_DIR", tmp_path)
+    overlap.ce_table.cache_clear()
+    assert [overlap.ce_config("gemm_rs", 4, m, "box") for m in (512, 724, 725, 2048)] == \
+        [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
+    overlap.ce_table.cache_clear()

@@ -430,12 +430,12 @@ from tilegen.check import check_copy_engine  # noqa: E402
 def test_copy_engine_programs_pass_the_checker(kind, world):
     v = check_copy_engine(kind, world, seeds=8)
     assert v.ok, str(v)
-    assert v.ops > 0 and len(v.configs) == 3
+    assert v.ops > 0 and len(v.configs) == 3 * len(ce_program.STYLES[kind])
 
 
-def _mutated(kind, change):
+def _mutated(kind, change, style=None):
     """program_fn whose programs are the real ones with `change(steps, rank)` applied."""
-    return lambda w, r, s: tuple(change(list(ce_program.program(kind, w, r, s)), r))
+    return lambda w, r, s: tuple(change(list(ce_program.program(kind, w, r, s, style)), r))
 
 
 def _drop(kind_of_step, stream=None, last=False):
@@ -446,22 +446,42 @@ def _drop(kind_of_step, stream=None, last=False):
     return change
 
 
-@pytest.mark.parametrize("kind, change, symptom", [
+@pytest.mark.parametrize("kind, style, change, symptom", [
     # no entry handshake: a fast rank pushes into / reads from buffers its peer's previous call still uses
-    ("ag_gemm", _drop("begin"), "write-after-read|expected|set again"),
-    ("gemm_rs", _drop("begin"), "write-after-read|expected|set again|deadlock"),
+    ("ag_gemm", "chunks", _drop("begin"), "write-after-read|expected|set again|deadlock"),
+    ("ag_gemm", "merged", _drop("begin"), "write-after-read|expected|set again|deadlock"),
+    ("gemm_rs", "direct", _drop("begin"), "write-after-read|expected|set again|deadlock"),
+    ("gemm_rs", "ring", _drop("begin"), "write-after-read|expected|set again|deadlock"),
     # the caller's stream returns before the copies finish: the user's next A is read mid-copy
-    ("ag_gemm", _drop("join", last=True), "write-after-read|expected"),
+    ("ag_gemm", "chunks", _drop("join", last=True), "write-after-read|expected"),
+    ("ag_gemm", "merged", _drop("join", last=True), "write-after-read|expected"),
     # a consumer that does not wait for the flag reads another call's data (or none)
-    ("ag_gemm", _drop("wait"), "expected|set again"),
-    ("gemm_rs", _drop("wait"), "expected|set again"),
-    # the own GEMM before its split's pulls are joined: C misses the peers' contributions
-    ("gemm_rs", _drop("join"), "expected|write-after-read"),
+    ("ag_gemm", "chunks", _drop("wait"), "expected|set again|deadlock"),
+    ("ag_gemm", "merged", _drop("wait", last=True), "expected|set again|deadlock"),
+    ("gemm_rs", "direct", _drop("wait"), "expected|set again|deadlock"),
+    ("gemm_rs", "ring", _drop("wait"), "expected|set again|deadlock"),
+    # a push before the GEMM it sends finished: the peer adds stale (or no) data
+    ("gemm_rs", "direct", _drop("fork", last=True), "expected|write-after-read|set again|deadlock"),
+    ("gemm_rs", "ring", _drop("fork"), "expected|write-after-read|set again|deadlock"),
+    ("gemm_rs", "ring", _drop("fork", last=True), "expected|write-after-read|set again|deadlock"),
+    # the own rows without the others' sums: C misses their products
+    ("gemm_rs", "direct", _drop("wait", last=True), "expected|set again|deadlock"),
+    ("gemm_rs", "ring", _drop("wait", last=True), "expected|set again|deadlock"),
+    # (gemm_rs's final join is kept for CUDA-graph capture, which needs the copy stream joined back:
+    # the handshake alone already orders a push before the next call's writes of what it reads)
 ])
-def test_copy_engine_checker_catches_broken_protocols(kind, change, symptom):
-    v = check_copy_engine(kind, 2, splits_options=(1, 2), seeds=30, program_fn=_mutated(kind, change))
+@pytest.mark.parametrize("world", [2, 4])
+def test_copy_engine_checker_catches_broken_protocols(kind, style, change, symptom, world):
+    v = check_copy_engine(kind, world, splits_options=(1, 2), seeds=30, program_fn=_mutated(kind, change, style))
     assert not v.ok
     assert any(re.search(symptom, p) for p in v.problems), v.problems[:5]
+
+
+def test_copy_engine_checker_catches_a_missing_reduction():
+    """gemm_rs direct at 4 ranks without its reduction of the later arrivals: C lacks two products."""
+    v = check_copy_engine("gemm_rs", 4, splits_options=(1,), seeds=4,
+                          program_fn=_mutated("gemm_rs", _drop("reduce"), "direct"))
+    assert not v.ok and any("expected" in p for p in v.problems)
 
 
 def test_copy_engine_checker_reports_a_split_mismatch_as_deadlock():
@@ -481,7 +501,22 @@ def test_copy_engine_program_shape():
     assert puts == [(q, ce_program.flag(1, s)) for q in (2, 3, 0) for s in (0, 1)]
     waits = [st.flag for st in steps if st.kind == "wait"]
     assert waits == [ce_program.flag(q, s) for q in (0, 3, 2) for s in (0, 1)]
+    # gemm_rs ring: step t computes chunk me - 1 - t onto what rank me - 1 pushed, own rows last
+    rs = ce_program.program("gemm_rs", 4, 1, 1, "ring")
+    gemms = [(st.src[1], st.addend) for st in rs if st.kind == "gemm"]
+    assert gemms == [(0, None), (3, ("recv", 0, 0)), (2, ("recv", 1, 0)), (1, ("recv", 2, 0))]
+    assert {st.peer for st in rs if st.kind == "put"} == {2}
+    assert [st.flag for st in rs if st.kind == "wait"] == [ce_program.flag(t, 0) for t in range(3)]
+    # gemm_rs direct: peers' rows pushed to recv slot (peer - 1 - me) % world, own rows + slot 0, reduce the rest
     rs = ce_program.program("gemm_rs", 4, 1, 1)
-    assert [st.dst[0] for st in rs if st.kind == "get"] == ["c", "extra.0", "extra.1"]
+    assert [(st.peer, st.dst) for st in rs if st.kind == "put"] == [(2, ("recv", 0, 0)), (3, ("recv", 1, 0)),
+                                                                     (0, ("recv", 2, 0))]
+    assert [(st.src, st.count) for st in rs if st.kind == "reduce"] == [(("recv", 1, 0), 2)]
+    # ag_gemm merged: rank 2 of 4 waits for ranks 1, 0 then GEMMs rows of chunks 0-1, then chunk 3
+    ag = ce_program.program("ag_gemm", 4, 2, 1, "merged")
+    assert [(st.src, st.count) for st in ag if st.kind == "gemm"][1:] == [(("gathered", 0, None), 2),
+                                                                          (("gathered", 3, None), 1)]
     with pytest.raises(ValueError, match="splits"):
         ce_program.program("gemm_rs", 2, 0, 9)
+    with pytest.raises(ValueError, match="style must be one of direct, ring"):
+        ce_program.program("gemm_rs", 2, 0, 1, "tree")

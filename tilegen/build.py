@@ -49,7 +49,8 @@ def _gencode(archs: list[str]) -> str:
 
 
 def ninja_file(root: Path, specs: list[KernelSpec], tc: Toolchain, archs: list[str] | None = None) -> str:
-    inc = [f"-I{root / '_include'}", f"-I{tc.nvshmem_dir}/include"]
+    # cublasLt.h's folder after the toolkit's own headers (it may hold other CUDA packages' headers)
+    inc = [f"-I{root / '_include'}", f"-I{tc.nvshmem_dir}/include", f"-Xcompiler=-idirafter{tc.cublas_include}"]
     fused = [s.name for s in specs if s.fused]
     if fused and not tc.cutlass_dir:
         raise BuildError(f"op {fused[0]} has a fused GEMM, which needs CUTLASS's headers: pip install nvidia-cutlass "
@@ -195,6 +196,7 @@ def build_info(root: Path, spec: KernelSpec, tc: Toolchain, archs: list[str] | N
         "nvshmem": tc.nvshmem_version,
         "tvm_ffi": tc.tvm_ffi_version,
         "cutlass": tc.cutlass_version if spec.fused else None,
+        "cublas_headers": tc.cublas_version,
         "library": lib.name,
         "library_sha256": hashlib.sha256(lib.read_bytes()).hexdigest(),
     }

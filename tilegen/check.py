@@ -642,9 +642,10 @@ def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int]
 CE_CALLS = 3
 
 
-def _ce_regions(reg, splits: int) -> list[tuple]:
+def _ce_regions(reg, splits: int, count: int = 1) -> list[tuple]:
     buf, chunk, split = reg
-    return [(buf, chunk, s) for s in (range(splits) if split is None else (split,))]
+    chunks = [chunk] if chunk is None else range(chunk, chunk + count)
+    return [(buf, c, s) for c in chunks for s in (range(splits) if split is None else (split,))]
 
 
 class _CeSim:
@@ -662,7 +663,7 @@ class _CeSim:
                     q = main if st.stream == "main" else copy
                     # a join waits for the copy steps issued so far, a fork for the main steps so far
                     mark = len(copy) if st.kind == "join" else len(main) if st.kind == "fork" else None
-                    if st.kind in ("gemm", "put", "get", "add"):
+                    if st.kind in ("gemm", "put", "get", "reduce"):
                         q.append(("start", call, st))
                         q.append(("end", call, st))
                     elif st.kind == "begin":  # notify the peers, then wait until they all entered
@@ -686,22 +687,30 @@ class _CeSim:
             return ("G", ("A", chunk, None, s, call))
         return frozenset(("G", ("A", q, r, s, call)) for q in range(self.W))
 
-    def where(self, r: int, st, src: bool):
-        """(rank, region) list a step reads (src) or writes."""
-        reg = st.src if src else st.dst
-        remote = (st.kind == "get" and src) or (st.kind == "put" and not src)
-        return [(st.peer if remote else r,) + x for x in _ce_regions(reg, self.S)]
+    def where(self, r: int, st, role: str):
+        """(rank, region) list a step reads as its source or addend, or writes (dst)."""
+        reg = getattr(st, role)
+        if reg is None:
+            return []
+        remote = (st.kind == "get" and role == "src") or (st.kind == "put" and role == "dst")
+        count = st.count if st.kind == "gemm" or (st.kind == "reduce" and role == "src") else 1
+        return [(st.peer if remote else r,) + x for x in _ce_regions(reg, self.S, count)]
 
-    def result(self, st, vals: list, old: list):
+    @staticmethod
+    def _as_sum(v):
+        """A value as a set of summed products (None: missing data stays missing)."""
+        return None if v is None else v if isinstance(v, frozenset) else frozenset({v})
+
+    def result(self, st, vals: list, addends: list):
+        if st.kind == "reduce":  # addends: the destination's values before; vals: count terms per region
+            terms = [vals[i::len(addends)] for i in range(len(addends))]
+            return [None if old is None or None in t else self._as_sum(old).union(*map(self._as_sum, t))
+                    for old, t in zip(addends, terms)]
         if st.kind == "gemm":
             g = [("G", v) for v in vals]
-            return [frozenset(o | {x}) if isinstance(o, frozenset) else None for o, x in zip(old, g)] \
-                if st.accumulate else g
-        if st.kind == "add":
-            return [frozenset(o | v) if isinstance(o, frozenset) and isinstance(v, frozenset) else None
-                    for o, v in zip(old, vals)]
-        if st.kind == "get":  # gemm_rs: a peer's partial product starts a sum
-            return [frozenset({v}) if v is not None else None for v in vals]
+            if st.addend is None:
+                return g
+            return [None if a is None else self._as_sum(a) | {x} for a, x in zip(map(self._as_sum, addends), g)]
         return list(vals)
 
     def blocked(self, key) -> str | None:
@@ -709,7 +718,7 @@ class _CeSim:
         r, _ = key
         kind, call, st = self.queues[key][self.pos[key]]
         if kind == "wait" and self.flags.get((r, st.flag), 0) != 1:
-            return f"rank {r} call {call}: wait for flag {st.flag} (rank {st.flag // 8}, split {st.flag % 8})"
+            return f"rank {r} call {call}: wait for flag {st.flag}"
         if kind == "begin_wait" and any(self.entry.get((r, q), -1) < call for q in range(self.W) if q != r):
             return f"rank {r} call {call}: entry handshake"
         if kind in ("join", "fork"):
@@ -744,7 +753,7 @@ class _CeSim:
         elif kind == "wait":
             self.flags[(r, st.flag)] = 0
         elif kind == "start":
-            reads = self.where(r, st, True) + (self.where(r, st, False) if st.accumulate or st.kind == "add" else [])
+            reads = self.where(r, st, "src") + self.where(r, st, "dst" if st.kind == "reduce" else "addend")
             self.inflight[key] = [(w, self.data.get(w)) for w in reads]
         elif kind == "end":
             self._finish(key, st, call)
@@ -756,11 +765,9 @@ class _CeSim:
             if self.data.get(w) != v:
                 self.problems.append(f"rank {r} call {call}: {st.kind} read rank {w[0]}'s {w[1:]} while it was "
                                      f"overwritten (write-after-read)")
-        srcs = self.where(r, st, True)
-        vals = [v for w, v in read[:len(srcs)]]
-        dsts = self.where(r, st, False)
-        old = [v for w, v in read[len(srcs):]] or [self.data.get(w) for w in dsts]
-        for w, v in zip(dsts, self.result(st, vals, old)):
+        nsrc = len(self.where(r, st, "src"))
+        vals, addends = [v for _, v in read[:nsrc]], [v for _, v in read[nsrc:]]
+        for w, v in zip(self.where(r, st, "dst"), self.result(st, vals, addends)):
             self.data[w] = v
 
     def _a_regions(self) -> list:
@@ -773,8 +780,15 @@ class _CeSim:
             return [("c", q, s) for q in range(self.W) for s in range(self.S)]
         return [("c", None, s) for s in range(self.S)]
 
-    def run(self) -> int:
+    def run(self, pct: bool = False) -> int:
+        """Runs every stream to its end: the first ready stream first (no rng), a random ready one,
+        or (pct) the ready one of highest priority, priorities random and the running stream's
+        lowered at a few random points: PCT, which finds races needing one rank far behind the others
+        in far fewer runs than uniform choices."""
         n = 0
+        prio = {k: self.rng.random() for k in self.queues} if pct else {}
+        total = sum(len(q) for q in self.queues.values())
+        changes = {self.rng.randrange(total) for _ in range(3)} if pct else set()
         while True:
             live = [k for k in self.queues if self.pos[k] < len(self.queues[k])]
             if not live:
@@ -782,28 +796,38 @@ class _CeSim:
             ready = [k for k in live if self.blocked(k) is None]
             if not ready:
                 raise CheckError("deadlock: " + "; ".join(self.blocked(k) for k in live))
-            key = self.rng.choice(ready) if self.rng else ready[0]
+            if pct:
+                key = max(ready, key=prio.__getitem__)
+                if n in changes:
+                    prio[key] = -self.rng.random()
+            else:
+                key = self.rng.choice(ready) if self.rng else ready[0]
             self.step(key)
             n += 1
 
 
-def check_copy_engine(kind: str, world: int, splits_options=(1, 2, 3), seeds: int = 40, program_fn=None) -> Verdict:
-    """Simulate the copy-engine overlap of `kind` at `world` ranks (programs from tilegen.ce_program,
-    or program_fn(world, rank, splits)) for each number of splits, under `seeds` random
-    interleavings and in order (the first ready stream first)."""
-    from .ce_program import program
+def check_copy_engine(kind: str, world: int, splits_options=(1, 2, 3), seeds: int = 40, program_fn=None,
+                      styles=None) -> Verdict:
+    """Simulate the copy-engine overlap of `kind` at `world` ranks (programs from tilegen.ce_program
+    in each of its styles, or program_fn(world, rank, splits)) for each number of splits, under
+    `seeds` random interleavings (half uniform, half PCT) and in order (the first ready stream first)."""
+    from .ce_program import STYLES, program
     problems, done, nops = [], [], 0
-    for splits in splits_options:
-        progs = [(program_fn or (lambda w, r, s: program(kind, w, r, s)))(world, r, splits) for r in range(world)]
+    runs = [(sp, None) for sp in splits_options] if program_fn else \
+        [(sp, st) for st in (styles or STYLES[kind]) for sp in splits_options]
+    for splits, style in runs:
+        label = f"{splits} splits" + (f", {style}" if style else "")
+        make = program_fn or (lambda w, r, s: program(kind, w, r, s, style))
+        progs = [make(world, r, splits) for r in range(world)]
         for seed in range(seeds + 1):
             sim = _CeSim(kind, world, splits, progs, None if seed == 0 else random.Random(seed))
             try:
-                nops += sim.run()
+                nops += sim.run(pct=seed % 2 == 0 and seed > 0)
             except CheckError as e:
-                problems.append(f"{splits} splits: {e}")
+                problems.append(f"{label}: {e}")
                 break
             for p in sim.problems:
-                if f"{splits} splits: {p}" not in problems:
-                    problems.append(f"{splits} splits: {p}")
-        done.append(f"{kind} copy engine world {world}: {splits} splits, {CE_CALLS} calls, {seeds + 1} interleavings")
+                if f"{label}: {p}" not in problems:
+                    problems.append(f"{label}: {p}")
+        done.append(f"{kind} copy engine world {world}: {label}, {CE_CALLS} calls, {seeds + 1} interleavings")
     return Verdict(not problems, problems, done, nops)

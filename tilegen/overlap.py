@@ -2,38 +2,62 @@
 engines) and GEMMs (cuBLAS per chunk, or one fused CUTLASS kernel) on side streams, around the
 generated op library.
 
-Copy-engine overlap (overlap: copy_engine): the op runs its checked program (tilegen.ce_program):
-GEMMs on the caller's stream, chunks moved by cudaMemcpyAsync between symmetric buffers over NVLink
-on one copy stream (DMA engines, no SMs taken from the GEMMs), ordered by the op library's flags
-(stream memory operations) and event joins. Every call starts with a handshake on the caller's
+Copy-engine overlap (overlap: copy_engine): the op runs its checked program (tilegen.ce_program),
+registered once with the op library, which runs it in one call (no Python per step): cuBLASLt GEMMs
+on the caller's stream, chunks moved by cudaMemcpyAsync between symmetric buffers over NVLink on a
+copy stream (DMA engines, no SMs taken from the GEMMs), ordered by flags (stream memory operations)
+and event joins. Every call starts with a handshake on the caller's
 stream (each rank tells its peers it entered the call, after its previous call finished, and waits
 until they all did), so a copy never lands in, or reads from, a buffer a peer's previous call still
 uses.
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
-from .ce_program import MAX_SPLITS, program
+from .ce_program import MAX_SPLITS, STYLES, program
 from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, empty, rank, world_size
 
-CE_SPLITS = {"ag_gemm": 1, "gemm_rs": 2}  # row splits per chunk by default (docs/measurements.md)
+# (style, row splits) where no measurement says otherwise (calibrations/<machine>/copy_engine/choices.json)
+CE_DEFAULT = {"ag_gemm": ("chunks", 1), "gemm_rs": ("direct", 2)}
 
 
-def ce_splits(kind: str, m: int) -> int:
-    """Row splits per chunk for the copy-engine overlap: TILEGEN_CE_SPLITS, else the op's default;
-    never more than the rows. Every rank must use the same (the checker shows a mismatch deadlocks)."""
+@lru_cache(maxsize=16)
+def ce_table(kind: str, world: int, machine: str | None) -> tuple[tuple[int, str, int], ...]:
+    """The measured choice by size: (largest m, style, splits) rows, ascending, for this op kind and
+    world on this machine (none: the default everywhere)."""
+    from .calibration import CALIBRATIONS_DIR
+    try:
+        path = CALIBRATIONS_DIR / (machine or "") / "copy_engine" / "choices.json"
+        data = json.loads(path.read_text()) if machine else {}
+    except OSError:
+        data = {}
+    return tuple(tuple(r) for r in data.get("choices", {}).get(kind, {}).get(str(world), []))
+
+
+def ce_config(kind: str, world: int, m: int, machine: str | None = None) -> tuple[str, int]:
+    """(style, row splits) of the copy-engine overlap for m rows per chunk: TILEGEN_CE_STYLE /
+    TILEGEN_CE_SPLITS, else the measured choice for the nearest size range, else the default; never
+    more splits than rows. Every rank must choose the same (the checker shows a mismatch deadlocks)."""
+    style, splits = CE_DEFAULT[kind]
+    table = ce_table(kind, world, machine)
+    if table:
+        style, splits = next(((st, sp) for top, st, sp in table if m <= top), table[-1][1:])
     env = os.environ.get("TILEGEN_CE_SPLITS", "")
     try:
-        s = int(env) if env else CE_SPLITS[kind]
+        splits = int(env) if env else splits
     except ValueError:
         raise ValueError(f"TILEGEN_CE_SPLITS must be a number of splits, got {env!r}") from None
-    if not 1 <= s <= MAX_SPLITS:
-        raise ValueError(f"TILEGEN_CE_SPLITS must be in [1, {MAX_SPLITS}], got {s}")
-    return min(s, m)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"TILEGEN_CE_SPLITS must be in [1, {MAX_SPLITS}], got {splits}")
+    style = os.environ.get("TILEGEN_CE_STYLE", "") or style
+    if style not in STYLES[kind]:
+        raise ValueError(f"TILEGEN_CE_STYLE must be one of {', '.join(STYLES[kind])} for {kind}, got {style!r}")
+    return style, min(splits, m)
 
 
 def split_bounds(m: int, splits: int) -> list[tuple[int, int]]:
@@ -42,21 +66,53 @@ def split_bounds(m: int, splits: int) -> list[tuple[int, int]]:
 
 
 @lru_cache(maxsize=64)
-def ce_steps(kind: str, world: int, me: int, m: int, splits: int) -> tuple[tuple, ...]:
-    """The checked program (tilegen.ce_program) with its regions as row ranges:
-    (kind, stream, peer, flag, dst buffer, dst rows, src buffer, src rows, accumulate)."""
+def ce_steps(kind: str, world: int, me: int, m: int, splits: int, style: str | None = None) -> tuple[tuple, ...]:
+    """The checked program (tilegen.ce_program) with its regions as row ranges: (kind, stream, peer,
+    flag, count, dst buffer, dst rows, src buffer, src rows, addend buffer, addend rows). A GEMM's
+    count chunks are one block of rows; a reduce's src rows are its first term's (the others follow
+    every m rows)."""
     bounds = split_bounds(m, splits)
 
-    def rows(reg):
+    def rows(reg, count=1):
         if reg is None:
             return None, None
         buf, chunk, split = reg
         lo, hi = (0, m) if split is None else bounds[split]
         base = 0 if chunk is None else chunk * m
-        return buf, (base + lo, base + hi)
+        return buf, (base + lo, base + hi + (count - 1) * m)
 
-    return tuple((st.kind, st.stream, st.peer, st.flag, *rows(st.dst), *rows(st.src), st.accumulate)
-                 for st in program(kind, world, me, splits))
+    return tuple((st.kind, st.stream, st.peer, st.flag, st.count,
+                  *rows(st.dst, st.count if st.kind == "gemm" else 1),
+                  *rows(st.src, st.count if st.kind == "gemm" else 1), *rows(st.addend))
+                 for st in program(kind, world, me, splits, style))
+
+
+# The op library's encoding of a step (tilegen/collective_host.cuh, CeStep): 15 numbers.
+CE_KINDS = ("begin", "fork", "join", "put", "get", "signal", "wait", "gemm", "reduce")
+CE_BUFFERS = {"a": 0, "gathered": 1, "recv": 1, "c": 2, "acc": 3}  # 1: the op's symmetric buffer
+CE_FIELDS = 15
+
+
+@lru_cache(maxsize=64)
+def ce_encoded(kind: str, world: int, me: int, m: int, splits: int, style: str | None = None) -> tuple[int, ...]:
+    """ce_steps as the op library's flat program: per step kind, stream, peer, flag, count, the rows
+    between a reduce's terms (m), then (buffer, lo, hi) of dst, src and addend (-1, 0, 0: none)."""
+    out: list[int] = []
+    for kind_, stream, peer, flag, count, dst, drows, src, srows, add, arows in ce_steps(kind, world, me, m, splits,
+                                                                                         style):
+        out += [CE_KINDS.index(kind_), 0 if stream == "main" else 1, peer, flag, count, m]
+        for buf, rows in ((dst, drows), (src, srows), (add, arows)):
+            out += [CE_BUFFERS[buf], *rows] if buf is not None else [-1, 0, 0]
+    return tuple(out)
+
+
+def ce_executor() -> str:
+    """Who runs the program: the op library, one call (default), or Python step by step with
+    torch's GEMMs (TILEGEN_CE_EXECUTOR=python: the reference the library's executor is tested against)."""
+    who = os.environ.get("TILEGEN_CE_EXECUTOR", "library")
+    if who not in ("library", "python"):
+        raise ValueError(f"TILEGEN_CE_EXECUTOR must be library or python, got {who!r}")
+    return who
 
 
 class _GemmOp(GeneratedOp):
@@ -73,7 +129,8 @@ class _GemmOp(GeneratedOp):
         self.fused = self.overlap == "fused"
         self._streams: dict[int, tuple] = {}
         self._buffers: dict[tuple, Any] = {}
-        self._ce_comm: dict[int, tuple[Any, int]] = {}  # device -> (copy stream, its handle)
+        self._ce_comm: dict[int, tuple[Any, int]] = {}  # device -> (copy stream, its handle): Python executor
+        self._ce_programs: set[int] = set()  # programs registered with the op library
 
     def _side_streams(self, device: Any) -> tuple[Any, Any]:
         """(communication stream, compute stream) of a device, created once."""
@@ -102,6 +159,18 @@ class _GemmOp(GeneratedOp):
             torch = _torch()
             self._buffers[key] = torch.empty(shape, dtype=getattr(torch, self.dtype), device=device)
         return self._buffers[key]
+
+    @property
+    def machine(self) -> str | None:
+        """The committed measurements for this op's arch (tilegen/calibrations/<machine>), if any."""
+        if not hasattr(self, "_machine"):
+            from .calibration import DEFAULT_MACHINE
+            try:
+                arch = self.manifest.get("arch", "")
+            except OSError:
+                arch = ""
+            self._machine = DEFAULT_MACHINE.get(arch)
+        return self._machine
 
     @property
     def n(self) -> int:
@@ -186,37 +255,59 @@ class _GemmOp(GeneratedOp):
         return main, comm, comp
 
     # ---------------------------------------------------------------- copy-engine overlap
-    # The GEMMs run on the caller's stream, the copies on one side stream; the op library orders
-    # them (entry handshake, flags, joins by pooled events), as the checked program says.
+    # The GEMMs run on the caller's stream, the copies on a copy stream; the op library orders them
+    # (entry handshake, flags, joins by pooled events), as the checked program says.
     def _copy_engine(self, bufs: dict, m: int, b: Any, mod: Any, stream: Any, timeout_ns: int) -> None:
         """Runs this rank's program (tilegen.ce_program) for one call on buffers `bufs`."""
+        torch = _torch()
+        a = bufs["a"]
+        current = torch.cuda.current_stream(a.device)
+        main = current.cuda_stream if stream is None else _stream_handle(stream)
+        self._refuse_bounded_capture(main, timeout_ns)
+        world, me = world_size(), rank()
+        style, splits = ce_config(self.kind, world, m, self.machine)
+        if ce_executor() == "library":
+            key = (m * 16 + splits) * 4 + STYLES[self.kind].index(style)  # per op and process: world, rank fixed
+            if key not in self._ce_programs:
+                mod.ce_program(key, list(ce_encoded(self.kind, world, me, m, splits, style)))
+                self._ce_programs.add(key)
+            sym = bufs["gathered" if self.kind == "ag_gemm" else "recv"]
+            mod.ce_run(key, a, b, bufs["c"], sym, bufs.get("acc", bufs["c"]), main, timeout_ns)
+        else:
+            steps = ce_steps(self.kind, world, me, m, splits, style)
+            self._copy_engine_python(bufs, b, mod, main, current, steps, timeout_ns)
+        if timeout_ns > 0:  # the program ends with the caller's stream joined to the copies
+            torch.cuda.ExternalStream(main, a.device).synchronize()
+            mod.check_wait_error()
+
+    def _copy_engine_python(self, bufs: dict, b: Any, mod: Any, main: int, current: Any, steps,
+                            timeout_ns: int) -> None:
+        """The same program, step by step from Python, GEMMs by torch on the caller's stream."""
         torch = _torch()
         a = bufs["a"]
         key = a.device.index
         if key not in self._ce_comm:
             side = torch.cuda.Stream(a.device)
             self._ce_comm[key] = (side, side.cuda_stream)
-        copy_stream, copy = self._ce_comm[key]
-        current = torch.cuda.current_stream(a.device)
-        main = current.cuda_stream if stream is None else _stream_handle(stream)
-        self._refuse_bounded_capture(main, timeout_ns)
+        copy = self._ce_comm[key][1]
         handles = {"main": main, "copy": copy}
         bm = b if self.b_layout == "kn" else b.t()
         row_bytes = {name: t.stride(0) * t.element_size() for name, t in bufs.items()}  # contiguous 2-d buffers
-        # torch work goes on the caller's stream (made current if it is not) unless a step says copy
+        # torch's GEMMs go on the caller's stream (made current if it is not)
         caller = torch.cuda.ExternalStream(main, a.device) if main != current.cuda_stream else None
         with torch.cuda.stream(caller) if caller is not None else nullcontext():
-            for kind, on, peer, flag, dst, drows, src, srows, acc in ce_steps(self.kind, world_size(), rank(), m,
-                                                                              ce_splits(self.kind, m)):
-                if kind == "gemm" or kind == "add":
+            for kind, on, peer, flag, count, dst, drows, src, srows, add, arows in steps:
+                if kind == "reduce":  # dst += the count chunks of src, m rows apart, summed in fp32
+                    out = bufs[dst][drows[0]:drows[1]]
+                    step = bufs["c"].shape[0]  # gemm_rs: c holds m rows, a chunk
+                    terms = [bufs[src][srows[0] + j * step:srows[1] + j * step].float() for j in range(count)]
+                    out.copy_(torch.stack([out.float()] + terms).sum(0))
+                elif kind == "gemm":
                     out, x = bufs[dst][drows[0]:drows[1]], bufs[src][srows[0]:srows[1]]
-                    with torch.cuda.stream(copy_stream) if on == "copy" else nullcontext():
-                        if kind == "add":
-                            out.add_(x)
-                        elif acc:
-                            out.addmm_(x, bm)
-                        else:
-                            torch.mm(x, bm, out=out)
+                    if add is None:
+                        torch.mm(x, bm, out=out)
+                    else:
+                        torch.addmm(bufs[add][arows[0]:arows[1]], x, bm, out=out)
                 elif kind == "put":
                     mod.ce_put(bufs[src], srows[0] * row_bytes[src], bufs[dst], drows[0] * row_bytes[dst],
                                (srows[1] - srows[0]) * row_bytes[src], peer, flag, handles[on])
@@ -235,9 +326,6 @@ class _GemmOp(GeneratedOp):
                     mod.join(main, copy)
                 else:
                     raise AssertionError(f"unknown copy-engine step {kind}")
-        if timeout_ns > 0:  # the program ends with the caller's stream joined to the copies
-            (caller if caller is not None else current).synchronize()
-            mod.check_wait_error()
 
 
 class AgGemmOp(_GemmOp):
@@ -260,7 +348,7 @@ class AgGemmOp(_GemmOp):
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
         if self.overlap == "copy_engine":
-            self._copy_engine({"a": a, "gathered": gathered, "c": c}, m, b, mod, stream, timeout_ns)
+            self._copy_engine({"a": a, "gathered": gathered, "c": c}, m, b.contiguous(), mod, stream, timeout_ns)
             return c
         main, comm, comp = self._begin(a, stream, mod, timeout_ns)
         mod.run(a, gathered, 0, comm.cuda_stream, timeout_ns, False)
@@ -299,10 +387,9 @@ class GemmRsOp(_GemmOp):
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms)
         if self.overlap == "copy_engine":
-            bufs = {"a": a, "partial": self._symmetric("partial", (world * m, self.n)), "c": c}  # peers read partial
-            if world > 2:  # the second and later peers' rows, added into c on the copy stream
-                extra = self._local("received", (world - 2, m, self.n), a.device)
-                bufs.update({f"extra.{j}": extra[j] for j in range(world - 2)})
+            a, b = a.contiguous(), b.contiguous()  # (no copy when they are)
+            rows = ((world - 1) * m, self.n)  # a chunk per ring step: the sums sent and received
+            bufs = {"a": a, "recv": self._symmetric("recv", rows), "c": c, "acc": self._local("acc", rows, a.device)}
             self._copy_engine(bufs, m, b, mod, stream, timeout_ns)
             return c
         main, comm, comp = self._begin(a, stream, mod, timeout_ns)

@@ -71,6 +71,8 @@ class Toolchain:
     tvm_ffi_version: str
     cutlass_dir: str | None = None  # nvidia-cutlass's headers (fused GEMM ops)
     cutlass_version: str | None = None
+    cublas_include: str | None = None  # nvidia-cublas's headers (the copy-engine overlap's GEMMs)
+    cublas_version: str | None = None
 
 
 def cutlass_headers() -> tuple[str | None, str | None]:
@@ -88,6 +90,28 @@ def cutlass_headers() -> tuple[str | None, str | None]:
     except Exception:
         ver = "unknown"
     return str(root), ver
+
+
+def cublas_headers() -> tuple[str | None, str | None]:
+    """(include dir with cublasLt.h from the nvidia-cublas package or the CUDA toolkit, its version),
+    or (None, None). The libraries only include the header: cuBLASLt is opened at run time."""
+    dirs = []
+    try:
+        import nvidia.cu13
+        dirs += [str(Path(p) / "include") for p in nvidia.cu13.__path__]
+    except ImportError:
+        pass
+    if os.environ.get("CUDA_HOME"):
+        dirs.append(os.path.join(os.environ["CUDA_HOME"], "include"))
+    for d in dirs:
+        try:
+            text = (Path(d) / "cublas_api.h").read_text()
+        except OSError:
+            continue
+        parts = [re.search(rf"#define CUBLAS_VER_{k} (\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+        if (Path(d) / "cublasLt.h").exists():
+            return d, ".".join(p.group(1) for p in parts) if all(parts) else "unknown"
+    return None, None
 
 
 def nvshmem_dir() -> str:
@@ -122,6 +146,9 @@ def find_toolchain() -> Toolchain:
 
     inc = sorted({li.find_include_path(), li.find_dlpack_include_path()})
     cutlass_dir, cutlass_version = cutlass_headers()
+    cublas_include, cublas_version = cublas_headers()
+    if not cublas_include:
+        raise BuildError("cuBLAS headers (cublasLt.h) not found: pip install nvidia-cublas (a tilegen dependency)")
     return Toolchain(
         nvcc,
         m.group(1) if m else "unknown",
@@ -132,6 +159,8 @@ def find_toolchain() -> Toolchain:
         tvm_ffi.__version__,
         cutlass_dir,
         cutlass_version,
+        cublas_include,
+        cublas_version,
     )
 
 

@@ -2,9 +2,11 @@
 NCCL and cuBLAS in sequence and torch's fused_all_gather_matmul / fused_matmul_reduce_scatter, same
 run; overlap efficiency = GEMM alone (cuBLAS) / overlapped time, per tilegen variant.
 
-    torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json] [--splits 1,2,4]
+    torchrun --nproc-per-node 2 tools/bench_gemm.py [--out r.json] [--splits 1,2,4] [--styles all]
 
---splits also times the copy-engine ops at each number of row splits per chunk (TILEGEN_CE_SPLITS).
+--splits / --styles also time the copy-engine ops at each number of row splits per chunk and each
+program style (TILEGEN_CE_SPLITS / TILEGEN_CE_STYLE; columns ce_<style>_<splits>): the measurements
+tools/ce_calibrate.py turns into the size ranges `overlap: auto` chooses by.
 
 Shapes are per rank with TP = world: C[M, N/TP] = allgather(A[M/TP, K]) @ B[K, N/TP].
 """
@@ -18,6 +20,8 @@ import torch.distributed as dist
 import generated
 import tilegen
 from tilegen.bench import time_batches, time_graph
+from tilegen.ce_program import STYLES
+from tilegen.overlap import ce_config
 
 CALLS = 10  # back-to-back calls per timed batch (and per graph): the ranks' start skew is spread over them
 CASES = [  # (label, M, N, K) of the full problem
@@ -32,7 +36,7 @@ def _efficiency(res: dict) -> None:
     effs = {
         k.removeprefix("tilegen_"): res["us"]["gemm_alone"] / v
         for k, v in res["us"].items()
-        if k.startswith("tilegen_") or k.startswith("ce_splits_")
+        if k.startswith("tilegen_") or k.startswith("ce_")
     }
     res["overlap_efficiency_by_variant"] = effs
     res["overlap_efficiency"] = max(effs.values())
@@ -43,10 +47,12 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out")
     ap.add_argument("--splits", default="", help="comma-separated row splits to time the copy-engine ops at")
+    ap.add_argument("--styles", default="", help="comma-separated copy-engine styles to time (all: every one)")
     ap.add_argument("--graph", action="store_true",
                     help="also time GEMM alone, the copy-engine op and NCCL+cuBLAS replayed in a CUDA graph")
     a = ap.parse_args()
     splits = [int(x) for x in a.splits.split(",") if x]
+    styles = [x for x in a.styles.split(",") if x]
 
     def graphed(res: dict, name: str, fn) -> None:
         """With --graph: CALLS calls of fn captured in one CUDA graph, us per call (fn ran eagerly before)."""
@@ -57,12 +63,17 @@ def main():
                 print(f"graph {name}: {err}")
 
     def time_ce(op, *args):
-        """The copy-engine op at its default splits, and at each of --splits (us by name)."""
+        """The copy-engine op as configured, and at each --styles x --splits (us by name)."""
         out = {"tilegen_copy_engine": time_batches(lambda: op(*args), CALLS, a.reps)}
-        for sp in splits:
-            os.environ["TILEGEN_CE_SPLITS"] = str(sp)
-            out[f"ce_splits_{sp}"] = time_batches(lambda: op(*args), CALLS, a.reps)
-            del os.environ["TILEGEN_CE_SPLITS"]
+        for st in ((STYLES[op.kind] if styles == ["all"] else styles) or [""]) if styles or splits else []:
+            for sp in splits or [0]:
+                os.environ["TILEGEN_CE_STYLE"] = st
+                os.environ["TILEGEN_CE_SPLITS"] = str(sp) if sp else ""
+                m = args[0].shape[0] // (world if op.kind == "gemm_rs" else 1)
+                st_, sp_ = ce_config(op.kind, world, m, op.machine)
+                out[f"ce_{st_}_{sp_}"] = time_batches(lambda: op(*args), CALLS, a.reps)
+        os.environ.pop("TILEGEN_CE_STYLE", None)
+        os.environ.pop("TILEGEN_CE_SPLITS", None)
         return out
     rank, world = tilegen.init()
     op = generated.ag_gemm_bf16

@@ -148,7 +148,8 @@ case "$PHASE" in
     grep -E "^(tp_app|allreduce_bf16|mlp_)|Error" "$OUT/downstream_np$NP.log" | head -20 ;;
   gemm)
     start_mps_if_shared "$NP"
-    timeout 360 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --graph --out "$OUT/bench_gemm_np$NP.json" \
+    # GEMM_ARGS="--styles all --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py reads
+    timeout 360 torchrun --nproc-per-node "$NP" tools/bench_gemm.py --graph ${GEMM_ARGS:-} --out "$OUT/bench_gemm_np$NP.json" \
       > "$OUT/bench_gemm_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_gemm_np$NP.log"; }
     grep "unavailable\|^graph" "$OUT/bench_gemm_np$NP.log"; sed -n '/^ag_gemm/,$p' "$OUT/bench_gemm_np$NP.log"
     timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py --graph > "$OUT/tp_mlp_np$NP.log" 2>&1 \

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -32,6 +33,9 @@ int tilegen_op_ce_get(void* dst, const void* src, int64_t bytes, int peer, void*
 int tilegen_op_ce_signal(int peer, int flag, void* stream, char* msg, int len);
 int tilegen_op_ce_wait(int flag, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_join(void* waiter, void* producer, char* msg, int len);
+int tilegen_op_ce_program(int64_t key, const int64_t* steps, int64_t n, char* msg, int len);
+int tilegen_op_ce_run(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b,
+                      int64_t n, int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len);
 int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                           uint64_t timeout_ns, char* msg, int len);
@@ -248,6 +252,49 @@ inline void join(int64_t waiter, int64_t producer) {
   });
 }
 
+// Copy-engine overlap, the op library running the whole program (one call from Python): register
+// program `key` (tilegen/overlap.py encodes tilegen/ce_program.py's steps, 15 numbers each) once ...
+inline void ce_program(int64_t key, tvm::ffi::Array<int64_t> steps) {
+  ensure_ready();
+  constexpr size_t kFields = 15;
+  std::vector<int64_t> v(steps.begin(), steps.end());
+  if (v.size() % kFields)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": a copy-engine program has 15 numbers per step, got " << v.size();
+  call([&](char* msg) { return tilegen_op_ce_program(key, v.data(), static_cast<int64_t>(v.size() / kFields), msg, kMsg); });
+}
+
+// ... then run it per call: a [m or world * m, k], b, c, sym (the symmetric buffer: ag_gemm's
+// gathered A, gemm_rs's received sums), acc (gemm_rs's local sums; ag_gemm: any, unused).
+inline void ce_run(int64_t key, TensorView a, TensorView b, TensorView c, TensorView sym, TensorView acc, int64_t stream,
+                   int64_t timeout_ns) {
+  const int device = a.device().device_id, world = tilegen_op_world();
+  int64_t n = 0, k = 0;
+  if (!Spec::gemm_nk(world, &n, &k)) TVM_FFI_THROW(ValueError) << Spec::kName << ": no GEMM shape for world " << world;
+  const TensorView* ts[5] = {&a, &sym, &c, &acc, &b};
+  const char* names[5] = {"a", "the symmetric buffer", "c", "acc", "b"};
+  const int64_t cols[5] = {k, TILEGEN_BINDING_GEMM == 1 ? k : n, n, TILEGEN_BINDING_GEMM == 1 ? -1 : n,
+                           Spec::kBLayoutKN ? n : k};
+  char* ptr[4];
+  int64_t rows[4], row_bytes[4];
+  for (int i = 0; i < 5; ++i) {
+    const TensorView& t = *ts[i];
+    if (!has_dtype(t) || t.device().device_type != kDLCUDA || t.device().device_id != device || t.ndim() != 2 ||
+        !t.IsContiguous() || (cols[i] >= 0 && t.size(1) != cols[i]))
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << names[i] << " must be a contiguous 2-d " << Spec::kDtype
+                                << " tensor with " << cols[i] << " columns on cuda:" << device << ", got shape "
+                                << shape_str(t);
+    if (i < 4) ptr[i] = data(t), rows[i] = t.size(0), row_bytes[i] = t.size(1) * (Spec::kBits / 8);
+  }
+  if (b.size(0) != (Spec::kBLayoutKN ? k : n))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": b must be [" << (Spec::kBLayoutKN ? k : n) << ", " << cols[4]
+                              << "], got " << shape_str(b);
+  call([&](char* msg) {
+    void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, device);
+    return tilegen_op_ce_run(key, ptr, rows, row_bytes, data(b), n, k, Spec::kBLayoutKN ? 1 : 0, s,
+                             static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  });
+}
+
 // tilegen tune: every later call runs with `ctas` CTAs and `tile_bytes` tiles (0: the plan's choice).
 inline void tune(int64_t ctas, int64_t tile_bytes) {
   ensure_ready();
@@ -314,6 +361,8 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_get, tilegen_binding::ce_get);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_signal, tilegen_binding::ce_signal);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_wait, tilegen_binding::ce_wait);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(join, tilegen_binding::join);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_program, tilegen_binding::ce_program);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_run, tilegen_binding::ce_run);
 #endif
 #if TILEGEN_BINDING_GEMM == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, tilegen_binding::wait_chunk);

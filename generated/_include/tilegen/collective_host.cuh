@@ -4,7 +4,10 @@
 #pragma once
 
 #include <cstdlib>
+#include <map>
+#include <vector>
 #include <cuda.h>  // driver API types only: its functions come through the runtime's entry points (no -lcuda)
+#include "tilegen/ce_gemm.cuh"
 
 extern "C" int tilegen_op_fused_load(char* msg, int len);  // the fused GEMM's translation unit (fused ops only)
 
@@ -48,6 +51,24 @@ inline int fail(char* msg, int len, const char* fmt, ...) {
   return 1;
 }
 
+// One step of a copy-engine program (tilegen/ce_program.py, as tilegen/overlap.py encodes it): what,
+// on which stream, with whom, and rows [lo, hi) of buffers (0 a, 1 the symmetric one, 2 c, 3 acc).
+struct CeStep {
+  enum Kind : int8_t { kBegin, kFork, kJoin, kPut, kGet, kSignal, kWait, kGemm, kReduce, kKinds };
+  static constexpr int kFields = 15, kBuffers = 4;
+  int8_t kind, stream;  // stream 0: the caller's, 1: the copy stream
+  int16_t peer;
+  int32_t flag;
+  int32_t count;   // reduce: terms, each `stride` rows after the previous
+  int64_t stride;
+  int8_t dst, src, addend;  // buffer ids, -1: none
+  int64_t dlo, dhi, slo, shi, alo, ahi;
+};
+struct CeProgram {
+  std::vector<CeStep> steps;
+  int64_t max_row[CeStep::kBuffers] = {};  // rows each buffer must have
+};
+
 template <class Op>
 struct Host {
   static constexpr int kJoinEvents = 32;  // reused round-robin: a wait takes the event's state when queued
@@ -88,6 +109,9 @@ struct Host {
     StreamMemOps memops{};                // flags by stream memory operations where the device has them
     cudaEvent_t joins[kJoinEvents] = {};  // GEMM ops: events that order one stream after another
     int next_join = 0;
+    std::map<int64_t, CeProgram> ce_programs;  // copy-engine programs by the op's key (m, splits)
+    cudaStream_t ce_copy = nullptr;            // their copy stream
+    BlasLt blas;                               // their GEMMs
   };
   static inline State g;
   static inline Params<Op> pending;
@@ -109,6 +133,7 @@ struct Host {
       if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_begin<Op>);
       if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_signal);
       if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_wait);
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ce_reduce<typename Op::Elem>);
     }
     return e;
   }
@@ -219,6 +244,8 @@ struct Host {
     if (g.ce_sig) nvshmem_free(g.ce_sig);
     for (cudaEvent_t ev : g.joins)
       if (ev) cudaEventDestroy(ev);
+    if (g.ce_copy) cudaStreamDestroy(g.ce_copy);
+    g.blas.release();
     cudaFree(g.steps);
     cudaFree(g.state);
     if (g.counters) cudaFree(g.counters);
@@ -527,6 +554,126 @@ struct Host {
     return launched("wait", msg, len);
   }
 
+  // Registers program `key` (n steps of CeStep::kFields numbers), checked here once: the executor
+  // below then trusts its kinds, streams, peers, flags and row ranges (row counts are per call).
+  static int ce_set_program(int64_t key, const int64_t* v, int64_t n, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    CeProgram p;
+    auto buffer_ok = [](int64_t b, bool optional) { return (optional && b == -1) || (b >= 0 && b < CeStep::kBuffers); };
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* f = v + i * CeStep::kFields;
+      CeStep st{static_cast<int8_t>(f[0]), static_cast<int8_t>(f[1]), static_cast<int16_t>(f[2]), static_cast<int32_t>(f[3]),
+                static_cast<int32_t>(f[4]), f[5], static_cast<int8_t>(f[6]), static_cast<int8_t>(f[9]),
+                static_cast<int8_t>(f[12]), f[7], f[8], f[10], f[11], f[13], f[14]};
+      const bool moves = st.kind == CeStep::kPut || st.kind == CeStep::kGet || st.kind == CeStep::kGemm ||
+                         st.kind == CeStep::kReduce;
+      const bool flags = st.kind == CeStep::kPut || st.kind == CeStep::kSignal || st.kind == CeStep::kWait;
+      const bool remote = st.kind == CeStep::kPut || st.kind == CeStep::kGet || st.kind == CeStep::kSignal;
+      const bool same_rows = st.kind == CeStep::kGemm || st.kind == CeStep::kReduce;  // (copies: bytes, per call)
+      bool ok = f[0] >= 0 && f[0] < CeStep::kKinds && (f[1] == 0 || f[1] == 1) && f[4] >= 1 && f[5] >= 0;
+      ok = ok && (!remote || (f[2] >= 0 && f[2] < g.world && f[2] != g.rank));
+      ok = ok && (!flags || (f[3] >= 0 && f[3] < Op::kMaxWorld * kCeMaxSplits));
+      ok = ok && (!moves || (buffer_ok(f[6], false) && buffer_ok(f[9], false) && 0 <= f[7] && f[7] < f[8] && 0 <= f[10] && f[10] < f[11]));
+      ok = ok && (st.kind == CeStep::kGemm ? buffer_ok(f[12], true) && (f[12] == -1 || (0 <= f[13] && f[14] - f[13] == f[8] - f[7]))
+                                           : f[12] == -1);
+      ok = ok && (!same_rows || f[11] - f[10] == f[8] - f[7]);
+      ok = ok && (st.kind == CeStep::kReduce || f[4] == 1 || st.kind == CeStep::kGemm);
+      if (!ok) return fail(msg, len, "%s: copy-engine program %lld: step %lld is malformed", Op::kName,
+                           static_cast<long long>(key), static_cast<long long>(i));
+      if (moves) {
+        const int64_t src_hi = st.shi + (st.kind == CeStep::kReduce ? (st.count - 1) * st.stride : 0);
+        p.max_row[st.dst] = st.dhi > p.max_row[st.dst] ? st.dhi : p.max_row[st.dst];
+        p.max_row[st.src] = src_hi > p.max_row[st.src] ? src_hi : p.max_row[st.src];
+        if (st.addend >= 0) p.max_row[st.addend] = st.ahi > p.max_row[st.addend] ? st.ahi : p.max_row[st.addend];
+      }
+      p.steps.push_back(st);
+    }
+    g.ce_programs[key] = std::move(p);
+    return 0;
+  }
+
+  // Runs program `key` once on buffers ptr[i] (rows[i] rows of row_bytes[i] bytes; the symmetric
+  // one is this rank's address) with B (n x k, [k, n] if b_kn): every step's library call, from here.
+  static int ce_run(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b, int64_t n,
+                    int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if constexpr (!kGemm) return fail(msg, len, "%s: not a GEMM op", Op::kName);
+    else return ce_execute(key, ptr, rows, row_bytes, b, n, k, b_kn, stream, timeout_ns, msg, len);
+  }
+
+  static int ce_execute(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b,
+                        int64_t n, int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    auto it = g.ce_programs.find(key);
+    if (it == g.ce_programs.end())
+      return fail(msg, len, "%s: copy-engine program %lld was not registered", Op::kName, static_cast<long long>(key));
+    const CeProgram& p = it->second;
+    for (int i = 0; i < CeStep::kBuffers; ++i)
+      if (p.max_row[i] > rows[i])
+        return fail(msg, len, "%s: the copy-engine program needs %lld rows of buffer %d, it has %lld", Op::kName,
+                    static_cast<long long>(p.max_row[i]), i, static_cast<long long>(rows[i]));
+    if (!g.ce_copy) {
+      cudaError_t e = cudaStreamCreateWithFlags(&g.ce_copy, cudaStreamNonBlocking);
+      if (e != cudaSuccess) return fail(msg, len, "%s: copy stream: %s", Op::kName, cudaGetErrorString(e));
+    }
+    if (g.blas.load(msg, len)) return 1;
+    const int64_t in_row = k * static_cast<int64_t>(sizeof(typename Op::Elem)), out_row = n * static_cast<int64_t>(sizeof(typename Op::Elem));
+    void* const streams[2] = {stream, g.ce_copy};
+    for (const CeStep& st : p.steps) {
+      void* on = streams[st.stream];
+      int rc = 0;
+      switch (st.kind) {
+        case CeStep::kBegin: rc = ce_begin_call(on, timeout_ns, msg, len); break;
+        case CeStep::kFork: rc = join(g.ce_copy, stream, msg, len); break;
+        case CeStep::kJoin: rc = join(stream, g.ce_copy, msg, len); break;
+        case CeStep::kSignal: rc = ce_signal_peer(st.peer, st.flag, on, msg, len); break;
+        case CeStep::kWait: rc = ce_wait_flag(st.flag, on, timeout_ns, msg, len); break;
+        case CeStep::kPut:
+        case CeStep::kGet: {
+          const int64_t bytes = (st.shi - st.slo) * row_bytes[st.src];
+          if (bytes != (st.dhi - st.dlo) * row_bytes[st.dst])
+            return fail(msg, len, "%s: a copy-engine copy of %lld bytes into %lld", Op::kName, static_cast<long long>(bytes),
+                        static_cast<long long>((st.dhi - st.dlo) * row_bytes[st.dst]));
+          char* dst = ptr[st.dst] + st.dlo * row_bytes[st.dst];
+          const char* src = ptr[st.src] + st.slo * row_bytes[st.src];
+          rc = st.kind == CeStep::kPut ? ce_put(src, dst, bytes, st.peer, st.flag, on, msg, len)
+                                       : ce_get(dst, src, bytes, st.peer, on, msg, len);
+          break;
+        }
+        case CeStep::kGemm: {
+          if (row_bytes[st.src] != in_row || row_bytes[st.dst] != out_row || (st.addend >= 0 && row_bytes[st.addend] != out_row))
+            return fail(msg, len, "%s: copy-engine GEMM rows of %lld / %lld bytes, expected %lld / %lld", Op::kName,
+                        static_cast<long long>(row_bytes[st.src]), static_cast<long long>(row_bytes[st.dst]),
+                        static_cast<long long>(in_row), static_cast<long long>(out_row));
+          const char* addend = st.addend >= 0 ? ptr[st.addend] + st.alo * out_row : nullptr;
+          rc = g.blas.gemm(BlasType<typename Op::Elem>::kType, ptr[st.src] + st.slo * in_row, st.shi - st.slo, b, n, k,
+                           b_kn != 0, ptr[st.dst] + st.dlo * out_row, addend, static_cast<cudaStream_t>(on), msg, len);
+          break;
+        }
+        case CeStep::kReduce: {
+          if (row_bytes[st.src] != out_row || row_bytes[st.dst] != out_row)
+            return fail(msg, len, "%s: copy-engine reduce of rows of %lld / %lld bytes, expected %lld", Op::kName,
+                        static_cast<long long>(row_bytes[st.src]), static_cast<long long>(row_bytes[st.dst]),
+                        static_cast<long long>(out_row));
+          using T = typename Op::Elem;
+          T* dst = reinterpret_cast<T*>(ptr[st.dst] + st.dlo * out_row);
+          const T* src = reinterpret_cast<const T*>(ptr[st.src] + st.slo * out_row);
+          const int64_t elems = (st.dhi - st.dlo) * n, stride = st.stride * n;
+          constexpr int kVec = 16 / sizeof(T);
+          const bool vec = elems % kVec == 0 && stride % kVec == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(src) % 16 == 0;
+          const int64_t items = vec ? elems / kVec : elems;
+          const int grid = static_cast<int>(items / 256 + 1 < 1024 ? items / 256 + 1 : 1024);
+          ce_reduce<T><<<grid, 256, 0, static_cast<cudaStream_t>(on)>>>(dst, src, stride, st.count, elems, vec);
+          rc = launched("reduce", msg, len);
+          break;
+        }
+        default: return fail(msg, len, "%s: copy-engine step kind %d", Op::kName, st.kind);
+      }
+      if (rc) return 1;
+    }
+    return 0;
+  }
+
   // For the fused GEMM of the call run() just prepared: where its flags are, the epoch, the chunk
   // order and the layout, checked against the GEMM's view of the rows.
   static int chunk_sync(fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes, uint64_t timeout_ns,
@@ -613,6 +760,13 @@ struct Host {
   }                                                                                                                       \
   int tilegen_op_ce_wait(int flag, void* stream, uint64_t timeout_ns, char* msg, int len) {                              \
     return tilegen::coll::Host<OP>::ce_wait_flag(flag, stream, timeout_ns, msg, len);                                     \
+  }                                                                                                                       \
+  int tilegen_op_ce_program(int64_t key, const int64_t* steps, int64_t n, char* msg, int len) {                         \
+    return tilegen::coll::Host<OP>::ce_set_program(key, steps, n, msg, len);                                              \
+  }                                                                                                                       \
+  int tilegen_op_ce_run(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b,     \
+                        int64_t n, int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len) {          \
+    return tilegen::coll::Host<OP>::ce_run(key, ptr, rows, row_bytes, b, n, k, b_kn, stream, timeout_ns, msg, len);       \
   }                                                                                                                       \
   int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len) { return tilegen::coll::Host<OP>::tune(ctas, tile, msg, len); } \
   int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes,     \

@@ -483,6 +483,35 @@ __global__ void ce_wait(uint64_t* flag, int64_t index, dev::WaitCtx w) {
   if (threadIdx.x != 0) return;
   if (dev::wait_eq(flag, 1, w, 4, index, -1)) dev::st_relaxed_sys(flag, 0);
 }
+// dst[i] += sum over j < count of src[j * stride + i], in fp32, in j order (deterministic): the
+// copy-engine gemm_rs adding the arrivals its own GEMM's epilogue did not take. 16-byte vectors
+// where n, stride and both pointers allow, else elements.
+template <class T>
+__global__ void ce_reduce(T* dst, const T* src, int64_t stride, int count, int64_t n, bool vec) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (vec) {
+    for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < n / kVec; v += step) {
+      uint4 d = reinterpret_cast<const uint4*>(dst)[v];
+      T* de = reinterpret_cast<T*>(&d);
+      float acc[kVec];
+      for (int e = 0; e < kVec; ++e) acc[e] = static_cast<float>(de[e]);
+      for (int j = 0; j < count; ++j) {
+        const uint4 x = reinterpret_cast<const uint4*>(src + j * stride)[v];
+        const T* xe = reinterpret_cast<const T*>(&x);
+        for (int e = 0; e < kVec; ++e) acc[e] += static_cast<float>(xe[e]);
+      }
+      for (int e = 0; e < kVec; ++e) de[e] = static_cast<T>(acc[e]);
+      reinterpret_cast<uint4*>(dst)[v] = d;
+    }
+    return;
+  }
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += step) {
+    float acc = static_cast<float>(dst[i]);
+    for (int j = 0; j < count; ++j) acc += static_cast<float>(src[j * stride + i]);
+    dst[i] = static_cast<T>(acc);
+  }
+}
 }  // namespace coll
 }  // namespace tilegen
 
