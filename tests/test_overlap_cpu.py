@@ -205,14 +205,28 @@ def test_library_encoding_is_the_checked_program(kind, world, splits):
             assert len(flat) == overlap.CE_FIELDS * len(steps)
             names = {v: k for k, v in overlap.CE_BUFFERS.items() if k not in ("recv",)}
             sym = "gathered" if kind == "ag_gemm" else "recv"
+            streams = {overlap.ce_stream_index(st[1]): st[1] for st in steps}
+            assert len(streams) == len({st[1] for st in steps})  # distinct streams, distinct numbers
             for i, st in enumerate(steps):
                 f = flat[15 * i: 15 * i + 15]
                 assert f[5] == m  # a reduce's terms are chunks of m rows
-                got = [overlap.CE_KINDS[f[0]], "main" if f[1] == 0 else "copy", f[2], f[3], f[4]]
+                got = [overlap.CE_KINDS[f[0]], streams[f[1]], f[2], f[3], f[4]]
                 for j in (6, 9, 12):
                     buf = None if f[j] < 0 else (sym if f[j] == 1 else names[f[j]])
                     got += [buf, None if buf is None else (f[j + 1], f[j + 2])]
                 assert tuple(got) == st
+
+
+def test_spread_pushes_use_one_copy_stream_per_peer(monkeypatch):
+    """ag_gemm merged_spread, world 4, rank 0 (Python executor): a fork per copy stream, each push on
+    its own stream, and the final join waits for all of them."""
+    log = _run(AgGemmOp, "ag_gemm", 4, 0, 10, 1, monkeypatch, style="merged_spread")
+    assert [e[0] for e in log[:4]] == ["ce_begin", "join", "join", "join"]
+    puts = [e for e in log if e[0] == "ce_put"]
+    assert [e[6] for e in puts] == [1, 2, 3]  # peers r+1, r+2, r+3
+    assert log[-3:] == [("join", 111, 222)] * 3  # (the fake gives every side stream one handle)
+    flat = overlap.ce_encoded("ag_gemm", 4, 0, 10, 1, "merged_spread")
+    assert sorted({flat[15 * i + 1] for i in range(len(flat) // 15)}) == [0, 1, 2, 3]
 
 
 def test_merged_gemm_covers_contiguous_peer_rows():

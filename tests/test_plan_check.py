@@ -458,6 +458,9 @@ def _drop(kind_of_step, stream=None, last=False):
     # a consumer that does not wait for the flag reads another call's data (or none)
     ("ag_gemm", "chunks", _drop("wait"), "expected|set again|deadlock"),
     ("ag_gemm", "merged", _drop("wait", last=True), "expected|set again|deadlock"),
+    # a copy stream that does not wait for the caller's stream pushes the previous call's A
+    ("ag_gemm", "merged_spread", _drop("fork", last=True), "write-after-read|expected|set again|deadlock"),
+    ("ag_gemm", "merged_spread", _drop("join", last=True), "write-after-read|expected"),
     ("gemm_rs", "direct", _drop("wait"), "expected|set again|deadlock"),
     ("gemm_rs", "ring", _drop("wait"), "expected|set again|deadlock"),
     # a push before the GEMM it sends finished: the peer adds stale (or no) data

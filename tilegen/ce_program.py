@@ -15,7 +15,8 @@ of a sum for a reduce). Buffers:
 
 Each op has styles (what `overlap: auto` chooses between by measured size ranges, tilegen/overlap.py):
   ag_gemm "chunks": a GEMM per arrived split; "merged": the peers' rows in (at most) two GEMMs once
-    they arrived (small m: one GEMM per chunk leaves SMs idle).
+    they arrived (small m: one GEMM per chunk leaves SMs idle); "merged_spread": merged, the pushes
+    to the peers on one copy stream each (at once).
   gemm_rs "direct": each peer's rows pushed to it, summed there (one hop); "ring": a ring whose sums
     are the GEMMs' epilogues (no reduction kernel, world - 1 hops).
 """
@@ -33,8 +34,9 @@ Region = tuple[str, "int | None", "int | None"]
 
 @dataclass(frozen=True)
 class Step:
-    """kinds: begin (entry handshake, main), fork (copy waits for main), join (main waits for the
-    copy stream's steps issued so far), put (copy src into peer's dst, then set the peer's flag),
+    """Streams: "main" (the caller's) and copy streams ("copy", "copy0", "copy1", ...). kinds: begin
+    (entry handshake, main), fork (a copy stream waits for main), join (main waits for every copy
+    stream's steps issued so far), put (copy src into peer's dst, then set the peer's flag),
     get (copy peer's src into dst), signal (set the peer's flag after this stream's work so far),
     wait (until this rank's flag is set, then clear it), gemm (dst = src @ B, plus addend when it
     has one, in the GEMM's epilogue), reduce (dst += the sum of src's count chunks, in fp32)."""
@@ -56,7 +58,7 @@ def peers(me: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return to, to[::-1]
 
 
-STYLES = {"ag_gemm": ("chunks", "merged"), "gemm_rs": ("direct", "ring")}
+STYLES = {"ag_gemm": ("chunks", "merged", "merged_spread"), "gemm_rs": ("direct", "ring")}
 
 
 def flag(source: int, split: int) -> int:
@@ -70,11 +72,15 @@ def ag_gemm_program(world: int, me: int, splits: int, style: str = "chunks") -> 
     copy stream; on the caller's stream, GEMM own rows straight from A, then each arrived split
     (chunks), or the peers' rows below and above its own, each in one GEMM once arrived (merged)."""
     to, frm = peers(me, world)
-    steps = [Step("main", "begin"), Step("copy", "fork")]
-    steps += [Step("copy", "put", q, flag(me, s), ("gathered", me, s), ("a", None, s))
-              for q in to for s in range(splits)]
+    steps = [Step("main", "begin")]
+    # merged_spread: one copy stream per peer, so the pushes run at once on several DMA engines
+    # (everything arrives sooner; worth it where the GEMM waits for every chunk anyway)
+    streams = [f"copy{i}" if style == "merged_spread" else "copy" for i in range(len(to))]
+    steps += [Step(st, "fork") for st in dict.fromkeys(streams)]
+    steps += [Step(on, "put", q, flag(me, s), ("gathered", me, s), ("a", None, s))
+              for on, q in zip(streams, to) for s in range(splits)]
     steps.append(Step("main", "gemm", dst=("c", me, None), src=("a", None, None)))
-    if style == "merged":  # arrival order: me - 1 .. 0 (below), then world - 1 .. me + 1 (above)
+    if style.startswith("merged"):  # arrival order: me - 1 .. 0 (below), then world - 1 .. me + 1 (above)
         for lo, hi in ((0, me), (me + 1, world)):
             if hi > lo:
                 steps += [Step("main", "wait", flag=flag(q, s)) for q in frm if lo <= q < hi for s in range(splits)]

@@ -656,13 +656,17 @@ class _CeSim:
         self.entry: dict[tuple[int, int], int] = {}  # (rank, peer) -> the last call the peer entered
         self.queues: dict[tuple[int, str], list] = {}
         for r in range(world):
-            main, copy = [], []
+            qs: dict[str, list] = {"main": []}
+            for st in programs[r]:
+                qs.setdefault(st.stream, [])
+            main = qs["main"]
             for call in range(CE_CALLS):
                 main.append(("user_write", call, None))
                 for st in programs[r]:
-                    q = main if st.stream == "main" else copy
-                    # a join waits for the copy steps issued so far, a fork for the main steps so far
-                    mark = len(copy) if st.kind == "join" else len(main) if st.kind == "fork" else None
+                    q = qs[st.stream]
+                    # a join waits for every copy stream's steps issued so far, a fork for the main steps so far
+                    mark = ({n: len(c) for n, c in qs.items() if n != "main"} if st.kind == "join"
+                            else len(main) if st.kind == "fork" else None)
                     if st.kind in ("gemm", "put", "get", "reduce"):
                         q.append(("start", call, st))
                         q.append(("end", call, st))
@@ -672,7 +676,8 @@ class _CeSim:
                     else:
                         q.append((st.kind, call, st if mark is None else (st, mark)))
                 main.append(("user_read", call, None))
-            self.queues[(r, "main")], self.queues[(r, "copy")] = main, copy
+            for n, q in qs.items():
+                self.queues[(r, n)] = q
         self.pos = {k: 0 for k in self.queues}
         self.inflight: dict[tuple[int, str], tuple] = {}  # stream -> (sources and the values read, result)
         self.problems: list[str] = []
@@ -721,10 +726,12 @@ class _CeSim:
             return f"rank {r} call {call}: wait for flag {st.flag}"
         if kind == "begin_wait" and any(self.entry.get((r, q), -1) < call for q in range(self.W) if q != r):
             return f"rank {r} call {call}: entry handshake"
-        if kind in ("join", "fork"):
-            other = (r, "copy" if kind == "join" else "main")
-            if self.pos[other] < st[1]:
-                return f"rank {r} call {call}: {kind} on the {other[1]} stream"
+        if kind == "fork" and self.pos[(r, "main")] < st[1]:
+            return f"rank {r} call {call}: fork on the main stream"
+        if kind == "join":
+            late = [n for n, mark in st[1].items() if self.pos[(r, n)] < mark]
+            if late:
+                return f"rank {r} call {call}: join of the {', '.join(late)} stream"
         return None
 
     def step(self, key) -> None:

@@ -93,6 +93,11 @@ CE_BUFFERS = {"a": 0, "gathered": 1, "recv": 1, "c": 2, "acc": 3}  # 1: the op's
 CE_FIELDS = 15
 
 
+def ce_stream_index(name: str) -> int:
+    """The op library's stream number: 0 the caller's, 1 + i copy stream i ("copy" is copy stream 0)."""
+    return 0 if name == "main" else 1 + int(name.removeprefix("copy") or 0)
+
+
 @lru_cache(maxsize=64)
 def ce_encoded(kind: str, world: int, me: int, m: int, splits: int, style: str | None = None) -> tuple[int, ...]:
     """ce_steps as the op library's flat program: per step kind, stream, peer, flag, count, the rows
@@ -100,7 +105,7 @@ def ce_encoded(kind: str, world: int, me: int, m: int, splits: int, style: str |
     out: list[int] = []
     for kind_, stream, peer, flag, count, dst, drows, src, srows, add, arows in ce_steps(kind, world, me, m, splits,
                                                                                          style):
-        out += [CE_KINDS.index(kind_), 0 if stream == "main" else 1, peer, flag, count, m]
+        out += [CE_KINDS.index(kind_), ce_stream_index(stream), peer, flag, count, m]
         for buf, rows in ((dst, drows), (src, srows), (add, arows)):
             out += [CE_BUFFERS[buf], *rows] if buf is not None else [-1, 0, 0]
     return tuple(out)
@@ -129,7 +134,7 @@ class _GemmOp(GeneratedOp):
         self.fused = self.overlap == "fused"
         self._streams: dict[int, tuple] = {}
         self._buffers: dict[tuple, Any] = {}
-        self._ce_comm: dict[int, tuple[Any, int]] = {}  # device -> (copy stream, its handle): Python executor
+        self._ce_comm: dict[tuple, tuple[Any, int]] = {}  # (device, name) -> (copy stream, handle): Python executor
         self._ce_programs: set[int] = set()  # programs registered with the op library
 
     def _side_streams(self, device: Any) -> tuple[Any, Any]:
@@ -285,12 +290,13 @@ class _GemmOp(GeneratedOp):
         """The same program, step by step from Python, GEMMs by torch on the caller's stream."""
         torch = _torch()
         a = bufs["a"]
-        key = a.device.index
-        if key not in self._ce_comm:
-            side = torch.cuda.Stream(a.device)
-            self._ce_comm[key] = (side, side.cuda_stream)
-        copy = self._ce_comm[key][1]
-        handles = {"main": main, "copy": copy}
+        handles = {"main": main}
+        for name in {st[1] for st in steps} - {"main"}:  # copy streams, created once per device
+            key = (a.device.index, name)
+            if key not in self._ce_comm:
+                side = torch.cuda.Stream(a.device)
+                self._ce_comm[key] = (side, side.cuda_stream)
+            handles[name] = self._ce_comm[key][1]
         bm = b if self.b_layout == "kn" else b.t()
         row_bytes = {name: t.stride(0) * t.element_size() for name, t in bufs.items()}  # contiguous 2-d buffers
         # torch's GEMMs go on the caller's stream (made current if it is not)
@@ -321,9 +327,10 @@ class _GemmOp(GeneratedOp):
                 elif kind == "begin":
                     mod.ce_begin(main, timeout_ns)
                 elif kind == "fork":
-                    mod.join(copy, main)
+                    mod.join(handles[on], main)
                 elif kind == "join":
-                    mod.join(main, copy)
+                    for name in sorted(handles.keys() - {"main"}):
+                        mod.join(main, handles[name])
                 else:
                     raise AssertionError(f"unknown copy-engine step {kind}")
 

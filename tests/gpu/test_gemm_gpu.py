@@ -107,13 +107,17 @@ def test_gemm_rs_back_to_back_with_changing_sizes(dist_env, name):
         assert rel_err(c, ref) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["ag_gemm_bf16_ce", "gemm_rs_bf16_ce"])
+@pytest.mark.parametrize("name, style", [("ag_gemm_bf16_ce", "chunks"), ("ag_gemm_bf16_ce", "merged"),
+                                         ("ag_gemm_bf16_ce", "merged_spread"), ("gemm_rs_bf16_ce", "direct"),
+                                         ("gemm_rs_bf16_ce", "ring")])
 @pytest.mark.parametrize("executor, splits", [("library", "1"), ("library", "3"), ("python", "2")])
-def test_copy_engine_executors(dist_env, name, executor, splits, monkeypatch):
+def test_copy_engine_executors(dist_env, name, style, executor, splits, monkeypatch):
     """The op library's executor (cuBLASLt, one call) and the Python one (torch's GEMMs, step by
-    step) run the same program: both match the reference, at 1 to 3 splits and odd row counts."""
+    step) run the same program: both match the reference, in every style (whatever the measured
+    choice for these sizes is), at 1 to 3 splits and odd row counts."""
     monkeypatch.setenv("TILEGEN_CE_EXECUTOR", executor)
     monkeypatch.setenv("TILEGEN_CE_SPLITS", splits)
+    monkeypatch.setenv("TILEGEN_CE_STYLE", style)
     rank, world = dist_env
     op = getattr(generated, name)
     for i, rows in enumerate([1, 2, 129, 640]):

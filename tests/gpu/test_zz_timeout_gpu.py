@@ -1,14 +1,36 @@
 """Bounded waits: runs last (the ops it uses are unusable on rank 0 afterwards).
 
 Rank 0's calls are made first and checked after a barrier both ranks reach: a failed check on rank 0
-must not leave rank 1 waiting in a barrier (the suite would hang instead of reporting it)."""
+must not leave rank 1 waiting in a barrier (the suite would hang instead of reporting it). The
+barrier is gloo's (CPU only, bounded): NCCL's waits on the GPU's queued work, so a stream left
+waiting by a bounded call would hang it; each rank then checks that its GPU drains."""
 import re
+import threading
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .test_allgather_gpu import _ops, _random
+
+
+_GLOO = []
+
+
+def _cpu_barrier() -> None:
+    """Every rank here within 60 s, or an error naming the missing ranks (never a hang)."""
+    if not _GLOO:
+        _GLOO.append(dist.new_group(backend="gloo"))
+    dist.monitored_barrier(_GLOO[0], timeout=timedelta(seconds=60))
+
+
+def _gpu_drains(seconds: float) -> bool:
+    """Whether everything queued on this rank's GPU finishes within `seconds` (a thread waits, so a
+    stream left waiting forever is reported instead of hanging the test)."""
+    done, device = threading.Event(), torch.cuda.current_device()  # (a new thread starts on device 0)
+    threading.Thread(target=lambda: (torch.cuda.synchronize(device), done.set()), daemon=True).start()
+    return done.wait(seconds)
 
 
 def _rank0_calls(rank: int, *calls) -> list:
@@ -22,7 +44,7 @@ def _rank0_calls(rank: int, *calls) -> list:
                 outcomes.append((None, time.monotonic() - t0))
             except Exception as e:
                 outcomes.append((e, time.monotonic() - t0))
-    dist.barrier()
+    _cpu_barrier()
     return outcomes
 
 
@@ -71,6 +93,11 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
         setup_error = e
     dist.barrier()
     outcomes = _rank0_calls(rank, lambda: op(a[rank], bs[rank], timeout_ms=300), lambda: op(a[rank], bs[rank]))
+    drained = _gpu_drains(20)
+    _cpu_barrier()
     assert setup_error is None, repr(setup_error)  # checked after the last barrier: no rank is left waiting
     if rank == 0:
         _check_timed_out_then_refused(outcomes, r"rank 0 timed out .* waiting for entry signal 1 >= \d+")
+    # At 2 ranks this test hung in NCCL's barrier after rank 0's calls (a GPU stream never drained?):
+    # this names the rank instead
+    assert drained, f"rank {rank}: the GPU still has queued work 20 s after rank 0's bounded call"

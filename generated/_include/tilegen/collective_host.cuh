@@ -56,7 +56,7 @@ inline int fail(char* msg, int len, const char* fmt, ...) {
 struct CeStep {
   enum Kind : int8_t { kBegin, kFork, kJoin, kPut, kGet, kSignal, kWait, kGemm, kReduce, kKinds };
   static constexpr int kFields = 15, kBuffers = 4;
-  int8_t kind, stream;  // stream 0: the caller's, 1: the copy stream
+  int8_t kind, stream;  // stream 0: the caller's, 1 + i: copy stream i
   int16_t peer;
   int32_t flag;
   int32_t count;   // reduce: terms, each `stride` rows after the previous
@@ -67,6 +67,7 @@ struct CeStep {
 struct CeProgram {
   std::vector<CeStep> steps;
   int64_t max_row[CeStep::kBuffers] = {};  // rows each buffer must have
+  int copies = 0;                          // copy streams it uses: 1 .. copies
 };
 
 template <class Op>
@@ -110,7 +111,7 @@ struct Host {
     cudaEvent_t joins[kJoinEvents] = {};  // GEMM ops: events that order one stream after another
     int next_join = 0;
     std::map<int64_t, CeProgram> ce_programs;  // copy-engine programs by the op's key (m, splits)
-    cudaStream_t ce_copy = nullptr;            // their copy stream
+    cudaStream_t ce_copy[Op::kMaxWorld] = {};  // their copy streams
     BlasLt blas;                               // their GEMMs
   };
   static inline State g;
@@ -244,7 +245,8 @@ struct Host {
     if (g.ce_sig) nvshmem_free(g.ce_sig);
     for (cudaEvent_t ev : g.joins)
       if (ev) cudaEventDestroy(ev);
-    if (g.ce_copy) cudaStreamDestroy(g.ce_copy);
+    for (cudaStream_t cs : g.ce_copy)
+      if (cs) cudaStreamDestroy(cs);
     g.blas.release();
     cudaFree(g.steps);
     cudaFree(g.state);
@@ -570,7 +572,8 @@ struct Host {
       const bool flags = st.kind == CeStep::kPut || st.kind == CeStep::kSignal || st.kind == CeStep::kWait;
       const bool remote = st.kind == CeStep::kPut || st.kind == CeStep::kGet || st.kind == CeStep::kSignal;
       const bool same_rows = st.kind == CeStep::kGemm || st.kind == CeStep::kReduce;  // (copies: bytes, per call)
-      bool ok = f[0] >= 0 && f[0] < CeStep::kKinds && (f[1] == 0 || f[1] == 1) && f[4] >= 1 && f[5] >= 0;
+      bool ok = f[0] >= 0 && f[0] < CeStep::kKinds && f[1] >= 0 && f[1] <= Op::kMaxWorld && f[4] >= 1 && f[5] >= 0;
+      ok = ok && (st.kind != CeStep::kFork || f[1] > 0) && (st.kind != CeStep::kJoin || f[1] == 0);
       ok = ok && (!remote || (f[2] >= 0 && f[2] < g.world && f[2] != g.rank));
       ok = ok && (!flags || (f[3] >= 0 && f[3] < Op::kMaxWorld * kCeMaxSplits));
       ok = ok && (!moves || (buffer_ok(f[6], false) && buffer_ok(f[9], false) && 0 <= f[7] && f[7] < f[8] && 0 <= f[10] && f[10] < f[11]));
@@ -586,6 +589,7 @@ struct Host {
         p.max_row[st.src] = src_hi > p.max_row[st.src] ? src_hi : p.max_row[st.src];
         if (st.addend >= 0) p.max_row[st.addend] = st.ahi > p.max_row[st.addend] ? st.ahi : p.max_row[st.addend];
       }
+      p.copies = st.stream > p.copies ? st.stream : p.copies;
       p.steps.push_back(st);
     }
     g.ce_programs[key] = std::move(p);
@@ -611,20 +615,25 @@ struct Host {
       if (p.max_row[i] > rows[i])
         return fail(msg, len, "%s: the copy-engine program needs %lld rows of buffer %d, it has %lld", Op::kName,
                     static_cast<long long>(p.max_row[i]), i, static_cast<long long>(rows[i]));
-    if (!g.ce_copy) {
-      cudaError_t e = cudaStreamCreateWithFlags(&g.ce_copy, cudaStreamNonBlocking);
-      if (e != cudaSuccess) return fail(msg, len, "%s: copy stream: %s", Op::kName, cudaGetErrorString(e));
+    void* streams[1 + Op::kMaxWorld] = {stream};
+    for (int i = 0; i < p.copies; ++i) {
+      if (!g.ce_copy[i]) {
+        cudaError_t e = cudaStreamCreateWithFlags(&g.ce_copy[i], cudaStreamNonBlocking);
+        if (e != cudaSuccess) return fail(msg, len, "%s: copy stream: %s", Op::kName, cudaGetErrorString(e));
+      }
+      streams[1 + i] = g.ce_copy[i];
     }
     if (g.blas.load(msg, len)) return 1;
     const int64_t in_row = k * static_cast<int64_t>(sizeof(typename Op::Elem)), out_row = n * static_cast<int64_t>(sizeof(typename Op::Elem));
-    void* const streams[2] = {stream, g.ce_copy};
     for (const CeStep& st : p.steps) {
       void* on = streams[st.stream];
       int rc = 0;
       switch (st.kind) {
         case CeStep::kBegin: rc = ce_begin_call(on, timeout_ns, msg, len); break;
-        case CeStep::kFork: rc = join(g.ce_copy, stream, msg, len); break;
-        case CeStep::kJoin: rc = join(stream, g.ce_copy, msg, len); break;
+        case CeStep::kFork: rc = join(on, stream, msg, len); break;
+        case CeStep::kJoin:  // the caller's stream after every copy stream's work so far
+          for (int i = 0; i < p.copies && !rc; ++i) rc = join(stream, g.ce_copy[i], msg, len);
+          break;
         case CeStep::kSignal: rc = ce_signal_peer(st.peer, st.flag, on, msg, len); break;
         case CeStep::kWait: rc = ce_wait_flag(st.flag, on, timeout_ns, msg, len); break;
         case CeStep::kPut:

@@ -1,0 +1,116 @@
+"""MoE dispatch/combine (issue 15), the plan and check stages: the layout every sender computes from
+the all-gathered counts, the references, the protocol across calls; each checker catches broken
+arithmetic or a missing synchronisation (tests that can fail)."""
+import numpy as np
+import pytest
+
+from tilegen import moe
+from tilegen.moe import MODES, MoeShape, MoeStep, check_moe, check_moe_protocol, check_routing, moe_program
+
+SHAPES = [MoeShape(2, 4, 2, 5), MoeShape(4, 16, 4, 6), MoeShape(4, 256, 8, 4), MoeShape(8, 64, 8, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_layouts_match_the_reference(shape, mode):
+    assert check_moe(shape, mode) == []
+
+
+def test_reference_layout_small_example():
+    """2 ranks, 4 experts (2 per rank), top-2: rank 1 receives experts 2, 3's items ordered by
+    (local expert, source, token, slot); combine sums each token's slots with its weights."""
+    shape = MoeShape(2, 4, 2, 3)
+    idxs = [np.array([[2, 0], [3, 2]]), np.array([[2, -1]])]
+    xs = [np.array([[10.0], [11.0]]), np.array([[20.0]])]
+    got = moe.reference_dispatch(shape, xs, idxs)
+    assert got[1].counts.tolist() == [3, 1]
+    assert got[1].handle.tolist() == [[0, 0, 0], [0, 1, 1], [1, 0, 0], [0, 1, 0]]
+    assert got[1].x[:, 0].tolist() == [10.0, 11.0, 20.0, 11.0]
+    assert got[0].handle.tolist() == [[0, 0, 1]]
+    ws = [np.array([[0.5, 0.25], [1.0, 2.0]]), np.array([[3.0, 9.0]])]
+    outs = moe.reference_combine(shape, [g.x * 2 for g in got], [g.handle for g in got], idxs, ws)
+    assert outs[0][:, 0].tolist() == [0.5 * 20 + 0.25 * 20, 1.0 * 22 + 2.0 * 22]
+    assert outs[1][:, 0].tolist() == [3.0 * 40]  # the dropped slot's weight counts for nothing
+
+
+def test_sender_rows_are_the_destination_rows():
+    """What one sender computes from the all-gathered counts is where the reference puts its items."""
+    shape = MoeShape(4, 16, 4, 6)
+    rng = __import__("random").Random(3)
+    idxs = [moe.random_routing(shape, 6, rng, "dropped") for _ in range(4)]
+    counts = np.stack([moe.expert_counts(shape, i) for i in idxs])
+    ref = moe.reference_dispatch(shape, [np.zeros((6, 1))] * 4, idxs)
+    for s in range(4):
+        rows = moe.sender_rows(shape, s, idxs[s], counts)
+        for t in range(6):
+            for j in range(4):
+                e = int(idxs[s][t, j])
+                if e >= 0:
+                    assert ref[e // 4].handle[rows[t, j]].tolist() == [s, t, j]
+
+
+@pytest.mark.parametrize("mode, broken", [
+    # without the earlier source ranks' items: two senders write the same rows
+    ("normal", lambda sh, me, idx, counts: moe.sender_rows(sh, me, idx, counts) - counts[:me].sum(axis=0)[
+        np.maximum(idx, 0)] * (idx >= 0)),
+    # without the destination's earlier experts: rows of different experts collide
+    ("normal", lambda sh, me, idx, counts: moe.sender_rows(sh, 0, idx, counts * 0) + counts[:me].sum(axis=0)[
+        np.maximum(idx, 0)] * (idx >= 0) - (idx < 0)),
+    # counting a token's rows from 1: the last row of a segment runs past it, row 0 never written
+    ("low_latency", lambda sh, idx: moe.ll_rows(sh, idx) + (idx >= 0)),
+])
+def test_checker_catches_broken_row_arithmetic(mode, broken):
+    problems = check_moe(MoeShape(4, 16, 4, 6), mode, rows_fn=broken)
+    assert problems and any(w in " ".join(problems) for w in ("twice", "never", "outside", "different", "not 0..n-1"))
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("mode", MODES)
+def test_protocol_has_no_race_or_deadlock(world, mode):
+    assert check_moe_protocol(world, mode) == []
+
+
+@pytest.mark.parametrize("drop", ["counts", "recv", "back"])
+def test_protocol_checker_catches_a_missing_wait(drop):
+    prog = tuple(s for s in moe_program("normal") if not (s.kind == "wait" and s.flag == drop))
+    problems = check_moe_protocol(4, program=prog)
+    assert problems and any("of call" in p or "write-after-read" in p for p in problems), problems[:3]
+
+
+def test_protocol_checker_catches_reading_after_handing_back():
+    """The experts reading recv after combine pushed back (a caller using dispatch's output late):
+    a fast peer's next dispatch overwrites it."""
+    prog = list(moe_program("low_latency"))
+    read_recv = prog.pop(prog.index(MoeStep("read", "recv")))
+    prog.append(read_recv)
+    problems = check_moe_protocol(4, "low_latency", program=tuple(prog))
+    assert any("write-after-read" in p or "of call" in p for p in problems), problems[:3]
+
+
+def test_protocol_checker_reports_a_deadlock():
+    """A rank waiting for a flag no step sets."""
+    prog = moe_program("normal") + (MoeStep("wait", flag="never"),)
+    problems = check_moe_protocol(2, program=prog, seeds=2)
+    assert problems and "deadlock" in problems[0] and "wait for never" in problems[0]
+
+
+@pytest.mark.parametrize("idx, weights, message", [
+    (np.array([[0, 16]]), None, r"topk_idx\[0, 1\] = 16: expert ids must be in \[0, 16\) or -1"),
+    (np.array([[0, -2]]), None, r"topk_idx\[0, 1\] = -2"),
+    (np.array([[0, 1, 2]]), None, r"topk_idx must be \[m, 2\] \(topk 2\), got shape \[1, 3\]"),
+    (np.array([[0.0, 1.0]]), None, "must hold integers"),
+    (np.zeros((9, 2), dtype=np.int64), None, "9 tokens, more than max_tokens 8"),
+    (np.array([[0, 1]]), np.zeros((1, 3)), r"topk_weights must have topk_idx's shape \[1, 2\]"),
+])
+def test_bad_routings_are_value_errors(idx, weights, message):
+    with pytest.raises(ValueError, match=message):
+        check_routing(MoeShape(4, 16, 2, 8), idx, weights)
+
+
+def test_bad_shapes_and_modes():
+    with pytest.raises(ValueError, match="must split evenly over 4 ranks"):
+        MoeShape(4, 10, 2, 8)
+    with pytest.raises(ValueError, match="topk .9. exceeds the 8 experts"):
+        MoeShape(2, 8, 9, 8)
+    with pytest.raises(ValueError, match="mode must be one of normal, low_latency"):
+        check_moe(MoeShape(2, 4, 2, 2), "fast")

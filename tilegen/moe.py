@@ -1,0 +1,396 @@
+"""MoE token dispatch and combine (expert parallelism, one node): the layout and the per-rank
+protocol, checked before any kernel exists (issue 15's plan and check stages).
+
+Routing: rank s holds m_s tokens x_s [m_s, hidden] and topk_idx_s [m_s, k] (expert ids in
+[0, experts), -1: slot dropped) with topk_weights_s [m_s, k]. Experts are split evenly: expert e
+lives on rank e // L, as its local expert e % L (L = experts / world). An item is one (s, t, j)
+with e = topk_idx_s[t, j] >= 0: token t of rank s sent to expert e.
+
+Dispatch (normal mode) lays the items each rank receives out contiguously per local expert, in a
+fixed order: local expert, then source rank, then token, then slot (deterministic: independent of
+timing). Each item's position is computable by its sender from every rank's per-expert counts
+(one all-gather of world x experts counts), so the tokens move in one push, straight to their
+final rows. The handle (source rank, token, slot of every received row) is what combine needs.
+
+Low-latency mode: fixed capacity, no counts exchange and no host synchronisation: rank d's local
+expert l has one segment of max_tokens * k rows per source rank; an item's row in its segment is
+its rank among the source's items for that expert; the counts per (expert, source) travel with the
+flags (CUDA-graph capturable).
+
+Combine: each received row's expert output goes back to its source rank's staging [m_s, k, hidden]
+at (token, slot); the source sums its slots in slot order, weighted, in fp32 (deterministic).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+MODES = ("normal", "low_latency")
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    world: int
+    experts: int
+    topk: int
+    max_tokens: int  # per rank
+
+    def __post_init__(self):
+        if self.world < 1 or self.experts < 1 or self.topk < 1 or self.max_tokens < 0:
+            raise ValueError(f"MoE shape needs world, experts, topk >= 1 and max_tokens >= 0, got {self}")
+        if self.experts % self.world:
+            raise ValueError(f"experts ({self.experts}) must split evenly over {self.world} ranks")
+        if self.topk > self.experts:
+            raise ValueError(f"topk ({self.topk}) exceeds the {self.experts} experts")
+
+    @property
+    def local_experts(self) -> int:
+        return self.experts // self.world
+
+    def owner(self, expert: int) -> tuple[int, int]:
+        """(rank, local expert) of a global expert id."""
+        return divmod(expert, self.local_experts)
+
+    def ll_capacity(self) -> int:
+        """Rows of one (local expert, source rank) segment in low-latency mode."""
+        return self.max_tokens * self.topk
+
+
+def check_routing(shape: MoeShape, topk_idx: np.ndarray, topk_weights: np.ndarray | None = None,
+                  rank: int | None = None) -> None:
+    """ValueError (naming the argument and what was expected) for a routing no kernel may see."""
+    who = "" if rank is None else f" (rank {rank})"
+    idx = np.asarray(topk_idx)
+    if idx.ndim != 2 or idx.shape[1] != shape.topk:
+        raise ValueError(f"topk_idx{who} must be [m, {shape.topk}] (topk {shape.topk}), got shape {list(idx.shape)}")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"topk_idx{who} must hold integers (int32/int64), got {idx.dtype}")
+    if idx.shape[0] > shape.max_tokens:
+        raise ValueError(f"topk_idx{who} has {idx.shape[0]} tokens, more than max_tokens {shape.max_tokens}")
+    bad = (idx < -1) | (idx >= shape.experts)
+    if bad.any():
+        t, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"topk_idx{who}[{t}, {j}] = {int(idx[t, j])}: expert ids must be in [0, {shape.experts}) "
+                         f"or -1 (dropped)")
+    if topk_weights is not None:
+        w = np.asarray(topk_weights)
+        if w.shape != idx.shape:
+            raise ValueError(f"topk_weights{who} must have topk_idx's shape {list(idx.shape)}, got {list(w.shape)}")
+
+
+def expert_counts(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
+    """[experts] items this rank sends to each expert (what the all-gather exchanges)."""
+    idx = np.asarray(topk_idx).reshape(-1)
+    return np.bincount(idx[idx >= 0], minlength=shape.experts).astype(np.int64)
+
+
+def sender_rows(shape: MoeShape, me: int, topk_idx: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Normal mode, on sender `me`: the destination row (on rank owner(e)) of each of its items,
+    [m, k] (-1 for dropped slots), from every rank's counts [world, experts] (the all-gathered ones).
+    Row = items of the destination's earlier local experts + earlier source ranks' items for e +
+    this rank's earlier items for e (in token, slot order): the kernels' arithmetic."""
+    idx = np.asarray(topk_idx)
+    L = shape.local_experts
+    per_expert = counts.sum(axis=0)  # [experts] items every expert receives
+    rows = np.full(idx.shape, -1, dtype=np.int64)
+    seen = np.zeros(shape.experts, dtype=np.int64)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e < 0:
+                continue
+            d = e // L
+            rows[t, j] = per_expert[d * L:e].sum() + counts[:me, e].sum() + seen[e]
+            seen[e] += 1
+    return rows
+
+
+def ll_rows(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
+    """Low-latency mode: each item's row within its (local expert, source) segment, [m, k] (-1: dropped)."""
+    idx = np.asarray(topk_idx)
+    rows = np.full(idx.shape, -1, dtype=np.int64)
+    seen = np.zeros(shape.experts, dtype=np.int64)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e >= 0:
+                rows[t, j] = seen[e]
+                seen[e] += 1
+    return rows
+
+
+@dataclass
+class Dispatched:
+    """What rank d receives (normal mode): x [rows, hidden], the per-local-expert counts, and the
+    handle: (source rank, token, slot) of every row."""
+
+    x: np.ndarray
+    counts: np.ndarray  # [local experts]
+    handle: np.ndarray  # [rows, 3]
+
+
+def reference_dispatch(shape: MoeShape, xs: Sequence[np.ndarray], idxs: Sequence[np.ndarray]) -> list[Dispatched]:
+    """The normal-mode result on every rank, by definition (not by the protocol): items sorted by
+    (local expert, source, token, slot)."""
+    out = []
+    L = shape.local_experts
+    hidden = xs[0].shape[1] if xs and xs[0].ndim == 2 else 0
+    for d in range(shape.world):
+        items = [(e - d * L, s, t, j) for s, idx in enumerate(idxs) for t in range(len(idx))
+                 for j in range(shape.topk) if (e := int(idx[t, j])) >= 0 and e // L == d]
+        items.sort()
+        x = np.stack([xs[s][t] for _, s, t, _ in items]) if items else np.zeros((0, hidden), xs[0].dtype)
+        counts = np.bincount([le for le, *_ in items], minlength=L).astype(np.int64)
+        handle = np.array([(s, t, j) for _, s, t, j in items], dtype=np.int64).reshape(-1, 3)
+        out.append(Dispatched(x, counts, handle))
+    return out
+
+
+def reference_combine(shape: MoeShape, ys: Sequence[np.ndarray], handles: Sequence[np.ndarray],
+                      idxs: Sequence[np.ndarray], weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """out_s[t] = sum over slots j (in order) of weights_s[t, j] * the expert output of item (s, t, j),
+    in float64 (the reference GPU results are compared against)."""
+    hidden = ys[0].shape[1]
+    staged = [np.zeros((len(idx), shape.topk, hidden)) for idx in idxs]
+    for y, h in zip(ys, handles):
+        for row, (s, t, j) in enumerate(h):
+            staged[s][t, j] = y[row]
+    return [np.einsum("tj,tjh->th", np.where(np.asarray(idx) >= 0, w, 0.0), st)
+            for st, idx, w in zip(staged, idxs, weights)]
+
+
+# ------------------------------------------------------------------ protocol check
+class MoeCheckError(Exception):
+    pass
+
+
+def _simulate_normal(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
+    """The protocol as the kernels run it: counts all-gathered, each sender computing its items'
+    rows, pushing them (and their handles) into the destinations' buffers; a row written twice or
+    never, or a row outside the buffer, is an error."""
+    counts = np.stack([expert_counts(shape, idx) for idx in idxs])  # the all-gather
+    L = shape.local_experts
+    per_rank = [int(counts[:, d * L:(d + 1) * L].sum()) for d in range(shape.world)]
+    hidden = xs[0].shape[1]
+    bufs = [np.full((n, hidden), np.nan) for n in per_rank]
+    handles = [np.full((n, 3), -1, dtype=np.int64) for n in per_rank]
+    written = [np.zeros(n, dtype=np.int64) for n in per_rank]
+    for s, (x, idx) in enumerate(zip(xs, idxs)):
+        rows = (rows_fn or sender_rows)(shape, s, idx, counts)
+        for t in range(len(idx)):
+            for j in range(shape.topk):
+                e = int(idx[t, j])
+                if e < 0:
+                    continue
+                d, row = e // L, int(rows[t, j])
+                if not 0 <= row < per_rank[d]:
+                    raise MoeCheckError(f"rank {s} token {t} slot {j}: row {row} outside rank {d}'s {per_rank[d]}")
+                bufs[d][row], handles[d][row] = x[t], (s, t, j)
+                written[d][row] += 1
+    for d in range(shape.world):
+        twice, never = np.flatnonzero(written[d] > 1), np.flatnonzero(written[d] == 0)
+        if len(twice) or len(never):
+            raise MoeCheckError(f"rank {d}: rows written twice {twice[:5].tolist()}, never {never[:5].tolist()}")
+    return [Dispatched(bufs[d], counts[:, d * L:(d + 1) * L].sum(axis=0), handles[d]) for d in range(shape.world)]
+
+
+def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
+    """Low-latency: segments [local expert][source] of ll_capacity rows; the rows a receiver reads
+    are the first count rows of each segment (counts come with the flags); compacted here in
+    (local expert, source) order to compare with the reference."""
+    L, cap = shape.local_experts, shape.ll_capacity()
+    hidden = xs[0].shape[1]
+    seg = {}  # (d, l, s) -> [rows]
+    for s, (x, idx) in enumerate(zip(xs, idxs)):
+        rows = (rows_fn or ll_rows)(shape, idx)
+        for t in range(len(idx)):
+            for j in range(shape.topk):
+                e = int(idx[t, j])
+                if e < 0:
+                    continue
+                d, le = divmod(e, L)
+                r = int(rows[t, j])
+                if not 0 <= r < cap:
+                    raise MoeCheckError(f"rank {s} token {t} slot {j}: row {r} outside the {cap}-row segment")
+                seg.setdefault((d, le, s), {})
+                if r in seg[(d, le, s)]:
+                    raise MoeCheckError(f"rank {d} expert {le} source {s}: row {r} written twice")
+                seg[(d, le, s)][r] = (x[t], (s, t, j))
+    out = []
+    for d in range(shape.world):
+        xr, hr, counts = [], [], np.zeros(L, dtype=np.int64)
+        for le in range(L):
+            for s in range(shape.world):
+                rows = seg.get((d, le, s), {})
+                if sorted(rows) != list(range(len(rows))):
+                    raise MoeCheckError(f"rank {d} expert {le} source {s}: rows {sorted(rows)[:5]} are not 0..n-1")
+                counts[le] += len(rows)
+                for r in range(len(rows)):
+                    xr.append(rows[r][0])
+                    hr.append(rows[r][1])
+        out.append(Dispatched(np.stack(xr) if xr else np.zeros((0, hidden)), counts,
+                              np.array(hr, dtype=np.int64).reshape(-1, 3)))
+    return out
+
+
+def random_routing(shape: MoeShape, m: int, rng: random.Random, case: str = "random") -> np.ndarray:
+    """A [m, k] routing: random distinct experts ("random"), with dropped slots ("dropped"), every
+    token to the same k experts ("one_expert": the first k, so expert 0 gets every token), or a
+    routing that leaves most experts empty ("sparse")."""
+    k, E = shape.topk, shape.experts
+    if case == "one_expert":
+        return np.tile(np.arange(k), (m, 1)).astype(np.int64)
+    pool = list(range(E)) if case != "sparse" else list(range(min(E, k + 1)))
+    idx = np.array([rng.sample(pool, k) for _ in range(m)], dtype=np.int64).reshape(m, k)
+    if case == "dropped":
+        idx[np.array([[rng.random() < 0.3 for _ in range(k)] for _ in range(m)], dtype=bool).reshape(m, k)] = -1
+    return idx
+
+
+CASES = ("random", "dropped", "one_expert", "sparse")
+
+
+def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int = 8, rows_fn=None) -> list[str]:
+    """Simulates dispatch then combine on every rank for random routings (each case, token counts
+    0, 1, max and random, per rank) and compares with the references: [] or the problems found.
+    rows_fn replaces the senders' row arithmetic (sender_rows / ll_rows), for tests."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    problems: list[str] = []
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        case = CASES[seed % len(CASES)]
+        ms = [rng.choice([0, 1, shape.max_tokens, rng.randint(0, shape.max_tokens)]) for _ in range(shape.world)]
+        idxs = [random_routing(shape, m, rng, case) for m in ms]
+        xs = [np.array([[s * 1000 + t + h / 10 for h in range(hidden)] for t in range(m)]).reshape(m, hidden)
+              for s, m in enumerate(ms)]
+        ws = [np.array([[rng.random() for _ in range(shape.topk)] for _ in range(m)]).reshape(m, shape.topk)
+              for m in ms]
+        where = f"seed {seed} ({case}, tokens {ms})"
+        try:
+            for s, idx in enumerate(idxs):
+                check_routing(shape, idx, ws[s], s)
+            got = (_simulate_normal if mode == "normal" else _simulate_low_latency)(shape, xs, idxs, rows_fn)
+        except (MoeCheckError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        want = reference_dispatch(shape, xs, idxs)
+        for d, (g, w) in enumerate(zip(got, want)):
+            if not (np.array_equal(g.counts, w.counts) and np.array_equal(g.handle, w.handle)
+                    and np.array_equal(g.x, w.x)):
+                problems.append(f"{where}: rank {d} received a different layout than the reference")
+        ys = [np.sin(g.x) for g in got]  # any per-row expert function
+        outs = reference_combine(shape, ys, [g.handle for g in got], idxs, ws)
+        direct = [np.array([sum(ws[s][t, j] * np.sin(xs[s][t]) for j in range(shape.topk) if idxs[s][t, j] >= 0)
+                            for t in range(ms[s])]).reshape(ms[s], hidden) for s in range(shape.world)]
+        for s in range(shape.world):
+            if not np.allclose(outs[s], direct[s]):
+                problems.append(f"{where}: rank {s}'s combine differs from the weighted sum of its experts' outputs")
+    return problems
+
+
+# ------------------------------------------------------------------ the protocol across calls
+# Each rank runs its steps in order on one stream (the kernels of dispatch, the caller's expert
+# computation, combine), call after call. Buffers are reused across calls, so a fast rank's next
+# call must not overwrite what a slow rank still reads: the simulation tags every value with its
+# call and checks that each read sees its own call's values, under random and PCT interleavings.
+# Flags carry the call's epoch (monotonic: never cleared, a CUDA graph replays them right when the
+# epoch lives on the device).
+@dataclass(frozen=True)
+class MoeStep:
+    """kinds: enter (tell every peer this rank entered the call), wait_entered (until every peer
+    entered it), put (write `buf` at every peer, the part from this rank; then set flag `flag`
+    there), wait (until every peer set flag `flag` here), read (the caller or a kernel reads `buf`
+    here: every peer's part must be this call's)."""
+
+    kind: str
+    buf: str = ""
+    flag: str = ""
+
+
+def moe_program(mode: str) -> tuple[MoeStep, ...]:
+    """One call of dispatch, the expert computation and combine, on one rank. Normal mode exchanges
+    counts first (the senders' rows depend on them); low-latency mode sends counts with the data.
+    No entry handshake: every put goes to every peer (an empty one still sets its flag), so a rank
+    starts writing a peer's buffer only after that peer's own puts of the step before, which follow
+    its reads of the previous call (the check shows it; a rank that skipped an empty peer would
+    deadlock it, which the check shows too)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    steps = []
+    if mode == "normal":
+        steps += [MoeStep("put", "counts", "counts"), MoeStep("wait", flag="counts"), MoeStep("read", "counts")]
+    steps += [MoeStep("put", "recv", "recv"), MoeStep("wait", flag="recv"), MoeStep("read", "recv"),  # experts
+              MoeStep("put", "back", "back"), MoeStep("wait", flag="back"), MoeStep("read", "back")]  # combine
+    return tuple(steps)
+
+
+MOE_CALLS = 3
+
+
+def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, program=None) -> list[str]:
+    """Every rank runs `program` (default moe_program(mode)) MOE_CALLS times; [] or the problems
+    (stale or overwritten reads, deadlocks naming the blocked steps)."""
+    prog = program or moe_program(mode)
+    problems: list[str] = []
+    for seed in range(seeds + 1):
+        rng = random.Random(seed) if seed else None
+        pct = seed % 2 == 0 and seed > 0
+        data: dict[tuple, int] = {}  # (rank, buf, from rank) -> call
+        flags: dict[tuple, int] = {}  # (rank, flag, from rank) -> epoch (call + 1)
+        entered: dict[tuple, int] = {}  # (rank, peer) -> the last call the peer entered (+1)
+        pos = [0] * world
+        queue = [[(call, st) for call in range(MOE_CALLS) for st in prog] for _ in range(world)]
+        inflight: dict[int, list] = {}  # rank -> what its running read saw (a read spans other ranks' steps)
+        prio = [rng.random() if rng else 0 for _ in range(world)]
+        n, changes = 0, ({rng.randrange(world * len(queue[0]) + 1) for _ in range(3)} if pct else set())
+
+        def blocked(r):
+            call, st = queue[r][pos[r]]
+            if st.kind == "wait_entered" and any(entered.get((r, q), 0) < call + 1 for q in range(world) if q != r):
+                return f"rank {r} call {call}: entry handshake"
+            if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < call + 1 for q in range(world) if q != r):
+                return f"rank {r} call {call}: wait for {st.flag}"
+            return None
+
+        try:
+            while True:
+                live = [r for r in range(world) if pos[r] < len(queue[r])]
+                if not live:
+                    break
+                ready = [r for r in live if blocked(r) is None]
+                if not ready:
+                    raise MoeCheckError("deadlock: " + "; ".join(blocked(r) for r in live))
+                r = max(ready, key=prio.__getitem__) if pct else (rng.choice(ready) if rng else ready[0])
+                if pct and n in changes:
+                    prio[r] = -rng.random()
+                n += 1
+                call, st = queue[r][pos[r]]
+                if st.kind == "read" and r not in inflight:  # a read starts, runs beside others, then ends
+                    inflight[r] = [(q, data.get((r, st.buf, q))) for q in range(world)]
+                    continue
+                pos[r] += 1
+                if st.kind == "enter":
+                    for q in range(world):
+                        entered[(q, r)] = call + 1
+                elif st.kind == "put":
+                    for q in range(world):
+                        data[(q, st.buf, r)] = call
+                        flags[(q, st.flag, r)] = call + 1
+                elif st.kind == "read":
+                    for q, seen in inflight.pop(r):
+                        now = data.get((r, st.buf, q))
+                        if seen != call:
+                            problems.append(f"seed {seed}: rank {r} call {call} read {st.buf} from rank {q} of "
+                                            f"call {seen}")
+                        elif now != seen:
+                            problems.append(f"seed {seed}: rank {r} call {call}: rank {q} overwrote {st.buf} "
+                                            f"while it was read (write-after-read)")
+        except MoeCheckError as e:
+            problems.append(f"seed {seed}: {e}")
+        if problems:
+            break
+    return problems
