@@ -8,7 +8,8 @@
 #   bash tools/gpu_check.sh tune [N]    tilegen tune of the collective specs at N ranks ($OUT/calibration)
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
-#   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks
+#   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
+#                                       --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py turns into choices)
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
 # tools/pack_prebuilt.sh, saves the build there), else generates and builds every spec. With one GPU,
 # ranks share it under CUDA MPS: that checks the protocol, not link speed or NCCL.

@@ -676,11 +676,28 @@ struct Host {
           rc = launched("reduce", msg, len);
           break;
         }
-        default: return fail(msg, len, "%s: copy-engine step kind %d", Op::kName, st.kind);
+        default: rc = fail(msg, len, "%s: copy-engine step kind %d", Op::kName, st.kind);
       }
-      if (rc) return 1;
+      if (rc) return abandon(p, stream, &st == &p.steps.front(), msg, len);
     }
     return 0;
+  }
+
+  // A call that failed at a step: the copy streams are joined back (a CUDA graph capture must end
+  // joined) and, if anything was issued, the op is unusable (peers may have been signalled or be
+  // waiting for this rank's flags); the step's message says so.
+  static int abandon(const CeProgram& p, void* stream, bool first, char* msg, int len) {
+    for (int i = 0; i < p.copies; ++i) {
+      char ignored[8];
+      if (g.ce_copy[i]) join(stream, g.ce_copy[i], ignored, sizeof ignored);
+    }
+    cudaGetLastError();
+    if (first) return 1;
+    g.poisoned = true;
+    const size_t used = strlen(msg);
+    if (used + 1 < static_cast<size_t>(len))
+      snprintf(msg + used, len - used, " (the call stopped midway: this op is unusable now, restart the job)");
+    return 1;
   }
 
   // For the fused GEMM of the call run() just prepared: where its flags are, the epoch, the chunk
