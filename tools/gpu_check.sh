@@ -8,6 +8,7 @@
 #   bash tools/gpu_check.sh tune [N]    tilegen tune of the collective specs at N ranks ($OUT/calibration)
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
+#   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark (the NCCL baseline, checked first)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
 #                                       --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py turns into choices)
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
@@ -156,6 +157,11 @@ case "$PHASE" in
     timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py --graph > "$OUT/tp_mlp_np$NP.log" 2>&1 \
       || { status=1; tail -30 "$OUT/tp_mlp_np$NP.log"; }
     grep "^TP MLP" "$OUT/tp_mlp_np$NP.log" ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|gemm [ranks]"; exit 2 ;;
+  moe)  # MoE dispatch/combine: the NCCL baseline checked against tilegen.moe's reference, then timed
+    start_mps_if_shared "$NP"
+    timeout 300 torchrun --nproc-per-node "$NP" tools/bench_moe.py --out "$OUT/bench_moe_np$NP.json" \
+      > "$OUT/bench_moe_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_np$NP.log"; }
+    grep -E "^(NCCL baseline|normal|low latency)" "$OUT/bench_moe_np$NP.log" ;;
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe [ranks]"; exit 2 ;;
 esac
 exit $status
