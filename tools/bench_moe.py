@@ -36,7 +36,7 @@ def check_against_reference(rank: int, world: int) -> None:
     """Small problem, dropped slots and one empty rank: the NCCL baseline's layout, counts, handle and
     combine equal tilegen.moe's references (bitwise for dispatch)."""
     experts, k, hidden = 4 * world, 3, 16
-    shape = moe.MoeShape(world, experts, k, 9)
+    shape = moe.MoeShape(world, experts, k, 16)
     m = 0 if rank == world - 1 else 5 + rank
     idx, w = routing(m, k, experts, 100 + rank)
     idx[idx % 5 == 0] = -1
