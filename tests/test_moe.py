@@ -11,9 +11,27 @@ SHAPES = [MoeShape(2, 4, 2, 5), MoeShape(4, 16, 4, 6), MoeShape(4, 256, 8, 4), M
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
-def test_layouts_match_the_reference(shape, mode):
-    assert check_moe(shape, mode) == []
+@pytest.mark.parametrize("mode, push", [("normal", "item"), ("normal", "token"), ("low_latency", "item")])
+def test_layouts_match_the_reference(shape, mode, push):
+    assert check_moe(shape, mode, push=push) == []
+
+
+def test_deduplicated_push_moves_fewer_rows():
+    """Top-8 of 256 experts over 4 ranks: a token has items on ~2.7 other ranks but ~6 items there,
+    so pushing each token once per destination (then expanding locally) moves ~2.2x fewer rows."""
+    import random
+    shape = MoeShape(4, 256, 8, 512)
+    rng = random.Random(0)
+    per_item, per_token = moe.nvlink_rows(shape, [moe.random_routing(shape, 512, rng) for _ in range(4)])
+    assert 5.8 < per_item / 2048 < 6.2 and 2.5 < per_token / 2048 < 2.9
+
+
+def test_checker_catches_broken_staging_arithmetic():
+    """Staging rows without the earlier sources' tokens: two sources' tokens collide."""
+    def broken(shape, me, idx, ntok):
+        return moe.staging_rows(shape, 0, idx, ntok * 0) if me else moe.staging_rows(shape, me, idx, ntok)
+    problems = check_moe(MoeShape(4, 16, 4, 6), "normal", rows_fn=broken, push="token")
+    assert problems and any("written twice" in p or "never written" in p for p in problems), problems[:3]
 
 
 def test_reference_layout_small_example():
@@ -114,3 +132,5 @@ def test_bad_shapes_and_modes():
         MoeShape(2, 8, 9, 8)
     with pytest.raises(ValueError, match="mode must be one of normal, low_latency"):
         check_moe(MoeShape(2, 4, 2, 2), "fast")
+    with pytest.raises(ValueError, match="push must be one of item, token"):
+        check_moe(MoeShape(2, 4, 2, 2), push="expert")

@@ -108,6 +108,61 @@ def sender_rows(shape: MoeShape, me: int, topk_idx: np.ndarray, counts: np.ndarr
     return rows
 
 
+def token_counts(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
+    """[world] tokens this rank sends to each rank when a token goes once per destination rank
+    (whatever number of its experts live there): what the deduplicated push exchanges besides the
+    per-expert counts."""
+    idx = np.asarray(topk_idx)
+    L = shape.local_experts
+    out = np.zeros(shape.world, dtype=np.int64)
+    for row in idx:
+        for d in {int(e) // L for e in row if e >= 0}:
+            out[d] += 1
+    return out
+
+
+def staging_rows(shape: MoeShape, me: int, topk_idx: np.ndarray, ntok: np.ndarray) -> np.ndarray:
+    """Deduplicated push, on sender `me`: [m, world] the staging row at each destination of each of
+    its tokens (-1: no expert there), from every rank's token counts [world, world]: earlier
+    sources' tokens for that destination + this rank's earlier tokens for it."""
+    idx = np.asarray(topk_idx)
+    L = shape.local_experts
+    rows = np.full((idx.shape[0], shape.world), -1, dtype=np.int64)
+    seen = np.zeros(shape.world, dtype=np.int64)
+    for t, row in enumerate(idx):
+        for d in sorted({int(e) // L for e in row if e >= 0}):
+            rows[t, d] = ntok[:me, d].sum() + seen[d]
+            seen[d] += 1
+    return rows
+
+
+def expanded_rows(shape: MoeShape, d: int, staged: list[tuple[int, int, np.ndarray]], counts: np.ndarray) -> list:
+    """On receiver d, from its staging rows [(source, token, topk_idx row)] in staging order and the
+    all-gathered per-expert counts [world, experts]: [(staging row, slot, final row)] for every slot
+    with an expert here. Final row as sender_rows computes it; the last term (the source's earlier
+    items for e) is a running count over that source's staging rows, which are in token order."""
+    L = shape.local_experts
+    per_expert = counts.sum(axis=0)
+    seen: dict[tuple[int, int], int] = {}
+    out = []
+    for i, (s, t, row) in enumerate(staged):
+        for j, e in enumerate(int(v) for v in row):
+            if e >= 0 and e // L == d:
+                n = seen.get((s, e), 0)
+                out.append((i, j, int(per_expert[d * L:e].sum() + counts[:s, e].sum() + n)))
+                seen[(s, e)] = n + 1
+    return out
+
+
+def nvlink_rows(shape: MoeShape, idxs: Sequence[np.ndarray]) -> tuple[int, int]:
+    """(token rows sent to other ranks when each item is pushed, when each token goes once per
+    destination rank): the NVLink traffic of the two dispatch designs."""
+    L = shape.local_experts
+    per_item = sum(int(((np.asarray(i) >= 0) & (np.asarray(i) // L != s)).sum()) for s, i in enumerate(idxs))
+    per_token = sum(len({int(e) // L for e in row if e >= 0} - {s}) for s, i in enumerate(idxs) for row in i)
+    return per_item, per_token
+
+
 def ll_rows(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
     """Low-latency mode: each item's row within its (local expert, source) segment, [m, k] (-1: dropped)."""
     idx = np.asarray(topk_idx)
@@ -197,6 +252,43 @@ def _simulate_normal(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched
     return [Dispatched(bufs[d], counts[:, d * L:(d + 1) * L].sum(axis=0), handles[d]) for d in range(shape.world)]
 
 
+def _simulate_normal_dedup(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
+    """The deduplicated protocol: token and per-expert counts all-gathered, each token pushed once
+    per destination rank into its staging rows (with its routing row), each receiver expanding
+    its staging rows into the final per-expert layout; every staging and final row written once."""
+    counts = np.stack([expert_counts(shape, idx) for idx in idxs])
+    ntok = np.stack([token_counts(shape, idx) for idx in idxs])  # [source, destination]
+    L, hidden = shape.local_experts, xs[0].shape[1]
+    staged: list[list] = [[None] * int(ntok[:, d].sum()) for d in range(shape.world)]
+    for s, (x, idx) in enumerate(zip(xs, idxs)):
+        rows = (rows_fn or staging_rows)(shape, s, idx, ntok)
+        for t in range(len(idx)):
+            for d in range(shape.world):
+                r = int(rows[t, d])
+                if r < 0:
+                    continue
+                if not 0 <= r < len(staged[d]) or staged[d][r] is not None:
+                    raise MoeCheckError(f"rank {s} token {t}: staging row {r} at rank {d} outside its "
+                                        f"{len(staged[d])} rows or written twice")
+                staged[d][r] = (s, t, np.asarray(idx[t]), x[t])
+    out = []
+    for d in range(shape.world):
+        if any(v is None for v in staged[d]):
+            raise MoeCheckError(f"rank {d}: staging rows never written")
+        n = int(counts[:, d * L:(d + 1) * L].sum())
+        buf, handle, written = np.full((n, hidden), np.nan), np.full((n, 3), -1, dtype=np.int64), np.zeros(n, int)
+        for i, j, row in expanded_rows(shape, d, [(s, t, r) for s, t, r, _ in staged[d]], counts):
+            s, t, _, x = staged[d][i]
+            if not 0 <= row < n:
+                raise MoeCheckError(f"rank {d}: expanded row {row} outside its {n}")
+            buf[row], handle[row] = x, (s, t, j)
+            written[row] += 1
+        if (written != 1).any():
+            raise MoeCheckError(f"rank {d}: final rows written {written.tolist()[:8]} times")
+        out.append(Dispatched(buf, counts[:, d * L:(d + 1) * L].sum(axis=0), handle))
+    return out
+
+
 def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
     """Low-latency: segments [local expert][source] of ll_capacity rows; the rows a receiver reads
     are the first count rows of each segment (counts come with the flags); compacted here in
@@ -253,12 +345,20 @@ def random_routing(shape: MoeShape, m: int, rng: random.Random, case: str = "ran
 CASES = ("random", "dropped", "one_expert", "sparse")
 
 
-def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int = 8, rows_fn=None) -> list[str]:
+PUSHES = ("item", "token")  # normal mode: each item to its final row, or each token once per rank
+
+
+def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int = 8, rows_fn=None,
+              push: str = "item") -> list[str]:
     """Simulates dispatch then combine on every rank for random routings (each case, token counts
     0, 1, max and random, per rank) and compares with the references: [] or the problems found.
-    rows_fn replaces the senders' row arithmetic (sender_rows / ll_rows), for tests."""
+    rows_fn replaces the senders' row arithmetic (sender_rows / staging_rows / ll_rows), for tests."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if push not in PUSHES:
+        raise ValueError(f"push must be one of {', '.join(PUSHES)}, got {push!r}")
+    simulate = _simulate_low_latency if mode == "low_latency" else \
+        _simulate_normal if push == "item" else _simulate_normal_dedup
     problems: list[str] = []
     for seed in range(seeds):
         rng = random.Random(seed)
@@ -273,7 +373,7 @@ def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int
         try:
             for s, idx in enumerate(idxs):
                 check_routing(shape, idx, ws[s], s)
-            got = (_simulate_normal if mode == "normal" else _simulate_low_latency)(shape, xs, idxs, rows_fn)
+            got = simulate(shape, xs, idxs, rows_fn)
         except (MoeCheckError, ValueError) as e:
             problems.append(f"{where}: {e}")
             continue
