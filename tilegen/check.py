@@ -642,6 +642,28 @@ def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int]
 CE_CALLS = 3
 
 
+class Interleaving:
+    """Which ready stream a protocol simulation runs next: the first ready one (no rng), a uniformly
+    random one, or (pct) the ready one of highest priority, priorities random and the chosen one's
+    lowered at 3 random steps of the run: PCT, which finds races needing one rank far behind the
+    others in far fewer runs than uniform choices."""
+
+    def __init__(self, rng: random.Random | None, streams, steps: int, pct: bool = False):
+        self.rng, self.pct, self.n = rng, pct, 0
+        self.prio = {k: rng.random() for k in streams} if pct else {}
+        self.changes = {rng.randrange(steps) for _ in range(3)} if pct else set()
+
+    def pick(self, ready: list):
+        if self.pct:
+            key = max(ready, key=self.prio.__getitem__)
+            if self.n in self.changes:
+                self.prio[key] = -self.rng.random()
+        else:
+            key = self.rng.choice(ready) if self.rng else ready[0]
+        self.n += 1
+        return key
+
+
 def _ce_regions(reg, splits: int, count: int = 1) -> list[tuple]:
     buf, chunk, split = reg
     chunks = [chunk] if chunk is None else range(chunk, chunk + count)
@@ -788,29 +810,16 @@ class _CeSim:
         return [("c", None, s) for s in range(self.S)]
 
     def run(self, pct: bool = False) -> int:
-        """Runs every stream to its end: the first ready stream first (no rng), a random ready one,
-        or (pct) the ready one of highest priority, priorities random and the running stream's
-        lowered at a few random points: PCT, which finds races needing one rank far behind the others
-        in far fewer runs than uniform choices."""
-        n = 0
-        prio = {k: self.rng.random() for k in self.queues} if pct else {}
-        total = sum(len(q) for q in self.queues.values())
-        changes = {self.rng.randrange(total) for _ in range(3)} if pct else set()
+        """Runs every stream to its end, in the order an Interleaving picks; returns the steps run."""
+        order = Interleaving(self.rng, self.queues, sum(len(q) for q in self.queues.values()), pct)
         while True:
             live = [k for k in self.queues if self.pos[k] < len(self.queues[k])]
             if not live:
-                return n
+                return order.n
             ready = [k for k in live if self.blocked(k) is None]
             if not ready:
                 raise CheckError("deadlock: " + "; ".join(self.blocked(k) for k in live))
-            if pct:
-                key = max(ready, key=prio.__getitem__)
-                if n in changes:
-                    prio[key] = -self.rng.random()
-            else:
-                key = self.rng.choice(ready) if self.rng else ready[0]
-            self.step(key)
-            n += 1
+            self.step(order.pick(ready))
 
 
 def check_copy_engine(kind: str, world: int, splits_options=(1, 2, 3), seeds: int = 40, program_fn=None,

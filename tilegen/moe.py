@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .check import Interleaving
+
 MODES = ("normal", "low_latency")
 
 
@@ -401,10 +403,9 @@ def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int
 # epoch lives on the device).
 @dataclass(frozen=True)
 class MoeStep:
-    """kinds: enter (tell every peer this rank entered the call), wait_entered (until every peer
-    entered it), put (write `buf` at every peer, the part from this rank; then set flag `flag`
-    there), wait (until every peer set flag `flag` here), read (the caller or a kernel reads `buf`
-    here: every peer's part must be this call's)."""
+    """kinds: put (write `buf` at every peer, the part from this rank; then set flag `flag` there),
+    wait (until every peer set flag `flag` here), read (the caller or a kernel reads `buf` here:
+    every peer's part must be this call's)."""
 
     kind: str
     buf: str = ""
@@ -441,17 +442,13 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
         pct = seed % 2 == 0 and seed > 0
         data: dict[tuple, int] = {}  # (rank, buf, from rank) -> call
         flags: dict[tuple, int] = {}  # (rank, flag, from rank) -> epoch (call + 1)
-        entered: dict[tuple, int] = {}  # (rank, peer) -> the last call the peer entered (+1)
         pos = [0] * world
         queue = [[(call, st) for call in range(MOE_CALLS) for st in prog] for _ in range(world)]
         inflight: dict[int, list] = {}  # rank -> what its running read saw (a read spans other ranks' steps)
-        prio = [rng.random() if rng else 0 for _ in range(world)]
-        n, changes = 0, ({rng.randrange(world * len(queue[0]) + 1) for _ in range(3)} if pct else set())
+        order = Interleaving(rng, range(world), world * len(queue[0]) + 1, pct)
 
         def blocked(r):
             call, st = queue[r][pos[r]]
-            if st.kind == "wait_entered" and any(entered.get((r, q), 0) < call + 1 for q in range(world) if q != r):
-                return f"rank {r} call {call}: entry handshake"
             if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < call + 1 for q in range(world) if q != r):
                 return f"rank {r} call {call}: wait for {st.flag}"
             return None
@@ -464,19 +461,13 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
                 ready = [r for r in live if blocked(r) is None]
                 if not ready:
                     raise MoeCheckError("deadlock: " + "; ".join(blocked(r) for r in live))
-                r = max(ready, key=prio.__getitem__) if pct else (rng.choice(ready) if rng else ready[0])
-                if pct and n in changes:
-                    prio[r] = -rng.random()
-                n += 1
+                r = order.pick(ready)
                 call, st = queue[r][pos[r]]
                 if st.kind == "read" and r not in inflight:  # a read starts, runs beside others, then ends
                     inflight[r] = [(q, data.get((r, st.buf, q))) for q in range(world)]
                     continue
                 pos[r] += 1
-                if st.kind == "enter":
-                    for q in range(world):
-                        entered[(q, r)] = call + 1
-                elif st.kind == "put":
+                if st.kind == "put":
                     for q in range(world):
                         data[(q, st.buf, r)] = call
                         flags[(q, st.flag, r)] = call + 1

@@ -31,11 +31,12 @@ def ce_table(kind: str, world: int, machine: str | None) -> tuple[tuple[int, str
     """The measured choice by size: (largest m, style, splits) rows, ascending, for this op kind and
     world on this machine (none: the default everywhere)."""
     from .calibration import CALIBRATIONS_DIR
+    if not machine:
+        return ()
     try:
-        path = CALIBRATIONS_DIR / (machine or "") / "copy_engine" / "choices.json"
-        data = json.loads(path.read_text()) if machine else {}
+        data = json.loads((CALIBRATIONS_DIR / machine / "copy_engine" / "choices.json").read_text())
     except OSError:
-        data = {}
+        return ()
     return tuple(tuple(r) for r in data.get("choices", {}).get(kind, {}).get(str(world), []))
 
 
