@@ -34,6 +34,24 @@ def test_checker_catches_broken_staging_arithmetic():
     assert problems and any("written twice" in p or "never written" in p for p in problems), problems[:3]
 
 
+def test_checker_catches_a_staging_row_past_the_rows_the_receiver_reads():
+    """A sender that skips its segment's first row: the receiver reads rows 0..n-1 of each segment."""
+    def shifted(shape, me, idx, ntok):
+        rows = moe.staging_rows(shape, me, idx, ntok)
+        return np.where(rows >= 0, rows + 1, rows)
+    problems = check_moe(MoeShape(2, 8, 2, 6), "normal", rows_fn=shifted, push="token")
+    assert problems and any("never written" in p or "outside" in p for p in problems), problems[:3]
+
+
+def test_checker_catches_a_wrong_item_index(monkeypatch):
+    """The sender's item index (its earlier items for the expert) off by one for every item after the
+    first: the receiver's final rows collide or leave gaps."""
+    real = moe.item_index
+    monkeypatch.setattr(moe, "item_index", lambda shape, idx: np.where(real(shape, idx) > 0, real(shape, idx) - 1, -1))
+    problems = check_moe(MoeShape(2, 8, 2, 6), "normal", push="token")
+    assert problems and any("final rows written" in p or "outside" in p for p in problems), problems[:3]
+
+
 def test_reference_layout_small_example():
     """2 ranks, 4 experts (2 per rank), top-2: rank 1 receives experts 2, 3's items ordered by
     (local expert, source, token, slot); combine sums each token's slots with its weights."""
@@ -134,3 +152,90 @@ def test_bad_shapes_and_modes():
         check_moe(MoeShape(2, 4, 2, 2), "fast")
     with pytest.raises(ValueError, match="push must be one of item, token"):
         check_moe(MoeShape(2, 4, 2, 2), push="expert")
+
+
+# ------------------------------------------------------------------ op: moe through the pipeline
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tilegen import pipeline  # noqa: E402
+from tilegen.codegen import CodegenError, render_op  # noqa: E402
+from tilegen.spec import SpecError, parse_yaml_spec  # noqa: E402
+
+MOE_SPEC = textwrap.dedent("""\
+    name: moe_t
+    op: moe
+    dtype: bf16
+    world_sizes: [2, 4]
+    shape: [{name: tokens, max: 128}, 256]
+    experts: 16
+    topk: 4
+    """)
+
+
+def moe_errors(text: str) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        parse_yaml_spec(text, "m.yaml")
+    return [f"{loc}: {msg}" for loc, msg in e.value.problems]
+
+
+def test_moe_spec_loads_with_defaults():
+    s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
+    assert (s.op, s.experts, s.topk, s.moe_mode, s.max_shape) == ("moe", 16, 4, "normal", (128, 256))
+    # two halves of: staging rows, meta rows (1 + 3k ints), counts rows, combine rows; then the flags
+    a = lambda b: -(-b // 256) * 256  # noqa: E731
+    half = a(4 * 128 * 256 * 2) + a(4 * 128 * 13 * 4) + a(4 * 17 * 4) + a(4 * 128 * 256 * 2)
+    assert s.moe_symmetric_bytes(4) == 2 * half + 2 * 4 * 8
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("experts: 16\n", "", "experts: op moe needs experts"),
+    ("experts: 16", "experts: 15", "experts: 15 experts do not split evenly over world sizes [2, 4]"),
+    ("topk: 4", "topk: 17", "topk: 17 exceeds the 16 experts"),
+    ("topk: 4", "topk: 4\nmode: low_latency", "mode: low_latency is not generated yet"),
+    ("256]", "252]", "must be a multiple of 16"),
+    ("dtype: bf16", "dtype: i32", "dtype: op moe moves bf16, f16 or f32"),
+    ("dtype: bf16", "dtype: bf16\nn: 64", "n: op moe takes no n"),
+    ("dtype: bf16", "dtype: bf16\narch: sm_75", "arch: op moe needs sm_80 or newer"),
+    ("dtype: bf16", "dtype: bf16\ntransport: nvshmem", "transport: op moe stores through NVLink peer pointers"),
+])
+def test_moe_spec_errors_name_the_field(old, new, expected):
+    assert old in MOE_SPEC
+    errs = moe_errors(MOE_SPEC.replace(old, new))
+    assert any(expected in e and e.startswith("m.yaml:") for e in errs), errs
+
+
+def test_moe_fields_belong_to_moe_ops_only():
+    text = MOE_SPEC.replace("op: moe", "op: allgather").replace("shape: [{name: tokens, max: 128}, 256]",
+                                                                 "shape: [128, 256]")
+    assert any("experts: only MoE ops (moe) take experts" in e for e in moe_errors(text))
+
+
+def test_moe_op_renders_traits_binding_wrapper_and_manifest():
+    s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
+    files = pipeline.generate_op(s, "3.4.5")
+    assert sorted(files) == ["manifest.json", "moe_t.cu", "moe_t_binding.cc", "op.py"]
+    cu = files["moe_t.cu"]
+    for line in ("static constexpr int kExperts = 16;", "static constexpr int kTopk = 4;",
+                 "static constexpr int64_t kMaxTokens = 128LL;", "static constexpr int64_t kHidden = 256LL;",
+                 "static constexpr int kWorlds[] = { 2, 4 };", "TILEGEN_EXPORT_MOE(tilegen_op::Op)"):
+        assert line in cu, line
+    assert "kHidden = 256, kMaxTokens = 128" in files["moe_t_binding.cc"]
+    assert "MoeOp(" in files["op.py"] and "experts=16" in files["op.py"] and 'mode="normal"' in files["op.py"]
+    man = __import__("json").loads(files["manifest.json"])
+    assert man["moe"]["mode"] == "normal" and man["moe"]["symmetric_bytes"]["4"] == s.moe_symmetric_bytes(4)
+    assert files == pipeline.generate_op(s, "3.4.5")  # deterministic
+    assert render_op(s, [], "3.4.5") == files
+
+
+def test_moe_op_is_not_generated_when_its_check_fails(monkeypatch):
+    s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
+    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k: ("seed 3: rank 1: rows written twice [4]",))
+    with pytest.raises(CodegenError, match="world 2: the MoE check failed:\nseed 3: rank 1: rows written twice"):
+        pipeline.generate_op(s, "3.4.5")
+
+
+def test_moe_checks_pass_at_every_world_the_specs_use():
+    for w, e, k in ((2, 256, 8), (4, 256, 8), (8, 256, 8), (2, 12, 3), (4, 12, 3)):
+        assert pipeline.moe_problems(w, e, k) == ()

@@ -294,3 +294,48 @@ def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
     assert [overlap.ce_config("gemm_rs", 4, m, "box") for m in (512, 724, 725, 2048)] == \
         [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
     overlap.ce_table.cache_clear()
+
+
+def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monkeypatch):
+    """A bounded call (timeout) runs the program, waits for the caller's stream, then reads the wait
+    report: on 2 x H100 the wait was ExternalStream(0).synchronize(), which returned before the legacy
+    default stream's work finished, so a missing peer was never reported (and the next call hung)."""
+    log, synced = [], []
+    monkeypatch.setattr(overlap, "_torch", lambda: FakeTorch(log))
+    monkeypatch.setattr(overlap, "_synchronize",
+                        lambda t, handle: synced.append((t.name, handle)) or log.append("sync"))
+    monkeypatch.setattr(overlap, "world_size", lambda: 2)
+    monkeypatch.setattr(overlap, "rank", lambda: 0)
+    monkeypatch.setenv("TILEGEN_CE_EXECUTOR", "library")
+    from tilegen import runtime
+    monkeypatch.setattr(runtime, "_capturing", lambda handle: False)
+    legacy = type("S", (), {"cuda_stream": 0})()  # the caller runs on the legacy default stream
+    monkeypatch.setattr(FakeCuda, "current_stream", staticmethod(lambda device=None: legacy))
+    op = GemmRsOp(directory=".", name="x", kind="gemm_rs", dtype="bfloat16", shape=[{"name": "m", "max": 64}, 8],
+                  world_sizes=[2], gemm_nk={2: (4, 8)}, b_layout="kn", overlap="copy_engine")
+    bufs = {"a": FakeTensor("a", 12, 8, 0, log), "recv": FakeTensor("recv", 6, 4, 0, log),
+            "c": FakeTensor("c", 6, 4, 0, log), "acc": FakeTensor("acc", 6, 4, 0, log)}
+    op._copy_engine(bufs, 6, FakeTensor("b", 8, 4, 0, log), FakeMod(log), None, 300_000_000)
+    assert synced == [("a", 0)]
+    assert [e if isinstance(e, str) else e[0] for e in log][-3:] == ["ce_run", "sync", "check_wait_error"]
+
+
+def test_synchronize_of_the_legacy_default_stream_is_device_wide(monkeypatch):
+    from tilegen import runtime
+    calls = []
+
+    class Torch:
+        class cuda:
+            @staticmethod
+            def synchronize():
+                calls.append("device")
+
+            @staticmethod
+            def ExternalStream(handle):
+                return type("S", (), {"synchronize": lambda self: calls.append(("stream", handle))})()
+
+    monkeypatch.setattr(runtime, "_torch", lambda: Torch)
+    tensor = type("Tensor", (), {"__module__": "torch"})()
+    runtime._synchronize(tensor, 0)
+    runtime._synchronize(tensor, 7)
+    assert calls == ["device", ("stream", 7)]

@@ -19,7 +19,7 @@ from . import __version__
 from .ir import Schedule, Seg, Step
 from .layout import layout, tile_bytes_for
 from .plan import Plan
-from .registry import OPS, comm_op, compute_order
+from .registry import MOE_OPS, OPS, comm_op, compute_order
 from .spec import DynamicDim, KernelSpec, ShardedDim
 from .toolchain import gemm_flags, kernel_flags
 
@@ -31,6 +31,7 @@ LIBRARY_HEADERS = tuple(sorted(p.relative_to(INCLUDE_DIR).as_posix() for p in (I
 OP_TEMPLATES = (("collective.cu.j2", "{name}.cu"), ("steps.inc.j2", "{name}_steps.inc"),
                 ("binding.cc.j2", "{name}_binding.cc"), ("op.py.j2", "op.py"))
 FUSED_GEMM_TEMPLATE = ("fused_gemm.cu.j2", "{name}_gemm.cu")  # fused GEMM ops: the CUTLASS kernel
+MOE_TEMPLATES = (("moe.cu.j2", "{name}.cu"), ("moe_binding.cc.j2", "{name}_binding.cc"), ("moe_op.py.j2", "op.py"))
 CUTLASS_TYPES = {"bf16": "cutlass::bfloat16_t", "f16": "cutlass::half_t"}
 REDUCE_CODE = {"sum": 0, "max": 1, "min": 2}
 DL_CODES = {"bf16": (4, 16), "f16": (2, 16), "f32": (2, 32), "i32": (0, 32), "u8": (1, 8)}
@@ -60,11 +61,24 @@ def _env() -> jinja2.Environment:
 
 
 def op_templates(spec: KernelSpec) -> tuple[tuple[str, str], ...]:
+    if spec.op in MOE_OPS:
+        return MOE_TEMPLATES
     return OP_TEMPLATES + ((FUSED_GEMM_TEMPLATE,) if spec.fused else ())
 
 
+MOE_HEADERS = ("tilegen/device.cuh", "tilegen/moe.cuh", "tilegen/moe_binding.h")  # what a MoE op includes
+
+
+def op_headers(spec: KernelSpec) -> tuple[str, ...]:
+    """The library headers an op's sources include (its build hash covers these, so editing the MoE
+    kernels rebuilds the MoE ops only, and the other way round)."""
+    if spec.op in MOE_OPS:
+        return MOE_HEADERS
+    return tuple(h for h in LIBRARY_HEADERS if h not in MOE_HEADERS or h == "tilegen/device.cuh")
+
+
 def template_files(spec: KernelSpec) -> list[str]:
-    return sorted([t for t, _ in op_templates(spec)] + [f"include/{h}" for h in LIBRARY_HEADERS])
+    return sorted([t for t, _ in op_templates(spec)] + [f"include/{h}" for h in op_headers(spec)])
 
 
 def template_hash(spec: KernelSpec) -> str:
@@ -268,6 +282,26 @@ def render_context(spec: KernelSpec, plans: list[Plan]) -> dict:
     }
 
 
+def moe_context(spec: KernelSpec) -> dict:
+    """MoE ops: the traits of tilegen/moe.cuh's Op and the binding's constants."""
+    tokens, hidden = spec.max_shape
+    code, bits = DL_CODES[spec.dtype]
+    return {
+        "tilegen_version": __version__,
+        "spec": spec,
+        "spec_hash": spec.spec_hash(),
+        "shape_text": _shape_text(spec),
+        "py_shape": repr([d.model_dump() if isinstance(d, DynamicDim) else d for d in spec.shape]),
+        "hidden": hidden,
+        "max_tokens": tokens,
+        "traits": [("int", "kOpId", str(_op_id(spec.name))), ("int", "kMaxWorld", str(max(spec.world_sizes))),
+                   ("int", "kExperts", str(spec.experts)), ("int", "kTopk", str(spec.topk)),
+                   ("int64_t", "kMaxTokens", f"{tokens}LL"), ("int64_t", "kHidden", f"{hidden}LL")],
+        "dl_code": code,
+        "dl_bits": bits,
+    }
+
+
 def fused_gemm_context(spec: KernelSpec) -> dict:
     m, n, k = spec.gemm_tile_shape
     stages = 0 if spec.stages == "auto" else spec.stages
@@ -294,6 +328,10 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
                         "nvcc_flags": gemm_flags(spec.arch)} if spec.fused else None),
         "nvshmem_headers": nvshmem_headers,
         "calibration": calibration,
+        "moe": ({"mode": spec.moe_mode, "experts": spec.experts, "topk": spec.topk,
+                 "symmetric_bytes": {str(w): spec.moe_symmetric_bytes(w) for w in spec.world_sizes},
+                 "checked": "tilegen.moe.check_moe (push token) + check_moe_protocol at every world size"}
+                if spec.op in MOE_OPS else None),
         "plans": {str(p.world): [{"max_in_bytes": v.max_bytes, "algorithm": v.schedule.algorithm,
                                   "parts": v.schedule.parts, "ctas": v.ctas, "tile_bytes": v.tile_bytes,
                                   "reason": v.reason} for v in p.variants]
@@ -306,7 +344,7 @@ def render_op(spec: KernelSpec, plans: list[Plan], nvshmem_headers: str | None,
               calibration: dict | None = None) -> dict[str, str]:
     """All files of one op from its (checked) plans, relative to the op's directory."""
     env = _env()
-    ctx = render_context(spec, plans)
+    ctx = moe_context(spec) if spec.op in MOE_OPS else render_context(spec, plans)
     files = {pat.format(name=spec.name): env.get_template(tmpl).render(**ctx) for tmpl, pat in op_templates(spec)}
     files["manifest.json"] = (
         json.dumps(manifest(spec, plans, files, nvshmem_headers, calibration), indent=2, sort_keys=True) + "\n"

@@ -123,37 +123,43 @@ def token_counts(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def staging_rows(shape: MoeShape, me: int, topk_idx: np.ndarray, ntok: np.ndarray) -> np.ndarray:
-    """Deduplicated push, on sender `me`: [m, world] the staging row at each destination of each of
-    its tokens (-1: no expert there), from every rank's token counts [world, world]: earlier
-    sources' tokens for that destination + this rank's earlier tokens for it."""
+def staging_rows(shape: MoeShape, me: int, topk_idx: np.ndarray, ntok: np.ndarray | None = None) -> np.ndarray:
+    """Deduplicated push, on sender `me`: [m, world] the staging row at each destination of each of its
+    tokens (-1: no expert there): its own segment of max_tokens rows there (so no token counts need
+    exchanging first) + its earlier tokens for that destination (the kernels' route and push; `ntok`,
+    the all-gathered token counts, is unused by this arithmetic and kept for replacements in tests)."""
     idx = np.asarray(topk_idx)
     L = shape.local_experts
     rows = np.full((idx.shape[0], shape.world), -1, dtype=np.int64)
     seen = np.zeros(shape.world, dtype=np.int64)
     for t, row in enumerate(idx):
         for d in sorted({int(e) // L for e in row if e >= 0}):
-            rows[t, d] = ntok[:me, d].sum() + seen[d]
+            rows[t, d] = me * shape.max_tokens + seen[d]
             seen[d] += 1
     return rows
 
 
-def expanded_rows(shape: MoeShape, d: int, staged: list[tuple[int, int, np.ndarray]], counts: np.ndarray) -> list:
-    """On receiver d, from its staging rows [(source, token, topk_idx row)] in staging order and the
-    all-gathered per-expert counts [world, experts]: [(staging row, slot, final row)] for every slot
-    with an expert here. Final row as sender_rows computes it; the last term (the source's earlier
-    items for e) is a running count over that source's staging rows, which are in token order."""
+def expanded_rows(shape: MoeShape, d: int, staged: list[tuple[int, int, np.ndarray, np.ndarray]],
+                  counts: np.ndarray) -> list:
+    """On receiver d, from its staging rows [(source, token, topk_idx row, item indices)] in staging
+    order (segments by source) and every source's per-expert counts [world, experts] (sent with its
+    flag): [(staging row, slot, final row)] for every slot with an expert here. Final row as
+    sender_rows computes it; its last term, the source's earlier items for e, is the item index the
+    sender computed (item_index) and sent in the staging row's meta."""
     L = shape.local_experts
     per_expert = counts.sum(axis=0)
-    seen: dict[tuple[int, int], int] = {}
     out = []
-    for i, (s, t, row) in enumerate(staged):
+    for i, (s, t, row, index) in enumerate(staged):
         for j, e in enumerate(int(v) for v in row):
             if e >= 0 and e // L == d:
-                n = seen.get((s, e), 0)
-                out.append((i, j, int(per_expert[d * L:e].sum() + counts[:s, e].sum() + n)))
-                seen[(s, e)] = n + 1
+                out.append((i, j, int(per_expert[d * L:e].sum() + counts[:s, e].sum() + index[j])))
     return out
+
+
+def item_index(shape: MoeShape, topk_idx: np.ndarray) -> np.ndarray:
+    """[m, k]: each item's rank among this rank's items for its expert, in (token, slot) order (-1:
+    dropped): what the sender writes into a staging row's meta, and a low-latency segment's row."""
+    return ll_rows(shape, topk_idx)
 
 
 def nvlink_rows(shape: MoeShape, idxs: Sequence[np.ndarray]) -> tuple[int, int]:
@@ -255,15 +261,18 @@ def _simulate_normal(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched
 
 
 def _simulate_normal_dedup(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
-    """The deduplicated protocol: token and per-expert counts all-gathered, each token pushed once
-    per destination rank into its staging rows (with its routing row), each receiver expanding
-    its staging rows into the final per-expert layout; every staging and final row written once."""
+    """The deduplicated protocol as tilegen/moe.cuh runs it: each token pushed once per destination
+    rank into its staging row there (with its routing row and the item indices it computed), each
+    source's counts (per expert, and its tokens for that rank) sent with its flag, each receiver
+    reading the first `tokens` rows of every source's segment and expanding them into the final
+    per-expert layout; every staging row read must have been written once, every final row once."""
     counts = np.stack([expert_counts(shape, idx) for idx in idxs])
     ntok = np.stack([token_counts(shape, idx) for idx in idxs])  # [source, destination]
-    L, hidden = shape.local_experts, xs[0].shape[1]
-    staged: list[list] = [[None] * int(ntok[:, d].sum()) for d in range(shape.world)]
+    L, hidden, T = shape.local_experts, xs[0].shape[1], shape.max_tokens
+    staged: list[list] = [[None] * (shape.world * T) for _ in range(shape.world)]
     for s, (x, idx) in enumerate(zip(xs, idxs)):
         rows = (rows_fn or staging_rows)(shape, s, idx, ntok)
+        index = item_index(shape, idx)
         for t in range(len(idx)):
             for d in range(shape.world):
                 r = int(rows[t, d])
@@ -272,15 +281,18 @@ def _simulate_normal_dedup(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Disp
                 if not 0 <= r < len(staged[d]) or staged[d][r] is not None:
                     raise MoeCheckError(f"rank {s} token {t}: staging row {r} at rank {d} outside its "
                                         f"{len(staged[d])} rows or written twice")
-                staged[d][r] = (s, t, np.asarray(idx[t]), x[t])
+                staged[d][r] = (s, t, np.asarray(idx[t]), index[t], x[t])
     out = []
     for d in range(shape.world):
-        if any(v is None for v in staged[d]):
-            raise MoeCheckError(f"rank {d}: staging rows never written")
+        read = [staged[d][s * T + i] for s in range(shape.world) for i in range(int(ntok[s, d]))]
+        if any(v is None for v in read):
+            raise MoeCheckError(f"rank {d}: staging rows never written among the first rows of a segment")
+        if sum(v is not None for v in staged[d]) != len(read):
+            raise MoeCheckError(f"rank {d}: staging rows written outside the rows it reads")
         n = int(counts[:, d * L:(d + 1) * L].sum())
         buf, handle, written = np.full((n, hidden), np.nan), np.full((n, 3), -1, dtype=np.int64), np.zeros(n, int)
-        for i, j, row in expanded_rows(shape, d, [(s, t, r) for s, t, r, _ in staged[d]], counts):
-            s, t, _, x = staged[d][i]
+        for i, j, row in expanded_rows(shape, d, [(s, t, r, ix) for s, t, r, ix, _ in read], counts):
+            s, t, _, _, x = read[i]
             if not 0 <= row < n:
                 raise MoeCheckError(f"rank {d}: expanded row {row} outside its {n}")
             buf[row], handle[row] = x, (s, t, j)

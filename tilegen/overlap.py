@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from .ce_program import MAX_SPLITS, STYLES, program
-from .runtime import GeneratedOp, _capturing, _stream_handle, _torch, empty, rank, world_size
+from .runtime import GeneratedOp, _capturing, _stream_handle, _synchronize, _torch, empty, rank, world_size
 
 # (style, row splits) where no measurement says otherwise (calibrations/<machine>/copy_engine/choices.json)
 CE_DEFAULT = {"ag_gemm": ("chunks", 1), "gemm_rs": ("direct", 2)}
@@ -283,7 +283,9 @@ class _GemmOp(GeneratedOp):
             steps = ce_steps(self.kind, world, me, m, splits, style)
             self._copy_engine_python(bufs, b, mod, main, current, steps, timeout_ns)
         if timeout_ns > 0:  # the program ends with the caller's stream joined to the copies
-            torch.cuda.ExternalStream(main, a.device).synchronize()
+            # (not ExternalStream(0).synchronize(): for the legacy default stream it returned before
+            # the call's waits had finished, on 2 x H100, so a missing peer went unreported)
+            _synchronize(a, main)
             mod.check_wait_error()
 
     def _copy_engine_python(self, bufs: dict, b: Any, mod: Any, main: int, current: Any, steps,

@@ -16,7 +16,7 @@ from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
 from .calibration import manifest_record, resolve
 from .plan import Plan, plan, spare_sms
-from .registry import OPS, compute_order
+from .registry import MOE_OPS, OPS, compute_order
 from .spec import KernelSpec, LoadedSpec
 
 
@@ -91,10 +91,26 @@ def plan_verdicts(p: Plan, cache: VerdictCache | None = None) -> list[Verdict]:
     return [get(v.schedule, p.spec.op, spare_sms(p.spec, v.ctas)) for v in p.variants]
 
 
+@lru_cache(maxsize=None)
+def moe_problems(world: int, experts: int, topk: int) -> tuple[str, ...]:
+    """tilegen.moe's checks of the layout arithmetic the MoE kernels implement (deduplicated push,
+    random / dropped / one-expert / sparse routings, 0..max tokens) and of their flag protocol across
+    calls: () or the problems. Token counts are small: the arithmetic does not depend on them."""
+    from .moe import MoeShape, check_moe, check_moe_protocol
+    shape = MoeShape(world, experts, topk, max_tokens=12)
+    return tuple(check_moe(shape, "normal", push="token") + check_moe_protocol(world, "normal"))
+
+
 def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
                   cache: VerdictCache | None = None) -> list[Plan]:
     """Plan every world size and refuse a schedule the checker rejects (check=False: plan only, for
-    tests of the renderer itself)."""
+    tests of the renderer itself). MoE ops have no schedules: their layout and protocol are checked."""
+    if spec.op in MOE_OPS:
+        for w in spec.world_sizes if check else ():
+            problems = moe_problems(w, spec.experts, spec.topk)
+            if problems:
+                raise CodegenError(f"{spec.name}: world {w}: the MoE check failed:\n" + "\n".join(problems[:10]))
+        return []
     plans = []
     calibration = resolve(calibration, spec.arch)
     for w in spec.world_sizes:
@@ -122,7 +138,7 @@ def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration="auto
                 check: bool = True, cache: VerdictCache | None = None) -> dict[str, str]:
     """All files of one op (relative to its directory), from checked plans. calibration: 'auto' (the
     committed measurements of the spec's arch), None, a path, or loaded (tilegen.calibration)."""
-    calibration = resolve(calibration, spec.arch)
+    calibration = None if spec.op in MOE_OPS else resolve(calibration, spec.arch)  # MoE: nothing measured to use
     return render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers,
                      manifest_record(calibration))
 

@@ -192,6 +192,9 @@ _GEMMS = [
 ]
 OPS: dict[str, OpDesc] = {d.kind: d for d in _COLLECTIVES + _GEMMS}
 GEMM_OPS = tuple(d.kind for d in _GEMMS)
+# MoE ops move data-dependent rows (tilegen.moe plans and checks them): no schedules, not in OPS.
+MOE_OPS = {"moe": "expert-parallel token dispatch (each token to its top-k experts' ranks, laid out per local "
+                  "expert) and combine (the experts' outputs back to the tokens' ranks, weighted sum per token)"}
 
 
 def comm_op(op: str) -> OpDesc:

@@ -243,7 +243,7 @@ class GeneratedOp:
         if world not in self.world_sizes:
             raise OpLoadError(f"op {self.name} supports world sizes {self.world_sizes}, this job has {world}")
         self._mod = mod
-        self._run = mod.run
+        self._run = getattr(mod, "run", None)  # MoE ops have their own entry points
         _state["ops"].append(self)
         return mod
 

@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from .registry import GEMM_OPS, OPS, algorithms_for, all_schedule_names
+from .registry import GEMM_OPS, MOE_OPS, OPS, algorithms_for, all_schedule_names
 from .schedules import LL_MAX_BYTES, is_ll
 from .toolchain import ARCH_PATTERN
 
@@ -64,7 +64,7 @@ DTYPES: dict[str, tuple[int, str, str]] = {
     "u8": (1, "uint8_t", "uint8"),
 }
 
-OpKind = Literal[tuple(OPS)]  # type: ignore[valid-type]
+OpKind = Literal[tuple(OPS) + tuple(MOE_OPS)]  # type: ignore[valid-type]
 REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
 SCHEDULES = {k: tuple(algorithms_for(k)) for k in OPS}  # the schedules each op kind has
 ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
@@ -142,7 +142,8 @@ class KernelSpec(_Frozen):
     """One kernel: what it computes and how it communicates."""
 
     name: str = Field(description="op name: a Python module and C identifier")
-    op: OpKind = Field(description="what the op computes: " + "; ".join(f"{k}: {d.summary}" for k, d in OPS.items()))
+    op: OpKind = Field(description="what the op computes: " + "; ".join(
+        [f"{k}: {d.summary}" for k, d in OPS.items()] + [f"{k}: {s}" for k, s in MOE_OPS.items()]))
     dtype: Literal["bf16", "f16", "f32", "i32", "u8"] = Field(description="element type")
     world_sizes: list[Annotated[int, Field(ge=2, le=8)]] = Field(
         min_length=1, description="numbers of ranks the op supports (2..8, one NVLink domain)")
@@ -196,6 +197,14 @@ class KernelSpec(_Frozen):
         default=0, ge=0, le=3_600_000,
         description="bound on every wait in ms (0: unbounded); a call that times out raises TimeoutError naming "
                     "rank and signal. TILEGEN_WAIT_TIMEOUT_MS or op(..., timeout_ms=) override it")
+    experts: Optional[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default=None, description="moe: number of experts, split evenly over the ranks (rank r holds experts "
+                                  "r * E / world .. (r + 1) * E / world - 1)")
+    topk: Optional[Annotated[int, Field(ge=1, le=32)]] = Field(default=None, description="moe: experts per token")
+    mode: Optional[Literal["normal", "low_latency"]] = Field(
+        default=None, description="moe: normal (throughput: counts exchanged first, the host sizes the outputs; the "
+                                  "default) or low_latency (fixed per-expert capacity, CUDA-graph capturable: not "
+                                  "generated yet)")
     description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
 
     @field_validator("name")
@@ -249,6 +258,11 @@ class KernelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> "KernelSpec":
+        if self.op in MOE_OPS:
+            return self._check_moe()
+        for f in ("experts", "topk", "mode"):
+            if getattr(self, f) is not None:
+                raise ValueError(f"{f}: only MoE ops ({', '.join(MOE_OPS)}) take {f}")
         if self.op in GEMM_OPS:  # first: the sizes below depend on n
             if self.n is None:
                 raise ValueError(f"n: {self.op} needs n, the columns of B")
@@ -311,6 +325,54 @@ class KernelSpec(_Frozen):
         if self.op in REDUCING and self.dtype == "u8":
             raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
         return self
+
+    def _check_moe(self) -> "KernelSpec":
+        """MoE: tokens [m (dynamic or static max), hidden], experts and topk given, the collective and GEMM
+        settings left unset (the MoE kernels take none of them)."""
+        for f in ("experts", "topk"):
+            if getattr(self, f) is None:
+                raise ValueError(f"{f}: op moe needs {f}")
+        if len(self.shape) != 2 or any(isinstance(d, ShardedDim) for d in self.shape):
+            raise ValueError("shape: op moe takes the tokens of a rank as [m, hidden] (m may be {name, max})")
+        if self.dtype not in ("bf16", "f16", "f32"):
+            raise ValueError(f"dtype: op moe moves bf16, f16 or f32 tokens (fp32 combine), not {self.dtype}")
+        if self.shape[1] * self.elem_bytes % 16:
+            raise ValueError(f"shape: a token's {self.shape[1]} x {self.elem_bytes} bytes must be a multiple of 16 "
+                             f"(the kernels move 16-byte vectors)")
+        bad = [w for w in self.world_sizes if self.experts % w]
+        if bad:
+            raise ValueError(f"experts: {self.experts} experts do not split evenly over world sizes {bad}")
+        if self.topk > self.experts:
+            raise ValueError(f"topk: {self.topk} exceeds the {self.experts} experts")
+        if self.mode == "low_latency":
+            raise ValueError("mode: low_latency is not generated yet; use normal (tilegen.moe checks its layout)")
+        if self.sm < 80:
+            raise ValueError(f"arch: op moe needs sm_80 or newer (warp reductions), got {self.arch}")
+        if self.transport == "nvshmem":
+            raise ValueError("transport: op moe stores through NVLink peer pointers (one node); use auto or nvlink")
+        defaults = {"reduce": "sum", "tile_bytes": "auto", "sync": "per_tile", "schedule": "auto", "ctas": "auto",
+                    "n": None, "gemm_tile": None, "stages": "auto", "overlap": "auto", "topology": "nvswitch"}
+        for f, v in defaults.items():
+            if getattr(self, f) != v:
+                raise ValueError(f"{f}: op moe takes no {f} (its kernels are sized by the routing)")
+        need, w = self.moe_symmetric_bytes(max(self.world_sizes)), max(self.world_sizes)
+        if need > 64 << 30:
+            raise ValueError(f"shape: staging for {self.max_shape[0]} tokens from {w} ranks needs {need} bytes of "
+                             f"symmetric memory, over 64 GiB")
+        return self
+
+    def moe_symmetric_bytes(self, world: int) -> int:
+        """MoE: the symmetric memory the op allocates at `world` ranks (tilegen/moe.cuh's Host::half_bytes, two
+        halves): per source rank, max_tokens staging rows, meta rows, counts and combine rows."""
+        t, h = self.max_shape
+        a = lambda b: -(-b // 256) * 256  # noqa: E731
+        half = (2 * a(world * t * h * self.elem_bytes) + a(world * t * (1 + 3 * self.topk) * 4)
+                + a(world * (self.experts + 1) * 4))
+        return 2 * half + 2 * max(self.world_sizes) * 8
+
+    @property
+    def moe_mode(self) -> str:
+        return self.mode or "normal"
 
     def _check_sharding(self) -> None:
         """A sharded dim must be ag_gemm's n or gemm_rs's k, and split evenly at every world size."""

@@ -1,11 +1,14 @@
-"""MoE dispatch and combine, the NCCL baseline (tilegen.moe_nccl: all_to_all_single with counts),
-first checked against tilegen.moe's reference layout on a small problem, then timed at the issue's
-sizes (CUDA events, medians of batches, slowest rank). GB/s = bytes this rank sends to other ranks
-per second (token rows of hidden x 2 bytes; metadata not counted).
+"""MoE dispatch and combine: tilegen's generated op (generated.moe_bf16, normal mode) against the NCCL
+baseline (tilegen.moe_nccl: all_to_all_single with counts). The baseline is first checked against
+tilegen.moe's reference layout on a small problem; at each timed size tilegen's dispatch must equal
+the baseline's bit for bit (tokens, counts, handle) and its combine agree within bf16 rounding. Times:
+CUDA events, medians of batches, slowest rank, eager (normal mode synchronises with the host once per
+dispatch: not graph-capturable); a call is the whole op (dispatch: routing, push, counts to the host,
+expansion into the caller's tensors). GB/s = the items' token bytes that go to other ranks (rows of
+hidden x 2 bytes per (token, expert) on another rank, as DeepEP counts) per second; tilegen sends each
+token once per destination rank, so it moves fewer bytes than that.
 
-    torchrun --nproc-per-node 4 tools/bench_moe.py [--out r.json]
-
-tilegen's own dispatch/combine columns join here once its kernels exist (issue 15).
+    torchrun --nproc-per-node 4 tools/bench_moe.py [--out r.json] [--op moe_bf16]
 """
 import argparse
 import json
@@ -60,15 +63,42 @@ def check_against_reference(rank: int, world: int) -> None:
         print(f"NCCL baseline matches tilegen.moe's reference at {world} ranks (combine max error {err:.2e})")
 
 
+def check_tilegen(op, x, idx, w, label: str) -> dict:
+    """tilegen's dispatch equals the baseline bit for bit; its combine (of y = 2 * recv + 1, as the
+    baseline's) agrees with the baseline's within bf16 rounding. Raises on a difference."""
+    got_x, got_counts, h = op.dispatch(x, idx, w)
+    want_x, want_counts, want_handle = moe_nccl.dispatch(x, idx, op.experts)
+    same = (torch.equal(got_counts.long(), want_counts.long()) and torch.equal(h.handle.long(), want_handle.long())
+            and torch.equal(got_x.view(torch.int16), want_x.view(torch.int16)))
+    if not same:
+        raise AssertionError(f"{label}: rank {dist.get_rank()}: tilegen's dispatch differs from the NCCL baseline")
+    y = (got_x.float() * 2 + 1).to(torch.bfloat16)
+    out, ref = op.combine(y, h), moe_nccl.combine(y, want_handle, idx, w)
+    err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    if err > 2 ** -6 * max(1.0, ref.float().abs().max().item() if out.numel() else 1.0):
+        raise AssertionError(f"{label}: rank {dist.get_rank()}: combine differs from the baseline by {err}")
+    return {"recv_rows": int(got_x.shape[0]), "combine_max_diff_vs_nccl": err}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out")
+    ap.add_argument("--op", default="moe_bf16", help="generated MoE op (hidden 7168, 256 experts, top-8)")
     a = ap.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     check_against_reference(rank, world)
+    op = None
+    try:
+        import generated
+        import tilegen
+        tilegen.init()
+        op = getattr(generated, a.op)
+    except Exception as e:  # the baseline still runs
+        if rank == 0:
+            print(f"tilegen op {a.op} unavailable: {type(e).__name__}: {e}")
     rows = []
     for label, m, hidden, k, experts in CASES:
         idx, w = routing(m, k, experts, 7 + rank)
@@ -76,17 +106,30 @@ def main():
         rx, _, handle = moe_nccl.dispatch(x, idx, experts)
         L = experts // world
         sent = int(((idx >= 0) & (idx // L != rank)).sum()) * hidden * 2
-        us_d = time_batches(lambda: moe_nccl.dispatch(x, idx, experts), CALLS, a.reps)
-        us_c = time_batches(lambda: moe_nccl.combine(rx, handle, idx, w), CALLS, a.reps)
+        us = {"nccl_dispatch": time_batches(lambda: moe_nccl.dispatch(x, idx, experts), CALLS, a.reps),
+              "nccl_combine": time_batches(lambda: moe_nccl.combine(rx, handle, idx, w), CALLS, a.reps)}
         res = {"case": label, "world": world, "tokens": m, "hidden": hidden, "topk": k, "experts": experts,
-               "bytes_to_peers": sent, "us": {"nccl_dispatch": us_d, "nccl_combine": us_c}}
+               "bytes_to_peers": sent, "us": us}
+        if op is not None:
+            res["check"] = check_tilegen(op, x, idx, w, label)
+            trx, _, th = op.dispatch(x, idx, w)
+            us["tilegen_dispatch"] = time_batches(lambda: op.dispatch(x, idx, w), CALLS, a.reps)
+            us["tilegen_combine"] = time_batches(lambda: op.combine(trx, th), CALLS, a.reps)
+            us["tilegen_dispatch_unchecked"] = time_batches(lambda: op.dispatch(x, idx, w, validate=False), CALLS,
+                                                            a.reps)
         rows.append(res)
         if rank == 0:
-            print(f"{label}, {world} ranks: NCCL dispatch {us_d:.1f} us ({sent / us_d / 1e3:.0f} GB/s to peers), "
-                  f"combine {us_c:.1f} us ({sent / us_c / 1e3:.0f} GB/s)")
+            line = "; ".join(f"{name} {t:.1f} us ({sent / t / 1e3:.0f} GB/s)" for name, t in us.items())
+            print(f"{label}, {world} ranks: {line}")
+            if op is not None:
+                print(f"  tilegen vs NCCL: dispatch {us['nccl_dispatch'] / us['tilegen_dispatch']:.2f}x, "
+                      f"combine {us['nccl_combine'] / us['tilegen_combine']:.2f}x")
     if rank == 0 and a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)
+    if op is not None:
+        import tilegen
+        tilegen.finalize()
     dist.destroy_process_group()
 
 

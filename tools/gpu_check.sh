@@ -8,7 +8,8 @@
 #   bash tools/gpu_check.sh tune [N]    tilegen tune of the collective specs at N ranks ($OUT/calibration)
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
-#   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark (the NCCL baseline, checked first)
+#   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark against the NCCL baseline, the MoE layer example
+#   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
 #                                       --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py turns into choices)
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
@@ -161,7 +162,13 @@ case "$PHASE" in
     start_mps_if_shared "$NP"
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_moe.py --out "$OUT/bench_moe_np$NP.json" \
       > "$OUT/bench_moe_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_np$NP.log"; }
-    grep -E "^(NCCL baseline|normal|low latency)" "$OUT/bench_moe_np$NP.log" ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe [ranks]"; exit 2 ;;
+    grep -E "^(NCCL baseline|normal|low latency|  tilegen|tilegen op)" "$OUT/bench_moe_np$NP.log"
+    timeout 200 torchrun --nproc-per-node "$NP" examples/moe_layer.py > "$OUT/moe_layer_np$NP.log" 2>&1 \
+      || { status=1; tail -30 "$OUT/moe_layer_np$NP.log"; }
+    grep "^MoE layer" "$OUT/moe_layer_np$NP.log" ;;
+  script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
+    start_mps_if_shared "$NP"
+    timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|script [ranks]"; exit 2 ;;
 esac
 exit $status

@@ -98,6 +98,7 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
     assert setup_error is None, repr(setup_error)  # checked after the last barrier: no rank is left waiting
     if rank == 0:
         _check_timed_out_then_refused(outcomes, r"rank 0 timed out .* waiting for entry signal 1 >= \d+")
-    # At 2 ranks this test hung in NCCL's barrier after rank 0's calls (a GPU stream never drained?):
-    # this names the rank instead
+    # At 2 ranks this test once hung: the bounded call's ExternalStream(0).synchronize() returned before
+    # the call's waits finished (no TimeoutError), so the next, unbounded, call waited forever. Each rank
+    # checks that its GPU drains, so a stream left waiting is named instead of hanging the suite.
     assert drained, f"rank {rank}: the GPU still has queued work 20 s after rank 0's bounded call"

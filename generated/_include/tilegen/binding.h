@@ -37,6 +37,7 @@ int tilegen_op_ce_program(int64_t key, const int64_t* steps, int64_t n, char* ms
 int tilegen_op_ce_run(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b,
                       int64_t n, int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len);
+int tilegen_op_ce_words(uint64_t* out, int n, int* count, char* msg, int len);
 int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                           uint64_t timeout_ns, char* msg, int len);
 }
@@ -295,6 +296,17 @@ inline void ce_run(int64_t key, TensorView a, TensorView b, TensorView c, Tensor
   });
 }
 
+// Diagnostics (GEMM ops): the copy-engine words of this rank (entry epochs by rank, flags), then its epoch.
+inline tvm::ffi::Array<int64_t> ce_words() {
+  ensure_ready();
+  uint64_t w[256];
+  int count = 0;
+  call([&](char* msg) { return tilegen_op_ce_words(w, 256, &count, msg, kMsg); });
+  tvm::ffi::Array<int64_t> out;
+  for (int i = 0; i < count; ++i) out.push_back(static_cast<int64_t>(w[i]));
+  return out;
+}
+
 // tilegen tune: every later call runs with `ctas` CTAs and `tile_bytes` tiles (0: the plan's choice).
 inline void tune(int64_t ctas, int64_t tile_bytes) {
   ensure_ready();
@@ -363,6 +375,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_wait, tilegen_binding::ce_wait);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(join, tilegen_binding::join);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_program, tilegen_binding::ce_program);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_run, tilegen_binding::ce_run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_words, tilegen_binding::ce_words);
 #endif
 #if TILEGEN_BINDING_GEMM == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, tilegen_binding::wait_chunk);

@@ -683,6 +683,21 @@ struct Host {
     return 0;
   }
 
+  // Diagnostics: this rank's copy-engine words (entry epochs by rank, then the flags) and its epoch,
+  // read on a stream of their own (no wait for work queued elsewhere, a stuck wait included).
+  static int ce_words(uint64_t* out, int n, int* count, char* msg, int len) {
+    if (!g.ready || !g.ce_sig) return fail(msg, len, "%s: no copy-engine words (not initialised, or not a GEMM op)", Op::kName);
+    if (n < CeSignals<Op>::kWords + 1) return fail(msg, len, "%s: ce_words needs %d words", Op::kName, CeSignals<Op>::kWords + 1);
+    cudaStream_t s = nullptr;
+    cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(out, g.ce_sig, CeSignals<Op>::kWords * sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(out + CeSignals<Op>::kWords, g.epoch_dev, sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+    if (s) cudaStreamDestroy(s);
+    *count = CeSignals<Op>::kWords + 1;
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: ce_words: %s", Op::kName, cudaGetErrorString(e));
+  }
+
   // A call that failed at a step: the copy streams are joined back (a CUDA graph capture must end
   // joined) and, if anything was issued, the op is unusable (peers may have been signalled or be
   // waiting for this rank's flags); the step's message says so.
@@ -795,6 +810,9 @@ struct Host {
     return tilegen::coll::Host<OP>::ce_run(key, ptr, rows, row_bytes, b, n, k, b_kn, stream, timeout_ns, msg, len);       \
   }                                                                                                                       \
   int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len) { return tilegen::coll::Host<OP>::tune(ctas, tile, msg, len); } \
+  int tilegen_op_ce_words(uint64_t* out, int n, int* count, char* msg, int len) {                                       \
+    return tilegen::coll::Host<OP>::ce_words(out, n, count, msg, len);                                                    \
+  }                                                                                                                       \
   int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes,     \
                             uint64_t timeout_ns, int* comm_ctas, char* msg, int len) {                                    \
     return tilegen::coll::Host<OP>::chunk_sync(out, rows, tile_m, tiles_n, row_bytes, timeout_ns, comm_ctas, msg, len);  \

@@ -1,0 +1,149 @@
+"""Generated MoE ops (op: moe) on GPUs: dispatch bitwise against the NCCL reference (tilegen.moe_nccl:
+all_to_all_single with counts), combine against a float64 reference within one rounding, at the
+sizes and routings of tilegen.moe's checks (dropped slots, one expert taking every token, mostly
+empty experts, m = 0 on a rank, m = max), repeated calls, bad routings, graph capture refused.
+Every rank's inputs come from per-rank seeds, so each rank can build the reference for its own tokens."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from tilegen import moe_nccl
+
+CASES = ("random", "dropped", "one_expert", "sparse")
+
+
+def _op(name):
+    import generated
+    return getattr(generated, name)
+
+
+def _routing(m, k, experts, case, seed, idx_dtype=torch.int64):
+    """topk_idx [m, k] (distinct experts per token unless one_expert), softmax weights [m, k] fp32."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand((m, experts), device="cuda", generator=g)
+    if case == "sparse":  # every token picks among the first k + 1 experts: most experts stay empty
+        scores[:, k + 1:] = -1
+    w, idx = torch.topk(scores, k, dim=1)
+    if case == "one_expert":
+        idx = torch.arange(k, device="cuda").expand(m, k).contiguous()
+    if case == "dropped":
+        drop = torch.rand((m, k), device="cuda", generator=g) < 0.3
+        idx = idx.masked_fill(drop, -1)
+    return idx.to(idx_dtype), torch.softmax(w, dim=1).float().contiguous()
+
+
+def _tokens(op, m, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn((m, op.hidden), device="cuda", generator=g).to(getattr(torch, op.dtype))
+
+
+def _expert_fn(x, local_expert):
+    """A per-row expert function that differs per expert (a slot mix-up changes the result)."""
+    scale = 1.0 + local_expert.double().unsqueeze(1) / 16.0
+    return (x.double() * scale).to(x.dtype)
+
+
+def _combine_reference(op, x, idx, w, world, with_abs=False):
+    """float64 reference of combine on this rank: sum over slots of w * expert_fn(x) (y rounded to the dtype
+    as the expert's output is); with_abs: also the sum of the terms' magnitudes (what rounding scales with)."""
+    L = op.experts // world
+    out = torch.zeros((x.shape[0], op.hidden), dtype=torch.float64, device=x.device)
+    mag = torch.zeros_like(out)
+    zero = torch.zeros((), device=x.device, dtype=torch.float64)
+    for j in range(op.topk):
+        e = idx[:, j].long()
+        term = torch.where((e >= 0).unsqueeze(1), w[:, j:j + 1].double() * _expert_fn(x, e.clamp_min(0) % L).double(),
+                           zero)
+        out += term
+        mag += term.abs()
+    return (out, mag) if with_abs else out
+
+
+def _check_one(op, m, case, seed, idx_dtype=torch.int64):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    what = f"{op.name} rank {rank}/{world}, m={m}, case={case}, seed={seed}"
+    x = _tokens(op, m, seed + rank)
+    idx, w = _routing(m, op.topk, op.experts, case, seed + 100 + rank, idx_dtype)
+    got_x, got_counts, h = op.dispatch(x, idx, w)
+    want_x, want_counts, want_handle = moe_nccl.dispatch(x, idx, op.experts)
+    torch.cuda.synchronize()
+    assert torch.equal(got_counts.long(), want_counts.long()), f"{what}: counts {got_counts} vs {want_counts}"
+    assert got_counts.tolist() == h.counts_host, what
+    assert torch.equal(h.handle.long(), want_handle.long()), f"{what}: handle differs"
+    assert torch.equal(got_x.view(torch.uint8), want_x.view(torch.uint8)), f"{what}: received tokens differ"
+    L = op.experts // world
+    local = torch.repeat_interleave(torch.arange(L, device="cuda"), got_counts.long())
+    y = _expert_fn(got_x, local)
+    out = op.combine(y, h)
+    ref, mag = _combine_reference(op, x, idx, w, world, with_abs=True)
+    torch.cuda.synchronize()
+    # each expert rank's partial sum and the final sum are rounded to the dtype once each (partials in the
+    # token dtype halve combine's NVLink bytes): within one ulp of the terms' magnitude, plus fp32's error
+    eps = torch.finfo(out.dtype).eps
+    bound = eps * mag + 16 * torch.finfo(torch.float32).eps * mag.amax(dim=1, keepdim=True).clamp_min(1)
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), f"{what}: combine off by up to {err.max().item():.3g} (bound {bound.max().item():.3g})"
+
+
+@pytest.mark.parametrize("name", ["moe_bf16", "moe_f32_k3"])
+@pytest.mark.parametrize("case", CASES)
+def test_moe_dispatch_and_combine_random_shapes(dist_env, name, case):
+    """Seeded random token counts per rank (one rank with none), every routing case."""
+    rank, world = dist_env
+    op = _op(name)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(1000 * seed + len(case))
+        ms = torch.randint(0, min(op.max_rows(), 700) + 1, (world,), generator=g).tolist()
+        ms[seed % world] = 0 if seed == 1 else ms[seed % world]
+        _check_one(op, ms[rank], case, 7919 * seed + 31 * len(case), torch.int32 if seed == 2 else torch.int64)
+
+
+@pytest.mark.parametrize("name", ["moe_bf16", "moe_f32_k3"])
+def test_moe_at_max_tokens(dist_env, name):
+    op = _op(name)
+    _check_one(op, op.max_rows(), "random", 4242)
+
+
+def test_moe_repeated_dispatches_then_combines(dist_env):
+    """Calls alternate the op's two buffer halves: two dispatches before their combines (the second
+    dispatch reuses nothing the first's combine needs), then the reverse order of combines."""
+    rank, world = dist_env
+    op = _op("moe_bf16")
+    xs = [_tokens(op, 64 + 16 * i, 50 + 10 * i + rank) for i in range(3)]
+    routes = [_routing(x.shape[0], op.topk, op.experts, "random", 90 + i + rank) for i, x in enumerate(xs)]
+    outs = [op.dispatch(x, idx, w) for x, (idx, w) in zip(xs, routes)]
+    L = op.experts // world
+    combined = []
+    for recv, counts, h in reversed(outs):
+        local = torch.repeat_interleave(torch.arange(L, device="cuda"), counts.long())
+        combined.append(op.combine(_expert_fn(recv, local), h))
+    for i, out in enumerate(reversed(combined)):
+        ref = _combine_reference(op, xs[i], *routes[i], world)
+        assert ((out.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-3).all(), f"rank {rank}: call {i} differs"
+
+
+def test_moe_bad_routing_is_a_value_error_before_launch(dist_env):
+    op = _op("moe_bf16")
+    x = _tokens(op, 4, 1)
+    idx, w = _routing(4, op.topk, op.experts, "random", 2)
+    bad = idx.clone()
+    bad[2, 1] = op.experts
+    with pytest.raises(ValueError, match=r"topk_idx\[2, 1\] = 256"):
+        op.dispatch(x, bad, w)
+    with pytest.raises(ValueError, match="topk_idx must be"):
+        op.dispatch(x, idx[:, :3].contiguous(), w)
+    with pytest.raises(ValueError, match="topk_weights must be float32"):
+        op.dispatch(x, idx, w.double())
+    _check_one(op, 5, "random", 3)  # the op still works (every rank raised before anything was sent)
+
+
+def test_moe_graph_capture_is_refused(dist_env):
+    op = _op("moe_bf16")
+    x = _tokens(op, 8, 1)
+    idx, w = _routing(8, op.topk, op.experts, "random", 2)
+    op.dispatch(x, idx, w)  # loaded, and one full call made
+    op.combine(torch.zeros((0, op.hidden), device="cuda", dtype=x.dtype), op.dispatch(x[:0], idx[:0], w[:0])[2])
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with torch.cuda.graph(graph):
+            op.dispatch(x, idx, w)

@@ -1,0 +1,728 @@
+// tilegen MoE library: expert-parallel token dispatch and combine over NVLink (one node), normal mode.
+// The layout and protocol are tilegen/moe.py's, checked there before any op is generated:
+//
+// dispatch  route (per block of 32 tokens: each item's rank among the block's items of its expert,
+//           each token's rank among the block's tokens to each rank) -> scan (prefix over blocks,
+//           totals) -> push: every token once per destination rank, into its staging row there
+//           (this rank's segment of max_tokens rows), with a meta row (token, experts, each item's
+//           index among this rank's items of its expert, weights); the last block writes this rank's
+//           counts (per expert of the destination, tokens) into the destination and sets its flag ->
+//           wait for every rank's flag, counts to the host (the caller sizes the outputs) -> expand:
+//           each staging row copied to its items' final rows (per local expert, source, token, slot).
+// combine   per staging row, the weighted sum of its local items' expert outputs (fp32, slot order),
+//           rounded to the token dtype and pushed into the source rank's receive rows (one per sending
+//           rank: half the NVLink bytes of fp32) -> flags -> each source sums the rows of the ranks its
+//           token went to, in fp32, in rank order, rounded once.
+// Buffers alternate between two halves by call parity: a rank writes a peer's half of call n + 2
+// only after that peer's flag of call n + 1, which it set after it finished reading call n's.
+#pragma once
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include "tilegen/device.cuh"
+
+namespace tilegen {
+namespace moe {
+
+constexpr int kBlockTokens = 32;  // tokens per routing block
+constexpr int kWarps = 16;        // warps per CTA of the copy kernels
+
+template <class Op>
+struct Dims {
+  static constexpr int kMeta = 1 + 3 * Op::kTopk;  // meta row: token, experts[k], indices[k], weight bits[k]
+  static constexpr int64_t kRowBytes = Op::kHidden * static_cast<int64_t>(sizeof(typename Op::Elem));
+  static constexpr int kVec = 16 / sizeof(typename Op::Elem);  // elements per 16-byte vector
+  // A row is moved by kChunks warps (of at most ~4 KiB each): small calls still spread over the GPU.
+  static constexpr int kChunks = static_cast<int>((kRowBytes + 4095) / 4096);
+  static constexpr int64_t kChunkVecs = (kRowBytes / 16 + kChunks - 1) / kChunks;  // 16-byte vectors per chunk
+  __device__ static int64_t vec_lo(int ch) { return ch * kChunkVecs; }
+  __device__ static int64_t vec_hi(int ch) {
+    return (ch + 1) * kChunkVecs < kRowBytes / 16 ? (ch + 1) * kChunkVecs : kRowBytes / 16;
+  }
+};
+
+// Expert id of routing entry i; ids outside [0, experts) count as dropped (-1) everywhere, so a bad
+// routing that skipped the caller's check cannot write outside any buffer.
+__device__ __forceinline__ int load_expert(const void* idx, int64_t i, int idx64, int experts) {
+  const int64_t e = idx64 ? static_cast<const int64_t*>(idx)[i] : static_cast<const int32_t*>(idx)[i];
+  return e >= 0 && e < experts ? static_cast<int>(e) : -1;
+}
+
+// ------------------------------------------------------------------------------------- dispatch
+struct RouteParams {
+  const void* idx;
+  int idx64;
+  int64_t m;
+  int world, local;  // ranks, experts per rank
+  int32_t* hist;     // [blocks][experts + world]: counts per block, then (scan) exclusive prefixes
+  int32_t* rib;      // [m][k]: rank of each item among its block's items of the same expert (-1: dropped)
+  int32_t* ribd;     // [m][world]: rank of each token among its block's tokens to that rank (-1: none)
+  int32_t* totals;   // [experts + world]: items per expert, tokens per destination rank
+};
+
+template <class Op>
+__global__ void route_block(RouteParams p) {
+  constexpr int K = Op::kTopk, E = Op::kExperts;
+  __shared__ int32_t e_s[kBlockTokens * K];
+  __shared__ int32_t hist[E + Op::kMaxWorld];
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kBlockTokens;
+  const int nt = static_cast<int>(p.m - t0 < kBlockTokens ? p.m - t0 : kBlockTokens);
+  const int C = E + p.world;
+  for (int i = threadIdx.x; i < C; i += blockDim.x) hist[i] = 0;
+  for (int i = threadIdx.x; i < kBlockTokens * K; i += blockDim.x)
+    e_s[i] = i / K < nt ? load_expert(p.idx, t0 * K + i, p.idx64, E) : -1;
+  __syncthreads();
+  for (int i = threadIdx.x; i < nt * K; i += blockDim.x) {  // items, in (token, slot) order
+    const int e = e_s[i];
+    int r = -1;
+    if (e >= 0) {
+      r = 0;
+      for (int q = 0; q < i; ++q) r += e_s[q] == e;
+      atomicAdd(&hist[e], 1);
+    }
+    p.rib[t0 * K + i] = r;
+  }
+  auto goes = [&](int t, int d) {
+    for (int j = 0; j < K; ++j) {
+      const int e = e_s[t * K + j];
+      if (e >= 0 && e / p.local == d) return 1;
+    }
+    return 0;
+  };
+  for (int i = threadIdx.x; i < nt * p.world; i += blockDim.x) {  // (token, destination) pairs
+    const int t = i / p.world, d = i % p.world;
+    int r = -1;
+    if (goes(t, d)) {
+      r = 0;
+      for (int q = 0; q < t; ++q) r += goes(q, d);
+      atomicAdd(&hist[E + d], 1);
+    }
+    p.ribd[(t0 + t) * p.world + d] = r;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < C; i += blockDim.x) p.hist[blockIdx.x * C + i] = hist[i];
+}
+
+// One CTA: per column (expert, then destination), the exclusive prefix over blocks, and the totals.
+template <class Op>
+__global__ void route_scan(RouteParams p, int blocks) {
+  const int C = Op::kExperts + p.world;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    int32_t run = 0;
+    for (int b = 0; b < blocks; ++b) {
+      const int32_t v = p.hist[b * C + c];
+      p.hist[b * C + c] = run;
+      run += v;
+    }
+    p.totals[c] = run;
+  }
+}
+
+template <class Op>
+struct PushParams {
+  const char* x;
+  const void* idx;
+  int idx64;
+  const float* w;
+  int64_t m;
+  const int32_t* prefix;  // RouteParams::hist after the scan
+  const int32_t* rib;
+  const int32_t* ribd;
+  const int32_t* totals;
+  char* stage[Op::kMaxWorld];     // at each rank: this rank's staging segment of the call's half
+  int32_t* meta[Op::kMaxWorld];   // ... its meta rows
+  int32_t* info[Op::kMaxWorld];   // ... its counts row (the destination's local experts, then tokens)
+  uint64_t* flag[Op::kMaxWorld];  // ... its dispatch flag
+  uint64_t* counter;
+  uint64_t target, epoch;
+  int me, world, local;
+};
+
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
+  using D = Dims<Op>;
+  constexpr int K = Op::kTopk, E = Op::kExperts;
+  const int lane = threadIdx.x & 31, C = E + p.world;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * D::kChunks; item += nwarps) {
+    const int64_t t = item / D::kChunks, b = t / kBlockTokens;
+    const int ch = static_cast<int>(item % D::kChunks);
+    char* dst[Op::kMaxWorld];
+    int32_t* mdst[Op::kMaxWorld];
+    int nd = 0;
+    for (int d = 0; d < p.world; ++d) {
+      const int r = p.ribd[t * p.world + d];
+      if (r < 0) continue;
+      const int64_t row = p.prefix[b * C + E + d] + r;
+      dst[nd] = p.stage[d] + row * D::kRowBytes;
+      mdst[nd++] = p.meta[d] + row * D::kMeta;
+    }
+    const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
+    for (int d = 0; d < nd; ++d) dst[d] += lo;
+    dev::copy_multi<Op::kMaxWorld>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
+    for (int f = lane; ch == 0 && f < D::kMeta; f += 32) {  // the same meta row to every destination
+      int32_t v;
+      if (f == 0) {
+        v = static_cast<int32_t>(t);
+      } else if (f <= K) {
+        v = load_expert(p.idx, t * K + f - 1, p.idx64, E);
+      } else if (f <= 2 * K) {
+        const int j = f - 1 - K, e = load_expert(p.idx, t * K + j, p.idx64, E);
+        v = e >= 0 ? p.prefix[b * C + e] + p.rib[t * K + j] : -1;
+      } else {
+        v = __float_as_int(p.w[t * K + f - 1 - 2 * K]);
+      }
+      for (int d = 0; d < nd; ++d) mdst[d][f] = v;
+    }
+  }
+  if (dev::arrive_last<true>(p.counter, p.target)) {  // every block's pushes precede the counts and flags
+    for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
+      for (int l = 0; l < p.local; ++l) p.info[d][l] = p.totals[d * p.local + l];
+      p.info[d][p.local] = p.totals[E + d];
+      dev::fence_acq_rel_sys();
+      dev::st_release_sys(p.flag[d], p.epoch);
+    }
+  }
+}
+
+// One warp: every rank's flag of this call, then its counts row, into host-mapped memory.
+template <class Op>
+__global__ void wait_counts(const uint64_t* flags, const int32_t* info, int32_t* out, int world, int local,
+                            uint64_t epoch, dev::WaitCtx ctx) {
+  const int s = threadIdx.x;
+  if (s >= world) return;
+  if (!dev::wait_ge(flags + s, epoch, ctx, /*kind=*/5, s, /*step=*/0)) return;
+  for (int l = 0; l <= local; ++l) out[s * (local + 1) + l] = __ldcg(info + s * (Op::kExperts + 1) + l);
+  __threadfence_system();
+}
+
+template <class Op>
+struct ExpandParams {
+  const char* stage;   // this rank's half: [world sources][max_tokens rows]
+  const int32_t* meta;
+  const int32_t* info;  // [world sources][experts + 1]
+  char* out;            // [rows, hidden]
+  int32_t* handle;      // [rows, 3]: source rank, token, slot
+  int32_t* slot_rows;   // [staging rows, k]: each slot's row in out (-1: not here)
+  int32_t* stage_src;   // [staging rows, 2]: source rank, token
+  float* stage_w;       // [staging rows, k]: the slots' weights (0: not here)
+  int32_t* counts;      // [local experts]
+  int64_t stage_rows, rows;
+  int me, world, local;
+};
+
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
+  using D = Dims<Op>;
+  constexpr int K = Op::kTopk, E = Op::kExperts, W = Op::kMaxWorld;
+  __shared__ int32_t base[E];         // [local expert][source]: first row of that source's items
+  __shared__ int64_t first[W + 1];    // compact staging row of each source's first
+  const int lane = threadIdx.x & 31, L = p.local;
+  const int32_t* cnt = p.info;  // cnt[s * (E + 1) + l]
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {  // rows per local expert, then per source within it
+    int32_t tot = 0;
+    for (int s = 0; s < p.world; ++s) tot += cnt[s * (E + 1) + l];
+    base[l * p.world] = tot;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0;
+    for (int l = 0; l < L; ++l) {
+      const int32_t tot = base[l * p.world];
+      base[l * p.world] = run;
+      run += tot;
+    }
+    int64_t f = 0;
+    for (int s = 0; s < p.world; ++s) first[s] = f, f += cnt[s * (E + 1) + L];
+    first[p.world] = f;
+  }
+  __syncthreads();
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int32_t run = base[l * p.world], tot = 0;
+    for (int s = 0; s < p.world; ++s) {
+      base[l * p.world + s] = run;
+      run += cnt[s * (E + 1) + l];
+      tot += cnt[s * (E + 1) + l];
+    }
+    if (blockIdx.x == 0) p.counts[l] = tot;
+  }
+  __syncthreads();
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * D::kChunks; item += nwarps) {
+    const int64_t r = item / D::kChunks;
+    const int ch = static_cast<int>(item % D::kChunks);
+    int s = 0;
+    while (s + 1 < p.world && r >= first[s + 1]) ++s;
+    const int64_t i = r - first[s];
+    const int32_t* mrow = p.meta + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kMeta;
+    const int32_t t = __ldcg(mrow);
+    char* dst[K];
+    int nd = 0;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int e = __ldcg(mrow + 1 + j);
+      int64_t row = -1;
+      if (e >= 0 && e / L == p.me) {
+        row = base[(e - p.me * L) * p.world + s] + __ldcg(mrow + 1 + K + j);
+        dst[nd++] = p.out + row * D::kRowBytes;
+      }
+      if (ch == 0 && lane == j % 32) {
+        p.slot_rows[r * K + j] = static_cast<int32_t>(row);
+        p.stage_w[r * K + j] = row >= 0 ? __int_as_float(__ldcg(mrow + 1 + 2 * K + j)) : 0.f;
+        if (row >= 0) {
+          p.handle[row * 3] = s;
+          p.handle[row * 3 + 1] = t;
+          p.handle[row * 3 + 2] = j;
+        }
+      }
+    }
+    if (ch == 0 && lane == 0) p.stage_src[r * 2] = s, p.stage_src[r * 2 + 1] = t;
+    const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
+#pragma unroll
+    for (int d = 0; d < K; ++d)
+      if (d < nd) dst[d] += lo;
+    dev::copy_multi<K, false>(dst, nd, p.stage + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kRowBytes + lo,
+                              bytes, lane, 32);
+  }
+}
+
+// ------------------------------------------------------------------------------------- combine
+template <class Op>
+struct CombineParams {
+  const char* y;  // expert outputs [rows, hidden] in dispatch's layout
+  const int32_t* slot_rows;
+  const int32_t* stage_src;
+  const float* stage_w;
+  int64_t stage_rows;
+  char* back[Op::kMaxWorld];      // at each rank: this rank's receive rows of the call's half [max_tokens, hidden]
+  uint64_t* flag[Op::kMaxWorld];  // ... its combine flag
+  uint64_t* counter;
+  uint64_t target, epoch;
+  int world;
+};
+
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p) {
+  using D = Dims<Op>;
+  using T = typename Op::Elem;
+  constexpr int K = Op::kTopk, V = D::kVec;
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * D::kChunks; item += nwarps) {
+    const int64_t r = item / D::kChunks;
+    const int ch = static_cast<int>(item % D::kChunks);
+    const int s = p.stage_src[r * 2], t = p.stage_src[r * 2 + 1];
+    int32_t row[K];
+    float w[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) row[j] = p.slot_rows[r * K + j], w[j] = p.stage_w[r * K + j];
+    int4* out = reinterpret_cast<int4*>(p.back[s] + static_cast<int64_t>(t) * D::kRowBytes);
+    for (int64_t c = D::vec_lo(ch) + lane; c < D::vec_hi(ch); c += 32) {
+      float acc[V] = {};
+#pragma unroll
+      for (int j = 0; j < K; ++j) {  // slot order
+        if (row[j] >= 0) {
+          const int4 v = __ldg(reinterpret_cast<const int4*>(p.y + row[j] * D::kRowBytes) + c);
+          const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+          for (int q = 0; q < V; ++q) acc[q] += w[j] * dev::to_acc(e[q]);
+        }
+      }
+      T o[V];
+#pragma unroll
+      for (int q = 0; q < V; ++q) o[q] = dev::from_acc<T>(acc[q]);
+      out[c] = *reinterpret_cast<const int4*>(o);
+    }
+  }
+  if (dev::arrive_last<true>(p.counter, p.target)) {
+    for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
+      dev::fence_acq_rel_sys();
+      dev::st_release_sys(p.flag[d], p.epoch);
+    }
+  }
+}
+
+template <class Op>
+struct ReduceParams {
+  const char* back;  // this rank's half: [world senders][max_tokens] rows
+  const uint64_t* flags;
+  const void* idx;
+  int idx64;
+  int64_t m;
+  char* out;  // [m, hidden]
+  uint64_t epoch;
+  dev::WaitCtx wait;
+  int world, local;
+};
+
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p) {
+  using D = Dims<Op>;
+  using T = typename Op::Elem;
+  constexpr int K = Op::kTopk, V = D::kVec;
+  __shared__ int ok;
+  if (threadIdx.x == 0) {
+    ok = 1;
+    for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, p.epoch, p.wait, /*kind=*/6, s, 0);
+  }
+  __syncthreads();
+  if (!ok) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * D::kChunks; item += nwarps) {
+    const int64_t t = item / D::kChunks;
+    const int ch = static_cast<int>(item % D::kChunks);
+    unsigned mask = 0;
+    for (int j = lane; j < K; j += 32) {
+      const int e = load_expert(p.idx, t * K + j, p.idx64, Op::kExperts);
+      if (e >= 0) mask |= 1u << (e / p.local);
+    }
+    mask = __reduce_or_sync(0xffffffffu, mask);
+    for (int64_t c = D::vec_lo(ch) + lane; c < D::vec_hi(ch); c += 32) {
+      float acc[V] = {};
+      for (int s = 0; s < p.world; ++s) {  // rank order: deterministic
+        if (!(mask >> s & 1)) continue;
+        const int4 v = __ldcg(reinterpret_cast<const int4*>(
+            p.back + (static_cast<int64_t>(s) * Op::kMaxTokens + t) * D::kRowBytes) + c);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] += dev::to_acc(e[q]);
+      }
+      T o[V];
+#pragma unroll
+      for (int q = 0; q < V; ++q) o[q] = dev::from_acc<T>(acc[q]);
+      reinterpret_cast<int4*>(p.out + t * D::kRowBytes)[c] = *reinterpret_cast<const int4*>(o);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- host
+int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+inline int fail(char* msg, int len, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, len, fmt, ap);
+  va_end(ap);
+  return 1;
+}
+
+template <class Op>
+struct Host {
+  using D = Dims<Op>;
+  static constexpr int W = Op::kMaxWorld, E = Op::kExperts, K = Op::kTopk;
+  static constexpr int64_t T = Op::kMaxTokens;
+  struct Half {  // one call parity's symmetric buffers
+    char* stage;
+    int32_t* meta;
+    int32_t* info;
+    char* back;
+  };
+  struct State {
+    bool ready = false, poisoned = false;
+    int rank = -1, world = 0, local = 0, max_grid = 0;
+    char* sym = nullptr;  // one symmetric allocation: both halves, then the flags
+    Half half[2] = {};
+    uint64_t* dflag = nullptr;  // [world]: each source's dispatch epoch
+    uint64_t* cflag = nullptr;  // [world]: each sender's combine epoch
+    int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
+    uint64_t* counters = nullptr;  // [2]: blocks arrived (dispatch push, combine send)
+    uint64_t arrived[2] = {};
+    uint64_t dispatch_epoch = 0, combine_epoch = 0;
+    int64_t last_m = -1, last_stage_rows = -1, last_rows = -1;
+    int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
+    int32_t* counts_dev = nullptr;
+    dev::WaitError* err_host = nullptr;
+    dev::WaitError* err_dev = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  static inline State g;
+
+  static int64_t half_bytes(int world) {
+    const int64_t stage = world * T * D::kRowBytes, meta = world * T * D::kMeta * 4, info = world * (E + 1) * 4;
+    const int64_t back = world * T * D::kRowBytes;
+    return align(stage) + align(meta) + align(info) + align(back);
+  }
+  static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
+  static int blocks(int64_t m) { return static_cast<int>((m + kBlockTokens - 1) / kBlockTokens); }
+  // CTAs for `rows` rows of kChunks warp-sized pieces each: one warp per piece, at most what is resident.
+  static int grid_for(int64_t rows) {
+    const int64_t want = (rows * D::kChunks + kWarps - 1) / kWarps;
+    return static_cast<int>(want < 1 ? 1 : (want < g.max_grid ? want : g.max_grid));
+  }
+
+  static bool supported_world(int world) {
+    for (int w : Op::kWorlds)
+      if (w == world) return true;
+    return false;
+  }
+
+  static int init(char* msg, int len) {
+    if (g.ready) return 0;
+    nvshmem_init();  // refcounted: attaches this module's device state to the running NVSHMEM
+    g.rank = nvshmem_my_pe();
+    g.world = nvshmem_n_pes();
+    if (!supported_world(g.world))
+      return fail(msg, len, "%s: NVSHMEM has %d PEs; this op was generated for world sizes %s", Op::kName, g.world,
+                  Op::kWorldSizes);
+    g.local = E / g.world;
+    const int64_t hb = half_bytes(g.world), flag_bytes = 2 * W * 8;
+    g.sym = static_cast<char*>(nvshmem_malloc(2 * hb + flag_bytes));
+    if (!g.sym)
+      return fail(msg, len, "%s: nvshmem_malloc of %lld bytes (staging for %lld tokens of %lld bytes from %d ranks, "
+                  "twice) failed: raise NVSHMEM_SYMMETRIC_SIZE", Op::kName, static_cast<long long>(2 * hb + flag_bytes),
+                  static_cast<long long>(T), static_cast<long long>(D::kRowBytes), g.world);
+    for (int h = 0; h < 2; ++h) {
+      char* p = g.sym + h * hb;
+      g.half[h].stage = p;
+      p += align(g.world * T * D::kRowBytes);
+      g.half[h].meta = reinterpret_cast<int32_t*>(p);
+      p += align(g.world * T * D::kMeta * 4);
+      g.half[h].info = reinterpret_cast<int32_t*>(p);
+      p += align(g.world * (E + 1) * 4);
+      g.half[h].back = p;
+    }
+    g.dflag = reinterpret_cast<uint64_t*>(g.sym + 2 * hb);
+    g.cflag = g.dflag + W;
+    const int64_t scratch_ints = blocks(T) * (E + W) + T * K + T * W + (E + W);
+    cudaError_t e = cudaMemset(g.dflag, 0, flag_bytes);
+    if (e == cudaSuccess) e = cudaMalloc(&g.scratch, scratch_ints * 4);
+    if (e == cudaSuccess) e = cudaMalloc(&g.counters, 2 * sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaMemset(g.counters, 0, 2 * sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped);
+    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0);
+    if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
+    if (e == cudaSuccess) {
+      memset(g.err_host, 0, sizeof(dev::WaitError));
+      e = cudaHostGetDevicePointer(&g.err_dev, g.err_host, 0);
+    }
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&g.done, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = load_kernels();
+    int device = 0, sms = 0, per_sm = 0;
+    if (e == cudaSuccess) e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, push_tokens<Op>, kWarps * 32, 0);
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) return fail(msg, len, "%s: init: %s", Op::kName, cudaGetErrorString(e));
+    g.max_grid = sms * (per_sm > 0 ? per_sm : 1);
+    nvshmem_barrier_all();  // every rank's flags are zero before anyone signals
+    for (int q = 0; q < g.world; ++q)
+      if (!nvshmem_ptr(g.sym, q))
+        return fail(msg, len, "%s: rank %d is not load/store reachable from rank %d: MoE ops run over NVLink within "
+                    "one node", Op::kName, q, g.rank);
+    g.ready = true;
+    return 0;
+  }
+
+  // Loads every kernel now: a lazily loaded one could wait for a spinning kernel that waits for it.
+  static cudaError_t load_kernels() {
+    cudaFuncAttributes fa;
+    cudaError_t e = cudaFuncGetAttributes(&fa, route_block<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, route_scan<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, push_tokens<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, wait_counts<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, expand_rows<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_send<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_reduce<Op>);
+    return e;
+  }
+
+  static int release(char*, int) {
+    if (!g.ready) return 0;
+    cudaDeviceSynchronize();
+    nvshmem_free(g.sym);
+    cudaFree(g.scratch);
+    cudaFree(g.counters);
+    cudaFreeHost(g.counts_host);
+    cudaFreeHost(g.err_host);
+    cudaEventDestroy(g.done);
+    g = State{};
+    return 0;
+  }
+
+  static int usable(char* msg, int len) {
+    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    if (g.poisoned)
+      return fail(msg, len, "%s: an earlier call timed out; its flags are unreliable, restart the job", Op::kName);
+    return 0;
+  }
+
+  static int launched(const char* what, char* msg, int len) {
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: %s launch failed: %s", Op::kName, what, cudaGetErrorString(e));
+  }
+
+  template <class P>
+  static P* peer(P* local_ptr, int q) {
+    return static_cast<P*>(nvshmem_ptr(local_ptr, q));
+  }
+
+  static dev::WaitCtx wait_ctx(uint64_t timeout_ns) {
+    return dev::WaitCtx{timeout_ns ? g.err_dev : nullptr, timeout_ns, g.rank, Op::kOpId};
+  }
+
+  // After a bounded call finished: 0, or the message of the wait that gave up (the op is then unusable).
+  static int wait_error(char* msg, int len) {
+    if (!g.err_host || !g.err_host->failed) return 0;
+    const dev::WaitError& w = *g.err_host;
+    g.poisoned = true;
+    return fail(msg, len, "%s: rank %d timed out waiting for rank %lld's %s flag of call %llu (saw %llu); a peer rank "
+                "did not make the matching call", Op::kName, w.rank, static_cast<long long>(w.signal_index),
+                w.signal_kind == 5 ? "dispatch" : "combine", static_cast<unsigned long long>(w.expected),
+                static_cast<unsigned long long>(w.seen));
+  }
+
+  // Dispatch, first half: route, push, wait for every rank's counts; out[s * (local + 1) + l] =
+  // items source s sent to local expert l, out[s * (local + 1) + local] = its tokens (staging rows).
+  static int dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
+                           uint64_t timeout_ns, int64_t* out, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
+                                    static_cast<long long>(T));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint64_t epoch = ++g.dispatch_epoch;
+    const int h = epoch & 1, nb = blocks(m);
+    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr};
+    rp.rib = rp.hist + blocks(T) * (E + W);
+    rp.ribd = rp.rib + T * K;
+    rp.totals = rp.ribd + T * W;
+    if (nb > 0) {
+      route_block<Op><<<nb, 256, 0, s>>>(rp);
+      if (launched("route", msg, len)) return 1;
+    }
+    route_scan<Op><<<1, 1024, 0, s>>>(rp, nb);
+    if (launched("route scan", msg, len)) return 1;
+    PushParams<Op> pp{};
+    pp.x = static_cast<const char*>(x);
+    pp.idx = idx;
+    pp.idx64 = idx64;
+    pp.w = w;
+    pp.m = m;
+    pp.prefix = rp.hist;
+    pp.rib = rp.rib;
+    pp.ribd = rp.ribd;
+    pp.totals = rp.totals;
+    const Half& hf = g.half[h];
+    for (int q = 0; q < g.world; ++q) {
+      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kRowBytes;
+      pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
+      pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
+      pp.flag[q] = peer(g.dflag, q) + g.rank;
+    }
+    const int grid = grid_for(m);
+    g.arrived[0] += grid;
+    pp.counter = g.counters;
+    pp.target = g.arrived[0];
+    pp.epoch = epoch;
+    pp.me = g.rank;
+    pp.world = g.world;
+    pp.local = g.local;
+    push_tokens<Op><<<grid, kWarps * 32, 0, s>>>(pp);
+    if (launched("push", msg, len)) return 1;
+    wait_counts<Op><<<1, 32, 0, s>>>(g.dflag, hf.info, g.counts_dev, g.world, g.local, epoch, wait_ctx(timeout_ns));
+    if (launched("wait", msg, len)) return 1;
+    cudaError_t e = cudaEventRecord(g.done, s);
+    if (e == cudaSuccess) e = cudaEventSynchronize(g.done);  // normal mode: the host sizes the outputs
+    if (e != cudaSuccess) return fail(msg, len, "%s: dispatch: %s", Op::kName, cudaGetErrorString(e));
+    if (wait_error(msg, len)) return 1;
+    int64_t stage_rows = 0, rows = 0;
+    for (int q = 0; q < g.world; ++q)
+      for (int l = 0; l <= g.local; ++l) {
+        out[q * (g.local + 1) + l] = g.counts_host[q * (g.local + 1) + l];
+        (l < g.local ? rows : stage_rows) += g.counts_host[q * (g.local + 1) + l];
+      }
+    g.last_m = m;
+    g.last_rows = rows;
+    g.last_stage_rows = stage_rows;
+    return 0;
+  }
+
+  // Dispatch, second half: the staging rows of the last dispatch_send into the caller's outputs.
+  static int dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
+                           int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (g.last_rows < 0) return fail(msg, len, "%s: dispatch_recv before dispatch_send", Op::kName);
+    if (rows != g.last_rows || stage_rows != g.last_stage_rows)
+      return fail(msg, len, "%s: outputs for %lld rows / %lld staging rows, but the last dispatch received %lld / %lld",
+                  Op::kName, static_cast<long long>(rows), static_cast<long long>(stage_rows),
+                  static_cast<long long>(g.last_rows), static_cast<long long>(g.last_stage_rows));
+    const Half& hf = g.half[g.dispatch_epoch & 1];
+    ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), handle, slot_rows, stage_src, stage_w,
+                       counts, stage_rows, rows, g.rank, g.world, g.local};
+    const int grid = grid_for(stage_rows);
+    expand_rows<Op><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    g.last_rows = -1;  // one expansion per dispatch
+    return launched("expand", msg, len);
+  }
+
+  static int combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
+                     int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,
+                     uint64_t timeout_ns, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (m < 0 || m > T || stage_rows < 0 || stage_rows > W * T)
+      return fail(msg, len, "%s: combine of %lld tokens / %lld staging rows outside [0, %lld] / [0, %lld]", Op::kName,
+                  static_cast<long long>(m), static_cast<long long>(stage_rows), static_cast<long long>(T),
+                  static_cast<long long>(W * T));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint64_t epoch = ++g.combine_epoch;
+    const Half& hf = g.half[epoch & 1];
+    CombineParams<Op> cp{};
+    cp.y = static_cast<const char*>(y);
+    cp.slot_rows = slot_rows;
+    cp.stage_src = stage_src;
+    cp.stage_w = stage_w;
+    cp.stage_rows = stage_rows;
+    for (int q = 0; q < g.world; ++q) {
+      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
+      cp.flag[q] = peer(g.cflag, q) + g.rank;
+    }
+    const int grid = grid_for(stage_rows);
+    g.arrived[1] += grid;
+    cp.counter = g.counters + 1;
+    cp.target = g.arrived[1];
+    cp.epoch = epoch;
+    cp.world = g.world;
+    combine_send<Op><<<grid, kWarps * 32, 0, s>>>(cp);
+    if (launched("combine send", msg, len)) return 1;
+    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
+                        g.world, g.local};
+    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
+    return launched("combine reduce", msg, len);
+  }
+};
+
+}  // namespace moe
+}  // namespace tilegen
+
+#define TILEGEN_EXPORT_MOE(OP)                                                                                        \
+  extern "C" {                                                                                                       \
+  int tilegen_op_init(char* msg, int len) { return tilegen::moe::Host<OP>::init(msg, len); }                         \
+  int tilegen_op_release(char* msg, int len) { return tilegen::moe::Host<OP>::release(msg, len); }                   \
+  int tilegen_op_world(void) { return tilegen::moe::Host<OP>::g.ready ? tilegen::moe::Host<OP>::g.world : 0; }        \
+  int tilegen_op_rank(void) { return tilegen::moe::Host<OP>::g.ready ? tilegen::moe::Host<OP>::g.rank : -1; }         \
+  int tilegen_op_wait_error(char* msg, int len) { return tilegen::moe::Host<OP>::wait_error(msg, len); }             \
+  void tilegen_op_nvshmem_versions(int* compiled, int* runtime) {                                                    \
+    *compiled = NVSHMEM_VENDOR_MAJOR_VERSION * 10000 + NVSHMEM_VENDOR_MINOR_VERSION * 100 + NVSHMEM_VENDOR_PATCH_VERSION; \
+    int maj = 0, min = 0, patch = 0;                                                                                 \
+    nvshmemx_vendor_get_version_info(&maj, &min, &patch);                                                            \
+    *runtime = maj * 10000 + min * 100 + patch;                                                                      \
+  }                                                                                                                  \
+  int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,  \
+                                uint64_t timeout_ns, int64_t* out, char* msg, int len) {                             \
+    return tilegen::moe::Host<OP>::dispatch_send(x, idx, idx64, w, m, stream, timeout_ns, out, msg, len);           \
+  }                                                                                                                  \
+  int tilegen_moe_dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, \
+                                int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) { \
+    return tilegen::moe::Host<OP>::dispatch_recv(out, handle, slot_rows, stage_src, stage_w, counts, rows, stage_rows, \
+                                                 stream, msg, len);                                                  \
+  }                                                                                                                  \
+  int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,  \
+                          int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,        \
+                          uint64_t timeout_ns, char* msg, int len) {                                                 \
+    return tilegen::moe::Host<OP>::combine(y, slot_rows, stage_src, stage_w, stage_rows, idx, idx64, m, out, stream,  \
+                                           timeout_ns, msg, len);                                                    \
+  }                                                                                                                  \
+  }

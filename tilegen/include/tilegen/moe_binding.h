@@ -1,0 +1,178 @@
+// tilegen MoE binding: a MoE op's TVM-FFI functions (tilegen/moe.py's MoeOp orchestrates them). A
+// generated <op>_binding.cc defines `struct BindingSpec` (the op's constants) and includes this header.
+// Every tensor is checked (dtype, device, shape, contiguity, alignment) before anything is launched.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+extern "C" {  // the op library's C interface (tilegen/moe.cuh)
+int tilegen_op_init(char* msg, int len);
+int tilegen_op_release(char* msg, int len);
+int tilegen_op_world(void);
+int tilegen_op_wait_error(char* msg, int len);
+void tilegen_op_nvshmem_versions(int* compiled, int* runtime);
+int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
+                              uint64_t timeout_ns, int64_t* out, char* msg, int len);
+int tilegen_moe_dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
+                              int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len);
+int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
+                        int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,
+                        uint64_t timeout_ns, char* msg, int len);
+}
+
+namespace tilegen_moe_binding {
+using tvm::ffi::TensorView;
+using Spec = BindingSpec;
+constexpr int kMsg = 1024;
+
+template <class F>
+void call(F&& f) {
+  char msg[kMsg] = {0};
+  if (f(msg)) TVM_FFI_THROW(RuntimeError) << msg;
+}
+
+inline std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+inline char* data(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+enum Kind { kElem, kI32, kI64, kF32, kIndex };  // kIndex: int32 or int64
+inline bool dtype_is(const TensorView& t, Kind k) {
+  const DLDataType d = t.dtype();
+  if (d.lanes != 1) return false;
+  switch (k) {
+    case kElem: return d.code == Spec::kCode && d.bits == Spec::kBits;
+    case kI32: return d.code == kDLInt && d.bits == 32;
+    case kI64: return d.code == kDLInt && d.bits == 64;
+    case kF32: return d.code == kDLFloat && d.bits == 32;
+    default: return d.code == kDLInt && (d.bits == 32 || d.bits == 64);
+  }
+}
+
+// A contiguous 2-d CUDA tensor on `device` of the kind's dtype, [rows, cols] (rows < 0: any), 16-byte aligned.
+inline void check(const TensorView& t, const char* arg, Kind kind, int64_t rows, int64_t cols, int device) {
+  static const char* names[] = {Spec::kDtype, "int32", "int64", "float32", "int32 or int64"};
+  if (!dtype_is(t, kind))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be " << names[kind] << ", got DLPack code "
+                              << int(t.dtype().code) << ", " << int(t.dtype().bits) << " bits";
+  if (t.device().device_type != kDLCUDA || (device >= 0 && t.device().device_id != device))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be a CUDA tensor"
+                              << (device >= 0 ? " on cuda:" + std::to_string(device) : std::string());
+  if (t.ndim() != 2 || (rows >= 0 && t.size(0) != rows) || t.size(1) != cols)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be [" << (rows >= 0 ? std::to_string(rows) : "m")
+                              << ", " << cols << "], got " << shape_str(t);
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
+  if (reinterpret_cast<uintptr_t>(data(t)) % 16)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be 16-byte aligned";
+}
+
+inline void ensure_ready() { call([&](char* msg) { return tilegen_op_init(msg, kMsg); }); }
+
+inline void* stream_of(int64_t stream, int device) {
+  return stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, device);
+}
+
+// x [m, hidden], topk_idx [m, k] (int32/int64; ids checked by the caller), topk_weights [m, k] fp32:
+// pushes the tokens and fills counts (a CPU int64 tensor of world * (local experts + 1)) with every
+// rank's counts for this rank: per source rank, its items per local expert, then its tokens.
+inline void dispatch_send(TensorView x, TensorView idx, TensorView w, TensorView counts, int64_t stream,
+                          int64_t timeout_ns) {
+  ensure_ready();
+  const int device = x.device().device_id;
+  check(x, "x", kElem, -1, Spec::kHidden, device);
+  const int64_t m = x.size(0);
+  if (m > Spec::kMaxTokens)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": x has " << m << " tokens, more than max_tokens " << Spec::kMaxTokens;
+  check(idx, "topk_idx", kIndex, m, Spec::kTopk, device);
+  check(w, "topk_weights", kF32, m, Spec::kTopk, device);
+  const int world = tilegen_op_world();
+  const int64_t n = world * (Spec::kExperts / world + 1);
+  if (counts.device().device_type != kDLCPU || !dtype_is(counts, kI64) || counts.ndim() != 1 || counts.size(0) != n ||
+      !counts.IsContiguous())
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": counts must be a contiguous CPU int64 tensor of " << n
+                              << " elements, got " << shape_str(counts);
+  call([&](char* msg) {
+    return tilegen_moe_dispatch_send(data(x), data(idx), idx.dtype().bits == 64, reinterpret_cast<const float*>(data(w)),
+                                     m, stream_of(stream, device), static_cast<uint64_t>(timeout_ns),
+                                     reinterpret_cast<int64_t*>(data(counts)), msg, kMsg);
+  });
+}
+
+// The last dispatch_send's rows into out [rows, hidden], handle [rows, 3] int32, and its state for
+// combine: slot_rows [staging rows, k] int32, stage_src [staging rows, 2] int32, stage_w [staging rows, k]
+// fp32; counts [1, local experts] int32.
+inline void dispatch_recv(TensorView out, TensorView handle, TensorView slot_rows, TensorView stage_src,
+                          TensorView stage_w, TensorView counts, int64_t stream) {
+  ensure_ready();
+  const int device = out.device().device_id;
+  check(out, "out", kElem, -1, Spec::kHidden, device);
+  const int64_t rows = out.size(0), stage_rows = slot_rows.size(0);
+  check(handle, "handle", kI32, rows, 3, device);
+  check(slot_rows, "slot_rows", kI32, stage_rows, Spec::kTopk, device);
+  check(stage_src, "stage_src", kI32, stage_rows, 2, device);
+  check(stage_w, "stage_w", kF32, stage_rows, Spec::kTopk, device);
+  check(counts, "counts", kI32, 1, Spec::kExperts / tilegen_op_world(), device);
+  call([&](char* msg) {
+    return tilegen_moe_dispatch_recv(data(out), reinterpret_cast<int32_t*>(data(handle)),
+                                     reinterpret_cast<int32_t*>(data(slot_rows)), reinterpret_cast<int32_t*>(data(stage_src)),
+                                     reinterpret_cast<float*>(data(stage_w)), reinterpret_cast<int32_t*>(data(counts)), rows,
+                                     stage_rows, stream_of(stream, device), msg, kMsg);
+  });
+}
+
+// y [rows, hidden] (expert outputs in dispatch's layout) with dispatch's state -> out [m, hidden]
+// (topk_idx: the routing of this rank's dispatch).
+inline void combine(TensorView y, TensorView slot_rows, TensorView stage_src, TensorView stage_w, TensorView idx,
+                    TensorView out, int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  const int device = y.device().device_id;
+  check(y, "y", kElem, -1, Spec::kHidden, device);
+  const int64_t stage_rows = slot_rows.size(0);
+  check(slot_rows, "slot_rows", kI32, stage_rows, Spec::kTopk, device);
+  check(stage_src, "stage_src", kI32, stage_rows, 2, device);
+  check(stage_w, "stage_w", kF32, stage_rows, Spec::kTopk, device);
+  check(out, "out", kElem, -1, Spec::kHidden, device);
+  check(idx, "topk_idx", kIndex, out.size(0), Spec::kTopk, device);
+  call([&](char* msg) {
+    return tilegen_moe_combine(data(y), reinterpret_cast<int32_t*>(data(slot_rows)),
+                               reinterpret_cast<int32_t*>(data(stage_src)), reinterpret_cast<float*>(data(stage_w)),
+                               stage_rows, data(idx), idx.dtype().bits == 64, out.size(0), data(out),
+                               stream_of(stream, device), static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  });
+}
+
+inline void check_wait_error() {
+  char msg[kMsg] = {0};
+  if (tilegen_op_wait_error(msg, kMsg)) TVM_FFI_THROW(TimeoutError) << msg;
+}
+
+inline int64_t world() {
+  ensure_ready();
+  return tilegen_op_world();
+}
+
+inline void release() { call([&](char* msg) { return tilegen_op_release(msg, kMsg); }); }
+
+inline tvm::ffi::Array<int64_t> nvshmem_versions() {
+  int compiled = 0, runtime = 0;
+  tilegen_op_nvshmem_versions(&compiled, &runtime);
+  return {compiled, runtime};
+}
+}  // namespace tilegen_moe_binding
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_send, tilegen_moe_binding::dispatch_send);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_recv, tilegen_moe_binding::dispatch_recv);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(combine, tilegen_moe_binding::combine);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_moe_binding::check_wait_error);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_moe_binding::world);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_moe_binding::release);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_moe_binding::nvshmem_versions);

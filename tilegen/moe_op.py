@@ -1,0 +1,134 @@
+"""MoE dispatch and combine ops (op: moe): the runtime side of a generated MoE op, around its library
+(tilegen/include/tilegen/moe.cuh; layout and protocol checked by tilegen.moe).
+
+    recv_x, counts, handle = op.dispatch(x, topk_idx, topk_weights)   # normal mode
+    y = experts(recv_x, counts)                                      # rows grouped per local expert
+    out = op.combine(y, handle)                                      # [m, hidden]
+
+Normal mode synchronises with the host once per dispatch (the received counts size the outputs), so
+it is not CUDA-graph capturable; combine's flags carry a host-side call count, so it is not either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .runtime import GeneratedOp, _capturing, _stream_handle, _synchronize, _torch, world_size
+
+
+@dataclass
+class MoeHandle:
+    """What combine needs from its dispatch (kept on the device) and what the caller may read:
+    `handle` [rows, 3] int32: source rank, token, slot of every received row; `counts_host`: rows per
+    local expert (the host copy normal mode made anyway)."""
+
+    handle: Any
+    slot_rows: Any   # [staging rows, k] int32: each staged token's slot rows in the received layout
+    stage_src: Any   # [staging rows, 2] int32: its source rank and token
+    stage_w: Any     # [staging rows, k] fp32: its slots' weights (0 where the expert is elsewhere)
+    topk_idx: Any    # this rank's routing (combine reads which ranks each token went to)
+    counts_host: list[int]
+    m: int
+
+
+class MoeOp(GeneratedOp):
+    """A generated MoE op: dispatch(x, topk_idx, topk_weights) and combine(y, handle)."""
+
+    def __init__(self, *args, experts: int, topk: int, mode: str, **kw):
+        super().__init__(*args, **kw)
+        self.experts, self.topk, self.mode = experts, topk, mode
+        self._counts = None  # [world * (local experts + 1)] int64, pinned
+
+    def __repr__(self) -> str:
+        return (f"<tilegen MoE op {self.name}: {self.dtype} hidden {self.shape[1]}, {self.experts} experts, "
+                f"top-{self.topk}, {self.mode}, worlds {self.world_sizes}>")
+
+    def __call__(self, *args, **kw):
+        raise TypeError(f"{self.name} is a MoE op: call {self.name}.dispatch(...) and {self.name}.combine(...)")
+
+    @property
+    def hidden(self) -> int:
+        return self.shape[1]
+
+    def local_experts(self) -> int:
+        return self.experts // world_size()
+
+    def _refuse_capture(self, what: str, handle: int) -> None:
+        if _capturing(handle):
+            raise RuntimeError(f"{self.name}: {what} in normal mode synchronises with the host (dispatch sizes "
+                               f"its outputs from the received counts) and cannot be captured in a CUDA graph")
+
+    def check_routing(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
+        """ValueError naming the argument for a routing the kernels must not see (shapes, dtypes, expert
+        ids outside [-1, experts)); the id check reads one flag back from the GPU."""
+        torch = _torch()
+        m = int(x.shape[0]) if x.dim() == 2 else -1
+        if x.dim() != 2 or x.shape[1] != self.hidden or m > self.max_rows():
+            raise ValueError(f"{self.name}: x must be [m, {self.hidden}] with m <= {self.max_rows()}, "
+                             f"got {list(x.shape)}")
+        if topk_idx.dtype not in (torch.int32, torch.int64) or list(topk_idx.shape) != [m, self.topk]:
+            raise ValueError(f"{self.name}: topk_idx must be int32/int64 [{m}, {self.topk}] (topk {self.topk}), "
+                             f"got {topk_idx.dtype} {list(topk_idx.shape)}")
+        if topk_weights.dtype != torch.float32 or list(topk_weights.shape) != [m, self.topk]:
+            raise ValueError(f"{self.name}: topk_weights must be float32 [{m}, {self.topk}], got "
+                             f"{topk_weights.dtype} {list(topk_weights.shape)}")
+        bad = (topk_idx < -1) | (topk_idx >= self.experts)
+        if m and bool(bad.any()):
+            t, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{self.name}: topk_idx[{t}, {j}] = {int(topk_idx[t, j])}: expert ids must be in "
+                             f"[0, {self.experts}) or -1 (dropped)")
+
+    def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, *, stream: Any = None,
+                 timeout_ms: float | None = None, validate: bool = True) -> tuple[Any, Any, MoeHandle]:
+        """x [m, hidden] of this rank's tokens, topk_idx [m, k] (-1: dropped), topk_weights [m, k] fp32
+        -> (tokens received [rows, hidden], grouped per local expert, then source rank, token, slot;
+        counts per local expert [L] int32 on the device; the handle combine needs). Every rank calls it.
+        validate=False skips the expert-id check (the kernels then treat bad ids as dropped)."""
+        torch = _torch()
+        self.load()
+        handle_s = _stream_handle(stream)
+        self._refuse_capture("dispatch", handle_s)
+        if validate:
+            self.check_routing(x, topk_idx, topk_weights)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        W, L = world_size(), self.local_experts()
+        if self._counts is None:  # filled by the library (one host copy per call, read without FFI per element)
+            self._counts = torch.empty((W * (L + 1),), dtype=torch.int64).pin_memory()
+        self._mod.dispatch_send(x, topk_idx, topk_weights, self._counts, handle_s, timeout_ns)
+        per = self._counts.view(W, L + 1).sum(dim=0).tolist()
+        counts_host, stage_rows = per[:L], per[L]
+        rows = sum(counts_host)
+        dev, k = x.device, self.topk
+        out = torch.empty((rows, self.hidden), dtype=x.dtype, device=dev)
+        handle = torch.empty((rows, 3), dtype=torch.int32, device=dev)
+        slot_rows = torch.empty((stage_rows, k), dtype=torch.int32, device=dev)
+        stage_src = torch.empty((stage_rows, 2), dtype=torch.int32, device=dev)
+        stage_w = torch.empty((stage_rows, k), dtype=torch.float32, device=dev)
+        counts = torch.empty((1, L), dtype=torch.int32, device=dev)
+        self._mod.dispatch_recv(out, handle, slot_rows, stage_src, stage_w, counts, handle_s)
+        return out, counts.view(L), MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host,
+                                              int(x.shape[0]))
+
+    def combine(self, y: Any, handle: MoeHandle, out: Any = None, *, stream: Any = None,
+                timeout_ms: float | None = None) -> Any:
+        """y [rows, hidden]: the experts' outputs in dispatch's layout -> [m, hidden] on the tokens' rank:
+        each token's slots weighted by its topk_weights (given to dispatch) and summed in fp32: per expert
+        rank in slot order (sent in the token dtype), then over ranks in rank order, so deterministic, each
+        sum rounded once. Every rank calls it."""
+        torch = _torch()
+        self.load()
+        handle_s = _stream_handle(stream)
+        self._refuse_capture("combine", handle_s)
+        rows = int(handle.handle.shape[0])
+        if y.dim() != 2 or list(y.shape) != [rows, self.hidden]:
+            raise ValueError(f"{self.name}: y must be [{rows}, {self.hidden}] (the dispatched rows), "
+                             f"got {list(y.shape)}")
+        if out is None:
+            out = torch.empty((handle.m, self.hidden), dtype=y.dtype, device=y.device)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        self._mod.combine(y, handle.slot_rows, handle.stage_src, handle.stage_w, handle.topk_idx, out, handle_s,
+                          timeout_ns)
+        if timeout_ns:  # bounded: wait for the call, then report a wait that gave up
+            _synchronize(y, handle_s)
+            self._mod.check_wait_error()
+        return out
