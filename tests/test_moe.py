@@ -193,7 +193,7 @@ def test_moe_spec_loads_with_defaults():
     ("experts: 16\n", "", "experts: op moe needs experts"),
     ("experts: 16", "experts: 15", "experts: 15 experts do not split evenly over world sizes [2, 4]"),
     ("topk: 4", "topk: 17", "topk: 17 exceeds the 16 experts"),
-    ("topk: 4", "topk: 4\nmode: low_latency", "mode: low_latency is not generated yet"),
+    ("topk: 4", "topk: 4\nmode: fast", "mode"),
     ("256]", "252]", "must be a multiple of 16"),
     ("dtype: bf16", "dtype: i32", "dtype: op moe moves bf16, f16 or f32"),
     ("dtype: bf16", "dtype: bf16\nn: 64", "n: op moe takes no n"),
@@ -231,7 +231,7 @@ def test_moe_op_renders_traits_binding_wrapper_and_manifest():
 
 def test_moe_op_is_not_generated_when_its_check_fails(monkeypatch):
     s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
-    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k: ("seed 3: rank 1: rows written twice [4]",))
+    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k, mode: ("seed 3: rank 1: rows written twice [4]",))
     with pytest.raises(CodegenError, match="world 2: the MoE check failed:\nseed 3: rank 1: rows written twice"):
         pipeline.generate_op(s, "3.4.5")
 
@@ -239,3 +239,4 @@ def test_moe_op_is_not_generated_when_its_check_fails(monkeypatch):
 def test_moe_checks_pass_at_every_world_the_specs_use():
     for w, e, k in ((2, 256, 8), (4, 256, 8), (8, 256, 8), (2, 12, 3), (4, 12, 3)):
         assert pipeline.moe_problems(w, e, k) == ()
+        assert pipeline.moe_problems(w, e, k, "low_latency") == ()

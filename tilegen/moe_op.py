@@ -7,6 +7,12 @@
 
 Normal mode synchronises with the host once per dispatch (the received counts size the outputs), so
 it is not CUDA-graph capturable; combine's flags carry a host-side call count, so it is not either.
+
+Low-latency mode (mode: low_latency) has no host round trip and can be captured: the call count
+advances on the device, the received tokens land in fixed segments of max_tokens rows per (local
+expert, source rank) of one output the op owns (recv_x [local experts, world * max_tokens, hidden];
+counts [local experts, world]: the rows filled in each segment), valid until the next dispatch.
+Dispatch and combine must alternate (the op raises otherwise): one set of buffers serves both.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ class MoeOp(GeneratedOp):
         super().__init__(*args, **kw)
         self.experts, self.topk, self.mode = experts, topk, mode
         self._counts = None  # [world * (local experts + 1)] int64, pinned
+        self._ll = None  # low-latency mode: the op's fixed-capacity outputs (allocated on the first call)
+        self._ll_pending = False  # low-latency mode: a dispatch whose combine has not been called
 
     def __repr__(self) -> str:
         return (f"<tilegen MoE op {self.name}: {self.dtype} hidden {self.shape[1]}, {self.experts} experts, "
@@ -78,6 +86,51 @@ class MoeOp(GeneratedOp):
             raise ValueError(f"{self.name}: topk_idx[{t}, {j}] = {int(topk_idx[t, j])}: expert ids must be in "
                              f"[0, {self.experts}) or -1 (dropped)")
 
+    def _check_distinct(self, topk_idx: Any) -> None:
+        """Low-latency mode: a token's experts must be distinct (a segment holds max_tokens items)."""
+        s = topk_idx.sort(dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+        if topk_idx.shape[0] and bool(dup.any()):
+            t = int(dup.any(dim=1).nonzero()[0])
+            raise ValueError(f"{self.name}: topk_idx[{t}] names an expert twice ({topk_idx[t].tolist()}): "
+                             f"low_latency mode needs distinct experts per token")
+
+    def _ll_buffers(self, device: Any, handle: int) -> dict:
+        """The fixed-capacity outputs, allocated on the first call (not inside a CUDA-graph capture)."""
+        if self._ll is None:
+            if _capturing(handle):
+                raise RuntimeError(f"{self.name}: call dispatch and combine once before capturing them (the first "
+                                   f"call allocates the op's outputs, which a CUDA graph cannot hold)")
+            torch = _torch()
+            W, L, T, k = world_size(), self.local_experts(), self.max_rows(), self.topk
+            i32 = dict(dtype=torch.int32, device=device)
+            self._ll = {"out": torch.empty((L * W * T, self.hidden), dtype=getattr(torch, self.dtype), device=device),
+                        "handle": torch.full((L * W * T, 3), -1, **i32),
+                        "slot_rows": torch.empty((W * T, k), **i32), "stage_src": torch.empty((W * T, 2), **i32),
+                        "stage_w": torch.empty((W * T, k), dtype=torch.float32, device=device),
+                        "counts": torch.zeros((L, W), **i32)}
+        return self._ll
+
+    def _dispatch_low_latency(self, x, topk_idx, topk_weights, handle_s, timeout_ns, validate):
+        if self._ll_pending:
+            raise RuntimeError(f"{self.name}: low_latency dispatch called twice without combine: the second would "
+                               f"overwrite what the first's combine reads; call combine(y, handle) in between")
+        capturing = _capturing(handle_s)
+        if validate and not capturing:
+            self.check_routing(x, topk_idx, topk_weights)
+            self._check_distinct(topk_idx)
+        b = self._ll_buffers(x.device, handle_s)
+        self._mod.ll_dispatch(x, topk_idx, topk_weights, b["out"], b["handle"], b["slot_rows"], b["stage_src"],
+                              b["stage_w"], b["counts"], handle_s, timeout_ns)
+        if timeout_ns:
+            _synchronize(x, handle_s)
+            self._mod.check_wait_error()
+        self._ll_pending = True
+        W, L, T = world_size(), self.local_experts(), self.max_rows()
+        h = MoeHandle(b["handle"].view(L, W * T, 3), b["slot_rows"], b["stage_src"], b["stage_w"], topk_idx, [],
+                      int(x.shape[0]))
+        return b["out"].view(L, W * T, self.hidden), b["counts"], h
+
     def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, *, stream: Any = None,
                  timeout_ms: float | None = None, validate: bool = True) -> tuple[Any, Any, MoeHandle]:
         """x [m, hidden] of this rank's tokens, topk_idx [m, k] (-1: dropped), topk_weights [m, k] fp32
@@ -87,10 +140,13 @@ class MoeOp(GeneratedOp):
         torch = _torch()
         self.load()
         handle_s = _stream_handle(stream)
+        timeout_ns = self._timeout_ns(timeout_ms)
+        if self.mode == "low_latency":
+            self._refuse_bounded_capture(handle_s, timeout_ns)
+            return self._dispatch_low_latency(x, topk_idx, topk_weights, handle_s, timeout_ns, validate)
         self._refuse_capture("dispatch", handle_s)
         if validate:
             self.check_routing(x, topk_idx, topk_weights)
-        timeout_ns = self._timeout_ns(timeout_ms)
         W, L = world_size(), self.local_experts()
         if self._counts is None:  # filled by the library (one host copy per call, read without FFI per element)
             self._counts = torch.empty((W * (L + 1),), dtype=torch.int64).pin_memory()
@@ -118,6 +174,8 @@ class MoeOp(GeneratedOp):
         torch = _torch()
         self.load()
         handle_s = _stream_handle(stream)
+        if self.mode == "low_latency":
+            return self._combine_low_latency(y, handle, out, handle_s, self._timeout_ns(timeout_ms))
         self._refuse_capture("combine", handle_s)
         rows = int(handle.handle.shape[0])
         if y.dim() != 2 or list(y.shape) != [rows, self.hidden]:
@@ -129,6 +187,25 @@ class MoeOp(GeneratedOp):
         self._mod.combine(y, handle.slot_rows, handle.stage_src, handle.stage_w, handle.topk_idx, out, handle_s,
                           timeout_ns)
         if timeout_ns:  # bounded: wait for the call, then report a wait that gave up
+            _synchronize(y, handle_s)
+            self._mod.check_wait_error()
+        return out
+
+    def _combine_low_latency(self, y, handle: MoeHandle, out, handle_s, timeout_ns):
+        torch = _torch()
+        if not self._ll_pending:
+            raise RuntimeError(f"{self.name}: low_latency combine without a dispatch before it")
+        self._refuse_bounded_capture(handle_s, timeout_ns)
+        W, L, T = world_size(), self.local_experts(), self.max_rows()
+        if list(y.shape) not in ([L, W * T, self.hidden], [L * W * T, self.hidden]):
+            raise ValueError(f"{self.name}: y must be [{L}, {W * T}, {self.hidden}] (dispatch's recv_x layout), "
+                             f"got {list(y.shape)}")
+        if out is None:
+            out = torch.empty((handle.m, self.hidden), dtype=y.dtype, device=y.device)
+        self._mod.ll_combine(y.reshape(L * W * T, self.hidden), handle.slot_rows, handle.stage_src, handle.stage_w,
+                             handle.topk_idx, out, handle_s, timeout_ns)
+        self._ll_pending = False
+        if timeout_ns:
             _synchronize(y, handle_s)
             self._mod.check_wait_error()
         return out

@@ -92,13 +92,17 @@ def plan_verdicts(p: Plan, cache: VerdictCache | None = None) -> list[Verdict]:
 
 
 @lru_cache(maxsize=None)
-def moe_problems(world: int, experts: int, topk: int) -> tuple[str, ...]:
-    """tilegen.moe's checks of the layout arithmetic the MoE kernels implement (deduplicated push,
-    random / dropped / one-expert / sparse routings, 0..max tokens) and of their flag protocol across
-    calls: () or the problems. Token counts are small: the arithmetic does not depend on them."""
+def moe_problems(world: int, experts: int, topk: int, mode: str = "normal") -> tuple[str, ...]:
+    """tilegen.moe's checks of the layout arithmetic the MoE kernels implement (the deduplicated push
+    into staging rows and its expansion; low_latency: the fixed segments it expands into; random /
+    dropped / one-expert / sparse routings, 0..max tokens) and of their flag protocol across calls:
+    () or the problems. Token counts are small: the arithmetic does not depend on them."""
     from .moe import MoeShape, check_moe, check_moe_protocol
     shape = MoeShape(world, experts, topk, max_tokens=12)
-    return tuple(check_moe(shape, "normal", push="token") + check_moe_protocol(world, "normal"))
+    layout = check_moe(shape, "normal", push="token")
+    if mode == "low_latency":
+        layout += check_moe(shape, "low_latency")
+    return tuple(layout + check_moe_protocol(world, mode))
 
 
 def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
@@ -107,7 +111,7 @@ def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
     tests of the renderer itself). MoE ops have no schedules: their layout and protocol are checked."""
     if spec.op in MOE_OPS:
         for w in spec.world_sizes if check else ():
-            problems = moe_problems(w, spec.experts, spec.topk)
+            problems = moe_problems(w, spec.experts, spec.topk, spec.moe_mode)
             if problems:
                 raise CodegenError(f"{spec.name}: world {w}: the MoE check failed:\n" + "\n".join(problems[:10]))
         return []

@@ -203,8 +203,8 @@ class KernelSpec(_Frozen):
     topk: Optional[Annotated[int, Field(ge=1, le=32)]] = Field(default=None, description="moe: experts per token")
     mode: Optional[Literal["normal", "low_latency"]] = Field(
         default=None, description="moe: normal (throughput: counts exchanged first, the host sizes the outputs; the "
-                                  "default) or low_latency (fixed per-expert capacity, CUDA-graph capturable: not "
-                                  "generated yet)")
+                                  "default) or low_latency (fixed capacity of max tokens per expert and source rank, "
+                                  "no host round trip, CUDA-graph capturable; distinct experts per token)")
     description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
 
     @field_validator("name")
@@ -344,8 +344,6 @@ class KernelSpec(_Frozen):
             raise ValueError(f"experts: {self.experts} experts do not split evenly over world sizes {bad}")
         if self.topk > self.experts:
             raise ValueError(f"topk: {self.topk} exceeds the {self.experts} experts")
-        if self.mode == "low_latency":
-            raise ValueError("mode: low_latency is not generated yet; use normal (tilegen.moe checks its layout)")
         if self.sm < 80:
             raise ValueError(f"arch: op moe needs sm_80 or newer (warp reductions), got {self.arch}")
         if self.transport == "nvshmem":

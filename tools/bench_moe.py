@@ -12,6 +12,7 @@ token once per destination rank, so it moves fewer bytes than that.
 """
 import argparse
 import json
+import statistics
 
 import numpy as np
 import torch
@@ -80,22 +81,72 @@ def check_tilegen(op, x, idx, w, label: str) -> dict:
     return {"recv_rows": int(got_x.shape[0]), "combine_max_diff_vs_nccl": err}
 
 
+def time_ll_halves(op, x, idx, w, reps: int, calls: int = 20) -> dict:
+    """Low-latency op: dispatch and combine each captured in a CUDA graph of its own, replayed in turn
+    (dispatch, combine, dispatch, ...: the order the mode needs), each replay between CUDA events; also
+    the eager pair. Medians over `reps` batches of `calls` alternations, us per call, slowest rank."""
+    from tilegen.bench import _slowest
+    recv, _, h = op.dispatch(x, idx, w)
+    op.combine(recv, h)
+    torch.cuda.synchronize()
+    g_dispatch, g_combine = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_dispatch):
+        recv, _, h = op.dispatch(x, idx, w)
+    with torch.cuda.graph(g_combine):
+        op.combine(recv, h)
+    halves = {"dispatch": [], "combine": []}
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * calls + 1)]
+        ev[0].record()
+        for i in range(calls):
+            g_dispatch.replay()
+            ev[2 * i + 1].record()
+            g_combine.replay()
+            ev[2 * i + 2].record()
+        ev[-1].synchronize()
+        halves["dispatch"].append(sum(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(calls)) * 1e3 / calls)
+        halves["combine"].append(sum(ev[2 * i + 1].elapsed_time(ev[2 * i + 2]) for i in range(calls)) * 1e3 / calls)
+    out = {f"tilegen_ll_graph_{k}": _slowest(statistics.median(v)) for k, v in halves.items()}
+
+    def pair():
+        r, _, hh = op.dispatch(x, idx, w)
+        op.combine(r, hh)
+    out["tilegen_ll_eager_pair"] = time_batches(pair, CALLS, reps)
+    return out
+
+
+def check_ll(op, x, idx, w, label: str) -> None:
+    """The low-latency op's filled rows equal the NCCL baseline's dispatch bit for bit."""
+    recv, counts, h = op.dispatch(x, idx, w)
+    L, WT, H = recv.shape
+    filled = torch.arange(WT // counts.shape[1], device=recv.device).view(1, 1, -1) < counts.unsqueeze(2).long()
+    got = recv.view(L, counts.shape[1], -1, H)[filled]
+    want, _, _ = moe_nccl.dispatch(x, idx, op.experts)
+    op.combine(recv, h)
+    if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+        raise AssertionError(f"{label}: rank {dist.get_rank()}: the low-latency dispatch differs from the baseline")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out")
     ap.add_argument("--op", default="moe_bf16", help="generated MoE op (hidden 7168, 256 experts, top-8)")
+    ap.add_argument("--ll-op", default="moe_bf16_ll", help="generated low-latency MoE op, for the sizes it takes")
     a = ap.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     check_against_reference(rank, world)
-    op = None
+    op = ll_op = None
     try:
         import generated
         import tilegen
         tilegen.init()
         op = getattr(generated, a.op)
+        ll_op = getattr(generated, a.ll_op, None)
     except Exception as e:  # the baseline still runs
         if rank == 0:
             print(f"tilegen op {a.op} unavailable: {type(e).__name__}: {e}")
@@ -117,6 +168,9 @@ def main():
             us["tilegen_combine"] = time_batches(lambda: op.combine(trx, th), CALLS, a.reps)
             us["tilegen_dispatch_unchecked"] = time_batches(lambda: op.dispatch(x, idx, w, validate=False), CALLS,
                                                             a.reps)
+        if ll_op is not None and m <= ll_op.max_rows():
+            check_ll(ll_op, x, idx, w, label)
+            us.update(time_ll_halves(ll_op, x, idx, w, a.reps))
         rows.append(res)
         if rank == 0:
             line = "; ".join(f"{name} {t:.1f} us ({sent / t / 1e3:.0f} GB/s)" for name, t in us.items())

@@ -147,3 +147,89 @@ def test_moe_graph_capture_is_refused(dist_env):
     with pytest.raises(RuntimeError, match="cannot be captured"):
         with torch.cuda.graph(graph):
             op.dispatch(x, idx, w)
+
+
+# ------------------------------------------------------------------ low-latency mode
+def _ll_filled(recv, counts, handle):
+    """The rows a low-latency dispatch filled, in (local expert, source, row) order: normal mode's layout."""
+    L, WT, H = recv.shape
+    W = counts.shape[1]
+    filled = torch.arange(WT // W, device=recv.device).view(1, 1, -1) < counts.unsqueeze(2).long()  # [L, W, T]
+    return recv.view(L, W, -1, H)[filled], handle.view(L, W, -1, 3)[filled]
+
+
+def _ll_expert_fn(recv):
+    """_expert_fn on the [local experts, rows, hidden] layout (local expert = dim 0)."""
+    scale = 1.0 + torch.arange(recv.shape[0], device=recv.device, dtype=torch.float64).view(-1, 1, 1) / 16.0
+    return (recv.double() * scale).to(recv.dtype)
+
+
+def _check_ll_result(op, x, idx, w, recv, counts, h, out, what):
+    world = dist.get_world_size()
+    got_x, got_handle = _ll_filled(recv, counts, h.handle)
+    want_x, want_counts, want_handle = moe_nccl.dispatch(x, idx, op.experts)
+    torch.cuda.synchronize()
+    assert torch.equal(counts.sum(dim=1).long(), want_counts.long()), f"{what}: counts differ"
+    assert torch.equal(got_handle.long(), want_handle.long()), f"{what}: handle differs"
+    assert torch.equal(got_x.view(torch.uint8), want_x.view(torch.uint8)), f"{what}: received tokens differ"
+    ref, mag = _combine_reference(op, x, idx, w, world, with_abs=True)
+    fp32 = 16 * torch.finfo(torch.float32).eps * mag.amax(dim=1, keepdim=True).clamp_min(1)
+    err, bound = (out.double() - ref).abs(), torch.finfo(out.dtype).eps * mag + fp32
+    assert (err <= bound).all(), f"{what}: combine off by up to {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("case", ["random", "dropped", "sparse"])
+def test_moe_low_latency_matches_nccl(dist_env, case):
+    rank, world = dist_env
+    op = _op("moe_bf16_ll")
+    for seed in range(3):
+        g = torch.Generator().manual_seed(77 * seed + len(case))
+        m = [0, 1, op.max_rows(), int(torch.randint(0, op.max_rows() + 1, (1,), generator=g))][(seed + rank) % 4]
+        x = _tokens(op, m, 300 + seed + rank)
+        idx, w = _routing(m, op.topk, op.experts, case, 400 + seed + rank)
+        recv, counts, h = op.dispatch(x, idx, w)
+        out = op.combine(_ll_expert_fn(recv), h)
+        _check_ll_result(op, x, idx, w, recv, counts, h, out, f"rank {rank} m={m} {case} seed={seed}")
+
+
+def test_moe_low_latency_replays_in_a_cuda_graph(dist_env):
+    """Dispatch, the experts and combine captured once, replayed with new routings and tokens copied into
+    the captured inputs: every replay's results are that replay's (the epochs advance on the device)."""
+    rank, world = dist_env
+    op = _op("moe_bf16_ll")
+    m = 100
+    x = _tokens(op, m, 1 + rank)
+    idx, w = _routing(m, op.topk, op.experts, "random", 2 + rank)
+    recv, counts, h = op.dispatch(x, idx, w)
+    op.combine(_ll_expert_fn(recv), h)  # the first call allocates; capture the second
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_recv, g_counts, g_h = op.dispatch(x, idx, w)
+        g_out = op.combine(_ll_expert_fn(g_recv), g_h)
+    for replay in range(3):
+        x.copy_(_tokens(op, m, 50 + 10 * replay + rank))
+        new_idx, new_w = _routing(m, op.topk, op.experts, ("random", "dropped", "sparse")[replay], 60 + replay + rank)
+        idx.copy_(new_idx)
+        w.copy_(new_w)
+        graph.replay()
+        _check_ll_result(op, x, idx, w, g_recv, g_counts, g_h, g_out, f"rank {rank} replay {replay}")
+    dist.barrier()
+
+
+def test_moe_low_latency_refuses_out_of_order_calls_and_repeated_experts(dist_env):
+    op = _op("moe_bf16_ll")
+    x = _tokens(op, 4, 1)
+    idx, w = _routing(4, op.topk, op.experts, "random", 2)
+    with pytest.raises(RuntimeError, match="combine without a dispatch"):
+        op.combine(torch.zeros((op.experts // dist.get_world_size(), dist.get_world_size() * op.max_rows(),
+                                op.hidden), device="cuda", dtype=x.dtype), None)
+    bad = idx.clone()
+    bad[1, 3] = bad[1, 0]
+    with pytest.raises(ValueError, match=r"topk_idx\[1\] names an expert twice"):
+        op.dispatch(x, bad, w)
+    recv, counts, h = op.dispatch(x, idx, w)
+    with pytest.raises(RuntimeError, match="dispatch called twice without combine"):
+        op.dispatch(x, idx, w)
+    out = op.combine(_ll_expert_fn(recv), h)
+    _check_ll_result(op, x, idx, w, recv, counts, h, out, "after the refused calls")

@@ -69,6 +69,7 @@ __global__ void route_block(RouteParams p) {
   constexpr int K = Op::kTopk, E = Op::kExperts;
   __shared__ int32_t e_s[kBlockTokens * K];
   __shared__ int32_t hist[E + Op::kMaxWorld];
+  __shared__ uint32_t dmask[kBlockTokens];  // ranks each token of the block goes to
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kBlockTokens;
   const int nt = static_cast<int>(p.m - t0 < kBlockTokens ? p.m - t0 : kBlockTokens);
   const int C = E + p.world;
@@ -86,19 +87,19 @@ __global__ void route_block(RouteParams p) {
     }
     p.rib[t0 * K + i] = r;
   }
-  auto goes = [&](int t, int d) {
-    for (int j = 0; j < K; ++j) {
-      const int e = e_s[t * K + j];
-      if (e >= 0 && e / p.local == d) return 1;
-    }
-    return 0;
-  };
+  for (int t = threadIdx.x; t < kBlockTokens; t += blockDim.x) {
+    uint32_t mask = 0;
+    for (int j = 0; j < K && t < nt; ++j)
+      if (e_s[t * K + j] >= 0) mask |= 1u << (e_s[t * K + j] / p.local);
+    dmask[t] = mask;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < nt * p.world; i += blockDim.x) {  // (token, destination) pairs
     const int t = i / p.world, d = i % p.world;
     int r = -1;
-    if (goes(t, d)) {
+    if (dmask[t] >> d & 1) {
       r = 0;
-      for (int q = 0; q < t; ++q) r += goes(q, d);
+      for (int q = 0; q < t; ++q) r += dmask[q] >> d & 1;
       atomicAdd(&hist[E + d], 1);
     }
     p.ribd[(t0 + t) * p.world + d] = r;
@@ -137,10 +138,19 @@ struct PushParams {
   int32_t* meta[Op::kMaxWorld];   // ... its meta rows
   int32_t* info[Op::kMaxWorld];   // ... its counts row (the destination's local experts, then tokens)
   uint64_t* flag[Op::kMaxWorld];  // ... its dispatch flag
-  uint64_t* counter;
-  uint64_t target, epoch;
+  uint64_t* counter;  // blocks arrived (the last resets it)
+  uint64_t epoch;
+  const uint64_t* epoch_src;  // low-latency mode: the call's epoch on the device (a graph replays it)
   int me, world, local;
 };
+
+// The call's epoch: the host's (normal mode), or the device word the call's first kernel advanced.
+__device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* device) {
+  return device ? dev::ld_acquire_gpu(device) : host;
+}
+
+// Low-latency mode: the first kernel of a dispatch advances the op's epoch on the device.
+__global__ void advance_epoch(uint64_t* epoch) { dev::st_release_gpu(epoch, *epoch + 1); }
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
@@ -179,12 +189,13 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
       for (int d = 0; d < nd; ++d) mdst[d][f] = v;
     }
   }
-  if (dev::arrive_last<true>(p.counter, p.target)) {  // every block's pushes precede the counts and flags
+  if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's pushes precede the counts and flags
+    if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
       for (int l = 0; l < p.local; ++l) p.info[d][l] = p.totals[d * p.local + l];
       p.info[d][p.local] = p.totals[E + d];
       dev::fence_acq_rel_sys();
-      dev::st_release_sys(p.flag[d], p.epoch);
+      dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
     }
   }
 }
@@ -210,9 +221,15 @@ struct ExpandParams {
   int32_t* slot_rows;   // [staging rows, k]: each slot's row in out (-1: not here)
   int32_t* stage_src;   // [staging rows, 2]: source rank, token
   float* stage_w;       // [staging rows, k]: the slots' weights (0: not here)
-  int32_t* counts;      // [local experts]
-  int64_t stage_rows, rows;
+  int32_t* counts;      // [local experts]; low-latency mode: [local experts][world sources]
+  int64_t stage_rows, rows;  // low-latency mode: bounds (world * max_tokens, local * world * max_tokens)
   int me, world, local;
+  // low-latency mode: wait here for every rank's flag of the call (no host round trip), rows at fixed
+  // segments of max_tokens per (local expert, source), the staging rows' count left for combine
+  const uint64_t* flags;
+  const uint64_t* epoch_src;
+  int32_t* stage_rows_out;
+  dev::WaitCtx wait;
 };
 
 template <class Op>
@@ -221,11 +238,22 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
   constexpr int K = Op::kTopk, E = Op::kExperts, W = Op::kMaxWorld;
   __shared__ int32_t base[E];         // [local expert][source]: first row of that source's items
   __shared__ int64_t first[W + 1];    // compact staging row of each source's first
+  __shared__ int ok;
   const int lane = threadIdx.x & 31, L = p.local;
   const int32_t* cnt = p.info;  // cnt[s * (E + 1) + l]
+  const bool ll = p.epoch_src != nullptr;
+  if (ll) {
+    if (threadIdx.x == 0) {
+      const uint64_t epoch = dev::ld_acquire_gpu(p.epoch_src);
+      ok = 1;
+      for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, epoch, p.wait, /*kind=*/5, s, 0);
+    }
+    __syncthreads();
+    if (!ok) return;
+  }
   for (int l = threadIdx.x; l < L; l += blockDim.x) {  // rows per local expert, then per source within it
     int32_t tot = 0;
-    for (int s = 0; s < p.world; ++s) tot += cnt[s * (E + 1) + l];
+    for (int s = 0; s < p.world; ++s) tot += __ldcg(cnt + s * (E + 1) + l);
     base[l * p.world] = tot;
   }
   __syncthreads();
@@ -237,22 +265,26 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
       run += tot;
     }
     int64_t f = 0;
-    for (int s = 0; s < p.world; ++s) first[s] = f, f += cnt[s * (E + 1) + L];
+    for (int s = 0; s < p.world; ++s) first[s] = f, f += __ldcg(cnt + s * (E + 1) + L);
     first[p.world] = f;
   }
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int32_t run = base[l * p.world], tot = 0;
     for (int s = 0; s < p.world; ++s) {
-      base[l * p.world + s] = run;
-      run += cnt[s * (E + 1) + l];
-      tot += cnt[s * (E + 1) + l];
+      const int32_t c = __ldcg(cnt + s * (E + 1) + l);
+      base[l * p.world + s] = ll ? static_cast<int32_t>((l * p.world + s) * Op::kMaxTokens) : run;
+      run += c;
+      tot += c;
+      if (ll && blockIdx.x == 0) p.counts[l * p.world + s] = c;
     }
-    if (blockIdx.x == 0) p.counts[l] = tot;
+    if (!ll && blockIdx.x == 0) p.counts[l] = tot;
   }
   __syncthreads();
+  if (ll && blockIdx.x == 0 && threadIdx.x == 0) *p.stage_rows_out = static_cast<int32_t>(first[p.world]);
+  const int64_t stage_rows = ll ? (first[p.world] < p.stage_rows ? first[p.world] : p.stage_rows) : p.stage_rows;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * D::kChunks; item += nwarps) {
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::kChunks; item += nwarps) {
     const int64_t r = item / D::kChunks;
     const int ch = static_cast<int>(item % D::kChunks);
     int s = 0;
@@ -266,8 +298,9 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
     for (int j = 0; j < K; ++j) {
       const int e = __ldcg(mrow + 1 + j);
       int64_t row = -1;
-      if (e >= 0 && e / L == p.me) {
-        row = base[(e - p.me * L) * p.world + s] + __ldcg(mrow + 1 + K + j);
+      const int32_t index = e >= 0 ? __ldcg(mrow + 1 + K + j) : -1;
+      if (e >= 0 && e / L == p.me && (!ll || index < Op::kMaxTokens)) {  // (a segment holds max_tokens items)
+        row = base[(e - p.me * L) * p.world + s] + index;
         dst[nd++] = p.out + row * D::kRowBytes;
       }
       if (ch == 0 && lane == j % 32) {
@@ -300,9 +333,11 @@ struct CombineParams {
   int64_t stage_rows;
   char* back[Op::kMaxWorld];      // at each rank: this rank's receive rows of the call's half [max_tokens, hidden]
   uint64_t* flag[Op::kMaxWorld];  // ... its combine flag
-  uint64_t* counter;
-  uint64_t target, epoch;
+  uint64_t* counter;  // blocks arrived (the last resets it)
+  uint64_t epoch;
   int world;
+  const uint64_t* epoch_src;         // low-latency mode: the call's epoch on the device
+  const int32_t* stage_rows_src;     // ... and its staging rows (dispatch's expansion left them)
 };
 
 template <class Op>
@@ -312,7 +347,8 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
   constexpr int K = Op::kTopk, V = D::kVec;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * D::kChunks; item += nwarps) {
+  const int64_t stage_rows = p.stage_rows_src && *p.stage_rows_src < p.stage_rows ? *p.stage_rows_src : p.stage_rows;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::kChunks; item += nwarps) {
     const int64_t r = item / D::kChunks;
     const int ch = static_cast<int>(item % D::kChunks);
     const int s = p.stage_src[r * 2], t = p.stage_src[r * 2 + 1];
@@ -338,10 +374,11 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
       out[c] = *reinterpret_cast<const int4*>(o);
     }
   }
-  if (dev::arrive_last<true>(p.counter, p.target)) {
+  if (dev::arrive_last<true>(p.counter, gridDim.x)) {
+    if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
       dev::fence_acq_rel_sys();
-      dev::st_release_sys(p.flag[d], p.epoch);
+      dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
     }
   }
 }
@@ -357,6 +394,7 @@ struct ReduceParams {
   uint64_t epoch;
   dev::WaitCtx wait;
   int world, local;
+  const uint64_t* epoch_src;  // low-latency mode
 };
 
 template <class Op>
@@ -367,7 +405,8 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   __shared__ int ok;
   if (threadIdx.x == 0) {
     ok = 1;
-    for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, p.epoch, p.wait, /*kind=*/6, s, 0);
+    const uint64_t epoch = call_epoch(p.epoch, p.epoch_src);
+    for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, epoch, p.wait, /*kind=*/6, s, 0);
   }
   __syncthreads();
   if (!ok) return;
@@ -430,11 +469,12 @@ struct Host {
     uint64_t* cflag = nullptr;  // [world]: each sender's combine epoch
     int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
     uint64_t* counters = nullptr;  // [2]: blocks arrived (dispatch push, combine send)
-    uint64_t arrived[2] = {};
     uint64_t dispatch_epoch = 0, combine_epoch = 0;
     int64_t last_m = -1, last_stage_rows = -1, last_rows = -1;
     int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
     int32_t* counts_dev = nullptr;
+    uint64_t* epoch_dev = nullptr;       // low-latency mode: the call's epoch, advanced on the device
+    int32_t* stage_rows_dev = nullptr;   // low-latency mode: the last dispatch's staging rows
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
     cudaEvent_t done = nullptr;
@@ -490,8 +530,10 @@ struct Host {
     const int64_t scratch_ints = blocks(T) * (E + W) + T * K + T * W + (E + W);
     cudaError_t e = cudaMemset(g.dflag, 0, flag_bytes);
     if (e == cudaSuccess) e = cudaMalloc(&g.scratch, scratch_ints * 4);
-    if (e == cudaSuccess) e = cudaMalloc(&g.counters, 2 * sizeof(uint64_t));
-    if (e == cudaSuccess) e = cudaMemset(g.counters, 0, 2 * sizeof(uint64_t));
+    if (e == cudaSuccess) e = cudaMalloc(&g.counters, 2 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t));
+    if (e == cudaSuccess) e = cudaMemset(g.counters, 0, 2 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t));
+    g.epoch_dev = g.counters + 2;
+    g.stage_rows_dev = reinterpret_cast<int32_t*>(g.counters + 3);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
@@ -527,6 +569,7 @@ struct Host {
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, expand_rows<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_send<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_reduce<Op>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, advance_epoch);
     return e;
   }
 
@@ -613,9 +656,7 @@ struct Host {
       pp.flag[q] = peer(g.dflag, q) + g.rank;
     }
     const int grid = grid_for(m);
-    g.arrived[0] += grid;
     pp.counter = g.counters;
-    pp.target = g.arrived[0];
     pp.epoch = epoch;
     pp.me = g.rank;
     pp.world = g.world;
@@ -680,15 +721,101 @@ struct Host {
       cp.flag[q] = peer(g.cflag, q) + g.rank;
     }
     const int grid = grid_for(stage_rows);
-    g.arrived[1] += grid;
     cp.counter = g.counters + 1;
-    cp.target = g.arrived[1];
     cp.epoch = epoch;
     cp.world = g.world;
     combine_send<Op><<<grid, kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
                         g.world, g.local};
+    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
+    return launched("combine reduce", msg, len);
+  }
+
+  // ------------------------------------------------------------------ low-latency mode
+  // No host round trip and nothing the host must know per call: the epoch advances on the device,
+  // outputs are fixed-capacity segments, the staging row count stays on the device. Calls alternate
+  // dispatch, combine (MoeOp enforces it); with that order one set of buffers is safe (each write into
+  // a peer follows that peer's flag of the step that finished reading it).
+  static int ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
+                         int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
+                         void* stream, uint64_t timeout_ns, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
+                                    static_cast<long long>(T));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    advance_epoch<<<1, 1, 0, s>>>(g.epoch_dev);
+    if (launched("epoch", msg, len)) return 1;
+    const int nb = blocks(m);
+    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr};
+    rp.rib = rp.hist + blocks(T) * (E + W);
+    rp.ribd = rp.rib + T * K;
+    rp.totals = rp.ribd + T * W;
+    if (nb > 0) {
+      route_block<Op><<<nb, 256, 0, s>>>(rp);
+      if (launched("route", msg, len)) return 1;
+    }
+    route_scan<Op><<<1, 1024, 0, s>>>(rp, nb);
+    if (launched("route scan", msg, len)) return 1;
+    const Half& hf = g.half[0];
+    PushParams<Op> pp{};
+    pp.x = static_cast<const char*>(x);
+    pp.idx = idx;
+    pp.idx64 = idx64;
+    pp.w = w;
+    pp.m = m;
+    pp.prefix = rp.hist;
+    pp.rib = rp.rib;
+    pp.ribd = rp.ribd;
+    pp.totals = rp.totals;
+    for (int q = 0; q < g.world; ++q) {
+      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kRowBytes;
+      pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
+      pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
+      pp.flag[q] = peer(g.dflag, q) + g.rank;
+    }
+    const int grid = grid_for(m);
+    pp.counter = g.counters;
+    pp.epoch_src = g.epoch_dev;
+    pp.me = g.rank;
+    pp.world = g.world;
+    pp.local = g.local;
+    push_tokens<Op><<<grid, kWarps * 32, 0, s>>>(pp);
+    if (launched("push", msg, len)) return 1;
+    ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), handle, slot_rows, stage_src, stage_w,
+                        counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
+                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns)};
+    expand_rows<Op><<<grid_for(g.world * T), kWarps * 32, 0, s>>>(ep);
+    return launched("expand", msg, len);
+  }
+
+  static int ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
+                        const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
+                        char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
+                                    static_cast<long long>(T));
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const Half& hf = g.half[0];
+    CombineParams<Op> cp{};
+    cp.y = static_cast<const char*>(y);
+    cp.slot_rows = slot_rows;
+    cp.stage_src = stage_src;
+    cp.stage_w = stage_w;
+    cp.stage_rows = g.world * T;
+    for (int q = 0; q < g.world; ++q) {
+      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
+      cp.flag[q] = peer(g.cflag, q) + g.rank;
+    }
+    const int grid = grid_for(g.world * T);
+    cp.counter = g.counters + 1;
+    cp.world = g.world;
+    cp.epoch_src = g.epoch_dev;
+    cp.stage_rows_src = g.stage_rows_dev;
+    combine_send<Op><<<grid, kWarps * 32, 0, s>>>(cp);
+    if (launched("combine send", msg, len)) return 1;
+    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), 0, wait_ctx(timeout_ns),
+                        g.world, g.local, g.epoch_dev};
     combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
     return launched("combine reduce", msg, len);
   }
@@ -718,6 +845,18 @@ struct Host {
                                 int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) { \
     return tilegen::moe::Host<OP>::dispatch_recv(out, handle, slot_rows, stage_src, stage_w, counts, rows, stage_rows, \
                                                  stream, msg, len);                                                  \
+  }                                                                                                                  \
+  int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,       \
+                              int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,\
+                              void* stream, uint64_t timeout_ns, char* msg, int len) {                               \
+    return tilegen::moe::Host<OP>::ll_dispatch(x, idx, idx64, w, m, out, handle, slot_rows, stage_src, stage_w, counts, \
+                                               stream, timeout_ns, msg, len);                                        \
+  }                                                                                                                  \
+  int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w, \
+                             const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,     \
+                             char* msg, int len) {                                                                   \
+    return tilegen::moe::Host<OP>::ll_combine(y, slot_rows, stage_src, stage_w, idx, idx64, m, out, stream, timeout_ns, \
+                                              msg, len);                                                             \
   }                                                                                                                  \
   int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,  \
                           int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,        \

@@ -21,6 +21,12 @@ int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const f
                               uint64_t timeout_ns, int64_t* out, char* msg, int len);
 int tilegen_moe_dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
                               int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len);
+int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
+                            int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
+                            void* stream, uint64_t timeout_ns, char* msg, int len);
+int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
+                           const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
+                           char* msg, int len);
 int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                         int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,
                         uint64_t timeout_ns, char* msg, int len);
@@ -150,6 +156,56 @@ inline void combine(TensorView y, TensorView slot_rows, TensorView stage_src, Te
   });
 }
 
+// Low-latency mode: the op's fixed-capacity outputs (allocated once by MoeOp): out [local * world *
+// max_tokens, hidden] (segments of max_tokens rows per (local expert, source)), handle [same rows, 3],
+// slot_rows / stage_src / stage_w [world * max_tokens, ...], counts [local, world] int32 (rows filled
+// per segment). Nothing comes back to the host: a CUDA graph can hold the call.
+inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView out, TensorView handle,
+                        TensorView slot_rows, TensorView stage_src, TensorView stage_w, TensorView counts,
+                        int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  const int device = x.device().device_id, world = tilegen_op_world();
+  const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
+  check(x, "x", kElem, -1, Spec::kHidden, device);
+  const int64_t m = x.size(0);
+  if (m > Spec::kMaxTokens)
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": x has " << m << " tokens, more than max_tokens " << Spec::kMaxTokens;
+  check(idx, "topk_idx", kIndex, m, Spec::kTopk, device);
+  check(w, "topk_weights", kF32, m, Spec::kTopk, device);
+  check(out, "out", kElem, L * seg, Spec::kHidden, device);
+  check(handle, "handle", kI32, L * seg, 3, device);
+  check(slot_rows, "slot_rows", kI32, seg, Spec::kTopk, device);
+  check(stage_src, "stage_src", kI32, seg, 2, device);
+  check(stage_w, "stage_w", kF32, seg, Spec::kTopk, device);
+  check(counts, "counts", kI32, L, world, device);
+  call([&](char* msg) {
+    return tilegen_moe_ll_dispatch(data(x), data(idx), idx.dtype().bits == 64, reinterpret_cast<const float*>(data(w)), m,
+                                   data(out), reinterpret_cast<int32_t*>(data(handle)),
+                                   reinterpret_cast<int32_t*>(data(slot_rows)), reinterpret_cast<int32_t*>(data(stage_src)),
+                                   reinterpret_cast<float*>(data(stage_w)), reinterpret_cast<int32_t*>(data(counts)),
+                                   stream_of(stream, device), static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  });
+}
+
+inline void ll_combine(TensorView y, TensorView slot_rows, TensorView stage_src, TensorView stage_w, TensorView idx,
+                       TensorView out, int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  const int device = y.device().device_id, world = tilegen_op_world();
+  const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
+  check(y, "y", kElem, L * seg, Spec::kHidden, device);
+  check(slot_rows, "slot_rows", kI32, seg, Spec::kTopk, device);
+  check(stage_src, "stage_src", kI32, seg, 2, device);
+  check(stage_w, "stage_w", kF32, seg, Spec::kTopk, device);
+  check(out, "out", kElem, -1, Spec::kHidden, device);
+  check(idx, "topk_idx", kIndex, out.size(0), Spec::kTopk, device);
+  call([&](char* msg) {
+    return tilegen_moe_ll_combine(data(y), reinterpret_cast<int32_t*>(data(slot_rows)),
+                                  reinterpret_cast<int32_t*>(data(stage_src)), reinterpret_cast<float*>(data(stage_w)),
+                                  data(idx), idx.dtype().bits == 64, out.size(0), data(out), stream_of(stream, device),
+                                  static_cast<uint64_t>(timeout_ns), msg, kMsg);
+  });
+}
+
 inline void check_wait_error() {
   char msg[kMsg] = {0};
   if (tilegen_op_wait_error(msg, kMsg)) TVM_FFI_THROW(TimeoutError) << msg;
@@ -172,6 +228,8 @@ inline tvm::ffi::Array<int64_t> nvshmem_versions() {
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_send, tilegen_moe_binding::dispatch_send);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_recv, tilegen_moe_binding::dispatch_recv);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(combine, tilegen_moe_binding::combine);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_dispatch, tilegen_moe_binding::ll_dispatch);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_combine, tilegen_moe_binding::ll_combine);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_moe_binding::check_wait_error);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_moe_binding::world);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_moe_binding::release);
