@@ -196,3 +196,28 @@ def test_generated_package_loads_its_ops_in_one_collective_order(specs, tmp_path
             pkg.load("nope")
     finally:
         sys.modules.pop("pkgload", None)
+
+
+def test_plan_of_a_moe_spec_prints_its_layout_and_the_check(root, capsys, monkeypatch):
+    assert cli.main(["plan", str(root / "specs/moe_bf16_ll.yaml"), "--world", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "low_latency mode, world 4: 256 experts, 64 per rank, top-8" in out
+    assert "fixed segments of 128 rows per (local expert, source)" in out and "MoE check" in out and ": ok" in out
+    assert cli.main(["plan", str(root / "specs/moe_f32_k3.yaml"), "--world", "8"]) == 1
+    assert "world_sizes: moe_f32_k3 was specified for world sizes [2, 4], not 8" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k, mode: ("seed 1: rank 0: rows written twice [3]",))
+    assert cli.main(["plan", str(root / "specs/moe_bf16.yaml"), "--world", "2"]) == 1
+    assert "FAILED\n  seed 1: rank 0: rows written twice [3]" in capsys.readouterr().out
+
+
+def test_bench_times_collectives_and_names_the_benchmark_of_the_others(monkeypatch):
+    from tilegen import bench
+    ops = {n: type("Op", (), {"kind": k})() for n, k in
+           (("ar", "allreduce"), ("moe_x", "moe"), ("ag_x", "ag_gemm"), ("ag", "allgather"))}
+    fake = type("Pkg", (), dict(ops, OPS=list(ops)))
+    monkeypatch.setattr(bench.importlib, "import_module", lambda name: fake)
+    assert [op.kind for op in bench.resolve("pkg:*")] == ["allreduce", "allgather"]
+    with pytest.raises(ValueError, match="a moe op is timed by tools/bench_moe.py"):
+        bench.resolve("pkg:moe_x")
+    with pytest.raises(ValueError, match="a ag_gemm op is timed by tools/bench_gemm.py"):
+        bench.resolve("pkg:ag_x")

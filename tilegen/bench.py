@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import statistics
+import sys
 
 from .registry import OPS
 
@@ -135,13 +136,22 @@ def calls_for(size_bytes: int) -> int:
     return 50 if size_bytes <= 16 * MiB else 10
 
 
+# What times the ops `tilegen bench` does not (it times collectives against NCCL).
+OTHER_BENCHES = {"ag_gemm": "tools/bench_gemm.py", "gemm_rs": "tools/bench_gemm.py", "moe": "tools/bench_moe.py"}
+
+
 def resolve(ref: str) -> list:
-    """'package:op' -> [op]; 'package:*' -> every op of the package."""
+    """'package:op' -> [op]; 'package:*' -> every collective op of the package (GEMM and MoE ops have
+    benchmarks of their own: OTHER_BENCHES; naming one is an error that says which)."""
     pkg, _, name = ref.partition(":")
     if not name:
         raise ValueError(f"expected package:op or package:* (e.g. generated:allreduce_bf16), got {ref!r}")
     mod = importlib.import_module(pkg)
-    return [getattr(mod, n) for n in (mod.OPS if name == "*" else [name])]
+    ops = [getattr(mod, n) for n in (mod.OPS if name == "*" else [name])]
+    if name != "*" and ops[0].kind in OTHER_BENCHES:
+        raise ValueError(f"{ref}: tilegen bench times collectives; a {ops[0].kind} op is timed by "
+                         f"{OTHER_BENCHES[ops[0].kind]}")
+    return [op for op in ops if op.kind not in OTHER_BENCHES]
 
 
 def nccl_result(kind: str, x, out, root: int = 0):
@@ -397,11 +407,15 @@ def run(refs: list[str], sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, out: str |
     import torch.distributed as dist
 
     import tilegen
+    try:  # before anything collective: every rank stops here the same way
+        ops = [op for ref in refs for op in resolve(ref)]
+    except (ValueError, ImportError, AttributeError) as e:
+        print(f"tilegen bench: {e}", file=sys.stderr)
+        return 2
     rank, world = tilegen.init()
     rows = []
-    for ref in refs:
-        for op in resolve(ref):
-            rows += bench_op(op, sizes_kib, reps, bounded_ms, graph, graph_reps)
+    for op in ops:
+        rows += bench_op(op, sizes_kib, reps, bounded_ms, graph, graph_reps)
     if rank == 0:
         device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
         print(format_table(rows, world, device, dist.get_backend() != "nccl"))

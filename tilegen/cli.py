@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .calibration import resolve
+from .registry import MOE_OPS
 from .spec import json_schema, load_specs
 from .toolchain import ARCH_PATTERN
 
@@ -46,6 +47,31 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _plan_moe(ls, world: int) -> int:
+    """A MoE op has no schedule: its layout at this world size and tilegen.moe's verdict on it."""
+    from .pipeline import moe_problems
+    s = ls.spec
+    if world not in s.world_sizes:
+        print(f"{ls.loc}: world_sizes: {s.name} was specified for world sizes {s.world_sizes}, not {world}",
+              file=sys.stderr)
+        return 1
+    tokens, hidden = s.max_shape
+    print(f"op {s.name}: moe {s.dtype}, {s.moe_mode} mode, world {world}: {s.experts} experts, "
+          f"{s.experts // world} per rank, top-{s.topk}, up to {tokens} tokens of {hidden} per rank")
+    into = ("rows per local expert, source, token, slot" if s.moe_mode == "normal"
+            else f"fixed segments of {tokens} rows per (local expert, source)")
+    wait = "wait for the counts on the host, " if s.moe_mode == "normal" else ""
+    print(f"  dispatch: route, push each token once per destination rank into its staging segment there, "
+          f"{wait}expand into {into}")
+    print("  combine: per staging row, the weighted sum of its local items (fp32, slot order) sent back in "
+          f"{s.dtype}; each token's rank sums them in rank order")
+    print(f"  symmetric memory: {s.moe_symmetric_bytes(world)} bytes")
+    problems = moe_problems(world, s.experts, s.topk, s.moe_mode)
+    print("MoE check (layout, random/dropped/one-expert/sparse routings, flag protocol over 3 calls): "
+          + ("ok" if not problems else "FAILED\n  " + "\n  ".join(problems[:10])))
+    return 0 if not problems else 1
+
+
 def cmd_plan(args) -> int:
     from .pipeline import plan_verdicts
     from .plan import format_plan, plan
@@ -56,6 +82,8 @@ def cmd_plan(args) -> int:
         return 1
     ls = good[0]
     world = args.world if args.world is not None else ls.spec.world_sizes[0]
+    if ls.spec.op in MOE_OPS:
+        return _plan_moe(ls, world)
     try:
         p = plan(ls.spec, world, calibration=resolve(load_calibration(args.calibration), ls.spec.arch))
     except ValueError as e:
@@ -207,6 +235,9 @@ def cmd_list(args) -> int:
         info = json.loads(bj.read_text()) if bj.exists() else {}
         plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
                           for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
+        if man.get("moe"):  # no schedules: its mode and routing
+            moe = man["moe"]
+            plans = f"{moe['mode']}: top-{moe['topk']} of {moe['experts']} experts"
         built = (f"{info['nvcc']}, {info.get('nvshmem', '?')}, {info.get('arch', man['arch'])}" if info
                  else f"no ({man['arch']})")
         table.add_row(man["name"], f"{man['op']} {man['spec']['dtype']}", plans, man["spec_hash"][:8], built)
