@@ -240,3 +240,18 @@ def test_moe_checks_pass_at_every_world_the_specs_use():
     for w, e, k in ((2, 256, 8), (4, 256, 8), (8, 256, 8), (2, 12, 3), (4, 12, 3)):
         assert pipeline.moe_problems(w, e, k) == ()
         assert pipeline.moe_problems(w, e, k, "low_latency") == ()
+
+
+def test_protocol_check_catches_values_a_cuda_graph_would_replay_from_the_capture():
+    """Low-latency calls are replayed from a CUDA graph: a flag value or an arrival count the host
+    passed at capture would be the same on every replay. The check sees the stale reads a captured
+    epoch allows and the deadlock a captured arrival count causes (the kernels keep both on the
+    device: the epoch advanced by the call's first kernel, counters reset by their last block)."""
+    from tilegen.moe import check_moe_protocol
+    assert check_moe_protocol(4, "low_latency") == []
+    stale = check_moe_protocol(4, "low_latency", captured=("epoch",))
+    assert stale and "call 1 read recv from rank 1 of call 0" in stale[0], stale[:2]
+    stuck = check_moe_protocol(2, "low_latency", captured=("arrivals",))
+    assert stuck and "deadlock" in stuck[0] and "call 1: wait for recv" in stuck[0], stuck[:2]
+    with pytest.raises(ValueError, match="captured must name values of epoch, arrivals"):
+        check_moe_protocol(2, captured=("stream",))

@@ -444,9 +444,21 @@ def moe_program(mode: str) -> tuple[MoeStep, ...]:
 MOE_CALLS = 3
 
 
-def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, program=None) -> list[str]:
+HOST_VALUES = ("epoch", "arrivals")
+
+
+def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, program=None,
+                       captured: tuple[str, ...] = ()) -> list[str]:
     """Every rank runs `program` (default moe_program(mode)) MOE_CALLS times; [] or the problems
-    (stale or overwritten reads, deadlocks naming the blocked steps)."""
+    (stale or overwritten reads, deadlocks naming the blocked steps).
+
+    captured: per-call values the calls take from the host, as a CUDA graph replays them (the
+    capture's, call 0's, on every replay): "epoch" (the flags' value), "arrivals" (the count of
+    blocks a put's last block waits for before it sets the flags: without a reset, replays never see
+    it again). Low-latency mode must keep both on the device: the check shows what either would do."""
+    bad = set(captured) - set(HOST_VALUES)
+    if bad:
+        raise ValueError(f"captured must name values of {', '.join(HOST_VALUES)}, got {sorted(bad)}")
     prog = program or moe_program(mode)
     problems: list[str] = []
     for seed in range(seeds + 1):
@@ -461,7 +473,8 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
 
         def blocked(r):
             call, st = queue[r][pos[r]]
-            if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < call + 1 for q in range(world) if q != r):
+            want = 1 if "epoch" in captured else call + 1
+            if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
                 return f"rank {r} call {call}: wait for {st.flag}"
             return None
 
@@ -482,7 +495,9 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
                 if st.kind == "put":
                     for q in range(world):
                         data[(q, st.buf, r)] = call
-                        flags[(q, st.flag, r)] = call + 1
+                        if call and "arrivals" in captured:
+                            continue  # the last block's count was passed by the capture: no flag set
+                        flags[(q, st.flag, r)] = 1 if "epoch" in captured else call + 1
                 elif st.kind == "read":
                     for q, seen in inflight.pop(r):
                         now = data.get((r, st.buf, q))
