@@ -255,3 +255,33 @@ def test_protocol_check_catches_values_a_cuda_graph_would_replay_from_the_captur
     assert stuck and "deadlock" in stuck[0] and "call 1: wait for recv" in stuck[0], stuck[:2]
     with pytest.raises(ValueError, match="captured must name values of epoch, arrivals"):
         check_moe_protocol(2, captured=("stream",))
+
+
+def test_moe_fp8_dispatch_fields():
+    s = parse_yaml_spec(MOE_SPEC + "dispatch_dtype: fp8_e4m3\n", "m.yaml").spec
+    assert (s.fp8_group, s.dtype) == (128, "bf16")
+    a = lambda b: -(-b // 256) * 256  # noqa: E731
+    # staging rows: 256 e4m3 bytes + 2 fp32 scales padded to 16 bytes; combine rows stay bf16
+    half = a(4 * 128 * (256 + 16)) + a(4 * 128 * 256 * 2) + a(4 * 128 * 13 * 4) + a(4 * 17 * 4)
+    assert s.moe_symmetric_bytes(4) == 2 * half + 2 * 4 * 8
+    tok = parse_yaml_spec(MOE_SPEC + "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n", "m.yaml").spec
+    assert tok.fp8_group == 256
+    files = pipeline.generate_op(s, "3.4.5")
+    assert "static constexpr int64_t kFp8Group = 128LL;" in files["moe_t.cu"]
+    assert "kFp8Groups = 2;" in files["moe_t_binding.cc"] and "fp8_group=128" in files["op.py"]
+    plain = pipeline.generate_op(parse_yaml_spec(MOE_SPEC, "m.yaml").spec, "3.4.5")
+    assert "kFp8Group = 0LL;" in plain["moe_t.cu"] and "kFp8Groups = 0;" in plain["moe_t_binding.cc"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("fp8_scales: per_token\n", "fp8_scales: only an fp8 dispatch (dispatch_dtype: fp8_e4m3) has scales"),
+    ("dispatch_dtype: fp8_e4m3\narch: sm_80\n", "dispatch_dtype: fp8 conversions need sm_89 or newer"),
+    ("dispatch_dtype: fp8_e4m3\n", "shape: per_128 fp8 scales need hidden to be a multiple of 128"),
+])
+def test_moe_fp8_dispatch_errors(extra, expected):
+    text = MOE_SPEC + extra
+    if "multiple of 128" in expected:
+        text = text.replace("256]", "272]")
+    assert any(expected in e for e in moe_errors(text)), moe_errors(text)
+    assert any("dispatch_dtype: fp8 dispatch quantizes bf16 or f16" in e for e in
+               moe_errors(MOE_SPEC.replace("dtype: bf16", "dtype: f32") + "dispatch_dtype: fp8_e4m3\n"))

@@ -296,7 +296,9 @@ def moe_context(spec: KernelSpec) -> dict:
         "max_tokens": tokens,
         "traits": [("int", "kOpId", str(_op_id(spec.name))), ("int", "kMaxWorld", str(max(spec.world_sizes))),
                    ("int", "kExperts", str(spec.experts)), ("int", "kTopk", str(spec.topk)),
-                   ("int64_t", "kMaxTokens", f"{tokens}LL"), ("int64_t", "kHidden", f"{hidden}LL")],
+                   ("int64_t", "kMaxTokens", f"{tokens}LL"), ("int64_t", "kHidden", f"{hidden}LL"),
+                   ("int64_t", "kFp8Group", f"{spec.fp8_group}LL")],
+        "fp8_groups": hidden // spec.fp8_group if spec.fp8_group else 0,
         "dl_code": code,
         "dl_bits": bits,
     }
@@ -329,6 +331,7 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
         "nvshmem_headers": nvshmem_headers,
         "calibration": calibration,
         "moe": ({"mode": spec.moe_mode, "experts": spec.experts, "topk": spec.topk,
+                 "dispatch_dtype": spec.dispatch_dtype or spec.dtype, "fp8_group": spec.fp8_group,
                  "symmetric_bytes": {str(w): spec.moe_symmetric_bytes(w) for w in spec.world_sizes},
                  "checked": "tilegen.moe.check_moe (push token) + check_moe_protocol at every world size"}
                 if spec.op in MOE_OPS else None),

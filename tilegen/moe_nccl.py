@@ -68,3 +68,22 @@ def combine(y: Any, handle: Any, topk_idx: Any, topk_weights: Any, group=None) -
     for j in range(k):  # slot order: deterministic
         out += w[:, j:j + 1] * staged[:, j]
     return out.to(y.dtype)
+
+
+def quantize(x: Any, group: int) -> tuple[Any, Any]:
+    """fp8 dispatch's quantization (tilegen/moe.cuh quantize_row): per group of `group` channels,
+    scale = amax / 448 (1 where the group is all zero), tokens x / scale as float8_e4m3fn (round to
+    nearest even), all in fp32. Returns (e4m3 tokens [m, hidden], scales [m, hidden / group])."""
+    import torch
+    m, h = x.shape
+    g = x.float().view(m, h // group, group)
+    amax = g.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (g / scale.unsqueeze(2)).view(m, h).to(torch.float8_e4m3fn), scale
+
+
+def dequantize(q: Any, scales: Any, dtype: Any) -> Any:
+    """The tokens an fp8 dispatch stands for: q * scale per group, in `dtype`."""
+    m, h = q.shape
+    groups = scales.shape[1]
+    return (q.float().view(m, groups, h // groups) * scales.unsqueeze(2)).view(m, h).to(dtype)

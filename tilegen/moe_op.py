@@ -40,9 +40,10 @@ class MoeHandle:
 class MoeOp(GeneratedOp):
     """A generated MoE op: dispatch(x, topk_idx, topk_weights) and combine(y, handle)."""
 
-    def __init__(self, *args, experts: int, topk: int, mode: str, **kw):
+    def __init__(self, *args, experts: int, topk: int, mode: str, fp8_group: int = 0, **kw):
         super().__init__(*args, **kw)
         self.experts, self.topk, self.mode = experts, topk, mode
+        self.fp8_group = fp8_group  # fp8 dispatch: channels per scale (0: tokens move in dtype)
         self._counts = None  # [world * (local experts + 1)] int64, pinned
         self._ll = None  # low-latency mode: the op's fixed-capacity outputs (allocated on the first call)
         self._ll_pending = False  # low-latency mode: a dispatch whose combine has not been called
@@ -57,6 +58,24 @@ class MoeOp(GeneratedOp):
     @property
     def hidden(self) -> int:
         return self.shape[1]
+
+    def _received(self, rows: int, device: Any) -> tuple[Any, Any]:
+        """Storage for received rows: (tokens, scales); fp8 dispatch: e4m3 bytes as uint8 and fp32 scales
+        [rows, groups], else tokens in dtype and no scales (the binding is then given the tokens twice)."""
+        torch = _torch()
+        if not self.fp8_group:
+            out = torch.empty((rows, self.hidden), dtype=getattr(torch, self.dtype), device=device)
+            return out, out
+        return (torch.empty((rows, self.hidden), dtype=torch.uint8, device=device),
+                torch.empty((rows, self.hidden // self.fp8_group), dtype=torch.float32, device=device))
+
+    def _as_received(self, out: Any, scales: Any, shape: tuple) -> Any:
+        """What dispatch returns as recv_x: the tokens, or (fp8 dispatch) (float8_e4m3fn tokens, scales)."""
+        torch = _torch()
+        if not self.fp8_group:
+            return out.view(shape + (self.hidden,))
+        return (out.view(torch.float8_e4m3fn).view(shape + (self.hidden,)),
+                scales.view(shape + (self.hidden // self.fp8_group,)))
 
     def local_experts(self) -> int:
         return self.experts // world_size()
@@ -104,8 +123,8 @@ class MoeOp(GeneratedOp):
             torch = _torch()
             W, L, T, k = world_size(), self.local_experts(), self.max_rows(), self.topk
             i32 = dict(dtype=torch.int32, device=device)
-            self._ll = {"out": torch.empty((L * W * T, self.hidden), dtype=getattr(torch, self.dtype), device=device),
-                        "handle": torch.full((L * W * T, 3), -1, **i32),
+            out, scales = self._received(L * W * T, device)
+            self._ll = {"out": out, "scales": scales, "handle": torch.full((L * W * T, 3), -1, **i32),
                         "slot_rows": torch.empty((W * T, k), **i32), "stage_src": torch.empty((W * T, 2), **i32),
                         "stage_w": torch.empty((W * T, k), dtype=torch.float32, device=device),
                         "counts": torch.zeros((L, W), **i32)}
@@ -120,8 +139,8 @@ class MoeOp(GeneratedOp):
             self.check_routing(x, topk_idx, topk_weights)
             self._check_distinct(topk_idx)
         b = self._ll_buffers(x.device, handle_s)
-        self._mod.ll_dispatch(x, topk_idx, topk_weights, b["out"], b["handle"], b["slot_rows"], b["stage_src"],
-                              b["stage_w"], b["counts"], handle_s, timeout_ns)
+        self._mod.ll_dispatch(x, topk_idx, topk_weights, b["out"], b["scales"], b["handle"], b["slot_rows"],
+                              b["stage_src"], b["stage_w"], b["counts"], handle_s, timeout_ns)
         if timeout_ns:
             _synchronize(x, handle_s)
             self._mod.check_wait_error()
@@ -129,12 +148,13 @@ class MoeOp(GeneratedOp):
         W, L, T = world_size(), self.local_experts(), self.max_rows()
         h = MoeHandle(b["handle"].view(L, W * T, 3), b["slot_rows"], b["stage_src"], b["stage_w"], topk_idx, [],
                       int(x.shape[0]))
-        return b["out"].view(L, W * T, self.hidden), b["counts"], h
+        return self._as_received(b["out"], b["scales"], (L, W * T)), b["counts"], h
 
     def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, *, stream: Any = None,
                  timeout_ms: float | None = None, validate: bool = True) -> tuple[Any, Any, MoeHandle]:
         """x [m, hidden] of this rank's tokens, topk_idx [m, k] (-1: dropped), topk_weights [m, k] fp32
-        -> (tokens received [rows, hidden], grouped per local expert, then source rank, token, slot;
+        -> (tokens received [rows, hidden] (fp8 dispatch: (e4m3 tokens, fp32 scales [rows, groups])), grouped
+        per local expert, then source rank, token, slot;
         counts per local expert [L] int32 on the device; the handle combine needs). Every rank calls it.
         validate=False skips the expert-id check (the kernels then treat bad ids as dropped)."""
         torch = _torch()
@@ -155,15 +175,15 @@ class MoeOp(GeneratedOp):
         counts_host, stage_rows = per[:L], per[L]
         rows = sum(counts_host)
         dev, k = x.device, self.topk
-        out = torch.empty((rows, self.hidden), dtype=x.dtype, device=dev)
+        out, scales = self._received(rows, dev)
         handle = torch.empty((rows, 3), dtype=torch.int32, device=dev)
         slot_rows = torch.empty((stage_rows, k), dtype=torch.int32, device=dev)
         stage_src = torch.empty((stage_rows, 2), dtype=torch.int32, device=dev)
         stage_w = torch.empty((stage_rows, k), dtype=torch.float32, device=dev)
         counts = torch.empty((1, L), dtype=torch.int32, device=dev)
-        self._mod.dispatch_recv(out, handle, slot_rows, stage_src, stage_w, counts, handle_s)
-        return out, counts.view(L), MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host,
-                                              int(x.shape[0]))
+        self._mod.dispatch_recv(out, scales, handle, slot_rows, stage_src, stage_w, counts, handle_s)
+        h = MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host, int(x.shape[0]))
+        return self._as_received(out, scales, (rows,)), counts.view(L), h
 
     def combine(self, y: Any, handle: MoeHandle, out: Any = None, *, stream: Any = None,
                 timeout_ms: float | None = None) -> Any:

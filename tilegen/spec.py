@@ -205,6 +205,12 @@ class KernelSpec(_Frozen):
         default=None, description="moe: normal (throughput: counts exchanged first, the host sizes the outputs; the "
                                   "default) or low_latency (fixed capacity of max tokens per expert and source rank, "
                                   "no host round trip, CUDA-graph capturable; distinct experts per token)")
+    dispatch_dtype: Optional[Literal["fp8_e4m3"]] = Field(
+        default=None, description="moe: fp8_e4m3 sends and returns the dispatched tokens quantized to e4m3 with fp32 "
+                                  "scales (fp8_scales); combine stays in dtype (default: tokens move in dtype)")
+    fp8_scales: Optional[Literal["per_token", "per_128"]] = Field(
+        default=None, description="moe with dispatch_dtype fp8_e4m3: one scale per token or per 128 channels "
+                                  "(default per_128): scale = amax / 448")
     description: str = Field(default="", max_length=2000, description="free text; never emitted into CUDA")
 
     @field_validator("name")
@@ -260,7 +266,7 @@ class KernelSpec(_Frozen):
     def _consistent(self) -> "KernelSpec":
         if self.op in MOE_OPS:
             return self._check_moe()
-        for f in ("experts", "topk", "mode"):
+        for f in ("experts", "topk", "mode", "dispatch_dtype", "fp8_scales"):
             if getattr(self, f) is not None:
                 raise ValueError(f"{f}: only MoE ops ({', '.join(MOE_OPS)}) take {f}")
         if self.op in GEMM_OPS:  # first: the sizes below depend on n
@@ -346,6 +352,15 @@ class KernelSpec(_Frozen):
             raise ValueError(f"topk: {self.topk} exceeds the {self.experts} experts")
         if self.sm < 80:
             raise ValueError(f"arch: op moe needs sm_80 or newer (warp reductions), got {self.arch}")
+        if self.fp8_scales is not None and self.dispatch_dtype is None:
+            raise ValueError("fp8_scales: only an fp8 dispatch (dispatch_dtype: fp8_e4m3) has scales")
+        if self.dispatch_dtype is not None:
+            if self.dtype not in ("bf16", "f16"):
+                raise ValueError(f"dispatch_dtype: fp8 dispatch quantizes bf16 or f16 tokens, not {self.dtype}")
+            if self.sm < 89:
+                raise ValueError(f"dispatch_dtype: fp8 conversions need sm_89 or newer, got {self.arch}")
+            if self.fp8_group == 128 and self.shape[1] % 128:
+                raise ValueError(f"shape: per_128 fp8 scales need hidden to be a multiple of 128, got {self.shape[1]}")
         if self.transport == "nvshmem":
             raise ValueError("transport: op moe stores through NVLink peer pointers (one node); use auto or nvlink")
         defaults = {"reduce": "sum", "tile_bytes": "auto", "sync": "per_tile", "schedule": "auto", "ctas": "auto",
@@ -364,13 +379,21 @@ class KernelSpec(_Frozen):
         halves): per source rank, max_tokens staging rows, meta rows, counts and combine rows."""
         t, h = self.max_shape
         a = lambda b: -(-b // 256) * 256  # noqa: E731
-        half = (2 * a(world * t * h * self.elem_bytes) + a(world * t * (1 + 3 * self.topk) * 4)
+        stage_row = h * self.elem_bytes if not self.fp8_group else h + -(-4 * (h // self.fp8_group) // 16) * 16
+        half = (a(world * t * stage_row) + a(world * t * h * self.elem_bytes) + a(world * t * (1 + 3 * self.topk) * 4)
                 + a(world * (self.experts + 1) * 4))
         return 2 * half + 2 * max(self.world_sizes) * 8
 
     @property
     def moe_mode(self) -> str:
         return self.mode or "normal"
+
+    @property
+    def fp8_group(self) -> int:
+        """MoE fp8 dispatch: channels per scale (the hidden size for per_token); 0 without fp8."""
+        if self.dispatch_dtype is None:
+            return 0
+        return self.shape[1] if self.fp8_scales == "per_token" else 128
 
     def _check_sharding(self) -> None:
         """A sharded dim must be ag_gemm's n or gemm_rs's k, and split evenly at every world size."""

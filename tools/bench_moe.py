@@ -135,18 +135,20 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--op", default="moe_bf16", help="generated MoE op (hidden 7168, 256 experts, top-8)")
     ap.add_argument("--ll-op", default="moe_bf16_ll", help="generated low-latency MoE op, for the sizes it takes")
+    ap.add_argument("--fp8-op", default="moe_bf16_fp8", help="generated MoE op with fp8 dispatch")
     a = ap.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     check_against_reference(rank, world)
-    op = ll_op = None
+    op = ll_op = fp8_op = None
     try:
         import generated
         import tilegen
         tilegen.init()
         op = getattr(generated, a.op)
         ll_op = getattr(generated, a.ll_op, None)
+        fp8_op = getattr(generated, a.fp8_op, None)
     except Exception as e:  # the baseline still runs
         if rank == 0:
             print(f"tilegen op {a.op} unavailable: {type(e).__name__}: {e}")
@@ -168,6 +170,11 @@ def main():
             us["tilegen_combine"] = time_batches(lambda: op.combine(trx, th), CALLS, a.reps)
             us["tilegen_dispatch_unchecked"] = time_batches(lambda: op.dispatch(x, idx, w, validate=False), CALLS,
                                                             a.reps)
+        if fp8_op is not None and m <= fp8_op.max_rows():  # fp8 dispatch (e4m3 + scales), combine in bf16
+            (q, _), _, fh = fp8_op.dispatch(x, idx, w)
+            y8 = torch.zeros((q.shape[0], hidden), dtype=torch.bfloat16, device="cuda")
+            us["tilegen_fp8_dispatch"] = time_batches(lambda: fp8_op.dispatch(x, idx, w), CALLS, a.reps)
+            us["tilegen_fp8_combine"] = time_batches(lambda: fp8_op.combine(y8, fh), CALLS, a.reps)
         if ll_op is not None and m <= ll_op.max_rows():
             check_ll(ll_op, x, idx, w, label)
             us.update(time_ll_halves(ll_op, x, idx, w, a.reps))

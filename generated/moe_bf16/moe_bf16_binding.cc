@@ -8,5 +8,6 @@ struct BindingSpec {
   static constexpr uint8_t kCode = 4, kBits = 16;  // DLPack dtype
   static constexpr int64_t kHidden = 7168, kMaxTokens = 4096;
   static constexpr int kExperts = 256, kTopk = 8;
+  static constexpr int64_t kFp8Groups = 0;  // fp8 dispatch: scales per received row (0: no fp8)
 };
 #include "tilegen/moe_binding.h"

@@ -24,4 +24,5 @@ OP = MoeOp(
     experts=256,
     topk=8,
     mode="normal",
+    fp8_group=0,
 )

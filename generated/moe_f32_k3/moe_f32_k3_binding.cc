@@ -8,5 +8,6 @@ struct BindingSpec {
   static constexpr uint8_t kCode = 2, kBits = 32;  // DLPack dtype
   static constexpr int64_t kHidden = 96, kMaxTokens = 300;
   static constexpr int kExperts = 12, kTopk = 3;
+  static constexpr int64_t kFp8Groups = 0;  // fp8 dispatch: scales per received row (0: no fp8)
 };
 #include "tilegen/moe_binding.h"

@@ -24,4 +24,5 @@ OP = MoeOp(
     experts=12,
     topk=3,
     mode="normal",
+    fp8_group=0,
 )

@@ -233,3 +233,58 @@ def test_moe_low_latency_refuses_out_of_order_calls_and_repeated_experts(dist_en
         op.dispatch(x, idx, w)
     out = op.combine(_ll_expert_fn(recv), h)
     _check_ll_result(op, x, idx, w, recv, counts, h, out, "after the refused calls")
+
+
+# ------------------------------------------------------------------ fp8 dispatch
+def _fp8_reference(op, x, idx):
+    """The NCCL version of an fp8 dispatch: quantize (tilegen.moe_nccl.quantize), then dispatch the
+    e4m3 bytes and the scales; also the tokens they stand for (what the experts see)."""
+    q, sc = moe_nccl.quantize(x, op.fp8_group)
+    want_q, counts, handle = moe_nccl.dispatch(q.view(torch.uint8), idx, op.experts)
+    want_sc, _, _ = moe_nccl.dispatch(sc, idx, op.experts)
+    return want_q, want_sc, counts, handle, moe_nccl.dequantize(q, sc, x.dtype)
+
+
+@pytest.mark.parametrize("case", ["random", "dropped", "one_expert"])
+def test_moe_fp8_dispatch_matches_quantized_nccl(dist_env, case):
+    rank, world = dist_env
+    op = _op("moe_bf16_fp8")
+    L = op.experts // world
+    for seed in range(2):
+        m = [0, 37, 512, 700][(seed + rank) % 4]
+        what = f"rank {rank} m={m} {case} seed={seed}"
+        x = _tokens(op, m, 900 + seed + rank) * 8  # values past e4m3's range before scaling
+        idx, w = _routing(m, op.topk, op.experts, case, 950 + seed + rank)
+        (q, sc), counts, h = op.dispatch(x, idx, w)
+        want_q, want_sc, want_counts, want_handle, x_deq = _fp8_reference(op, x, idx)
+        torch.cuda.synchronize()
+        assert torch.equal(counts.long(), want_counts.long()) and torch.equal(h.handle.long(), want_handle.long()), what
+        assert torch.equal(q.view(torch.uint8), want_q), f"{what}: e4m3 tokens differ"
+        assert torch.equal(sc.view(torch.int32), want_sc.view(torch.int32)), f"{what}: scales differ"
+        local = torch.repeat_interleave(torch.arange(L, device="cuda"), counts.long())
+        out = op.combine(_expert_fn(moe_nccl.dequantize(q, sc, x.dtype), local), h)
+        ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
+        bound = torch.finfo(out.dtype).eps * mag + 1e-6 * mag.amax(dim=1, keepdim=True).clamp_min(1)
+        assert ((out.double() - ref).abs() <= bound).all(), f"{what}: combine differs"
+
+
+def test_moe_fp8_low_latency_per_token_scales(dist_env):
+    rank, world = dist_env
+    op = _op("moe_bf16_fp8_ll")
+    m = [0, 1, 77, 128][rank % 4]
+    x = _tokens(op, m, 70 + rank)
+    idx, w = _routing(m, op.topk, op.experts, "dropped", 80 + rank)
+    (q, sc), counts, h = op.dispatch(x, idx, w)
+    want_q, want_sc, _, want_handle, x_deq = _fp8_reference(op, x, idx)
+    got_q, got_handle = _ll_filled(q.view(torch.uint8), counts, h.handle)
+    L, WT, _ = q.shape
+    filled = torch.arange(WT // world, device="cuda").view(1, 1, -1) < counts.unsqueeze(2).long()
+    got_sc = sc.view(L, world, -1, sc.shape[-1])[filled]
+    torch.cuda.synchronize()
+    assert torch.equal(got_handle.long(), want_handle.long()), f"rank {rank}: handle differs"
+    assert torch.equal(got_q, want_q) and torch.equal(got_sc, want_sc), f"rank {rank}: e4m3 tokens or scales differ"
+    deq = moe_nccl.dequantize(q.reshape(-1, op.hidden), sc.reshape(-1, 1), x.dtype).view(q.shape)
+    out = op.combine(_ll_expert_fn(deq), h)
+    ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
+    bound = torch.finfo(out.dtype).eps * mag + 1e-6 * mag.amax(dim=1, keepdim=True).clamp_min(1)
+    assert ((out.double() - ref).abs() <= bound).all(), f"rank {rank}: combine differs"

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include "tilegen/device.cuh"
 
@@ -34,16 +35,82 @@ constexpr int kWarps = 16;        // warps per CTA of the copy kernels
 template <class Op>
 struct Dims {
   static constexpr int kMeta = 1 + 3 * Op::kTopk;  // meta row: token, experts[k], indices[k], weight bits[k]
-  static constexpr int64_t kRowBytes = Op::kHidden * static_cast<int64_t>(sizeof(typename Op::Elem));
+  static constexpr int64_t kRowBytes = Op::kHidden * static_cast<int64_t>(sizeof(typename Op::Elem));  // x, y
   static constexpr int kVec = 16 / sizeof(typename Op::Elem);  // elements per 16-byte vector
+  // fp8 dispatch (Op::kFp8Group > 0): staging and received rows hold e4m3 bytes (x / scale per group
+  // of kFp8Group channels, scale = amax / 448), the staging row then its fp32 scales.
+  static constexpr bool kFp8 = Op::kFp8Group > 0;
+  static constexpr int64_t kGroups = kFp8 ? Op::kHidden / Op::kFp8Group : 0;
+  static constexpr int64_t kScaleBytes = (kGroups * 4 + 15) / 16 * 16;
+  static constexpr int64_t kOutRowBytes = kFp8 ? Op::kHidden : kRowBytes;  // a received row's payload
+  static constexpr int64_t kStageRowBytes = kOutRowBytes + kScaleBytes;     // a staging row
   // A row is moved by kChunks warps (of at most ~4 KiB each): small calls still spread over the GPU.
-  static constexpr int kChunks = static_cast<int>((kRowBytes + 4095) / 4096);
-  static constexpr int64_t kChunkVecs = (kRowBytes / 16 + kChunks - 1) / kChunks;  // 16-byte vectors per chunk
+  // fp8: one warp quantizes a whole token (a per-token scale needs the row's amax first).
+  static constexpr int kChunks = kFp8 ? 1 : static_cast<int>((kOutRowBytes + 4095) / 4096);
+  static constexpr int64_t kChunkVecs = (kOutRowBytes / 16 + kChunks - 1) / kChunks;  // 16-byte vectors per chunk
   __device__ static int64_t vec_lo(int ch) { return ch * kChunkVecs; }
   __device__ static int64_t vec_hi(int ch) {
-    return (ch + 1) * kChunkVecs < kRowBytes / 16 ? (ch + 1) * kChunkVecs : kRowBytes / 16;
+    return (ch + 1) * kChunkVecs < kOutRowBytes / 16 ? (ch + 1) * kChunkVecs : kOutRowBytes / 16;
   }
 };
+
+// fp8 dispatch: one warp quantizes token row x into every destination's staging row (e4m3 bytes,
+// then one fp32 scale per group): scale = amax / 448 of the group (1 where it is all zero), each value
+// x / scale rounded to nearest even, saturating (the same arithmetic as tilegen.moe_nccl.quantize).
+template <class Op>
+__device__ __forceinline__ void quantize_row(char* const (&dst)[Op::kMaxWorld], int nd, const typename Op::Elem* x,
+                                             int lane) {
+  using D = Dims<Op>;
+  using T = typename Op::Elem;
+  constexpr int64_t H = Op::kHidden, G = Op::kFp8Group, nvec = H / 8;  // 8 values (16 bytes) per lane step
+  static_assert(sizeof(T) == 2 && (G == H || G == 128), "fp8 dispatch quantizes 16-bit tokens per token or 128 channels");
+  float row_amax = 0.f;
+  if constexpr (G == H) {
+    for (int64_t v = lane; v < nvec; v += 32) {
+      const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) row_amax = fmaxf(row_amax, fabsf(dev::to_acc(e[q])));
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) row_amax = fmaxf(row_amax, __shfl_xor_sync(0xffffffffu, row_amax, off));
+  }
+  for (int64_t base = 0; base < nvec; base += 32) {
+    const int64_t v = base + lane;
+    const bool active = v < nvec;
+    float f[8] = {};
+    if (active) {
+      const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) f[q] = dev::to_acc(e[q]);
+    }
+    float amax = row_amax;
+    if constexpr (G != H) {  // 128 channels: 16 lanes
+      amax = 0.f;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(f[q]));
+#pragma unroll
+      for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    }
+    const float scale = amax > 0.f ? amax / 448.f : 1.f;
+    uint32_t packed[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h] / scale, f[4 * h + 1] / scale),
+                                                                __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h + 2] / scale, f[4 * h + 3] / scale),
+                                                                __NV_SATFINITE, __NV_E4M3);
+      packed[h] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    if (!active) continue;
+    const int64_t g = v * 8 / G;
+    for (int d = 0; d < nd; ++d) {
+      *reinterpret_cast<uint2*>(dst[d] + v * 8) = make_uint2(packed[0], packed[1]);
+      if (v * 8 % G == 0) reinterpret_cast<float*>(dst[d] + D::kOutRowBytes)[g] = scale;
+    }
+  }
+}
 
 // Expert id of routing entry i; ids outside [0, experts) count as dropped (-1) everywhere, so a bad
 // routing that skipped the caller's check cannot write outside any buffer.
@@ -168,12 +235,16 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
       const int r = p.ribd[t * p.world + d];
       if (r < 0) continue;
       const int64_t row = p.prefix[b * C + E + d] + r;
-      dst[nd] = p.stage[d] + row * D::kRowBytes;
+      dst[nd] = p.stage[d] + row * D::kStageRowBytes;
       mdst[nd++] = p.meta[d] + row * D::kMeta;
     }
-    const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
-    for (int d = 0; d < nd; ++d) dst[d] += lo;
-    dev::copy_multi<Op::kMaxWorld>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
+    if constexpr (D::kFp8) {
+      quantize_row<Op>(dst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane);
+    } else {
+      const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
+      for (int d = 0; d < nd; ++d) dst[d] += lo;
+      dev::copy_multi<Op::kMaxWorld>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
+    }
     for (int f = lane; ch == 0 && f < D::kMeta; f += 32) {  // the same meta row to every destination
       int32_t v;
       if (f == 0) {
@@ -216,7 +287,8 @@ struct ExpandParams {
   const char* stage;   // this rank's half: [world sources][max_tokens rows]
   const int32_t* meta;
   const int32_t* info;  // [world sources][experts + 1]
-  char* out;            // [rows, hidden]
+  char* out;            // [rows, hidden] (fp8 dispatch: e4m3 bytes)
+  float* scales;        // fp8 dispatch: [rows, groups]
   int32_t* handle;      // [rows, 3]: source rank, token, slot
   int32_t* slot_rows;   // [staging rows, k]: each slot's row in out (-1: not here)
   int32_t* stage_src;   // [staging rows, 2]: source rank, token
@@ -293,6 +365,7 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
     const int32_t* mrow = p.meta + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kMeta;
     const int32_t t = __ldcg(mrow);
     char* dst[K];
+    int64_t dst_row[K];
     int nd = 0;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
@@ -301,7 +374,8 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
       const int32_t index = e >= 0 ? __ldcg(mrow + 1 + K + j) : -1;
       if (e >= 0 && e / L == p.me && (!ll || index < Op::kMaxTokens)) {  // (a segment holds max_tokens items)
         row = base[(e - p.me * L) * p.world + s] + index;
-        dst[nd++] = p.out + row * D::kRowBytes;
+        dst_row[nd] = row;
+        dst[nd++] = p.out + row * D::kOutRowBytes;
       }
       if (ch == 0 && lane == j % 32) {
         p.slot_rows[r * K + j] = static_cast<int32_t>(row);
@@ -318,8 +392,14 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
 #pragma unroll
     for (int d = 0; d < K; ++d)
       if (d < nd) dst[d] += lo;
-    dev::copy_multi<K, false>(dst, nd, p.stage + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kRowBytes + lo,
-                              bytes, lane, 32);
+    const char* src = p.stage + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kStageRowBytes;
+    dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
+    if constexpr (D::kFp8) {  // the row's scales beside each copy
+      for (int64_t gi = lane; gi < D::kGroups; gi += 32) {
+        const float sc = __ldcg(reinterpret_cast<const float*>(src + D::kOutRowBytes) + gi);
+        for (int d = 0; d < nd; ++d) p.scales[dst_row[d] * D::kGroups + gi] = sc;
+      }
+    }
   }
 }
 
@@ -482,7 +562,7 @@ struct Host {
   static inline State g;
 
   static int64_t half_bytes(int world) {
-    const int64_t stage = world * T * D::kRowBytes, meta = world * T * D::kMeta * 4, info = world * (E + 1) * 4;
+    const int64_t stage = world * T * D::kStageRowBytes, meta = world * T * D::kMeta * 4, info = world * (E + 1) * 4;
     const int64_t back = world * T * D::kRowBytes;
     return align(stage) + align(meta) + align(info) + align(back);
   }
@@ -514,11 +594,11 @@ struct Host {
     if (!g.sym)
       return fail(msg, len, "%s: nvshmem_malloc of %lld bytes (staging for %lld tokens of %lld bytes from %d ranks, "
                   "twice) failed: raise NVSHMEM_SYMMETRIC_SIZE", Op::kName, static_cast<long long>(2 * hb + flag_bytes),
-                  static_cast<long long>(T), static_cast<long long>(D::kRowBytes), g.world);
+                  static_cast<long long>(T), static_cast<long long>(D::kStageRowBytes), g.world);
     for (int h = 0; h < 2; ++h) {
       char* p = g.sym + h * hb;
       g.half[h].stage = p;
-      p += align(g.world * T * D::kRowBytes);
+      p += align(g.world * T * D::kStageRowBytes);
       g.half[h].meta = reinterpret_cast<int32_t*>(p);
       p += align(g.world * T * D::kMeta * 4);
       g.half[h].info = reinterpret_cast<int32_t*>(p);
@@ -650,7 +730,7 @@ struct Host {
     pp.totals = rp.totals;
     const Half& hf = g.half[h];
     for (int q = 0; q < g.world; ++q) {
-      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kRowBytes;
+      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kStageRowBytes;
       pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
       pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
       pp.flag[q] = peer(g.dflag, q) + g.rank;
@@ -682,7 +762,7 @@ struct Host {
   }
 
   // Dispatch, second half: the staging rows of the last dispatch_send into the caller's outputs.
-  static int dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
+  static int dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
                            int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) {
     if (usable(msg, len)) return 1;
     if (g.last_rows < 0) return fail(msg, len, "%s: dispatch_recv before dispatch_send", Op::kName);
@@ -691,8 +771,8 @@ struct Host {
                   Op::kName, static_cast<long long>(rows), static_cast<long long>(stage_rows),
                   static_cast<long long>(g.last_rows), static_cast<long long>(g.last_stage_rows));
     const Half& hf = g.half[g.dispatch_epoch & 1];
-    ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), handle, slot_rows, stage_src, stage_w,
-                       counts, stage_rows, rows, g.rank, g.world, g.local};
+    ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
+                       stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
     const int grid = grid_for(stage_rows);
     expand_rows<Op><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
     g.last_rows = -1;  // one expansion per dispatch
@@ -738,7 +818,7 @@ struct Host {
   // dispatch, combine (MoeOp enforces it); with that order one set of buffers is safe (each write into
   // a peer follows that peer's flag of the step that finished reading it).
   static int ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
-                         int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
+                         float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
                          void* stream, uint64_t timeout_ns, char* msg, int len) {
     if (usable(msg, len)) return 1;
     if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
@@ -769,7 +849,7 @@ struct Host {
     pp.ribd = rp.ribd;
     pp.totals = rp.totals;
     for (int q = 0; q < g.world; ++q) {
-      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kRowBytes;
+      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kStageRowBytes;
       pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
       pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
       pp.flag[q] = peer(g.dflag, q) + g.rank;
@@ -782,8 +862,8 @@ struct Host {
     pp.local = g.local;
     push_tokens<Op><<<grid, kWarps * 32, 0, s>>>(pp);
     if (launched("push", msg, len)) return 1;
-    ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), handle, slot_rows, stage_src, stage_w,
-                        counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
+    ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
+                        stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
                         g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns)};
     expand_rows<Op><<<grid_for(g.world * T), kWarps * 32, 0, s>>>(ep);
     return launched("expand", msg, len);
@@ -841,15 +921,16 @@ struct Host {
                                 uint64_t timeout_ns, int64_t* out, char* msg, int len) {                             \
     return tilegen::moe::Host<OP>::dispatch_send(x, idx, idx64, w, m, stream, timeout_ns, out, msg, len);           \
   }                                                                                                                  \
-  int tilegen_moe_dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, \
-                                int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) { \
-    return tilegen::moe::Host<OP>::dispatch_recv(out, handle, slot_rows, stage_src, stage_w, counts, rows, stage_rows, \
+  int tilegen_moe_dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src,   \
+                                float* stage_w, int32_t* counts, int64_t rows, int64_t stage_rows, void* stream,     \
+                                char* msg, int len) {                                                                \
+    return tilegen::moe::Host<OP>::dispatch_recv(out, scales, handle, slot_rows, stage_src, stage_w, counts, rows, stage_rows, \
                                                  stream, msg, len);                                                  \
   }                                                                                                                  \
   int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,       \
-                              int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,\
+                              float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,\
                               void* stream, uint64_t timeout_ns, char* msg, int len) {                               \
-    return tilegen::moe::Host<OP>::ll_dispatch(x, idx, idx64, w, m, out, handle, slot_rows, stage_src, stage_w, counts, \
+    return tilegen::moe::Host<OP>::ll_dispatch(x, idx, idx64, w, m, out, scales, handle, slot_rows, stage_src, stage_w, counts, \
                                                stream, timeout_ns, msg, len);                                        \
   }                                                                                                                  \
   int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w, \

@@ -19,10 +19,11 @@ int tilegen_op_wait_error(char* msg, int len);
 void tilegen_op_nvshmem_versions(int* compiled, int* runtime);
 int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
                               uint64_t timeout_ns, int64_t* out, char* msg, int len);
-int tilegen_moe_dispatch_recv(void* out, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
-                              int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len);
+int tilegen_moe_dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src,
+                              float* stage_w, int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg,
+                              int len);
 int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
-                            int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
+                            float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
                             void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                            const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
@@ -51,7 +52,7 @@ inline std::string shape_str(const TensorView& t) {
 
 inline char* data(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
-enum Kind { kElem, kI32, kI64, kF32, kIndex };  // kIndex: int32 or int64
+enum Kind { kElem, kI32, kI64, kF32, kIndex, kU8 };  // kIndex: int32 or int64; kU8: fp8 bytes
 inline bool dtype_is(const TensorView& t, Kind k) {
   const DLDataType d = t.dtype();
   if (d.lanes != 1) return false;
@@ -60,13 +61,15 @@ inline bool dtype_is(const TensorView& t, Kind k) {
     case kI32: return d.code == kDLInt && d.bits == 32;
     case kI64: return d.code == kDLInt && d.bits == 64;
     case kF32: return d.code == kDLFloat && d.bits == 32;
+    case kU8: return d.code == kDLUInt && d.bits == 8;
     default: return d.code == kDLInt && (d.bits == 32 || d.bits == 64);
   }
 }
 
 // A contiguous 2-d CUDA tensor on `device` of the kind's dtype, [rows, cols] (rows < 0: any), 16-byte aligned.
 inline void check(const TensorView& t, const char* arg, Kind kind, int64_t rows, int64_t cols, int device) {
-  static const char* names[] = {Spec::kDtype, "int32", "int64", "float32", "int32 or int64"};
+  static const char* names[] = {Spec::kDtype, "int32", "int64", "float32", "int32 or int64",
+                                "uint8 (a view of the float8_e4m3fn output)"};
   if (!dtype_is(t, kind))
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be " << names[kind] << ", got DLPack code "
                               << int(t.dtype().code) << ", " << int(t.dtype().bits) << " bits";
@@ -79,6 +82,14 @@ inline void check(const TensorView& t, const char* arg, Kind kind, int64_t rows,
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
   if (reinterpret_cast<uintptr_t>(data(t)) % 16)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be 16-byte aligned";
+}
+
+// A received-rows output: the op's dtype, or (fp8 dispatch) e4m3 bytes as uint8 with fp32 scales [rows, groups].
+inline float* check_received(const TensorView& out, const TensorView& scales, int64_t rows, int device) {
+  check(out, "out", Spec::kFp8Groups ? kU8 : kElem, rows, Spec::kHidden, device);
+  if (!Spec::kFp8Groups) return nullptr;
+  check(scales, "scales", kF32, out.size(0), Spec::kFp8Groups, device);
+  return reinterpret_cast<float*>(data(scales));
 }
 
 inline void ensure_ready() { call([&](char* msg) { return tilegen_op_init(msg, kMsg); }); }
@@ -116,11 +127,11 @@ inline void dispatch_send(TensorView x, TensorView idx, TensorView w, TensorView
 // The last dispatch_send's rows into out [rows, hidden], handle [rows, 3] int32, and its state for
 // combine: slot_rows [staging rows, k] int32, stage_src [staging rows, 2] int32, stage_w [staging rows, k]
 // fp32; counts [1, local experts] int32.
-inline void dispatch_recv(TensorView out, TensorView handle, TensorView slot_rows, TensorView stage_src,
-                          TensorView stage_w, TensorView counts, int64_t stream) {
+inline void dispatch_recv(TensorView out, TensorView scales, TensorView handle, TensorView slot_rows,
+                          TensorView stage_src, TensorView stage_w, TensorView counts, int64_t stream) {
   ensure_ready();
   const int device = out.device().device_id;
-  check(out, "out", kElem, -1, Spec::kHidden, device);
+  float* sc = check_received(out, scales, -1, device);
   const int64_t rows = out.size(0), stage_rows = slot_rows.size(0);
   check(handle, "handle", kI32, rows, 3, device);
   check(slot_rows, "slot_rows", kI32, stage_rows, Spec::kTopk, device);
@@ -128,7 +139,7 @@ inline void dispatch_recv(TensorView out, TensorView handle, TensorView slot_row
   check(stage_w, "stage_w", kF32, stage_rows, Spec::kTopk, device);
   check(counts, "counts", kI32, 1, Spec::kExperts / tilegen_op_world(), device);
   call([&](char* msg) {
-    return tilegen_moe_dispatch_recv(data(out), reinterpret_cast<int32_t*>(data(handle)),
+    return tilegen_moe_dispatch_recv(data(out), sc, reinterpret_cast<int32_t*>(data(handle)),
                                      reinterpret_cast<int32_t*>(data(slot_rows)), reinterpret_cast<int32_t*>(data(stage_src)),
                                      reinterpret_cast<float*>(data(stage_w)), reinterpret_cast<int32_t*>(data(counts)), rows,
                                      stage_rows, stream_of(stream, device), msg, kMsg);
@@ -160,9 +171,9 @@ inline void combine(TensorView y, TensorView slot_rows, TensorView stage_src, Te
 // max_tokens, hidden] (segments of max_tokens rows per (local expert, source)), handle [same rows, 3],
 // slot_rows / stage_src / stage_w [world * max_tokens, ...], counts [local, world] int32 (rows filled
 // per segment). Nothing comes back to the host: a CUDA graph can hold the call.
-inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView out, TensorView handle,
-                        TensorView slot_rows, TensorView stage_src, TensorView stage_w, TensorView counts,
-                        int64_t stream, int64_t timeout_ns) {
+inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView out, TensorView scales,
+                        TensorView handle, TensorView slot_rows, TensorView stage_src, TensorView stage_w,
+                        TensorView counts, int64_t stream, int64_t timeout_ns) {
   ensure_ready();
   const int device = x.device().device_id, world = tilegen_op_world();
   const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
@@ -172,7 +183,7 @@ inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView o
     TVM_FFI_THROW(ValueError) << Spec::kName << ": x has " << m << " tokens, more than max_tokens " << Spec::kMaxTokens;
   check(idx, "topk_idx", kIndex, m, Spec::kTopk, device);
   check(w, "topk_weights", kF32, m, Spec::kTopk, device);
-  check(out, "out", kElem, L * seg, Spec::kHidden, device);
+  float* sc = check_received(out, scales, L * seg, device);
   check(handle, "handle", kI32, L * seg, 3, device);
   check(slot_rows, "slot_rows", kI32, seg, Spec::kTopk, device);
   check(stage_src, "stage_src", kI32, seg, 2, device);
@@ -180,7 +191,7 @@ inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView o
   check(counts, "counts", kI32, L, world, device);
   call([&](char* msg) {
     return tilegen_moe_ll_dispatch(data(x), data(idx), idx.dtype().bits == 64, reinterpret_cast<const float*>(data(w)), m,
-                                   data(out), reinterpret_cast<int32_t*>(data(handle)),
+                                   data(out), sc, reinterpret_cast<int32_t*>(data(handle)),
                                    reinterpret_cast<int32_t*>(data(slot_rows)), reinterpret_cast<int32_t*>(data(stage_src)),
                                    reinterpret_cast<float*>(data(stage_w)), reinterpret_cast<int32_t*>(data(counts)),
                                    stream_of(stream, device), static_cast<uint64_t>(timeout_ns), msg, kMsg);
