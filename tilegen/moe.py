@@ -1,5 +1,6 @@
 """MoE token dispatch and combine (expert parallelism, one node): the layout and the per-rank
-protocol, checked before any kernel exists (issue 15's plan and check stages).
+protocol the kernels (include/tilegen/moe.cuh) implement, checked before a MoE op is generated (the
+plan and check stages of op: moe; tilegen.pipeline.moe_problems).
 
 Routing: rank s holds m_s tokens x_s [m_s, hidden] and topk_idx_s [m_s, k] (expert ids in
 [0, experts), -1: slot dropped) with topk_weights_s [m_s, k]. Experts are split evenly: expert e
@@ -8,17 +9,19 @@ with e = topk_idx_s[t, j] >= 0: token t of rank s sent to expert e.
 
 Dispatch (normal mode) lays the items each rank receives out contiguously per local expert, in a
 fixed order: local expert, then source rank, then token, then slot (deterministic: independent of
-timing). Each item's position is computable by its sender from every rank's per-expert counts
-(one all-gather of world x experts counts), so the tokens move in one push, straight to their
-final rows. The handle (source rank, token, slot of every received row) is what combine needs.
+timing). The kernels push each token once per destination rank into that rank's staging segment for
+the sender (`staging_rows`), with the item indices the sender computed (`item_index`: its earlier
+items for the same expert); the sender's counts travel with its flag; the receiver expands the
+staging rows into the final rows (`expanded_rows`), the same rows `sender_rows` computes item by
+item. The handle (source rank, token, slot of every received row) is what combine needs.
 
-Low-latency mode: fixed capacity, no counts exchange and no host synchronisation: rank d's local
-expert l has one segment of max_tokens * k rows per source rank; an item's row in its segment is
-its rank among the source's items for that expert; the counts per (expert, source) travel with the
-flags (CUDA-graph capturable).
+Low-latency mode: fixed capacity, no host synchronisation: rank d's local expert l has one segment
+of max_tokens rows per source rank (experts are distinct per token); an item's row in its segment
+is its item index; the counts per (expert, source) travel with the flags (CUDA-graph capturable).
 
-Combine: each received row's expert output goes back to its source rank's staging [m_s, k, hidden]
-at (token, slot); the source sums its slots in slot order, weighted, in fp32 (deterministic).
+Combine: each received row's expert output goes back to its source rank (the kernels first sum a
+token's items on each expert rank, in slot order, in fp32); the source sums them weighted, in a
+fixed order: deterministic.
 """
 from __future__ import annotations
 
@@ -57,8 +60,9 @@ class MoeShape:
         return divmod(expert, self.local_experts)
 
     def ll_capacity(self) -> int:
-        """Rows of one (local expert, source rank) segment in low-latency mode."""
-        return self.max_tokens * self.topk
+        """Rows of one (local expert, source rank) segment in low-latency mode: a source's tokens, each
+        reaching an expert at most once (experts are distinct per token)."""
+        return self.max_tokens
 
 
 def check_routing(shape: MoeShape, topk_idx: np.ndarray, topk_weights: np.ndarray | None = None,
