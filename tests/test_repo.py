@@ -139,3 +139,15 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path):
     prov = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(prov) == set(ops)
     assert all(p["archs"] == ["sm_90a", "sm_100a"] and p["tilegen"] for p in prov.values())
+
+
+def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
+    """The specs tools/gpu_check.sh generates on the GPU machine (bench variants, fused tile variants)
+    load and their plans pass the checker here, so a device call never spends its minutes on a bad one."""
+    from tilegen.pipeline import checked_plans
+    from tilegen.spec import load_specs
+    for folder in ("tools/bench_specs", "tools/fused_specs"):
+        good, problems = load_specs([root / folder])
+        assert not problems and good, (folder, problems)
+        for ls in good:
+            assert checked_plans(ls.spec), ls.spec.name

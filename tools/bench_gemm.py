@@ -107,6 +107,11 @@ def main():
             res["us"]["fused_kernel_only"] = time_batches(
                 lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), CALLS, a.reps
             )
+            # ... and on every SM, as cuBLAS runs (issue 14's goal compares them on the same SMs)
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            res["us"]["fused_kernel_all_sms"] = time_batches(
+                lambda: mod.fused_gemm(gathered_f, b, c, sms, stream, 0), CALLS, a.reps
+            )
         if nccl:
             gathered = torch.empty((M, K), device="cuda", dtype=torch.bfloat16)
 

@@ -9,6 +9,7 @@
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
 #   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark against the NCCL baseline, the MoE layer example
+#   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
 #                                       --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py turns into choices)
@@ -166,6 +167,14 @@ case "$PHASE" in
     timeout 200 torchrun --nproc-per-node "$NP" examples/moe_layer.py > "$OUT/moe_layer_np$NP.log" 2>&1 \
       || { status=1; tail -30 "$OUT/moe_layer_np$NP.log"; }
     grep "^MoE layer" "$OUT/moe_layer_np$NP.log" ;;
+  fused)  # the fused GEMM kernel alone at several tiles vs cuBLAS (tools/fused_specs; prebuilt: .prebuilt/fused.tar.xz)
+    start_mps_if_shared "$NP"
+    if [ -f .prebuilt/fused.tar.xz ]; then tar -xJf .prebuilt/fused.tar.xz || exit 1
+    elif ! python3 -m tilegen.cli generate tools/fused_specs -o fused_generated -j 32 -q > "$OUT/generate_fused.log" 2>&1; then
+      tail -20 "$OUT/generate_fused.log"; exit 1; fi
+    timeout 300 torchrun --nproc-per-node "$NP" tools/bench_fused_tiles.py --out "$OUT/fused_tiles_np$NP.json" \
+      > "$OUT/fused_tiles_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/fused_tiles_np$NP.log"; }
+    grep "tile \[" "$OUT/fused_tiles_np$NP.log" ;;
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;

@@ -12,6 +12,11 @@ mkdir -p .prebuilt
 tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
 echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
      "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
+# the fused GEMM tile variants (tools/fused_specs), when built: tools/gpu_check.sh fused unpacks them
+if ls fused_generated/*/_build/*.so >/dev/null 2>&1; then
+  tar -cJf .prebuilt/fused.tar.xz fused_generated/*/_build/*.so fused_generated/*/_build/build.json
+  echo "packed fused tile variants: $(du -h .prebuilt/fused.tar.xz | cut -f1)"
+fi
 # tilegen tune's candidate ops (tilegen tune --build-only ...), when built: tools/gpu_check.sh tune unpacks them
 if ls -d .tilegen-tune/pkg_* >/dev/null 2>&1; then
   tar -cJf .prebuilt/tune.tar.xz --exclude='*.o' --exclude='.ninja*' --exclude='build.ninja' .tilegen-tune
