@@ -285,3 +285,30 @@ def test_moe_fp8_dispatch_errors(extra, expected):
     assert any(expected in e for e in moe_errors(text)), moe_errors(text)
     assert any("dispatch_dtype: fp8 dispatch quantizes bf16 or f16" in e for e in
                moe_errors(MOE_SPEC.replace("dtype: bf16", "dtype: f32") + "dispatch_dtype: fp8_e4m3\n"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["", "dispatch_dtype: fp8_e4m3\n",
+                                   "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n"])
+def test_moe_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
+    """KernelSpec.moe_symmetric_bytes (the manifest's figure and the spec's 64 GiB check) against
+    tilegen/moe.cuh's own arithmetic: a host program built from the op's rendered traits prints it."""
+    import re
+    import subprocess
+
+    from tilegen.codegen import INCLUDE_DIR
+    from tilegen.toolchain import find_toolchain
+    s = parse_yaml_spec(MOE_SPEC + extra, "m.yaml").spec
+    cu = pipeline.generate_op(s, "3.4.5")["moe_t.cu"]
+    traits = cu[cu.index("namespace tilegen_op {"):cu.index("TILEGEN_EXPORT_MOE")]
+    (tmp_path / "sizes.cu").write_text(
+        "#include <cstdio>\n#include \"tilegen/moe.cuh\"\n" + traits +
+        "int main() {\n  for (int w : tilegen_op::Op::kWorlds)\n"
+        "    printf(\"%d %lld\\n\", w, static_cast<long long>(2 * tilegen::moe::Host<tilegen_op::Op>::half_bytes(w)"
+        " + 2 * tilegen_op::Op::kMaxWorld * 8));\n}\n")
+    tc = find_toolchain()
+    subprocess.run([tc.nvcc, "-std=c++17", f"-I{INCLUDE_DIR}", f"-I{tc.nvshmem_dir}/include",
+                    str(tmp_path / "sizes.cu"), "-o", str(tmp_path / "sizes")], check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "sizes")], check=True, capture_output=True, text=True).stdout
+    got = {int(w): int(b) for w, b in re.findall(r"(\d+) (\d+)", out)}
+    assert got == {w: s.moe_symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
