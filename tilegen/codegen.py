@@ -66,7 +66,8 @@ def op_templates(spec: KernelSpec) -> tuple[tuple[str, str], ...]:
     return OP_TEMPLATES + ((FUSED_GEMM_TEMPLATE,) if spec.fused else ())
 
 
-MOE_HEADERS = ("tilegen/device.cuh", "tilegen/moe.cuh", "tilegen/moe_binding.h")  # what a MoE op includes
+MOE_ONLY_HEADERS = ("tilegen/moe.cuh", "tilegen/moe_binding.h")
+MOE_HEADERS = ("tilegen/binding_common.h", "tilegen/device.cuh", "tilegen/host_msg.h") + MOE_ONLY_HEADERS
 
 
 def op_headers(spec: KernelSpec) -> tuple[str, ...]:
@@ -74,7 +75,7 @@ def op_headers(spec: KernelSpec) -> tuple[str, ...]:
     kernels rebuilds the MoE ops only, and the other way round)."""
     if spec.op in MOE_OPS:
         return MOE_HEADERS
-    return tuple(h for h in LIBRARY_HEADERS if h not in MOE_HEADERS or h == "tilegen/device.cuh")
+    return tuple(h for h in LIBRARY_HEADERS if h not in MOE_ONLY_HEADERS)
 
 
 def template_files(spec: KernelSpec) -> list[str]:

@@ -6,23 +6,14 @@
 #include <cstdint>
 #include <string>
 #include <vector>
-#include <tvm/ffi/container/array.h>
-#include <tvm/ffi/container/tensor.h>
-#include <tvm/ffi/error.h>
-#include <tvm/ffi/extra/c_env_api.h>
-#include <tvm/ffi/function.h>
+#include "tilegen/binding_common.h"
 
-extern "C" {  // the op library's C interface (tilegen/collective_host.cuh)
-int tilegen_op_init(char* msg, int len);
-int tilegen_op_release(char* msg, int len);
-int tilegen_op_world(void);
+extern "C" {  // the op library's C interface (tilegen/collective_host.cuh), beyond binding_common.h's
 int tilegen_op_rank(void);
 int tilegen_op_is_symmetric(const void* ptr, int64_t bytes);
 int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int root, void* stream, uint64_t timeout_ns, int defer,
                    char* msg, int len);
 int tilegen_op_launch_pending(void* stream, char* msg, int len);
-int tilegen_op_wait_error(char* msg, int len);
-void tilegen_op_nvshmem_versions(int* compiled, int* runtime);
 int tilegen_op_begin(void* stream, char* msg, int len);
 int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
@@ -44,25 +35,14 @@ int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, i
 
 namespace tilegen_binding {
 using tvm::ffi::TensorView;
+using tilegen_ffi::call;
+using tilegen_ffi::data;
+using tilegen_ffi::ensure_ready;
+using tilegen_ffi::kMsg;
+using tilegen_ffi::shape_str;
+using tilegen_ffi::stream_of;
 using Spec = BindingSpec;
-constexpr int kMsg = 1024;
 enum Alias : int { kNoAlias = 0, kWholeOutput = 1, kOwnChunk = 2 };  // what the input may be exactly
-
-// Calls f(msg) (a C function of the op library, 0 on success) and raises its message otherwise
-// (named: prefixed with the op's name, for messages that do not carry it).
-template <class F>
-void call(F&& f, bool named = false) {
-  char msg[kMsg] = {0};
-  if (f(msg)) TVM_FFI_THROW(RuntimeError) << (named ? Spec::kName : "") << (named ? ": " : "") << msg;
-}
-
-inline std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-inline char* data(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 inline bool has_dtype(const TensorView& t) {
   return t.dtype().code == Spec::kCode && t.dtype().bits == Spec::kBits && t.dtype().lanes == 1;
@@ -88,8 +68,6 @@ inline void check_tensor(const TensorView& t, const char* arg, int64_t rows) {
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim 0 must be " << rows << ", got shape " << shape_str(t);
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
 }
-
-inline void ensure_ready() { call([&](char* msg) { return tilegen_op_init(msg, kMsg); }); }
 
 // m of an input, checked against the spec's rows (input rows = m or world * m).
 inline int64_t rows_of(const TensorView& input, int world) {
@@ -135,7 +113,7 @@ inline void run(TensorView input, TensorView output, int64_t root, int64_t strea
                               << (Spec::kAlias == kOwnChunk    ? " other than exactly at this rank's chunk of the output"
                                   : Spec::kAlias == kWholeOutput ? " other than exactly at the output"
                                                                  : " (not supported by this op)");
-  void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, output.device().device_id);
+  void* s = stream_of(stream, output.device().device_id);
   call([&](char* msg) {
     return tilegen_op_run(in, out, in_bytes, static_cast<int>(root), s, static_cast<uint64_t>(timeout_ns), defer ? 1 : 0,
                           msg, kMsg);
@@ -146,29 +124,11 @@ inline void launch_pending(int64_t stream) {
   call([&](char* msg) { return tilegen_op_launch_pending(reinterpret_cast<void*>(stream), msg, kMsg); });
 }
 
-// After a bounded call has completed on its stream: raises TimeoutError naming rank and signal.
-inline void check_wait_error() {
-  char msg[kMsg] = {0};
-  if (tilegen_op_wait_error(msg, kMsg)) TVM_FFI_THROW(TimeoutError) << msg;
-}
-
 inline bool is_symmetric(TensorView t) {
   ensure_ready();
   return tilegen_op_is_symmetric(data(t), t.numel() * (t.dtype().bits / 8));
 }
 
-inline int64_t world() {
-  ensure_ready();
-  return tilegen_op_world();
-}
-
-inline void release() { call([&](char* msg) { return tilegen_op_release(msg, kMsg); }); }
-
-inline tvm::ffi::Array<int64_t> nvshmem_versions() {
-  int compiled = 0, runtime = 0;
-  tilegen_op_nvshmem_versions(&compiled, &runtime);
-  return {compiled, runtime};
-}
 
 // GEMM ops ------------------------------------------------------------------------------------------
 // Before run(): on the caller's stream, start a call (advances the epoch all its kernels read).
@@ -290,7 +250,7 @@ inline void ce_run(int64_t key, TensorView a, TensorView b, TensorView c, Tensor
     TVM_FFI_THROW(ValueError) << Spec::kName << ": b must be [" << (Spec::kBLayoutKN ? k : n) << ", " << cols[4]
                               << "], got " << shape_str(b);
   call([&](char* msg) {
-    void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, device);
+    void* s = stream_of(stream, device);
     return tilegen_op_ce_run(key, ptr, rows, row_bytes, data(b), n, k, Spec::kBLayoutKN ? 1 : 0, s,
                              static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
@@ -310,7 +270,7 @@ inline tvm::ffi::Array<int64_t> ce_words() {
 // tilegen tune: every later call runs with `ctas` CTAs and `tile_bytes` tiles (0: the plan's choice).
 inline void tune(int64_t ctas, int64_t tile_bytes) {
   ensure_ready();
-  call([&](char* msg) { return tilegen_op_tune(static_cast<int>(ctas), tile_bytes, msg, kMsg); }, /*named=*/false);
+  call([&](char* msg) { return tilegen_op_tune(static_cast<int>(ctas), tile_bytes, msg, kMsg); });
 }
 
 inline tvm::ffi::Array<int64_t> compute_order() {
@@ -348,21 +308,18 @@ inline void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, in
     TVM_FFI_THROW(ValueError) << Spec::kName << ": b must be [" << b_rows << ", " << b_cols << "], got " << shape_str(b);
   if (c.size(0) != a.size(0) || c.size(1) != n)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": c must be [" << a.size(0) << ", " << n << "], got " << shape_str(c);
-  void* s = stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, a.device().device_id);
+  void* s = stream_of(stream, a.device().device_id);
   call([&](char* msg) {
     return tilegen_op_fused_gemm(data(a), data(b), data(c), a.size(0) / world, n, k, static_cast<int>(sms), s,
                                  static_cast<uint64_t>(timeout_ns), msg, kMsg);
-  }, /*named=*/true);
+  }, Spec::kName);
 }
 }  // namespace tilegen_binding
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, tilegen_binding::run);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(launch_pending, tilegen_binding::launch_pending);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_binding::check_wait_error);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, tilegen_binding::is_symmetric);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_binding::world);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_binding::release);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_binding::nvshmem_versions);
+TILEGEN_EXPORT_COMMON_FFI();
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tune, tilegen_binding::tune);
 #if TILEGEN_BINDING_GEMM
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, tilegen_binding::begin);

@@ -16,15 +16,14 @@
 // Buffers alternate between two halves by call parity: a rank writes a peer's half of call n + 2
 // only after that peer's flag of call n + 1, which it set after it finished reading call n's.
 #pragma once
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include "tilegen/device.cuh"
+#include "tilegen/host_msg.h"
 
 namespace tilegen {
 namespace moe {
@@ -520,15 +519,6 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
 }
 
 // ------------------------------------------------------------------------------------- host
-int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-inline int fail(char* msg, int len, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, len, fmt, ap);
-  va_end(ap);
-  return 1;
-}
-
 template <class Op>
 struct Host {
   using D = Dims<Op>;
@@ -550,7 +540,7 @@ struct Host {
     int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
     uint64_t* counters = nullptr;  // [2]: blocks arrived (dispatch push, combine send)
     uint64_t dispatch_epoch = 0, combine_epoch = 0;
-    int64_t last_m = -1, last_stage_rows = -1, last_rows = -1;
+    int64_t last_stage_rows = -1, last_rows = -1;
     int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
     int32_t* counts_dev = nullptr;
     uint64_t* epoch_dev = nullptr;       // low-latency mode: the call's epoch, advanced on the device
@@ -698,16 +688,18 @@ struct Host {
                 static_cast<unsigned long long>(w.seen));
   }
 
-  // Dispatch, first half: route, push, wait for every rank's counts; out[s * (local + 1) + l] =
-  // items source s sent to local expert l, out[s * (local + 1) + local] = its tokens (staging rows).
-  static int dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
-                           uint64_t timeout_ns, int64_t* out, char* msg, int len) {
-    if (usable(msg, len)) return 1;
-    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
-                                    static_cast<long long>(T));
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const uint64_t epoch = ++g.dispatch_epoch;
-    const int h = epoch & 1, nb = blocks(m);
+  static int check_tokens(int64_t m, char* msg, int len) {
+    return m < 0 || m > T ? fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
+                                 static_cast<long long>(T))
+                          : 0;
+  }
+
+  // Both modes' dispatch: route this rank's m tokens, then push each once per destination rank into
+  // this rank's segment of half `hf` there; the flags carry `epoch` (normal mode) or the device's
+  // epoch at `epoch_src` (low-latency mode).
+  static int route_and_push(const void* x, const void* idx, int idx64, const float* w, int64_t m, const Half& hf,
+                            uint64_t epoch, const uint64_t* epoch_src, cudaStream_t s, char* msg, int len) {
+    const int nb = blocks(m);
     RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr};
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
@@ -728,21 +720,61 @@ struct Host {
     pp.rib = rp.rib;
     pp.ribd = rp.ribd;
     pp.totals = rp.totals;
-    const Half& hf = g.half[h];
     for (int q = 0; q < g.world; ++q) {
       pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kStageRowBytes;
       pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
       pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
       pp.flag[q] = peer(g.dflag, q) + g.rank;
     }
-    const int grid = grid_for(m);
     pp.counter = g.counters;
     pp.epoch = epoch;
+    pp.epoch_src = epoch_src;
     pp.me = g.rank;
     pp.world = g.world;
     pp.local = g.local;
-    push_tokens<Op><<<grid, kWarps * 32, 0, s>>>(pp);
-    if (launched("push", msg, len)) return 1;
+    push_tokens<Op><<<grid_for(m), kWarps * 32, 0, s>>>(pp);
+    return launched("push", msg, len);
+  }
+
+  // Both modes' combine: send each staging row's weighted sum back to its token's rank through half
+  // `hf`, then sum what every rank sent here. stage_rows: the rows (normal mode), or a bound with the
+  // real count at stage_rows_src (low-latency mode); epoch as in route_and_push.
+  static int send_and_reduce(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
+                             int64_t stage_rows, const int32_t* stage_rows_src, const void* idx, int idx64, int64_t m,
+                             void* out, const Half& hf, uint64_t epoch, const uint64_t* epoch_src,
+                             uint64_t timeout_ns, cudaStream_t s, char* msg, int len) {
+    CombineParams<Op> cp{};
+    cp.y = static_cast<const char*>(y);
+    cp.slot_rows = slot_rows;
+    cp.stage_src = stage_src;
+    cp.stage_w = stage_w;
+    cp.stage_rows = stage_rows;
+    for (int q = 0; q < g.world; ++q) {
+      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
+      cp.flag[q] = peer(g.cflag, q) + g.rank;
+    }
+    cp.counter = g.counters + 1;
+    cp.epoch = epoch;
+    cp.world = g.world;
+    cp.epoch_src = epoch_src;
+    cp.stage_rows_src = stage_rows_src;
+    combine_send<Op><<<grid_for(stage_rows), kWarps * 32, 0, s>>>(cp);
+    if (launched("combine send", msg, len)) return 1;
+    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
+                        g.world, g.local, epoch_src};
+    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
+    return launched("combine reduce", msg, len);
+  }
+
+  // Dispatch, first half: route, push, wait for every rank's counts; out[s * (local + 1) + l] =
+  // items source s sent to local expert l, out[s * (local + 1) + local] = its tokens (staging rows).
+  static int dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
+                           uint64_t timeout_ns, int64_t* out, char* msg, int len) {
+    if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const uint64_t epoch = ++g.dispatch_epoch;
+    const Half& hf = g.half[epoch & 1];
+    if (route_and_push(x, idx, idx64, w, m, hf, epoch, nullptr, s, msg, len)) return 1;
     wait_counts<Op><<<1, 32, 0, s>>>(g.dflag, hf.info, g.counts_dev, g.world, g.local, epoch, wait_ctx(timeout_ns));
     if (launched("wait", msg, len)) return 1;
     cudaError_t e = cudaEventRecord(g.done, s);
@@ -755,7 +787,6 @@ struct Host {
         out[q * (g.local + 1) + l] = g.counts_host[q * (g.local + 1) + l];
         (l < g.local ? rows : stage_rows) += g.counts_host[q * (g.local + 1) + l];
       }
-    g.last_m = m;
     g.last_rows = rows;
     g.last_stage_rows = stage_rows;
     return 0;
@@ -787,29 +818,9 @@ struct Host {
       return fail(msg, len, "%s: combine of %lld tokens / %lld staging rows outside [0, %lld] / [0, %lld]", Op::kName,
                   static_cast<long long>(m), static_cast<long long>(stage_rows), static_cast<long long>(T),
                   static_cast<long long>(W * T));
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
     const uint64_t epoch = ++g.combine_epoch;
-    const Half& hf = g.half[epoch & 1];
-    CombineParams<Op> cp{};
-    cp.y = static_cast<const char*>(y);
-    cp.slot_rows = slot_rows;
-    cp.stage_src = stage_src;
-    cp.stage_w = stage_w;
-    cp.stage_rows = stage_rows;
-    for (int q = 0; q < g.world; ++q) {
-      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
-      cp.flag[q] = peer(g.cflag, q) + g.rank;
-    }
-    const int grid = grid_for(stage_rows);
-    cp.counter = g.counters + 1;
-    cp.epoch = epoch;
-    cp.world = g.world;
-    combine_send<Op><<<grid, kWarps * 32, 0, s>>>(cp);
-    if (launched("combine send", msg, len)) return 1;
-    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local};
-    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
-    return launched("combine reduce", msg, len);
+    return send_and_reduce(y, slot_rows, stage_src, stage_w, stage_rows, nullptr, idx, idx64, m, out,
+                           g.half[epoch & 1], epoch, nullptr, timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 
   // ------------------------------------------------------------------ low-latency mode
@@ -820,48 +831,12 @@ struct Host {
   static int ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
                          float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
                          void* stream, uint64_t timeout_ns, char* msg, int len) {
-    if (usable(msg, len)) return 1;
-    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
-                                    static_cast<long long>(T));
+    if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     advance_epoch<<<1, 1, 0, s>>>(g.epoch_dev);
     if (launched("epoch", msg, len)) return 1;
-    const int nb = blocks(m);
-    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr};
-    rp.rib = rp.hist + blocks(T) * (E + W);
-    rp.ribd = rp.rib + T * K;
-    rp.totals = rp.ribd + T * W;
-    if (nb > 0) {
-      route_block<Op><<<nb, 256, 0, s>>>(rp);
-      if (launched("route", msg, len)) return 1;
-    }
-    route_scan<Op><<<1, 1024, 0, s>>>(rp, nb);
-    if (launched("route scan", msg, len)) return 1;
     const Half& hf = g.half[0];
-    PushParams<Op> pp{};
-    pp.x = static_cast<const char*>(x);
-    pp.idx = idx;
-    pp.idx64 = idx64;
-    pp.w = w;
-    pp.m = m;
-    pp.prefix = rp.hist;
-    pp.rib = rp.rib;
-    pp.ribd = rp.ribd;
-    pp.totals = rp.totals;
-    for (int q = 0; q < g.world; ++q) {
-      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kStageRowBytes;
-      pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
-      pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
-      pp.flag[q] = peer(g.dflag, q) + g.rank;
-    }
-    const int grid = grid_for(m);
-    pp.counter = g.counters;
-    pp.epoch_src = g.epoch_dev;
-    pp.me = g.rank;
-    pp.world = g.world;
-    pp.local = g.local;
-    push_tokens<Op><<<grid, kWarps * 32, 0, s>>>(pp);
-    if (launched("push", msg, len)) return 1;
+    if (route_and_push(x, idx, idx64, w, m, hf, 0, g.epoch_dev, s, msg, len)) return 1;
     ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                         stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
                         g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns)};
@@ -872,32 +847,9 @@ struct Host {
   static int ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                         const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
                         char* msg, int len) {
-    if (usable(msg, len)) return 1;
-    if (m < 0 || m > T) return fail(msg, len, "%s: %lld tokens outside [0, %lld]", Op::kName, static_cast<long long>(m),
-                                    static_cast<long long>(T));
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const Half& hf = g.half[0];
-    CombineParams<Op> cp{};
-    cp.y = static_cast<const char*>(y);
-    cp.slot_rows = slot_rows;
-    cp.stage_src = stage_src;
-    cp.stage_w = stage_w;
-    cp.stage_rows = g.world * T;
-    for (int q = 0; q < g.world; ++q) {
-      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
-      cp.flag[q] = peer(g.cflag, q) + g.rank;
-    }
-    const int grid = grid_for(g.world * T);
-    cp.counter = g.counters + 1;
-    cp.world = g.world;
-    cp.epoch_src = g.epoch_dev;
-    cp.stage_rows_src = g.stage_rows_dev;
-    combine_send<Op><<<grid, kWarps * 32, 0, s>>>(cp);
-    if (launched("combine send", msg, len)) return 1;
-    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), 0, wait_ctx(timeout_ns),
-                        g.world, g.local, g.epoch_dev};
-    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
-    return launched("combine reduce", msg, len);
+    if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
+    return send_and_reduce(y, slot_rows, stage_src, stage_w, g.world * T, g.stage_rows_dev, idx, idx64, m, out,
+                           g.half[0], 0, g.epoch_dev, timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 };
 

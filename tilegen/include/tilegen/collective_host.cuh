@@ -8,6 +8,7 @@
 #include <vector>
 #include <cuda.h>  // driver API types only: its functions come through the runtime's entry points (no -lcuda)
 #include "tilegen/ce_gemm.cuh"
+#include "tilegen/host_msg.h"
 
 extern "C" int tilegen_op_fused_load(char* msg, int len);  // the fused GEMM's translation unit (fused ops only)
 
@@ -41,15 +42,6 @@ struct StreamMemOps {
     ok = wait && write && attr && attr(&yes, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, device) == CUDA_SUCCESS && yes;
   }
 };
-
-int fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-inline int fail(char* msg, int len, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, len, fmt, ap);
-  va_end(ap);
-  return 1;
-}
 
 // One step of a copy-engine program (tilegen/ce_program.py, as tilegen/overlap.py encodes it): what,
 // on which stream, with whom, and rows [lo, hi) of buffers (0 a, 1 the symmetric one, 2 c, 3 acc).

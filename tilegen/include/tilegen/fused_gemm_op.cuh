@@ -5,9 +5,7 @@
 // picks the element type, B's layout, the tile and the stages, then exports the op's two entry points
 // with TILEGEN_EXPORT_FUSED_GEMM. Compiled whole-program, without NVSHMEM (tilegen/toolchain.py).
 #pragma once
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <type_traits>
 #include <cuda_runtime.h>
 
@@ -20,6 +18,7 @@
 #include <cutlass/util/packed_stride.hpp>
 
 #include "tilegen/fused_gemm.cuh"
+#include "tilegen/host_msg.h"
 
 // From the op's collective translation unit: the signal layout, epoch and chunk order of the call
 // run() just prepared.
@@ -28,15 +27,6 @@ extern "C" int tilegen_op_chunk_sync(tilegen::fused::ChunkSync* out, int64_t row
 
 namespace tilegen {
 namespace fused {
-
-int gemm_fail(char* msg, int len, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-inline int gemm_fail(char* msg, int len, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, len, fmt, ap);
-  va_end(ap);
-  return 1;
-}
 
 // kGathersA: ag_gemm (the scheduler waits on rows of A) rather than gemm_rs (it publishes parts of C).
 // Stages 0: as many as fit beside the epilogue.
@@ -85,7 +75,7 @@ struct FusedGemm {
     cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device);
     if (sms <= 0) sms = device_sms - comm_ctas;  // both kernels spin on each other: leave the comm kernel its SMs
     if (sms < 1 || sms > device_sms)
-      return gemm_fail(msg, len, "GEMM CTAs %d outside [1, %d] (the device has %d SMs, the communication kernel uses %d)",
+      return fail(msg, len, "GEMM CTAs %d outside [1, %d] (the device has %d SMs, the communication kernel uses %d)",
                        sms, device_sms, device_sms, comm_ctas);
     cutlass::KernelHardwareInfo hw{device, sms};
     using StrideA = typename GemmKernel::StrideA;
@@ -103,11 +93,11 @@ struct FusedGemm {
     Gemm gemm;
     cutlass::Status st = gemm.can_implement(args);
     if (st != cutlass::Status::kSuccess)
-      return gemm_fail(msg, len, "CUTLASS cannot run this GEMM (m %d, n %d, k %d): %s", m, N, K, cutlassGetStatusString(st));
+      return fail(msg, len, "CUTLASS cannot run this GEMM (m %d, n %d, k %d): %s", m, N, K, cutlassGetStatusString(st));
     st = gemm.initialize(args, nullptr, static_cast<cudaStream_t>(stream));
     if (st == cutlass::Status::kSuccess) st = gemm.run(static_cast<cudaStream_t>(stream));
     if (st != cutlass::Status::kSuccess)
-      return gemm_fail(msg, len, "fused GEMM launch failed: %s (%s)", cutlassGetStatusString(st),
+      return fail(msg, len, "fused GEMM launch failed: %s (%s)", cutlassGetStatusString(st),
                        cudaGetErrorString(cudaGetLastError()));
     return 0;
   }
@@ -119,7 +109,7 @@ struct FusedGemm {
     if (e == cudaSuccess)
       e = cudaFuncSetAttribute(cutlass::device_kernel<GemmKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                GemmKernel::SharedStorageSize);
-    return e == cudaSuccess ? 0 : gemm_fail(msg, len, "loading the fused GEMM: %s", cudaGetErrorString(e));
+    return e == cudaSuccess ? 0 : fail(msg, len, "loading the fused GEMM: %s", cudaGetErrorString(e));
   }
 };
 

@@ -5,18 +5,9 @@
 #include <cstdint>
 #include <string>
 #include <vector>
-#include <tvm/ffi/container/array.h>
-#include <tvm/ffi/container/tensor.h>
-#include <tvm/ffi/error.h>
-#include <tvm/ffi/extra/c_env_api.h>
-#include <tvm/ffi/function.h>
+#include "tilegen/binding_common.h"
 
-extern "C" {  // the op library's C interface (tilegen/moe.cuh)
-int tilegen_op_init(char* msg, int len);
-int tilegen_op_release(char* msg, int len);
-int tilegen_op_world(void);
-int tilegen_op_wait_error(char* msg, int len);
-void tilegen_op_nvshmem_versions(int* compiled, int* runtime);
+extern "C" {  // the op library's C interface (tilegen/moe.cuh), beyond binding_common.h's
 int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
                               uint64_t timeout_ns, int64_t* out, char* msg, int len);
 int tilegen_moe_dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src,
@@ -35,22 +26,13 @@ int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* 
 
 namespace tilegen_moe_binding {
 using tvm::ffi::TensorView;
+using tilegen_ffi::call;
+using tilegen_ffi::data;
+using tilegen_ffi::ensure_ready;
+using tilegen_ffi::kMsg;
+using tilegen_ffi::shape_str;
+using tilegen_ffi::stream_of;
 using Spec = BindingSpec;
-constexpr int kMsg = 1024;
-
-template <class F>
-void call(F&& f) {
-  char msg[kMsg] = {0};
-  if (f(msg)) TVM_FFI_THROW(RuntimeError) << msg;
-}
-
-inline std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-inline char* data(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 enum Kind { kElem, kI32, kI64, kF32, kIndex, kU8 };  // kIndex: int32 or int64; kU8: fp8 bytes
 inline bool dtype_is(const TensorView& t, Kind k) {
@@ -92,25 +74,41 @@ inline float* check_received(const TensorView& out, const TensorView& scales, in
   return reinterpret_cast<float*>(data(scales));
 }
 
-inline void ensure_ready() { call([&](char* msg) { return tilegen_op_init(msg, kMsg); }); }
-
-inline void* stream_of(int64_t stream, int device) {
-  return stream >= 0 ? reinterpret_cast<void*>(stream) : TVMFFIEnvGetStream(kDLCUDA, device);
-}
-
-// x [m, hidden], topk_idx [m, k] (int32/int64; ids checked by the caller), topk_weights [m, k] fp32:
-// pushes the tokens and fills counts (a CPU int64 tensor of world * (local experts + 1)) with every
-// rank's counts for this rank: per source rank, its items per local expert, then its tokens.
-inline void dispatch_send(TensorView x, TensorView idx, TensorView w, TensorView counts, int64_t stream,
-                          int64_t timeout_ns) {
-  ensure_ready();
-  const int device = x.device().device_id;
+// A dispatch's inputs: x [m, hidden] with m <= max_tokens, topk_idx [m, k] (int32/int64; ids checked by
+// the caller), topk_weights [m, k] fp32. Returns m.
+inline int64_t check_inputs(const TensorView& x, const TensorView& idx, const TensorView& w, int device) {
   check(x, "x", kElem, -1, Spec::kHidden, device);
   const int64_t m = x.size(0);
   if (m > Spec::kMaxTokens)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": x has " << m << " tokens, more than max_tokens " << Spec::kMaxTokens;
   check(idx, "topk_idx", kIndex, m, Spec::kTopk, device);
   check(w, "topk_weights", kF32, m, Spec::kTopk, device);
+  return m;
+}
+
+// What combine needs from its dispatch, per staging row: slot_rows [rows, k] int32, stage_src [rows, 2]
+// int32, stage_w [rows, k] fp32.
+inline void check_state(const TensorView& slot_rows, const TensorView& stage_src, const TensorView& stage_w,
+                        int64_t rows, int device) {
+  check(slot_rows, "slot_rows", kI32, rows, Spec::kTopk, device);
+  check(stage_src, "stage_src", kI32, rows, 2, device);
+  check(stage_w, "stage_w", kF32, rows, Spec::kTopk, device);
+}
+
+// combine's output out [m, hidden] and this rank's routing topk_idx [m, k].
+inline void check_combined(const TensorView& out, const TensorView& idx, int device) {
+  check(out, "out", kElem, -1, Spec::kHidden, device);
+  check(idx, "topk_idx", kIndex, out.size(0), Spec::kTopk, device);
+}
+
+// x, topk_idx, topk_weights as check_inputs says:
+// pushes the tokens and fills counts (a CPU int64 tensor of world * (local experts + 1)) with every
+// rank's counts for this rank: per source rank, its items per local expert, then its tokens.
+inline void dispatch_send(TensorView x, TensorView idx, TensorView w, TensorView counts, int64_t stream,
+                          int64_t timeout_ns) {
+  ensure_ready();
+  const int device = x.device().device_id;
+  const int64_t m = check_inputs(x, idx, w, device);
   const int world = tilegen_op_world();
   const int64_t n = world * (Spec::kExperts / world + 1);
   if (counts.device().device_type != kDLCPU || !dtype_is(counts, kI64) || counts.ndim() != 1 || counts.size(0) != n ||
@@ -134,9 +132,7 @@ inline void dispatch_recv(TensorView out, TensorView scales, TensorView handle, 
   float* sc = check_received(out, scales, -1, device);
   const int64_t rows = out.size(0), stage_rows = slot_rows.size(0);
   check(handle, "handle", kI32, rows, 3, device);
-  check(slot_rows, "slot_rows", kI32, stage_rows, Spec::kTopk, device);
-  check(stage_src, "stage_src", kI32, stage_rows, 2, device);
-  check(stage_w, "stage_w", kF32, stage_rows, Spec::kTopk, device);
+  check_state(slot_rows, stage_src, stage_w, stage_rows, device);
   check(counts, "counts", kI32, 1, Spec::kExperts / tilegen_op_world(), device);
   call([&](char* msg) {
     return tilegen_moe_dispatch_recv(data(out), sc, reinterpret_cast<int32_t*>(data(handle)),
@@ -154,11 +150,8 @@ inline void combine(TensorView y, TensorView slot_rows, TensorView stage_src, Te
   const int device = y.device().device_id;
   check(y, "y", kElem, -1, Spec::kHidden, device);
   const int64_t stage_rows = slot_rows.size(0);
-  check(slot_rows, "slot_rows", kI32, stage_rows, Spec::kTopk, device);
-  check(stage_src, "stage_src", kI32, stage_rows, 2, device);
-  check(stage_w, "stage_w", kF32, stage_rows, Spec::kTopk, device);
-  check(out, "out", kElem, -1, Spec::kHidden, device);
-  check(idx, "topk_idx", kIndex, out.size(0), Spec::kTopk, device);
+  check_state(slot_rows, stage_src, stage_w, stage_rows, device);
+  check_combined(out, idx, device);
   call([&](char* msg) {
     return tilegen_moe_combine(data(y), reinterpret_cast<int32_t*>(data(slot_rows)),
                                reinterpret_cast<int32_t*>(data(stage_src)), reinterpret_cast<float*>(data(stage_w)),
@@ -177,17 +170,10 @@ inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView o
   ensure_ready();
   const int device = x.device().device_id, world = tilegen_op_world();
   const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
-  check(x, "x", kElem, -1, Spec::kHidden, device);
-  const int64_t m = x.size(0);
-  if (m > Spec::kMaxTokens)
-    TVM_FFI_THROW(ValueError) << Spec::kName << ": x has " << m << " tokens, more than max_tokens " << Spec::kMaxTokens;
-  check(idx, "topk_idx", kIndex, m, Spec::kTopk, device);
-  check(w, "topk_weights", kF32, m, Spec::kTopk, device);
+  const int64_t m = check_inputs(x, idx, w, device);
   float* sc = check_received(out, scales, L * seg, device);
   check(handle, "handle", kI32, L * seg, 3, device);
-  check(slot_rows, "slot_rows", kI32, seg, Spec::kTopk, device);
-  check(stage_src, "stage_src", kI32, seg, 2, device);
-  check(stage_w, "stage_w", kF32, seg, Spec::kTopk, device);
+  check_state(slot_rows, stage_src, stage_w, seg, device);
   check(counts, "counts", kI32, L, world, device);
   call([&](char* msg) {
     return tilegen_moe_ll_dispatch(data(x), data(idx), idx.dtype().bits == 64, reinterpret_cast<const float*>(data(w)), m,
@@ -204,35 +190,14 @@ inline void ll_combine(TensorView y, TensorView slot_rows, TensorView stage_src,
   const int device = y.device().device_id, world = tilegen_op_world();
   const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
   check(y, "y", kElem, L * seg, Spec::kHidden, device);
-  check(slot_rows, "slot_rows", kI32, seg, Spec::kTopk, device);
-  check(stage_src, "stage_src", kI32, seg, 2, device);
-  check(stage_w, "stage_w", kF32, seg, Spec::kTopk, device);
-  check(out, "out", kElem, -1, Spec::kHidden, device);
-  check(idx, "topk_idx", kIndex, out.size(0), Spec::kTopk, device);
+  check_state(slot_rows, stage_src, stage_w, seg, device);
+  check_combined(out, idx, device);
   call([&](char* msg) {
     return tilegen_moe_ll_combine(data(y), reinterpret_cast<int32_t*>(data(slot_rows)),
                                   reinterpret_cast<int32_t*>(data(stage_src)), reinterpret_cast<float*>(data(stage_w)),
                                   data(idx), idx.dtype().bits == 64, out.size(0), data(out), stream_of(stream, device),
                                   static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
-}
-
-inline void check_wait_error() {
-  char msg[kMsg] = {0};
-  if (tilegen_op_wait_error(msg, kMsg)) TVM_FFI_THROW(TimeoutError) << msg;
-}
-
-inline int64_t world() {
-  ensure_ready();
-  return tilegen_op_world();
-}
-
-inline void release() { call([&](char* msg) { return tilegen_op_release(msg, kMsg); }); }
-
-inline tvm::ffi::Array<int64_t> nvshmem_versions() {
-  int compiled = 0, runtime = 0;
-  tilegen_op_nvshmem_versions(&compiled, &runtime);
-  return {compiled, runtime};
 }
 }  // namespace tilegen_moe_binding
 
@@ -241,7 +206,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_recv, tilegen_moe_binding::dispatch_recv)
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(combine, tilegen_moe_binding::combine);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_dispatch, tilegen_moe_binding::ll_dispatch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_combine, tilegen_moe_binding::ll_combine);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_moe_binding::check_wait_error);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_moe_binding::world);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_moe_binding::release);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_moe_binding::nvshmem_versions);
+TILEGEN_EXPORT_COMMON_FFI();
