@@ -37,6 +37,17 @@ class MoeHandle:
     m: int
 
 
+def filled_rows(t: Any, counts: Any) -> Any:
+    """Low-latency mode: the rows a dispatch filled of t [local experts, world * max_tokens, ...] (its
+    recv_x, scales or handle), given counts [local experts, world], in (local expert, source rank, row)
+    order: normal mode's layout."""
+    torch = _torch()
+    L, W = counts.shape
+    T = t.shape[1] // W
+    filled = torch.arange(T, device=t.device).view(1, 1, -1) < counts.unsqueeze(2).long()  # [L, W, T]
+    return t.reshape((L, W, T) + tuple(t.shape[2:]))[filled]
+
+
 class MoeOp(GeneratedOp):
     """A generated MoE op: dispatch(x, topk_idx, topk_weights) and combine(y, handle)."""
 
@@ -68,6 +79,14 @@ class MoeOp(GeneratedOp):
             return out, out
         return (torch.empty((rows, self.hidden), dtype=torch.uint8, device=device),
                 torch.empty((rows, self.hidden // self.fp8_group), dtype=torch.float32, device=device))
+
+    def _combine_state(self, stage_rows: int, device: Any) -> tuple[Any, Any, Any]:
+        """Where dispatch's expansion leaves what combine needs per staging row: (slot_rows [rows, k]
+        int32, stage_src [rows, 2] int32, stage_w [rows, k] fp32)."""
+        torch = _torch()
+        i32 = dict(dtype=torch.int32, device=device)
+        return (torch.empty((stage_rows, self.topk), **i32), torch.empty((stage_rows, 2), **i32),
+                torch.empty((stage_rows, self.topk), dtype=torch.float32, device=device))
 
     def _as_received(self, out: Any, scales: Any, shape: tuple) -> Any:
         """What dispatch returns as recv_x: the tokens, or (fp8 dispatch) (float8_e4m3fn tokens, scales)."""
@@ -121,12 +140,12 @@ class MoeOp(GeneratedOp):
                 raise RuntimeError(f"{self.name}: call dispatch and combine once before capturing them (the first "
                                    f"call allocates the op's outputs, which a CUDA graph cannot hold)")
             torch = _torch()
-            W, L, T, k = world_size(), self.local_experts(), self.max_rows(), self.topk
+            W, L, T = world_size(), self.local_experts(), self.max_rows()
             i32 = dict(dtype=torch.int32, device=device)
             out, scales = self._received(L * W * T, device)
+            slot_rows, stage_src, stage_w = self._combine_state(W * T, device)
             self._ll = {"out": out, "scales": scales, "handle": torch.full((L * W * T, 3), -1, **i32),
-                        "slot_rows": torch.empty((W * T, k), **i32), "stage_src": torch.empty((W * T, 2), **i32),
-                        "stage_w": torch.empty((W * T, k), dtype=torch.float32, device=device),
+                        "slot_rows": slot_rows, "stage_src": stage_src, "stage_w": stage_w,
                         "counts": torch.zeros((L, W), **i32)}
         return self._ll
 
@@ -174,12 +193,10 @@ class MoeOp(GeneratedOp):
         per = self._counts.view(W, L + 1).sum(dim=0).tolist()
         counts_host, stage_rows = per[:L], per[L]
         rows = sum(counts_host)
-        dev, k = x.device, self.topk
+        dev = x.device
         out, scales = self._received(rows, dev)
         handle = torch.empty((rows, 3), dtype=torch.int32, device=dev)
-        slot_rows = torch.empty((stage_rows, k), dtype=torch.int32, device=dev)
-        stage_src = torch.empty((stage_rows, 2), dtype=torch.int32, device=dev)
-        stage_w = torch.empty((stage_rows, k), dtype=torch.float32, device=dev)
+        slot_rows, stage_src, stage_w = self._combine_state(stage_rows, dev)
         counts = torch.empty((1, L), dtype=torch.int32, device=dev)
         self._mod.dispatch_recv(out, scales, handle, slot_rows, stage_src, stage_w, counts, handle_s)
         h = MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host, int(x.shape[0]))

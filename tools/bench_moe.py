@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tilegen import moe, moe_nccl
+from tilegen.moe_op import filled_rows
 from tilegen.bench import time_batches
 
 CASES = [  # (label, tokens per rank, hidden, topk, experts)
@@ -120,9 +121,7 @@ def time_ll_halves(op, x, idx, w, reps: int, calls: int = 20) -> dict:
 def check_ll(op, x, idx, w, label: str) -> None:
     """The low-latency op's filled rows equal the NCCL baseline's dispatch bit for bit."""
     recv, counts, h = op.dispatch(x, idx, w)
-    L, WT, H = recv.shape
-    filled = torch.arange(WT // counts.shape[1], device=recv.device).view(1, 1, -1) < counts.unsqueeze(2).long()
-    got = recv.view(L, counts.shape[1], -1, H)[filled]
+    got = filled_rows(recv, counts)
     want, _, _ = moe_nccl.dispatch(x, idx, op.experts)
     op.combine(recv, h)
     if not torch.equal(got.view(torch.int16), want.view(torch.int16)):

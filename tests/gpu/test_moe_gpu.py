@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from tilegen import moe_nccl
+from tilegen.moe_op import filled_rows
 
 CASES = ("random", "dropped", "one_expert", "sparse")
 
@@ -150,14 +151,6 @@ def test_moe_graph_capture_is_refused(dist_env):
 
 
 # ------------------------------------------------------------------ low-latency mode
-def _ll_filled(recv, counts, handle):
-    """The rows a low-latency dispatch filled, in (local expert, source, row) order: normal mode's layout."""
-    L, WT, H = recv.shape
-    W = counts.shape[1]
-    filled = torch.arange(WT // W, device=recv.device).view(1, 1, -1) < counts.unsqueeze(2).long()  # [L, W, T]
-    return recv.view(L, W, -1, H)[filled], handle.view(L, W, -1, 3)[filled]
-
-
 def _ll_expert_fn(recv):
     """_expert_fn on the [local experts, rows, hidden] layout (local expert = dim 0)."""
     scale = 1.0 + torch.arange(recv.shape[0], device=recv.device, dtype=torch.float64).view(-1, 1, 1) / 16.0
@@ -166,7 +159,7 @@ def _ll_expert_fn(recv):
 
 def _check_ll_result(op, x, idx, w, recv, counts, h, out, what):
     world = dist.get_world_size()
-    got_x, got_handle = _ll_filled(recv, counts, h.handle)
+    got_x, got_handle = filled_rows(recv, counts), filled_rows(h.handle, counts)
     want_x, want_counts, want_handle = moe_nccl.dispatch(x, idx, op.experts)
     torch.cuda.synchronize()
     assert torch.equal(counts.sum(dim=1).long(), want_counts.long()), f"{what}: counts differ"
@@ -276,10 +269,7 @@ def test_moe_fp8_low_latency_per_token_scales(dist_env):
     idx, w = _routing(m, op.topk, op.experts, "dropped", 80 + rank)
     (q, sc), counts, h = op.dispatch(x, idx, w)
     want_q, want_sc, _, want_handle, x_deq = _fp8_reference(op, x, idx)
-    got_q, got_handle = _ll_filled(q.view(torch.uint8), counts, h.handle)
-    L, WT, _ = q.shape
-    filled = torch.arange(WT // world, device="cuda").view(1, 1, -1) < counts.unsqueeze(2).long()
-    got_sc = sc.view(L, world, -1, sc.shape[-1])[filled]
+    got_q, got_sc, got_handle = (filled_rows(t, counts) for t in (q.view(torch.uint8), sc, h.handle))
     torch.cuda.synchronize()
     assert torch.equal(got_handle.long(), want_handle.long()), f"rank {rank}: handle differs"
     assert torch.equal(got_q, want_q) and torch.equal(got_sc, want_sc), f"rank {rank}: e4m3 tokens or scales differ"
