@@ -379,6 +379,10 @@ def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
     monkeypatch.setenv("TILEGEN_WAIT_TIMEOUT_MS", "40")
     assert op._timeout_ns(None) == 40_000_000
     assert op._timeout_ns(0) == 0 and op._timeout_ns(1.5) == 1_500_000
+    monkeypatch.setattr(runtime, "_capturing", lambda handle: True)  # a captured call cannot report: defaults off
+    assert op._timeout_ns(None, 7) == 0 and op._timeout_ns(1.5, 7) == 1_500_000
+    monkeypatch.delenv("TILEGEN_WAIT_TIMEOUT_MS")
+    assert op._timeout_ns(None, 7) == 0
     monkeypatch.setenv("TILEGEN_WAIT_TIMEOUT_MS", "soon")
     with pytest.raises(ValueError, match="TILEGEN_WAIT_TIMEOUT_MS must be a number"):
         op._timeout_ns(None)

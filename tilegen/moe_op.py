@@ -179,7 +179,7 @@ class MoeOp(GeneratedOp):
         torch = _torch()
         self.load()
         handle_s = _stream_handle(stream)
-        timeout_ns = self._timeout_ns(timeout_ms)
+        timeout_ns = self._timeout_ns(timeout_ms, handle_s)
         if self.mode == "low_latency":
             self._refuse_bounded_capture(handle_s, timeout_ns)
             return self._dispatch_low_latency(x, topk_idx, topk_weights, handle_s, timeout_ns, validate)
@@ -212,7 +212,7 @@ class MoeOp(GeneratedOp):
         self.load()
         handle_s = _stream_handle(stream)
         if self.mode == "low_latency":
-            return self._combine_low_latency(y, handle, out, handle_s, self._timeout_ns(timeout_ms))
+            return self._combine_low_latency(y, handle, out, handle_s, self._timeout_ns(timeout_ms, handle_s))
         self._refuse_capture("combine", handle_s)
         rows = int(handle.handle.shape[0])
         if y.dim() != 2 or list(y.shape) != [rows, self.hidden]:
@@ -220,7 +220,7 @@ class MoeOp(GeneratedOp):
                              f"got {list(y.shape)}")
         if out is None:
             out = torch.empty((handle.m, self.hidden), dtype=y.dtype, device=y.device)
-        timeout_ns = self._timeout_ns(timeout_ms)
+        timeout_ns = self._timeout_ns(timeout_ms, handle_s)
         self._mod.combine(y, handle.slot_rows, handle.stage_src, handle.stage_w, handle.topk_idx, out, handle_s,
                           timeout_ns)
         if timeout_ns:  # bounded: wait for the call, then report a wait that gave up

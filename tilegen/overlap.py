@@ -356,7 +356,7 @@ class AgGemmOp(_GemmOp):
         gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
-        timeout_ns = self._timeout_ns(timeout_ms)
+        timeout_ns = self._timeout_ns(timeout_ms, _stream_handle(stream))
         if self.overlap == "copy_engine":
             self._copy_engine({"a": a, "gathered": gathered, "c": c}, m, b.contiguous(), mod, stream, timeout_ns)
             return c
@@ -395,7 +395,7 @@ class GemmRsOp(_GemmOp):
         m = self._check(a, b, c, world, 1, world)
         if c is None:
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)
-        timeout_ns = self._timeout_ns(timeout_ms)
+        timeout_ns = self._timeout_ns(timeout_ms, _stream_handle(stream))
         if self.overlap == "copy_engine":
             a, b = a.contiguous(), b.contiguous()  # (no copy when they are)
             rows = ((world - 1) * m, self.n)  # a chunk per ring step: the sums sent and received

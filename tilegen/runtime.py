@@ -288,14 +288,18 @@ class GeneratedOp:
                 return torch.empty(self.output_shape(rows), dtype=getattr(torch, self.dtype), device="cuda")
         return self._outputs[key]
 
-    def _timeout_ns(self, timeout_ms: float | None) -> int:
-        """The call's bound, else TILEGEN_WAIT_TIMEOUT_MS, else the spec's wait_timeout_ms (0: unbounded)."""
+    def _timeout_ns(self, timeout_ms: float | None, handle: int | None = None) -> int:
+        """The call's bound, else TILEGEN_WAIT_TIMEOUT_MS, else the spec's wait_timeout_ms (0: unbounded).
+        The two defaults bound eager calls only: a call captured on stream `handle` cannot report a wait
+        that gave up, so it waits unbounded there (an explicit timeout_ms > 0 is refused under capture)."""
         if timeout_ms is None:
             env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
             try:
                 timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
             except ValueError:
                 raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
+            if timeout_ms > 0 and _capturing(handle):
+                return 0
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
         return int(timeout_ms * 1e6)
@@ -304,7 +308,7 @@ class GeneratedOp:
         """Bounded waits synchronise the stream to read the report: not in a CUDA graph."""
         if timeout_ns > 0 and _capturing(handle):
             raise RuntimeError(
-                f"{self.name}: bounded waits (timeout_ms / TILEGEN_WAIT_TIMEOUT_MS / wait_timeout_ms) "
+                f"{self.name}: bounded waits (timeout_ms > 0) "
                 f"synchronise the stream after each call and cannot be captured in a CUDA graph; "
                 f"capture with timeout_ms=0"
             )
@@ -331,7 +335,7 @@ class GeneratedOp:
             rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
             raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
         handle = _stream_handle(stream)
-        timeout_ns = self._timeout_ns(timeout_ms)
+        timeout_ns = self._timeout_ns(timeout_ms, handle)
         if timeout_ns:
             self._refuse_bounded_capture(handle, timeout_ns)
         run(input, output, root, handle, timeout_ns, False)

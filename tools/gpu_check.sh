@@ -72,7 +72,7 @@ run_tests() {  # $1 ranks
   timeout "${GPU_TEST_TIMEOUT:-540}" torchrun --nproc-per-node "$1" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider \
     -o faulthandler_timeout=150 > "$log" 2>&1
   rc=$?
-  grep -E "^(FAILED|ERROR)|Error|error:|Timeout \(0:" "$log" | grep -v "^E  " | sort | uniq | head -40
+  grep -E "^(FAILED|ERROR)|Error|error:|Timeout \(0:|ending the run" "$log" | grep -v "^E  " | sort | uniq | head -40
   echo "== gpu tests at $1 ranks: $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1)$([ $rc = 124 ] && echo ' (TIMED OUT)')"
   return $rc
 }

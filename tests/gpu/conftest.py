@@ -33,12 +33,46 @@ def dist_env():
     dist.destroy_process_group()
 
 
+_failed_here = set()  # this rank's failed GPU tests (node ids)
+
+
 def pytest_runtest_logreport(report):
     """A GPU test that fails on one rank often leaves the others waiting in a collective (the suite then
     hangs until gpu_check's timeout, and pytest's summary is never printed): write the failure to the
-    log as it happens, with the rank."""
-    if report.failed and "tests/gpu" in report.nodeid.replace(os.sep, "/"):
+    log as it happens, with the rank; at the test's end, see that every rank finished it too."""
+    if "tests/gpu" not in report.nodeid.replace(os.sep, "/"):
+        return
+    if report.failed:
         import sys
+        _failed_here.add(report.nodeid)
         sys.stderr.write(f"\nFAILED (rank {os.environ.get('RANK', '?')}, {report.when}) {report.nodeid}:\n"
                          f"{report.longreprtext[-4000:]}\n")
         sys.stderr.flush()
+    if report.when == "teardown":
+        _count_finished(report.nodeid)
+
+
+def _count_finished(nodeid):
+    """Every rank counts the test as finished in the process group's store; a rank where it failed waits
+    (GPU_TEST_STRAND_S, default 90 s) for all to finish it. Ranks still inside it wait in a kernel for
+    a call this rank skipped: end the run (torchrun then stops every rank) rather than hang."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+    import sys
+    import time
+    store, world = _get_default_store(), dist.get_world_size()
+    key = f"tilegen-test-finished/{nodeid}"
+    done = store.add(key, 1)
+    if nodeid not in _failed_here:
+        return
+    deadline = time.monotonic() + float(os.environ.get("GPU_TEST_STRAND_S", "90"))
+    while done < world and time.monotonic() < deadline:
+        time.sleep(0.5)
+        done = store.add(key, 0)
+    if done < world:
+        sys.stderr.write(f"\nrank {os.environ.get('RANK', '?')}: {world - done} rank(s) never finished {nodeid}, "
+                         f"which failed here (they wait for a call this rank skipped): ending the run\n")
+        sys.stderr.flush()
+        os._exit(3)
