@@ -294,21 +294,60 @@ def test_moe_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
     """KernelSpec.moe_symmetric_bytes (the manifest's figure and the spec's 64 GiB check) against
     tilegen/moe.cuh's own arithmetic: a host program built from the op's rendered traits prints it."""
     import re
+    s, out = _build_host_program(tmp_path, MOE_SPEC + extra, "sizes", (
+        "int main() {\n  for (int w : tilegen_op::Op::kWorlds)\n"
+        "    printf(\"%d %lld\\n\", w, static_cast<long long>(2 * tilegen::moe::Host<tilegen_op::Op>::half_bytes(w)"
+        " + 2 * tilegen_op::Op::kMaxWorld * 8));\n}\n"))
+    got = {int(w): int(b) for w, b in re.findall(r"(\d+) (\d+)", out)}
+    assert got == {w: s.moe_symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
+
+
+def _build_host_program(tmp_path, spec_text, name, body):
+    """A host program from the op's rendered traits and tilegen/moe.cuh (host code only: no GPU)."""
     import subprocess
 
     from tilegen.codegen import INCLUDE_DIR
     from tilegen.toolchain import find_toolchain
-    s = parse_yaml_spec(MOE_SPEC + extra, "m.yaml").spec
+    s = parse_yaml_spec(spec_text, "m.yaml").spec
     cu = pipeline.generate_op(s, "3.4.5")["moe_t.cu"]
     traits = cu[cu.index("namespace tilegen_op {"):cu.index("TILEGEN_EXPORT_MOE")]
-    (tmp_path / "sizes.cu").write_text(
-        "#include <cstdio>\n#include \"tilegen/moe.cuh\"\n" + traits +
-        "int main() {\n  for (int w : tilegen_op::Op::kWorlds)\n"
-        "    printf(\"%d %lld\\n\", w, static_cast<long long>(2 * tilegen::moe::Host<tilegen_op::Op>::half_bytes(w)"
-        " + 2 * tilegen_op::Op::kMaxWorld * 8));\n}\n")
+    (tmp_path / f"{name}.cu").write_text("#include <cstdio>\n#include \"tilegen/moe.cuh\"\n" + traits + body)
     tc = find_toolchain()
     subprocess.run([tc.nvcc, "-std=c++17", f"-I{INCLUDE_DIR}", f"-I{tc.nvshmem_dir}/include",
-                    str(tmp_path / "sizes.cu"), "-o", str(tmp_path / "sizes")], check=True, capture_output=True)
-    out = subprocess.run([str(tmp_path / "sizes")], check=True, capture_output=True, text=True).stdout
-    got = {int(w): int(b) for w, b in re.findall(r"(\d+) (\d+)", out)}
-    assert got == {w: s.moe_symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
+                    str(tmp_path / f"{name}.cu"), "-o", str(tmp_path / name)], check=True, capture_output=True)
+    return s, subprocess.run([str(tmp_path / name)], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["", "dtype: f32\n", "dispatch_dtype: fp8_e4m3\n",
+                                   "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n"])
+def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
+    """The pieces the host gives the push (a token row: 16-byte vectors, or fp8 steps of 8 channels,
+    per-128 pieces starting at a scale group) and the combine reduction (an output row of the token
+    dtype) cover that row exactly, for decode-sized to large calls and small to large GPUs. (A combine
+    cut from the fp8 payload's row once summed half of every output row.)"""
+    hidden, elem, fp8 = 7168, 4 if "f32" in extra else 2, "fp8" in extra
+    spec = MOE_SPEC.replace("256]", f"{hidden}]").replace("dtype: bf16\n", "" if "f32" in extra else "dtype: bf16\n")
+    spec += extra
+    _, out = _build_host_program(tmp_path, spec, "cuts", (
+        "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
+        "  for (int grid : {16, 132, 528}) {\n    H::g.max_grid = grid;\n"
+        "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
+        "      const tilegen::moe::Cut cuts[2] = {H::push_cut(m), H::reduce_cut(m)};\n"
+        "      for (int k = 0; k < 2; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
+        "        for (int ch = 0; ch < cuts[k].pieces; ++ch) printf(\" %lld-%lld\", (long long)cuts[k].lo(ch),"
+        " (long long)cuts[k].hi(ch));\n        printf(\"\\n\");\n      }\n    }\n  }\n}\n"))
+    want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden * elem // 16}
+    align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1}
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 3 * 5 * 2
+    for ln in lines:
+        head, pieces = ln.split(":")
+        k, grid, m, units = map(int, head.split())
+        ranges = [tuple(map(int, p.split("-"))) for p in pieces.split()]
+        assert units == want_units[k], (ln, want_units[k])
+        assert ranges[0][0] == 0 and ranges[-1][1] == units, ln
+        assert all(a < b for a, b in ranges) and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:])), ln
+        assert all(a % align[k] == 0 for a, _ in ranges), ln
+        if m and grid * 16 > m and units >= 64:  # few tokens: the row is cut finer than the compiled pieces
+            assert len(ranges) > 1, ln

@@ -82,19 +82,22 @@ def check_tilegen(op, x, idx, w, label: str) -> dict:
     return {"recv_rows": int(got_x.shape[0]), "combine_max_diff_vs_nccl": err}
 
 
-def time_ll_halves(op, x, idx, w, reps: int, calls: int = 20) -> dict:
+def time_ll_halves(op, x, idx, w, reps: int, calls: int = 20, prefix: str = "tilegen_ll_") -> dict:
     """Low-latency op: dispatch and combine each captured in a CUDA graph of its own, replayed in turn
     (dispatch, combine, dispatch, ...: the order the mode needs), each replay between CUDA events; also
     the eager pair. Medians over `reps` batches of `calls` alternations, us per call, slowest rank."""
     from tilegen.bench import _slowest
     recv, _, h = op.dispatch(x, idx, w)
-    op.combine(recv, h)
+    # combine takes the token dtype: an fp8 dispatch's experts would dequantize; zeros stand in for them
+    y = torch.zeros(recv[0].shape, dtype=x.dtype, device="cuda") if isinstance(recv, tuple) else recv
+    op.combine(y, h)
     torch.cuda.synchronize()
     g_dispatch, g_combine = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(g_dispatch):
         recv, _, h = op.dispatch(x, idx, w)
+    y = torch.zeros(recv[0].shape, dtype=x.dtype, device="cuda") if isinstance(recv, tuple) else recv
     with torch.cuda.graph(g_combine):
-        op.combine(recv, h)
+        op.combine(y, h)
     halves = {"dispatch": [], "combine": []}
     for _ in range(reps):
         dist.barrier()
@@ -109,12 +112,12 @@ def time_ll_halves(op, x, idx, w, reps: int, calls: int = 20) -> dict:
         ev[-1].synchronize()
         halves["dispatch"].append(sum(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(calls)) * 1e3 / calls)
         halves["combine"].append(sum(ev[2 * i + 1].elapsed_time(ev[2 * i + 2]) for i in range(calls)) * 1e3 / calls)
-    out = {f"tilegen_ll_graph_{k}": _slowest(statistics.median(v)) for k, v in halves.items()}
+    out = {f"{prefix}graph_{k}": _slowest(statistics.median(v)) for k, v in halves.items()}
 
     def pair():
-        r, _, hh = op.dispatch(x, idx, w)
-        op.combine(r, hh)
-    out["tilegen_ll_eager_pair"] = time_batches(pair, CALLS, reps)
+        _, _, hh = op.dispatch(x, idx, w)
+        op.combine(y, hh)
+    out[f"{prefix}eager_pair"] = time_batches(pair, CALLS, reps)
     return out
 
 
@@ -135,12 +138,13 @@ def main():
     ap.add_argument("--op", default="moe_bf16", help="generated MoE op (hidden 7168, 256 experts, top-8)")
     ap.add_argument("--ll-op", default="moe_bf16_ll", help="generated low-latency MoE op, for the sizes it takes")
     ap.add_argument("--fp8-op", default="moe_bf16_fp8", help="generated MoE op with fp8 dispatch")
+    ap.add_argument("--fp8-ll-op", default="moe_bf16_fp8_ll", help="generated low-latency MoE op with fp8 dispatch")
     a = ap.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     check_against_reference(rank, world)
-    op = ll_op = fp8_op = None
+    op = ll_op = fp8_op = fp8_ll_op = None
     try:
         import generated
         import tilegen
@@ -148,6 +152,7 @@ def main():
         op = getattr(generated, a.op)
         ll_op = getattr(generated, a.ll_op, None)
         fp8_op = getattr(generated, a.fp8_op, None)
+        fp8_ll_op = getattr(generated, a.fp8_ll_op, None)
     except Exception as e:  # the baseline still runs
         if rank == 0:
             print(f"tilegen op {a.op} unavailable: {type(e).__name__}: {e}")
@@ -177,6 +182,8 @@ def main():
         if ll_op is not None and m <= ll_op.max_rows():
             check_ll(ll_op, x, idx, w, label)
             us.update(time_ll_halves(ll_op, x, idx, w, a.reps))
+        if fp8_ll_op is not None and m <= fp8_ll_op.max_rows():
+            us.update(time_ll_halves(fp8_ll_op, x, idx, w, a.reps, prefix="tilegen_fp8_ll_"))
         rows.append(res)
         if rank == 0:
             line = "; ".join(f"{name} {t:.1f} us ({sent / t / 1e3:.0f} GB/s)" for name, t in us.items())

@@ -14,7 +14,8 @@ echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du 
      "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
 # the fused GEMM tile variants (tools/fused_specs), when built: tools/gpu_check.sh fused unpacks them
 if ls fused_generated/*/_build/*.so >/dev/null 2>&1; then
-  tar -cJf .prebuilt/fused.tar.xz fused_generated/*/_build/*.so fused_generated/*/_build/build.json
+  # (fused_generated/ is not tracked: its Python package, manifests and sources travel too, objects do not)
+  tar -cJf .prebuilt/fused.tar.xz --exclude='*.o' fused_generated
   echo "packed fused tile variants: $(du -h .prebuilt/fused.tar.xz | cut -f1)"
 fi
 # tilegen tune's candidate ops (tilegen tune --build-only ...), when built: tools/gpu_check.sh tune unpacks them

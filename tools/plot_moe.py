@@ -1,5 +1,5 @@
-"""Plot tools/bench_moe.py results: dispatch and combine time, tilegen vs the NCCL baseline, per case and
-world size (log scale), into one PNG.
+"""Plot tools/bench_moe.py results: dispatch and combine time, tilegen (bf16, fp8 dispatch, low-latency
+mode in CUDA graphs) vs the NCCL baseline, per case and world size (log scale), into one PNG.
 
     python tools/plot_moe.py docs/data/bench_moe_np2_h100.json docs/data/bench_moe_np4_h100.json -o docs/moe.png
 """
@@ -19,19 +19,25 @@ def main():
     a = ap.parse_args()
     rows = [r for path in a.results for r in json.load(open(path))]
     labels = [f"{r['tokens']} tokens\n{r['world']} ranks" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    series = (("nccl", "#999999", "NCCL all_to_all_single (eager)"), ("tilegen", "#2a7ab9", "tilegen (eager)"),
+              ("tilegen_fp8", "#e08a2c", "tilegen, fp8 dispatch (eager)"),
+              ("tilegen_ll_graph", "#3a9a5b", "tilegen low-latency, CUDA graph"),
+              ("tilegen_fp8_ll_graph", "#8a5bb0", "tilegen low-latency fp8, CUDA graph"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    width = 0.8 / len(series)
     for ax, half in zip(axes, ("dispatch", "combine")):
         xs = range(len(rows))
-        for i, (impl, color) in enumerate((("nccl", "#999999"), ("tilegen", "#2a7ab9"))):
-            ax.bar([x + (i - 0.5) * 0.38 for x in xs], [r["us"][f"{impl}_{half}"] for r in rows], 0.38,
-                   label="NCCL all_to_all_single" if impl == "nccl" else "tilegen (normal mode)", color=color)
+        for i, (impl, color, label) in enumerate(series):
+            ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs],
+                   [r["us"].get(f"{impl}_{half}", 0) for r in rows], width, label=label, color=color)
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"MoE {half}, hidden 7168, top-8 of 256 experts, bf16")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("us per call (median, eager)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0].set_ylabel("us per call (median, slowest rank)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(series), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(a.out, dpi=110)
 
 

@@ -238,11 +238,24 @@ def _fp8_reference(op, x, idx):
     return want_q, want_sc, counts, handle, moe_nccl.dequantize(q, sc, x.dtype)
 
 
+def _e4m3_diff(got, want, want_sc, group):
+    """Where two e4m3 byte tensors differ: how many bytes, and the first few as (row, col, got, want,
+    the group's scale) in values, so a rounding difference reads apart from misplaced or stale bytes."""
+    bad = (got != want).nonzero()
+    if bad.numel() == 0:
+        return "equal"
+    f8 = torch.float8_e4m3fn
+    shown = [(r, c, got[r, c].view(f8).float().item(), want[r, c].view(f8).float().item(),
+              want_sc[r, c // group].item()) for r, c in bad[:6].tolist()]
+    return f"{bad.shape[0]} of {got.numel()} bytes differ in {bad[:, 0].unique().numel()} rows; first {shown}"
+
+
 @pytest.mark.parametrize("case", ["random", "dropped", "one_expert"])
 def test_moe_fp8_dispatch_matches_quantized_nccl(dist_env, case):
     rank, world = dist_env
     op = _op("moe_bf16_fp8")
     L = op.experts // world
+    problems = []  # checked after every rank made every call: a rank that fails early must not strand the others
     for seed in range(2):
         m = [0, 37, 512, 700][(seed + rank) % 4]
         what = f"rank {rank} m={m} {case} seed={seed}"
@@ -251,14 +264,22 @@ def test_moe_fp8_dispatch_matches_quantized_nccl(dist_env, case):
         (q, sc), counts, h = op.dispatch(x, idx, w)
         want_q, want_sc, want_counts, want_handle, x_deq = _fp8_reference(op, x, idx)
         torch.cuda.synchronize()
-        assert torch.equal(counts.long(), want_counts.long()) and torch.equal(h.handle.long(), want_handle.long()), what
-        assert torch.equal(q.view(torch.uint8), want_q), f"{what}: e4m3 tokens differ"
-        assert torch.equal(sc.view(torch.int32), want_sc.view(torch.int32)), f"{what}: scales differ"
+        if not (torch.equal(counts.long(), want_counts.long()) and torch.equal(h.handle.long(), want_handle.long())):
+            problems.append(f"{what}: counts or handle differ")
+        elif q.shape != want_q.shape:
+            problems.append(f"{what}: e4m3 tokens {tuple(q.shape)} vs {tuple(want_q.shape)}")
+        elif not torch.equal(q.view(torch.uint8), want_q):
+            problems.append(f"{what}: e4m3 tokens: {_e4m3_diff(q.view(torch.uint8), want_q, want_sc, op.fp8_group)}")
+        if not torch.equal(sc.view(torch.int32), want_sc.view(torch.int32)):
+            n = (sc.view(torch.int32) != want_sc.view(torch.int32)).sum().item() if sc.shape == want_sc.shape else "all"
+            problems.append(f"{what}: {n} scales differ")
         local = torch.repeat_interleave(torch.arange(L, device="cuda"), counts.long())
         out = op.combine(_expert_fn(moe_nccl.dequantize(q, sc, x.dtype), local), h)
         ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
         bound = torch.finfo(out.dtype).eps * mag + 1e-6 * mag.amax(dim=1, keepdim=True).clamp_min(1)
-        assert ((out.double() - ref).abs() <= bound).all(), f"{what}: combine differs"
+        if not ((out.double() - ref).abs() <= bound).all():
+            problems.append(f"{what}: combine differs")
+    assert not problems, "\n".join(problems)
 
 
 def test_moe_fp8_low_latency_per_token_scales(dist_env):

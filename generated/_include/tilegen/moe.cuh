@@ -31,6 +31,17 @@ namespace moe {
 constexpr int kBlockTokens = 32;  // tokens per routing block
 constexpr int kWarps = 16;        // warps per CTA of the copy kernels
 
+// A row of kBytes (a multiple of 16) cut into kCount pieces of whole 16-byte vectors, one warp each.
+template <int64_t kRowBytes_, int kPieces>
+struct Pieces {
+  static constexpr int64_t kBytes = kRowBytes_;
+  static constexpr int kCount = kPieces;
+  static_assert(kBytes % 16 == 0 && kPieces >= 1);
+  static constexpr int64_t kVecs = (kBytes / 16 + kPieces - 1) / kPieces;  // 16-byte vectors per piece
+  __device__ static int64_t lo(int ch) { return ch * kVecs; }
+  __device__ static int64_t hi(int ch) { return (ch + 1) * kVecs < kBytes / 16 ? (ch + 1) * kVecs : kBytes / 16; }
+};
+
 template <class Op>
 struct Dims {
   static constexpr int kMeta = 1 + 3 * Op::kTopk;  // meta row: token, experts[k], indices[k], weight bits[k]
@@ -43,22 +54,31 @@ struct Dims {
   static constexpr int64_t kScaleBytes = (kGroups * 4 + 15) / 16 * 16;
   static constexpr int64_t kOutRowBytes = kFp8 ? Op::kHidden : kRowBytes;  // a received row's payload
   static constexpr int64_t kStageRowBytes = kOutRowBytes + kScaleBytes;     // a staging row
-  // A row is moved by kChunks warps (of at most ~4 KiB each): small calls still spread over the GPU.
-  // fp8: one warp quantizes a whole token (a per-token scale needs the row's amax first).
-  static constexpr int kChunks = kFp8 ? 1 : static_cast<int>((kOutRowBytes + 4095) / 4096);
-  static constexpr int64_t kChunkVecs = (kOutRowBytes / 16 + kChunks - 1) / kChunks;  // 16-byte vectors per chunk
-  __device__ static int64_t vec_lo(int ch) { return ch * kChunkVecs; }
-  __device__ static int64_t vec_hi(int ch) {
-    return (ch + 1) * kChunkVecs < kOutRowBytes / 16 ? (ch + 1) * kChunkVecs : kOutRowBytes / 16;
-  }
+  // A row is moved by several warps (pieces of at most ~4 KiB): small calls still spread over the GPU.
+  // The expansion moves payload rows; combine moves rows of the token dtype (twice an fp8 payload row).
+  using Payload = Pieces<kOutRowBytes, static_cast<int>((kOutRowBytes + 4095) / 4096)>;
+  using Back = Pieces<kRowBytes, static_cast<int>((kRowBytes + 4095) / 4096)>;
+  // What the push walks per token: 16-byte payload vectors, or (fp8) steps of 8 channels.
+  static constexpr int64_t kPushUnits = kFp8 ? Op::kHidden / 8 : kOutRowBytes / 16;
 };
 
-// fp8 dispatch: one warp quantizes token row x into every destination's staging row (e4m3 bytes,
-// then one fp32 scale per group): scale = amax / 448 of the group (1 where it is all zero), each value
-// x / scale rounded to nearest even, saturating (the same arithmetic as tilegen.moe_nccl.quantize).
+// A row of `units` work units in pieces of `per` units, one warp each, sized on the host per call
+// (Host::cut_for): a decode-sized call is latency-bound and wants every warp's stores in flight.
+struct Cut {
+  int pieces;
+  int64_t per, units;
+  __host__ __device__ int64_t lo(int ch) const { return ch * per; }
+  __host__ __device__ int64_t hi(int ch) const { return (ch + 1) * per < units ? (ch + 1) * per : units; }
+};
+
+// fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
+// destination's staging row (e4m3 bytes, then one fp32 scale per group): scale = amax / 448 of the
+// group (1 where it is all zero), each value x / scale rounded to nearest even, saturating (the same
+// arithmetic as tilegen.moe_nccl.quantize). Per-128 pieces start at a group; a per-token piece reads
+// the whole row for its amax.
 template <class Op>
 __device__ __forceinline__ void quantize_row(char* const (&dst)[Op::kMaxWorld], int nd, const typename Op::Elem* x,
-                                             int lane) {
+                                             int lane, int64_t vlo, int64_t vhi) {
   using D = Dims<Op>;
   using T = typename Op::Elem;
   constexpr int64_t H = Op::kHidden, G = Op::kFp8Group, nvec = H / 8;  // 8 values (16 bytes) per lane step
@@ -74,9 +94,9 @@ __device__ __forceinline__ void quantize_row(char* const (&dst)[Op::kMaxWorld], 
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) row_amax = fmaxf(row_amax, __shfl_xor_sync(0xffffffffu, row_amax, off));
   }
-  for (int64_t base = 0; base < nvec; base += 32) {
+  for (int64_t base = vlo; base < vhi; base += 32) {
     const int64_t v = base + lane;
-    const bool active = v < nvec;
+    const bool active = v < vhi;
     float f[8] = {};
     if (active) {
       const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
@@ -128,6 +148,7 @@ struct RouteParams {
   int32_t* rib;      // [m][k]: rank of each item among its block's items of the same expert (-1: dropped)
   int32_t* ribd;     // [m][world]: rank of each token among its block's tokens to that rank (-1: none)
   int32_t* totals;   // [experts + world]: items per expert, tokens per destination rank
+  uint64_t* epoch;   // low-latency mode: the op's epoch on the device, advanced by the scan (else null)
 };
 
 template <class Op>
@@ -178,6 +199,7 @@ __global__ void route_block(RouteParams p) {
 template <class Op>
 __global__ void route_scan(RouteParams p, int blocks) {
   const int C = Op::kExperts + p.world;
+  if (p.epoch && threadIdx.x == 0) dev::st_release_gpu(p.epoch, *p.epoch + 1);  // the call's epoch (no own launch)
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     int32_t run = 0;
     for (int b = 0; b < blocks; ++b) {
@@ -208,15 +230,13 @@ struct PushParams {
   uint64_t epoch;
   const uint64_t* epoch_src;  // low-latency mode: the call's epoch on the device (a graph replays it)
   int me, world, local;
+  Cut cut;  // of a token row (Dims::kPushUnits)
 };
 
-// The call's epoch: the host's (normal mode), or the device word the call's first kernel advanced.
+// The call's epoch: the host's (normal mode), or the device word the dispatch's route_scan advanced.
 __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* device) {
   return device ? dev::ld_acquire_gpu(device) : host;
 }
-
-// Low-latency mode: the first kernel of a dispatch advances the op's epoch on the device.
-__global__ void advance_epoch(uint64_t* epoch) { dev::st_release_gpu(epoch, *epoch + 1); }
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
@@ -224,9 +244,9 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
   constexpr int K = Op::kTopk, E = Op::kExperts;
   const int lane = threadIdx.x & 31, C = E + p.world;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * D::kChunks; item += nwarps) {
-    const int64_t t = item / D::kChunks, b = t / kBlockTokens;
-    const int ch = static_cast<int>(item % D::kChunks);
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
+    const int64_t t = item / p.cut.pieces, b = t / kBlockTokens;
+    const int ch = static_cast<int>(item % p.cut.pieces);
     char* dst[Op::kMaxWorld];
     int32_t* mdst[Op::kMaxWorld];
     int nd = 0;
@@ -238,9 +258,10 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
       mdst[nd++] = p.meta[d] + row * D::kMeta;
     }
     if constexpr (D::kFp8) {
-      quantize_row<Op>(dst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane);
+      quantize_row<Op>(dst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
+                       p.cut.lo(ch), p.cut.hi(ch));
     } else {
-      const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
+      const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
       for (int d = 0; d < nd; ++d) dst[d] += lo;
       dev::copy_multi<Op::kMaxWorld>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
     }
@@ -261,9 +282,15 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
   }
   if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's pushes precede the counts and flags
     if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
+    // Every destination's counts row (its local experts, then tokens), an entry per thread: one thread
+    // per row, a load then a remote store per entry, kept this CTA running ~30 us after all others.
+    const int row = p.local + 1;
+    for (int i = threadIdx.x; i < p.world * row; i += blockDim.x) {
+      const int d = i / row, l = i % row;
+      p.info[d][l] = l < p.local ? p.totals[d * p.local + l] : p.totals[E + d];
+    }
+    __syncthreads();  // the rows precede the flags (the signalling thread's system fence covers them)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
-      for (int l = 0; l < p.local; ++l) p.info[d][l] = p.totals[d * p.local + l];
-      p.info[d][p.local] = p.totals[E + d];
       dev::fence_acq_rel_sys();
       dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
     }
@@ -355,9 +382,10 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
   if (ll && blockIdx.x == 0 && threadIdx.x == 0) *p.stage_rows_out = static_cast<int32_t>(first[p.world]);
   const int64_t stage_rows = ll ? (first[p.world] < p.stage_rows ? first[p.world] : p.stage_rows) : p.stage_rows;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::kChunks; item += nwarps) {
-    const int64_t r = item / D::kChunks;
-    const int ch = static_cast<int>(item % D::kChunks);
+  constexpr int P = D::Payload::kCount;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * P; item += nwarps) {
+    const int64_t r = item / P;
+    const int ch = static_cast<int>(item % P);
     int s = 0;
     while (s + 1 < p.world && r >= first[s + 1]) ++s;
     const int64_t i = r - first[s];
@@ -387,14 +415,14 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
       }
     }
     if (ch == 0 && lane == 0) p.stage_src[r * 2] = s, p.stage_src[r * 2 + 1] = t;
-    const int64_t lo = D::vec_lo(ch) * 16, bytes = D::vec_hi(ch) * 16 - lo;
+    const int64_t lo = D::Payload::lo(ch) * 16, bytes = D::Payload::hi(ch) * 16 - lo;
 #pragma unroll
     for (int d = 0; d < K; ++d)
       if (d < nd) dst[d] += lo;
     const char* src = p.stage + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kStageRowBytes;
     dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
     if constexpr (D::kFp8) {  // the row's scales beside each copy
-      for (int64_t gi = lane; gi < D::kGroups; gi += 32) {
+      for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
         const float sc = __ldcg(reinterpret_cast<const float*>(src + D::kOutRowBytes) + gi);
         for (int d = 0; d < nd; ++d) p.scales[dst_row[d] * D::kGroups + gi] = sc;
       }
@@ -422,21 +450,22 @@ struct CombineParams {
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p) {
   using D = Dims<Op>;
+  static_assert(D::Back::kBytes == D::kRowBytes, "combine moves whole rows of the token dtype");
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t stage_rows = p.stage_rows_src && *p.stage_rows_src < p.stage_rows ? *p.stage_rows_src : p.stage_rows;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::kChunks; item += nwarps) {
-    const int64_t r = item / D::kChunks;
-    const int ch = static_cast<int>(item % D::kChunks);
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::Back::kCount; item += nwarps) {
+    const int64_t r = item / D::Back::kCount;
+    const int ch = static_cast<int>(item % D::Back::kCount);
     const int s = p.stage_src[r * 2], t = p.stage_src[r * 2 + 1];
     int32_t row[K];
     float w[K];
 #pragma unroll
     for (int j = 0; j < K; ++j) row[j] = p.slot_rows[r * K + j], w[j] = p.stage_w[r * K + j];
     int4* out = reinterpret_cast<int4*>(p.back[s] + static_cast<int64_t>(t) * D::kRowBytes);
-    for (int64_t c = D::vec_lo(ch) + lane; c < D::vec_hi(ch); c += 32) {
+    for (int64_t c = D::Back::lo(ch) + lane; c < D::Back::hi(ch); c += 32) {
       float acc[V] = {};
 #pragma unroll
       for (int j = 0; j < K; ++j) {  // slot order
@@ -474,11 +503,13 @@ struct ReduceParams {
   dev::WaitCtx wait;
   int world, local;
   const uint64_t* epoch_src;  // low-latency mode
+  Cut cut;  // of an output row (Dims::Back's 16-byte vectors)
 };
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p) {
   using D = Dims<Op>;
+  static_assert(D::Back::kBytes == D::kRowBytes, "combine moves whole rows of the token dtype");
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   __shared__ int ok;
@@ -491,16 +522,16 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   if (!ok) return;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * D::kChunks; item += nwarps) {
-    const int64_t t = item / D::kChunks;
-    const int ch = static_cast<int>(item % D::kChunks);
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
+    const int64_t t = item / p.cut.pieces;
+    const int ch = static_cast<int>(item % p.cut.pieces);
     unsigned mask = 0;
     for (int j = lane; j < K; j += 32) {
       const int e = load_expert(p.idx, t * K + j, p.idx64, Op::kExperts);
       if (e >= 0) mask |= 1u << (e / p.local);
     }
     mask = __reduce_or_sync(0xffffffffu, mask);
-    for (int64_t c = D::vec_lo(ch) + lane; c < D::vec_hi(ch); c += 32) {
+    for (int64_t c = p.cut.lo(ch) + lane; c < p.cut.hi(ch); c += 32) {
       float acc[V] = {};
       for (int s = 0; s < p.world; ++s) {  // rank order: deterministic
         if (!(mask >> s & 1)) continue;
@@ -558,9 +589,27 @@ struct Host {
   }
   static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
   static int blocks(int64_t m) { return static_cast<int>((m + kBlockTokens - 1) / kBlockTokens); }
-  // CTAs for `rows` rows of kChunks warp-sized pieces each: one warp per piece, at most what is resident.
-  static int grid_for(int64_t rows) {
-    const int64_t want = (rows * D::kChunks + kWarps - 1) / kWarps;
+  // Pieces of a row of `units` for `rows` rows: `base` pieces, more where fewer rows would leave warps
+  // of the GPU idle, each at least one unit per lane and a multiple of `align` units.
+  static Cut cut_for(int64_t rows, int64_t units, int base, int64_t align) {
+    const int64_t resident = static_cast<int64_t>(g.max_grid) * kWarps;
+    int64_t want = rows > 0 ? (resident + rows - 1) / rows : 1;
+    want = want > base ? want : base;
+    int64_t per = (units + want - 1) / want;
+    per = per > 32 ? per : 32;
+    per = (per + align - 1) / align * align;
+    return Cut{static_cast<int>((units + per - 1) / per), per, units};
+  }
+  // The push's pieces of a token row (fp8 per-128: whole scale groups of 16 steps) and the combine
+  // reduction's pieces of an output row (the token dtype's 16-byte vectors).
+  static Cut push_cut(int64_t m) {
+    constexpr int64_t align = D::kFp8 && Op::kFp8Group != Op::kHidden ? 16 : 1;
+    return cut_for(m, D::kPushUnits, D::kFp8 ? 1 : D::Payload::kCount, align);
+  }
+  static Cut reduce_cut(int64_t m) { return cut_for(m, D::kRowBytes / 16, D::Back::kCount, 1); }
+  // CTAs for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most what is resident.
+  static int grid_for(int64_t rows, int pieces) {
+    const int64_t want = (rows * pieces + kWarps - 1) / kWarps;
     return static_cast<int>(want < 1 ? 1 : (want < g.max_grid ? want : g.max_grid));
   }
 
@@ -639,7 +688,6 @@ struct Host {
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, expand_rows<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_send<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_reduce<Op>);
-    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, advance_epoch);
     return e;
   }
 
@@ -700,7 +748,8 @@ struct Host {
   static int route_and_push(const void* x, const void* idx, int idx64, const float* w, int64_t m, const Half& hf,
                             uint64_t epoch, const uint64_t* epoch_src, cudaStream_t s, char* msg, int len) {
     const int nb = blocks(m);
-    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr};
+    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, nullptr};
+    rp.epoch = epoch_src ? g.epoch_dev : nullptr;
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
     rp.totals = rp.ribd + T * W;
@@ -732,7 +781,8 @@ struct Host {
     pp.me = g.rank;
     pp.world = g.world;
     pp.local = g.local;
-    push_tokens<Op><<<grid_for(m), kWarps * 32, 0, s>>>(pp);
+    pp.cut = push_cut(m);
+    push_tokens<Op><<<grid_for(m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
     return launched("push", msg, len);
   }
 
@@ -758,11 +808,11 @@ struct Host {
     cp.world = g.world;
     cp.epoch_src = epoch_src;
     cp.stage_rows_src = stage_rows_src;
-    combine_send<Op><<<grid_for(stage_rows), kWarps * 32, 0, s>>>(cp);
+    combine_send<Op><<<grid_for(stage_rows, D::Back::kCount), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, epoch_src};
-    combine_reduce<Op><<<grid_for(m), kWarps * 32, 0, s>>>(rp);
+                        g.world, g.local, epoch_src, reduce_cut(m)};
+    combine_reduce<Op><<<grid_for(m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
     return launched("combine reduce", msg, len);
   }
 
@@ -804,7 +854,7 @@ struct Host {
     const Half& hf = g.half[g.dispatch_epoch & 1];
     ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                        stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
-    const int grid = grid_for(stage_rows);
+    const int grid = grid_for(stage_rows, D::Payload::kCount);
     expand_rows<Op><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
     g.last_rows = -1;  // one expansion per dispatch
     return launched("expand", msg, len);
@@ -833,14 +883,12 @@ struct Host {
                          void* stream, uint64_t timeout_ns, char* msg, int len) {
     if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    advance_epoch<<<1, 1, 0, s>>>(g.epoch_dev);
-    if (launched("epoch", msg, len)) return 1;
     const Half& hf = g.half[0];
     if (route_and_push(x, idx, idx64, w, m, hf, 0, g.epoch_dev, s, msg, len)) return 1;
     ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                         stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
                         g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns)};
-    expand_rows<Op><<<grid_for(g.world * T), kWarps * 32, 0, s>>>(ep);
+    expand_rows<Op><<<grid_for(g.world * T, D::Payload::kCount), kWarps * 32, 0, s>>>(ep);
     return launched("expand", msg, len);
   }
 
