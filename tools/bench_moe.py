@@ -8,7 +8,7 @@ expansion into the caller's tensors). GB/s = the items' token bytes that go to o
 hidden x 2 bytes per (token, expert) on another rank, as DeepEP counts) per second; tilegen sends each
 token once per destination rank, so it moves fewer bytes than that.
 
-    torchrun --nproc-per-node 4 tools/bench_moe.py [--out r.json] [--op moe_bf16]
+    torchrun --nproc-per-node 4 tools/bench_moe.py [--out r.json] [--op moe_bf16] [--tokens 128]
 """
 import argparse
 import json
@@ -138,6 +138,7 @@ def main():
     ap.add_argument("--op", default="moe_bf16", help="generated MoE op (hidden 7168, 256 experts, top-8)")
     ap.add_argument("--ll-op", default="moe_bf16_ll", help="generated low-latency MoE op, for the sizes it takes")
     ap.add_argument("--fp8-op", default="moe_bf16_fp8", help="generated MoE op with fp8 dispatch")
+    ap.add_argument("--tokens", type=int, nargs="*", help="only the cases of these tokens per rank (e.g. 128)")
     ap.add_argument("--fp8-ll-op", default="moe_bf16_fp8_ll", help="generated low-latency MoE op with fp8 dispatch")
     a = ap.parse_args()
     dist.init_process_group("nccl")
@@ -158,6 +159,8 @@ def main():
             print(f"tilegen op {a.op} unavailable: {type(e).__name__}: {e}")
     rows = []
     for label, m, hidden, k, experts in CASES:
+        if a.tokens and m not in a.tokens:
+            continue
         idx, w = routing(m, k, experts, 7 + rank)
         x = torch.randn((m, hidden), device="cuda").to(torch.bfloat16)
         rx, _, handle = moe_nccl.dispatch(x, idx, experts)

@@ -9,6 +9,7 @@
 #   bash tools/gpu_check.sh calibrate [N]  tune, rebuild the collectives with the measurements, tests, coll
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
 #   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark against the NCCL baseline, the MoE layer example
+#   bash tools/gpu_check.sh moe_ll [N]  the low-latency case alone (128 tokens: bf16 and fp8, CUDA graphs) + its kernel times
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
@@ -167,6 +168,16 @@ case "$PHASE" in
     timeout 200 torchrun --nproc-per-node "$NP" examples/moe_layer.py > "$OUT/moe_layer_np$NP.log" 2>&1 \
       || { status=1; tail -30 "$OUT/moe_layer_np$NP.log"; }
     grep "^MoE layer" "$OUT/moe_layer_np$NP.log" ;;
+  moe_ll)  # the decode-sized MoE case alone, then each kernel's time at that size (a quick loop on the latency)
+    start_mps_if_shared "$NP"
+    timeout 150 torchrun --nproc-per-node "$NP" tools/bench_moe.py --tokens 128 --out "$OUT/bench_moe_ll_np$NP.json" \
+      > "$OUT/bench_moe_ll_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_ll_np$NP.log"; }
+    grep -E "^(low latency|  tilegen|tilegen op)" "$OUT/bench_moe_ll_np$NP.log"
+    for op in moe_bf16_ll moe_bf16_fp8_ll; do
+      timeout 90 torchrun --nproc-per-node "$NP" tools/profile_moe.py --tokens 128 --op $op > "$OUT/profile_$op.log" 2>&1 \
+        || { status=1; tail -20 "$OUT/profile_$op.log"; }
+      echo "$op:"; grep "tilegen::moe" "$OUT/profile_$op.log" | sed -E 's/^void tilegen::moe::([a-z_]+).* ([0-9.]+us) +([0-9]+) *$/  \1 avg \2 (\3 calls)/'
+    done ;;
   fused)  # the fused GEMM kernel alone at several tiles vs cuBLAS (tools/fused_specs; prebuilt: .prebuilt/fused.tar.xz)
     start_mps_if_shared "$NP"
     if [ -f .prebuilt/fused.tar.xz ]; then tar -xJf .prebuilt/fused.tar.xz || exit 1
@@ -178,6 +189,7 @@ case "$PHASE" in
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|script [ranks]"; exit 2 ;;
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|fused|script [ranks]"
+     exit 2 ;;
 esac
 exit $status

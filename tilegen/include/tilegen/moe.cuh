@@ -308,6 +308,30 @@ __global__ void wait_counts(const uint64_t* flags, const int32_t* info, int32_t*
   __threadfence_system();
 }
 
+// Inclusive prefix sum of v over the warp's lanes (every lane calls).
+__device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int32_t u = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += u;
+  }
+  return v;
+}
+
+// Exclusive prefix sum, in place, of v[0], v[stride], ... v[(n - 1) * stride] by one warp (every lane
+// calls): each lane sums a run of ceil(n / 32) entries, the lanes' sums are scanned, then each run.
+__device__ __forceinline__ void warp_exclusive_scan(int32_t* v, int n, int stride, int lane) {
+  const int per = (n + 31) / 32, l0 = lane * per, l1 = l0 + per < n ? l0 + per : n;
+  int32_t sum = 0;
+  for (int l = l0; l < l1; ++l) sum += v[l * stride];
+  int32_t run = warp_inclusive_sum(sum, lane) - sum;
+  for (int l = l0; l < l1; ++l) {
+    const int32_t t = v[l * stride];
+    v[l * stride] = run;
+    run += t;
+  }
+}
+
 template <class Op>
 struct ExpandParams {
   const char* stage;   // this rank's half: [world sources][max_tokens rows]
@@ -349,26 +373,22 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
     __syncthreads();
     if (!ok) return;
   }
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {  // rows per local expert, then per source within it
+  for (int l = threadIdx.x; !ll && l < L; l += blockDim.x) {  // rows per local expert, then per source in it
     int32_t tot = 0;
     for (int s = 0; s < p.world; ++s) tot += __ldcg(cnt + s * (E + 1) + l);
     base[l * p.world] = tot;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t run = 0;
-    for (int l = 0; l < L; ++l) {
-      const int32_t tot = base[l * p.world];
-      base[l * p.world] = run;
-      run += tot;
-    }
-    int64_t f = 0;
-    for (int s = 0; s < p.world; ++s) first[s] = f, f += __ldcg(cnt + s * (E + 1) + L);
-    first[p.world] = f;
+  if (threadIdx.x < 32) {  // one warp scans (one thread walked the experts and sources one by one)
+    if (!ll) warp_exclusive_scan(base, L, p.world, lane);  // (low-latency segments are fixed)
+    const int32_t c = lane < p.world ? __ldcg(cnt + lane * (E + 1) + L) : 0;  // each source's staging rows
+    const int32_t incl = warp_inclusive_sum(c, lane);
+    if (lane < p.world) first[lane] = incl - c;
+    if (lane == p.world - 1) first[p.world] = incl;
   }
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    int32_t run = base[l * p.world], tot = 0;
+    int32_t run = ll ? 0 : base[l * p.world], tot = 0;
     for (int s = 0; s < p.world; ++s) {
       const int32_t c = __ldcg(cnt + s * (E + 1) + l);
       base[l * p.world + s] = ll ? static_cast<int32_t>((l * p.world + s) * Op::kMaxTokens) : run;
