@@ -301,10 +301,13 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
 template <class Op>
 __global__ void wait_counts(const uint64_t* flags, const int32_t* info, int32_t* out, int world, int local,
                             uint64_t epoch, dev::WaitCtx ctx) {
-  const int s = threadIdx.x;
-  if (s >= world) return;
-  if (!dev::wait_ge(flags + s, epoch, ctx, /*kind=*/5, s, /*step=*/0)) return;
-  for (int l = 0; l <= local; ++l) out[s * (local + 1) + l] = __ldcg(info + s * (Op::kExperts + 1) + l);
+  const int lane = threadIdx.x, row = local + 1;
+  const bool ok = lane >= world || dev::wait_ge(flags + lane, epoch, ctx, /*kind=*/5, lane, /*step=*/0);
+  __syncwarp();  // each lane's acquire precedes every lane's reads below
+  if (!__all_sync(0xffffffffu, ok)) return;
+  // An entry per lane (one lane per source walked its row, a load then a store to host memory per
+  // entry: the pattern that kept the push's last CTA running long after the others)
+  for (int i = lane; i < world * row; i += 32) out[i] = __ldcg(info + (i / row) * (Op::kExperts + 1) + i % row);
   __threadfence_system();
 }
 
