@@ -322,10 +322,10 @@ def _build_host_program(tmp_path, spec_text, name, body):
 @pytest.mark.parametrize("extra", ["", "dtype: f32\n", "dispatch_dtype: fp8_e4m3\n",
                                    "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n"])
 def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
-    """The pieces the host gives the push (a token row: 16-byte vectors, or fp8 steps of 8 channels,
-    per-128 pieces starting at a scale group) and the combine reduction (an output row of the token
-    dtype) cover that row exactly, for decode-sized to large calls and small to large GPUs. (A combine
-    cut from the fp8 payload's row once summed half of every output row.)"""
+    """The pieces the host gives each kernel cover that kernel's own row exactly, for decode-sized to
+    large calls and small to large GPUs: the push's (a token row: 16-byte vectors, or fp8 steps of 8
+    channels, per-128 pieces starting at a scale group), the expansion's (a payload row) and combine's
+    (a row of the token dtype). (A combine cut by the fp8 payload's row once summed half of every row.)"""
     hidden, elem, fp8 = 7168, 4 if "f32" in extra else 2, "fp8" in extra
     spec = MOE_SPEC.replace("256]", f"{hidden}]").replace("dtype: bf16\n", "" if "f32" in extra else "dtype: bf16\n")
     spec += extra
@@ -333,14 +333,15 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
         "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
         "  for (int grid : {16, 132, 528}) {\n    H::g.max_grid = grid;\n"
         "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
-        "      const tilegen::moe::Cut cuts[2] = {H::push_cut(m), H::reduce_cut(m)};\n"
-        "      for (int k = 0; k < 2; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
+        "      const tilegen::moe::Cut cuts[3] = {H::push_cut(m), H::expand_cut(m), H::combine_cut(m)};\n"
+        "      for (int k = 0; k < 3; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
         "        for (int ch = 0; ch < cuts[k].pieces; ++ch) printf(\" %lld-%lld\", (long long)cuts[k].lo(ch),"
         " (long long)cuts[k].hi(ch));\n        printf(\"\\n\");\n      }\n    }\n  }\n}\n"))
-    want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden * elem // 16}
-    align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1}
+    want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden // 16 if fp8 else hidden * elem // 16,
+                  2: hidden * elem // 16}
+    align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1}
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert len(lines) == 3 * 5 * 2
+    assert len(lines) == 3 * 5 * 3
     for ln in lines:
         head, pieces = ln.split(":")
         k, grid, m, units = map(int, head.split())

@@ -31,17 +31,6 @@ namespace moe {
 constexpr int kBlockTokens = 32;  // tokens per routing block
 constexpr int kWarps = 16;        // warps per CTA of the copy kernels
 
-// A row of kBytes (a multiple of 16) cut into kCount pieces of whole 16-byte vectors, one warp each.
-template <int64_t kRowBytes_, int kPieces>
-struct Pieces {
-  static constexpr int64_t kBytes = kRowBytes_;
-  static constexpr int kCount = kPieces;
-  static_assert(kBytes % 16 == 0 && kPieces >= 1);
-  static constexpr int64_t kVecs = (kBytes / 16 + kPieces - 1) / kPieces;  // 16-byte vectors per piece
-  __device__ static int64_t lo(int ch) { return ch * kVecs; }
-  __device__ static int64_t hi(int ch) { return (ch + 1) * kVecs < kBytes / 16 ? (ch + 1) * kVecs : kBytes / 16; }
-};
-
 template <class Op>
 struct Dims {
   static constexpr int kMeta = 1 + 3 * Op::kTopk;  // meta row: token, experts[k], indices[k], weight bits[k]
@@ -54,12 +43,15 @@ struct Dims {
   static constexpr int64_t kScaleBytes = (kGroups * 4 + 15) / 16 * 16;
   static constexpr int64_t kOutRowBytes = kFp8 ? Op::kHidden : kRowBytes;  // a received row's payload
   static constexpr int64_t kStageRowBytes = kOutRowBytes + kScaleBytes;     // a staging row
-  // A row is moved by several warps (pieces of at most ~4 KiB): small calls still spread over the GPU.
-  // The expansion moves payload rows; combine moves rows of the token dtype (twice an fp8 payload row).
-  using Payload = Pieces<kOutRowBytes, static_cast<int>((kOutRowBytes + 4095) / 4096)>;
-  using Back = Pieces<kRowBytes, static_cast<int>((kRowBytes + 4095) / 4096)>;
-  // What the push walks per token: 16-byte payload vectors, or (fp8) steps of 8 channels.
+  // What each kernel walks per row (Host::*_cut cut it into pieces, a warp each): the push 16-byte
+  // payload vectors or (fp8) steps of 8 channels; the expansion the payload's 16-byte vectors; combine
+  // rows of the token dtype, twice an fp8 payload row.
   static constexpr int64_t kPushUnits = kFp8 ? Op::kHidden / 8 : kOutRowBytes / 16;
+  static constexpr int64_t kExpandUnits = kOutRowBytes / 16, kCombineUnits = kRowBytes / 16;
+  // Pieces of a row in a large call: at most ~4 KiB (fp8 push: whole tokens, per-token scales)
+  static constexpr int kPushPieces = kFp8 ? 1 : static_cast<int>((kOutRowBytes + 4095) / 4096);
+  static constexpr int kExpandPieces = static_cast<int>((kOutRowBytes + 4095) / 4096);
+  static constexpr int kCombinePieces = static_cast<int>((kRowBytes + 4095) / 4096);
 };
 
 // A row of `units` work units in pieces of `per` units, one warp each, sized on the host per call
@@ -355,6 +347,7 @@ struct ExpandParams {
   const uint64_t* epoch_src;
   int32_t* stage_rows_out;
   dev::WaitCtx wait;
+  Cut cut;  // of a payload row (Dims::kExpandUnits)
 };
 
 template <class Op>
@@ -405,7 +398,7 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
   if (ll && blockIdx.x == 0 && threadIdx.x == 0) *p.stage_rows_out = static_cast<int32_t>(first[p.world]);
   const int64_t stage_rows = ll ? (first[p.world] < p.stage_rows ? first[p.world] : p.stage_rows) : p.stage_rows;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  constexpr int P = D::Payload::kCount;
+  const int P = p.cut.pieces;
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * P; item += nwarps) {
     const int64_t r = item / P;
     const int ch = static_cast<int>(item % P);
@@ -438,7 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
       }
     }
     if (ch == 0 && lane == 0) p.stage_src[r * 2] = s, p.stage_src[r * 2 + 1] = t;
-    const int64_t lo = D::Payload::lo(ch) * 16, bytes = D::Payload::hi(ch) * 16 - lo;
+    const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
 #pragma unroll
     for (int d = 0; d < K; ++d)
       if (d < nd) dst[d] += lo;
@@ -468,27 +461,27 @@ struct CombineParams {
   int world;
   const uint64_t* epoch_src;         // low-latency mode: the call's epoch on the device
   const int32_t* stage_rows_src;     // ... and its staging rows (dispatch's expansion left them)
+  Cut cut;                           // of a row of the token dtype (Dims::kCombineUnits)
 };
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p) {
   using D = Dims<Op>;
-  static_assert(D::Back::kBytes == D::kRowBytes, "combine moves whole rows of the token dtype");
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t stage_rows = p.stage_rows_src && *p.stage_rows_src < p.stage_rows ? *p.stage_rows_src : p.stage_rows;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * D::Back::kCount; item += nwarps) {
-    const int64_t r = item / D::Back::kCount;
-    const int ch = static_cast<int>(item % D::Back::kCount);
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * p.cut.pieces; item += nwarps) {
+    const int64_t r = item / p.cut.pieces;
+    const int ch = static_cast<int>(item % p.cut.pieces);
     const int s = p.stage_src[r * 2], t = p.stage_src[r * 2 + 1];
     int32_t row[K];
     float w[K];
 #pragma unroll
     for (int j = 0; j < K; ++j) row[j] = p.slot_rows[r * K + j], w[j] = p.stage_w[r * K + j];
     int4* out = reinterpret_cast<int4*>(p.back[s] + static_cast<int64_t>(t) * D::kRowBytes);
-    for (int64_t c = D::Back::lo(ch) + lane; c < D::Back::hi(ch); c += 32) {
+    for (int64_t c = p.cut.lo(ch) + lane; c < p.cut.hi(ch); c += 32) {
       float acc[V] = {};
 #pragma unroll
       for (int j = 0; j < K; ++j) {  // slot order
@@ -526,13 +519,12 @@ struct ReduceParams {
   dev::WaitCtx wait;
   int world, local;
   const uint64_t* epoch_src;  // low-latency mode
-  Cut cut;  // of an output row (Dims::Back's 16-byte vectors)
+  Cut cut;  // of an output row (Dims::kCombineUnits)
 };
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p) {
   using D = Dims<Op>;
-  static_assert(D::Back::kBytes == D::kRowBytes, "combine moves whole rows of the token dtype");
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   __shared__ int ok;
@@ -623,13 +615,14 @@ struct Host {
     per = (per + align - 1) / align * align;
     return Cut{static_cast<int>((units + per - 1) / per), per, units};
   }
-  // The push's pieces of a token row (fp8 per-128: whole scale groups of 16 steps) and the combine
-  // reduction's pieces of an output row (the token dtype's 16-byte vectors).
+  // Each kernel's pieces of its own row: the push's of a token (fp8 per-128: whole scale groups of 16
+  // steps), the expansion's of a payload row, combine's (send and reduce) of a row of the token dtype.
   static Cut push_cut(int64_t m) {
     constexpr int64_t align = D::kFp8 && Op::kFp8Group != Op::kHidden ? 16 : 1;
-    return cut_for(m, D::kPushUnits, D::kFp8 ? 1 : D::Payload::kCount, align);
+    return cut_for(m, D::kPushUnits, D::kPushPieces, align);
   }
-  static Cut reduce_cut(int64_t m) { return cut_for(m, D::kRowBytes / 16, D::Back::kCount, 1); }
+  static Cut expand_cut(int64_t rows) { return cut_for(rows, D::kExpandUnits, D::kExpandPieces, 1); }
+  static Cut combine_cut(int64_t rows) { return cut_for(rows, D::kCombineUnits, D::kCombinePieces, 1); }
   // CTAs for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most what is resident.
   static int grid_for(int64_t rows, int pieces) {
     const int64_t want = (rows * pieces + kWarps - 1) / kWarps;
@@ -831,10 +824,11 @@ struct Host {
     cp.world = g.world;
     cp.epoch_src = epoch_src;
     cp.stage_rows_src = stage_rows_src;
-    combine_send<Op><<<grid_for(stage_rows, D::Back::kCount), kWarps * 32, 0, s>>>(cp);
+    cp.cut = combine_cut(stage_rows);
+    combine_send<Op><<<grid_for(stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, epoch_src, reduce_cut(m)};
+                        g.world, g.local, epoch_src, combine_cut(m)};
     combine_reduce<Op><<<grid_for(m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
     return launched("combine reduce", msg, len);
   }
@@ -877,8 +871,8 @@ struct Host {
     const Half& hf = g.half[g.dispatch_epoch & 1];
     ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                        stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
-    const int grid = grid_for(stage_rows, D::Payload::kCount);
-    expand_rows<Op><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    p.cut = expand_cut(stage_rows);
+    expand_rows<Op><<<grid_for(stage_rows, p.cut.pieces), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
     g.last_rows = -1;  // one expansion per dispatch
     return launched("expand", msg, len);
   }
@@ -910,8 +904,8 @@ struct Host {
     if (route_and_push(x, idx, idx64, w, m, hf, 0, g.epoch_dev, s, msg, len)) return 1;
     ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                         stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
-                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns)};
-    expand_rows<Op><<<grid_for(g.world * T, D::Payload::kCount), kWarps * 32, 0, s>>>(ep);
+                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns), expand_cut(g.world * T)};
+    expand_rows<Op><<<grid_for(g.world * T, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
     return launched("expand", msg, len);
   }
 
