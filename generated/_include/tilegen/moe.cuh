@@ -141,7 +141,25 @@ struct RouteParams {
   int32_t* ribd;     // [m][world]: rank of each token among its block's tokens to that rank (-1: none)
   int32_t* totals;   // [experts + world]: items per expert, tokens per destination rank
   uint64_t* epoch;   // low-latency mode: the op's epoch on the device, advanced by the scan (else null)
+  uint64_t* counter;  // blocks arrived (the last scans, then resets it)
 };
+
+// The last block of route_block: per column (expert, then destination), the exclusive prefix over
+// blocks, and the totals; in low-latency mode it also advances the call's epoch (no launch of its own).
+template <class Op>
+__device__ __forceinline__ void scan_blocks(const RouteParams& p, int blocks) {
+  const int C = Op::kExperts + p.world;
+  if (p.epoch && threadIdx.x == 0) dev::st_release_gpu(p.epoch, *p.epoch + 1);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    int32_t run = 0;
+    for (int b = 0; b < blocks; ++b) {
+      const int32_t v = __ldcg(p.hist + b * C + c);  // (other blocks wrote it: past this SM's L1)
+      p.hist[b * C + c] = run;
+      run += v;
+    }
+    p.totals[c] = run;
+  }
+}
 
 template <class Op>
 __global__ void route_block(RouteParams p) {
@@ -185,21 +203,9 @@ __global__ void route_block(RouteParams p) {
   }
   __syncthreads();
   for (int i = threadIdx.x; i < C; i += blockDim.x) p.hist[blockIdx.x * C + i] = hist[i];
-}
-
-// One CTA: per column (expert, then destination), the exclusive prefix over blocks, and the totals.
-template <class Op>
-__global__ void route_scan(RouteParams p, int blocks) {
-  const int C = Op::kExperts + p.world;
-  if (p.epoch && threadIdx.x == 0) dev::st_release_gpu(p.epoch, *p.epoch + 1);  // the call's epoch (no own launch)
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    int32_t run = 0;
-    for (int b = 0; b < blocks; ++b) {
-      const int32_t v = p.hist[b * C + c];
-      p.hist[b * C + c] = run;
-      run += v;
-    }
-    p.totals[c] = run;
+  if (dev::arrive_last<false>(p.counter, gridDim.x)) {  // every block's counts precede the scan
+    if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
+    scan_blocks<Op>(p, gridDim.x);
   }
 }
 
@@ -225,7 +231,7 @@ struct PushParams {
   Cut cut;  // of a token row (Dims::kPushUnits)
 };
 
-// The call's epoch: the host's (normal mode), or the device word the dispatch's route_scan advanced.
+// The call's epoch: the host's (normal mode), or the device word the dispatch's routing advanced.
 __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* device) {
   return device ? dev::ld_acquire_gpu(device) : host;
 }
@@ -584,7 +590,7 @@ struct Host {
     uint64_t* dflag = nullptr;  // [world]: each source's dispatch epoch
     uint64_t* cflag = nullptr;  // [world]: each sender's combine epoch
     int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
-    uint64_t* counters = nullptr;  // [2]: blocks arrived (dispatch push, combine send)
+    uint64_t* counters = nullptr;  // [3]: blocks arrived (dispatch push, combine send, routing)
     uint64_t dispatch_epoch = 0, combine_epoch = 0;
     int64_t last_stage_rows = -1, last_rows = -1;
     int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
@@ -665,10 +671,11 @@ struct Host {
     const int64_t scratch_ints = blocks(T) * (E + W) + T * K + T * W + (E + W);
     cudaError_t e = cudaMemset(g.dflag, 0, flag_bytes);
     if (e == cudaSuccess) e = cudaMalloc(&g.scratch, scratch_ints * 4);
-    if (e == cudaSuccess) e = cudaMalloc(&g.counters, 2 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t));
-    if (e == cudaSuccess) e = cudaMemset(g.counters, 0, 2 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t));
-    g.epoch_dev = g.counters + 2;
-    g.stage_rows_dev = reinterpret_cast<int32_t*>(g.counters + 3);
+    constexpr size_t counter_bytes = 3 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t);  // + epoch, rows
+    if (e == cudaSuccess) e = cudaMalloc(&g.counters, counter_bytes);
+    if (e == cudaSuccess) e = cudaMemset(g.counters, 0, counter_bytes);
+    g.epoch_dev = g.counters + 3;
+    g.stage_rows_dev = reinterpret_cast<int32_t*>(g.counters + 4);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
@@ -698,7 +705,6 @@ struct Host {
   static cudaError_t load_kernels() {
     cudaFuncAttributes fa;
     cudaError_t e = cudaFuncGetAttributes(&fa, route_block<Op>);
-    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, route_scan<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, push_tokens<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, wait_counts<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, expand_rows<Op>);
@@ -763,18 +769,14 @@ struct Host {
   // epoch at `epoch_src` (low-latency mode).
   static int route_and_push(const void* x, const void* idx, int idx64, const float* w, int64_t m, const Half& hf,
                             uint64_t epoch, const uint64_t* epoch_src, cudaStream_t s, char* msg, int len) {
-    const int nb = blocks(m);
-    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, nullptr};
+    const int nb = m > 0 ? blocks(m) : 1;  // (m = 0: one block of no tokens, whose scan zeroes the totals)
+    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, nullptr, g.counters + 2};
     rp.epoch = epoch_src ? g.epoch_dev : nullptr;
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
     rp.totals = rp.ribd + T * W;
-    if (nb > 0) {
-      route_block<Op><<<nb, 256, 0, s>>>(rp);
-      if (launched("route", msg, len)) return 1;
-    }
-    route_scan<Op><<<1, 1024, 0, s>>>(rp, nb);
-    if (launched("route scan", msg, len)) return 1;
+    route_block<Op><<<nb, 256, 0, s>>>(rp);
+    if (launched("route", msg, len)) return 1;
     PushParams<Op> pp{};
     pp.x = static_cast<const char*>(x);
     pp.idx = idx;
