@@ -60,6 +60,19 @@ def _combine_reference(op, x, idx, w, world, with_abs=False):
     return (out, mag) if with_abs else out
 
 
+FP32_SUMS = 16 * torch.finfo(torch.float32).eps  # what summing a row's terms in fp32 may add, per unit of magnitude
+
+
+def _combine_off(out, ref, mag, fp32=FP32_SUMS):
+    """None when combine's out is within its bound of the float64 reference, else by how much it is off.
+    Each expert rank's partial sum and the final sum are rounded to the dtype once each (partials in the
+    token dtype halve combine's NVLink bytes): within one ulp of the terms' magnitude `mag`, plus `fp32`
+    of the row's largest magnitude for the fp32 sums."""
+    err = (out.double() - ref).abs()
+    bound = torch.finfo(out.dtype).eps * mag + fp32 * mag.amax(dim=1, keepdim=True).clamp_min(1)
+    return None if (err <= bound).all() else f"off by up to {err.max().item():.3g} (bound {bound.max().item():.3g})"
+
+
 def _check_one(op, m, case, seed, idx_dtype=torch.int64):
     rank, world = dist.get_rank(), dist.get_world_size()
     what = f"{op.name} rank {rank}/{world}, m={m}, case={case}, seed={seed}"
@@ -78,12 +91,8 @@ def _check_one(op, m, case, seed, idx_dtype=torch.int64):
     out = op.combine(y, h)
     ref, mag = _combine_reference(op, x, idx, w, world, with_abs=True)
     torch.cuda.synchronize()
-    # each expert rank's partial sum and the final sum are rounded to the dtype once each (partials in the
-    # token dtype halve combine's NVLink bytes): within one ulp of the terms' magnitude, plus fp32's error
-    eps = torch.finfo(out.dtype).eps
-    bound = eps * mag + 16 * torch.finfo(torch.float32).eps * mag.amax(dim=1, keepdim=True).clamp_min(1)
-    err = (out.double() - ref).abs()
-    assert (err <= bound).all(), f"{what}: combine off by up to {err.max().item():.3g} (bound {bound.max().item():.3g})"
+    off = _combine_off(out, ref, mag)
+    assert off is None, f"{what}: combine {off}"
 
 
 @pytest.mark.parametrize("name", ["moe_bf16", "moe_f32_k3"])
@@ -166,9 +175,8 @@ def _check_ll_result(op, x, idx, w, recv, counts, h, out, what):
     assert torch.equal(got_handle.long(), want_handle.long()), f"{what}: handle differs"
     assert torch.equal(got_x.view(torch.uint8), want_x.view(torch.uint8)), f"{what}: received tokens differ"
     ref, mag = _combine_reference(op, x, idx, w, world, with_abs=True)
-    fp32 = 16 * torch.finfo(torch.float32).eps * mag.amax(dim=1, keepdim=True).clamp_min(1)
-    err, bound = (out.double() - ref).abs(), torch.finfo(out.dtype).eps * mag + fp32
-    assert (err <= bound).all(), f"{what}: combine off by up to {err.max().item():.3g}"
+    off = _combine_off(out, ref, mag)
+    assert off is None, f"{what}: combine {off}"
 
 
 @pytest.mark.parametrize("case", ["random", "dropped", "sparse"])
@@ -276,9 +284,9 @@ def test_moe_fp8_dispatch_matches_quantized_nccl(dist_env, case):
         local = torch.repeat_interleave(torch.arange(L, device="cuda"), counts.long())
         out = op.combine(_expert_fn(moe_nccl.dequantize(q, sc, x.dtype), local), h)
         ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
-        bound = torch.finfo(out.dtype).eps * mag + 1e-6 * mag.amax(dim=1, keepdim=True).clamp_min(1)
-        if not ((out.double() - ref).abs() <= bound).all():
-            problems.append(f"{what}: combine differs")
+        off = _combine_off(out, ref, mag, fp32=1e-6)
+        if off is not None:
+            problems.append(f"{what}: combine {off}")
     assert not problems, "\n".join(problems)
 
 
@@ -297,5 +305,5 @@ def test_moe_fp8_low_latency_per_token_scales(dist_env):
     deq = moe_nccl.dequantize(q.reshape(-1, op.hidden), sc.reshape(-1, 1), x.dtype).view(q.shape)
     out = op.combine(_ll_expert_fn(deq), h)
     ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
-    bound = torch.finfo(out.dtype).eps * mag + 1e-6 * mag.amax(dim=1, keepdim=True).clamp_min(1)
-    assert ((out.double() - ref).abs() <= bound).all(), f"rank {rank}: combine differs"
+    off = _combine_off(out, ref, mag, fp32=1e-6)
+    assert off is None, f"rank {rank}: combine {off}"
