@@ -325,23 +325,25 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
     """The pieces the host gives each kernel cover that kernel's own row exactly, for decode-sized to
     large calls and small to large GPUs: the push's (a token row: 16-byte vectors, or fp8 steps of 8
     channels, per-128 pieces starting at a scale group), the expansion's (a payload row) and combine's
-    (a row of the token dtype). (A combine cut by the fp8 payload's row once summed half of every row.)"""
+    send and reduction (a row of the token dtype). (A combine cut by the fp8 payload's row once summed
+    half of every row.)"""
     hidden, elem, fp8 = 7168, 4 if "f32" in extra else 2, "fp8" in extra
     spec = MOE_SPEC.replace("256]", f"{hidden}]").replace("dtype: bf16\n", "" if "f32" in extra else "dtype: bf16\n")
     spec += extra
     _, out = _build_host_program(tmp_path, spec, "cuts", (
         "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
-        "  for (int grid : {16, 132, 528}) {\n    H::g.max_grid = grid;\n"
+        "  for (int grid : {16, 132, 528}) {\n    for (int& r : H::g.resident) r = grid;\n"
         "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
-        "      const tilegen::moe::Cut cuts[3] = {H::push_cut(m), H::expand_cut(m), H::combine_cut(m)};\n"
-        "      for (int k = 0; k < 3; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
+        "      const tilegen::moe::Cut cuts[4] = {H::push_cut(m), H::expand_cut(m), H::send_cut(m),"
+        " H::reduce_cut(m)};\n"
+        "      for (int k = 0; k < 4; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
         "        for (int ch = 0; ch < cuts[k].pieces; ++ch) printf(\" %lld-%lld\", (long long)cuts[k].lo(ch),"
         " (long long)cuts[k].hi(ch));\n        printf(\"\\n\");\n      }\n    }\n  }\n}\n"))
     want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden // 16 if fp8 else hidden * elem // 16,
-                  2: hidden * elem // 16}
-    align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1}
+                  2: hidden * elem // 16, 3: hidden * elem // 16}
+    align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1, 3: 1}
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert len(lines) == 3 * 5 * 3
+    assert len(lines) == 4 * 5 * 3
     for ln in lines:
         head, pieces = ln.split(":")
         k, grid, m, units = map(int, head.split())

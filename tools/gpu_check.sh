@@ -173,10 +173,10 @@ case "$PHASE" in
     timeout 150 torchrun --nproc-per-node "$NP" tools/bench_moe.py --tokens 128 --out "$OUT/bench_moe_ll_np$NP.json" \
       > "$OUT/bench_moe_ll_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_ll_np$NP.log"; }
     grep -E "^(low latency|  tilegen|tilegen op)" "$OUT/bench_moe_ll_np$NP.log"
-    for op in moe_bf16_ll moe_bf16_fp8_ll; do
+    for op in moe_bf16_ll moe_bf16_fp8_ll; do  # (in-graph timeline of each kernel)
       timeout 90 torchrun --nproc-per-node "$NP" tools/profile_moe.py --tokens 128 --op $op > "$OUT/profile_$op.log" 2>&1 \
         || { status=1; tail -20 "$OUT/profile_$op.log"; }
-      echo "$op:"; grep "tilegen::moe" "$OUT/profile_$op.log" | sed -E 's/^void tilegen::moe::([a-z_]+).* ([0-9.]+us) +([0-9]+) *$/  \1 avg \2 (\3 calls)/'
+      grep -A6 "in-graph timeline" "$OUT/profile_$op.log"
     done ;;
   fused)  # the fused GEMM kernel alone at several tiles vs cuBLAS (tools/fused_specs; prebuilt: .prebuilt/fused.tar.xz)
     start_mps_if_shared "$NP"

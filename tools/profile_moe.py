@@ -1,10 +1,16 @@
-"""Where a MoE op's time goes: per-kernel GPU times (torch.profiler, CUPTI) of dispatch and combine at
-one size (low-latency ops: eager calls, the kernels a graph replays), and in normal mode the host time
-of each part of a dispatch call, on rank 0 (every rank runs the calls).
+"""Where a MoE op's time goes, on rank 0 (every rank runs the calls). Normal mode: per-kernel GPU times
+(torch.profiler, CUPTI) of eager dispatch and combine and the host time of each part of a dispatch.
+Low-latency mode: dispatch and combine captured in CUDA graphs and replayed in turn, as a decode step
+runs them; CUPTI's record of each replayed kernel gives the in-graph timeline: per kernel its median
+duration and the gap before it (launch and drain between nodes, included in the op's time).
 
     torchrun --nproc-per-node 4 tools/profile_moe.py [--tokens 4096] [--op moe_bf16]
 """
 import argparse
+import json
+import os
+import statistics
+import tempfile
 import time
 
 import torch
@@ -39,11 +45,70 @@ def host_parts(op, x, idx, w, rank, world, a):
               + ", ".join(f"{k} {sorted(v)[len(v) // 2] * 1e6:.0f}" for k, v in parts.items()))
 
 
+def kernel_spans(prof) -> list[tuple[str, float, float]]:
+    """(short name, start us, end us) of every GPU kernel the profiler recorded, in start order."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    spans = []
+    for e in events:
+        if e.get("cat") == "kernel" and e.get("ph") == "X":
+            name = e["name"]
+            short = name.split("tilegen::moe::")[1].split("<")[0] if "tilegen::moe::" in name else name[:40]
+            spans.append((short, float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    return sorted(spans, key=lambda s: s[1])
+
+
+def graph_timeline(op, x, idx, w, y, calls: int, rank: int, world: int) -> None:
+    """Low-latency mode: the replayed graphs' kernels, per kernel the median duration and gap before it."""
+    g_dispatch, g_combine = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_dispatch):
+        _, _, h = op.dispatch(x, idx, w)
+    with torch.cuda.graph(g_combine):
+        op.combine(y, h)
+    for _ in range(3):
+        g_dispatch.replay()
+        g_combine.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            g_dispatch.replay()
+            g_combine.replay()
+        torch.cuda.synchronize()
+    spans = kernel_spans(prof)
+    per_call = len(spans) // calls
+    rows: dict[str, dict[str, list[float]]] = {}
+    totals = {"dispatch": [], "combine": []}
+    for c in range(1, calls):  # (the first replay waits for the other ranks' start)
+        call = spans[c * per_call:(c + 1) * per_call]
+        prev_end = spans[c * per_call - 1][2]
+        for i, (name, t0, t1) in enumerate(call):
+            r = rows.setdefault(f"{i}:{name}", {"dur": [], "gap": []})
+            r["dur"].append(t1 - t0)
+            r["gap"].append(t0 - prev_end)
+            prev_end = t1
+        cut = next(i for i, s in enumerate(call) if s[0].startswith("combine"))
+        totals["dispatch"].append(call[cut - 1][2] - spans[c * per_call - 1][2])
+        totals["combine"].append(call[-1][2] - call[cut - 1][2])
+    med = statistics.median
+    for q in range(world):
+        if q == rank:
+            print(f"rank {rank}: in-graph timeline of {op.name} ({x.shape[0]} tokens, {world} ranks, {calls - 1} "
+                  f"replays; us, medians; a half's time runs from the previous kernel's end): dispatch "
+                  f"{med(totals['dispatch']):.1f}, combine {med(totals['combine']):.1f}", flush=True)
+            for key, r in rows.items():
+                print(f"  {key.split(':', 1)[1]:<16} gap {med(r['gap']):6.1f}  kernel {med(r['dur']):6.1f}", flush=True)
+        dist.barrier()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--op", default="moe_bf16")
-    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--plain", action="store_true", help="the calls alone (for ncu: tools/ncu_rank0.sh)")
     a = ap.parse_args()
     rank, world = tilegen.init()
@@ -66,6 +131,10 @@ def main():
             recv, _, h = op.dispatch(x, idx, w)
             op.combine(y, h)
         torch.cuda.synchronize()
+        tilegen.finalize()
+        return
+    if op.mode != "normal":
+        graph_timeline(op, x, idx, w, y, a.calls, rank, world)
         tilegen.finalize()
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

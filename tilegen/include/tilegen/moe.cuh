@@ -5,8 +5,8 @@
 //           each token's rank among the block's tokens to each rank) -> scan (prefix over blocks,
 //           totals) -> push: every token once per destination rank, into its staging row there
 //           (this rank's segment of max_tokens rows), with a meta row (token, experts, each item's
-//           index among this rank's items of its expert, weights); the last block writes this rank's
-//           counts (per expert of the destination, tokens) into the destination and sets its flag ->
+//           index among this rank's items of its expert, weights); block 0 first writes this rank's
+//           counts (per expert of the destination, tokens) there; the last block sets its flag ->
 //           wait for every rank's flag, counts to the host (the caller sizes the outputs) -> expand:
 //           each staging row copied to its items' final rows (per local expert, source, token, slot).
 // combine   per staging row, the weighted sum of its local items' expert outputs (fp32, slot order),
@@ -30,6 +30,7 @@ namespace moe {
 
 constexpr int kBlockTokens = 32;  // tokens per routing block
 constexpr int kWarps = 16;        // warps per CTA of the copy kernels
+enum CopyKernel { kPush, kExpand, kSend, kReduce, kKernels };
 
 template <class Op>
 struct Dims {
@@ -166,40 +167,34 @@ __global__ void route_block(RouteParams p) {
   constexpr int K = Op::kTopk, E = Op::kExperts;
   __shared__ int32_t e_s[kBlockTokens * K];
   __shared__ int32_t hist[E + Op::kMaxWorld];
-  __shared__ uint32_t dmask[kBlockTokens];  // ranks each token of the block goes to
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kBlockTokens;
   const int nt = static_cast<int>(p.m - t0 < kBlockTokens ? p.m - t0 : kBlockTokens);
-  const int C = E + p.world;
+  const int C = E + p.world, lane = threadIdx.x & 31;
   for (int i = threadIdx.x; i < C; i += blockDim.x) hist[i] = 0;
   for (int i = threadIdx.x; i < kBlockTokens * K; i += blockDim.x)
     e_s[i] = i / K < nt ? load_expert(p.idx, t0 * K + i, p.idx64, E) : -1;
   __syncthreads();
-  for (int i = threadIdx.x; i < nt * K; i += blockDim.x) {  // items, in (token, slot) order
-    const int e = e_s[i];
-    int r = -1;
-    if (e >= 0) {
-      r = 0;
-      for (int q = 0; q < i; ++q) r += e_s[q] == e;
-      atomicAdd(&hist[e], 1);
+  if (threadIdx.x < 32) {  // warp 0: each item's rank among the block's items of its expert, 32 at a time
+    for (int i0 = 0; i0 < nt * K; i0 += 32) {  // (token, slot) order
+      const int i = i0 + lane, e = i < nt * K ? e_s[i] : -1;
+      const unsigned same = __match_any_sync(0xffffffffu, e);
+      const int before = __popc(same & ((1u << lane) - 1));
+      const int r = e >= 0 ? hist[e] + before : -1;
+      __syncwarp();  // every lane read its expert's count before the group's first lane adds the group
+      if (e >= 0 && before == 0) hist[e] += __popc(same);
+      __syncwarp();
+      if (i < nt * K) p.rib[t0 * K + i] = r;
     }
-    p.rib[t0 * K + i] = r;
-  }
-  for (int t = threadIdx.x; t < kBlockTokens; t += blockDim.x) {
+  } else if (threadIdx.x < 64) {  // warp 1: each token's rank among the block's tokens to each rank
+    static_assert(kBlockTokens == 32, "a routing block's tokens are one warp's lanes");
     uint32_t mask = 0;
-    for (int j = 0; j < K && t < nt; ++j)
-      if (e_s[t * K + j] >= 0) mask |= 1u << (e_s[t * K + j] / p.local);
-    dmask[t] = mask;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < nt * p.world; i += blockDim.x) {  // (token, destination) pairs
-    const int t = i / p.world, d = i % p.world;
-    int r = -1;
-    if (dmask[t] >> d & 1) {
-      r = 0;
-      for (int q = 0; q < t; ++q) r += dmask[q] >> d & 1;
-      atomicAdd(&hist[E + d], 1);
+    for (int j = 0; j < K && lane < nt; ++j)
+      if (e_s[lane * K + j] >= 0) mask |= 1u << (e_s[lane * K + j] / p.local);
+    for (int d = 0; d < p.world; ++d) {
+      const unsigned to_d = __ballot_sync(0xffffffffu, mask >> d & 1);
+      if (lane < nt) p.ribd[(t0 + lane) * p.world + d] = mask >> d & 1 ? __popc(to_d & ((1u << lane) - 1)) : -1;
+      if (lane == 0) hist[E + d] = __popc(to_d);
     }
-    p.ribd[(t0 + t) * p.world + d] = r;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < C; i += blockDim.x) p.hist[blockIdx.x * C + i] = hist[i];
@@ -237,11 +232,19 @@ __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* de
 }
 
 template <class Op>
-__global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
+__global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) {
   using D = Dims<Op>;
   constexpr int K = Op::kTopk, E = Op::kExperts;
   const int lane = threadIdx.x & 31, C = E + p.world;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  // Every destination's counts row (its local experts, then tokens), first and by block 0, an entry per
+  // thread: the routing knows them, and the last block then only fences and signals (a tail that wrote
+  // them after every push kept one CTA running long after the others).
+  const int row = p.local + 1;
+  for (int i = threadIdx.x; blockIdx.x == 0 && i < p.world * row; i += blockDim.x) {
+    const int d = i / row, l = i % row;
+    p.info[d][l] = l < p.local ? p.totals[d * p.local + l] : p.totals[E + d];
+  }
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
     const int64_t t = item / p.cut.pieces, b = t / kBlockTokens;
     const int ch = static_cast<int>(item % p.cut.pieces);
@@ -278,16 +281,8 @@ __global__ void __launch_bounds__(kWarps * 32) push_tokens(PushParams<Op> p) {
       for (int d = 0; d < nd; ++d) mdst[d][f] = v;
     }
   }
-  if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's pushes precede the counts and flags
+  if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's stores precede the flags
     if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
-    // Every destination's counts row (its local experts, then tokens), an entry per thread: one thread
-    // per row, a load then a remote store per entry, kept this CTA running ~30 us after all others.
-    const int row = p.local + 1;
-    for (int i = threadIdx.x; i < p.world * row; i += blockDim.x) {
-      const int d = i / row, l = i % row;
-      p.info[d][l] = l < p.local ? p.totals[d * p.local + l] : p.totals[E + d];
-    }
-    __syncthreads();  // the rows precede the flags (the signalling thread's system fence covers them)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
       dev::fence_acq_rel_sys();
       dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
@@ -357,7 +352,7 @@ struct ExpandParams {
 };
 
 template <class Op>
-__global__ void __launch_bounds__(kWarps * 32) expand_rows(ExpandParams<Op> p) {
+__global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p) {
   using D = Dims<Op>;
   constexpr int K = Op::kTopk, E = Op::kExperts, W = Op::kMaxWorld;
   __shared__ int32_t base[E];         // [local expert][source]: first row of that source's items
@@ -584,7 +579,8 @@ struct Host {
   };
   struct State {
     bool ready = false, poisoned = false;
-    int rank = -1, world = 0, local = 0, max_grid = 0;
+    int rank = -1, world = 0, local = 0;
+    int resident[kKernels] = {};  // CTAs of each copy kernel the GPU holds at once (its own occupancy)
     char* sym = nullptr;  // one symmetric allocation: both halves, then the flags
     Half half[2] = {};
     uint64_t* dflag = nullptr;  // [world]: each source's dispatch epoch
@@ -611,9 +607,9 @@ struct Host {
   static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
   static int blocks(int64_t m) { return static_cast<int>((m + kBlockTokens - 1) / kBlockTokens); }
   // Pieces of a row of `units` for `rows` rows: `base` pieces, more where fewer rows would leave warps
-  // of the GPU idle, each at least one unit per lane and a multiple of `align` units.
-  static Cut cut_for(int64_t rows, int64_t units, int base, int64_t align) {
-    const int64_t resident = static_cast<int64_t>(g.max_grid) * kWarps;
+  // of kernel `k`'s resident CTAs idle, each at least one unit per lane and a multiple of `align` units.
+  static Cut cut_for(int k, int64_t rows, int64_t units, int base, int64_t align) {
+    const int64_t resident = static_cast<int64_t>(g.resident[k]) * kWarps;
     int64_t want = rows > 0 ? (resident + rows - 1) / rows : 1;
     want = want > base ? want : base;
     int64_t per = (units + want - 1) / want;
@@ -625,14 +621,16 @@ struct Host {
   // steps), the expansion's of a payload row, combine's (send and reduce) of a row of the token dtype.
   static Cut push_cut(int64_t m) {
     constexpr int64_t align = D::kFp8 && Op::kFp8Group != Op::kHidden ? 16 : 1;
-    return cut_for(m, D::kPushUnits, D::kPushPieces, align);
+    return cut_for(kPush, m, D::kPushUnits, D::kPushPieces, align);
   }
-  static Cut expand_cut(int64_t rows) { return cut_for(rows, D::kExpandUnits, D::kExpandPieces, 1); }
-  static Cut combine_cut(int64_t rows) { return cut_for(rows, D::kCombineUnits, D::kCombinePieces, 1); }
-  // CTAs for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most what is resident.
-  static int grid_for(int64_t rows, int pieces) {
-    const int64_t want = (rows * pieces + kWarps - 1) / kWarps;
-    return static_cast<int>(want < 1 ? 1 : (want < g.max_grid ? want : g.max_grid));
+  static Cut expand_cut(int64_t rows) { return cut_for(kExpand, rows, D::kExpandUnits, D::kExpandPieces, 1); }
+  static Cut send_cut(int64_t rows) { return cut_for(kSend, rows, D::kCombineUnits, D::kCombinePieces, 1); }
+  static Cut reduce_cut(int64_t rows) { return cut_for(kReduce, rows, D::kCombineUnits, D::kCombinePieces, 1); }
+  // CTAs of kernel `k` for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most
+  // one wave of what the GPU holds of that kernel (a second wave would redo each CTA's waits and setup).
+  static int grid_for(int k, int64_t rows, int pieces) {
+    const int64_t want = (rows * pieces + kWarps - 1) / kWarps, cap = g.resident[k];
+    return static_cast<int>(want < 1 ? 1 : (want < cap ? want : cap));
   }
 
   static bool supported_world(int world) {
@@ -685,13 +683,9 @@ struct Host {
     }
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&g.done, cudaEventDisableTiming);
     if (e == cudaSuccess) e = load_kernels();
-    int device = 0, sms = 0, per_sm = 0;
-    if (e == cudaSuccess) e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, push_tokens<Op>, kWarps * 32, 0);
+    if (e == cudaSuccess) e = find_residency();
     if (e == cudaSuccess) e = cudaDeviceSynchronize();
     if (e != cudaSuccess) return fail(msg, len, "%s: init: %s", Op::kName, cudaGetErrorString(e));
-    g.max_grid = sms * (per_sm > 0 ? per_sm : 1);
     nvshmem_barrier_all();  // every rank's flags are zero before anyone signals
     for (int q = 0; q < g.world; ++q)
       if (!nvshmem_ptr(g.sym, q))
@@ -699,6 +693,23 @@ struct Host {
                     "one node", Op::kName, q, g.rank);
     g.ready = true;
     return 0;
+  }
+
+  // Each copy kernel's resident CTAs on this GPU: its grid's cap and what its pieces are cut for.
+  static cudaError_t find_residency() {
+    int device = 0, sms = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const void* kernels[kKernels] = {reinterpret_cast<const void*>(push_tokens<Op>),
+                                     reinterpret_cast<const void*>(expand_rows<Op>),
+                                     reinterpret_cast<const void*>(combine_send<Op>),
+                                     reinterpret_cast<const void*>(combine_reduce<Op>)};
+    for (int k = 0; k < kKernels && e == cudaSuccess; ++k) {
+      int per_sm = 0;
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[k], kWarps * 32, 0);
+      g.resident[k] = sms * (per_sm > 0 ? per_sm : 1);
+    }
+    return e;
   }
 
   // Loads every kernel now: a lazily loaded one could wait for a spinning kernel that waits for it.
@@ -800,7 +811,7 @@ struct Host {
     pp.world = g.world;
     pp.local = g.local;
     pp.cut = push_cut(m);
-    push_tokens<Op><<<grid_for(m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
+    push_tokens<Op><<<grid_for(kPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
     return launched("push", msg, len);
   }
 
@@ -826,12 +837,12 @@ struct Host {
     cp.world = g.world;
     cp.epoch_src = epoch_src;
     cp.stage_rows_src = stage_rows_src;
-    cp.cut = combine_cut(stage_rows);
-    combine_send<Op><<<grid_for(stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
+    cp.cut = send_cut(stage_rows);
+    combine_send<Op><<<grid_for(kSend, stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, epoch_src, combine_cut(m)};
-    combine_reduce<Op><<<grid_for(m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
+                        g.world, g.local, epoch_src, reduce_cut(m)};
+    combine_reduce<Op><<<grid_for(kReduce, m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
     return launched("combine reduce", msg, len);
   }
 
@@ -874,7 +885,7 @@ struct Host {
     ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                        stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
     p.cut = expand_cut(stage_rows);
-    expand_rows<Op><<<grid_for(stage_rows, p.cut.pieces), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    expand_rows<Op><<<grid_for(kExpand, stage_rows, p.cut.pieces), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
     g.last_rows = -1;  // one expansion per dispatch
     return launched("expand", msg, len);
   }
@@ -907,7 +918,7 @@ struct Host {
     ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                         stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
                         g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns), expand_cut(g.world * T)};
-    expand_rows<Op><<<grid_for(g.world * T, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
+    expand_rows<Op><<<grid_for(kExpand, g.world * T, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
     return launched("expand", msg, len);
   }
 
