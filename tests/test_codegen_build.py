@@ -380,7 +380,9 @@ def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
     assert op._timeout_ns(None) == 40_000_000
     assert op._timeout_ns(0) == 0 and op._timeout_ns(1.5) == 1_500_000
     monkeypatch.setattr(runtime, "_capturing", lambda handle: True)  # a captured call cannot report: defaults off
-    assert op._timeout_ns(None, 7) == 0 and op._timeout_ns(1.5, 7) == 1_500_000
+    assert op._timeout_ns(None, 7) == 0 and op._timeout_ns(0, 7) == 0
+    with pytest.raises(RuntimeError, match=r"ag: bounded waits \(timeout_ms > 0\).*capture with timeout_ms=0"):
+        op._timeout_ns(1.5, 7)
     monkeypatch.delenv("TILEGEN_WAIT_TIMEOUT_MS")
     assert op._timeout_ns(None, 7) == 0
     monkeypatch.setenv("TILEGEN_WAIT_TIMEOUT_MS", "soon")

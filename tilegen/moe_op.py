@@ -181,7 +181,6 @@ class MoeOp(GeneratedOp):
         handle_s = _stream_handle(stream)
         timeout_ns = self._timeout_ns(timeout_ms, handle_s)
         if self.mode == "low_latency":
-            self._refuse_bounded_capture(handle_s, timeout_ns)
             return self._dispatch_low_latency(x, topk_idx, topk_weights, handle_s, timeout_ns, validate)
         self._refuse_capture("dispatch", handle_s)
         if validate:
@@ -232,7 +231,6 @@ class MoeOp(GeneratedOp):
         torch = _torch()
         if not self._ll_pending:
             raise RuntimeError(f"{self.name}: low_latency combine without a dispatch before it")
-        self._refuse_bounded_capture(handle_s, timeout_ns)
         W, L, T = world_size(), self.local_experts(), self.max_rows()
         if list(y.shape) not in ([L, W * T, self.hidden], [L * W * T, self.hidden]):
             raise ValueError(f"{self.name}: y must be [{L}, {W * T}, {self.hidden}] (dispatch's recv_x layout), "

@@ -289,29 +289,27 @@ class GeneratedOp:
         return self._outputs[key]
 
     def _timeout_ns(self, timeout_ms: float | None, handle: int | None = None) -> int:
-        """The call's bound, else TILEGEN_WAIT_TIMEOUT_MS, else the spec's wait_timeout_ms (0: unbounded).
-        The two defaults bound eager calls only: a call captured on stream `handle` cannot report a wait
-        that gave up, so it waits unbounded there (an explicit timeout_ms > 0 is refused under capture)."""
-        if timeout_ms is None:
+        """The call's wait bound in ns: its timeout_ms, else TILEGEN_WAIT_TIMEOUT_MS, else the spec's
+        wait_timeout_ms (0: unbounded). A bounded call synchronises the stream afterwards to read the
+        wait report, which a CUDA graph cannot: captured on stream `handle`, the two defaults give way
+        to an unbounded wait and an explicit timeout_ms > 0 is refused."""
+        explicit = timeout_ms is not None
+        if not explicit:
             env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
             try:
                 timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
             except ValueError:
                 raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
-            if timeout_ms > 0 and _capturing(handle):
-                return 0
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
-        return int(timeout_ms * 1e6)
-
-    def _refuse_bounded_capture(self, handle: int, timeout_ns: int) -> None:
-        """Bounded waits synchronise the stream to read the report: not in a CUDA graph."""
-        if timeout_ns > 0 and _capturing(handle):
+        if timeout_ms > 0 and _capturing(handle):
+            if not explicit:
+                return 0
             raise RuntimeError(
-                f"{self.name}: bounded waits (timeout_ms > 0) "
-                f"synchronise the stream after each call and cannot be captured in a CUDA graph; "
-                f"capture with timeout_ms=0"
+                f"{self.name}: bounded waits (timeout_ms > 0) synchronise the stream after each call and "
+                f"cannot be captured in a CUDA graph; capture with timeout_ms=0"
             )
+        return int(timeout_ms * 1e6)
 
     def free_outputs(self) -> None:
         """Free the outputs empty_output cached (collective)."""
@@ -336,8 +334,6 @@ class GeneratedOp:
             raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
         handle = _stream_handle(stream)
         timeout_ns = self._timeout_ns(timeout_ms, handle)
-        if timeout_ns:
-            self._refuse_bounded_capture(handle, timeout_ns)
         run(input, output, root, handle, timeout_ns, False)
         if timeout_ns:  # bounded mode: wait for the call, then report a wait that gave up
             _synchronize(input, handle)
