@@ -354,3 +354,27 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
         assert all(a % align[k] == 0 for a, _ in ranges), ln
         if m and grid * 16 > m and units >= 64:  # few tokens: the row is cut finer than the compiled pieces
             assert len(ranges) > 1, ln
+
+
+def test_trace_phases_named_in_python_are_the_ones_the_kernels_stamp():
+    """MoeOp.read_trace names each kernel's stamps (TRACE_KERNELS, TRACE_PHASES); the kernels write them
+    (tilegen/moe.cuh's stamp(p.trace, kernel, phase)). A stamp added, dropped or reordered on either
+    side would mislabel the profile: the kernel ids, their order and each kernel's phases must agree."""
+    import re
+
+    from tilegen.codegen import INCLUDE_DIR
+    from tilegen.moe_op import MoeOp
+    src = (INCLUDE_DIR / "tilegen" / "moe.cuh").read_text()
+    enum = re.search(r"enum TraceKernel \{([^}]*)\}", src).group(1)
+    ids = [e.strip() for e in enum.split(",")]
+    consts = dict(re.findall(r"(kTrace(?:Kernels|Phases|Ctas)) = (\d+)", src))
+    assert int(consts["kTraceKernels"]) == len(ids) == len(MoeOp.TRACE_KERNELS)
+    stamped: dict[str, set[int]] = {}
+    for kernel_id, phase in re.findall(r"stamp\(p\.trace, (kTrace\w+), (\d+)\)", src):
+        stamped.setdefault(kernel_id, set()).add(int(phase))
+    for kernel_id, name in zip(ids, MoeOp.TRACE_KERNELS):
+        start = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{name}\(", src).start()
+        body = src[start:src.index("\n}\n", start)]
+        assert set(re.findall(r"stamp\(p\.trace, (kTrace\w+),", body)) == {kernel_id}, name  # its own stamps
+        assert stamped[kernel_id] == set(range(len(MoeOp.TRACE_PHASES[name]))), (name, stamped[kernel_id])
+        assert len(MoeOp.TRACE_PHASES[name]) <= int(consts["kTracePhases"])

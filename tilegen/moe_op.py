@@ -244,3 +244,35 @@ class MoeOp(GeneratedOp):
             _synchronize(y, handle_s)
             self._mod.check_wait_error()
         return out
+
+    # ---------------------------------------------------------------- profiling
+    TRACE_KERNELS = ("route_block", "push_tokens", "expand_rows", "combine_send", "combine_reduce")
+    TRACE_PHASES = {  # what each stamp marks (a CTA's thread 0 when its CTA got there)
+        "route_block": ("start", "counts stored", "done (last CTA: scanned)"),
+        "push_tokens": ("start", "rows pushed", "arrived (last CTA: flags set)"),
+        "expand_rows": ("start", "flags seen", "set up", "rows copied"),
+        "combine_send": ("start", "rows sent", "arrived (last CTA: flags set)"),
+        "combine_reduce": ("start", "flags seen", "rows summed"),
+    }
+
+    def trace(self, on: bool = True) -> None:
+        """Profiling: the calls launched or captured from now on stamp each CTA's phases (%globaltimer,
+        ns) into a device buffer (on), or not (off). A graph captured while on keeps stamping on every
+        replay (the buffer lives as long as the op). Read them with read_trace()."""
+        self.load()
+        self._mod.trace(1 if on else 0)
+
+    def read_trace(self) -> dict[str, list[list[int]]]:
+        """The stamps since trace(True) or the last read (the device synchronised first), then cleared:
+        per kernel, per phase (TRACE_PHASES), each CTA's time in ns (CTAs that did not stamp left out).
+        Stamps are this GPU's clock: compare within one rank."""
+        torch = _torch()
+        kernels, phases, ctas = (int(v) for v in self._mod.trace_shape())
+        if kernels != len(self.TRACE_KERNELS):
+            raise RuntimeError(f"{self.name}: the library stamps {kernels} kernels, this tilegen knows "
+                               f"{len(self.TRACE_KERNELS)}: rebuild the op")
+        buf = torch.zeros((kernels * phases * ctas,), dtype=torch.int64)
+        self._mod.trace_read(buf)
+        stamps = buf.view(kernels, phases, ctas).tolist()
+        return {name: [[t for t in stamps[k][ph] if t] for ph in range(len(self.TRACE_PHASES[name]))]
+                for k, name in enumerate(self.TRACE_KERNELS)}

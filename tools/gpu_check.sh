@@ -10,6 +10,7 @@
 #   bash tools/gpu_check.sh downstream [N]  examples/downstream's app from its carried wheel (.whl/tp_app-*.whl)
 #   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark against the NCCL baseline, the MoE layer example
 #   bash tools/gpu_check.sh moe_ll [N]  the low-latency case alone (128 tokens: bf16 and fp8, CUDA graphs) + its kernel times
+#                                       (MOE_TRACE=1: and when each CTA reached each phase, tools/profile_moe.py --trace)
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
@@ -174,9 +175,10 @@ case "$PHASE" in
       > "$OUT/bench_moe_ll_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_ll_np$NP.log"; }
     grep -E "^(low latency|  tilegen|tilegen op)" "$OUT/bench_moe_ll_np$NP.log"
     for op in moe_bf16_ll moe_bf16_fp8_ll; do  # (in-graph timeline of each kernel)
-      timeout 90 torchrun --nproc-per-node "$NP" tools/profile_moe.py --tokens 128 --op $op > "$OUT/profile_$op.log" 2>&1 \
-        || { status=1; tail -20 "$OUT/profile_$op.log"; }
+      timeout 90 torchrun --nproc-per-node "$NP" tools/profile_moe.py --tokens 128 --op $op ${MOE_TRACE:+--trace} \
+        > "$OUT/profile_$op.log" 2>&1 || { status=1; tail -20 "$OUT/profile_$op.log"; }
       grep -A6 "in-graph timeline" "$OUT/profile_$op.log"
+      grep -A17 "^rank 0: phase stamps" "$OUT/profile_$op.log"  # (MOE_TRACE=1: each CTA's phases, rank 0)
     done ;;
   fused)  # the fused GEMM kernel alone at several tiles vs cuBLAS (tools/fused_specs; prebuilt: .prebuilt/fused.tar.xz)
     start_mps_if_shared "$NP"

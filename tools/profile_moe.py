@@ -2,7 +2,10 @@
 (torch.profiler, CUPTI) of eager dispatch and combine and the host time of each part of a dispatch.
 Low-latency mode: dispatch and combine captured in CUDA graphs and replayed in turn, as a decode step
 runs them; CUPTI's record of each replayed kernel gives the in-graph timeline: per kernel its median
-duration and the gap before it (launch and drain between nodes, included in the op's time).
+duration and the gap before it (launch and drain between nodes, included in the op's time). With
+--trace the graphs are captured with the op's phase stamps on (MoeOp.trace) and, after the replays,
+every rank prints when its CTAs reached each phase of the last replay (us from the dispatch's first
+stamp: earliest, median and latest CTA), so a kernel's time splits into waits, copies and its tail.
 
     torchrun --nproc-per-node 4 tools/profile_moe.py [--tokens 4096] [--op moe_bf16]
 """
@@ -104,12 +107,32 @@ def graph_timeline(op, x, idx, w, y, calls: int, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def print_phases(op, rank: int, world: int) -> None:
+    """The last replay's phase stamps, per kernel and phase: earliest / median / latest CTA, us from the
+    dispatch's first stamp, on this rank's clock."""
+    stamps = op.read_trace()
+    t0 = min(min(ph) for ph in stamps["route_block"] if ph)
+    lines = [f"rank {rank}: phase stamps of {op.name}'s last replay (us from the dispatch's start; "
+             f"earliest / median / latest CTA; CTAs)"]
+    for kernel, phases in stamps.items():
+        for name, ts in zip(op.TRACE_PHASES[kernel], phases):
+            if ts:
+                us = sorted((t - t0) / 1e3 for t in ts)
+                lines.append(f"  {kernel:<15} {name:<30} {us[0]:7.1f} {statistics.median(us):7.1f} {us[-1]:7.1f}"
+                             f"  {len(us)}")
+    for q in range(world):
+        if q == rank:
+            print("\n".join(lines), flush=True)
+        dist.barrier()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--op", default="moe_bf16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--plain", action="store_true", help="the calls alone (for ncu: tools/ncu_rank0.sh)")
+    ap.add_argument("--trace", action="store_true", help="low-latency ops: each CTA's phase stamps too")
     a = ap.parse_args()
     rank, world = tilegen.init()
     op = getattr(generated, a.op)
@@ -134,7 +157,12 @@ def main():
         tilegen.finalize()
         return
     if op.mode != "normal":
+        if a.trace:
+            op.trace(True)  # (before the capture: a graph keeps the trace buffer it was captured with)
         graph_timeline(op, x, idx, w, y, a.calls, rank, world)
+        if a.trace:
+            print_phases(op, rank, world)
+            op.trace(False)
         tilegen.finalize()
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

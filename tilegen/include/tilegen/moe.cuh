@@ -64,6 +64,19 @@ struct Cut {
   __host__ __device__ int64_t hi(int ch) const { return (ch + 1) * per < units ? (ch + 1) * per : units; }
 };
 
+// Phase stamps, for profiling (Host::set_trace; tools/profile_moe.py --trace): with a trace buffer set,
+// thread 0 of each CTA writes %globaltimer (ns) when its CTA reaches each phase of each kernel, into
+// trace[(kernel * kTracePhases + phase) * kTraceCtas + cta]. Off (null buffer): one branch per phase.
+constexpr int kTraceKernels = 5, kTracePhases = 4, kTraceCtas = 1024;
+enum TraceKernel { kTraceRoute, kTracePush, kTraceExpand, kTraceSend, kTraceReduce };
+__device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
+  if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    trace[(kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x] = t;
+  }
+}
+
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
 // destination's staging row (e4m3 bytes, then one fp32 scale per group): scale = amax / 448 of the
 // group (1 where it is all zero), each value x / scale rounded to nearest even, saturating (the same
@@ -143,6 +156,7 @@ struct RouteParams {
   int32_t* totals;   // [experts + world]: items per expert, tokens per destination rank
   uint64_t* epoch;   // low-latency mode: the op's epoch on the device, advanced by the scan (else null)
   uint64_t* counter;  // blocks arrived (the last scans, then resets it)
+  uint64_t* trace;    // phase stamps (null: off): start, counts stored, done
 };
 
 // The last block of route_block: per column (expert, then destination), the exclusive prefix over
@@ -167,6 +181,7 @@ __global__ void route_block(RouteParams p) {
   constexpr int K = Op::kTopk, E = Op::kExperts;
   __shared__ int32_t e_s[kBlockTokens * K];
   __shared__ int32_t hist[E + Op::kMaxWorld];
+  stamp(p.trace, kTraceRoute, 0);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kBlockTokens;
   const int nt = static_cast<int>(p.m - t0 < kBlockTokens ? p.m - t0 : kBlockTokens);
   const int C = E + p.world, lane = threadIdx.x & 31;
@@ -198,10 +213,12 @@ __global__ void route_block(RouteParams p) {
   }
   __syncthreads();
   for (int i = threadIdx.x; i < C; i += blockDim.x) p.hist[blockIdx.x * C + i] = hist[i];
+  stamp(p.trace, kTraceRoute, 1);
   if (dev::arrive_last<false>(p.counter, gridDim.x)) {  // every block's counts precede the scan
     if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
     scan_blocks<Op>(p, gridDim.x);
   }
+  stamp(p.trace, kTraceRoute, 2);
 }
 
 template <class Op>
@@ -224,6 +241,7 @@ struct PushParams {
   const uint64_t* epoch_src;  // low-latency mode: the call's epoch on the device (a graph replays it)
   int me, world, local;
   Cut cut;  // of a token row (Dims::kPushUnits)
+  uint64_t* trace;  // phase stamps (null: off): start, rows pushed, arrived (last CTA: flags set)
 };
 
 // The call's epoch: the host's (normal mode), or the device word the dispatch's routing advanced.
@@ -235,6 +253,7 @@ template <class Op>
 __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) {
   using D = Dims<Op>;
   constexpr int K = Op::kTopk, E = Op::kExperts;
+  stamp(p.trace, kTracePush, 0);
   const int lane = threadIdx.x & 31, C = E + p.world;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   // Every destination's counts row (its local experts, then tokens), first and by block 0, an entry per
@@ -281,6 +300,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
       for (int d = 0; d < nd; ++d) mdst[d][f] = v;
     }
   }
+  stamp(p.trace, kTracePush, 1);
   if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's stores precede the flags
     if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
@@ -288,6 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
       dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
     }
   }
+  stamp(p.trace, kTracePush, 2);
 }
 
 // One warp: every rank's flag of this call, then its counts row, into host-mapped memory.
@@ -349,6 +370,7 @@ struct ExpandParams {
   int32_t* stage_rows_out;
   dev::WaitCtx wait;
   Cut cut;  // of a payload row (Dims::kExpandUnits)
+  uint64_t* trace;  // phase stamps (null: off): start, flags seen, set up, rows copied
 };
 
 template <class Op>
@@ -361,6 +383,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   const int lane = threadIdx.x & 31, L = p.local;
   const int32_t* cnt = p.info;  // cnt[s * (E + 1) + l]
   const bool ll = p.epoch_src != nullptr;
+  stamp(p.trace, kTraceExpand, 0);
   if (ll) {
     if (threadIdx.x == 0) {
       const uint64_t epoch = dev::ld_acquire_gpu(p.epoch_src);
@@ -370,6 +393,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
     __syncthreads();
     if (!ok) return;
   }
+  stamp(p.trace, kTraceExpand, 1);
   for (int l = threadIdx.x; !ll && l < L; l += blockDim.x) {  // rows per local expert, then per source in it
     int32_t tot = 0;
     for (int s = 0; s < p.world; ++s) tot += __ldcg(cnt + s * (E + 1) + l);
@@ -400,6 +424,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   const int64_t stage_rows = ll ? (first[p.world] < p.stage_rows ? first[p.world] : p.stage_rows) : p.stage_rows;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int P = p.cut.pieces;
+  stamp(p.trace, kTraceExpand, 2);
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * P; item += nwarps) {
     const int64_t r = item / P;
     const int ch = static_cast<int>(item % P);
@@ -445,6 +470,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
       }
     }
   }
+  if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
+  stamp(p.trace, kTraceExpand, 3);
 }
 
 // ------------------------------------------------------------------------------------- combine
@@ -463,6 +490,7 @@ struct CombineParams {
   const uint64_t* epoch_src;         // low-latency mode: the call's epoch on the device
   const int32_t* stage_rows_src;     // ... and its staging rows (dispatch's expansion left them)
   Cut cut;                           // of a row of the token dtype (Dims::kCombineUnits)
+  uint64_t* trace;                   // phase stamps (null: off): start, rows sent, arrived (last: flags)
 };
 
 template <class Op>
@@ -470,6 +498,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
   using D = Dims<Op>;
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
+  stamp(p.trace, kTraceSend, 0);
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t stage_rows = p.stage_rows_src && *p.stage_rows_src < p.stage_rows ? *p.stage_rows_src : p.stage_rows;
@@ -499,6 +528,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
       out[c] = *reinterpret_cast<const int4*>(o);
     }
   }
+  stamp(p.trace, kTraceSend, 1);
   if (dev::arrive_last<true>(p.counter, gridDim.x)) {
     if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
     for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
@@ -506,6 +536,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
       dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
     }
   }
+  stamp(p.trace, kTraceSend, 2);
 }
 
 template <class Op>
@@ -521,6 +552,7 @@ struct ReduceParams {
   int world, local;
   const uint64_t* epoch_src;  // low-latency mode
   Cut cut;  // of an output row (Dims::kCombineUnits)
+  uint64_t* trace;  // phase stamps (null: off): start, flags seen, rows summed
 };
 
 template <class Op>
@@ -529,6 +561,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   __shared__ int ok;
+  stamp(p.trace, kTraceReduce, 0);
   if (threadIdx.x == 0) {
     ok = 1;
     const uint64_t epoch = call_epoch(p.epoch, p.epoch_src);
@@ -536,6 +569,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   }
   __syncthreads();
   if (!ok) return;
+  stamp(p.trace, kTraceReduce, 1);
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
@@ -563,6 +597,8 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
       reinterpret_cast<int4*>(p.out + t * D::kRowBytes)[c] = *reinterpret_cast<const int4*>(o);
     }
   }
+  if (p.trace) __syncthreads();  // (the CTA's last row, not thread 0's)
+  stamp(p.trace, kTraceReduce, 2);
 }
 
 // ------------------------------------------------------------------------------------- host
@@ -596,6 +632,9 @@ struct Host {
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
     cudaEvent_t done = nullptr;
+    uint64_t* trace = nullptr;      // what launches pass for phase stamps: trace_buf while profiling, else null
+    uint64_t* trace_buf = nullptr;  // allocated by the first set_trace(1), kept until release (a graph
+                                    // captured while profiling keeps stamping into it)
   };
   static inline State g;
 
@@ -733,8 +772,32 @@ struct Host {
     cudaFreeHost(g.counts_host);
     cudaFreeHost(g.err_host);
     cudaEventDestroy(g.done);
+    cudaFree(g.trace_buf);
     g = State{};
     return 0;
+  }
+
+  // Profiling: calls launched (or captured) from now on stamp their phases into a device buffer (on),
+  // or not (off: the buffer stays, for graphs captured while on). read_trace copies the stamps to
+  // `out` (host, kTraceKernels * kTracePhases * kTraceCtas ns, 0 where none) after the device
+  // finished, then clears them.
+  static constexpr size_t kTraceBytes = size_t{kTraceKernels} * kTracePhases * kTraceCtas * sizeof(uint64_t);
+  static int set_trace(int on, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e == cudaSuccess && on && !g.trace_buf) e = cudaMalloc(&g.trace_buf, kTraceBytes);
+    if (e == cudaSuccess && on) e = cudaMemset(g.trace_buf, 0, kTraceBytes);
+    if (e != cudaSuccess) return fail(msg, len, "%s: trace: %s", Op::kName, cudaGetErrorString(e));
+    g.trace = on ? g.trace_buf : nullptr;
+    return 0;
+  }
+  static int read_trace(uint64_t* out, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (!g.trace_buf) return fail(msg, len, "%s: read_trace before trace(True)", Op::kName);
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e == cudaSuccess) e = cudaMemcpy(out, g.trace_buf, kTraceBytes, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess) e = cudaMemset(g.trace_buf, 0, kTraceBytes);
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: read_trace: %s", Op::kName, cudaGetErrorString(e));
   }
 
   static int usable(char* msg, int len) {
@@ -783,6 +846,7 @@ struct Host {
     const int nb = m > 0 ? blocks(m) : 1;  // (m = 0: one block of no tokens, whose scan zeroes the totals)
     RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, nullptr, g.counters + 2};
     rp.epoch = epoch_src ? g.epoch_dev : nullptr;
+    rp.trace = g.trace;
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
     rp.totals = rp.ribd + T * W;
@@ -811,6 +875,7 @@ struct Host {
     pp.world = g.world;
     pp.local = g.local;
     pp.cut = push_cut(m);
+    pp.trace = g.trace;
     push_tokens<Op><<<grid_for(kPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
     return launched("push", msg, len);
   }
@@ -838,10 +903,11 @@ struct Host {
     cp.epoch_src = epoch_src;
     cp.stage_rows_src = stage_rows_src;
     cp.cut = send_cut(stage_rows);
+    cp.trace = g.trace;
     combine_send<Op><<<grid_for(kSend, stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, epoch_src, reduce_cut(m)};
+                        g.world, g.local, epoch_src, reduce_cut(m), g.trace};
     combine_reduce<Op><<<grid_for(kReduce, m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
     return launched("combine reduce", msg, len);
   }
@@ -885,6 +951,7 @@ struct Host {
     ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                        stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
     p.cut = expand_cut(stage_rows);
+    p.trace = g.trace;
     expand_rows<Op><<<grid_for(kExpand, stage_rows, p.cut.pieces), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
     g.last_rows = -1;  // one expansion per dispatch
     return launched("expand", msg, len);
@@ -917,7 +984,7 @@ struct Host {
     if (route_and_push(x, idx, idx64, w, m, hf, 0, g.epoch_dev, s, msg, len)) return 1;
     ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
                         stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
-                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns), expand_cut(g.world * T)};
+                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns), expand_cut(g.world * T), g.trace};
     expand_rows<Op><<<grid_for(kExpand, g.world * T, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
     return launched("expand", msg, len);
   }
@@ -968,6 +1035,13 @@ struct Host {
                              char* msg, int len) {                                                                   \
     return tilegen::moe::Host<OP>::ll_combine(y, slot_rows, stage_src, stage_w, idx, idx64, m, out, stream, timeout_ns, \
                                               msg, len);                                                             \
+  }                                                                                                                  \
+  int tilegen_moe_trace(int on, char* msg, int len) { return tilegen::moe::Host<OP>::set_trace(on, msg, len); }    \
+  int tilegen_moe_trace_read(uint64_t* out, char* msg, int len) {                                                   \
+    return tilegen::moe::Host<OP>::read_trace(out, msg, len);                                                        \
+  }                                                                                                                  \
+  int64_t tilegen_moe_trace_size(void) { /* kernels << 32 | phases << 16 | CTAs */                                  \
+    return int64_t{tilegen::moe::kTraceKernels} << 32 | tilegen::moe::kTracePhases << 16 | tilegen::moe::kTraceCtas; \
   }                                                                                                                  \
   int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,  \
                           int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,        \

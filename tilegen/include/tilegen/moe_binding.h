@@ -22,6 +22,9 @@ int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_
 int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                         int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,
                         uint64_t timeout_ns, char* msg, int len);
+int tilegen_moe_trace(int on, char* msg, int len);
+int tilegen_moe_trace_read(uint64_t* out, char* msg, int len);
+int64_t tilegen_moe_trace_size(void);
 }
 
 namespace tilegen_moe_binding {
@@ -199,6 +202,31 @@ inline void ll_combine(TensorView y, TensorView slot_rows, TensorView stage_src,
                                   static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
 }
+
+// Profiling: phase stamps on (1) or off (0) for the calls launched from now on (tilegen/moe.cuh's stamp).
+inline void trace(int64_t on) {
+  ensure_ready();
+  call([&](char* msg) { return tilegen_moe_trace(on != 0, msg, kMsg); });
+}
+
+// The stamps' layout: kernels, phases, CTAs (tilegen/moe.cuh's kTrace*).
+inline tvm::ffi::Array<int64_t> trace_shape() {
+  return tvm::ffi::Array<int64_t>{tilegen_moe_trace_size() >> 32, (tilegen_moe_trace_size() >> 16) & 0xffff,
+                                  tilegen_moe_trace_size() & 0xffff};
+}
+
+// The stamps so far into out (MoeOp.read_trace: a contiguous CPU int64 tensor of trace_shape's product
+// elements), then cleared.
+inline void trace_read(TensorView out) {
+  ensure_ready();
+  const tvm::ffi::Array<int64_t> shape = trace_shape();
+  const int64_t n = shape[0] * shape[1] * shape[2];
+  if (out.device().device_type != kDLCPU || !dtype_is(out, kI64) || out.ndim() != 1 || out.size(0) != n ||
+      !out.IsContiguous())
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": trace_read needs a contiguous CPU int64 tensor of " << n
+                              << " elements, got " << shape_str(out);
+  call([&](char* msg) { return tilegen_moe_trace_read(reinterpret_cast<uint64_t*>(data(out)), msg, kMsg); });
+}
 }  // namespace tilegen_moe_binding
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_send, tilegen_moe_binding::dispatch_send);
@@ -206,4 +234,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_recv, tilegen_moe_binding::dispatch_recv)
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(combine, tilegen_moe_binding::combine);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_dispatch, tilegen_moe_binding::ll_dispatch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_combine, tilegen_moe_binding::ll_combine);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(trace, tilegen_moe_binding::trace);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(trace_read, tilegen_moe_binding::trace_read);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(trace_shape, tilegen_moe_binding::trace_shape);
 TILEGEN_EXPORT_COMMON_FFI();
