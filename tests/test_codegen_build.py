@@ -85,7 +85,8 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
     src = files["agf_gemm.cu"]
     assert (
         "tilegen::fused::FusedGemm<cutlass::bfloat16_t, /*kBRowMajor=*/true, 128, 128, 64,\n"
-        "                                         /*Stages=*/5, /*kGathersA=*/true>"
+        "                                         /*ClusterM=*/1, /*ClusterN=*/1, /*Stages=*/5,\n"
+        "                                         /*kGathersA=*/true>"
     ) in src
     assert "TILEGEN_EXPORT_FUSED_GEMM(OpGemm)" in src
     lib = (INCLUDE_DIR / "tilegen/fused_gemm_op.cuh").read_text()

@@ -223,6 +223,14 @@ def test_ag_gemm_spec_rules():
     with pytest.raises(Exception, match="stages: only the fused overlap"):
         gemm_spec(overlap="decomposed", stages=4)
     assert gemm_spec(overlap="fused", gemm_tile=[256, 128, 64], stages=4).gemm_tile_shape == (256, 128, 64)
+    assert gemm_spec(overlap="fused").gemm_cluster_shape == (1, 1)
+    assert gemm_spec(overlap="fused", gemm_cluster=[2, 1]).gemm_cluster_shape == (2, 1)
+    with pytest.raises(Exception, match=r"gemm_cluster: expected \[m, n\] with each 1 or 2, got \[4, 1\]"):
+        gemm_spec(overlap="fused", gemm_cluster=[4, 1])
+    with pytest.raises(Exception, match="gemm_cluster: only the fused overlap"):
+        gemm_spec(overlap="decomposed", gemm_cluster=[2, 1])
+    with pytest.raises(Exception, match="gemm_cluster: only GEMM ops"):
+        spec(gemm_cluster=[2, 1])
     with pytest.raises(Exception, match="gemm_tile: only GEMM ops"):
         spec(gemm_tile=[128, 256, 64])
     with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):

@@ -307,8 +307,10 @@ def moe_context(spec: KernelSpec) -> dict:
 
 def fused_gemm_context(spec: KernelSpec) -> dict:
     m, n, k = spec.gemm_tile_shape
+    cm, cn = spec.gemm_cluster_shape
     stages = 0 if spec.stages == "auto" else spec.stages
-    return {"tile_m": m, "tile_n": n, "tile_k": k, "stages": stages, "stages_text": str(spec.stages),
+    return {"tile_m": m, "tile_n": n, "tile_k": k, "cluster_m": cm, "cluster_n": cn, "stages": stages,
+            "stages_text": str(spec.stages),
             "cutlass_type": CUTLASS_TYPES[spec.dtype]}
 
 
@@ -327,7 +329,8 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
         "nvcc_flags": kernel_flags(spec.arch),
         "fused_gemm": ({"file": f"{spec.name}_gemm.cu", "library": "CUTLASS (nvidia-cutlass headers)",
                         "kernel": "KernelTmaWarpSpecializedCooperative + tilegen ChunkScheduler",
-                        "tile": list(spec.gemm_tile_shape), "stages": spec.stages,
+                        "tile": list(spec.gemm_tile_shape), "cluster": list(spec.gemm_cluster_shape),
+                        "stages": spec.stages,
                         "nvcc_flags": gemm_flags(spec.arch)} if spec.fused else None),
         "nvshmem_headers": nvshmem_headers,
         "calibration": calibration,

@@ -190,6 +190,9 @@ class KernelSpec(_Frozen):
     gemm_tile: Optional[Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
         default=None, description="fused GEMM tile [m, n, k] (default [128, 256, 64]): m 128 or 256, n 64, 128, "
                                   "192 or 256, k 64 or 128")
+    gemm_cluster: Optional[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        default=None, description="fused GEMM: thread-block cluster [m, n] (default [1, 1]), each 1 or 2: the "
+                                  "CTAs of a cluster share their B tile (m 2) or A tile (n 2) by TMA multicast")
     stages: Union[Annotated[int, Field(ge=2, le=8)], Literal["auto"]] = Field(
         default="auto", description="fused GEMM: shared-memory pipeline stages of the mainloop, or auto (as many "
                                     "as fit beside the epilogue)")
@@ -295,10 +298,15 @@ class KernelSpec(_Frozen):
                         f"gemm_tile: expected [m, n, k] with m 128 or 256, n 64/128/192/256, k 64 or 128, "
                         f"got {self.gemm_tile}"
                     )
-            if not self.fused and (self.gemm_tile is not None or self.stages != "auto"):
+            if self.gemm_cluster is not None and any(c not in (1, 2) for c in self.gemm_cluster):
+                raise ValueError(f"gemm_cluster: expected [m, n] with each 1 or 2, got {self.gemm_cluster}")
+            set_fields = (("gemm_tile", self.gemm_tile is not None), ("gemm_cluster", self.gemm_cluster is not None),
+                          ("stages", self.stages != "auto"))
+            fused_only = [f for f, given in set_fields if given]
+            if not self.fused and fused_only:
                 raise ValueError(
-                    f"{'gemm_tile' if self.gemm_tile is not None else 'stages'}: only the fused overlap "
-                    f"takes GEMM tiles and stages (this spec's overlap is decomposed)"
+                    f"{fused_only[0]}: only the fused overlap takes GEMM tiles, clusters and stages (this spec's "
+                    f"overlap is {self.overlap_style})"
                 )
         else:
             if any(isinstance(d, ShardedDim) for d in self.shape):
@@ -306,6 +314,7 @@ class KernelSpec(_Frozen):
             for f, unset in (
                 ("n", self.n is None),
                 ("gemm_tile", self.gemm_tile is None),
+                ("gemm_cluster", self.gemm_cluster is None),
                 ("stages", self.stages == "auto"),
                 ("overlap", self.overlap == "auto"),
             ):
@@ -364,7 +373,8 @@ class KernelSpec(_Frozen):
         if self.transport == "nvshmem":
             raise ValueError("transport: op moe stores through NVLink peer pointers (one node); use auto or nvlink")
         defaults = {"reduce": "sum", "tile_bytes": "auto", "sync": "per_tile", "schedule": "auto", "ctas": "auto",
-                    "n": None, "gemm_tile": None, "stages": "auto", "overlap": "auto", "topology": "nvswitch"}
+                    "n": None, "gemm_tile": None, "gemm_cluster": None, "stages": "auto", "overlap": "auto",
+                    "topology": "nvswitch"}
         for f, v in defaults.items():
             if getattr(self, f) != v:
                 raise ValueError(f"{f}: op moe takes no {f} (its kernels are sized by the routing)")
@@ -459,6 +469,10 @@ class KernelSpec(_Frozen):
     @property
     def gemm_tile_shape(self) -> tuple[int, int, int]:
         return tuple(self.gemm_tile) if self.gemm_tile is not None else (128, 256, 64)
+
+    @property
+    def gemm_cluster_shape(self) -> tuple[int, int]:
+        return tuple(self.gemm_cluster) if self.gemm_cluster is not None else (1, 1)
 
     # ---- derived properties (used by planner and code generator) ----
     @property

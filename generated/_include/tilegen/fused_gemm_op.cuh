@@ -29,15 +29,18 @@ namespace tilegen {
 namespace fused {
 
 // kGathersA: ag_gemm (the scheduler waits on rows of A) rather than gemm_rs (it publishes parts of C).
-// Stages 0: as many as fit beside the epilogue.
-template <class Element, bool kBRowMajor, int TileM, int TileN, int TileK, int Stages, bool kGathersA>
+// Stages 0: as many as fit beside the epilogue. ClusterM x ClusterN CTAs share B (A) tiles by TMA
+// multicast; the scheduler renumbers each CTA's row block alone, which keeps a cluster's CTAs on one
+// column block (the B tile they share) and on one row block per cluster column (the A tile).
+template <class Element, bool kBRowMajor, int TileM, int TileN, int TileK, int ClusterM, int ClusterN, int Stages,
+          bool kGathersA>
 struct FusedGemm {
   using LayoutA = cutlass::layout::RowMajor;  // A [M, K]
   using LayoutB = std::conditional_t<kBRowMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;  // [K, N] or [N, K]
   using LayoutD = cutlass::layout::RowMajor;  // C [M, N]
   static constexpr int kAlign = 16 / sizeof(Element);
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Int<TileK>>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;  // the scheduler renumbers single-CTA row blocks
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
