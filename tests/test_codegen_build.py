@@ -274,9 +274,11 @@ def test_loading_checks_nvshmem_arch_and_tilegen_versions(tmp_path):
 def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_path, capsys):
     specs = tmp_path / "specs"
     shutil.copytree(root / "specs", specs)
+    shutil.copy(root / "tools/fused_specs/ag_fused_t128x256x64_c2x1.yaml", specs)  # (a 2x1 cluster compiles too)
     out = tmp_path / "pkg"
     assert cli.main(["generate", str(specs), "-o", str(out), "-j", "2", "-q"]) == 0
-    for name in ("allgather_bf16", "allgather_f16_nvshmem", "ag_gemm_bf16_fused", "gemm_rs_bf16_fused"):
+    for name in ("allgather_bf16", "allgather_f16_nvshmem", "ag_gemm_bf16_fused", "gemm_rs_bf16_fused",
+                 "ag_fused_t128x256x64_c2x1"):
         lib = out / name / "_build" / f"libtilegen_{name}.so"
         assert lib.stat().st_size > 0
         info = json.loads((out / name / "_build" / "build.json").read_text())
