@@ -158,6 +158,22 @@ __device__ __forceinline__ bool block_wait_ge(const uint64_t* sig, uint64_t want
   return ok;
 }
 
+// The whole block waits until sig[i] >= want for every i < n (n <= 32): lane i of warp 0 waits for
+// sig[i], so n flags cost one wait, not n in a row; each lane's acquire precedes the barrier and so
+// every thread's reads after it. False (recorded in ctx) where a wait gave up.
+__device__ __forceinline__ bool block_wait_all_ge(const uint64_t* sig, int n, uint64_t want, const WaitCtx& ctx,
+                                                  int kind, int step) {
+  __shared__ int ok;
+  if (threadIdx.x < 32) {
+    const int i = threadIdx.x;
+    const bool mine = i >= n || wait_ge(sig + i, want, ctx, kind, i, step);
+    const bool all = __all_sync(0xffffffffu, mine);
+    if (threadIdx.x == 0) ok = all;
+  }
+  __syncthreads();
+  return ok;
+}
+
 // ---------------------------------------------------------------- signals
 #ifndef TILEGEN_NO_NVSHMEM
 // Publish `value` into a peer's signal word after this block's prior stores: every thread's stores

@@ -70,11 +70,8 @@ struct Cut {
 constexpr int kTraceKernels = 5, kTracePhases = 4, kTraceCtas = 1024;
 enum TraceKernel { kTraceRoute, kTracePush, kTraceExpand, kTraceSend, kTraceReduce };
 __device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
-  if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas) {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    trace[(kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x] = t;
-  }
+  if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas)
+    trace[(kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x] = dev::globaltimer_ns();
 }
 
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
@@ -379,20 +376,12 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   constexpr int K = Op::kTopk, E = Op::kExperts, W = Op::kMaxWorld;
   __shared__ int32_t base[E];         // [local expert][source]: first row of that source's items
   __shared__ int64_t first[W + 1];    // compact staging row of each source's first
-  __shared__ int ok;
   const int lane = threadIdx.x & 31, L = p.local;
   const int32_t* cnt = p.info;  // cnt[s * (E + 1) + l]
   const bool ll = p.epoch_src != nullptr;
   stamp(p.trace, kTraceExpand, 0);
-  if (ll) {
-    if (threadIdx.x == 0) {
-      const uint64_t epoch = dev::ld_acquire_gpu(p.epoch_src);
-      ok = 1;
-      for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, epoch, p.wait, /*kind=*/5, s, 0);
-    }
-    __syncthreads();
-    if (!ok) return;
-  }
+  if (ll && !dev::block_wait_all_ge(p.flags, p.world, dev::ld_acquire_gpu(p.epoch_src), p.wait, /*kind=*/5, 0))
+    return;  // (every source's flag of the call, a lane each)
   stamp(p.trace, kTraceExpand, 1);
   for (int l = threadIdx.x; !ll && l < L; l += blockDim.x) {  // rows per local expert, then per source in it
     int32_t tot = 0;
@@ -560,15 +549,8 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   using D = Dims<Op>;
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
-  __shared__ int ok;
   stamp(p.trace, kTraceReduce, 0);
-  if (threadIdx.x == 0) {
-    ok = 1;
-    const uint64_t epoch = call_epoch(p.epoch, p.epoch_src);
-    for (int s = 0; s < p.world && ok; ++s) ok = dev::wait_ge(p.flags + s, epoch, p.wait, /*kind=*/6, s, 0);
-  }
-  __syncthreads();
-  if (!ok) return;
+  if (!dev::block_wait_all_ge(p.flags, p.world, call_epoch(p.epoch, p.epoch_src), p.wait, /*kind=*/6, 0)) return;
   stamp(p.trace, kTraceReduce, 1);
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
