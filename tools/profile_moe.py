@@ -97,13 +97,19 @@ def graph_timeline(op, x, idx, w, y, calls: int, rank: int, world: int) -> None:
         totals["dispatch"].append(call[cut - 1][2] - spans[c * per_call - 1][2])
         totals["combine"].append(call[-1][2] - call[cut - 1][2])
     med = statistics.median
+    lines = [f"rank {rank}: in-graph timeline of {op.name} ({x.shape[0]} tokens, {world} ranks, {calls - 1} "
+             f"replays; us, medians; a half's time runs from the previous kernel's end): dispatch "
+             f"{med(totals['dispatch']):.1f}, combine {med(totals['combine']):.1f}"]
+    lines += [f"  {key.split(':', 1)[1]:<16} gap {med(r['gap']):6.1f}  kernel {med(r['dur']):6.1f}"
+              for key, r in rows.items()]
+    print_in_rank_order(lines, rank, world)
+
+
+def print_in_rank_order(lines: list[str], rank: int, world: int) -> None:
+    """Every rank's lines, rank 0's first (the ranks take turns between barriers)."""
     for q in range(world):
         if q == rank:
-            print(f"rank {rank}: in-graph timeline of {op.name} ({x.shape[0]} tokens, {world} ranks, {calls - 1} "
-                  f"replays; us, medians; a half's time runs from the previous kernel's end): dispatch "
-                  f"{med(totals['dispatch']):.1f}, combine {med(totals['combine']):.1f}", flush=True)
-            for key, r in rows.items():
-                print(f"  {key.split(':', 1)[1]:<16} gap {med(r['gap']):6.1f}  kernel {med(r['dur']):6.1f}", flush=True)
+            print("\n".join(lines), flush=True)
         dist.barrier()
 
 
@@ -120,10 +126,7 @@ def print_phases(op, rank: int, world: int) -> None:
                 us = sorted((t - t0) / 1e3 for t in ts)
                 lines.append(f"  {kernel:<15} {name:<30} {us[0]:7.1f} {statistics.median(us):7.1f} {us[-1]:7.1f}"
                              f"  {len(us)}")
-    for q in range(world):
-        if q == rank:
-            print("\n".join(lines), flush=True)
-        dist.barrier()
+    print_in_rank_order(lines, rank, world)
 
 
 def main():

@@ -24,7 +24,7 @@ int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* 
                         uint64_t timeout_ns, char* msg, int len);
 int tilegen_moe_trace(int on, char* msg, int len);
 int tilegen_moe_trace_read(uint64_t* out, char* msg, int len);
-int64_t tilegen_moe_trace_size(void);
+void tilegen_moe_trace_shape(int* kernels, int* phases, int* ctas);
 }
 
 namespace tilegen_moe_binding {
@@ -211,8 +211,9 @@ inline void trace(int64_t on) {
 
 // The stamps' layout: kernels, phases, CTAs (tilegen/moe.cuh's kTrace*).
 inline tvm::ffi::Array<int64_t> trace_shape() {
-  return tvm::ffi::Array<int64_t>{tilegen_moe_trace_size() >> 32, (tilegen_moe_trace_size() >> 16) & 0xffff,
-                                  tilegen_moe_trace_size() & 0xffff};
+  int kernels = 0, phases = 0, ctas = 0;
+  tilegen_moe_trace_shape(&kernels, &phases, &ctas);
+  return {kernels, phases, ctas};
 }
 
 // The stamps so far into out (MoeOp.read_trace: a contiguous CPU int64 tensor of trace_shape's product

@@ -32,6 +32,9 @@ constexpr int kBlockTokens = 32;  // tokens per routing block
 constexpr int kWarps = 16;        // warps per CTA of the copy kernels
 enum CopyKernel { kPush, kExpand, kSend, kReduce, kKernels };
 
+// Pieces of a row in a large call: at most ~4 KiB each.
+constexpr int pieces_of(int64_t bytes) { return static_cast<int>((bytes + 4095) / 4096); }
+
 template <class Op>
 struct Dims {
   static constexpr int kMeta = 1 + 3 * Op::kTopk;  // meta row: token, experts[k], indices[k], weight bits[k]
@@ -49,10 +52,9 @@ struct Dims {
   // rows of the token dtype, twice an fp8 payload row.
   static constexpr int64_t kPushUnits = kFp8 ? Op::kHidden / 8 : kOutRowBytes / 16;
   static constexpr int64_t kExpandUnits = kOutRowBytes / 16, kCombineUnits = kRowBytes / 16;
-  // Pieces of a row in a large call: at most ~4 KiB (fp8 push: whole tokens, per-token scales)
-  static constexpr int kPushPieces = kFp8 ? 1 : static_cast<int>((kOutRowBytes + 4095) / 4096);
-  static constexpr int kExpandPieces = static_cast<int>((kOutRowBytes + 4095) / 4096);
-  static constexpr int kCombinePieces = static_cast<int>((kRowBytes + 4095) / 4096);
+  // Pieces of a row in a large call (fp8 push: whole tokens, per-token scales)
+  static constexpr int kPushPieces = kFp8 ? 1 : pieces_of(kOutRowBytes);
+  static constexpr int kExpandPieces = pieces_of(kOutRowBytes), kCombinePieces = pieces_of(kRowBytes);
 };
 
 // A row of `units` work units in pieces of `per` units, one warp each, sized on the host per call
@@ -246,6 +248,18 @@ __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* de
   return device ? dev::ld_acquire_gpu(device) : host;
 }
 
+// The copy kernels' end: the last block to arrive (after every block's stores, system-fenced) resets
+// the arrival counter and sets each rank's flag (flag[d]: this rank's word at rank d) to the call's epoch.
+__device__ __forceinline__ void signal_when_last(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
+                                                 const uint64_t* epoch_src) {
+  if (!dev::arrive_last<true>(counter, gridDim.x)) return;
+  if (threadIdx.x == 0) *counter = 0;  // for the next call (a CUDA graph replays the same target)
+  for (int d = threadIdx.x; d < world; d += blockDim.x) {
+    dev::fence_acq_rel_sys();
+    dev::st_release_sys(flag[d], call_epoch(epoch, epoch_src));
+  }
+}
+
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) {
   using D = Dims<Op>;
@@ -298,13 +312,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
     }
   }
   stamp(p.trace, kTracePush, 1);
-  if (dev::arrive_last<true>(p.counter, gridDim.x)) {  // every block's stores precede the flags
-    if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
-    for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
-      dev::fence_acq_rel_sys();
-      dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
-    }
-  }
+  signal_when_last(p.counter, p.flag, p.world, p.epoch, p.epoch_src);
   stamp(p.trace, kTracePush, 2);
 }
 
@@ -313,9 +321,7 @@ template <class Op>
 __global__ void wait_counts(const uint64_t* flags, const int32_t* info, int32_t* out, int world, int local,
                             uint64_t epoch, dev::WaitCtx ctx) {
   const int lane = threadIdx.x, row = local + 1;
-  const bool ok = lane >= world || dev::wait_ge(flags + lane, epoch, ctx, /*kind=*/5, lane, /*step=*/0);
-  __syncwarp();  // each lane's acquire precedes every lane's reads below
-  if (!__all_sync(0xffffffffu, ok)) return;
+  if (!dev::block_wait_all_ge(flags, world, epoch, ctx, /*kind=*/5, /*step=*/0)) return;  // (a lane per rank)
   // An entry per lane (one lane per source walked its row, a load then a store to host memory per
   // entry: the pattern that kept the push's last CTA running long after the others)
   for (int i = lane; i < world * row; i += 32) out[i] = __ldcg(info + (i / row) * (Op::kExperts + 1) + i % row);
@@ -518,13 +524,7 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
     }
   }
   stamp(p.trace, kTraceSend, 1);
-  if (dev::arrive_last<true>(p.counter, gridDim.x)) {
-    if (threadIdx.x == 0) *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
-    for (int d = threadIdx.x; d < p.world; d += blockDim.x) {
-      dev::fence_acq_rel_sys();
-      dev::st_release_sys(p.flag[d], call_epoch(p.epoch, p.epoch_src));
-    }
-  }
+  signal_when_last(p.counter, p.flag, p.world, p.epoch, p.epoch_src);
   stamp(p.trace, kTraceSend, 2);
 }
 
@@ -1022,8 +1022,8 @@ struct Host {
   int tilegen_moe_trace_read(uint64_t* out, char* msg, int len) {                                                   \
     return tilegen::moe::Host<OP>::read_trace(out, msg, len);                                                        \
   }                                                                                                                  \
-  int64_t tilegen_moe_trace_size(void) { /* kernels << 32 | phases << 16 | CTAs */                                  \
-    return int64_t{tilegen::moe::kTraceKernels} << 32 | tilegen::moe::kTracePhases << 16 | tilegen::moe::kTraceCtas; \
+  void tilegen_moe_trace_shape(int* kernels, int* phases, int* ctas) {                                             \
+    *kernels = tilegen::moe::kTraceKernels, *phases = tilegen::moe::kTracePhases, *ctas = tilegen::moe::kTraceCtas; \
   }                                                                                                                  \
   int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,  \
                           int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,        \
