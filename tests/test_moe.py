@@ -123,6 +123,17 @@ def test_protocol_checker_catches_reading_after_handing_back():
     assert any("write-after-read" in p or "of call" in p for p in problems), problems[:3]
 
 
+def test_protocol_checker_catches_combine_state_read_after_its_flag():
+    """Low-latency sources write combine's state (slot rows, weights) at the destination: a combine that
+    signalled before reading it would let a fast peer's next dispatch overwrite it."""
+    prog = list(moe_program("low_latency"))
+    put_back = prog.index(MoeStep("put", "back", "back"))
+    assert prog[put_back - 1] == MoeStep("read", "recv")  # the state is read before the flag goes out
+    prog.insert(put_back, prog.pop(put_back - 1))
+    problems = check_moe_protocol(4, "low_latency", program=tuple(prog))
+    assert any("write-after-read" in p or "of call" in p for p in problems), problems[:3]
+
+
 def test_protocol_checker_reports_a_deadlock():
     """A rank waiting for a flag no step sets."""
     prog = moe_program("normal") + (MoeStep("wait", flag="never"),)
@@ -289,17 +300,33 @@ def test_moe_fp8_dispatch_errors(extra, expected):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", ["", "dispatch_dtype: fp8_e4m3\n",
-                                   "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n"])
+                                   "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n", "mode: low_latency\n",
+                                   "mode: low_latency\ndispatch_dtype: fp8_e4m3\n"])
 def test_moe_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
     """KernelSpec.moe_symmetric_bytes (the manifest's figure and the spec's 64 GiB check) against
     tilegen/moe.cuh's own arithmetic: a host program built from the op's rendered traits prints it."""
     import re
     s, out = _build_host_program(tmp_path, MOE_SPEC + extra, "sizes", (
         "int main() {\n  for (int w : tilegen_op::Op::kWorlds)\n"
-        "    printf(\"%d %lld\\n\", w, static_cast<long long>(2 * tilegen::moe::Host<tilegen_op::Op>::half_bytes(w)"
-        " + 2 * tilegen_op::Op::kMaxWorld * 8));\n}\n"))
+        "    printf(\"%d %lld\\n\", w,\n"
+        "           static_cast<long long>(tilegen::moe::Host<tilegen_op::Op>::symmetric_bytes(w)));\n}\n"))
     got = {int(w): int(b) for w, b in re.findall(r"(\d+) (\d+)", out)}
     assert got == {w: s.moe_symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
+
+
+@pytest.mark.slow
+def test_moe_ll_route_bytes_is_the_kernels_shared_memory(tmp_path):
+    """KernelSpec.ll_route_bytes (the spec's shared-memory check for low_latency) against sizeof(LLRoute)."""
+    s, out = _build_host_program(tmp_path, MOE_SPEC + "mode: low_latency\n", "route", (
+        "int main() { printf(\"%zu\\n\", sizeof(tilegen::moe::LLRoute<tilegen_op::Op>)); }\n"))
+    assert int(out) == s.ll_route_bytes()
+
+
+def test_moe_low_latency_routing_must_fit_shared_memory():
+    text = MOE_SPEC.replace("max: 128}, 256]", "max: 2048}, 256]").replace("experts: 16", "experts: 256")
+    assert any("shape: low_latency mode routes a call in shared memory" in e and "lower the tokens' max" in e
+               for e in moe_errors(text + "mode: low_latency\n")), moe_errors(text + "mode: low_latency\n")
+    parse_yaml_spec(text, "m.yaml")  # normal mode routes in global memory: no such bound
 
 
 def _build_host_program(tmp_path, spec_text, name, body):
@@ -325,8 +352,8 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
     """The pieces the host gives each kernel cover that kernel's own row exactly, for decode-sized to
     large calls and small to large GPUs: the push's (a token row: 16-byte vectors, or fp8 steps of 8
     channels, per-128 pieces starting at a scale group), the expansion's (a payload row) and combine's
-    send and reduction (a row of the token dtype). (A combine cut by the fp8 payload's row once summed
-    half of every row.)"""
+    send and reduction (a row of the token dtype), low-latency's push and expansion likewise. (A combine cut
+    by the fp8 payload's row once summed half of every row.)"""
     hidden, elem, fp8 = 7168, 4 if "f32" in extra else 2, "fp8" in extra
     spec = MOE_SPEC.replace("256]", f"{hidden}]").replace("dtype: bf16\n", "" if "f32" in extra else "dtype: bf16\n")
     spec += extra
@@ -334,16 +361,17 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
         "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
         "  for (int grid : {16, 132, 528}) {\n    for (int& r : H::g.resident) r = grid;\n"
         "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
-        "      const tilegen::moe::Cut cuts[4] = {H::push_cut(m), H::expand_cut(m), H::send_cut(m),"
-        " H::reduce_cut(m)};\n"
-        "      for (int k = 0; k < 4; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
+        "      const tilegen::moe::Cut cuts[6] = {H::push_cut(tilegen::moe::kPush, m), H::expand_cut(m),"
+        " H::send_cut(m), H::reduce_cut(m), H::push_cut(tilegen::moe::kLLPush, m), H::ll_expand_cut(m)};\n"
+        "      for (int k = 0; k < 6; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
         "        for (int ch = 0; ch < cuts[k].pieces; ++ch) printf(\" %lld-%lld\", (long long)cuts[k].lo(ch),"
         " (long long)cuts[k].hi(ch));\n        printf(\"\\n\");\n      }\n    }\n  }\n}\n"))
     want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden // 16 if fp8 else hidden * elem // 16,
                   2: hidden * elem // 16, 3: hidden * elem // 16}
     align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1, 3: 1}
+    want_units[4], want_units[5], align[4], align[5] = want_units[0], want_units[1], align[0], 1  # low-latency's
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert len(lines) == 4 * 5 * 3
+    assert len(lines) == 6 * 5 * 3
     for ln in lines:
         head, pieces = ln.split(":")
         k, grid, m, units = map(int, head.split())

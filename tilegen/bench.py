@@ -55,6 +55,32 @@ def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
     return _slowest(statistics.median(times))
 
 
+def time_interleaved(fns: dict, calls: int, reps: int, warmup: int = 5) -> dict[str, float]:
+    """time_batches for several implementations of one problem, taken in turns: each of `reps` rounds
+    times one batch of every fn, so the GPU's clock drift (power and heat under back-to-back GEMMs
+    moved cuBLAS's time by 25% from one row to the next) falls on all of them alike. Median per fn, us
+    per call, slowest rank's."""
+    import torch
+    import torch.distributed as dist
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            dist.barrier()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            times[name].append(a.elapsed_time(b) * 1e3 / calls)
+    return {name: _slowest(statistics.median(ts)) for name, ts in times.items()}
+
+
 def time_graph(fn, calls: int, reps: int = GRAPH_REPS, warmup: int = 2) -> tuple[float | None, str | None]:
     """`calls` back-to-back calls captured into one CUDA graph; median over `reps` replays, us per call,
     slowest rank's. Returns (us, None), or (None, 'rank r: error') on every rank when the capture failed

@@ -430,7 +430,8 @@ class MoeStep:
 
 def moe_program(mode: str) -> tuple[MoeStep, ...]:
     """One call of dispatch, the expert computation and combine, on one rank. Normal mode exchanges
-    counts first (the senders' rows depend on them); low-latency mode sends counts with the data.
+    counts first (the senders' rows depend on them); low-latency mode sends counts with the data, and
+    its sources write the outputs and combine's state at the destination themselves (recv).
     No entry handshake: every put goes to every peer (an empty one still sets its flag), so a rank
     starts writing a peer's buffer only after that peer's own puts of the step before, which follow
     its reads of the previous call (the check shows it; a rank that skipped an empty peer would
@@ -440,8 +441,10 @@ def moe_program(mode: str) -> tuple[MoeStep, ...]:
     steps = []
     if mode == "normal":
         steps += [MoeStep("put", "counts", "counts"), MoeStep("wait", flag="counts"), MoeStep("read", "counts")]
-    steps += [MoeStep("put", "recv", "recv"), MoeStep("wait", flag="recv"), MoeStep("read", "recv"),  # experts
-              MoeStep("put", "back", "back"), MoeStep("wait", flag="back"), MoeStep("read", "back")]  # combine
+    steps += [MoeStep("put", "recv", "recv"), MoeStep("wait", flag="recv"), MoeStep("read", "recv")]  # experts
+    if mode == "low_latency":  # combine's send reads its state (slot rows, weights), which the sources wrote
+        steps.append(MoeStep("read", "recv"))
+    steps += [MoeStep("put", "back", "back"), MoeStep("wait", flag="back"), MoeStep("read", "back")]  # combine
     return tuple(steps)
 
 

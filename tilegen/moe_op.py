@@ -11,11 +11,14 @@ it is not CUDA-graph capturable; combine's flags carry a host-side call count, s
 Low-latency mode (mode: low_latency) has no host round trip and can be captured: the call count
 advances on the device, the received tokens land in fixed segments of max_tokens rows per (local
 expert, source rank) of one output the op owns (recv_x [local experts, world * max_tokens, hidden];
-counts [local experts, world]: the rows filled in each segment), valid until the next dispatch.
-Dispatch and combine must alternate (the op raises otherwise): one set of buffers serves both.
+counts [local experts, world]: the rows filled in each segment), valid until the next dispatch. The
+outputs live in NVSHMEM symmetric memory (each source writes its rows there itself) and stay the same
+tensors from call to call, until tilegen.finalize(). Dispatch and combine must alternate (the op raises
+otherwise): one set of buffers serves both.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +49,18 @@ def filled_rows(t: Any, counts: Any) -> Any:
     T = t.shape[1] // W
     filled = torch.arange(T, device=t.device).view(1, 1, -1) < counts.unsqueeze(2).long()  # [L, W, T]
     return t.reshape((L, W, T) + tuple(t.shape[2:]))[filled]
+
+
+def _device_tensor(ptr: int, shape: tuple, dtype: Any, device: Any) -> Any:
+    """A tensor over device memory the op's library owns (its symmetric outputs), through the CUDA array
+    interface: no copy, no ownership (the memory lives until the op is released)."""
+    torch = _torch()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    class _Memory:
+        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+    return torch.as_tensor(_Memory(), device=device).view(dtype).view(shape)
 
 
 class MoeOp(GeneratedOp):
@@ -133,20 +148,23 @@ class MoeOp(GeneratedOp):
             raise ValueError(f"{self.name}: topk_idx[{t}] names an expert twice ({topk_idx[t].tolist()}): "
                              f"low_latency mode needs distinct experts per token")
 
-    def _ll_buffers(self, device: Any, handle: int) -> dict:
-        """The fixed-capacity outputs, allocated on the first call (not inside a CUDA-graph capture)."""
+    def _ll_buffers(self, device: Any) -> dict:
+        """The fixed-capacity outputs: the library's symmetric memory, as tensors (made on the first call)."""
         if self._ll is None:
-            if _capturing(handle):
-                raise RuntimeError(f"{self.name}: call dispatch and combine once before capturing them (the first "
-                                   f"call allocates the op's outputs, which a CUDA graph cannot hold)")
             torch = _torch()
-            W, L, T = world_size(), self.local_experts(), self.max_rows()
-            i32 = dict(dtype=torch.int32, device=device)
-            out, scales = self._received(L * W * T, device)
-            slot_rows, stage_src, stage_w = self._combine_state(W * T, device)
-            self._ll = {"out": out, "scales": scales, "handle": torch.full((L * W * T, 3), -1, **i32),
-                        "slot_rows": slot_rows, "stage_src": stage_src, "stage_w": stage_w,
-                        "counts": torch.zeros((L, W), **i32)}
+            W, L, T, k = world_size(), self.local_experts(), self.max_rows(), self.topk
+            rows = L * W * T
+            ptr = [int(p) for p in self._mod.ll_outputs()]
+            i32, f32 = torch.int32, torch.float32
+            out_dtype = torch.uint8 if self.fp8_group else getattr(torch, self.dtype)
+            out = _device_tensor(ptr[0], (rows, self.hidden), out_dtype, device)
+            scales = _device_tensor(ptr[1], (rows, self.hidden // self.fp8_group), f32, device) if self.fp8_group \
+                else out
+            self._ll = {"out": out, "scales": scales, "handle": _device_tensor(ptr[2], (rows, 3), i32, device),
+                        "slot_rows": _device_tensor(ptr[3], (W * T, k), i32, device),
+                        "stage_src": _device_tensor(ptr[4], (W * T, 2), i32, device),
+                        "stage_w": _device_tensor(ptr[5], (W * T, k), f32, device),
+                        "counts": _device_tensor(ptr[6], (L, W), i32, device)}
         return self._ll
 
     def _dispatch_low_latency(self, x, topk_idx, topk_weights, handle_s, timeout_ns, validate):
@@ -157,9 +175,8 @@ class MoeOp(GeneratedOp):
         if validate and not capturing:
             self.check_routing(x, topk_idx, topk_weights)
             self._check_distinct(topk_idx)
-        b = self._ll_buffers(x.device, handle_s)
-        self._mod.ll_dispatch(x, topk_idx, topk_weights, b["out"], b["scales"], b["handle"], b["slot_rows"],
-                              b["stage_src"], b["stage_w"], b["counts"], handle_s, timeout_ns)
+        b = self._ll_buffers(x.device)
+        self._mod.ll_dispatch(x, topk_idx, topk_weights, handle_s, timeout_ns)
         if timeout_ns:
             _synchronize(x, handle_s)
             self._mod.check_wait_error()
@@ -237,8 +254,7 @@ class MoeOp(GeneratedOp):
                              f"got {list(y.shape)}")
         if out is None:
             out = torch.empty((handle.m, self.hidden), dtype=y.dtype, device=y.device)
-        self._mod.ll_combine(y.reshape(L * W * T, self.hidden), handle.slot_rows, handle.stage_src, handle.stage_w,
-                             handle.topk_idx, out, handle_s, timeout_ns)
+        self._mod.ll_combine(y.reshape(L * W * T, self.hidden), handle.topk_idx, out, handle_s, timeout_ns)
         self._ll_pending = False
         if timeout_ns:
             _synchronize(y, handle_s)
@@ -246,13 +262,16 @@ class MoeOp(GeneratedOp):
         return out
 
     # ---------------------------------------------------------------- profiling
-    TRACE_KERNELS = ("route_block", "push_tokens", "expand_rows", "combine_send", "combine_reduce")
+    TRACE_KERNELS = ("route_block", "push_tokens", "expand_rows", "combine_send", "combine_reduce", "ll_push",
+                     "ll_expand")
     TRACE_PHASES = {  # what each stamp marks (a CTA's thread 0 when its CTA got there)
         "route_block": ("start", "counts stored", "done (last CTA: scanned)"),
         "push_tokens": ("start", "rows pushed", "arrived (last CTA: flags set)"),
-        "expand_rows": ("start", "flags seen", "set up", "rows copied"),
+        "expand_rows": ("start", "set up", "rows copied"),
         "combine_send": ("start", "rows sent", "arrived (last CTA: flags set)"),
         "combine_reduce": ("start", "flags seen", "rows summed"),
+        "ll_push": ("start", "routed", "rows pushed", "arrived (last CTA: flags set)"),
+        "ll_expand": ("start", "flags seen", "rows copied"),
     }
 
     def trace(self, on: bool = True) -> None:

@@ -121,6 +121,7 @@ GemmN = Annotated[Union[Annotated[Annotated[int, Field(gt=0, le=1 << 20)], Tag("
 # (the runtime checks the real device again).
 ARCH_MIN_SMS = {70: 80, 75: 40, 80: 56, 86: 28, 89: 24, 90: 78, 100: 148, 101: 148, 103: 148, 120: 24, 121: 24}
 MAX_GEMM_COMM_CTAS = 64
+LL_ROUTE_SMEM = 40 << 10  # MoE low_latency: shared memory for a call's routing (of the 48 KiB static limit)
 
 
 def max_gemm_comm_ctas(arch_sm: int) -> int:
@@ -378,6 +379,10 @@ class KernelSpec(_Frozen):
         for f, v in defaults.items():
             if getattr(self, f) != v:
                 raise ValueError(f"{f}: op moe takes no {f} (its kernels are sized by the routing)")
+        if self.moe_mode == "low_latency" and self.ll_route_bytes() > LL_ROUTE_SMEM:
+            raise ValueError(f"shape: low_latency mode routes a call in shared memory ({self.ll_route_bytes()} bytes "
+                             f"for {self.max_shape[0]} tokens, top-{self.topk} of {self.experts} experts; at most "
+                             f"{LL_ROUTE_SMEM}): lower the tokens' max or use mode normal")
         need, w = self.moe_symmetric_bytes(max(self.world_sizes)), max(self.world_sizes)
         if need > 64 << 30:
             raise ValueError(f"shape: staging for {self.max_shape[0]} tokens from {w} ranks needs {need} bytes of "
@@ -385,14 +390,30 @@ class KernelSpec(_Frozen):
         return self
 
     def moe_symmetric_bytes(self, world: int) -> int:
-        """MoE: the symmetric memory the op allocates at `world` ranks (tilegen/moe.cuh's Host::half_bytes, two
-        halves): per source rank, max_tokens staging rows, meta rows, counts and combine rows."""
+        """MoE: the symmetric memory the op allocates at `world` ranks (tilegen/moe.cuh's Host::symmetric_bytes):
+        two halves of, per source rank, max_tokens staging rows, meta rows, counts and combine rows; the flags;
+        in low_latency mode the outputs too (every source writes its rows there: Host::ll_layout)."""
         t, h = self.max_shape
         a = lambda b: -(-b // 256) * 256  # noqa: E731
         stage_row = h * self.elem_bytes if not self.fp8_group else h + -(-4 * (h // self.fp8_group) // 16) * 16
         half = (a(world * t * stage_row) + a(world * t * h * self.elem_bytes) + a(world * t * (1 + 3 * self.topk) * 4)
                 + a(world * (self.experts + 1) * 4))
-        return 2 * half + 2 * max(self.world_sizes) * 8
+        total = 2 * half + 2 * max(self.world_sizes) * 8
+        if self.moe_mode == "low_latency":
+            total = a(total)
+            local, k = self.experts // world, self.topk
+            rows, srows = local * world * t, world * t
+            groups = h // self.fp8_group if self.fp8_group else 0
+            out_row = h if self.fp8_group else h * self.elem_bytes
+            total += (a(rows * out_row) + a(rows * groups * 4) + a(rows * 3 * 4) + a(srows * k * 4) + a(srows * 2 * 4)
+                      + a(srows * k * 4) + a(local * world * 4) + a(world * 4))
+        return total
+
+    def ll_route_bytes(self) -> int:
+        """MoE low_latency: the shared memory each CTA of the push routes a call in (tilegen/moe.cuh's LLRoute):
+        every item's expert, a token mask per expert and per rank."""
+        t, words = self.max_shape[0], -(-self.max_shape[0] // 32)
+        return 4 * (t * self.topk + (self.experts + max(self.world_sizes)) * words)
 
     @property
     def moe_mode(self) -> str:

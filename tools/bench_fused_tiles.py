@@ -6,7 +6,8 @@ in the same run: issue 14's goal 2 (the fused kernel within 5% of cuBLAS on the 
     torchrun --nproc-per-node 2 tools/bench_fused_tiles.py [--pkg fused_generated] [--M 8192]
 
 Each op is called once (it gathers A and sets every flag), then its GEMM is timed alone on the
-gathered rows (no waiting): C[M, N / world] = A[M, K] @ B, bf16, fp32 accumulation.
+gathered rows (no waiting): C[M, N / world] = A[M, K] @ B, bf16, fp32 accumulation. The fused kernel
+and cuBLAS are timed in turns (tilegen.bench.time_interleaved): the clock drifts under sustained GEMMs.
 """
 import argparse
 import importlib
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import tilegen
-from tilegen.bench import time_batches
+from tilegen.bench import time_interleaved
 
 CALLS = 10
 
@@ -47,9 +48,8 @@ def main():
         def fused(on_sms: int):  # on_sms 0: the SMs an overlapped call leaves the GEMM
             return lambda: mod.fused_gemm(gathered, b, c, on_sms, stream, 0)
 
-        us = {"fused_all_sms": time_batches(fused(sms), CALLS, a.reps),
-              "fused_overlap_sms": time_batches(fused(0), CALLS, a.reps),
-              "cublas": time_batches(lambda: torch.mm(full, b, out=c), CALLS, a.reps)}
+        us = time_interleaved({"fused_all_sms": fused(sms), "fused_overlap_sms": fused(0),
+                               "cublas": lambda: torch.mm(full, b, out=c)}, CALLS, a.reps)
         res = {"op": name, "tile": op.manifest["fused_gemm"]["tile"], "M": a.M, "N": n, "K": k, "world": world,
                "us": us}
         rows.append(res)

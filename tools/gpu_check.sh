@@ -178,7 +178,7 @@ case "$PHASE" in
       timeout 90 torchrun --nproc-per-node "$NP" tools/profile_moe.py --tokens 128 --op $op ${MOE_TRACE:+--trace} \
         > "$OUT/profile_$op.log" 2>&1 || { status=1; tail -20 "$OUT/profile_$op.log"; }
       grep -A6 "in-graph timeline" "$OUT/profile_$op.log"
-      grep -A17 "^rank 0: phase stamps" "$OUT/profile_$op.log"  # (MOE_TRACE=1: each CTA's phases, rank 0)
+      grep -A20 "^rank 0: phase stamps" "$OUT/profile_$op.log"  # (MOE_TRACE=1: each CTA's phases, rank 0)
     done ;;
   fused)  # the fused GEMM kernel alone at several tiles vs cuBLAS (tools/fused_specs; prebuilt: .prebuilt/fused.tar.xz)
     start_mps_if_shared "$NP"

@@ -117,7 +117,7 @@ def print_phases(op, rank: int, world: int) -> None:
     """The last replay's phase stamps, per kernel and phase: earliest / median / latest CTA, us from the
     dispatch's first stamp, on this rank's clock."""
     stamps = op.read_trace()
-    t0 = min(min(ph) for ph in stamps["route_block"] if ph)
+    t0 = min(min(ph[0]) for ph in stamps.values() if ph and ph[0])  # the first kernel's first start
     lines = [f"rank {rank}: phase stamps of {op.name}'s last replay (us from the dispatch's start; "
              f"earliest / median / latest CTA; CTAs)"]
     for kernel, phases in stamps.items():

@@ -22,6 +22,7 @@ struct Op {
   static constexpr int64_t kMaxTokens = 4096LL;
   static constexpr int64_t kHidden = 7168LL;
   static constexpr int64_t kFp8Group = 0LL;
+  static constexpr int kLowLatency = 0;
 };
 }  // namespace tilegen_op
 

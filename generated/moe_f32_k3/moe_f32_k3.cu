@@ -22,6 +22,7 @@ struct Op {
   static constexpr int64_t kMaxTokens = 300LL;
   static constexpr int64_t kHidden = 96LL;
   static constexpr int64_t kFp8Group = 0LL;
+  static constexpr int kLowLatency = 0;
 };
 }  // namespace tilegen_op
 

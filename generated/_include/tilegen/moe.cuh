@@ -30,7 +30,7 @@ namespace moe {
 
 constexpr int kBlockTokens = 32;  // tokens per routing block
 constexpr int kWarps = 16;        // warps per CTA of the copy kernels
-enum CopyKernel { kPush, kExpand, kSend, kReduce, kKernels };
+enum CopyKernel { kPush, kExpand, kSend, kReduce, kLLPush, kLLExpand, kKernels };
 
 // Pieces of a row in a large call: at most ~4 KiB each.
 constexpr int pieces_of(int64_t bytes) { return static_cast<int>((bytes + 4095) / 4096); }
@@ -69,32 +69,38 @@ struct Cut {
 // Phase stamps, for profiling (Host::set_trace; tools/profile_moe.py --trace): with a trace buffer set,
 // thread 0 of each CTA writes %globaltimer (ns) when its CTA reaches each phase of each kernel, into
 // trace[(kernel * kTracePhases + phase) * kTraceCtas + cta]. Off (null buffer): one branch per phase.
-constexpr int kTraceKernels = 5, kTracePhases = 4, kTraceCtas = 1024;
-enum TraceKernel { kTraceRoute, kTracePush, kTraceExpand, kTraceSend, kTraceReduce };
+constexpr int kTraceKernels = 7, kTracePhases = 4, kTraceCtas = 1024;
+enum TraceKernel { kTraceRoute, kTracePush, kTraceExpand, kTraceSend, kTraceReduce, kTraceLLPush, kTraceLLExpand };
 __device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
   if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas)
     trace[(kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x] = dev::globaltimer_ns();
 }
 
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
-// destination's staging row (e4m3 bytes, then one fp32 scale per group): scale = amax / 448 of the
+// destination row dst[d] (e4m3 bytes) and its scales sdst[d] (one fp32 per group): scale = amax / 448 of the
 // group (1 where it is all zero), each value x / scale rounded to nearest even, saturating (the same
 // arithmetic as tilegen.moe_nccl.quantize). Per-128 pieces start at a group; a per-token piece reads
 // the whole row for its amax.
-template <class Op>
-__device__ __forceinline__ void quantize_row(char* const (&dst)[Op::kMaxWorld], int nd, const typename Op::Elem* x,
-                                             int lane, int64_t vlo, int64_t vhi) {
-  using D = Dims<Op>;
+template <class Op, int N>
+__device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const (&sdst)[N], int nd,
+                                             const typename Op::Elem* x, int lane, int64_t vlo, int64_t vhi) {
   using T = typename Op::Elem;
   constexpr int64_t H = Op::kHidden, G = Op::kFp8Group, nvec = H / 8;  // 8 values (16 bytes) per lane step
   static_assert(sizeof(T) == 2 && (G == H || G == 128), "fp8 dispatch quantizes 16-bit tokens per token or 128 channels");
   float row_amax = 0.f;
-  if constexpr (G == H) {
-    for (int64_t v = lane; v < nvec; v += 32) {
-      const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
-      const T* e = reinterpret_cast<const T*>(&raw);
+  if constexpr (G == H) {  // (4 loads in flight per lane: a 7168-wide row is 28 per lane, serial they took ~8 us)
+    constexpr int U = 4;
+    for (int64_t v0 = lane; v0 < nvec; v0 += 32 * U) {
+      int4 raw[U];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) row_amax = fmaxf(row_amax, fabsf(dev::to_acc(e[q])));
+      for (int u = 0; u < U; ++u)
+        raw[u] = v0 + u * 32 < nvec ? __ldg(reinterpret_cast<const int4*>(x) + v0 + u * 32) : make_int4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) row_amax = fmaxf(row_amax, fabsf(dev::to_acc(e[q])));
+      }
     }
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) row_amax = fmaxf(row_amax, __shfl_xor_sync(0xffffffffu, row_amax, off));
@@ -131,7 +137,7 @@ __device__ __forceinline__ void quantize_row(char* const (&dst)[Op::kMaxWorld], 
     const int64_t g = v * 8 / G;
     for (int d = 0; d < nd; ++d) {
       *reinterpret_cast<uint2*>(dst[d] + v * 8) = make_uint2(packed[0], packed[1]);
-      if (v * 8 % G == 0) reinterpret_cast<float*>(dst[d] + D::kOutRowBytes)[g] = scale;
+      if (v * 8 % G == 0) sdst[d][g] = scale;
     }
   }
 }
@@ -153,17 +159,15 @@ struct RouteParams {
   int32_t* rib;      // [m][k]: rank of each item among its block's items of the same expert (-1: dropped)
   int32_t* ribd;     // [m][world]: rank of each token among its block's tokens to that rank (-1: none)
   int32_t* totals;   // [experts + world]: items per expert, tokens per destination rank
-  uint64_t* epoch;   // low-latency mode: the op's epoch on the device, advanced by the scan (else null)
   uint64_t* counter;  // blocks arrived (the last scans, then resets it)
   uint64_t* trace;    // phase stamps (null: off): start, counts stored, done
 };
 
 // The last block of route_block: per column (expert, then destination), the exclusive prefix over
-// blocks, and the totals; in low-latency mode it also advances the call's epoch (no launch of its own).
+// blocks, and the totals.
 template <class Op>
 __device__ __forceinline__ void scan_blocks(const RouteParams& p, int blocks) {
   const int C = Op::kExperts + p.world;
-  if (p.epoch && threadIdx.x == 0) dev::st_release_gpu(p.epoch, *p.epoch + 1);
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     int32_t run = 0;
     for (int b = 0; b < blocks; ++b) {
@@ -237,7 +241,6 @@ struct PushParams {
   uint64_t* flag[Op::kMaxWorld];  // ... its dispatch flag
   uint64_t* counter;  // blocks arrived (the last resets it)
   uint64_t epoch;
-  const uint64_t* epoch_src;  // low-latency mode: the call's epoch on the device (a graph replays it)
   int me, world, local;
   Cut cut;  // of a token row (Dims::kPushUnits)
   uint64_t* trace;  // phase stamps (null: off): start, rows pushed, arrived (last CTA: flags set)
@@ -248,16 +251,22 @@ __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* de
   return device ? dev::ld_acquire_gpu(device) : host;
 }
 
-// The copy kernels' end: the last block to arrive (after every block's stores, system-fenced) resets
-// the arrival counter and sets each rank's flag (flag[d]: this rank's word at rank d) to the call's epoch.
-__device__ __forceinline__ void signal_when_last(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
+// The copy kernels' end: the last block to arrive resets the arrival counter and sets each rank's flag
+// (flag[d]: this rank's word at rank d) to the call's epoch; true in that block. Blocks arrive by a
+// gpu-scope acq_rel atomic (after the block barrier: it releases every warp's stores, the peers' too),
+// and only the last block fences at system scope, before its flag stores: causality is transitive across
+// the two scopes (PTX memory model), so a peer that acquires the flag sees every block's stores. A system
+// fence in every block (each waiting for its own stores to reach the peers) cost 3-4 us of a decode-sized
+// dispatch on 4 x H100 (docs/measurements.md).
+__device__ __forceinline__ bool signal_when_last(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
                                                  const uint64_t* epoch_src) {
-  if (!dev::arrive_last<true>(counter, gridDim.x)) return;
+  if (!dev::arrive_last<false>(counter, gridDim.x)) return false;
   if (threadIdx.x == 0) *counter = 0;  // for the next call (a CUDA graph replays the same target)
   for (int d = threadIdx.x; d < world; d += blockDim.x) {
     dev::fence_acq_rel_sys();
     dev::st_release_sys(flag[d], call_epoch(epoch, epoch_src));
   }
+  return true;
 }
 
 template <class Op>
@@ -288,8 +297,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
       dst[nd] = p.stage[d] + row * D::kStageRowBytes;
       mdst[nd++] = p.meta[d] + row * D::kMeta;
     }
-    if constexpr (D::kFp8) {
-      quantize_row<Op>(dst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
+    if constexpr (D::kFp8) {  // (a staging row's scales follow its bytes)
+      float* sdst[Op::kMaxWorld];
+      for (int d = 0; d < nd; ++d) sdst[d] = reinterpret_cast<float*>(dst[d] + D::kOutRowBytes);
+      quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
                        p.cut.lo(ch), p.cut.hi(ch));
     } else {
       const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
@@ -312,7 +323,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
     }
   }
   stamp(p.trace, kTracePush, 1);
-  signal_when_last(p.counter, p.flag, p.world, p.epoch, p.epoch_src);
+  signal_when_last(p.counter, p.flag, p.world, p.epoch, nullptr);
   stamp(p.trace, kTracePush, 2);
 }
 
@@ -363,17 +374,11 @@ struct ExpandParams {
   int32_t* slot_rows;   // [staging rows, k]: each slot's row in out (-1: not here)
   int32_t* stage_src;   // [staging rows, 2]: source rank, token
   float* stage_w;       // [staging rows, k]: the slots' weights (0: not here)
-  int32_t* counts;      // [local experts]; low-latency mode: [local experts][world sources]
-  int64_t stage_rows, rows;  // low-latency mode: bounds (world * max_tokens, local * world * max_tokens)
+  int32_t* counts;      // [local experts]
+  int64_t stage_rows, rows;
   int me, world, local;
-  // low-latency mode: wait here for every rank's flag of the call (no host round trip), rows at fixed
-  // segments of max_tokens per (local expert, source), the staging rows' count left for combine
-  const uint64_t* flags;
-  const uint64_t* epoch_src;
-  int32_t* stage_rows_out;
-  dev::WaitCtx wait;
   Cut cut;  // of a payload row (Dims::kExpandUnits)
-  uint64_t* trace;  // phase stamps (null: off): start, flags seen, set up, rows copied
+  uint64_t* trace;  // phase stamps (null: off): start, set up, rows copied
 };
 
 template <class Op>
@@ -384,19 +389,15 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   __shared__ int64_t first[W + 1];    // compact staging row of each source's first
   const int lane = threadIdx.x & 31, L = p.local;
   const int32_t* cnt = p.info;  // cnt[s * (E + 1) + l]
-  const bool ll = p.epoch_src != nullptr;
   stamp(p.trace, kTraceExpand, 0);
-  if (ll && !dev::block_wait_all_ge(p.flags, p.world, dev::ld_acquire_gpu(p.epoch_src), p.wait, /*kind=*/5, 0))
-    return;  // (every source's flag of the call, a lane each)
-  stamp(p.trace, kTraceExpand, 1);
-  for (int l = threadIdx.x; !ll && l < L; l += blockDim.x) {  // rows per local expert, then per source in it
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {  // rows per local expert, then per source in it
     int32_t tot = 0;
     for (int s = 0; s < p.world; ++s) tot += __ldcg(cnt + s * (E + 1) + l);
     base[l * p.world] = tot;
   }
   __syncthreads();
   if (threadIdx.x < 32) {  // one warp scans (one thread walked the experts and sources one by one)
-    if (!ll) warp_exclusive_scan(base, L, p.world, lane);  // (low-latency segments are fixed)
+    warp_exclusive_scan(base, L, p.world, lane);
     const int32_t c = lane < p.world ? __ldcg(cnt + lane * (E + 1) + L) : 0;  // each source's staging rows
     const int32_t incl = warp_inclusive_sum(c, lane);
     if (lane < p.world) first[lane] = incl - c;
@@ -404,23 +405,20 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   }
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    int32_t run = ll ? 0 : base[l * p.world], tot = 0;
+    int32_t run = base[l * p.world], tot = 0;
     for (int s = 0; s < p.world; ++s) {
       const int32_t c = __ldcg(cnt + s * (E + 1) + l);
-      base[l * p.world + s] = ll ? static_cast<int32_t>((l * p.world + s) * Op::kMaxTokens) : run;
+      base[l * p.world + s] = run;
       run += c;
       tot += c;
-      if (ll && blockIdx.x == 0) p.counts[l * p.world + s] = c;
     }
-    if (!ll && blockIdx.x == 0) p.counts[l] = tot;
+    if (blockIdx.x == 0) p.counts[l] = tot;
   }
   __syncthreads();
-  if (ll && blockIdx.x == 0 && threadIdx.x == 0) *p.stage_rows_out = static_cast<int32_t>(first[p.world]);
-  const int64_t stage_rows = ll ? (first[p.world] < p.stage_rows ? first[p.world] : p.stage_rows) : p.stage_rows;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int P = p.cut.pieces;
-  stamp(p.trace, kTraceExpand, 2);
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * P; item += nwarps) {
+  stamp(p.trace, kTraceExpand, 1);
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * P; item += nwarps) {
     const int64_t r = item / P;
     const int ch = static_cast<int>(item % P);
     int s = 0;
@@ -436,7 +434,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
       const int e = __ldcg(mrow + 1 + j);
       int64_t row = -1;
       const int32_t index = e >= 0 ? __ldcg(mrow + 1 + K + j) : -1;
-      if (e >= 0 && e / L == p.me && (!ll || index < Op::kMaxTokens)) {  // (a segment holds max_tokens items)
+      if (e >= 0 && e / L == p.me) {
         row = base[(e - p.me * L) * p.world + s] + index;
         dst_row[nd] = row;
         dst[nd++] = p.out + row * D::kOutRowBytes;
@@ -466,7 +464,246 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
     }
   }
   if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
-  stamp(p.trace, kTraceExpand, 3);
+  stamp(p.trace, kTraceExpand, 2);
+}
+
+// ------------------------------------------------------------------------------------- low-latency dispatch
+// Low-latency mode writes the outputs themselves at every rank: they live in symmetric memory (Host::ll_layout:
+// recv rows [L][world][max_tokens] (fp8: scales beside), handle per row, combine's state per (source, token)
+// in segments of max_tokens per source, counts [L][world], tokens from each source). One kernel per rank
+// routes (every CTA the whole call, in shared memory: a decode call is at most max_tokens tokens) and pushes
+// each token once per rank, to its first item's row there (its items on this rank: every row), with the
+// rows' bookkeeping; its last CTA sets the flags and advances the op's epoch. Then each rank waits for every
+// source's flag and copies each token from elsewhere into its other items' rows (tokens usually reach one
+// rank with several of their experts). No route kernel, no staging rows: tilegen/moe.py's ll_rows layout.
+struct LLLayout {  // byte offsets in a rank's low-latency region
+  int64_t out, scales, handle, slot_rows, stage_src, stage_w, counts, ntok, bytes;
+};
+template <class P>
+__device__ __host__ __forceinline__ P* at(char* base, int64_t off) {
+  return reinterpret_cast<P*>(base + off);
+}
+
+template <class Op>
+struct LLRoute {  // shared memory: the call's routing
+  static constexpr int kWords = static_cast<int>((Op::kMaxTokens + 31) / 32);
+  int32_t e[Op::kMaxTokens * Op::kTopk];  // each item's expert (-1: dropped or out of range)
+  uint32_t emask[Op::kExperts][kWords];   // the tokens routed to each expert
+  uint32_t dmask[Op::kMaxWorld][kWords];  // ... sent to each rank
+};
+
+// Set bits of a token mask below token t: t's rank among the tokens of that mask.
+__device__ __forceinline__ int32_t bits_below(const uint32_t* mask, int64_t t) {
+  int32_t r = 0;
+  for (int64_t i = 0; i < (t >> 5); ++i) r += __popc(mask[i]);
+  return r + __popc(mask[t >> 5] & ((1u << (t & 31)) - 1));
+}
+__device__ __forceinline__ int32_t bits_all(const uint32_t* mask, int words) {
+  int32_t r = 0;
+  for (int i = 0; i < words; ++i) r += __popc(mask[i]);
+  return r;
+}
+
+template <class Op>
+__device__ __forceinline__ void ll_route(LLRoute<Op>& r, const void* idx, int idx64, int64_t m, int local) {
+  constexpr int K = Op::kTopk, NW = LLRoute<Op>::kWords;
+  for (int i = threadIdx.x; i < Op::kExperts * NW; i += blockDim.x) (&r.emask[0][0])[i] = 0;
+  for (int i = threadIdx.x; i < Op::kMaxWorld * NW; i += blockDim.x) (&r.dmask[0][0])[i] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < m * K; i += blockDim.x) {
+    const int e = load_expert(idx, i, idx64, Op::kExperts);
+    r.e[i] = e;
+    if (e >= 0) {
+      const int64_t t = i / K;
+      atomicOr(&r.emask[e][t >> 5], 1u << (t & 31));
+      atomicOr(&r.dmask[e / local][t >> 5], 1u << (t & 31));
+    }
+  }
+  __syncthreads();
+}
+
+template <class Op>
+struct LLPushParams {
+  const char* x;
+  const void* idx;
+  int idx64;
+  const float* w;
+  int64_t m;
+  char* ll[Op::kMaxWorld];        // each rank's low-latency region
+  LLLayout lay;
+  uint64_t* flag[Op::kMaxWorld];  // this rank's dispatch flag at each rank
+  uint64_t* counter;              // CTAs arrived (the last resets it)
+  uint64_t* epoch;                // the op's epoch on the device: read by every CTA, advanced by the last
+  int me, world, local;
+  Cut cut;          // of a token row (Dims::kPushUnits)
+  uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed, arrived (last CTA: flags set)
+};
+
+// Item (t, slot j) of expert e = d * L + l: its row at rank d, segment (l, this source), rank among this
+// source's items of e (experts are distinct per token: a token's rank among e's tokens).
+template <class Op>
+__device__ __forceinline__ int64_t ll_row(const LLRoute<Op>& r, int e, int64_t t, int me, int world, int local) {
+  return ((e % local) * static_cast<int64_t>(world) + me) * Op::kMaxTokens + bits_below(r.emask[e], t);
+}
+
+// Warp: token t's bookkeeping at every rank it goes to: the handle (source, token, slot) of each item row,
+// and combine's state in row (this source, token's rank among those sent there): source and token, each
+// slot's row there (-1: elsewhere) and weight.
+template <class Op>
+__device__ __forceinline__ void ll_bookkeep(const LLPushParams<Op>& p, const LLRoute<Op>& r, int64_t t, int lane) {
+  constexpr int K = Op::kTopk;
+  for (int d = 0; d < p.world; ++d) {
+    if (!(r.dmask[d][t >> 5] >> (t & 31) & 1)) continue;
+    char* base = p.ll[d];
+    const int64_t srow = p.me * Op::kMaxTokens + bits_below(r.dmask[d], t);
+    if (lane < K) {
+      const int e = r.e[t * K + lane];
+      const int64_t row = e >= 0 && e / p.local == d ? ll_row<Op>(r, e, t, p.me, p.world, p.local) : -1;
+      at<int32_t>(base, p.lay.slot_rows)[srow * K + lane] = static_cast<int32_t>(row);
+      at<float>(base, p.lay.stage_w)[srow * K + lane] = row >= 0 ? p.w[t * K + lane] : 0.f;
+      if (row >= 0) {
+        int32_t* h = at<int32_t>(base, p.lay.handle) + row * 3;
+        h[0] = p.me, h[1] = static_cast<int32_t>(t), h[2] = lane;
+      }
+    }
+    if (lane == 0) {
+      int32_t* src = at<int32_t>(base, p.lay.stage_src) + srow * 2;
+      src[0] = p.me, src[1] = static_cast<int32_t>(t);
+    }
+  }
+}
+
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
+  using D = Dims<Op>;
+  constexpr int K = Op::kTopk;
+  static_assert(K <= 32, "a token's slots are one warp's lanes");
+  static_assert(sizeof(LLRoute<Op>) <= (40 << 10), "a low-latency call's routing fits shared memory (spec.py's LL_ROUTE_SMEM)");
+  __shared__ LLRoute<Op> r;
+  stamp(p.trace, kTraceLLPush, 0);
+  const uint64_t epoch = dev::ld_acquire_gpu(p.epoch) + 1;  // this call's (every CTA reads it before arriving)
+  ll_route<Op>(r, p.idx, p.idx64, p.m, p.local);
+  stamp(p.trace, kTraceLLPush, 1);
+  const int lane = threadIdx.x & 31, L = p.local;
+  for (int i = threadIdx.x; blockIdx.x == 0 && i < p.world * (L + 1); i += blockDim.x) {  // counts, by CTA 0
+    const int d = i / (L + 1), l = i % (L + 1);
+    if (l < L) at<int32_t>(p.ll[d], p.lay.counts)[l * p.world + p.me] = bits_all(r.emask[d * L + l], r.kWords);
+    else at<int32_t>(p.ll[d], p.lay.ntok)[p.me] = bits_all(r.dmask[d], r.kWords);
+  }
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
+    const int64_t t = item / p.cut.pieces;
+    const int ch = static_cast<int>(item % p.cut.pieces);
+    char* dst[K];
+    float* sdst[K];
+    int nd = 0;
+    unsigned seen = 0;  // ranks given the token already
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int e = r.e[t * K + j];
+      const int d = e >= 0 ? e / L : 0;
+      if (e < 0 || (d != p.me && (seen >> d & 1))) continue;  // elsewhere: the first item's row only
+      seen |= 1u << d;
+      const int64_t row = ll_row<Op>(r, e, t, p.me, p.world, L);
+      dst[nd] = at<char>(p.ll[d], p.lay.out) + row * D::kOutRowBytes;
+      sdst[nd++] = D::kFp8 ? at<float>(p.ll[d], p.lay.scales) + row * D::kGroups : nullptr;
+    }
+    if constexpr (D::kFp8) {
+      quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
+                       p.cut.lo(ch), p.cut.hi(ch));
+    } else {
+      const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
+#pragma unroll
+      for (int d = 0; d < K; ++d)
+        if (d < nd) dst[d] += lo;
+      dev::copy_multi<K>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
+    }
+    if (ch == 0) ll_bookkeep<Op>(p, r, t, lane);
+  }
+  stamp(p.trace, kTraceLLPush, 2);
+  if (signal_when_last(p.counter, p.flag, p.world, epoch, nullptr) && threadIdx.x == 0)
+    dev::st_release_gpu(p.epoch, epoch);  // for the expansion and combine (stream order)
+  stamp(p.trace, kTraceLLPush, 3);
+}
+
+// Low-latency staging rows live in segments of max_tokens per source, the first ntok[s] filled: one warp
+// sets first[s] = the filled rows of the sources before s (sources with skip[s]: none), first[world] = all.
+template <class Op>
+__device__ __forceinline__ void ll_segments(const int32_t* ntok, int world, int skip, int64_t* first, int lane) {
+  int32_t c = lane < world && lane != skip ? __ldcg(ntok + lane) : 0;
+  c = c < 0 ? 0 : (c > Op::kMaxTokens ? static_cast<int32_t>(Op::kMaxTokens) : c);
+  const int32_t incl = warp_inclusive_sum(c, lane);
+  if (lane < world) first[lane] = incl - c;
+  if (lane == world - 1) first[world] = incl;
+}
+// The staging row of filled row r (0 <= r < first[world]): segment s's row r - first[s].
+__device__ __forceinline__ int64_t ll_stage_row(const int64_t* first, int world, int64_t r, int64_t max_tokens) {
+  int s = 0;
+  while (s + 1 < world && r >= first[s + 1]) ++s;
+  return s * max_tokens + (r - first[s]);
+}
+
+template <class Op>
+struct LLExpandParams {
+  char* ll;  // this rank's low-latency region
+  LLLayout lay;
+  const uint64_t* flags;  // every source's dispatch flag here
+  const uint64_t* epoch;  // the call's (ll_push advanced it)
+  int me, world;
+  dev::WaitCtx wait;
+  Cut cut;          // of a payload row (Dims::kExpandUnits)
+  uint64_t* trace;  // phase stamps (null: off): start, flags seen, rows copied
+};
+
+// Every source's flag, then each token from another rank copied from its first item's row to its others.
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p) {
+  using D = Dims<Op>;
+  constexpr int K = Op::kTopk;
+  __shared__ int64_t first[Op::kMaxWorld + 1];
+  stamp(p.trace, kTraceLLExpand, 0);
+  if (!dev::block_wait_all_ge(p.flags, p.world, dev::ld_acquire_gpu(p.epoch), p.wait, /*kind=*/5, 0)) return;
+  stamp(p.trace, kTraceLLExpand, 1);
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x < 32) ll_segments<Op>(at<int32_t>(p.ll, p.lay.ntok), p.world, p.me, first, lane);
+  __syncthreads();
+  const int32_t* slot_rows = at<int32_t>(p.ll, p.lay.slot_rows);
+  char* out = at<char>(p.ll, p.lay.out);
+  float* scales = at<float>(p.ll, p.lay.scales);
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int P = p.cut.pieces;
+  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < first[p.world] * P; item += nwarps) {
+    const int64_t srow = ll_stage_row(first, p.world, item / P, Op::kMaxTokens);
+    const int ch = static_cast<int>(item % P);
+    int64_t src_row = -1, dst_row[K];
+    char* dst[K];
+    int nd = 0;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int64_t row = __ldcg(slot_rows + srow * K + j);
+      if (row < 0) continue;
+      if (src_row < 0) {
+        src_row = row;  // the source wrote the first item's row
+      } else if (row != src_row) {
+        dst_row[nd] = row;
+        dst[nd++] = out + row * D::kOutRowBytes;
+      }
+    }
+    if (nd == 0) continue;
+    const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
+#pragma unroll
+    for (int d = 0; d < K; ++d)
+      if (d < nd) dst[d] += lo;
+    dev::copy_multi<K, false>(dst, nd, out + src_row * D::kOutRowBytes + lo, bytes, lane, 32);
+    if constexpr (D::kFp8) {
+      for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
+        const float sc = __ldcg(scales + src_row * D::kGroups + gi);
+        for (int d = 0; d < nd; ++d) scales[dst_row[d] * D::kGroups + gi] = sc;
+      }
+    }
+  }
+  if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
+  stamp(p.trace, kTraceLLExpand, 2);
 }
 
 // ------------------------------------------------------------------------------------- combine
@@ -483,7 +720,7 @@ struct CombineParams {
   uint64_t epoch;
   int world;
   const uint64_t* epoch_src;         // low-latency mode: the call's epoch on the device
-  const int32_t* stage_rows_src;     // ... and its staging rows (dispatch's expansion left them)
+  const int32_t* ntok;               // ... and the tokens each source sent (staging rows in segments)
   Cut cut;                           // of a row of the token dtype (Dims::kCombineUnits)
   uint64_t* trace;                   // phase stamps (null: off): start, rows sent, arrived (last: flags)
 };
@@ -493,12 +730,17 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
   using D = Dims<Op>;
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
+  __shared__ int64_t first[Op::kMaxWorld + 1];
   stamp(p.trace, kTraceSend, 0);
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t stage_rows = p.stage_rows_src && *p.stage_rows_src < p.stage_rows ? *p.stage_rows_src : p.stage_rows;
+  if (p.ntok) {  // low-latency mode: every source's segment
+    if (threadIdx.x < 32) ll_segments<Op>(p.ntok, p.world, -1, first, lane);
+    __syncthreads();
+  }
+  const int64_t stage_rows = p.ntok ? first[p.world] : p.stage_rows;
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < stage_rows * p.cut.pieces; item += nwarps) {
-    const int64_t r = item / p.cut.pieces;
+    const int64_t r = p.ntok ? ll_stage_row(first, p.world, item / p.cut.pieces, Op::kMaxTokens) : item / p.cut.pieces;
     const int ch = static_cast<int>(item % p.cut.pieces);
     const int s = p.stage_src[r * 2], t = p.stage_src[r * 2 + 1];
     int32_t row[K];
@@ -599,18 +841,19 @@ struct Host {
     bool ready = false, poisoned = false;
     int rank = -1, world = 0, local = 0;
     int resident[kKernels] = {};  // CTAs of each copy kernel the GPU holds at once (its own occupancy)
-    char* sym = nullptr;  // one symmetric allocation: both halves, then the flags
+    char* sym = nullptr;  // one symmetric allocation: both halves, the flags, then (low-latency mode) the outputs
     Half half[2] = {};
+    char* ll = nullptr;  // low-latency mode: this rank's outputs, written by every source (ll_layout)
+    LLLayout lay{};
     uint64_t* dflag = nullptr;  // [world]: each source's dispatch epoch
     uint64_t* cflag = nullptr;  // [world]: each sender's combine epoch
     int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
-    uint64_t* counters = nullptr;  // [3]: blocks arrived (dispatch push, combine send, routing)
+    uint64_t* counters = nullptr;  // blocks arrived (dispatch push, combine send, routing), the epoch
     uint64_t dispatch_epoch = 0, combine_epoch = 0;
     int64_t last_stage_rows = -1, last_rows = -1;
     int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
     int32_t* counts_dev = nullptr;
-    uint64_t* epoch_dev = nullptr;       // low-latency mode: the call's epoch, advanced on the device
-    int32_t* stage_rows_dev = nullptr;   // low-latency mode: the last dispatch's staging rows
+    uint64_t* epoch_dev = nullptr;  // low-latency mode: the call's epoch, advanced on the device
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
     cudaEvent_t done = nullptr;
@@ -626,6 +869,31 @@ struct Host {
     return align(stage) + align(meta) + align(info) + align(back);
   }
   static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
+  // Low-latency mode's outputs: recv rows [L][world][T] (fp8: e4m3 bytes, scales [rows][groups]), the
+  // handle of each row, combine's state per staging row [world][T] (slot rows, source and token,
+  // weights), counts [L][world], tokens from each source.
+  static LLLayout ll_layout(int world) {
+    LLLayout l{};
+    if (!Op::kLowLatency) return l;
+    const int64_t rows = static_cast<int64_t>(E / world) * world * T, srows = world * T;
+    int64_t at = 0;
+    const auto take = [&at](int64_t bytes) { const int64_t o = at; at += align(bytes); return o; };
+    l.out = take(rows * D::kOutRowBytes);
+    l.scales = take(rows * D::kGroups * 4);
+    l.handle = take(rows * 3 * 4);
+    l.slot_rows = take(srows * K * 4);
+    l.stage_src = take(srows * 2 * 4);
+    l.stage_w = take(srows * K * 4);
+    l.counts = take(static_cast<int64_t>(E / world) * world * 4);
+    l.ntok = take(world * 4);
+    l.bytes = at;
+    return l;
+  }
+  // The op's symmetric allocation at `world` ranks (KernelSpec.moe_symmetric_bytes says the same).
+  static int64_t symmetric_bytes(int world) {
+    const int64_t halves_and_flags = 2 * half_bytes(world) + 2 * W * 8;
+    return Op::kLowLatency ? align(halves_and_flags) + ll_layout(world).bytes : halves_and_flags;
+  }
   static int blocks(int64_t m) { return static_cast<int>((m + kBlockTokens - 1) / kBlockTokens); }
   // Pieces of a row of `units` for `rows` rows: `base` pieces, more where fewer rows would leave warps
   // of kernel `k`'s resident CTAs idle, each at least one unit per lane and a multiple of `align` units.
@@ -640,11 +908,12 @@ struct Host {
   }
   // Each kernel's pieces of its own row: the push's of a token (fp8 per-128: whole scale groups of 16
   // steps), the expansion's of a payload row, combine's (send and reduce) of a row of the token dtype.
-  static Cut push_cut(int64_t m) {
+  static Cut push_cut(int k, int64_t m) {
     constexpr int64_t align = D::kFp8 && Op::kFp8Group != Op::kHidden ? 16 : 1;
-    return cut_for(kPush, m, D::kPushUnits, D::kPushPieces, align);
+    return cut_for(k, m, D::kPushUnits, D::kPushPieces, align);
   }
   static Cut expand_cut(int64_t rows) { return cut_for(kExpand, rows, D::kExpandUnits, D::kExpandPieces, 1); }
+  static Cut ll_expand_cut(int64_t rows) { return cut_for(kLLExpand, rows, D::kExpandUnits, D::kExpandPieces, 1); }
   static Cut send_cut(int64_t rows) { return cut_for(kSend, rows, D::kCombineUnits, D::kCombinePieces, 1); }
   static Cut reduce_cut(int64_t rows) { return cut_for(kReduce, rows, D::kCombineUnits, D::kCombinePieces, 1); }
   // CTAs of kernel `k` for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most
@@ -669,12 +938,13 @@ struct Host {
       return fail(msg, len, "%s: NVSHMEM has %d PEs; this op was generated for world sizes %s", Op::kName, g.world,
                   Op::kWorldSizes);
     g.local = E / g.world;
-    const int64_t hb = half_bytes(g.world), flag_bytes = 2 * W * 8;
-    g.sym = static_cast<char*>(nvshmem_malloc(2 * hb + flag_bytes));
+    const int64_t hb = half_bytes(g.world), flag_bytes = 2 * W * 8, total = symmetric_bytes(g.world);
+    g.sym = static_cast<char*>(nvshmem_malloc(total));
     if (!g.sym)
       return fail(msg, len, "%s: nvshmem_malloc of %lld bytes (staging for %lld tokens of %lld bytes from %d ranks, "
-                  "twice) failed: raise NVSHMEM_SYMMETRIC_SIZE", Op::kName, static_cast<long long>(2 * hb + flag_bytes),
-                  static_cast<long long>(T), static_cast<long long>(D::kStageRowBytes), g.world);
+                  "twice%s) failed: raise NVSHMEM_SYMMETRIC_SIZE", Op::kName, static_cast<long long>(total),
+                  static_cast<long long>(T), static_cast<long long>(D::kStageRowBytes), g.world,
+                  Op::kLowLatency ? ", and the received rows" : "");
     for (int h = 0; h < 2; ++h) {
       char* p = g.sym + h * hb;
       g.half[h].stage = p;
@@ -687,14 +957,17 @@ struct Host {
     }
     g.dflag = reinterpret_cast<uint64_t*>(g.sym + 2 * hb);
     g.cflag = g.dflag + W;
+    g.lay = ll_layout(g.world);
+    g.ll = Op::kLowLatency ? g.sym + align(2 * hb + flag_bytes) : nullptr;
     const int64_t scratch_ints = blocks(T) * (E + W) + T * K + T * W + (E + W);
     cudaError_t e = cudaMemset(g.dflag, 0, flag_bytes);
+    if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll + g.lay.handle, 0xff, g.lay.slot_rows - g.lay.handle);  // -1
+    if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll + g.lay.counts, 0, g.lay.bytes - g.lay.counts);
     if (e == cudaSuccess) e = cudaMalloc(&g.scratch, scratch_ints * 4);
-    constexpr size_t counter_bytes = 3 * sizeof(uint64_t) + sizeof(uint64_t) + sizeof(int64_t);  // + epoch, rows
+    constexpr size_t counter_bytes = 4 * sizeof(uint64_t);  // 3 arrival counters, the epoch
     if (e == cudaSuccess) e = cudaMalloc(&g.counters, counter_bytes);
     if (e == cudaSuccess) e = cudaMemset(g.counters, 0, counter_bytes);
     g.epoch_dev = g.counters + 3;
-    g.stage_rows_dev = reinterpret_cast<int32_t*>(g.counters + 4);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
@@ -725,7 +998,12 @@ struct Host {
                                      reinterpret_cast<const void*>(expand_rows<Op>),
                                      reinterpret_cast<const void*>(combine_send<Op>),
                                      reinterpret_cast<const void*>(combine_reduce<Op>)};
+    if constexpr (Op::kLowLatency) {  // (only low-latency ops have them: their routing fits shared memory)
+      kernels[kLLPush] = reinterpret_cast<const void*>(ll_push<Op>);
+      kernels[kLLExpand] = reinterpret_cast<const void*>(ll_expand<Op>);
+    }
     for (int k = 0; k < kKernels && e == cudaSuccess; ++k) {
+      if (!kernels[k]) continue;
       int per_sm = 0;
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[k], kWarps * 32, 0);
       g.resident[k] = sms * (per_sm > 0 ? per_sm : 1);
@@ -742,6 +1020,10 @@ struct Host {
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, expand_rows<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_send<Op>);
     if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, combine_reduce<Op>);
+    if constexpr (Op::kLowLatency) {
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ll_push<Op>);
+      if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, ll_expand<Op>);
+    }
     return e;
   }
 
@@ -820,14 +1102,12 @@ struct Host {
                           : 0;
   }
 
-  // Both modes' dispatch: route this rank's m tokens, then push each once per destination rank into
-  // this rank's segment of half `hf` there; the flags carry `epoch` (normal mode) or the device's
-  // epoch at `epoch_src` (low-latency mode).
+  // Normal mode's dispatch: route this rank's m tokens, then push each once per destination rank into
+  // this rank's segment of half `hf` there; the flags carry `epoch`.
   static int route_and_push(const void* x, const void* idx, int idx64, const float* w, int64_t m, const Half& hf,
-                            uint64_t epoch, const uint64_t* epoch_src, cudaStream_t s, char* msg, int len) {
+                            uint64_t epoch, cudaStream_t s, char* msg, int len) {
     const int nb = m > 0 ? blocks(m) : 1;  // (m = 0: one block of no tokens, whose scan zeroes the totals)
-    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, nullptr, g.counters + 2};
-    rp.epoch = epoch_src ? g.epoch_dev : nullptr;
+    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, g.counters + 2};
     rp.trace = g.trace;
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
@@ -852,21 +1132,21 @@ struct Host {
     }
     pp.counter = g.counters;
     pp.epoch = epoch;
-    pp.epoch_src = epoch_src;
     pp.me = g.rank;
     pp.world = g.world;
     pp.local = g.local;
-    pp.cut = push_cut(m);
+    pp.cut = push_cut(kPush, m);
     pp.trace = g.trace;
     push_tokens<Op><<<grid_for(kPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
     return launched("push", msg, len);
   }
 
   // Both modes' combine: send each staging row's weighted sum back to its token's rank through half
-  // `hf`, then sum what every rank sent here. stage_rows: the rows (normal mode), or a bound with the
-  // real count at stage_rows_src (low-latency mode); epoch as in route_and_push.
+  // `hf`, then sum what every rank sent here. stage_rows: the rows (normal mode), or (low-latency mode)
+  // a bound, the rows being segments of max_tokens per source, ntok[s] filled; the flags carry `epoch`
+  // (normal mode) or the device's epoch at `epoch_src` (low-latency mode).
   static int send_and_reduce(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
-                             int64_t stage_rows, const int32_t* stage_rows_src, const void* idx, int idx64, int64_t m,
+                             int64_t stage_rows, const int32_t* ntok, const void* idx, int idx64, int64_t m,
                              void* out, const Half& hf, uint64_t epoch, const uint64_t* epoch_src,
                              uint64_t timeout_ns, cudaStream_t s, char* msg, int len) {
     CombineParams<Op> cp{};
@@ -883,7 +1163,7 @@ struct Host {
     cp.epoch = epoch;
     cp.world = g.world;
     cp.epoch_src = epoch_src;
-    cp.stage_rows_src = stage_rows_src;
+    cp.ntok = ntok;
     cp.cut = send_cut(stage_rows);
     cp.trace = g.trace;
     combine_send<Op><<<grid_for(kSend, stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
@@ -902,7 +1182,7 @@ struct Host {
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const uint64_t epoch = ++g.dispatch_epoch;
     const Half& hf = g.half[epoch & 1];
-    if (route_and_push(x, idx, idx64, w, m, hf, epoch, nullptr, s, msg, len)) return 1;
+    if (route_and_push(x, idx, idx64, w, m, hf, epoch, s, msg, len)) return 1;
     wait_counts<Op><<<1, 32, 0, s>>>(g.dflag, hf.info, g.counts_dev, g.world, g.local, epoch, wait_ctx(timeout_ns));
     if (launched("wait", msg, len)) return 1;
     cudaError_t e = cudaEventRecord(g.done, s);
@@ -953,30 +1233,69 @@ struct Host {
   }
 
   // ------------------------------------------------------------------ low-latency mode
-  // No host round trip and nothing the host must know per call: the epoch advances on the device,
-  // outputs are fixed-capacity segments, the staging row count stays on the device. Calls alternate
-  // dispatch, combine (MoeOp enforces it); with that order one set of buffers is safe (each write into
-  // a peer follows that peer's flag of the step that finished reading it).
-  static int ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
-                         float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
-                         void* stream, uint64_t timeout_ns, char* msg, int len) {
-    if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const Half& hf = g.half[0];
-    if (route_and_push(x, idx, idx64, w, m, hf, 0, g.epoch_dev, s, msg, len)) return 1;
-    ExpandParams<Op> ep{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
-                        stage_w, counts, g.world * T, g.local * g.world * T, g.rank, g.world, g.local,
-                        g.dflag, g.epoch_dev, g.stage_rows_dev, wait_ctx(timeout_ns), expand_cut(g.world * T), g.trace};
-    expand_rows<Op><<<grid_for(kExpand, g.world * T, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
-    return launched("expand", msg, len);
+  // No host round trip and nothing the host must know per call: the epoch advances on the device, the
+  // outputs are the op's own (symmetric: every source writes its rows there), in fixed segments. Calls
+  // alternate dispatch, combine (MoeOp enforces it); with that order one set of buffers is safe (each
+  // write into a peer follows that peer's flag of the step that finished reading it).
+  static int not_low_latency(char* msg, int len) {
+    return fail(msg, len, "%s: a normal-mode op has no low-latency calls", Op::kName);
   }
 
-  static int ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
-                        const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
-                        char* msg, int len) {
+  // The outputs' device addresses (MoeOp wraps them as tensors): recv rows, scales (fp8; else null),
+  // handle, slot rows, stage source, stage weights, counts.
+  static int ll_outputs(int64_t* out, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (!Op::kLowLatency) return not_low_latency(msg, len);
+    const LLLayout& l = g.lay;
+    const int64_t offs[7] = {l.out, l.scales, l.handle, l.slot_rows, l.stage_src, l.stage_w, l.counts};
+    for (int i = 0; i < 7; ++i) out[i] = reinterpret_cast<int64_t>(g.ll + offs[i]);
+    if (!D::kFp8) out[1] = 0;
+    return 0;
+  }
+
+  static int ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
+                         uint64_t timeout_ns, char* msg, int len) {
     if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
-    return send_and_reduce(y, slot_rows, stage_src, stage_w, g.world * T, g.stage_rows_dev, idx, idx64, m, out,
-                           g.half[0], 0, g.epoch_dev, timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
+    if constexpr (!Op::kLowLatency) {
+      return not_low_latency(msg, len);
+    } else {
+      cudaStream_t s = static_cast<cudaStream_t>(stream);
+      LLPushParams<Op> pp{};
+      pp.x = static_cast<const char*>(x);
+      pp.idx = idx;
+      pp.idx64 = idx64;
+      pp.w = w;
+      pp.m = m;
+      for (int q = 0; q < g.world; ++q) {
+        pp.ll[q] = peer(g.ll, q);
+        pp.flag[q] = peer(g.dflag, q) + g.rank;
+      }
+      pp.lay = g.lay;
+      pp.counter = g.counters;
+      pp.epoch = g.epoch_dev;
+      pp.me = g.rank;
+      pp.world = g.world;
+      pp.local = g.local;
+      pp.trace = g.trace;
+      pp.cut = push_cut(kLLPush, m);
+      ll_push<Op><<<grid_for(kLLPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
+      if (launched("push", msg, len)) return 1;
+      const int64_t rows = (g.world - 1) * T;  // a bound: tokens from the other ranks
+      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag, g.epoch_dev, g.rank, g.world, wait_ctx(timeout_ns),
+                            ll_expand_cut(rows), g.trace};
+      ll_expand<Op><<<grid_for(kLLExpand, rows, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
+      return launched("expand", msg, len);
+    }
+  }
+
+  static int ll_combine(const void* y, const void* idx, int idx64, int64_t m, void* out, void* stream,
+                        uint64_t timeout_ns, char* msg, int len) {
+    if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
+    if (!Op::kLowLatency) return not_low_latency(msg, len);
+    const LLLayout& l = g.lay;
+    return send_and_reduce(y, at<int32_t>(g.ll, l.slot_rows), at<int32_t>(g.ll, l.stage_src), at<float>(g.ll, l.stage_w),
+                           g.world * T, at<int32_t>(g.ll, l.ntok), idx, idx64, m, out, g.half[0], 0, g.epoch_dev,
+                           timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 };
 
@@ -1006,17 +1325,16 @@ struct Host {
     return tilegen::moe::Host<OP>::dispatch_recv(out, scales, handle, slot_rows, stage_src, stage_w, counts, rows, stage_rows, \
                                                  stream, msg, len);                                                  \
   }                                                                                                                  \
-  int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,       \
-                              float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,\
-                              void* stream, uint64_t timeout_ns, char* msg, int len) {                               \
-    return tilegen::moe::Host<OP>::ll_dispatch(x, idx, idx64, w, m, out, scales, handle, slot_rows, stage_src, stage_w, counts, \
-                                               stream, timeout_ns, msg, len);                                        \
+  int tilegen_moe_ll_outputs(int64_t* out, char* msg, int len) {                                                   \
+    return tilegen::moe::Host<OP>::ll_outputs(out, msg, len);                                                        \
   }                                                                                                                  \
-  int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w, \
-                             const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,     \
-                             char* msg, int len) {                                                                   \
-    return tilegen::moe::Host<OP>::ll_combine(y, slot_rows, stage_src, stage_w, idx, idx64, m, out, stream, timeout_ns, \
-                                              msg, len);                                                             \
+  int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,    \
+                              uint64_t timeout_ns, char* msg, int len) {                                             \
+    return tilegen::moe::Host<OP>::ll_dispatch(x, idx, idx64, w, m, stream, timeout_ns, msg, len);                   \
+  }                                                                                                                  \
+  int tilegen_moe_ll_combine(const void* y, const void* idx, int idx64, int64_t m, void* out, void* stream,          \
+                             uint64_t timeout_ns, char* msg, int len) {                                              \
+    return tilegen::moe::Host<OP>::ll_combine(y, idx, idx64, m, out, stream, timeout_ns, msg, len);                  \
   }                                                                                                                  \
   int tilegen_moe_trace(int on, char* msg, int len) { return tilegen::moe::Host<OP>::set_trace(on, msg, len); }    \
   int tilegen_moe_trace_read(uint64_t* out, char* msg, int len) {                                                   \

@@ -13,12 +13,11 @@ int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const f
 int tilegen_moe_dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src,
                               float* stage_w, int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg,
                               int len);
-int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* out,
-                            float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w, int32_t* counts,
-                            void* stream, uint64_t timeout_ns, char* msg, int len);
-int tilegen_moe_ll_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
-                           const void* idx, int idx64, int64_t m, void* out, void* stream, uint64_t timeout_ns,
-                           char* msg, int len);
+int tilegen_moe_ll_outputs(int64_t* out, char* msg, int len);
+int tilegen_moe_ll_dispatch(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,
+                            uint64_t timeout_ns, char* msg, int len);
+int tilegen_moe_ll_combine(const void* y, const void* idx, int idx64, int64_t m, void* out, void* stream,
+                           uint64_t timeout_ns, char* msg, int len);
 int tilegen_moe_combine(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                         int64_t stage_rows, const void* idx, int idx64, int64_t m, void* out, void* stream,
                         uint64_t timeout_ns, char* msg, int len);
@@ -163,43 +162,39 @@ inline void combine(TensorView y, TensorView slot_rows, TensorView stage_src, Te
   });
 }
 
-// Low-latency mode: the op's fixed-capacity outputs (allocated once by MoeOp): out [local * world *
-// max_tokens, hidden] (segments of max_tokens rows per (local expert, source)), handle [same rows, 3],
-// slot_rows / stage_src / stage_w [world * max_tokens, ...], counts [local, world] int32 (rows filled
-// per segment). Nothing comes back to the host: a CUDA graph can hold the call.
-inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, TensorView out, TensorView scales,
-                        TensorView handle, TensorView slot_rows, TensorView stage_src, TensorView stage_w,
-                        TensorView counts, int64_t stream, int64_t timeout_ns) {
+// Low-latency mode: the op's own outputs, in symmetric memory (every source writes its rows there; MoeOp
+// wraps them as tensors): the device addresses of recv rows [local * world * max_tokens, hidden] (segments
+// of max_tokens rows per (local expert, source)), scales (fp8 dispatch; else 0), handle [rows, 3],
+// slot_rows / stage_src / stage_w [world * max_tokens, ...], counts [local, world] int32.
+inline tvm::ffi::Array<int64_t> ll_outputs() {
   ensure_ready();
-  const int device = x.device().device_id, world = tilegen_op_world();
-  const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
+  int64_t ptrs[7] = {};
+  call([&](char* msg) { return tilegen_moe_ll_outputs(ptrs, msg, kMsg); });
+  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6]};
+}
+
+// Low-latency dispatch into the op's outputs. Nothing comes back to the host: a CUDA graph can hold it.
+inline void ll_dispatch(TensorView x, TensorView idx, TensorView w, int64_t stream, int64_t timeout_ns) {
+  ensure_ready();
+  const int device = x.device().device_id;
   const int64_t m = check_inputs(x, idx, w, device);
-  float* sc = check_received(out, scales, L * seg, device);
-  check(handle, "handle", kI32, L * seg, 3, device);
-  check_state(slot_rows, stage_src, stage_w, seg, device);
-  check(counts, "counts", kI32, L, world, device);
   call([&](char* msg) {
     return tilegen_moe_ll_dispatch(data(x), data(idx), idx.dtype().bits == 64, reinterpret_cast<const float*>(data(w)), m,
-                                   data(out), sc, reinterpret_cast<int32_t*>(data(handle)),
-                                   reinterpret_cast<int32_t*>(data(slot_rows)), reinterpret_cast<int32_t*>(data(stage_src)),
-                                   reinterpret_cast<float*>(data(stage_w)), reinterpret_cast<int32_t*>(data(counts)),
                                    stream_of(stream, device), static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
 }
 
-inline void ll_combine(TensorView y, TensorView slot_rows, TensorView stage_src, TensorView stage_w, TensorView idx,
-                       TensorView out, int64_t stream, int64_t timeout_ns) {
+// y [local * world * max_tokens, hidden] (expert outputs in the received layout) -> out [m, hidden]
+// (topk_idx: the routing of this rank's dispatch); combine's state is the op's, from its dispatch.
+inline void ll_combine(TensorView y, TensorView idx, TensorView out, int64_t stream, int64_t timeout_ns) {
   ensure_ready();
   const int device = y.device().device_id, world = tilegen_op_world();
   const int64_t L = Spec::kExperts / world, seg = world * Spec::kMaxTokens;
   check(y, "y", kElem, L * seg, Spec::kHidden, device);
-  check_state(slot_rows, stage_src, stage_w, seg, device);
   check_combined(out, idx, device);
   call([&](char* msg) {
-    return tilegen_moe_ll_combine(data(y), reinterpret_cast<int32_t*>(data(slot_rows)),
-                                  reinterpret_cast<int32_t*>(data(stage_src)), reinterpret_cast<float*>(data(stage_w)),
-                                  data(idx), idx.dtype().bits == 64, out.size(0), data(out), stream_of(stream, device),
-                                  static_cast<uint64_t>(timeout_ns), msg, kMsg);
+    return tilegen_moe_ll_combine(data(y), data(idx), idx.dtype().bits == 64, out.size(0), data(out),
+                                  stream_of(stream, device), static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
 }
 
@@ -233,6 +228,7 @@ inline void trace_read(TensorView out) {
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_send, tilegen_moe_binding::dispatch_send);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dispatch_recv, tilegen_moe_binding::dispatch_recv);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(combine, tilegen_moe_binding::combine);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_outputs, tilegen_moe_binding::ll_outputs);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_dispatch, tilegen_moe_binding::ll_dispatch);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ll_combine, tilegen_moe_binding::ll_combine);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(trace, tilegen_moe_binding::trace);
