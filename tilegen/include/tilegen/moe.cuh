@@ -79,32 +79,15 @@ __device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
 // destination row dst[d] (e4m3 bytes) and its scales sdst[d] (one fp32 per group): scale = amax / 448 of the
 // group (1 where it is all zero), each value x / scale rounded to nearest even, saturating (the same
-// arithmetic as tilegen.moe_nccl.quantize). Per-128 pieces start at a group; a per-token piece reads
-// the whole row for its amax.
+// arithmetic as tilegen.moe_nccl.quantize). Per-128 pieces start at a group; per-token scales take the
+// row's amax from the caller (round_amax: the CTA read each row once).
 template <class Op, int N>
 __device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const (&sdst)[N], int nd,
-                                             const typename Op::Elem* x, int lane, int64_t vlo, int64_t vhi) {
+                                             const typename Op::Elem* x, int lane, int64_t vlo, int64_t vhi,
+                                             float row_amax) {
   using T = typename Op::Elem;
-  constexpr int64_t H = Op::kHidden, G = Op::kFp8Group, nvec = H / 8;  // 8 values (16 bytes) per lane step
+  constexpr int64_t H = Op::kHidden, G = Op::kFp8Group;
   static_assert(sizeof(T) == 2 && (G == H || G == 128), "fp8 dispatch quantizes 16-bit tokens per token or 128 channels");
-  float row_amax = 0.f;
-  if constexpr (G == H) {  // (4 loads in flight per lane: a 7168-wide row is 28 per lane, serial they took ~8 us)
-    constexpr int U = 4;
-    for (int64_t v0 = lane; v0 < nvec; v0 += 32 * U) {
-      int4 raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        raw[u] = v0 + u * 32 < nvec ? __ldg(reinterpret_cast<const int4*>(x) + v0 + u * 32) : make_int4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const T* e = reinterpret_cast<const T*>(&raw[u]);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) row_amax = fmaxf(row_amax, fabsf(dev::to_acc(e[q])));
-      }
-    }
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) row_amax = fmaxf(row_amax, __shfl_xor_sync(0xffffffffu, row_amax, off));
-  }
   for (int64_t base = vlo; base < vhi; base += 32) {
     const int64_t v = base + lane;
     const bool active = v < vhi;
@@ -140,6 +123,44 @@ __device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const
       if (v * 8 % G == 0) sdst[d][g] = scale;
     }
   }
+}
+
+// fp8 per-token scales: the amax of every token a CTA's round of items [base, base + kWarps) touches (at
+// most kWarps tokens), each row read once by all the CTA's threads into amax_bits[t - base / pieces]
+// (float bits: non-negative floats order as unsigned ints). A warp per piece reading its whole row re-read
+// each row once per piece: 28 times per token at 128 tokens, ~10 us of a decode-sized push. Every thread
+// of the CTA calls it (barriers).
+template <class Op>
+__device__ __forceinline__ void round_amax(const typename Op::Elem* x, int64_t base, int64_t items, int pieces,
+                                           unsigned* amax_bits) {
+  using T = typename Op::Elem;
+  constexpr int64_t nvec = Op::kHidden / 8;  // 16-byte vectors per row
+  constexpr int U = 4;                       // loads in flight per thread
+  const int64_t t0 = base / pieces, t1 = ((base + kWarps < items ? base + kWarps : items) - 1) / pieces;
+  const int64_t n = (t1 - t0 + 1) * nvec;
+  const int4* row0 = reinterpret_cast<const int4*>(x + t0 * Op::kHidden);
+  __syncthreads();  // (every warp took the last round's amax)
+  if (threadIdx.x < kWarps) amax_bits[threadIdx.x] = 0;
+  __syncthreads();
+  for (int64_t v0 = threadIdx.x; v0 < n; v0 += U * blockDim.x) {
+    int4 raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * blockDim.x;
+      raw[u] = v < n ? __ldg(row0 + v) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * blockDim.x;
+      if (v >= n) break;
+      const T* e = reinterpret_cast<const T*>(&raw[u]);
+      float a = 0.f;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) a = fmaxf(a, fabsf(dev::to_acc(e[q])));
+      atomicMax(amax_bits + v / nvec, __float_as_uint(a));
+    }
+  }
+  __syncthreads();
 }
 
 // Expert id of routing entry i; ids outside [0, experts) count as dropped (-1) everywhere, so a bad
@@ -284,7 +305,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
     const int d = i / row, l = i % row;
     p.info[d][l] = l < p.local ? p.totals[d * p.local + l] : p.totals[E + d];
   }
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
+  constexpr bool kTokenScales = D::kFp8 && Op::kFp8Group == Op::kHidden;
+  __shared__ unsigned amax_bits[kWarps];
+  const int64_t items = p.m * p.cut.pieces;
+  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
+    if constexpr (kTokenScales) round_amax<Op>(reinterpret_cast<const typename Op::Elem*>(p.x), round, items,
+                                               p.cut.pieces, amax_bits);
+    const int64_t item = round + (threadIdx.x >> 5);
+    if (item >= items) continue;
     const int64_t t = item / p.cut.pieces, b = t / kBlockTokens;
     const int ch = static_cast<int>(item % p.cut.pieces);
     char* dst[Op::kMaxWorld];
@@ -301,7 +329,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
       float* sdst[Op::kMaxWorld];
       for (int d = 0; d < nd; ++d) sdst[d] = reinterpret_cast<float*>(dst[d] + D::kOutRowBytes);
       quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch));
+                       p.cut.lo(ch), p.cut.hi(ch), __uint_as_float(amax_bits[t - round / p.cut.pieces]));
     } else {
       const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
       for (int d = 0; d < nd; ++d) dst[d] += lo;
@@ -591,7 +619,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
     else at<int32_t>(p.ll[d], p.lay.ntok)[p.me] = bits_all(r.dmask[d], r.kWords);
   }
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.m * p.cut.pieces; item += nwarps) {
+  constexpr bool kTokenScales = D::kFp8 && Op::kFp8Group == Op::kHidden;
+  __shared__ unsigned amax_bits[kWarps];
+  const int64_t items = p.m * p.cut.pieces;
+  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
+    if constexpr (kTokenScales) round_amax<Op>(reinterpret_cast<const typename Op::Elem*>(p.x), round, items,
+                                               p.cut.pieces, amax_bits);
+    const int64_t item = round + (threadIdx.x >> 5);
+    if (item >= items) continue;
     const int64_t t = item / p.cut.pieces;
     const int ch = static_cast<int>(item % p.cut.pieces);
     char* dst[K];
@@ -610,7 +645,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
     }
     if constexpr (D::kFp8) {
       quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch));
+                       p.cut.lo(ch), p.cut.hi(ch), __uint_as_float(amax_bits[t - round / p.cut.pieces]));
     } else {
       const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
 #pragma unroll
