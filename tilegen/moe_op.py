@@ -148,6 +148,11 @@ class MoeOp(GeneratedOp):
             raise ValueError(f"{self.name}: topk_idx[{t}] names an expert twice ({topk_idx[t].tolist()}): "
                              f"low_latency mode needs distinct experts per token")
 
+    def release(self) -> None:
+        """The low-latency outputs are the library's memory: their tensors go with it (tilegen.finalize)."""
+        super().release()
+        self._ll, self._ll_pending = None, False
+
     def _ll_buffers(self, device: Any) -> dict:
         """The fixed-capacity outputs: the library's symmetric memory, as tensors (made on the first call)."""
         if self._ll is None:
