@@ -52,6 +52,39 @@ def test_checker_catches_a_wrong_item_index(monkeypatch):
     assert problems and any("final rows written" in p or "outside" in p for p in problems), problems[:3]
 
 
+def test_checks_pass_with_tokens_whose_slots_are_all_dropped():
+    """Seed 9's "dropped" routing at 4 ranks, top-4, has a token with every slot dropped (its combine
+    is zeros): the checks once crashed on it instead of checking."""
+    shape = MoeShape(4, 16, 4, 9)
+    for mode in MODES:
+        assert check_moe(shape, mode, seeds=16) == []
+
+
+def test_low_latency_checker_catches_the_source_writing_another_slots_row(monkeypatch):
+    """The destination copies a token from its first item's row there, through combine's state: a source
+    that wrote a later item's row instead leaves the copy reading a row nobody wrote."""
+    monkeypatch.setattr(moe, "ll_source_slot", lambda slots: slots[-1])
+    problems = check_moe(MoeShape(4, 16, 4, 6), "low_latency")
+    assert any("did not write" in p for p in problems), problems[:3]
+
+
+def test_low_latency_checker_catches_a_broken_state_row(monkeypatch):
+    """Combine's state per (source, token) at its rank's segment: one row per token collides."""
+    monkeypatch.setattr(moe, "staging_rows", lambda shape, me, idx, ntok=None: np.where(
+        np.stack([[any(int(e) // shape.local_experts == d for e in row if e >= 0) for d in range(shape.world)]
+                  for row in idx]).reshape(len(idx), shape.world), me * shape.max_tokens, -1))
+    problems = check_moe(MoeShape(4, 16, 4, 6), "low_latency")
+    assert any("written twice" in p for p in problems), problems[:3]
+
+
+def test_low_latency_combine_through_the_state_is_checked(monkeypatch):
+    """Combine runs from the state the sources wrote: weights stored against the wrong slots leave the
+    layout right and are caught by the combine check."""
+    monkeypatch.setattr(moe, "state_weights", lambda w, slot_rows: np.where(slot_rows >= 0, w[::-1], 0.0))
+    problems = check_moe(MoeShape(4, 16, 4, 6), "low_latency")
+    assert problems and all("combine through the sources' state" in p for p in problems), problems[:3]
+
+
 def test_reference_layout_small_example():
     """2 ranks, 4 experts (2 per rank), top-2: rank 1 receives experts 2, 3's items ordered by
     (local expert, source, token, slot); combine sums each token's slots with its weights."""

@@ -18,6 +18,9 @@ item. The handle (source rank, token, slot of every received row) is what combin
 Low-latency mode: fixed capacity, no host synchronisation: rank d's local expert l has one segment
 of max_tokens rows per source rank (experts are distinct per token); an item's row in its segment
 is its item index; the counts per (expert, source) travel with the flags (CUDA-graph capturable).
+Each source writes the outputs at the destination itself: a token's first item row there
+(`ll_source_slot`), combine's state in the source's staging segment (`staging_rows`); the
+destination copies the row to the token's other item rows (`_simulate_low_latency` runs it).
 
 Combine: each received row's expert output goes back to its source rank (the kernels first sum a
 token's items on each expert rank, in slot order, in fp32); the source sums them weighted, in a
@@ -307,17 +310,39 @@ def _simulate_normal_dedup(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Disp
     return out
 
 
-def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispatched]:
-    """Low-latency: segments [local expert][source] of ll_capacity rows; the rows a receiver reads
-    are the first count rows of each segment (counts come with the flags); compacted here in
-    (local expert, source) order to compare with the reference."""
-    L, cap = shape.local_experts, shape.ll_capacity()
+def ll_source_slot(slots: Sequence[int]) -> int:
+    """Low-latency dispatch: of a token's slots with an expert on another rank (in slot order), the one
+    whose row the source writes there (the first); the destination copies that row to the others."""
+    return slots[0]
+
+
+def state_weights(w: np.ndarray, slot_rows: np.ndarray) -> np.ndarray:
+    """Low-latency combine's state: a token's slot weights at one rank, in slot order (0 for the slots
+    whose expert is elsewhere: their rows are -1, which combine skips)."""
+    return np.where(slot_rows >= 0, w, 0.0)
+
+
+def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None, ws=None) -> list[Dispatched]:
+    """Low-latency, as the kernels run it: segments [local expert][source] of ll_capacity rows; each
+    source writes, at every rank its token goes to, combine's state in its staging segment (the
+    token's rank among its tokens to that rank: slot rows there, weights, source and token) and the
+    token into one item row there (`ll_source_slot`; on its own rank every item row); the destination
+    then copies that row, found through the state, to the token's other item rows. The rows a receiver
+    reads are the first count rows of each segment, compacted here in (local expert, source) order to
+    compare with the reference. With `ws`, combine runs through the state too (each destination sums
+    a token's slots in slot order, the source sums the destinations in rank order) and must give the
+    weighted sum of the experts' outputs (here sin of each row)."""
+    L, cap, W, K = shape.local_experts, shape.ll_capacity(), shape.world, shape.topk
     hidden = xs[0].shape[1]
-    seg = {}  # (d, l, s) -> [rows]
+    buf: dict[tuple[int, int], np.ndarray] = {}  # (d, row) -> token
+    handle: dict[tuple[int, int], tuple] = {}  # (d, row) -> (s, t, j)
+    state: dict[tuple[int, int], tuple] = {}  # (d, staging row) -> (s, t, slot rows, weights)
     for s, (x, idx) in enumerate(zip(xs, idxs)):
         rows = (rows_fn or ll_rows)(shape, idx)
+        stage = staging_rows(shape, s, idx)
         for t in range(len(idx)):
-            for j in range(shape.topk):
+            slot_rows = np.full((W, K), -1, dtype=np.int64)
+            for j in range(K):
                 e = int(idx[t, j])
                 if e < 0:
                     continue
@@ -325,25 +350,70 @@ def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Dispa
                 r = int(rows[t, j])
                 if not 0 <= r < cap:
                     raise MoeCheckError(f"rank {s} token {t} slot {j}: row {r} outside the {cap}-row segment")
-                seg.setdefault((d, le, s), {})
-                if r in seg[(d, le, s)]:
-                    raise MoeCheckError(f"rank {d} expert {le} source {s}: row {r} written twice")
-                seg[(d, le, s)][r] = (x[t], (s, t, j))
+                slot_rows[d, j] = (le * W + s) * cap + r
+            for d in range(W):
+                slots = [j for j in range(K) if slot_rows[d, j] >= 0]
+                if not slots:
+                    continue
+                srow = int(stage[t, d])
+                if not s * cap <= srow < (s + 1) * cap or (d, srow) in state:
+                    raise MoeCheckError(f"rank {s} token {t}: staging row {srow} at rank {d} outside its segment "
+                                        f"or written twice")
+                w = ws[s][t] if ws is not None else np.zeros(K)
+                state[(d, srow)] = (s, t, slot_rows[d].copy(), state_weights(w, slot_rows[d]))
+                for j in (slots if d == s else [ll_source_slot(slots)]):
+                    if (d, int(slot_rows[d, j])) in buf:
+                        raise MoeCheckError(f"rank {d}: row {slot_rows[d, j]} written twice")
+                    buf[(d, int(slot_rows[d, j]))] = x[t]
+                for j in slots:
+                    handle[(d, int(slot_rows[d, j]))] = (s, t, j)
+    for (d, _), (s, t, slot_rows, _) in sorted(state.items()):  # the destination's copies of others' tokens
+        if s == d:
+            continue
+        valid = [int(r) for r in slot_rows if r >= 0]
+        if (d, valid[0]) not in buf:
+            raise MoeCheckError(f"rank {d}: token {t} of rank {s} copied from row {valid[0]}, which its source "
+                                f"did not write")
+        for r in valid[1:]:
+            buf[(d, r)] = buf[(d, valid[0])]
     out = []
-    for d in range(shape.world):
+    for d in range(W):
         xr, hr, counts = [], [], np.zeros(L, dtype=np.int64)
         for le in range(L):
-            for s in range(shape.world):
-                rows = seg.get((d, le, s), {})
-                if sorted(rows) != list(range(len(rows))):
-                    raise MoeCheckError(f"rank {d} expert {le} source {s}: rows {sorted(rows)[:5]} are not 0..n-1")
-                counts[le] += len(rows)
-                for r in range(len(rows)):
-                    xr.append(rows[r][0])
-                    hr.append(rows[r][1])
+            for s in range(W):
+                base = (le * W + s) * cap
+                n = sum(1 for r in range(cap) if (d, base + r) in buf)
+                if any((d, base + r) not in buf for r in range(n)):
+                    raise MoeCheckError(f"rank {d} expert {le} source {s}: rows are not 0..n-1")
+                counts[le] += n
+                xr += [buf[(d, base + r)] for r in range(n)]
+                hr += [handle[(d, base + r)] for r in range(n)]
         out.append(Dispatched(np.stack(xr) if xr else np.zeros((0, hidden)), counts,
                               np.array(hr, dtype=np.int64).reshape(-1, 3)))
+    if ws is not None:
+        _combine_through_state(shape, xs, idxs, ws, buf, state)
     return out
+
+
+def weighted_outputs(shape: MoeShape, x: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[m, hidden]: each token's weighted sum of its experts' outputs, sin of its row standing for every
+    expert (a token whose slots are all dropped: zeros)."""
+    hidden = x.shape[1]
+    return np.array([sum((w[t, j] * np.sin(x[t]) for j in range(shape.topk) if idx[t, j] >= 0), np.zeros(hidden))
+                     for t in range(len(x))]).reshape(len(x), hidden)
+
+
+def _combine_through_state(shape: MoeShape, xs, idxs, ws, buf, state) -> None:
+    """Low-latency combine as the kernels run it, from the state the sources wrote: MoeCheckError if it
+    differs from the weighted sum of each token's experts' outputs (sin of its row)."""
+    hidden = xs[0].shape[1]
+    back = [np.zeros((len(x), hidden)) for x in xs]
+    for (d, _), (s, t, slot_rows, w) in sorted(state.items()):  # rank order per token
+        back[s][t] += sum((w[j] * np.sin(buf[(d, int(r))]) for j, r in enumerate(slot_rows) if r >= 0),
+                          np.zeros(hidden))
+    for s, (x, idx) in enumerate(zip(xs, idxs)):
+        if not np.allclose(back[s], weighted_outputs(shape, x, idx, ws[s])):
+            raise MoeCheckError(f"rank {s}: combine through the sources' state differs from the weighted sum")
 
 
 def random_routing(shape: MoeShape, m: int, rng: random.Random, case: str = "random") -> np.ndarray:
@@ -391,7 +461,8 @@ def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int
         try:
             for s, idx in enumerate(idxs):
                 check_routing(shape, idx, ws[s], s)
-            got = simulate(shape, xs, idxs, rows_fn)
+            got = simulate(shape, xs, idxs, rows_fn, ws) if mode == "low_latency" else \
+                simulate(shape, xs, idxs, rows_fn)
         except (MoeCheckError, ValueError) as e:
             problems.append(f"{where}: {e}")
             continue
@@ -402,8 +473,7 @@ def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int
                 problems.append(f"{where}: rank {d} received a different layout than the reference")
         ys = [np.sin(g.x) for g in got]  # any per-row expert function
         outs = reference_combine(shape, ys, [g.handle for g in got], idxs, ws)
-        direct = [np.array([sum(ws[s][t, j] * np.sin(xs[s][t]) for j in range(shape.topk) if idxs[s][t, j] >= 0)
-                            for t in range(ms[s])]).reshape(ms[s], hidden) for s in range(shape.world)]
+        direct = [weighted_outputs(shape, xs[s], idxs[s], ws[s]) for s in range(shape.world)]
         for s in range(shape.world):
             if not np.allclose(outs[s], direct[s]):
                 problems.append(f"{where}: rank {s}'s combine differs from the weighted sum of its experts' outputs")
