@@ -368,3 +368,46 @@ def test_time_graph_replays_only_when_every_rank_captured(monkeypatch, fail_capt
         assert f.log.count("replay") == 1 + 7  # one upload replay, then the timed ones
         assert f.log.count("barrier") == 7
         assert us == pytest.approx(max(1.0 * 1e3 / 50, 15.0))  # per call, the slowest rank's
+
+
+def test_time_interleaved_takes_the_implementations_in_turns(monkeypatch):
+    """tilegen.bench.time_interleaved times one batch of every implementation per round (clock drift under
+    sustained GEMMs falls on all of them alike) and reports each one's median: a fake torch records the
+    order of the calls and gives each batch a time."""
+    import sys
+    import types
+
+    from tilegen import bench
+
+    order, clock = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.t = 0.0
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    cuda = types.SimpleNamespace(synchronize=lambda: None, Event=Event)
+    dist = types.SimpleNamespace(barrier=lambda: None)
+    fake = types.SimpleNamespace(cuda=cuda, distributed=dist)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setitem(sys.modules, "torch.distributed", dist)
+    monkeypatch.setattr(bench, "_slowest", lambda us: us)
+
+    def impl(name, ms):
+        def fn():
+            order.append(name)
+            clock[0] += ms
+        return fn
+
+    got = bench.time_interleaved({"a": impl("a", 1.0), "b": impl("b", 3.0)}, calls=2, reps=3, warmup=1)
+    assert order[:2] == ["a", "b"]  # warm-up: each once
+    assert order[2:] == ["a", "a", "b", "b"] * 3  # then rounds: a batch of each in turn
+    assert got == {"a": 1000.0, "b": 3000.0}  # us per call

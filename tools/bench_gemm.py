@@ -8,7 +8,9 @@ run; overlap efficiency = GEMM alone (cuBLAS) / overlapped time, per tilegen var
 program style (TILEGEN_CE_SPLITS / TILEGEN_CE_STYLE; columns ce_<style>_<splits>): the measurements
 tools/ce_calibrate.py turns into the size ranges `overlap: auto` chooses by.
 
-Shapes are per rank with TP = world: C[M, N/TP] = allgather(A[M/TP, K]) @ B[K, N/TP].
+Shapes are per rank with TP = world: C[M, N/TP] = allgather(A[M/TP, K]) @ B[K, N/TP]. A case's columns
+are timed in turns (tilegen.bench.time_interleaved: the GPU's clock drifts under sustained GEMMs, which
+moved cuBLAS alone by 25% between columns timed one after the other); the --splits / --styles sweep after.
 """
 import argparse
 import json
@@ -19,7 +21,7 @@ import torch.distributed as dist
 
 import generated
 import tilegen
-from tilegen.bench import time_batches, time_graph
+from tilegen.bench import time_batches, time_graph, time_interleaved
 from tilegen.ce_program import STYLES
 from tilegen.overlap import ce_config
 
@@ -42,6 +44,23 @@ def _efficiency(res: dict) -> None:
     res["overlap_efficiency"] = max(effs.values())
 
 
+def _torch_fused(rank: int, name: str, call):
+    """torch's symmetric-memory fused op `name` as a no-argument callable (call(fn, group) runs it once
+    here, so a missing or failing op is reported and left out), or None."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = dist.group.WORLD.group_name
+        getattr(symm_mem, "enable_symm_mem_for_group", lambda g: None)(group)  # gone in newer torch
+        fn = getattr(symm_mem, name, None) or getattr(torch.ops.symm_mem, name)
+        call(fn, group)
+        return lambda: call(fn, group)
+    except Exception as e:
+        if rank == 0:
+            print(f"torch {name} unavailable: {type(e).__name__}: {e}")
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
@@ -62,9 +81,9 @@ def main():
             if err and rank == 0:
                 print(f"graph {name}: {err}")
 
-    def time_ce(op, *args):
-        """The copy-engine op as configured, and at each --styles x --splits (us by name)."""
-        out = {"tilegen_copy_engine": time_batches(lambda: op(*args), CALLS, a.reps)}
+    def sweep_ce(op, *args):
+        """The copy-engine op at each --styles x --splits (us by name)."""
+        out = {}
         for st in ((STYLES[op.kind] if styles == ["all"] else styles) or [""]) if styles or splits else []:
             for sp in splits or [0]:
                 os.environ["TILEGEN_CE_STYLE"] = st
@@ -90,28 +109,24 @@ def main():
         full = torch.randn((M, K), device="cuda").to(torch.bfloat16)
         c = torch.empty((M, n), device="cuda", dtype=torch.bfloat16)
         res = {"case": label, "M": M, "N": N, "K": K, "world": world, "us": {}}
-        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(full, b, out=c), CALLS, a.reps)
-        graphed(res, "gemm_alone", lambda: torch.mm(full, b, out=c))
-        res["us"]["tilegen_decomposed"] = time_batches(lambda: op(x, b, c), CALLS, a.reps)
+        fns = {"gemm_alone": lambda: torch.mm(full, b, out=c), "tilegen_decomposed": lambda: op(x, b, c)}
         ce = getattr(generated, "ag_gemm_bf16_ce", None)
-        if ce is not None and ce.n == n and ce.k == K and m <= ce.max_rows():
-            res["us"].update(time_ce(ce, x, b, c))
-            graphed(res, "copy_engine", lambda: ce(x, b, c))
+        has_ce = ce is not None and ce.n == n and ce.k == K and m <= ce.max_rows()
+        if has_ce:
+            fns["tilegen_copy_engine"] = lambda: ce(x, b, c)
         fused = getattr(generated, "ag_gemm_bf16_fused", None)
         if fused is not None and fused.n == n and fused.k == K and m <= fused.max_rows():
-            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, b, c), CALLS, a.reps)
+            fns["tilegen_fused"] = lambda: fused(x, b, c)
+            fused(x, b, c)
             # The fused GEMM kernel alone: rerun on the last call's gathered A, whose flags are all
-            # set (no waiting), to separate the CUTLASS kernel's own speed from the overlap.
+            # set (no waiting), to separate the CUTLASS kernel's own speed from the overlap ...
             mod, gathered_f = fused.load(), fused.empty_output(m)
             stream = torch.cuda.current_stream().cuda_stream
-            res["us"]["fused_kernel_only"] = time_batches(
-                lambda: mod.fused_gemm(gathered_f, b, c, fused._gemm_sms(), stream, 0), CALLS, a.reps
-            )
+            gemm_sms = fused._gemm_sms()
+            fns["fused_kernel_only"] = lambda: mod.fused_gemm(gathered_f, b, c, gemm_sms, stream, 0)
             # ... and on every SM, as cuBLAS runs (issue 14's goal compares them on the same SMs)
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-            res["us"]["fused_kernel_all_sms"] = time_batches(
-                lambda: mod.fused_gemm(gathered_f, b, c, sms, stream, 0), CALLS, a.reps
-            )
+            fns["fused_kernel_all_sms"] = lambda: mod.fused_gemm(gathered_f, b, c, sms, stream, 0)
         if nccl:
             gathered = torch.empty((M, K), device="cuda", dtype=torch.bfloat16)
 
@@ -119,18 +134,18 @@ def main():
                 dist.all_gather_into_tensor(gathered, x)
                 torch.mm(gathered, b, out=c)
 
-            res["us"]["nccl_then_cublas"] = time_batches(sequential, CALLS, a.reps)
+            fns["nccl_then_cublas"] = sequential
+            torch_fused = _torch_fused(rank, "fused_all_gather_matmul", lambda fn, g: fn(x, [b], 0, g))
+            if torch_fused:
+                fns["torch_fused_all_gather_matmul"] = torch_fused
+        res["us"].update(time_interleaved(fns, CALLS, a.reps))
+        if has_ce:
+            res["us"].update(sweep_ce(ce, x, b, c))
+        graphed(res, "gemm_alone", fns["gemm_alone"])
+        if has_ce:
+            graphed(res, "copy_engine", fns["tilegen_copy_engine"])
+        if nccl:
             graphed(res, "nccl_then_cublas", sequential)
-            try:
-                import torch.distributed._symmetric_memory as symm_mem
-
-                group = dist.group.WORLD.group_name
-                getattr(symm_mem, "enable_symm_mem_for_group", lambda g: None)(group)  # gone in newer torch
-                fn = getattr(symm_mem, "fused_all_gather_matmul", None) or torch.ops.symm_mem.fused_all_gather_matmul
-                res["us"]["torch_fused_all_gather_matmul"] = time_batches(lambda: fn(x, [b], 0, group), CALLS, a.reps)
-            except Exception as e:
-                if rank == 0:
-                    print(f"torch fused_all_gather_matmul unavailable: {type(e).__name__}: {e}")
         _efficiency(res)
         rows.append(res)
     rs = generated.gemm_rs_bf16
@@ -143,37 +158,34 @@ def main():
         c = torch.empty((m, N), device="cuda", dtype=torch.bfloat16)
         p = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
         res = {"case": "gemm_rs " + label, "M": M, "N": N, "K": K, "world": world, "us": {}}
-        res["us"]["gemm_alone"] = time_batches(lambda: torch.mm(x, b, out=p), CALLS, a.reps)
-        graphed(res, "gemm_alone", lambda: torch.mm(x, b, out=p))
-        res["us"]["tilegen_decomposed"] = time_batches(lambda: rs(x, b, c), CALLS, a.reps)
+        fns = {"gemm_alone": lambda: torch.mm(x, b, out=p), "tilegen_decomposed": lambda: rs(x, b, c)}
         ce = getattr(generated, "gemm_rs_bf16_ce", None)
-        if ce is not None and ce.n == N and ce.k == k and m <= ce.max_rows():
-            res["us"].update(time_ce(ce, x, b, c))
-            graphed(res, "copy_engine", lambda: ce(x, b, c))
+        has_ce = ce is not None and ce.n == N and ce.k == k and m <= ce.max_rows()
+        if has_ce:
+            fns["tilegen_copy_engine"] = lambda: ce(x, b, c)
         fused = getattr(generated, "gemm_rs_bf16_fused", None)
         if fused is not None and fused.n == N and fused.k == k and m <= fused.max_rows():
             w = b.t().contiguous() if fused.b_layout == "nk" else b
-            res["us"]["tilegen_fused"] = time_batches(lambda: fused(x, w, c), CALLS, a.reps)
+            fns["tilegen_fused"] = lambda: fused(x, w, c)
         if nccl:
 
             def sequential_rs():
                 torch.mm(x, b, out=p)
                 dist.reduce_scatter_tensor(c, p)
 
-            res["us"]["nccl_then_cublas"] = time_batches(sequential_rs, CALLS, a.reps)
+            fns["nccl_then_cublas"] = sequential_rs
+            # (torch >= 2.6 keeps them as ops only)
+            torch_fused = _torch_fused(rank, "fused_matmul_reduce_scatter", lambda fn, g: fn(x, b, "sum", 0, g))
+            if torch_fused:
+                fns["torch_fused_matmul_reduce_scatter"] = torch_fused
+        res["us"].update(time_interleaved(fns, CALLS, a.reps))
+        if has_ce:
+            res["us"].update(sweep_ce(ce, x, b, c))
+        graphed(res, "gemm_alone", fns["gemm_alone"])
+        if has_ce:
+            graphed(res, "copy_engine", fns["tilegen_copy_engine"])
+        if nccl:
             graphed(res, "nccl_then_cublas", sequential_rs)
-            try:
-                import torch.distributed._symmetric_memory as symm_mem
-
-                group = dist.group.WORLD.group_name
-                fn = (getattr(symm_mem, "fused_matmul_reduce_scatter", None)
-                      or torch.ops.symm_mem.fused_matmul_reduce_scatter)  # torch >= 2.6 keeps them as ops only
-                res["us"]["torch_fused_matmul_reduce_scatter"] = time_batches(
-                    lambda: fn(x, b, "sum", 0, group), CALLS, a.reps
-                )
-            except Exception as e:
-                if rank == 0:
-                    print(f"torch fused_matmul_reduce_scatter unavailable: {type(e).__name__}: {e}")
         _efficiency(res)
         rows.append(res)
     if rank == 0:
