@@ -328,8 +328,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
     if constexpr (D::kFp8) {  // (a staging row's scales follow its bytes)
       float* sdst[Op::kMaxWorld];
       for (int d = 0; d < nd; ++d) sdst[d] = reinterpret_cast<float*>(dst[d] + D::kOutRowBytes);
+      const float row_amax = kTokenScales ? __uint_as_float(amax_bits[t - round / p.cut.pieces]) : 0.f;
       quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch), __uint_as_float(amax_bits[t - round / p.cut.pieces]));
+                       p.cut.lo(ch), p.cut.hi(ch), row_amax);
     } else {
       const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
       for (int d = 0; d < nd; ++d) dst[d] += lo;
@@ -644,8 +645,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
       sdst[nd++] = D::kFp8 ? at<float>(p.ll[d], p.lay.scales) + row * D::kGroups : nullptr;
     }
     if constexpr (D::kFp8) {
+      const float row_amax = kTokenScales ? __uint_as_float(amax_bits[t - round / p.cut.pieces]) : 0.f;
       quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch), __uint_as_float(amax_bits[t - round / p.cut.pieces]));
+                       p.cut.lo(ch), p.cut.hi(ch), row_amax);
     } else {
       const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
 #pragma unroll
