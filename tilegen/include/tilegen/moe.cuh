@@ -1,5 +1,5 @@
-// tilegen MoE library: expert-parallel token dispatch and combine over NVLink (one node), normal mode.
-// The layout and protocol are tilegen/moe.py's, checked there before any op is generated:
+// tilegen MoE library: expert-parallel token dispatch and combine over NVLink (one node). The layout and
+// protocol are tilegen/moe.py's, checked there before any op is generated. Normal mode:
 //
 // dispatch  route (per block of 32 tokens: each item's rank among the block's items of its expert,
 //           each token's rank among the block's tokens to each rank) -> scan (prefix over blocks,
@@ -15,6 +15,8 @@
 //           token went to, in fp32, in rank order, rounded once.
 // Buffers alternate between two halves by call parity: a rank writes a peer's half of call n + 2
 // only after that peer's flag of call n + 1, which it set after it finished reading call n's.
+// Low-latency mode (decode sizes, CUDA-graph capturable) has a dispatch of its own (ll_push, ll_expand
+// below: each source writes the outputs at every rank itself) and the same combine.
 #pragma once
 #include <cstdint>
 #include <cstring>
