@@ -86,8 +86,11 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
     assert (
         "tilegen::fused::FusedGemm<cutlass::bfloat16_t, /*kBRowMajor=*/true, 128, 128, 64,\n"
         "                                         /*ClusterM=*/1, /*ClusterN=*/1, /*Stages=*/5,\n"
-        "                                         /*kGathersA=*/true>"
+        "                                         /*kGathersA=*/true, /*kPingpong=*/false>"
     ) in src
+    pp = generate_op(ag.model_copy(update={"gemm_schedule": "pingpong"}), None)
+    assert "/*kPingpong=*/true>" in pp["agf_gemm.cu"]
+    assert json.loads(pp["manifest.json"])["fused_gemm"]["kernel"].startswith("KernelTmaWarpSpecializedPingpong")
     assert "TILEGEN_EXPORT_FUSED_GEMM(OpGemm)" in src
     lib = (INCLUDE_DIR / "tilegen/fused_gemm_op.cuh").read_text()
     assert "ChunkSchedulerTag>" in lib and "KernelTmaWarpSpecializedCooperative" in lib
@@ -275,10 +278,11 @@ def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_pat
     specs = tmp_path / "specs"
     shutil.copytree(root / "specs", specs)
     shutil.copy(root / "tools/fused_specs/ag_fused_t128x256x64_c2x1.yaml", specs)  # (a 2x1 cluster compiles too)
+    shutil.copy(root / "tools/fused_specs/ag_fused_t128x128x64_pp_c2x1.yaml", specs)  # (and the pingpong schedule)
     out = tmp_path / "pkg"
     assert cli.main(["generate", str(specs), "-o", str(out), "-j", "2", "-q"]) == 0
     for name in ("allgather_bf16", "allgather_f16_nvshmem", "ag_gemm_bf16_fused", "gemm_rs_bf16_fused",
-                 "ag_fused_t128x256x64_c2x1"):
+                 "ag_fused_t128x256x64_c2x1", "ag_fused_t128x128x64_pp_c2x1"):
         lib = out / name / "_build" / f"libtilegen_{name}.so"
         assert lib.stat().st_size > 0
         info = json.loads((out / name / "_build" / "build.json").read_text())

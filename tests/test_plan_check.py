@@ -11,7 +11,7 @@ from tilegen.ir import Seg, Step
 from tilegen.layout import MIN_TILE_BYTES, layout, tile_bytes_for, tile_ranges
 from tilegen.plan import format_plan, plan
 from tilegen.registry import OPS, make_schedule
-from tilegen.spec import DynamicDim, KernelSpec
+from tilegen.spec import DynamicDim, KernelSpec, ShardedDim
 
 ALL = [(op, alg) for op, d in OPS.items() if d.gemm is None for alg in d.schedules]
 
@@ -233,6 +233,16 @@ def test_ag_gemm_spec_rules():
         spec(gemm_cluster=[2, 1])
     with pytest.raises(Exception, match="gemm_tile: only GEMM ops"):
         spec(gemm_tile=[128, 256, 64])
+    assert gemm_spec(overlap="fused", gemm_tile=[128, 128, 64], gemm_schedule="pingpong").gemm_schedule == "pingpong"
+    with pytest.raises(Exception, match="gemm_schedule: a pingpong warp group holds a whole tile's accumulators"):
+        gemm_spec(overlap="fused", gemm_schedule="pingpong")  # the default tile, 128 x 256
+    with pytest.raises(Exception, match="gemm_schedule: pingpong is for ag_gemm"):
+        gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=4096,
+                  overlap="fused", gemm_tile=[128, 128, 64], gemm_schedule="pingpong")
+    with pytest.raises(Exception, match="gemm_schedule: only the fused overlap"):
+        gemm_spec(overlap="decomposed", gemm_schedule="pingpong")
+    with pytest.raises(Exception, match="gemm_schedule: only GEMM ops"):
+        spec(gemm_schedule="pingpong")
     with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):
         gemm_spec(shape=[4, 4, 4])
     with pytest.raises(Exception, match="only GEMM ops"):

@@ -311,7 +311,7 @@ def fused_gemm_context(spec: KernelSpec) -> dict:
     cm, cn = spec.gemm_cluster_shape
     stages = 0 if spec.stages == "auto" else spec.stages
     return {"tile_m": m, "tile_n": n, "tile_k": k, "cluster_m": cm, "cluster_n": cn, "stages": stages,
-            "stages_text": str(spec.stages),
+            "stages_text": str(spec.stages), "pingpong": spec.gemm_schedule == "pingpong",
             "cutlass_type": CUTLASS_TYPES[spec.dtype]}
 
 
@@ -329,7 +329,8 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
         "arch": spec.arch,
         "nvcc_flags": kernel_flags(spec.arch),
         "fused_gemm": ({"file": f"{spec.name}_gemm.cu", "library": "CUTLASS (nvidia-cutlass headers)",
-                        "kernel": "KernelTmaWarpSpecializedCooperative + tilegen ChunkScheduler",
+                        "kernel": ("KernelTmaWarpSpecializedPingpong" if spec.gemm_schedule == "pingpong"
+                                   else "KernelTmaWarpSpecializedCooperative") + " + tilegen ChunkScheduler",
                         "tile": list(spec.gemm_tile_shape), "cluster": list(spec.gemm_cluster_shape),
                         "stages": spec.stages,
                         "nvcc_flags": gemm_flags(spec.arch)} if spec.fused else None),

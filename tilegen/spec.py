@@ -194,6 +194,10 @@ class KernelSpec(_Frozen):
     gemm_cluster: Optional[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
         default=None, description="fused GEMM: thread-block cluster [m, n] (default [1, 1]), each 1 or 2: the "
                                   "CTAs of a cluster share their B tile (m 2) or A tile (n 2) by TMA multicast")
+    gemm_schedule: Optional[Literal["cooperative", "pingpong"]] = Field(
+        default=None, description="fused ag_gemm: CUTLASS's kernel schedule, cooperative (default: two warp groups "
+                                  "share each tile) or pingpong (each warp group its own tile, one's math beside "
+                                  "the other's epilogue; tiles of at most 128 x 128 outputs)")
     stages: Union[Annotated[int, Field(ge=2, le=8)], Literal["auto"]] = Field(
         default="auto", description="fused GEMM: shared-memory pipeline stages of the mainloop, or auto (as many "
                                     "as fit beside the epilogue)")
@@ -302,13 +306,21 @@ class KernelSpec(_Frozen):
             if self.gemm_cluster is not None and any(c not in (1, 2) for c in self.gemm_cluster):
                 raise ValueError(f"gemm_cluster: expected [m, n] with each 1 or 2, got {self.gemm_cluster}")
             set_fields = (("gemm_tile", self.gemm_tile is not None), ("gemm_cluster", self.gemm_cluster is not None),
-                          ("stages", self.stages != "auto"))
+                          ("gemm_schedule", self.gemm_schedule is not None), ("stages", self.stages != "auto"))
             fused_only = [f for f, given in set_fields if given]
             if not self.fused and fused_only:
                 raise ValueError(
-                    f"{fused_only[0]}: only the fused overlap takes GEMM tiles, clusters and stages (this spec's "
-                    f"overlap is {self.overlap_style})"
+                    f"{fused_only[0]}: only the fused overlap takes GEMM tiles, clusters, schedules and stages "
+                    f"(this spec's overlap is {self.overlap_style})"
                 )
+            if self.gemm_schedule == "pingpong":
+                m, n_, _ = self.gemm_tile_shape
+                if self.op != "ag_gemm":
+                    raise ValueError("gemm_schedule: pingpong is for ag_gemm (gemm_rs publishes parts of C from the "
+                                     "cooperative kernel's epilogue)")
+                if m * n_ > 128 * 128:
+                    raise ValueError(f"gemm_schedule: a pingpong warp group holds a whole tile's accumulators: at "
+                                     f"most 128 x 128 outputs, got gemm_tile {list(self.gemm_tile_shape)}")
         else:
             if any(isinstance(d, ShardedDim) for d in self.shape):
                 raise ValueError("shape: only a GEMM op's k (gemm_rs) may be sharded ({full: K})")
@@ -316,6 +328,7 @@ class KernelSpec(_Frozen):
                 ("n", self.n is None),
                 ("gemm_tile", self.gemm_tile is None),
                 ("gemm_cluster", self.gemm_cluster is None),
+                ("gemm_schedule", self.gemm_schedule is None),
                 ("stages", self.stages == "auto"),
                 ("overlap", self.overlap == "auto"),
             ):
@@ -374,7 +387,8 @@ class KernelSpec(_Frozen):
         if self.transport == "nvshmem":
             raise ValueError("transport: op moe stores through NVLink peer pointers (one node); use auto or nvlink")
         defaults = {"reduce": "sum", "tile_bytes": "auto", "sync": "per_tile", "schedule": "auto", "ctas": "auto",
-                    "n": None, "gemm_tile": None, "gemm_cluster": None, "stages": "auto", "overlap": "auto",
+                    "n": None, "gemm_tile": None, "gemm_cluster": None, "gemm_schedule": None, "stages": "auto",
+                    "overlap": "auto",
                     "topology": "nvswitch"}
         for f, v in defaults.items():
             if getattr(self, f) != v:

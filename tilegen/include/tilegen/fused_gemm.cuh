@@ -132,6 +132,10 @@ class ChunkScheduler : public cutlass::gemm::kernel::detail::PersistentTileSched
   template <class ClusterShape>
   CUTLASS_DEVICE WorkTileInfo initial_work_tile_info(ClusterShape) { return enter(Base::get_current_work()); }
 
+  // CUTLASS's pingpong kernel advances the scheduler itself (its producer by one tile, each consumer warp
+  // group by two) and reads the tile here: renumbered and, for the load warp, waited for, as above.
+  CUTLASS_DEVICE WorkTileInfo get_current_work() const { return enter(Base::get_current_work()); }
+
   CUTLASS_DEVICE auto fetch_next_work(WorkTileInfo done) {
     leave(done);
     Base::advance_to_next_work();

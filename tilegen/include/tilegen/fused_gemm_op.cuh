@@ -29,12 +29,19 @@ namespace tilegen {
 namespace fused {
 
 // kGathersA: ag_gemm (the scheduler waits on rows of A) rather than gemm_rs (it publishes parts of C).
+// kPingpong: each consumer warp group runs its own tile (CUTLASS's pingpong schedule: one's mainloop beside
+// the other's epilogue; ag_gemm only, the spec checks it), else both share each tile (cooperative).
 // Stages 0: as many as fit beside the epilogue. ClusterM x ClusterN CTAs share B (A) tiles by TMA
 // multicast; the scheduler renumbers each CTA's row block alone, which keeps a cluster's CTAs on one
 // column block (the B tile they share) and on one row block per cluster column (the A tile).
 template <class Element, bool kBRowMajor, int TileM, int TileN, int TileK, int ClusterM, int ClusterN, int Stages,
-          bool kGathersA>
+          bool kGathersA, bool kPingpong = false>
 struct FusedGemm {
+  static_assert(kGathersA || !kPingpong, "the pingpong schedule runs ag_gemm only (gemm_rs publishes from the cooperative epilogue)");
+  using KernelSchedule = std::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                            cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = std::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
   using LayoutA = cutlass::layout::RowMajor;  // A [M, K]
   using LayoutB = std::conditional_t<kBRowMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;  // [K, N] or [N, K]
   using LayoutD = cutlass::layout::RowMajor;  // C [M, N]
@@ -46,14 +53,14 @@ struct FusedGemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, LayoutD, kAlign,  // no source C
-      Element, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      Element, LayoutD, kAlign, EpilogueSchedule>::CollectiveOp;
   using StageCount = std::conditional_t<
       Stages == 0,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::collective::StageCount<Stages == 0 ? 2 : Stages>>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
-      TileShape, ClusterShape, StageCount, cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      TileShape, ClusterShape, StageCount, KernelSchedule>::CollectiveOp;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
                                                           CollectiveEpilogue, ChunkSchedulerTag>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
