@@ -34,25 +34,24 @@ def _slowest(us: float) -> float:
     return t.item()
 
 
-def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
-    """Median over `reps` batches of `calls` back-to-back calls, us per call, slowest rank's."""
+def _batch_us(fn, calls: int) -> float:
+    """One batch: the ranks meet, then `calls` back-to-back calls between CUDA events; us per call."""
     import torch
     import torch.distributed as dist
-    for _ in range(warmup):
-        fn()
+    dist.barrier()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return _slowest(statistics.median(times))
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / calls
+
+
+def time_batches(fn, calls: int, reps: int, warmup: int = 5) -> float:
+    """Median over `reps` batches of `calls` back-to-back calls, us per call, slowest rank's."""
+    return time_interleaved({"fn": fn}, calls, reps, warmup)["fn"]
 
 
 def time_interleaved(fns: dict, calls: int, reps: int, warmup: int = 5) -> dict[str, float]:
@@ -61,7 +60,6 @@ def time_interleaved(fns: dict, calls: int, reps: int, warmup: int = 5) -> dict[
     moved cuBLAS's time by 25% from one row to the next) falls on all of them alike. Median per fn, us
     per call, slowest rank's."""
     import torch
-    import torch.distributed as dist
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -69,15 +67,7 @@ def time_interleaved(fns: dict, calls: int, reps: int, warmup: int = 5) -> dict[
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            dist.barrier()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                fn()
-            b.record()
-            b.synchronize()
-            times[name].append(a.elapsed_time(b) * 1e3 / calls)
+            times[name].append(_batch_us(fn, calls))
     return {name: _slowest(statistics.median(ts)) for name, ts in times.items()}
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
+from .bench import time_batches
 from .layout import layout, tile_bytes_for
 from .plan import LL_MAX_BYTES, TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
 from .registry import GEMM_OPS, OPS, algorithms_for, make_schedule
@@ -142,28 +142,6 @@ def part_of(spec: KernelSpec, world: int, schedule: str, in_bytes: int) -> int:
     return layout(spec.op, world, in_bytes, spec.elem_bytes, parts)[1]
 
 
-def _time(fn, reps: int, calls: int) -> float:
-    """Median us per call of `calls` back-to-back calls over `reps` batches, slowest rank."""
-    import torch
-    import torch.distributed as dist
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    t = torch.tensor([statistics.median(times)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def measure_spec(spec: KernelSpec, cands: list[KernelSpec], pkg, world: int, reps: int) -> list[dict]:
     import torch
     rows = []
@@ -184,7 +162,8 @@ def measure_spec(spec: KernelSpec, cands: list[KernelSpec], pkg, world: int, rep
             for (ctas, tile), same in sweep(part_of(spec, world, c.schedule, in_bytes), spec.threads, ll):
                 try:
                     mod.tune(ctas, tile)
-                    us = _time(lambda: op(x, out, timeout_ms=0), reps, 10 if in_bytes <= (16 << 20) else 3)
+                    us = time_batches(lambda: op(x, out, timeout_ms=0), 10 if in_bytes <= (16 << 20) else 3, reps,
+                                      warmup=2)
                 except RuntimeError as e:  # e.g. more tiles than the op has signal slots: every rank alike
                     print(f"  skip {c.schedule} {ctas} CTAs {tile} B tiles at {in_bytes} B: {e}")
                     continue

@@ -94,6 +94,18 @@ def main():
         os.environ.pop("TILEGEN_CE_STYLE", None)
         os.environ.pop("TILEGEN_CE_SPLITS", None)
         return out
+    def measure(res: dict, fns: dict, ce_call) -> dict:
+        """A case: its columns in turns, then the copy-engine sweep (ce_call: the op and its arguments, or
+        None), the CUDA-graph times (--graph) and the overlap efficiencies."""
+        res["us"].update(time_interleaved(fns, CALLS, a.reps))
+        if ce_call:
+            res["us"].update(sweep_ce(*ce_call))
+        for name, key in (("gemm_alone", "gemm_alone"), ("copy_engine", "tilegen_copy_engine"),
+                          ("nccl_then_cublas", "nccl_then_cublas")):
+            if key in fns:
+                graphed(res, name, fns[key])
+        _efficiency(res)
+        return res
     rank, world = tilegen.init()
     op = generated.ag_gemm_bf16
     nccl = dist.get_backend() == "nccl"
@@ -138,16 +150,7 @@ def main():
             torch_fused = _torch_fused(rank, "fused_all_gather_matmul", lambda fn, g: fn(x, [b], 0, g))
             if torch_fused:
                 fns["torch_fused_all_gather_matmul"] = torch_fused
-        res["us"].update(time_interleaved(fns, CALLS, a.reps))
-        if has_ce:
-            res["us"].update(sweep_ce(ce, x, b, c))
-        graphed(res, "gemm_alone", fns["gemm_alone"])
-        if has_ce:
-            graphed(res, "copy_engine", fns["tilegen_copy_engine"])
-        if nccl:
-            graphed(res, "nccl_then_cublas", sequential)
-        _efficiency(res)
-        rows.append(res)
+        rows.append(measure(res, fns, (ce, x, b, c) if has_ce else None))
     rs = generated.gemm_rs_bf16
     for label, M, N, K in CASES:  # C[M/TP, N] = reduce_scatter(A[M, K/TP] @ B[K/TP, N])
         m, k = M // world, K // world
@@ -178,16 +181,7 @@ def main():
             torch_fused = _torch_fused(rank, "fused_matmul_reduce_scatter", lambda fn, g: fn(x, b, "sum", 0, g))
             if torch_fused:
                 fns["torch_fused_matmul_reduce_scatter"] = torch_fused
-        res["us"].update(time_interleaved(fns, CALLS, a.reps))
-        if has_ce:
-            res["us"].update(sweep_ce(ce, x, b, c))
-        graphed(res, "gemm_alone", fns["gemm_alone"])
-        if has_ce:
-            graphed(res, "copy_engine", fns["tilegen_copy_engine"])
-        if nccl:
-            graphed(res, "nccl_then_cublas", sequential_rs)
-        _efficiency(res)
-        rows.append(res)
+        rows.append(measure(res, fns, (ce, x, b, c) if has_ce else None))
     if rank == 0:
         print(
             f"\nag_gemm / gemm_rs bf16, {world} ranks on {torch.cuda.device_count()} x "
