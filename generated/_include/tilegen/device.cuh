@@ -215,25 +215,23 @@ __device__ __forceinline__ void copy_multi(char* const (&dst)[MAXD], int ndst, c
     const int4* s = reinterpret_cast<const int4*>(src);
     const int64_t n = bytes >> 4;
     constexpr int U = 4;  // independent loads in flight per thread
-    int64_t i = lane;
-    for (; i + (U - 1) * width < n; i += U * width) {
+    for (int64_t i = lane; i < n; i += U * width) {
+      // Every load of a step is issued before its stores, the last (partial) step's too: a decode-sized
+      // piece of 2-3 vectors per lane waits for one round trip, not one per vector.
+      const bool full = i + (U - 1) * width < n;
       int4 v[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) v[u] = load16<SRC_READ_ONLY>(s + i + u * width);
+      for (int u = 0; u < U; ++u)
+        if (full || i + u * width < n) v[u] = load16<SRC_READ_ONLY>(s + i + u * width);
 #pragma unroll
       for (int d = 0; d < MAXD; ++d) {
         if (d < ndst) {
           int4* o = reinterpret_cast<int4*>(dst[d]);
 #pragma unroll
-          for (int u = 0; u < U; ++u) o[i + u * width] = v[u];
+          for (int u = 0; u < U; ++u)
+            if (full || i + u * width < n) o[i + u * width] = v[u];
         }
       }
-    }
-    for (; i < n; i += width) {
-      int4 v = load16<SRC_READ_ONLY>(s + i);
-#pragma unroll
-      for (int d = 0; d < MAXD; ++d)
-        if (d < ndst) reinterpret_cast<int4*>(dst[d])[i] = v;
     }
   } else {
     for (int64_t i = lane; i < bytes; i += width) {
