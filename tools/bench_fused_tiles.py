@@ -3,7 +3,7 @@ every SM and on the SMs an overlapped call leaves it, against cuBLAS (torch.mm) 
 in the same run: issue 14's goal 2 (the fused kernel within 5% of cuBLAS on the same SMs).
 
     python -m tilegen.cli generate tools/fused_specs -o fused_generated
-    torchrun --nproc-per-node 2 tools/bench_fused_tiles.py [--pkg fused_generated] [--M 8192]
+    torchrun --nproc-per-node 2 tools/bench_fused_tiles.py [--pkg fused_generated] [--M 8192] [--ops a,b]
 
 Each op is called once (it gathers A and sets every flag), then its GEMM is timed alone on the
 gathered rows (no waiting): C[M, N / world] = A[M, K] @ B, bf16, fp32 accumulation. The fused kernel
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--pkg", default="fused_generated")
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--ops", help="comma-separated op names (default: every op of the package), e.g. for ncu")
     ap.add_argument("--out")
     a = ap.parse_args()
     rank, world = tilegen.init()
@@ -34,7 +35,7 @@ def main():
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     stream = torch.cuda.current_stream().cuda_stream
     rows = []
-    for name in pkg.OPS:
+    for name in a.ops.split(",") if a.ops else pkg.OPS:
         op = getattr(pkg, name)
         n, k = op.gemm_nk[world]
         m = a.M // world

@@ -13,6 +13,9 @@
 #                                       (MOE_TRACE=1: and when each CTA reached each phase, tools/profile_moe.py --trace)
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
+#   bash tools/gpu_check.sh ab N path [args]      the same, on the base ops (BASE=<rev> tools/pack_prebuilt.sh)
+#                                       and on this tree's in turns, e.g. AB_GREP="in-graph|ll_" and
+#                                       tools/profile_moe.py --tokens 128 --op moe_bf16_ll
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
 #                                       --splits 1,2,3": the copy-engine sweep tools/ce_calibrate.py turns into choices)
 # Each phase first makes the ops: unpacks .prebuilt/ops.tar.xz when the call carries one (made here by
@@ -188,10 +191,23 @@ case "$PHASE" in
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_fused_tiles.py --out "$OUT/fused_tiles_np$NP.json" \
       > "$OUT/fused_tiles_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/fused_tiles_np$NP.log"; }
     grep "tile \[" "$OUT/fused_tiles_np$NP.log" ;;
+  ab)  # a script on the base ops (.prebuilt/base.tar.xz: BASE=<rev> tools/pack_prebuilt.sh) and on this tree's, in
+       # turns, AB_ROUNDS rounds (2), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
+    [ -f .prebuilt/base.tar.xz ] || { echo "no .prebuilt/base.tar.xz: BASE=<rev> bash tools/pack_prebuilt.sh"; exit 1; }
+    start_mps_if_shared "$NP"
+    rm -rf /tmp/tilegen-base && mkdir -p /tmp/tilegen-base && tar -xJf .prebuilt/base.tar.xz -C /tmp/tilegen-base || exit 1
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+      for side in base tree; do  # (the base's package first on the path shadows this tree's)
+        log="$OUT/ab_${side}_$round.log"
+        PYTHONPATH=$([ $side = base ] && echo /tmp/tilegen-base:)$PYTHONPATH timeout "${SCRIPT_TIMEOUT:-120}" \
+          torchrun --nproc-per-node "$NP" "${@:3}" > "$log" 2>&1 || { status=1; tail -20 "$log"; }
+        echo "== $side, round $round"; grep -E "${AB_GREP:-.}" "$log" | head -"${AB_LINES:-12}"
+      done
+    done ;;
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|fused|script [ranks]"
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|fused|ab|script [ranks]"
      exit 2 ;;
 esac
 exit $status

@@ -7,9 +7,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qxF '/.prebuilt/' .git/info/exclude 2>/dev/null || echo '/.prebuilt/' >> .git/info/exclude
-tilegen generate specs/ -o generated -q
 mkdir -p .prebuilt
+# BASE=<rev>: also that revision's op package (Python package and libraries) into .prebuilt/base.tar.xz, for
+# `tools/gpu_check.sh ab` (the same script on both builds in turns, in one device call: a kernel change
+# measured against its baseline within one run's drift). The last pack's libraries serve when they were
+# built from <rev> (.prebuilt/ops.rev); otherwise <rev> is generated and built in a git worktree with its own
+# tilegen (minutes).
+if [ -n "${BASE:-}" ]; then
+  base=$(git rev-parse "$BASE^{commit}")
+  tmp=$(mktemp -d); trap 'git worktree remove --force "$tmp/wt" 2>/dev/null; rm -rf "$tmp"' EXIT
+  mkdir -p "$tmp/pkg"
+  if [ "$(cat .prebuilt/ops.rev 2>/dev/null)" = "$base" ]; then
+    git archive "$base" generated | tar -x -C "$tmp/pkg" && tar -xJf .prebuilt/ops.tar.xz -C "$tmp/pkg"
+  else
+    git worktree add -q --detach "$tmp/wt" "$base"
+    (cd "$tmp/wt" && PYTHONPATH="$tmp/wt" python3 -m tilegen.cli generate specs/ -o generated -q)
+    (cd "$tmp/wt" && tar -c --exclude='*.o' --exclude='.ninja*' --exclude=build.ninja generated) | tar -x -C "$tmp/pkg"
+  fi
+  tar -cJf .prebuilt/base.tar.xz -C "$tmp/pkg" generated
+  echo "packed base $(git rev-parse --short "$base"): $(du -h .prebuilt/base.tar.xz | cut -f1)"
+fi
+tilegen generate specs/ -o generated -q
 tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
+# the revision packed (dirty: the working tree differs from it), for BASE= below
+rev=$(git rev-parse HEAD); git diff --quiet HEAD -- tilegen specs generated || rev="$rev-dirty"
+echo "$rev" > .prebuilt/ops.rev
 echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
      "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
 # the fused GEMM tile variants (tools/fused_specs), when built: tools/gpu_check.sh fused unpacks them
