@@ -195,15 +195,21 @@ case "$PHASE" in
        # turns, AB_ROUNDS rounds (2), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
     [ -f .prebuilt/base.tar.xz ] || { echo "no .prebuilt/base.tar.xz: BASE=<rev> bash tools/pack_prebuilt.sh"; exit 1; }
     start_mps_if_shared "$NP"
-    rm -rf /tmp/tilegen-base && mkdir -p /tmp/tilegen-base && tar -xJf .prebuilt/base.tar.xz -C /tmp/tilegen-base || exit 1
+    # ./generated becomes a link to either build (not a path order: `python -m` and `-c` put the working
+    # directory first, and the tree's package would shadow the base's unseen)
+    ab=/tmp/tilegen-ab
+    [ -L generated ] && rm generated && mv "$ab/tree/generated" generated  # (an interrupted earlier run)
+    rm -rf "$ab" && mkdir -p "$ab/base" "$ab/tree" && tar -xJf .prebuilt/base.tar.xz -C "$ab/base" || exit 1
+    mv generated "$ab/tree/generated"
     for round in $(seq "${AB_ROUNDS:-2}"); do
-      for side in base tree; do  # (the base's package first on the path shadows this tree's)
+      for side in base tree; do
+        ln -sfn "$ab/$side/generated" generated
         log="$OUT/ab_${side}_$round.log"
-        PYTHONPATH=$([ $side = base ] && echo /tmp/tilegen-base:)$PYTHONPATH timeout "${SCRIPT_TIMEOUT:-120}" \
-          torchrun --nproc-per-node "$NP" "${@:3}" > "$log" 2>&1 || { status=1; tail -20 "$log"; }
+        timeout "${SCRIPT_TIMEOUT:-120}" torchrun --nproc-per-node "$NP" "${@:3}" > "$log" 2>&1 || { status=1; tail -20 "$log"; }
         echo "== $side, round $round"; grep -E "${AB_GREP:-.}" "$log" | head -"${AB_LINES:-12}"
       done
-    done ;;
+    done
+    rm generated && mv "$ab/tree/generated" generated ;;
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
