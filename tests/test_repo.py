@@ -36,6 +36,21 @@ def test_a_generated_op_imports_without_the_spec_machinery(root):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.nvcc
+def test_the_nvlink_store_probe_compiles(root, tmp_path):
+    """tools/probe_nvlink_stores.cu (gpu_check.sh probe: the push's NVLink ceiling) builds where the GPU
+    machine builds it, so the phase does not first fail there."""
+    import shutil
+    import subprocess
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    r = subprocess.run(["nvcc", "-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a",
+                        str(root / "tools" / "probe_nvlink_stores.cu"), "-o", str(tmp_path / "probe")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "probe").stat().st_size > 0
+
+
 @pytest.mark.slow
 @pytest.mark.nvcc
 def test_the_wheel_installs_and_generates_an_op(root, tmp_path):

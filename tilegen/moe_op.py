@@ -275,7 +275,8 @@ class MoeOp(GeneratedOp):
         "expand_rows": ("start", "set up", "rows copied"),
         "combine_send": ("start", "rows sent", "arrived (last CTA: flags set)"),
         "combine_reduce": ("start", "flags seen", "rows summed"),
-        "ll_push": ("start", "routed", "rows pushed", "arrived (last CTA: flags set)"),
+        "ll_push": ("start", "routed", "warp 0's rows pushed", "every warp's rows pushed",
+                    "arrived (its stores landed)", "flags set (last CTA)"),
         "ll_expand": ("start", "flags seen", "rows copied"),
     }
 

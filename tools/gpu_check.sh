@@ -11,6 +11,7 @@
 #   bash tools/gpu_check.sh moe [N]     MoE dispatch/combine benchmark against the NCCL baseline, the MoE layer example
 #   bash tools/gpu_check.sh moe_ll [N]  the low-latency case alone (128 tokens: bf16 and fp8, CUDA graphs) + its kernel times
 #                                       (MOE_TRACE=1: and when each CTA reached each phase, tools/profile_moe.py --trace)
+#   bash tools/gpu_check.sh probe [N]   NVLink store rates at the low-latency MoE push's sizes, N and 2 GPUs (no ops)
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh ab N path [args]      the same, on the base ops (BASE=<rev> tools/pack_prebuilt.sh)
@@ -84,6 +85,13 @@ run_tests() {  # $1 ranks
 
 setup_python
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c
+if [ "$PHASE" = probe ]; then  # NVLink store rates at the MoE push's sizes (a CUDA program of its own: no ops)
+  mkdir -p build && nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a tools/probe_nvlink_stores.cu \
+    -o build/probe_nvlink_stores || exit 1
+  rc=0
+  for g in $(( NGPU < NP ? NGPU : NP )) 2; do build/probe_nvlink_stores "$g" | tee "$OUT/probe_nvlink_stores_$g.txt" || rc=1; done
+  exit $rc
+fi
 make_ops
 status=0
 case "$PHASE" in
@@ -213,7 +221,7 @@ case "$PHASE" in
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|fused|ab|script [ranks]"
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|probe|fused|ab|script [ranks]"
      exit 2 ;;
 esac
 exit $status

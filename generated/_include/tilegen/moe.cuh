@@ -71,7 +71,7 @@ struct Cut {
 // Phase stamps, for profiling (Host::set_trace; tools/profile_moe.py --trace): with a trace buffer set,
 // thread 0 of each CTA writes %globaltimer (ns) when its CTA reaches each phase of each kernel, into
 // trace[(kernel * kTracePhases + phase) * kTraceCtas + cta]. Off (null buffer): one branch per phase.
-constexpr int kTraceKernels = 7, kTracePhases = 4, kTraceCtas = 1024;
+constexpr int kTraceKernels = 7, kTracePhases = 6, kTraceCtas = 1024;
 enum TraceKernel { kTraceRoute, kTracePush, kTraceExpand, kTraceSend, kTraceReduce, kTraceLLPush, kTraceLLExpand };
 __device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
   if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas)
@@ -280,15 +280,21 @@ __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* de
 // and only the last block fences at system scope, before its flag stores: causality is transitive across
 // the two scopes (PTX memory model), so a peer that acquires the flag sees every block's stores. A system
 // fence in every block (each waiting for its own stores to reach the peers) cost 3-4 us of a decode-sized
-// dispatch on 4 x H100 (docs/measurements.md).
+// dispatch on 4 x H100, and a fence then a release store per flag (two system fences each) 1.5-2 us of the
+// low-latency push and combine's send: one thread fences once, then stores every flag relaxed (a
+// release pattern each: fence, then a strong store of the same thread; docs/measurements.md).
+__device__ __forceinline__ void set_flags(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
+                                          const uint64_t* epoch_src) {
+  if (threadIdx.x != 0) return;
+  *counter = 0;  // for the next call (a CUDA graph replays the same target)
+  const uint64_t v = call_epoch(epoch, epoch_src);
+  dev::fence_acq_rel_sys();
+  for (int d = 0; d < world; ++d) dev::st_relaxed_sys(flag[d], v);
+}
 __device__ __forceinline__ bool signal_when_last(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
                                                  const uint64_t* epoch_src) {
   if (!dev::arrive_last<false>(counter, gridDim.x)) return false;
-  if (threadIdx.x == 0) *counter = 0;  // for the next call (a CUDA graph replays the same target)
-  for (int d = threadIdx.x; d < world; d += blockDim.x) {
-    dev::fence_acq_rel_sys();
-    dev::st_release_sys(flag[d], call_epoch(epoch, epoch_src));
-  }
+  set_flags(counter, flag, world, epoch, epoch_src);
   return true;
 }
 
@@ -567,7 +573,7 @@ struct LLPushParams {
   uint64_t* epoch;                // the op's epoch on the device: read by every CTA, advanced by the last
   int me, world, local;
   Cut cut;          // of a token row (Dims::kPushUnits)
-  uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed, arrived (last CTA: flags set)
+  uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed (warp 0, every warp), arrived, flags set
 };
 
 // Item (t, slot j) of expert e = d * L + l: its row at rank d, segment (l, this source), rank among this
@@ -660,9 +666,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
     if (ch == 0) ll_bookkeep<Op>(p, r, t, lane);
   }
   stamp(p.trace, kTraceLLPush, 2);
-  if (signal_when_last(p.counter, p.flag, p.world, epoch, nullptr) && threadIdx.x == 0)
-    dev::st_release_gpu(p.epoch, epoch);  // for the expansion and combine (stream order)
+  if (p.trace) __syncthreads();  // (the CTA's last warp, not warp 0)
   stamp(p.trace, kTraceLLPush, 3);
+  const bool last = dev::arrive_last<false>(p.counter, gridDim.x);  // (its stores landed: acq_rel)
+  stamp(p.trace, kTraceLLPush, 4);
+  if (!last) return;
+  set_flags(p.counter, p.flag, p.world, epoch, nullptr);
+  if (threadIdx.x == 0) dev::st_release_gpu(p.epoch, epoch);  // for the expansion and combine (stream order)
+  stamp(p.trace, kTraceLLPush, 5);
 }
 
 // Low-latency staging rows live in segments of max_tokens per source, the first ntok[s] filled: one warp
