@@ -165,6 +165,42 @@ __device__ __forceinline__ void round_amax(const typename Op::Elem* x, int64_t b
   __syncthreads();
 }
 
+// Both pushes' item loop: each warp takes pieces of token rows of x (the cut's items, CTA-uniform
+// rounds), `dests(t, dst, sdst)` names token t's destination rows (and, fp8, their scales) and returns
+// how many (at most N), the piece is copied (or quantized) into all of them, and `bookkeep(t, nd, lane)`
+// follows on each token's first piece.
+template <class Op, int N, class Dests, class Bookkeep>
+__device__ __forceinline__ void push_pieces(const char* x, int64_t m, const Cut& cut, Dests dests, Bookkeep bookkeep) {
+  using D = Dims<Op>;
+  using T = typename Op::Elem;
+  constexpr bool kTokenScales = D::kFp8 && Op::kFp8Group == Op::kHidden;
+  __shared__ unsigned amax_bits[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps, items = m * cut.pieces;
+  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
+    if constexpr (kTokenScales) round_amax<Op>(reinterpret_cast<const T*>(x), round, items, cut.pieces, amax_bits);
+    const int64_t item = round + (threadIdx.x >> 5);
+    if (item >= items) continue;
+    const int64_t t = item / cut.pieces;
+    const int ch = static_cast<int>(item % cut.pieces);
+    char* dst[N];
+    float* sdst[N];
+    const int nd = dests(t, dst, sdst);
+    if constexpr (D::kFp8) {
+      const float row_amax = kTokenScales ? __uint_as_float(amax_bits[t - round / cut.pieces]) : 0.f;
+      quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const T*>(x) + t * Op::kHidden, lane, cut.lo(ch), cut.hi(ch),
+                       row_amax);
+    } else {
+      const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
+#pragma unroll
+      for (int d = 0; d < N; ++d)
+        if (d < nd) dst[d] += lo;
+      dev::copy_multi<N>(dst, nd, x + t * D::kRowBytes + lo, bytes, lane, 32);
+    }
+    if (ch == 0) bookkeep(t, nd, lane);
+  }
+}
+
 // Expert id of routing entry i; ids outside [0, experts) count as dropped (-1) everywhere, so a bad
 // routing that skipped the caller's check cannot write outside any buffer.
 __device__ __forceinline__ int load_expert(const void* idx, int64_t i, int idx64, int experts) {
@@ -303,8 +339,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
   using D = Dims<Op>;
   constexpr int K = Op::kTopk, E = Op::kExperts;
   stamp(p.trace, kTracePush, 0);
-  const int lane = threadIdx.x & 31, C = E + p.world;
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int C = E + p.world;
   // Every destination's counts row (its local experts, then tokens), first and by block 0, an entry per
   // thread: the routing knows them, and the last block then only fences and signals (a tail that wrote
   // them after every push kept one CTA running long after the others).
@@ -313,38 +348,23 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
     const int d = i / row, l = i % row;
     p.info[d][l] = l < p.local ? p.totals[d * p.local + l] : p.totals[E + d];
   }
-  constexpr bool kTokenScales = D::kFp8 && Op::kFp8Group == Op::kHidden;
-  __shared__ unsigned amax_bits[kWarps];
-  const int64_t items = p.m * p.cut.pieces;
-  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
-    if constexpr (kTokenScales) round_amax<Op>(reinterpret_cast<const typename Op::Elem*>(p.x), round, items,
-                                               p.cut.pieces, amax_bits);
-    const int64_t item = round + (threadIdx.x >> 5);
-    if (item >= items) continue;
-    const int64_t t = item / p.cut.pieces, b = t / kBlockTokens;
-    const int ch = static_cast<int>(item % p.cut.pieces);
-    char* dst[Op::kMaxWorld];
-    int32_t* mdst[Op::kMaxWorld];
+  int32_t* mdst[Op::kMaxWorld];  // each destination's meta row of the token
+  const auto dests = [&](int64_t t, char** dst, float** sdst) {
+    const int64_t b = t / kBlockTokens;
     int nd = 0;
     for (int d = 0; d < p.world; ++d) {
       const int r = p.ribd[t * p.world + d];
       if (r < 0) continue;
       const int64_t row = p.prefix[b * C + E + d] + r;
       dst[nd] = p.stage[d] + row * D::kStageRowBytes;
+      sdst[nd] = reinterpret_cast<float*>(dst[nd] + D::kOutRowBytes);  // (fp8: a staging row's scales follow it)
       mdst[nd++] = p.meta[d] + row * D::kMeta;
     }
-    if constexpr (D::kFp8) {  // (a staging row's scales follow its bytes)
-      float* sdst[Op::kMaxWorld];
-      for (int d = 0; d < nd; ++d) sdst[d] = reinterpret_cast<float*>(dst[d] + D::kOutRowBytes);
-      const float row_amax = kTokenScales ? __uint_as_float(amax_bits[t - round / p.cut.pieces]) : 0.f;
-      quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch), row_amax);
-    } else {
-      const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
-      for (int d = 0; d < nd; ++d) dst[d] += lo;
-      dev::copy_multi<Op::kMaxWorld>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
-    }
-    for (int f = lane; ch == 0 && f < D::kMeta; f += 32) {  // the same meta row to every destination
+    return nd;
+  };
+  const auto meta = [&](int64_t t, int nd, int lane) {  // the same meta row to every destination
+    const int64_t b = t / kBlockTokens;
+    for (int f = lane; f < D::kMeta; f += 32) {
       int32_t v;
       if (f == 0) {
         v = static_cast<int32_t>(t);
@@ -358,7 +378,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) push_tokens(PushParams<Op> p) 
       }
       for (int d = 0; d < nd; ++d) mdst[d][f] = v;
     }
-  }
+  };
+  push_pieces<Op, Op::kMaxWorld>(p.x, p.m, p.cut, dests, meta);
   stamp(p.trace, kTracePush, 1);
   signal_when_last(p.counter, p.flag, p.world, p.epoch, nullptr);
   stamp(p.trace, kTracePush, 2);
@@ -397,6 +418,33 @@ __device__ __forceinline__ void warp_exclusive_scan(int32_t* v, int n, int strid
     const int32_t t = v[l * stride];
     v[l * stride] = run;
     run += t;
+  }
+}
+
+// The source of filled staging row r, the sources' rows being consecutive from first[s] (first[world]: all).
+__device__ __forceinline__ int source_of(const int64_t* first, int world, int64_t r) {
+  int s = 0;
+  while (s + 1 < world && r >= first[s + 1]) ++s;
+  return s;
+}
+
+// Both expansions' copy, one warp: piece ch of a payload row (src; fp8: its scales at src_scales) into
+// output rows dst[0, nd) (dst_row[d] of out; fp8: and their scales, on the first piece).
+template <class Op, int K>
+__device__ __forceinline__ void copy_to_rows(char* (&dst)[K], const int64_t (&dst_row)[K], int nd, float* scales,
+                                             const char* src, const float* src_scales, const Cut& cut, int ch,
+                                             int lane) {
+  using D = Dims<Op>;
+  const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
+#pragma unroll
+  for (int d = 0; d < K; ++d)
+    if (d < nd) dst[d] += lo;
+  dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
+  if constexpr (D::kFp8) {
+    for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
+      const float sc = __ldcg(src_scales + gi);
+      for (int d = 0; d < nd; ++d) scales[dst_row[d] * D::kGroups + gi] = sc;
+    }
   }
 }
 
@@ -458,8 +506,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
   for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < p.stage_rows * P; item += nwarps) {
     const int64_t r = item / P;
     const int ch = static_cast<int>(item % P);
-    int s = 0;
-    while (s + 1 < p.world && r >= first[s + 1]) ++s;
+    const int s = source_of(first, p.world, r);
     const int64_t i = r - first[s];
     const int32_t* mrow = p.meta + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kMeta;
     const int32_t t = __ldcg(mrow);
@@ -487,18 +534,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
       }
     }
     if (ch == 0 && lane == 0) p.stage_src[r * 2] = s, p.stage_src[r * 2 + 1] = t;
-    const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
-#pragma unroll
-    for (int d = 0; d < K; ++d)
-      if (d < nd) dst[d] += lo;
     const char* src = p.stage + (static_cast<int64_t>(s) * Op::kMaxTokens + i) * D::kStageRowBytes;
-    dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
-    if constexpr (D::kFp8) {  // the row's scales beside each copy
-      for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
-        const float sc = __ldcg(reinterpret_cast<const float*>(src + D::kOutRowBytes) + gi);
-        for (int d = 0; d < nd; ++d) p.scales[dst_row[d] * D::kGroups + gi] = sc;
-      }
-    }
+    copy_to_rows<Op>(dst, dst_row, nd, p.scales, src, reinterpret_cast<const float*>(src + D::kOutRowBytes), p.cut,
+                     ch, lane);  // (fp8: a staging row's scales follow its bytes)
   }
   if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
   stamp(p.trace, kTraceExpand, 2);
@@ -621,50 +659,28 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
   const uint64_t epoch = dev::ld_acquire_gpu(p.epoch) + 1;  // this call's (every CTA reads it before arriving)
   ll_route<Op>(r, p.idx, p.idx64, p.m, p.local);
   stamp(p.trace, kTraceLLPush, 1);
-  const int lane = threadIdx.x & 31, L = p.local;
+  const int L = p.local;
   for (int i = threadIdx.x; blockIdx.x == 0 && i < p.world * (L + 1); i += blockDim.x) {  // counts, by CTA 0
     const int d = i / (L + 1), l = i % (L + 1);
     if (l < L) at<int32_t>(p.ll[d], p.lay.counts)[l * p.world + p.me] = bits_all(r.emask[d * L + l], r.kWords);
     else at<int32_t>(p.ll[d], p.lay.ntok)[p.me] = bits_all(r.dmask[d], r.kWords);
   }
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-  constexpr bool kTokenScales = D::kFp8 && Op::kFp8Group == Op::kHidden;
-  __shared__ unsigned amax_bits[kWarps];
-  const int64_t items = p.m * p.cut.pieces;
-  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
-    if constexpr (kTokenScales) round_amax<Op>(reinterpret_cast<const typename Op::Elem*>(p.x), round, items,
-                                               p.cut.pieces, amax_bits);
-    const int64_t item = round + (threadIdx.x >> 5);
-    if (item >= items) continue;
-    const int64_t t = item / p.cut.pieces;
-    const int ch = static_cast<int>(item % p.cut.pieces);
-    char* dst[K];
-    float* sdst[K];
+  const auto dests = [&](int64_t t, char** dst, float** sdst) {  // the first item's row at each rank; here, all
     int nd = 0;
     unsigned seen = 0;  // ranks given the token already
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int e = r.e[t * K + j];
       const int d = e >= 0 ? e / L : 0;
-      if (e < 0 || (d != p.me && (seen >> d & 1))) continue;  // elsewhere: the first item's row only
+      if (e < 0 || (d != p.me && (seen >> d & 1))) continue;
       seen |= 1u << d;
       const int64_t row = ll_row<Op>(r, e, t, p.me, p.world, L);
       dst[nd] = at<char>(p.ll[d], p.lay.out) + row * D::kOutRowBytes;
       sdst[nd++] = D::kFp8 ? at<float>(p.ll[d], p.lay.scales) + row * D::kGroups : nullptr;
     }
-    if constexpr (D::kFp8) {
-      const float row_amax = kTokenScales ? __uint_as_float(amax_bits[t - round / p.cut.pieces]) : 0.f;
-      quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const typename Op::Elem*>(p.x) + t * Op::kHidden, lane,
-                       p.cut.lo(ch), p.cut.hi(ch), row_amax);
-    } else {
-      const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
-#pragma unroll
-      for (int d = 0; d < K; ++d)
-        if (d < nd) dst[d] += lo;
-      dev::copy_multi<K>(dst, nd, p.x + t * D::kRowBytes + lo, bytes, lane, 32);
-    }
-    if (ch == 0) ll_bookkeep<Op>(p, r, t, lane);
-  }
+    return nd;
+  };
+  push_pieces<Op, K>(p.x, p.m, p.cut, dests, [&](int64_t t, int, int lane) { ll_bookkeep<Op>(p, r, t, lane); });
   stamp(p.trace, kTraceLLPush, 2);
   if (p.trace) __syncthreads();  // (the CTA's last warp, not warp 0)
   stamp(p.trace, kTraceLLPush, 3);
@@ -688,8 +704,7 @@ __device__ __forceinline__ void ll_segments(const int32_t* ntok, int world, int 
 }
 // The staging row of filled row r (0 <= r < first[world]): segment s's row r - first[s].
 __device__ __forceinline__ int64_t ll_stage_row(const int64_t* first, int world, int64_t r, int64_t max_tokens) {
-  int s = 0;
-  while (s + 1 < world && r >= first[s + 1]) ++s;
+  const int s = source_of(first, world, r);
   return s * max_tokens + (r - first[s]);
 }
 
@@ -740,17 +755,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p
       }
     }
     if (nd == 0) continue;
-    const int64_t lo = p.cut.lo(ch) * 16, bytes = p.cut.hi(ch) * 16 - lo;
-#pragma unroll
-    for (int d = 0; d < K; ++d)
-      if (d < nd) dst[d] += lo;
-    dev::copy_multi<K, false>(dst, nd, out + src_row * D::kOutRowBytes + lo, bytes, lane, 32);
-    if constexpr (D::kFp8) {
-      for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
-        const float sc = __ldcg(scales + src_row * D::kGroups + gi);
-        for (int d = 0; d < nd; ++d) scales[dst_row[d] * D::kGroups + gi] = sc;
-      }
-    }
+    copy_to_rows<Op>(dst, dst_row, nd, scales, out + src_row * D::kOutRowBytes, scales + src_row * D::kGroups, p.cut,
+                     ch, lane);
   }
   if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
   stamp(p.trace, kTraceLLExpand, 2);
