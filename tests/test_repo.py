@@ -1,4 +1,5 @@
 """Repository hygiene: README's set-up commands are the ones CI runs, lint, imports, the wheel."""
+import os
 import re
 
 import pytest
@@ -166,3 +167,43 @@ def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
         assert not problems and good, (folder, problems)
         for ls in good:
             assert checked_plans(ls.spec), ls.spec.name
+
+
+def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
+    """`gpu_check.sh ab` (the A/B every kernel change is judged by) runs the script on the base's build,
+    each variant's, then this tree's, in turns, and leaves the tree's build in place. Here with stub
+    nvidia-smi and torchrun: each side's `generated` says which build it is."""
+    import shutil
+    import subprocess
+    import tarfile
+    (tmp_path / "tools").mkdir()
+    shutil.copy(root / "tools" / "gpu_check.sh", tmp_path / "tools")
+    pre, stub = tmp_path / ".prebuilt", tmp_path / "stub"
+    pre.mkdir()
+    stub.mkdir()
+    for side, tarball in (("base", "base.tar.xz"), ("v1", "ab_v1.tar.xz"), ("v2", "ab_v2.tar.xz"),
+                          ("libs", "ops.tar.xz")):  # (ops.tar.xz: the tree's libraries, unpacked over its sources)
+        src = tmp_path / f"pkg_{side}" / "generated"
+        (src / "op" / "_build").mkdir(parents=True)
+        (src / "op" / "_build" / "libop.so").write_text(side)
+        if side != "libs":
+            (src / "MARKER").write_text(side + "\n")
+        with tarfile.open(pre / tarball, "w:xz") as t:
+            t.add(src, arcname="generated")
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "MARKER").write_text("tree\n")
+    (stub / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: stub"; echo "GPU 1: stub"\n')
+    (stub / "torchrun").write_text('#!/bin/sh\necho "side sees: $(cat generated/MARKER)"\n')
+    for f in stub.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               AB_ROUNDS="2")
+    r = subprocess.run(["bash", "tools/gpu_check.sh", "ab", "2", "script.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = re.findall(r"== (\w+), round (\d)\nside sees: (\w+)", r.stdout)
+    sides = ["base", "v1", "v2", "tree"]
+    assert runs == [(s, str(k), s) for k in (1, 2) for s in sides], r.stdout
+    assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
+    assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
+    assert (tmp_path / "generated" / "op" / "_build" / "libop.so").read_text() == "libs"

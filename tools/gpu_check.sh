@@ -14,7 +14,8 @@
 #   bash tools/gpu_check.sh probe [N]   NVLink store rates at the low-latency MoE push's sizes, N and 2 GPUs (no ops)
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
-#   bash tools/gpu_check.sh ab N path [args]      the same, on the base ops (BASE=<rev> tools/pack_prebuilt.sh)
+#   bash tools/gpu_check.sh ab N path [args]      the same, on the base ops (BASE=<rev> tools/pack_prebuilt.sh), on
+#                                       VARIANTS="<name>=<rev> ..." revisions
 #                                       and on this tree's in turns, e.g. AB_GREP="in-graph|ll_" and
 #                                       tools/profile_moe.py --tokens 128 --op moe_bf16_ll
 #   bash tools/gpu_check.sh gemm [N]    GEMM benchmarks and the TP MLP example at N ranks (GEMM_ARGS="--styles all
@@ -199,8 +200,9 @@ case "$PHASE" in
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_fused_tiles.py --out "$OUT/fused_tiles_np$NP.json" \
       > "$OUT/fused_tiles_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/fused_tiles_np$NP.log"; }
     grep "tile \[" "$OUT/fused_tiles_np$NP.log" ;;
-  ab)  # a script on the base ops (.prebuilt/base.tar.xz: BASE=<rev> tools/pack_prebuilt.sh) and on this tree's, in
-       # turns, AB_ROUNDS rounds (2), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
+  ab)  # a script on the base ops (.prebuilt/base.tar.xz: BASE=<rev> tools/pack_prebuilt.sh), on each variant's
+       # (.prebuilt/ab_<name>.tar.xz: VARIANTS="<name>=<rev> ...") and on this tree's, in turns, AB_ROUNDS rounds
+       # (2), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
     [ -f .prebuilt/base.tar.xz ] || { echo "no .prebuilt/base.tar.xz: BASE=<rev> bash tools/pack_prebuilt.sh"; exit 1; }
     start_mps_if_shared "$NP"
     # ./generated becomes a link to either build (not a path order: `python -m` and `-c` put the working
@@ -208,9 +210,16 @@ case "$PHASE" in
     ab=/tmp/tilegen-ab
     [ -L generated ] && rm generated && mv "$ab/tree/generated" generated  # (an interrupted earlier run)
     rm -rf "$ab" && mkdir -p "$ab/base" "$ab/tree" && tar -xJf .prebuilt/base.tar.xz -C "$ab/base" || exit 1
+    sides=base
+    for v in .prebuilt/ab_*.tar.xz; do  # (VARIANTS= of tools/pack_prebuilt.sh: between base and tree)
+      [ -f "$v" ] || continue
+      name=$(basename "$v" .tar.xz); name=${name#ab_}
+      mkdir -p "$ab/$name" && tar -xJf "$v" -C "$ab/$name" || exit 1
+      sides="$sides $name"
+    done
     mv generated "$ab/tree/generated"
     for round in $(seq "${AB_ROUNDS:-2}"); do
-      for side in base tree; do
+      for side in $sides tree; do
         ln -sfn "$ab/$side/generated" generated
         log="$OUT/ab_${side}_$round.log"
         timeout "${SCRIPT_TIMEOUT:-120}" torchrun --nproc-per-node "$NP" "${@:3}" > "$log" 2>&1 || { status=1; tail -20 "$log"; }

@@ -13,20 +13,34 @@ mkdir -p .prebuilt
 # measured against its baseline within one run's drift). The last pack's libraries serve when they were
 # built from <rev> (.prebuilt/ops.rev); otherwise <rev> is generated and built in a git worktree with its own
 # tilegen (minutes).
-if [ -n "${BASE:-}" ]; then
-  base=$(git rev-parse "$BASE^{commit}")
-  tmp=$(mktemp -d); trap 'git worktree remove --force "$tmp/wt" 2>/dev/null; rm -rf "$tmp"' EXIT
-  mkdir -p "$tmp/pkg"
-  if [ "$(cat .prebuilt/ops.rev 2>/dev/null)" = "$base" ]; then
-    git archive "$base" generated | tar -x -C "$tmp/pkg" && tar -xJf .prebuilt/ops.tar.xz -C "$tmp/pkg"
+# VARIANTS="<name>=<rev> ...": more revisions the same way, into .prebuilt/ab_<name>.tar.xz: `ab` runs them
+# between the base and this tree (a change's parts told apart in one call).
+tmp=$(mktemp -d)
+trap 'for w in "$tmp"/wt_*; do [ -d "$w" ] && git worktree remove --force "$w" 2>/dev/null; done; rm -rf "$tmp"' EXIT
+pack_rev() {  # $1 revision, $2 the tarball: that revision's Python package and libraries
+  local rev pkg wt
+  rev=$(git rev-parse "$1^{commit}") pkg="$tmp/pkg_$rev" wt="$tmp/wt_$rev"
+  mkdir -p "$pkg"
+  if [ "$(cat .prebuilt/ops.rev 2>/dev/null)" = "$rev" ]; then
+    git archive "$rev" generated | tar -x -C "$pkg" && tar -xJf .prebuilt/ops.tar.xz -C "$pkg"
   else
-    git worktree add -q --detach "$tmp/wt" "$base"
-    (cd "$tmp/wt" && PYTHONPATH="$tmp/wt" python3 -m tilegen.cli generate specs/ -o generated -q)
-    (cd "$tmp/wt" && tar -c --exclude='*.o' --exclude='.ninja*' --exclude=build.ninja generated) | tar -x -C "$tmp/pkg"
+    git worktree add -q --detach "$wt" "$rev"
+    (cd "$wt" && PYTHONPATH="$wt" python3 -m tilegen.cli generate specs/ -o generated -q)
+    (cd "$wt" && tar -c --exclude='*.o' --exclude='.ninja*' --exclude=build.ninja generated) | tar -x -C "$pkg"
   fi
-  tar -cJf .prebuilt/base.tar.xz -C "$tmp/pkg" generated
-  echo "packed base $(git rev-parse --short "$base"): $(du -h .prebuilt/base.tar.xz | cut -f1)"
-fi
+  tar -cJf "$2" -C "$pkg" generated
+  echo "packed $(git rev-parse --short "$rev") into $2: $(du -h "$2" | cut -f1)"
+}
+[ -n "${BASE:-}" ] && pack_rev "$BASE" .prebuilt/base.tar.xz
+rm -f .prebuilt/ab_*.tar.xz
+for v in ${VARIANTS:-}; do
+  case "$v" in
+    base=*|tree=*) echo "VARIANTS: base and tree name the two ends already"; exit 1 ;;
+    *=*) [[ "${v%%=*}" =~ ^[A-Za-z0-9_-]+$ ]] || { echo "VARIANTS: name ${v%%=*} (letters, digits, _ and -)"; exit 1; }
+         pack_rev "${v#*=}" ".prebuilt/ab_${v%%=*}.tar.xz" ;;
+    *) echo "VARIANTS: <name>=<rev>, got $v"; exit 1 ;;
+  esac
+done
 tilegen generate specs/ -o generated -q
 tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
 # the revision packed (dirty: the working tree differs from it), for BASE= below
