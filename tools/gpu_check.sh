@@ -89,8 +89,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -
 if [ "$PHASE" = probe ]; then  # NVLink store rates at the MoE push's sizes (a CUDA program of its own: no ops)
   mkdir -p build && nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a tools/probe_nvlink_stores.cu \
     -o build/probe_nvlink_stores || exit 1
-  rc=0
-  for g in $(( NGPU < NP ? NGPU : NP )) 2; do build/probe_nvlink_stores "$g" | tee "$OUT/probe_nvlink_stores_$g.txt" || rc=1; done
+  rc=0 n=$(( NGPU < NP ? NGPU : NP ))
+  for g in $n $([ "$n" -gt 2 ] && echo 2); do build/probe_nvlink_stores "$g" | tee "$OUT/probe_nvlink_stores_$g.txt" || rc=1; done
   exit $rc
 fi
 make_ops
@@ -209,9 +209,8 @@ case "$PHASE" in
     # directory first, and the tree's package would shadow the base's unseen)
     ab=/tmp/tilegen-ab
     [ -L generated ] && rm generated && mv "$ab/tree/generated" generated  # (an interrupted earlier run)
-    rm -rf "$ab" && mkdir -p "$ab/base" "$ab/tree" && tar -xJf .prebuilt/base.tar.xz -C "$ab/base" || exit 1
-    sides=base
-    for v in .prebuilt/ab_*.tar.xz; do  # (VARIANTS= of tools/pack_prebuilt.sh: between base and tree)
+    rm -rf "$ab" && mkdir -p "$ab/tree" && sides=""
+    for v in .prebuilt/base.tar.xz .prebuilt/ab_*.tar.xz; do  # (ab_*: VARIANTS= of tools/pack_prebuilt.sh)
       [ -f "$v" ] || continue
       name=$(basename "$v" .tar.xz); name=${name#ab_}
       mkdir -p "$ab/$name" && tar -xJf "$v" -C "$ab/$name" || exit 1

@@ -43,7 +43,7 @@ for v in ${VARIANTS:-}; do
 done
 tilegen generate specs/ -o generated -q
 tar -cJf .prebuilt/ops.tar.xz generated/*/_build/*.so generated/*/_build/build.json
-# the revision packed (dirty: the working tree differs from it), for BASE= below
+# the revision packed (dirty: the working tree differs from it), for a later BASE= / VARIANTS= (pack_rev)
 rev=$(git rev-parse HEAD); git diff --quiet HEAD -- tilegen specs generated || rev="$rev-dirty"
 echo "$rev" > .prebuilt/ops.rev
 echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
