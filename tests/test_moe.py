@@ -439,3 +439,19 @@ def test_trace_phases_named_in_python_are_the_ones_the_kernels_stamp():
         assert set(re.findall(r"stamp\(p\.trace, (kTrace\w+),", body)) == {kernel_id}, name  # its own stamps
         assert stamped[kernel_id] == set(range(len(MoeOp.TRACE_PHASES[name]))), (name, stamped[kernel_id])
         assert len(MoeOp.TRACE_PHASES[name]) <= int(consts["kTracePhases"])
+
+
+def test_protocol_check_of_the_low_latency_epochs():
+    """Low-latency halves take their epoch from the rank's own flag of the other half (moe.cuh:
+    ll_flag), the half's second kernel reading it while the first still runs (launched early). The
+    check passes those rules (the default in low_latency mode) and catches a half that took its epoch
+    from its own flag (the expansion from the dispatch's, the combine from the combine's): launched
+    early, or read before the half's own put, it is the previous call's."""
+    from tilegen.moe import LL_EPOCHS, check_moe_protocol
+    assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
+    for world in (2, 4, 8):
+        assert check_moe_protocol(world, "low_latency", epochs=LL_EPOCHS) == []
+    stale = check_moe_protocol(4, "low_latency", epochs={"recv": ("recv", 0), "back": ("recv", 0)})
+    assert stale and "call 0 read recv from rank 1 of call None" in stale[0], stale[:2]  # (before any put)
+    own_combine = check_moe_protocol(2, "low_latency", epochs={"recv": ("back", 1), "back": ("back", 0)})
+    assert own_combine and "read back from rank 1 of call None" in own_combine[0], own_combine[:2]

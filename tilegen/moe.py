@@ -523,19 +523,29 @@ MOE_CALLS = 3
 
 HOST_VALUES = ("epoch", "arrivals")
 
+# Low-latency epochs as the kernels take them (moe.cuh, ll_flag): each half's from this rank's own flag
+# of the other half here (flag -> (own flag read, added)): the dispatch's one more than the last
+# combine's, the combine's the dispatch's.
+LL_EPOCHS = {"recv": ("back", 1), "back": ("recv", 0)}
+
 
 def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, program=None,
-                       captured: tuple[str, ...] = ()) -> list[str]:
+                       captured: tuple[str, ...] = (), epochs: dict | None = None) -> list[str]:
     """Every rank runs `program` (default moe_program(mode)) MOE_CALLS times; [] or the problems
     (stale or overwritten reads, deadlocks naming the blocked steps).
 
     captured: per-call values the calls take from the host, as a CUDA graph replays them (the
     capture's, call 0's, on every replay): "epoch" (the flags' value), "arrivals" (the count of
     blocks a put's last block waits for before it sets the flags: without a reset, replays never see
-    it again). Low-latency mode must keep both on the device: the check shows what either would do."""
+    it again). Low-latency mode must keep both on the device: the check shows what either would do.
+    epochs: where each put and wait takes its epoch (default: the call's, call + 1; low-latency mode:
+    LL_EPOCHS). A rule reads the rank's own flag; a wait reads it as its put starts, the kernel that
+    waits being launched early (it starts while the put's kernel runs), so a rule reading a flag the
+    put itself sets sees the value before or after, as it happens."""
     bad = set(captured) - set(HOST_VALUES)
     if bad:
         raise ValueError(f"captured must name values of {', '.join(HOST_VALUES)}, got {sorted(bad)}")
+    rules = epochs if epochs is not None else (LL_EPOCHS if mode == "low_latency" else {})
     prog = program or moe_program(mode)
     problems: list[str] = []
     for seed in range(seeds + 1):
@@ -547,10 +557,19 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
         queue = [[(call, st) for call in range(MOE_CALLS) for st in prog] for _ in range(world)]
         inflight: dict[int, list] = {}  # rank -> what its running read saw (a read spans other ranks' steps)
         order = Interleaving(rng, range(world), world * len(queue[0]) + 1, pct)
+        early: dict[tuple, int] = {}  # (rank, flag) -> the epoch its waiting kernel read as the put started
+
+        def epoch(r, call, flag):
+            if "epoch" in captured:
+                return 1
+            if flag not in rules:
+                return call + 1
+            own, add = rules[flag]
+            return flags.get((r, own, r), 0) + add
 
         def blocked(r):
             call, st = queue[r][pos[r]]
-            want = 1 if "epoch" in captured else call + 1
+            want = early.get((r, st.flag), epoch(r, call, st.flag)) if st.kind == "wait" else 0
             if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
                 return f"rank {r} call {call}: wait for {st.flag}"
             return None
@@ -570,11 +589,14 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
                     continue
                 pos[r] += 1
                 if st.kind == "put":
+                    value = epoch(r, call, st.flag)
+                    if st.flag in rules:
+                        early[(r, st.flag)] = value  # (read before this put sets its own flag)
                     for q in range(world):
                         data[(q, st.buf, r)] = call
                         if call and "arrivals" in captured:
                             continue  # the last block's count was passed by the capture: no flag set
-                        flags[(q, st.flag, r)] = 1 if "epoch" in captured else call + 1
+                        flags[(q, st.flag, r)] = value
                 elif st.kind == "read":
                     for q, seen in inflight.pop(r):
                         now = data.get((r, st.buf, q))

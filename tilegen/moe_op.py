@@ -8,8 +8,8 @@
 Normal mode synchronises with the host once per dispatch (the received counts size the outputs), so
 it is not CUDA-graph capturable; combine's flags carry a host-side call count, so it is not either.
 
-Low-latency mode (mode: low_latency) has no host round trip and can be captured: the call count
-advances on the device, the received tokens land in fixed segments of max_tokens rows per (local
+Low-latency mode (mode: low_latency) has no host round trip and can be captured: each call's epoch
+comes from the op's own flags on the device, the received tokens land in fixed segments of max_tokens rows per (local
 expert, source rank) of one output the op owns (recv_x [local experts, world * max_tokens, hidden];
 counts [local experts, world]: the rows filled in each segment), valid until the next dispatch. The
 outputs live in NVSHMEM symmetric memory (each source writes its rows there itself) and stay the same
@@ -277,7 +277,7 @@ class MoeOp(GeneratedOp):
         "combine_reduce": ("start", "flags seen", "rows summed"),
         "ll_push": ("start", "routed", "warp 0's rows pushed", "every warp's rows pushed",
                     "arrived (its stores landed)", "flags set (last CTA)"),
-        "ll_expand": ("start", "flags seen", "rows copied"),
+        "ll_expand": ("start", "every flag seen (warp 0)", "rows copied"),
     }
 
     def trace(self, on: bool = True) -> None:

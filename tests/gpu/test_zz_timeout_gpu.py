@@ -102,3 +102,34 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
     # the call's waits finished (no TimeoutError), so the next, unbounded, call waited forever. Each rank
     # checks that its GPU drains, so a stream left waiting is named instead of hanging the suite.
     assert drained, f"rank {rank}: the GPU still has queued work 20 s after rank 0's bounded call"
+
+
+def test_moe_low_latency_dispatch_reports_a_missing_peer(dist_env):
+    """Rank 0 dispatches in low-latency mode, the others do not: the expansion (launched early, taking
+    each source as its flag arrives) gives up with a TimeoutError naming the first missing rank and the
+    call, no hang; rank 0's next call is refused."""
+    import generated
+    from .test_moe_gpu import _ll_expert_fn, _routing, _tokens
+
+    rank, world = dist_env
+    op = generated.moe_bf16_ll
+    x = _tokens(op, 8, 3 + rank)
+    idx, w = _routing(8, op.topk, op.experts, "random", 4 + rank)
+    try:  # one call pair on every rank first (loading the op is collective)
+        recv, _, h = op.dispatch(x, idx, w)
+        op.combine(_ll_expert_fn(recv), h)
+        torch.cuda.synchronize()
+        setup_error = None
+    except Exception as e:
+        setup_error = e
+    dist.barrier()
+    outcomes = _rank0_calls(rank, lambda: op.dispatch(x, idx, w, timeout_ms=300), lambda: op.dispatch(x, idx, w))
+    drained = _gpu_drains(20)
+    _cpu_barrier()
+    assert setup_error is None, repr(setup_error)
+    if rank == 0:  # (rank 1's flag holds the epoch of the last call it made, the pair above)
+        _check_timed_out_then_refused(outcomes, r"rank 0 timed out waiting for rank 1's dispatch flag of call \d+ "
+                                                r"\(saw \d+\)")
+        called, saw = map(int, re.search(r"of call (\d+) \(saw (\d+)\)", str(outcomes[0][0])).groups())
+        assert saw == called - 1, str(outcomes[0][0])  # (the epoch decoded from the flag, not its raw bits)
+    assert drained, f"rank {rank}: the GPU still has queued work 20 s after rank 0's bounded call"

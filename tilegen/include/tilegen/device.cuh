@@ -41,6 +41,18 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
 __device__ __forceinline__ void st_release_gpu(uint64_t* p, uint64_t v) {
   asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+// A CTA's warps passing a word through shared memory: one publishes (release), the others poll (acquire),
+// so what the publisher acquired before (a peer's flag) orders the pollers' reads after.
+__device__ __forceinline__ unsigned ld_acquire_cta_shared(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];"
+               : "=r"(v) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_cta_shared(unsigned* p, unsigned v) {
+  asm volatile("st.release.cta.shared::cta.u32 [%0], %1;"
+               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "r"(v) : "memory");
+}
 __device__ __forceinline__ uint64_t atomic_add_acq_rel_gpu(uint64_t* p, uint64_t v) {
   uint64_t old;
   asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
@@ -110,6 +122,21 @@ __device__ __forceinline__ bool compare(uint64_t v, uint64_t want) {
 
 // Spin on a local signal word with acquire semantics (one thread). Returns false on timeout,
 // after recording the error; callers then abandon the kernel.
+// The first wait to give up records who waited on what (later ones keep it).
+__device__ __forceinline__ void record_timeout(const WaitCtx& ctx, int kind, int64_t index, uint64_t want,
+                                               uint64_t seen, int step) {
+  if (!ctx.err || atomicCAS(&ctx.err->failed, 0, 1) != 0) return;
+  ctx.err->rank = ctx.rank;
+  ctx.err->op_id = ctx.op_id;
+  ctx.err->signal_kind = kind;
+  ctx.err->signal_index = index;
+  ctx.err->expected = want;
+  ctx.err->seen = seen;
+  ctx.err->block = blockIdx.x;
+  ctx.err->step = step;
+  __threadfence_system();
+}
+
 template <Cmp C>
 __device__ __forceinline__ bool wait_until(const uint64_t* sig, uint64_t want, const WaitCtx& ctx, int kind,
                                            int64_t index, int step) {
@@ -121,17 +148,7 @@ __device__ __forceinline__ bool wait_until(const uint64_t* sig, uint64_t want, c
     v = ld_acquire_sys(sig);
     if (compare<C>(v, want)) return true;
     if (ctx.timeout_ns && ((++spins & 1023u) == 0) && globaltimer_ns() - t0 > ctx.timeout_ns) {
-      if (ctx.err && atomicCAS(&ctx.err->failed, 0, 1) == 0) {
-        ctx.err->rank = ctx.rank;
-        ctx.err->op_id = ctx.op_id;
-        ctx.err->signal_kind = kind;
-        ctx.err->signal_index = index;
-        ctx.err->expected = want;
-        ctx.err->seen = v;
-        ctx.err->block = blockIdx.x;
-        ctx.err->step = step;
-        __threadfence_system();
-      }
+      record_timeout(ctx, kind, index, want, v, step);
       return false;
     }
   }
@@ -172,6 +189,42 @@ __device__ __forceinline__ bool block_wait_all_ge(const uint64_t* sig, int n, ui
   }
   __syncthreads();
   return ok;
+}
+
+// Warp: waits until sig[i] >= want for at least one i of `pending` (bit i, i < 32; lane i loads sig[i]
+// with acquire) and returns those i, each lane's last value in *seen; the warp's reads after it see
+// what the writers of those words stored before them. 0 where the wait gave up (recorded in ctx
+// against the lowest pending i), so a caller can take each source as it arrives.
+__device__ __forceinline__ unsigned warp_wait_any_ge(const uint64_t* sig, unsigned pending, uint64_t want,
+                                                     uint64_t* seen, const WaitCtx& ctx, int kind, int step) {
+  const int lane = threadIdx.x & 31;
+  const bool mine = pending >> lane & 1;
+  const uint64_t t0 = ctx.timeout_ns ? globaltimer_ns() : 0;
+  for (uint32_t spins = 1;; ++spins) {
+    const uint64_t v = mine ? ld_acquire_sys(sig + lane) : 0;
+    const unsigned got = __ballot_sync(0xffffffffu, mine && v >= want);
+    *seen = v;
+    if (got) {
+      __syncwarp();  // (orders each lane's acquire before every lane's later reads)
+      return got;
+    }
+    if (ctx.timeout_ns && (spins & 1023u) == 0 &&
+        __shfl_sync(0xffffffffu, globaltimer_ns() - t0 > ctx.timeout_ns, 0)) {  // (lane 0 decides for all)
+      if (lane == __ffs(pending) - 1) record_timeout(ctx, kind, lane, want, v, step);
+      return 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- programmatic dependent launch
+// A kernel launched with programmatic stream serialization (moe::Host::launch_early) may start once
+// every CTA of the kernel before it has run pdl_trigger or exited, so it must read only what a flag
+// publishes and end only after the flag that follows that kernel's last store. A no-op below sm_90 and
+// when the next kernel was launched plainly.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // ---------------------------------------------------------------- signals

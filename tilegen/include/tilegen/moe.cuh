@@ -16,7 +16,9 @@
 // Buffers alternate between two halves by call parity: a rank writes a peer's half of call n + 2
 // only after that peer's flag of call n + 1, which it set after it finished reading call n's.
 // Low-latency mode (decode sizes, CUDA-graph capturable) has a dispatch of its own (ll_push, ll_expand
-// below: each source writes the outputs at every rank itself) and the same combine.
+// below: each source writes the outputs at every rank itself) and the same combine. Each half's second
+// kernel (ll_expand, combine_reduce) launches early and waits on the flags alone, so its start overlaps
+// the first kernel's end (launch_early).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -305,9 +307,24 @@ struct PushParams {
   uint64_t* trace;  // phase stamps (null: off): start, rows pushed, arrived (last CTA: flags set)
 };
 
-// The call's epoch: the host's (normal mode), or the device word the dispatch's routing advanced.
-__device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* device) {
-  return device ? dev::ld_acquire_gpu(device) : host;
+// Low-latency flags. Each half's epoch is one more than the other half's last, read from this rank's own
+// flag of that half here (dispatch: its combine flag, combine: its dispatch flag): only this rank sets
+// that word, in the half before, so it holds still while this half runs (MoeOp makes calls alternate),
+// and no kernel of the half writes anything its other kernels must read before their flags. The
+// dispatch flag also carries the rows the source sent (one load gives ll_expand both).
+constexpr int kLLCountBits = 20;
+__host__ __device__ constexpr uint64_t ll_flag(uint64_t epoch, int64_t rows) {
+  return epoch << kLLCountBits | static_cast<uint64_t>(rows);
+}
+__host__ __device__ constexpr uint64_t ll_epoch(uint64_t flag) { return flag >> kLLCountBits; }
+__host__ __device__ constexpr int64_t ll_rows(uint64_t flag) {
+  return static_cast<int64_t>(flag & ((uint64_t{1} << kLLCountBits) - 1));
+}
+
+// The call's epoch: the host's (normal mode), or (low-latency combine) the one in this rank's own
+// dispatch flag here.
+__device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* own_dispatch_flag) {
+  return own_dispatch_flag ? ll_epoch(dev::ld_acquire_gpu(own_dispatch_flag)) : host;
 }
 
 // The copy kernels' end: the last block to arrive resets the arrival counter and sets each rank's flag
@@ -319,18 +336,19 @@ __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* de
 // dispatch on 4 x H100, and a fence then a release store per flag (two system fences each) 1.5-2 us of the
 // low-latency push and combine's send: one thread fences once, then stores every flag relaxed (a
 // release pattern each: fence, then a strong store of the same thread; docs/measurements.md).
-__device__ __forceinline__ void set_flags(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
-                                          const uint64_t* epoch_src) {
+// value(d): rank d's flag.
+template <class Value>
+__device__ __forceinline__ void set_flags(uint64_t* counter, uint64_t* const* flag, int world, Value value) {
   if (threadIdx.x != 0) return;
   *counter = 0;  // for the next call (a CUDA graph replays the same target)
-  const uint64_t v = call_epoch(epoch, epoch_src);
   dev::fence_acq_rel_sys();
-  for (int d = 0; d < world; ++d) dev::st_relaxed_sys(flag[d], v);
+  for (int d = 0; d < world; ++d) dev::st_relaxed_sys(flag[d], value(d));
 }
 __device__ __forceinline__ bool signal_when_last(uint64_t* counter, uint64_t* const* flag, int world, uint64_t epoch,
-                                                 const uint64_t* epoch_src) {
+                                                 const uint64_t* own_dispatch_flag) {
   if (!dev::arrive_last<false>(counter, gridDim.x)) return false;
-  set_flags(counter, flag, world, epoch, epoch_src);
+  const uint64_t v = threadIdx.x == 0 ? call_epoch(epoch, own_dispatch_flag) : 0;
+  set_flags(counter, flag, world, [v](int) { return v; });
   return true;
 }
 
@@ -435,16 +453,23 @@ __device__ __forceinline__ void copy_to_rows(char* (&dst)[K], const int64_t (&ds
                                              const char* src, const float* src_scales, const Cut& cut, int ch,
                                              int lane) {
   using D = Dims<Op>;
+  constexpr int G = D::kFp8 ? (D::kGroups + 31) / 32 : 1;  // scales per lane (piece 0 copies them)
+  float sc[G];
+  if constexpr (D::kFp8) {  // (loaded beside the payload: one round trip for both, not one after the other)
+#pragma unroll
+    for (int q = 0; q < G; ++q)
+      if (ch == 0 && lane + 32 * q < D::kGroups) sc[q] = __ldcg(src_scales + lane + 32 * q);
+  }
   const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
 #pragma unroll
   for (int d = 0; d < K; ++d)
     if (d < nd) dst[d] += lo;
   dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
   if constexpr (D::kFp8) {
-    for (int64_t gi = lane; ch == 0 && gi < D::kGroups; gi += 32) {
-      const float sc = __ldcg(src_scales + gi);
-      for (int d = 0; d < nd; ++d) scales[dst_row[d] * D::kGroups + gi] = sc;
-    }
+#pragma unroll
+    for (int q = 0; q < G; ++q)
+      if (ch == 0 && lane + 32 * q < D::kGroups)
+        for (int d = 0; d < nd; ++d) scales[dst_row[d] * D::kGroups + lane + 32 * q] = sc[q];
   }
 }
 
@@ -548,8 +573,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
 // in segments of max_tokens per source, counts [L][world], tokens from each source). One kernel per rank
 // routes (every CTA the whole call, in shared memory: a decode call is at most max_tokens tokens) and pushes
 // each token once per rank, to its first item's row there (its items on this rank: every row), with the
-// rows' bookkeeping; its last CTA sets the flags and advances the op's epoch. Then each rank waits for every
-// source's flag and copies each token from elsewhere into its other items' rows (tokens usually reach one
+// rows' bookkeeping; its last CTA sets the flags (the epoch and the rows sent: ll_flag). Then each rank takes
+// each source as its flag arrives and copies each token from elsewhere into its other items' rows (tokens usually reach one
 // rank with several of their experts). No route kernel, no staging rows: tilegen/moe.py's ll_rows layout.
 struct LLLayout {  // byte offsets in a rank's low-latency region
   int64_t out, scales, handle, slot_rows, stage_src, stage_w, counts, ntok, bytes;
@@ -608,7 +633,7 @@ struct LLPushParams {
   LLLayout lay;
   uint64_t* flag[Op::kMaxWorld];  // this rank's dispatch flag at each rank
   uint64_t* counter;              // CTAs arrived (the last resets it)
-  uint64_t* epoch;                // the op's epoch on the device: read by every CTA, advanced by the last
+  const uint64_t* own_combine_flag;  // this rank's combine flag here: the last combine's epoch
   int me, world, local;
   Cut cut;          // of a token row (Dims::kPushUnits)
   uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed (warp 0, every warp), arrived, flags set
@@ -656,7 +681,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
   static_assert(sizeof(LLRoute<Op>) <= (40 << 10), "a low-latency call's routing fits shared memory (spec.py's LL_ROUTE_SMEM)");
   __shared__ LLRoute<Op> r;
   stamp(p.trace, kTraceLLPush, 0);
-  const uint64_t epoch = dev::ld_acquire_gpu(p.epoch) + 1;  // this call's (every CTA reads it before arriving)
   ll_route<Op>(r, p.idx, p.idx64, p.m, p.local);
   stamp(p.trace, kTraceLLPush, 1);
   const int L = p.local;
@@ -681,14 +705,17 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
     return nd;
   };
   push_pieces<Op, K>(p.x, p.m, p.cut, dests, [&](int64_t t, int, int lane) { ll_bookkeep<Op>(p, r, t, lane); });
+  // ll_expand's CTAs may start once every CTA got here (the stores still landing, the flags ~4 us
+  // away): early enough to hide its launch, late enough that its polling does not slow the pushes.
+  dev::pdl_trigger();
   stamp(p.trace, kTraceLLPush, 2);
   if (p.trace) __syncthreads();  // (the CTA's last warp, not warp 0)
   stamp(p.trace, kTraceLLPush, 3);
   const bool last = dev::arrive_last<false>(p.counter, gridDim.x);  // (its stores landed: acq_rel)
   stamp(p.trace, kTraceLLPush, 4);
   if (!last) return;
-  set_flags(p.counter, p.flag, p.world, epoch, nullptr);
-  if (threadIdx.x == 0) dev::st_release_gpu(p.epoch, epoch);  // for the expansion and combine (stream order)
+  const uint64_t epoch = threadIdx.x == 0 ? dev::ld_acquire_gpu(p.own_combine_flag) + 1 : 0;
+  set_flags(p.counter, p.flag, p.world, [&](int d) { return ll_flag(epoch, bits_all(r.dmask[d], r.kWords)); });
   stamp(p.trace, kTraceLLPush, 5);
 }
 
@@ -712,33 +739,31 @@ template <class Op>
 struct LLExpandParams {
   char* ll;  // this rank's low-latency region
   LLLayout lay;
-  const uint64_t* flags;  // every source's dispatch flag here
-  const uint64_t* epoch;  // the call's (ll_push advanced it)
+  const uint64_t* flags;             // every source's dispatch flag here (ll_flag)
+  const uint64_t* own_combine_flag;  // this rank's combine flag here: the last combine's epoch
   int me, world;
   dev::WaitCtx wait;
   Cut cut;          // of a payload row (Dims::kExpandUnits)
-  uint64_t* trace;  // phase stamps (null: off): start, flags seen, rows copied
+  uint64_t* trace;  // phase stamps (null: off): start, every flag seen (warp 0), rows copied
 };
 
-// Every source's flag, then each token from another rank copied from its first item's row to its others.
+// Warp w of the copying warps (every CTA's but warp 0): its share of source s's n tokens (staging rows
+// s * max_tokens + [0, n)), each copied from its first item's row to its other rows here. The other
+// sources' items start evenly round the warps (the j-th after this rank at j / (world - 1) of the way),
+// so a small call's sources fall on different warps instead of all on the first ones (at 128 tokens
+// every warp then copies one piece).
 template <class Op>
-__global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p) {
+__device__ __forceinline__ void ll_expand_source(const LLExpandParams<Op>& p, int s, int64_t n, int64_t w,
+                                                 int64_t nwarps, int lane) {
   using D = Dims<Op>;
   constexpr int K = Op::kTopk;
-  __shared__ int64_t first[Op::kMaxWorld + 1];
-  stamp(p.trace, kTraceLLExpand, 0);
-  if (!dev::block_wait_all_ge(p.flags, p.world, dev::ld_acquire_gpu(p.epoch), p.wait, /*kind=*/5, 0)) return;
-  stamp(p.trace, kTraceLLExpand, 1);
-  const int lane = threadIdx.x & 31;
-  if (threadIdx.x < 32) ll_segments<Op>(at<int32_t>(p.ll, p.lay.ntok), p.world, p.me, first, lane);
-  __syncthreads();
   const int32_t* slot_rows = at<int32_t>(p.ll, p.lay.slot_rows);
   char* out = at<char>(p.ll, p.lay.out);
   float* scales = at<float>(p.ll, p.lay.scales);
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int P = p.cut.pieces;
-  for (int64_t item = blockIdx.x * kWarps + (threadIdx.x >> 5); item < first[p.world] * P; item += nwarps) {
-    const int64_t srow = ll_stage_row(first, p.world, item / P, Op::kMaxTokens);
+  const int j = (s - p.me - 1 + p.world) % p.world;  // (world >= 2 where there are other sources)
+  for (int64_t item = (w + nwarps - j * nwarps / (p.world - 1)) % nwarps; item < n * P; item += nwarps) {
+    const int64_t srow = s * Op::kMaxTokens + item / P;
     const int ch = static_cast<int>(item % P);
     int64_t src_row = -1, dst_row[K];
     char* dst[K];
@@ -758,6 +783,54 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p
     copy_to_rows<Op>(dst, dst_row, nd, scales, out + src_row * D::kOutRowBytes, scales + src_row * D::kGroups, p.cut,
                      ch, lane);
   }
+}
+
+// Each token from another rank copied from its first item's row to its others, source by source as
+// their flags arrive: in every CTA warp 0 polls the flags and publishes each arrival in shared memory,
+// the other warps copy a source's share as soon as they see it there (no block barrier between
+// sources). Launched early (it starts while ll_push ends): it reads only what the flags publish, and
+// warp 0 waits for this rank's own flag too, so every store of ll_push happens before this kernel ends
+// (the kernels after it see them; griddepcontrol.wait at its end, tried first, bought nothing more).
+template <class Op>
+__global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p) {
+  static_assert(Op::kMaxTokens < (int64_t{1} << kLLCountBits), "a dispatch flag's low bits count a source's rows");
+  constexpr unsigned kGaveUp = 1u << 31;  // (in `arrived`: warp 0's wait timed out, recorded)
+  __shared__ unsigned arrived;            // sources whose flag warp 0 saw (only warp 0 writes it)
+  __shared__ uint64_t flag[Op::kMaxWorld];  // each source's flag, written before its bit
+  stamp(p.trace, kTraceLLExpand, 0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) arrived = 0;
+  __syncthreads();
+  const unsigned all = (1u << p.world) - 1, others = all & ~(1u << p.me);  // (own tokens: ll_push wrote every row)
+  if (warp == 0) {
+    const uint64_t want = ll_flag(dev::ld_acquire_gpu(p.own_combine_flag) + 1, 0);
+    for (unsigned pending = all, seen = 0; pending;) {
+      uint64_t v;
+      const unsigned got = dev::warp_wait_any_ge(p.flags, pending, want, &v, p.wait, /*kind=*/5, 0);
+      if (got >> lane & 1) flag[lane] = v;
+      __syncwarp();
+      seen |= got ? got : kGaveUp;
+      if (lane == 0) dev::st_release_cta_shared(&arrived, seen);
+      if (!got) break;
+      pending &= ~got;
+      if (!pending) stamp(p.trace, kTraceLLExpand, 1);
+    }
+  } else {
+    const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (kWarps - 1);
+    const int64_t w = static_cast<int64_t>(blockIdx.x) * (kWarps - 1) + warp - 1;
+    for (unsigned done = 0; done != others;) {
+      const unsigned now = __shfl_sync(0xffffffffu, lane == 0 ? dev::ld_acquire_cta_shared(&arrived) : 0, 0);
+      __syncwarp();  // (orders lane 0's acquire before every lane's reads)
+      if (now & kGaveUp) break;
+      if (now == done) __nanosleep(32);
+      for (unsigned b = now & others & ~done; b; b &= b - 1) {
+        const int s = __ffs(b) - 1;
+        const int64_t n = ll_rows(flag[s]);
+        ll_expand_source<Op>(p, s, n < Op::kMaxTokens ? n : Op::kMaxTokens, w, nwarps, lane);
+      }
+      done |= now & others;
+    }
+  }
   if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
   stamp(p.trace, kTraceLLExpand, 2);
 }
@@ -775,7 +848,7 @@ struct CombineParams {
   uint64_t* counter;  // blocks arrived (the last resets it)
   uint64_t epoch;
   int world;
-  const uint64_t* epoch_src;         // low-latency mode: the call's epoch on the device
+  const uint64_t* own_dispatch_flag;  // low-latency mode: this rank's dispatch flag here (the call's epoch)
   const int32_t* ntok;               // ... and the tokens each source sent (staging rows in segments)
   Cut cut;                           // of a row of the token dtype (Dims::kCombineUnits)
   uint64_t* trace;                   // phase stamps (null: off): start, rows sent, arrived (last: flags)
@@ -822,7 +895,8 @@ __global__ void __launch_bounds__(kWarps * 32) combine_send(CombineParams<Op> p)
     }
   }
   stamp(p.trace, kTraceSend, 1);
-  signal_when_last(p.counter, p.flag, p.world, p.epoch, p.epoch_src);
+  dev::pdl_trigger();  // (combine_reduce's CTAs may start once every CTA sent its rows: as in ll_push)
+  signal_when_last(p.counter, p.flag, p.world, p.epoch, p.own_dispatch_flag);
   stamp(p.trace, kTraceSend, 2);
 }
 
@@ -837,7 +911,7 @@ struct ReduceParams {
   uint64_t epoch;
   dev::WaitCtx wait;
   int world, local;
-  const uint64_t* epoch_src;  // low-latency mode
+  const uint64_t* own_dispatch_flag;  // low-latency mode: this rank's dispatch flag here (the call's epoch)
   Cut cut;  // of an output row (Dims::kCombineUnits)
   uint64_t* trace;  // phase stamps (null: off): start, flags seen, rows summed
 };
@@ -848,7 +922,9 @@ __global__ void __launch_bounds__(kWarps * 32) combine_reduce(ReduceParams<Op> p
   using T = typename Op::Elem;
   constexpr int K = Op::kTopk, V = D::kVec;
   stamp(p.trace, kTraceReduce, 0);
-  if (!dev::block_wait_all_ge(p.flags, p.world, call_epoch(p.epoch, p.epoch_src), p.wait, /*kind=*/6, 0)) return;
+  // (Launched early: it reads only what the flags publish, every sender's, its own rank's too, so every
+  // store of combine_send happens before this kernel ends.)
+  if (!dev::block_wait_all_ge(p.flags, p.world, call_epoch(p.epoch, p.own_dispatch_flag), p.wait, /*kind=*/6, 0)) return;
   stamp(p.trace, kTraceReduce, 1);
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -904,12 +980,11 @@ struct Host {
     uint64_t* dflag = nullptr;  // [world]: each source's dispatch epoch
     uint64_t* cflag = nullptr;  // [world]: each sender's combine epoch
     int32_t* scratch = nullptr; // routing: hist, rib, ribd, totals
-    uint64_t* counters = nullptr;  // blocks arrived (dispatch push, combine send, routing), the epoch
+    uint64_t* counters = nullptr;  // blocks arrived (dispatch push, combine send, routing)
     uint64_t dispatch_epoch = 0, combine_epoch = 0;
     int64_t last_stage_rows = -1, last_rows = -1;
     int32_t* counts_host = nullptr;  // host-mapped [world][local + 1]
     int32_t* counts_dev = nullptr;
-    uint64_t* epoch_dev = nullptr;  // low-latency mode: the call's epoch, advanced on the device
     dev::WaitError* err_host = nullptr;
     dev::WaitError* err_dev = nullptr;
     cudaEvent_t done = nullptr;
@@ -1020,10 +1095,9 @@ struct Host {
     if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll + g.lay.handle, 0xff, g.lay.slot_rows - g.lay.handle);  // -1
     if (e == cudaSuccess && g.ll) e = cudaMemset(g.ll + g.lay.counts, 0, g.lay.bytes - g.lay.counts);
     if (e == cudaSuccess) e = cudaMalloc(&g.scratch, scratch_ints * 4);
-    constexpr size_t counter_bytes = 4 * sizeof(uint64_t);  // 3 arrival counters, the epoch
+    constexpr size_t counter_bytes = 3 * sizeof(uint64_t);  // 3 arrival counters
     if (e == cudaSuccess) e = cudaMalloc(&g.counters, counter_bytes);
     if (e == cudaSuccess) e = cudaMemset(g.counters, 0, counter_bytes);
-    g.epoch_dev = g.counters + 3;
     if (e == cudaSuccess) e = cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0);
     if (e == cudaSuccess) e = cudaHostAlloc(&g.err_host, sizeof(dev::WaitError), cudaHostAllocMapped);
@@ -1127,9 +1201,27 @@ struct Host {
     return 0;
   }
 
-  static int launched(const char* what, char* msg, int len) {
-    cudaError_t e = cudaGetLastError();
+  static int launched(const char* what, char* msg, int len) { return launched(what, cudaGetLastError(), msg, len); }
+  static int launched(const char* what, cudaError_t e, char* msg, int len) {
     return e == cudaSuccess ? 0 : fail(msg, len, "%s: %s launch failed: %s", Op::kName, what, cudaGetErrorString(e));
+  }
+
+  // Launches a kernel that may start before the kernel before it in the stream ends (programmatic
+  // dependent launch): once every CTA of that one ran dev::pdl_trigger or left. It must read only what
+  // flags publish, and end only after the flag that follows that kernel's last store (its successors
+  // in the stream then see every store of both). A graph captures the launch as a programmatic edge.
+  template <class P>
+  static cudaError_t launch_early(void (*kernel)(P), int grid, cudaStream_t s, P params) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kWarps * 32);
+    cfg.stream = s;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, params);
   }
 
   template <class P>
@@ -1146,10 +1238,12 @@ struct Host {
     if (!g.err_host || !g.err_host->failed) return 0;
     const dev::WaitError& w = *g.err_host;
     g.poisoned = true;
+    const bool packed = Op::kLowLatency && w.signal_kind == 5;  // (a low-latency dispatch flag: ll_flag)
     return fail(msg, len, "%s: rank %d timed out waiting for rank %lld's %s flag of call %llu (saw %llu); a peer rank "
                 "did not make the matching call", Op::kName, w.rank, static_cast<long long>(w.signal_index),
-                w.signal_kind == 5 ? "dispatch" : "combine", static_cast<unsigned long long>(w.expected),
-                static_cast<unsigned long long>(w.seen));
+                w.signal_kind == 5 ? "dispatch" : "combine",
+                static_cast<unsigned long long>(packed ? ll_epoch(w.expected) : w.expected),
+                static_cast<unsigned long long>(packed ? ll_epoch(w.seen) : w.seen));
   }
 
   static int check_tokens(int64_t m, char* msg, int len) {
@@ -1200,10 +1294,11 @@ struct Host {
   // Both modes' combine: send each staging row's weighted sum back to its token's rank through half
   // `hf`, then sum what every rank sent here. stage_rows: the rows (normal mode), or (low-latency mode)
   // a bound, the rows being segments of max_tokens per source, ntok[s] filled; the flags carry `epoch`
-  // (normal mode) or the device's epoch at `epoch_src` (low-latency mode).
+  // (normal mode) or the epoch in this rank's own dispatch flag (low-latency mode: own_dispatch_flag).
+  // The reduction launches early (its CTAs start as the send's leave).
   static int send_and_reduce(const void* y, const int32_t* slot_rows, const int32_t* stage_src, const float* stage_w,
                              int64_t stage_rows, const int32_t* ntok, const void* idx, int idx64, int64_t m,
-                             void* out, const Half& hf, uint64_t epoch, const uint64_t* epoch_src,
+                             void* out, const Half& hf, uint64_t epoch, const uint64_t* own_dispatch_flag,
                              uint64_t timeout_ns, cudaStream_t s, char* msg, int len) {
     CombineParams<Op> cp{};
     cp.y = static_cast<const char*>(y);
@@ -1218,16 +1313,16 @@ struct Host {
     cp.counter = g.counters + 1;
     cp.epoch = epoch;
     cp.world = g.world;
-    cp.epoch_src = epoch_src;
+    cp.own_dispatch_flag = own_dispatch_flag;
     cp.ntok = ntok;
     cp.cut = send_cut(stage_rows);
     cp.trace = g.trace;
     combine_send<Op><<<grid_for(kSend, stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
     ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, epoch_src, reduce_cut(m), g.trace};
-    combine_reduce<Op><<<grid_for(kReduce, m, rp.cut.pieces), kWarps * 32, 0, s>>>(rp);
-    return launched("combine reduce", msg, len);
+                        g.world, g.local, own_dispatch_flag, reduce_cut(m), g.trace};
+    return launched("combine reduce", launch_early(combine_reduce<Op>, grid_for(kReduce, m, rp.cut.pieces), s, rp),
+                    msg, len);
   }
 
   // Dispatch, first half: route, push, wait for every rank's counts; out[s * (local + 1) + l] =
@@ -1289,8 +1384,8 @@ struct Host {
   }
 
   // ------------------------------------------------------------------ low-latency mode
-  // No host round trip and nothing the host must know per call: the epoch advances on the device, the
-  // outputs are the op's own (symmetric: every source writes its rows there), in fixed segments. Calls
+  // No host round trip and nothing the host must know per call: each half's epoch comes from this rank's
+  // own flag of the other half (ll_flag), the outputs are the op's own (symmetric: every source writes its rows there), in fixed segments. Calls
   // alternate dispatch, combine (MoeOp enforces it); with that order one set of buffers is safe (each
   // write into a peer follows that peer's flag of the step that finished reading it).
   static int not_low_latency(char* msg, int len) {
@@ -1328,7 +1423,7 @@ struct Host {
       }
       pp.lay = g.lay;
       pp.counter = g.counters;
-      pp.epoch = g.epoch_dev;
+      pp.own_combine_flag = g.cflag + g.rank;
       pp.me = g.rank;
       pp.world = g.world;
       pp.local = g.local;
@@ -1337,10 +1432,9 @@ struct Host {
       ll_push<Op><<<grid_for(kLLPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
       if (launched("push", msg, len)) return 1;
       const int64_t rows = (g.world - 1) * T;  // a bound: tokens from the other ranks
-      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag, g.epoch_dev, g.rank, g.world, wait_ctx(timeout_ns),
+      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag, g.cflag + g.rank, g.rank, g.world, wait_ctx(timeout_ns),
                             ll_expand_cut(rows), g.trace};
-      ll_expand<Op><<<grid_for(kLLExpand, rows, ep.cut.pieces), kWarps * 32, 0, s>>>(ep);
-      return launched("expand", msg, len);
+      return launched("expand", launch_early(ll_expand<Op>, grid_for(kLLExpand, rows, ep.cut.pieces), s, ep), msg, len);
     }
   }
 
@@ -1350,7 +1444,7 @@ struct Host {
     if (!Op::kLowLatency) return not_low_latency(msg, len);
     const LLLayout& l = g.lay;
     return send_and_reduce(y, at<int32_t>(g.ll, l.slot_rows), at<int32_t>(g.ll, l.stage_src), at<float>(g.ll, l.stage_w),
-                           g.world * T, at<int32_t>(g.ll, l.ntok), idx, idx64, m, out, g.half[0], 0, g.epoch_dev,
+                           g.world * T, at<int32_t>(g.ll, l.ntok), idx, idx64, m, out, g.half[0], 0, g.dflag + g.rank,
                            timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 };
