@@ -39,13 +39,17 @@ def test_a_generated_op_imports_without_the_spec_machinery(root):
 
 @pytest.mark.nvcc
 def test_the_nvlink_store_probe_compiles(root, tmp_path):
-    """tools/probe_nvlink_stores.cu (gpu_check.sh probe: the push's NVLink ceiling) builds where the GPU
-    machine builds it, so the phase does not first fail there."""
+    """tools/probe_nvlink_stores.cu (gpu_check.sh probe: the push's NVLink ceiling) builds with the flags
+    the phase uses (PROBE_NVCC_FLAGS, read from the script), so the phase does not first fail there."""
+    import re
+    import shlex
     import shutil
     import subprocess
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    r = subprocess.run(["nvcc", "-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a",
+    flags = re.search(r'^PROBE_NVCC_FLAGS="([^"]+)"', (root / "tools" / "gpu_check.sh").read_text(), re.M)
+    assert flags, "tools/gpu_check.sh defines PROBE_NVCC_FLAGS"
+    r = subprocess.run(["nvcc", *shlex.split(flags.group(1)),
                         str(root / "tools" / "probe_nvlink_stores.cu"), "-o", str(tmp_path / "probe")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -86,9 +86,10 @@ run_tests() {  # $1 ranks
 
 setup_python
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c
+PROBE_NVCC_FLAGS="-O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a"  # (tests/test_repo.py builds with these)
 if [ "$PHASE" = probe ]; then  # NVLink store rates at the MoE push's sizes (a CUDA program of its own: no ops)
-  mkdir -p build && nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a tools/probe_nvlink_stores.cu \
-    -o build/probe_nvlink_stores || exit 1
+  # shellcheck disable=SC2086
+  mkdir -p build && nvcc $PROBE_NVCC_FLAGS tools/probe_nvlink_stores.cu -o build/probe_nvlink_stores || exit 1
   rc=0 n=$(( NGPU < NP ? NGPU : NP ))
   for g in $n $([ "$n" -gt 2 ] && echo 2); do build/probe_nvlink_stores "$g" | tee "$OUT/probe_nvlink_stores_$g.txt" || rc=1; done
   exit $rc
