@@ -115,15 +115,17 @@ def print_in_rank_order(lines: list[str], rank: int, world: int) -> None:
 
 def print_phases(op, rank: int, world: int) -> None:
     """The last replay's phase stamps, per kernel and phase: earliest / median / latest CTA, us from the
-    dispatch's first stamp, on this rank's clock."""
+    dispatch's first stamp, on this rank's clock. Every replay stamps the same slots (one per CTA), so a
+    phase only some CTAs reach (the last CTA's) keeps slots of earlier replays: stamps before the last
+    replay's start are left out."""
     stamps = op.read_trace()
     t0 = min(min(ph[0]) for ph in stamps.values() if ph and ph[0])  # the first kernel's first start
     lines = [f"rank {rank}: phase stamps of {op.name}'s last replay (us from the dispatch's start; "
              f"earliest / median / latest CTA; CTAs)"]
     for kernel, phases in stamps.items():
         for name, ts in zip(op.TRACE_PHASES[kernel], phases):
-            if ts:
-                us = sorted((t - t0) / 1e3 for t in ts)
+            us = sorted(u for u in ((t - t0) / 1e3 for t in ts) if u >= 0)
+            if us:
                 lines.append(f"  {kernel:<15} {name:<30} {us[0]:7.1f} {statistics.median(us):7.1f} {us[-1]:7.1f}"
                              f"  {len(us)}")
     print_in_rank_order(lines, rank, world)
