@@ -973,6 +973,7 @@ struct Host {
     bool ready = false, poisoned = false;
     int rank = -1, world = 0, local = 0;
     int resident[kKernels] = {};  // CTAs of each copy kernel the GPU holds at once (its own occupancy)
+    bool early_launch = false;    // programmatic dependent launch (compute capability 9.0 and newer)
     char* sym = nullptr;  // one symmetric allocation: both halves, the flags, then (low-latency mode) the outputs
     Half half[2] = {};
     char* ll = nullptr;  // low-latency mode: this rank's outputs, written by every source (ll_layout)
@@ -1119,11 +1120,14 @@ struct Host {
     return 0;
   }
 
-  // Each copy kernel's resident CTAs on this GPU: its grid's cap and what its pieces are cut for.
+  // Each copy kernel's resident CTAs on this GPU: its grid's cap and what its pieces are cut for; and
+  // whether it launches kernels early.
   static cudaError_t find_residency() {
-    int device = 0, sms = 0;
+    int device = 0, sms = 0, major = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    g.early_launch = major >= 9;
     const void* kernels[kKernels] = {reinterpret_cast<const void*>(push_tokens<Op>),
                                      reinterpret_cast<const void*>(expand_rows<Op>),
                                      reinterpret_cast<const void*>(combine_send<Op>),
@@ -1210,6 +1214,7 @@ struct Host {
   // dependent launch): once every CTA of that one ran dev::pdl_trigger or left. It must read only what
   // flags publish, and end only after the flag that follows that kernel's last store (its successors
   // in the stream then see every store of both). A graph captures the launch as a programmatic edge.
+  // Below compute capability 9.0 it is a plain launch (the kernels are right either way).
   template <class P>
   static cudaError_t launch_early(void (*kernel)(P), int grid, cudaStream_t s, P params) {
     cudaLaunchAttribute attr[1];
@@ -1220,7 +1225,7 @@ struct Host {
     cfg.blockDim = dim3(kWarps * 32);
     cfg.stream = s;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = g.early_launch ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, params);
   }
 
