@@ -455,3 +455,23 @@ def test_protocol_check_of_the_low_latency_epochs():
     assert stale and "call 0 read recv from rank 1 of call None" in stale[0], stale[:2]  # (before any put)
     own_combine = check_moe_protocol(2, "low_latency", epochs={"recv": ("back", 1), "back": ("back", 0)})
     assert own_combine and "read back from rank 1 of call None" in own_combine[0], own_combine[:2]
+
+
+def test_low_latency_kernels_take_the_epochs_the_protocol_check_runs():
+    """The check runs LL_EPOCHS; the kernels must take their epochs the same way: the dispatch (ll_push,
+    ll_expand) one more than this rank's own combine flag, the combine the epoch in this rank's own
+    dispatch flag, and no kernel stores an epoch word that an early-launched kernel could read first."""
+    import re
+
+    from tilegen.codegen import INCLUDE_DIR
+    from tilegen.moe import LL_EPOCHS
+    src = (INCLUDE_DIR / "tilegen/moe.cuh").read_text()
+    assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
+    assert src.count("dev::ld_acquire_gpu(p.own_combine_flag) + 1") == 2  # ll_push's flags, ll_expand's wait
+    assert src.count("g.cflag + g.rank") == 2  # both dispatch kernels' own_combine_flag
+    ll_combine = src[src.index("static int ll_combine("):]
+    assert "g.half[0], 0, g.dflag + g.rank," in ll_combine[:ll_combine.index("\n  }\n")]
+    assert "ll_epoch(dev::ld_acquire_gpu(own_dispatch_flag))" in src
+    assert not re.search(r"st_release_gpu\(p\.epoch|epoch_dev", src)
+    for kernel in ("ll_expand", "combine_reduce"):  # the early-launched ones: flags only
+        assert f"launch_early({kernel}<Op>" in src
