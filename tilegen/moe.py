@@ -569,8 +569,10 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
 
         def blocked(r):
             call, st = queue[r][pos[r]]
-            want = early.get((r, st.flag), epoch(r, call, st.flag)) if st.kind == "wait" else 0
-            if st.kind == "wait" and any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
+            if st.kind != "wait":
+                return None
+            want = early.get((r, st.flag), epoch(r, call, st.flag))
+            if any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
                 return f"rank {r} call {call}: wait for {st.flag}"
             return None
 

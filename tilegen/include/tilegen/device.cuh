@@ -120,8 +120,6 @@ __device__ __forceinline__ bool compare(uint64_t v, uint64_t want) {
   return v < want;
 }
 
-// Spin on a local signal word with acquire semantics (one thread). Returns false on timeout,
-// after recording the error; callers then abandon the kernel.
 // The first wait to give up records who waited on what (later ones keep it).
 __device__ __forceinline__ void record_timeout(const WaitCtx& ctx, int kind, int64_t index, uint64_t want,
                                                uint64_t seen, int step) {
@@ -137,6 +135,8 @@ __device__ __forceinline__ void record_timeout(const WaitCtx& ctx, int kind, int
   __threadfence_system();
 }
 
+// Spin on a local signal word with acquire semantics (one thread). Returns false on timeout,
+// after recording the error; callers then abandon the kernel.
 template <Cmp C>
 __device__ __forceinline__ bool wait_until(const uint64_t* sig, uint64_t want, const WaitCtx& ctx, int kind,
                                            int64_t index, int step) {
