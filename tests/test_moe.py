@@ -419,8 +419,9 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
 
 def test_trace_phases_named_in_python_are_the_ones_the_kernels_stamp():
     """MoeOp.read_trace names each kernel's stamps (TRACE_KERNELS, TRACE_PHASES); the kernels write them
-    (tilegen/moe.cuh's stamp(p.trace, kernel, phase)). A stamp added, dropped or reordered on either
-    side would mislabel the profile: the kernel ids, their order and each kernel's phases must agree."""
+    (tilegen/moe.cuh's stamp(p.trace, kernel, phase), or a warp's stamp_latest). A stamp added, dropped or
+    reordered on either side would mislabel the profile: the kernel ids, their order and each kernel's
+    phases must agree."""
     import re
 
     from tilegen.codegen import INCLUDE_DIR
@@ -431,7 +432,7 @@ def test_trace_phases_named_in_python_are_the_ones_the_kernels_stamp():
     consts = dict(re.findall(r"(kTrace(?:Kernels|Phases|Ctas)) = (\d+)", src))
     assert int(consts["kTraceKernels"]) == len(ids) == len(MoeOp.TRACE_KERNELS)
     stamped: dict[str, set[int]] = {}
-    for kernel_id, phase in re.findall(r"stamp\(p\.trace, (kTrace\w+), (\d+)\)", src):
+    for kernel_id, phase in re.findall(r"stamp(?:_latest)?\(p\.trace, (kTrace\w+), (\d+)[,)]", src):
         stamped.setdefault(kernel_id, set()).add(int(phase))
     for kernel_id, name in zip(ids, MoeOp.TRACE_KERNELS):
         start = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{name}\(", src).start()

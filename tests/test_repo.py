@@ -175,7 +175,8 @@ def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
 
 def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
     """`gpu_check.sh ab` (the A/B every kernel change is judged by) runs the script on the base's build,
-    each variant's, then this tree's, in turns, and leaves the tree's build in place. Here with stub
+    each variant's, then this tree's, in turns (even rounds in reverse order, so a drift along a round
+    favours no side), and leaves the tree's build in place. Here with stub
     nvidia-smi and torchrun: each side's `generated` says which build it is."""
     import shutil
     import subprocess
@@ -207,7 +208,7 @@ def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     runs = re.findall(r"== (\w+), round (\d)\nside sees: (\w+)", r.stdout)
     sides = ["base", "v1", "v2", "tree"]
-    assert runs == [(s, str(k), s) for k in (1, 2) for s in sides], r.stdout
+    assert runs == [(s, "1", s) for s in sides] + [(s, "2", s) for s in reversed(sides)], r.stdout
     assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
     assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
     assert (tmp_path / "generated" / "op" / "_build" / "libop.so").read_text() == "libs"

@@ -203,7 +203,7 @@ case "$PHASE" in
     grep "tile \[" "$OUT/fused_tiles_np$NP.log" ;;
   ab)  # a script on the base ops (.prebuilt/base.tar.xz: BASE=<rev> tools/pack_prebuilt.sh), on each variant's
        # (.prebuilt/ab_<name>.tar.xz: VARIANTS="<name>=<rev> ...") and on this tree's, in turns, AB_ROUNDS rounds
-       # (2), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
+       # (2; even rounds in reverse order), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
     [ -f .prebuilt/base.tar.xz ] || { echo "no .prebuilt/base.tar.xz: BASE=<rev> bash tools/pack_prebuilt.sh"; exit 1; }
     start_mps_if_shared "$NP"
     # ./generated becomes a link to either build (not a path order: `python -m` and `-c` put the working
@@ -219,7 +219,9 @@ case "$PHASE" in
     done
     mv generated "$ab/tree/generated"
     for round in $(seq "${AB_ROUNDS:-2}"); do
-      for side in $sides tree; do
+      order="$sides tree"  # (even rounds in reverse: a drift along a round does not favour one side)
+      [ $((round % 2)) -eq 0 ] && order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
+      for side in $order; do
         ln -sfn "$ab/$side/generated" generated
         log="$OUT/ab_${side}_$round.log"
         timeout "${SCRIPT_TIMEOUT:-120}" torchrun --nproc-per-node "$NP" "${@:3}" > "$log" 2>&1 || { status=1; tail -20 "$log"; }

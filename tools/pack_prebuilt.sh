@@ -15,6 +15,8 @@ mkdir -p .prebuilt
 # tilegen (minutes).
 # VARIANTS="<name>=<rev> ...": more revisions the same way, into .prebuilt/ab_<name>.tar.xz: `ab` runs them
 # between the base and this tree (a change's parts told apart in one call).
+# AB_SPECS="specs/a.yaml ...": the specs a worktree build generates (default: every spec; the A/B script
+# needs only its own ops, and a full build takes minutes per revision).
 tmp=$(mktemp -d)
 trap 'for w in "$tmp"/wt_*; do [ -d "$w" ] && git worktree remove --force "$w" 2>/dev/null; done; rm -rf "$tmp"' EXIT
 pack_rev() {  # $1 revision, $2 the tarball: that revision's Python package and libraries
@@ -25,7 +27,7 @@ pack_rev() {  # $1 revision, $2 the tarball: that revision's Python package and 
     git archive "$rev" generated | tar -x -C "$pkg" && tar -xJf .prebuilt/ops.tar.xz -C "$pkg"
   else
     git worktree add -q --detach "$wt" "$rev"
-    (cd "$wt" && PYTHONPATH="$wt" python3 -m tilegen.cli generate specs/ -o generated -q)
+    (cd "$wt" && PYTHONPATH="$wt" python3 -m tilegen.cli generate ${AB_SPECS:-specs/} -o generated -q)
     (cd "$wt" && tar -c --exclude='*.o' --exclude='.ninja*' --exclude=build.ninja generated) | tar -x -C "$pkg"
   fi
   tar -cJf "$2" -C "$pkg" generated

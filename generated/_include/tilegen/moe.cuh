@@ -79,6 +79,13 @@ __device__ __forceinline__ void stamp(uint64_t* trace, int kernel, int phase) {
   if (trace && threadIdx.x == 0 && blockIdx.x < kTraceCtas)
     trace[(kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x] = dev::globaltimer_ns();
 }
+// A warp's stamp (lane 0), kept where it is its CTA's latest: phases that every warp reaches on its own.
+// `after`: a loaded value the stamp waits for (a branch on it comes first).
+__device__ __forceinline__ void stamp_latest(uint64_t* trace, int kernel, int phase, int lane, int64_t after = 0) {
+  if (trace && lane == 0 && blockIdx.x < kTraceCtas && after != INT64_MIN)
+    atomicMax(reinterpret_cast<unsigned long long*>(trace + (kernel * kTracePhases + phase) * kTraceCtas + blockIdx.x),
+              static_cast<unsigned long long>(dev::globaltimer_ns()));
+}
 
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
 // destination row dst[d] (e4m3 bytes) and its scales sdst[d] (one fp32 per group): scale = amax / 448 of the
@@ -765,6 +772,7 @@ __device__ __forceinline__ void ll_expand_source(const LLExpandParams<Op>& p, in
   for (int64_t item = (w + nwarps - j * nwarps / (p.world - 1)) % nwarps; item < n * P; item += nwarps) {
     const int64_t srow = s * Op::kMaxTokens + item / P;
     const int ch = static_cast<int>(item % P);
+    stamp_latest(p.trace, kTraceLLExpand, 3, lane);
     int64_t src_row = -1, dst_row[K];
     char* dst[K];
     int nd = 0;
@@ -779,9 +787,11 @@ __device__ __forceinline__ void ll_expand_source(const LLExpandParams<Op>& p, in
         dst[nd++] = out + row * D::kOutRowBytes;
       }
     }
+    stamp_latest(p.trace, kTraceLLExpand, 4, lane, src_row);  // (once the slot rows arrived)
     if (nd == 0) continue;
     copy_to_rows<Op>(dst, dst_row, nd, scales, out + src_row * D::kOutRowBytes, scales + src_row * D::kGroups, p.cut,
                      ch, lane);
+    stamp_latest(p.trace, kTraceLLExpand, 5, lane);  // (its stores issued: the payload arrived)
   }
 }
 
