@@ -468,7 +468,8 @@ def test_low_latency_kernels_take_the_epochs_the_protocol_check_runs():
     from tilegen.moe import LL_EPOCHS
     src = (INCLUDE_DIR / "tilegen/moe.cuh").read_text()
     assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
-    assert src.count("dev::ld_acquire_gpu(p.own_combine_flag) + 1") == 2  # ll_push's flags, ll_expand's wait
+    assert "return dev::ld_acquire_gpu(own_combine_flag) + 1;" in src  # ll_dispatch_epoch
+    assert src.count("ll_dispatch_epoch(p.own_combine_flag)") == 2  # ll_push's flags, ll_expand's wait
     assert src.count("g.cflag + g.rank") == 2  # both dispatch kernels' own_combine_flag
     ll_combine = src[src.index("static int ll_combine("):]
     assert "g.half[0], 0, g.dflag + g.rank," in ll_combine[:ll_combine.index("\n  }\n")]

@@ -176,7 +176,8 @@ def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
 def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
     """`gpu_check.sh ab` (the A/B every kernel change is judged by) runs the script on the base's build,
     each variant's, then this tree's, in turns (even rounds in reverse order, so a drift along a round
-    favours no side), and leaves the tree's build in place. Here with stub
+    favours no side), leaves the tree's build in place and, with AB_SUMMARY, ends with each side's
+    range of one number over every rank and round. Here with stub
     nvidia-smi and torchrun: each side's `generated` says which build it is."""
     import shutil
     import subprocess
@@ -198,17 +199,20 @@ def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
     (tmp_path / "generated").mkdir()
     (tmp_path / "generated" / "MARKER").write_text("tree\n")
     (stub / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: stub"; echo "GPU 1: stub"\n')
-    (stub / "torchrun").write_text('#!/bin/sh\necho "side sees: $(cat generated/MARKER)"\n')
+    (stub / "torchrun").write_text('#!/bin/sh\necho "side sees: $(cat generated/MARKER)"\n'
+                                   'echo "dispatch $(wc -c < generated/MARKER).5"\n')
     for f in stub.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               AB_ROUNDS="2")
+               AB_ROUNDS="2", AB_SUMMARY=r"dispatch ([0-9.]+)")
     r = subprocess.run(["bash", "tools/gpu_check.sh", "ab", "2", "script.py"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     runs = re.findall(r"== (\w+), round (\d)\nside sees: (\w+)", r.stdout)
     sides = ["base", "v1", "v2", "tree"]
     assert runs == [(s, "1", s) for s in sides] + [(s, "2", s) for s in reversed(sides)], r.stdout
+    summary = dict(re.findall(r"^  (\w+) +(.*)$", r.stdout.split("== summary")[1], re.M))
+    assert summary == {s: f"{len(s) + 1}.5 / {len(s) + 1}.5 / {len(s) + 1}.5 (2 values)" for s in sides}, r.stdout
     assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
     assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
     assert (tmp_path / "generated" / "op" / "_build" / "libop.so").read_text() == "libs"

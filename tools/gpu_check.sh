@@ -203,7 +203,9 @@ case "$PHASE" in
     grep "tile \[" "$OUT/fused_tiles_np$NP.log" ;;
   ab)  # a script on the base ops (.prebuilt/base.tar.xz: BASE=<rev> tools/pack_prebuilt.sh), on each variant's
        # (.prebuilt/ab_<name>.tar.xz: VARIANTS="<name>=<rev> ...") and on this tree's, in turns, AB_ROUNDS rounds
-       # (2; even rounds in reverse order), lines matching AB_GREP printed: bash tools/gpu_check.sh ab N path [args]
+       # (2; even rounds in reverse order), lines matching AB_GREP printed; AB_SUMMARY='<regex with one group>'
+       # (e.g. 'dispatch ([0-9.]+)') ends with each side's min / median / max of that number over every rank
+       # and round: bash tools/gpu_check.sh ab N path [args]
     [ -f .prebuilt/base.tar.xz ] || { echo "no .prebuilt/base.tar.xz: BASE=<rev> bash tools/pack_prebuilt.sh"; exit 1; }
     start_mps_if_shared "$NP"
     # ./generated becomes a link to either build (not a path order: `python -m` and `-c` put the working
@@ -228,7 +230,17 @@ case "$PHASE" in
         echo "== $side, round $round"; grep -E "${AB_GREP:-.}" "$log" | head -"${AB_LINES:-12}"
       done
     done
-    rm generated && mv "$ab/tree/generated" generated ;;
+    rm generated && mv "$ab/tree/generated" generated
+    if [ -n "${AB_SUMMARY:-}" ]; then
+      echo "== summary of '$AB_SUMMARY' (every rank and round): min / median / max"
+      for side in $sides tree; do
+        cat "$OUT"/ab_"${side}"_*.log | python3 -c '
+import re, statistics, sys
+v = [float(m) for m in re.findall(sys.argv[1], sys.stdin.read())]
+print(f"  {sys.argv[2]:<12}", f"{min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f} ({len(v)} values)" if v else "no match")
+' "$AB_SUMMARY" "$side"
+      done
+    fi ;;
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;

@@ -333,6 +333,11 @@ __host__ __device__ constexpr int64_t ll_rows(uint64_t flag) {
 __device__ __forceinline__ uint64_t call_epoch(uint64_t host, const uint64_t* own_dispatch_flag) {
   return own_dispatch_flag ? ll_epoch(dev::ld_acquire_gpu(own_dispatch_flag)) : host;
 }
+// The low-latency dispatch's epoch: one more than this rank's own combine flag here (the last combine's
+// epoch; only this rank sets it, in the half before, so it holds still while the dispatch runs).
+__device__ __forceinline__ uint64_t ll_dispatch_epoch(const uint64_t* own_combine_flag) {
+  return dev::ld_acquire_gpu(own_combine_flag) + 1;
+}
 
 // The copy kernels' end: the last block to arrive resets the arrival counter and sets each rank's flag
 // (flag[d]: this rank's word at rank d) to the call's epoch; true in that block. Blocks arrive by a
@@ -721,7 +726,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
   const bool last = dev::arrive_last<false>(p.counter, gridDim.x);  // (its stores landed: acq_rel)
   stamp(p.trace, kTraceLLPush, 4);
   if (!last) return;
-  const uint64_t epoch = threadIdx.x == 0 ? dev::ld_acquire_gpu(p.own_combine_flag) + 1 : 0;
+  const uint64_t epoch = threadIdx.x == 0 ? ll_dispatch_epoch(p.own_combine_flag) : 0;
   set_flags(p.counter, p.flag, p.world, [&](int d) { return ll_flag(epoch, bits_all(r.dmask[d], r.kWords)); });
   stamp(p.trace, kTraceLLPush, 5);
 }
@@ -813,7 +818,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p
   __syncthreads();
   const unsigned all = (1u << p.world) - 1, others = all & ~(1u << p.me);  // (own tokens: ll_push wrote every row)
   if (warp == 0) {
-    const uint64_t want = ll_flag(dev::ld_acquire_gpu(p.own_combine_flag) + 1, 0);
+    const uint64_t want = ll_flag(ll_dispatch_epoch(p.own_combine_flag), 0);
     for (unsigned pending = all, seen = 0; pending;) {
       uint64_t v;
       const unsigned got = dev::warp_wait_any_ge(p.flags, pending, want, &v, p.wait, /*kind=*/5, 0);
