@@ -174,6 +174,17 @@ __device__ __forceinline__ void round_amax(const typename Op::Elem* x, int64_t b
   __syncthreads();
 }
 
+// One warp: piece ch (cut) of a row of 16-byte units from src into rows dst[0, nd), each pointer advanced
+// to the piece (SRC_READ_ONLY: src is not written while the kernel runs, so loads may go through L1).
+template <bool SRC_READ_ONLY, int N>
+__device__ __forceinline__ void copy_piece(char* (&dst)[N], int nd, const char* src, const Cut& cut, int ch, int lane) {
+  const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
+#pragma unroll
+  for (int d = 0; d < N; ++d)
+    if (d < nd) dst[d] += lo;
+  dev::copy_multi<N, SRC_READ_ONLY>(dst, nd, src + lo, bytes, lane, 32);
+}
+
 // Both pushes' item loop: each warp takes pieces of token rows of x (the cut's items, CTA-uniform
 // rounds), `dests(t, dst, sdst)` names token t's destination rows (and, fp8, their scales) and returns
 // how many (at most N), the piece is copied (or quantized) into all of them, and `bookkeep(t, nd, lane)`
@@ -200,11 +211,7 @@ __device__ __forceinline__ void push_pieces(const char* x, int64_t m, const Cut&
       quantize_row<Op>(dst, sdst, nd, reinterpret_cast<const T*>(x) + t * Op::kHidden, lane, cut.lo(ch), cut.hi(ch),
                        row_amax);
     } else {
-      const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
-#pragma unroll
-      for (int d = 0; d < N; ++d)
-        if (d < nd) dst[d] += lo;
-      dev::copy_multi<N>(dst, nd, x + t * D::kRowBytes + lo, bytes, lane, 32);
+      copy_piece<true>(dst, nd, x + t * D::kRowBytes, cut, ch, lane);  // (x: the caller's input)
     }
     if (ch == 0) bookkeep(t, nd, lane);
   }
@@ -472,11 +479,7 @@ __device__ __forceinline__ void copy_to_rows(char* (&dst)[K], const int64_t (&ds
     for (int q = 0; q < G; ++q)
       if (ch == 0 && lane + 32 * q < D::kGroups) sc[q] = __ldcg(src_scales + lane + 32 * q);
   }
-  const int64_t lo = cut.lo(ch) * 16, bytes = cut.hi(ch) * 16 - lo;
-#pragma unroll
-  for (int d = 0; d < K; ++d)
-    if (d < nd) dst[d] += lo;
-  dev::copy_multi<K, false>(dst, nd, src + lo, bytes, lane, 32);
+  copy_piece<false>(dst, nd, src, cut, ch, lane);  // (src: rows other ranks wrote during this call)
   if constexpr (D::kFp8) {
 #pragma unroll
     for (int q = 0; q < G; ++q)
