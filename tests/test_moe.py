@@ -60,12 +60,12 @@ def test_checks_pass_with_tokens_whose_slots_are_all_dropped():
         assert check_moe(shape, mode, seeds=16) == []
 
 
-def test_low_latency_checker_catches_the_source_writing_another_slots_row(monkeypatch):
-    """The destination copies a token from its first item's row there, through combine's state: a source
-    that wrote a later item's row instead leaves the copy reading a row nobody wrote."""
-    monkeypatch.setattr(moe, "ll_source_slot", lambda slots: slots[-1])
+def test_low_latency_checker_catches_a_line_row_naming_another_ranks_rows(monkeypatch):
+    """A token's line row to rank d names its slot rows there (the destination copies the token into
+    each): one that named the slots' rows at every rank would have d write rows of other ranks' experts."""
+    monkeypatch.setattr(moe, "line_row_slots", lambda slot_rows, d: slot_rows.max(axis=0))
     problems = check_moe(MoeShape(4, 16, 4, 6), "low_latency")
-    assert any("did not write" in p for p in problems), problems[:3]
+    assert problems and any("written twice" in p or "different layout" in p for p in problems), problems[:3]
 
 
 def test_low_latency_checker_catches_a_broken_state_row(monkeypatch):
@@ -144,6 +144,20 @@ def test_protocol_checker_catches_a_missing_wait(drop):
     prog = tuple(s for s in moe_program("normal") if not (s.kind == "wait" and s.flag == drop))
     problems = check_moe_protocol(4, program=prog)
     assert problems and any("of call" in p or "write-after-read" in p for p in problems), problems[:3]
+
+
+def test_protocol_checker_catches_an_expansion_that_does_not_wait_for_the_lines():
+    """Low-latency dispatch has no flag: the expansion reads each line row once its lines carry the
+    call's epoch (tagged_read). Read plainly, it reads rows not yet sent (or the last call's); with the
+    epoch not in the data (an untagged put), it waits forever, which the check reports as a deadlock."""
+    ll = moe_program("low_latency")
+    assert [s.kind for s in ll[:2]] == ["put", "tagged_read"] and ll[0].tagged
+    plain = tuple(MoeStep("read", s.buf) if s.kind == "tagged_read" else s for s in ll)
+    problems = check_moe_protocol(4, "low_latency", program=plain)
+    assert problems and "read recv from rank" in problems[0], problems[:2]
+    untagged = tuple(MoeStep("put", s.buf, s.flag) if s.tagged else s for s in ll)
+    stuck = check_moe_protocol(2, "low_latency", program=untagged)
+    assert stuck and "deadlock" in stuck[0] and "wait for recv's epoch 1" in stuck[0], stuck[:2]
 
 
 def test_protocol_checker_catches_reading_after_handing_back():
@@ -289,14 +303,15 @@ def test_moe_checks_pass_at_every_world_the_specs_use():
 def test_protocol_check_catches_values_a_cuda_graph_would_replay_from_the_capture():
     """Low-latency calls are replayed from a CUDA graph: a flag value or an arrival count the host
     passed at capture would be the same on every replay. The check sees the stale reads a captured
-    epoch allows and the deadlock a captured arrival count causes (the kernels keep both on the
+    epoch allows, and those a captured arrival count causes: the dispatch's last CTA then never sets
+    this rank's own dispatch flag again, where combine takes its epoch (the kernels keep both on the
     device: the epoch advanced by the call's first kernel, counters reset by their last block)."""
     from tilegen.moe import check_moe_protocol
     assert check_moe_protocol(4, "low_latency") == []
     stale = check_moe_protocol(4, "low_latency", captured=("epoch",))
     assert stale and "call 1 read recv from rank 1 of call 0" in stale[0], stale[:2]
     stuck = check_moe_protocol(2, "low_latency", captured=("arrivals",))
-    assert stuck and "deadlock" in stuck[0] and "call 1: wait for recv" in stuck[0], stuck[:2]
+    assert stuck and "call 1 read back from rank 1 of call 0" in stuck[0], stuck[:2]
     with pytest.raises(ValueError, match="captured must name values of epoch, arrivals"):
         check_moe_protocol(2, captured=("stream",))
 
@@ -385,24 +400,27 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
     """The pieces the host gives each kernel cover that kernel's own row exactly, for decode-sized to
     large calls and small to large GPUs: the push's (a token row: 16-byte vectors, or fp8 steps of 8
     channels, per-128 pieces starting at a scale group), the expansion's (a payload row) and combine's
-    send and reduction (a row of the token dtype), low-latency's push and expansion likewise. (A combine cut
+    send and reduction (a row of the token dtype), low-latency's push and expansion a line row's warp
+    stores. (A combine cut
     by the fp8 payload's row once summed half of every row.)"""
     hidden, elem, fp8 = 7168, 4 if "f32" in extra else 2, "fp8" in extra
     spec = MOE_SPEC.replace("256]", f"{hidden}]").replace("dtype: bf16\n", "" if "f32" in extra else "dtype: bf16\n")
     spec += extra
-    _, out = _build_host_program(tmp_path, spec, "cuts", (
+    s, out = _build_host_program(tmp_path, spec, "cuts", (
         "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
         "  for (int grid : {16, 132, 528}) {\n    for (int& r : H::g.resident) r = grid;\n"
         "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
         "      const tilegen::moe::Cut cuts[6] = {H::push_cut(tilegen::moe::kPush, m), H::expand_cut(m),"
-        " H::send_cut(m), H::reduce_cut(m), H::push_cut(tilegen::moe::kLLPush, m), H::ll_expand_cut(m)};\n"
+        " H::send_cut(m), H::reduce_cut(m), H::ll_cut(tilegen::moe::kLLPush, m),"
+        " H::ll_cut(tilegen::moe::kLLExpand, m)};\n"
         "      for (int k = 0; k < 6; ++k) {\n        printf(\"%d %d %lld %lld:\", k, grid, m, cuts[k].units);\n"
         "        for (int ch = 0; ch < cuts[k].pieces; ++ch) printf(\" %lld-%lld\", (long long)cuts[k].lo(ch),"
         " (long long)cuts[k].hi(ch));\n        printf(\"\\n\");\n      }\n    }\n  }\n}\n"))
     want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden // 16 if fp8 else hidden * elem // 16,
                   2: hidden * elem // 16, 3: hidden * elem // 16}
     align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1, 3: 1}
-    want_units[4], want_units[5], align[4], align[5] = want_units[0], want_units[1], align[0], 1  # low-latency's
+    line_units = s.ll_line_bytes()[0] // 512  # low-latency's: a line row's warp stores of 4 lines
+    want_units[4], want_units[5], align[4], align[5] = line_units, line_units, 1, 1
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 6 * 5 * 3
     for ln in lines:

@@ -17,10 +17,11 @@ item. The handle (source rank, token, slot of every received row) is what combin
 
 Low-latency mode: fixed capacity, no host synchronisation: rank d's local expert l has one segment
 of max_tokens rows per source rank (experts are distinct per token); an item's row in its segment
-is its item index; the counts per (expert, source) travel with the flags (CUDA-graph capturable).
-Each source writes the outputs at the destination itself: a token's first item row there
-(`ll_source_slot`), combine's state in the source's staging segment (`staging_rows`); the
-destination copies the row to the token's other item rows (`_simulate_low_latency` runs it).
+is its item index; the counts per (expert, source) travel first, in head lines (CUDA-graph capturable).
+Each source sends a token once to each other rank it goes to, as a line row in its staging segment there
+(`staging_rows`): the token and combine's state (its slot rows there, weights) in lines that carry the
+call's epoch (LL128), which the destination copies into every item row as they land; on its own rank
+the source writes the item rows and the state itself (`_simulate_low_latency` runs it).
 
 Combine: each received row's expert output goes back to its source rank (the kernels first sum a
 token's items on each expert rank, in slot order, in fp32); the source sums them weighted, in a
@@ -310,10 +311,10 @@ def _simulate_normal_dedup(shape: MoeShape, xs, idxs, rows_fn=None) -> list[Disp
     return out
 
 
-def ll_source_slot(slots: Sequence[int]) -> int:
-    """Low-latency dispatch: of a token's slots with an expert on another rank (in slot order), the one
-    whose row the source writes there (the first); the destination copies that row to the others."""
-    return slots[0]
+def line_row_slots(slot_rows: np.ndarray, d: int) -> np.ndarray:
+    """Low-latency dispatch: the slot rows a token's line row to rank d carries (slot_rows: [world, k],
+    the token's row of each slot at each rank, -1 elsewhere): its rows at d."""
+    return slot_rows[d].copy()
 
 
 def state_weights(w: np.ndarray, slot_rows: np.ndarray) -> np.ndarray:
@@ -324,10 +325,10 @@ def state_weights(w: np.ndarray, slot_rows: np.ndarray) -> np.ndarray:
 
 def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None, ws=None) -> list[Dispatched]:
     """Low-latency, as the kernels run it: segments [local expert][source] of ll_capacity rows; each
-    source writes, at every rank its token goes to, combine's state in its staging segment (the
-    token's rank among its tokens to that rank: slot rows there, weights, source and token) and the
-    token into one item row there (`ll_source_slot`; on its own rank every item row); the destination
-    then copies that row, found through the state, to the token's other item rows. The rows a receiver
+    source sends its token to every other rank it goes to as a line row in its staging segment there
+    (the token's rank among its tokens to that rank) with combine's state (slot rows there, weights,
+    source and token); the destination copies the token into every slot row the line row names and
+    keeps the state; on its own rank the source writes the item rows and the state. The rows a receiver
     reads are the first count rows of each segment, compacted here in (local expert, source) order to
     compare with the reference. With `ws`, combine runs through the state too (each destination sums
     a token's slots in slot order, the source sums the destinations in rank order) and must give the
@@ -337,6 +338,7 @@ def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None, ws=None) -> l
     buf: dict[tuple[int, int], np.ndarray] = {}  # (d, row) -> token
     handle: dict[tuple[int, int], tuple] = {}  # (d, row) -> (s, t, j)
     state: dict[tuple[int, int], tuple] = {}  # (d, staging row) -> (s, t, slot rows, weights)
+    lines: dict[tuple[int, int], tuple] = {}  # (d, staging row) -> what the line row carries: state, token
     for s, (x, idx) in enumerate(zip(xs, idxs)):
         rows = (rows_fn or ll_rows)(shape, idx)
         stage = staging_rows(shape, s, idx)
@@ -360,22 +362,14 @@ def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None, ws=None) -> l
                     raise MoeCheckError(f"rank {s} token {t}: staging row {srow} at rank {d} outside its segment "
                                         f"or written twice")
                 w = ws[s][t] if ws is not None else np.zeros(K)
-                state[(d, srow)] = (s, t, slot_rows[d].copy(), state_weights(w, slot_rows[d]))
-                for j in (slots if d == s else [ll_source_slot(slots)]):
-                    if (d, int(slot_rows[d, j])) in buf:
-                        raise MoeCheckError(f"rank {d}: row {slot_rows[d, j]} written twice")
-                    buf[(d, int(slot_rows[d, j]))] = x[t]
-                for j in slots:
-                    handle[(d, int(slot_rows[d, j]))] = (s, t, j)
-    for (d, _), (s, t, slot_rows, _) in sorted(state.items()):  # the destination's copies of others' tokens
-        if s == d:
-            continue
-        valid = [int(r) for r in slot_rows if r >= 0]
-        if (d, valid[0]) not in buf:
-            raise MoeCheckError(f"rank {d}: token {t} of rank {s} copied from row {valid[0]}, which its source "
-                                f"did not write")
-        for r in valid[1:]:
-            buf[(d, r)] = buf[(d, valid[0])]
+                carried = line_row_slots(slot_rows, d)
+                sent = (s, t, carried, state_weights(w, carried))
+                if d == s:
+                    _expand_line_row(shape, d, srow, sent + (x[t],), buf, handle, state)
+                else:
+                    lines[(d, srow)] = sent + (x[t],)
+    for (d, srow), line_row in sorted(lines.items()):  # each destination's copies of other ranks' tokens
+        _expand_line_row(shape, d, srow, line_row, buf, handle, state)
     out = []
     for d in range(W):
         xr, hr, counts = [], [], np.zeros(L, dtype=np.int64)
@@ -393,6 +387,20 @@ def _simulate_low_latency(shape: MoeShape, xs, idxs, rows_fn=None, ws=None) -> l
     if ws is not None:
         _combine_through_state(shape, xs, idxs, ws, buf, state)
     return out
+
+
+def _expand_line_row(shape: MoeShape, d: int, srow: int, line_row: tuple, buf, handle, state) -> None:
+    """Rank d keeps a line row's state (combine reads it) and copies its token into every slot row it
+    names, with the handles: MoeCheckError where a row is outside d's rows or written twice."""
+    s, t, slot_rows, w, x = line_row
+    n = shape.local_experts * shape.world * shape.ll_capacity()
+    state[(d, srow)] = (s, t, slot_rows, w)
+    for j, r in enumerate(int(r) for r in slot_rows):
+        if r < 0:
+            continue
+        if r >= n or (d, r) in buf:
+            raise MoeCheckError(f"rank {d}: row {r} of token {t} from rank {s} outside its {n} rows or written twice")
+        buf[(d, r)], handle[(d, r)] = x, (s, t, j)
 
 
 def weighted_outputs(shape: MoeShape, x: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -489,19 +497,23 @@ def check_moe(shape: MoeShape, mode: str = "normal", hidden: int = 3, seeds: int
 # epoch lives on the device).
 @dataclass(frozen=True)
 class MoeStep:
-    """kinds: put (write `buf` at every peer, the part from this rank; then set flag `flag` there),
-    wait (until every peer set flag `flag` here), read (the caller or a kernel reads `buf` here:
-    every peer's part must be this call's)."""
+    """kinds: put (write `buf` at every peer, the part from this rank; then set flag `flag` there;
+    tagged: the flag is in the data, `buf` carries the epoch, and only this rank's own flag is set,
+    here), wait (until every peer set flag `flag` here), read (the caller or a kernel reads `buf` here:
+    every peer's part must be this call's), tagged_read (a read that first waits until every peer's
+    part of `buf` here carries the epoch `flag` names: exactly, as the kernels compare)."""
 
     kind: str
     buf: str = ""
     flag: str = ""
+    tagged: bool = False
 
 
 def moe_program(mode: str) -> tuple[MoeStep, ...]:
     """One call of dispatch, the expert computation and combine, on one rank. Normal mode exchanges
     counts first (the senders' rows depend on them); low-latency mode sends counts with the data, and
-    its sources write the outputs and combine's state at the destination themselves (recv).
+    its sources send the tokens and combine's state as tagged line rows (recv: the epoch in the data),
+    which the destination reads as they land, then keeps (the experts and combine read them).
     No entry handshake: every put goes to every peer (an empty one still sets its flag), so a rank
     starts writing a peer's buffer only after that peer's own puts of the step before, which follow
     its reads of the previous call (the check shows it; a rank that skipped an empty peer would
@@ -511,9 +523,11 @@ def moe_program(mode: str) -> tuple[MoeStep, ...]:
     steps = []
     if mode == "normal":
         steps += [MoeStep("put", "counts", "counts"), MoeStep("wait", flag="counts"), MoeStep("read", "counts")]
-    steps += [MoeStep("put", "recv", "recv"), MoeStep("wait", flag="recv"), MoeStep("read", "recv")]  # experts
-    if mode == "low_latency":  # combine's send reads its state (slot rows, weights), which the sources wrote
-        steps.append(MoeStep("read", "recv"))
+    if mode == "normal":
+        steps += [MoeStep("put", "recv", "recv"), MoeStep("wait", flag="recv"), MoeStep("read", "recv")]  # experts
+    else:  # the expansion reads the line rows, the experts their copies, combine's send its state
+        steps += [MoeStep("put", "recv", "recv", tagged=True), MoeStep("tagged_read", "recv", "recv"),
+                  MoeStep("read", "recv"), MoeStep("read", "recv")]
     steps += [MoeStep("put", "back", "back"), MoeStep("wait", flag="back"), MoeStep("read", "back")]  # combine
     return tuple(steps)
 
@@ -552,6 +566,7 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
         rng = random.Random(seed) if seed else None
         pct = seed % 2 == 0 and seed > 0
         data: dict[tuple, int] = {}  # (rank, buf, from rank) -> call
+        tags: dict[tuple, int] = {}  # (rank, buf, from rank) -> the epoch a tagged put wrote with it
         flags: dict[tuple, int] = {}  # (rank, flag, from rank) -> epoch (call + 1)
         pos = [0] * world
         queue = [[(call, st) for call in range(MOE_CALLS) for st in prog] for _ in range(world)]
@@ -569,10 +584,13 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
 
         def blocked(r):
             call, st = queue[r][pos[r]]
-            if st.kind != "wait":
+            if st.kind not in ("wait", "tagged_read") or r in inflight:
                 return None
             want = early.get((r, st.flag), epoch(r, call, st.flag))
-            if any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
+            if st.kind == "tagged_read":
+                if any(tags.get((r, st.buf, q), 0) != want for q in range(world) if q != r):
+                    return f"rank {r} call {call}: wait for {st.buf}'s epoch {want}"
+            elif any(flags.get((r, st.flag, q), 0) < want for q in range(world) if q != r):
                 return f"rank {r} call {call}: wait for {st.flag}"
             return None
 
@@ -586,7 +604,7 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
                     raise MoeCheckError("deadlock: " + "; ".join(blocked(r) for r in live))
                 r = order.pick(ready)
                 call, st = queue[r][pos[r]]
-                if st.kind == "read" and r not in inflight:  # a read starts, runs beside others, then ends
+                if st.kind in ("read", "tagged_read") and r not in inflight:  # starts, runs beside others, ends
                     inflight[r] = [(q, data.get((r, st.buf, q))) for q in range(world)]
                     continue
                 pos[r] += 1
@@ -596,10 +614,12 @@ def check_moe_protocol(world: int, mode: str = "normal", seeds: int = 40, progra
                         early[(r, st.flag)] = value  # (read before this put sets its own flag)
                     for q in range(world):
                         data[(q, st.buf, r)] = call
-                        if call and "arrivals" in captured:
-                            continue  # the last block's count was passed by the capture: no flag set
+                        if st.tagged:
+                            tags[(q, st.buf, r)] = value
+                        if (st.tagged and q != r) or (call and "arrivals" in captured):
+                            continue  # (the capture's count passed to the last block: no flag set)
                         flags[(q, st.flag, r)] = value
-                elif st.kind == "read":
+                elif st.kind in ("read", "tagged_read"):
                     for q, seen in inflight.pop(r):
                         now = data.get((r, st.buf, q))
                         if seen != call:

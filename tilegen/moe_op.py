@@ -276,9 +276,9 @@ class MoeOp(GeneratedOp):
         "combine_send": ("start", "rows sent", "arrived (last CTA: flags set)"),
         "combine_reduce": ("start", "flags seen", "rows summed"),
         "ll_push": ("start", "routed", "warp 0's rows pushed", "every warp's rows pushed",
-                    "arrived (its stores landed)", "flags set (last CTA)"),
-        "ll_expand": ("start", "every flag seen (warp 0)", "rows copied", "item taken (latest warp)",
-                      "slot rows loaded (latest warp)", "piece stored (latest warp)"),
+                    "arrived (its own rows stored)", "own flag set (last CTA)"),
+        "ll_expand": ("start", "every head seen (warp 0)", "rows copied", "item taken (latest warp)",
+                      "meta lines loaded (latest warp)", "piece stored (latest warp)"),
     }
 
     def trace(self, on: bool = True) -> None:

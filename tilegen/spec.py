@@ -421,7 +421,19 @@ class KernelSpec(_Frozen):
             out_row = h if self.fp8_group else h * self.elem_bytes
             total += (a(rows * out_row) + a(rows * groups * 4) + a(rows * 3 * 4) + a(srows * k * 4) + a(srows * 2 * 4)
                       + a(srows * k * 4) + a(local * world * 4) + a(world * 4))
+            row_bytes, head_bytes = self.ll_line_bytes()
+            total += a(srows * row_bytes) + a(world * head_bytes)
         return total
+
+    def ll_line_bytes(self) -> tuple[int, int]:
+        """MoE low_latency: the bytes of a line row and of a head (tilegen/moe.cuh's LLLines): 128-byte lines
+        of 120 data bytes (meta: token, pad, slot rows, weights; fp8 scales; the payload row) and the epoch,
+        in whole warp stores of 4 lines."""
+        h, k2 = self.max_shape[1], -(-self.topk // 2) * 2
+        groups = h // self.fp8_group if self.fp8_group else 0
+        data = 4 * (2 + 2 * k2) + 4 * (-(-groups // 2) * 2) + (h if self.fp8_group else h * self.elem_bytes)
+        lines, head_lines = -(-data // 120), -(-4 * (2 + self.experts) // 120)
+        return -(-lines // 4) * 512, -(-head_lines // 4) * 512
 
     def ll_route_bytes(self) -> int:
         """MoE low_latency: the shared memory each CTA of the push routes a call in (tilegen/moe.cuh's LLRoute):

@@ -105,9 +105,9 @@ def test_copy_engine_overlap_reports_a_missing_peer(dist_env):
 
 
 def test_moe_low_latency_dispatch_reports_a_missing_peer(dist_env):
-    """Rank 0 dispatches in low-latency mode, the others do not: the expansion (launched early, taking
-    each source as its flag arrives) gives up with a TimeoutError naming the first missing rank and the
-    call, no hang; rank 0's next call is refused."""
+    """Rank 0 dispatches in low-latency mode, the others do not: the expansion (launched early, reading
+    each source's head lines as they land) gives up with a TimeoutError naming the first missing rank,
+    the call and the epoch its line held, no hang; rank 0's next call is refused."""
     import generated
     from .test_moe_gpu import _ll_expert_fn, _routing, _tokens
 
@@ -127,9 +127,9 @@ def test_moe_low_latency_dispatch_reports_a_missing_peer(dist_env):
     drained = _gpu_drains(20)
     _cpu_barrier()
     assert setup_error is None, repr(setup_error)
-    if rank == 0:  # (rank 1's flag holds the epoch of the last call it made, the pair above)
-        _check_timed_out_then_refused(outcomes, r"rank 0 timed out waiting for rank 1's dispatch flag of call \d+ "
-                                                r"\(saw \d+\)")
-        called, saw = map(int, re.search(r"of call (\d+) \(saw (\d+)\)", str(outcomes[0][0])).groups())
-        assert saw == called - 1, str(outcomes[0][0])  # (the epoch decoded from the flag, not its raw bits)
+    if rank == 0:  # (rank 1's head lines hold the epoch of the last call it made, the pair above)
+        _check_timed_out_then_refused(outcomes, r"rank 0 timed out waiting for rank 1's dispatch lines of call \d+ "
+                                                r"\(a line held \d+\)")
+        called, saw = map(int, re.search(r"of call (\d+) \(a line held (\d+)\)", str(outcomes[0][0])).groups())
+        assert saw == called - 1, str(outcomes[0][0])
     assert drained, f"rank {rank}: the GPU still has queued work 20 s after rank 0's bounded call"

@@ -93,7 +93,8 @@ struct WaitError {
   int32_t failed;      // 0 = no error; set once by the first waiter that timed out
   int32_t rank;        // rank that waited
   int32_t op_id;       // which op (index in the generated package)
-  int32_t signal_kind; // 0 = entry, 1 = tile flag, 2 = CTA counter, 3 = LL line
+  int32_t signal_kind; // 0 = entry, 1 = tile flag, 2 = CTA counter, 3 = LL line, 5 / 6 = MoE dispatch /
+                       // combine flag, 7 = MoE LL128 line
   int64_t signal_index;
   uint64_t expected;
   uint64_t seen;
@@ -391,6 +392,50 @@ __device__ __forceinline__ bool ll_load(const char* line, uint32_t flag, uint64_
   }
   *v = static_cast<uint64_t>(lo) | static_cast<uint64_t>(hi) << 32;
   return true;
+}
+// NCCL's LL128: 128-byte lines of 120 data bytes then an 8-byte flag, a lane storing 16 bytes, so one
+// warp store writes 4 whole lines (lanes 8i..8i+7 line i; lane 8i+7: 8 data bytes, then the flag).
+// NVLink delivers a warp's line whole (NCCL relies on it on Hopper too), so a reader that loads a line
+// in one warp load and finds the flag in it has that line's data: no fence, no separate signal, 1/16
+// of the bytes. Lines here are global memory written by a peer (or by this GPU's warps).
+__device__ __forceinline__ void st_volatile_v2(char* p, uint64_t a, uint64_t b) {
+  asm volatile("st.volatile.global.v2.u64 [%0], {%1,%2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
+__device__ __forceinline__ void ld_volatile_v2(const char* p, uint64_t& a, uint64_t& b) {
+  asm volatile("ld.volatile.global.v2.u64 {%0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+}
+// Warp: each lane's 16 bytes at `mine` (lane 8i + 7's in line i: its flag; lanes with !live load nothing
+// and count as arrived), reloaded until every live line holds `flag`; false on timeout (recorded as
+// kind, index + per_line * the stale line's index in the warp). One lane polls a line's flag first, sleeping between loads: a grid of warps re-reading
+// whole lines while they land would load L2 with most of the traffic the lines themselves bring.
+__device__ __forceinline__ bool ll128_load(const char* mine, bool live, uint64_t flag, uint64_t& a, uint64_t& b,
+                                           const WaitCtx& ctx, int kind, int64_t index, int64_t per_line, int step) {
+  const int lane = threadIdx.x & 31;
+  const bool tag = (lane & 7) == 7;
+  uint64_t t0 = 0;
+  while (true) {
+    a = b = 0;
+    if (live) ld_volatile_v2(mine, a, b);
+    const unsigned stale = __ballot_sync(0xffffffffu, live && tag && b != flag);
+    if (!stale) return true;
+    // (wait on the first stale line's flag alone, then load the unit again)
+    const int who = __ffs(stale) - 1;
+    uint64_t f = 0, unused;
+    for (uint32_t naps = 0;; ++naps) {
+      if (lane == who) ld_volatile_v2(mine, unused, f);
+      if (__shfl_sync(0xffffffffu, f, who) == flag) break;
+      __nanosleep(128);
+      if (ctx.timeout_ns && (naps & 255u) == 255u) {
+        const uint64_t now = __shfl_sync(0xffffffffu, globaltimer_ns(), 0);
+        if (!t0) {
+          t0 = now;
+        } else if (now - t0 > ctx.timeout_ns) {
+          if (lane == who) record_timeout(ctx, kind, index + per_line * (who >> 3), flag, f, step);
+          return false;
+        }
+      }
+    }
+  }
 }
 // Up to 8 bytes of plain memory (the tail of a unit may be shorter or unaligned).
 template <bool READ_ONLY>

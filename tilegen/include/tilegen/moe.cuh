@@ -89,11 +89,33 @@ __device__ __forceinline__ void stamp_latest(uint64_t* trace, int kernel, int ph
               static_cast<unsigned long long>(dev::globaltimer_ns()));
 }
 
+// fp8: a group's scale (amax / 448; 1 where the group is all zero), and 8 values x / scale as e4m3 bytes,
+// rounded to nearest even, saturating (the same arithmetic as tilegen.moe_nccl.quantize).
+__device__ __forceinline__ float fp8_scale(float amax) { return amax > 0.f ? amax / 448.f : 1.f; }
+__device__ __forceinline__ uint2 quantize8(const float (&f)[8], float scale) {
+  uint32_t packed[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h] / scale, f[4 * h + 1] / scale),
+                                                              __NV_SATFINITE, __NV_E4M3);
+    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h + 2] / scale, f[4 * h + 3] / scale),
+                                                              __NV_SATFINITE, __NV_E4M3);
+    packed[h] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  return make_uint2(packed[0], packed[1]);
+}
+// Channels [8v, 8v + 8) of a 16-bit token row as floats.
+template <class T>
+__device__ __forceinline__ void load8_channels(const T* x, int64_t v, float (&f)[8]) {
+  const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) f[q] = dev::to_acc(e[q]);
+}
+
 // fp8 dispatch: one warp quantizes steps [vlo, vhi) (8 channels each) of token row x into every
-// destination row dst[d] (e4m3 bytes) and its scales sdst[d] (one fp32 per group): scale = amax / 448 of the
-// group (1 where it is all zero), each value x / scale rounded to nearest even, saturating (the same
-// arithmetic as tilegen.moe_nccl.quantize). Per-128 pieces start at a group; per-token scales take the
-// row's amax from the caller (round_amax: the CTA read each row once).
+// destination row dst[d] (e4m3 bytes) and its scales sdst[d] (one fp32 per group). Per-128 pieces start
+// at a group; per-token scales take the row's amax from the caller (round_amax: the CTA read each row once).
 template <class Op, int N>
 __device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const (&sdst)[N], int nd,
                                              const typename Op::Elem* x, int lane, int64_t vlo, int64_t vhi,
@@ -105,12 +127,7 @@ __device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const
     const int64_t v = base + lane;
     const bool active = v < vhi;
     float f[8] = {};
-    if (active) {
-      const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + v);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) f[q] = dev::to_acc(e[q]);
-    }
+    if (active) load8_channels(x, v, f);
     float amax = row_amax;
     if constexpr (G != H) {  // 128 channels: 16 lanes
       amax = 0.f;
@@ -119,41 +136,35 @@ __device__ __forceinline__ void quantize_row(char* const (&dst)[N], float* const
 #pragma unroll
       for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     }
-    const float scale = amax > 0.f ? amax / 448.f : 1.f;
-    uint32_t packed[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h] / scale, f[4 * h + 1] / scale),
-                                                                __NV_SATFINITE, __NV_E4M3);
-      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * h + 2] / scale, f[4 * h + 3] / scale),
-                                                                __NV_SATFINITE, __NV_E4M3);
-      packed[h] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
+    const float scale = fp8_scale(amax);
+    const uint2 packed = quantize8(f, scale);
     if (!active) continue;
     const int64_t g = v * 8 / G;
     for (int d = 0; d < nd; ++d) {
-      *reinterpret_cast<uint2*>(dst[d] + v * 8) = make_uint2(packed[0], packed[1]);
+      *reinterpret_cast<uint2*>(dst[d] + v * 8) = packed;
       if (v * 8 % G == 0) sdst[d][g] = scale;
     }
   }
 }
 
-// fp8 per-token scales: the amax of every token a CTA's round of items [base, base + kWarps) touches (at
-// most kWarps tokens), each row read once by all the CTA's threads into amax_bits[t - base / pieces]
-// (float bits: non-negative floats order as unsigned ints). A warp per piece reading its whole row re-read
-// each row once per piece: 28 times per token at 128 tokens, ~10 us of a decode-sized push. Every thread
-// of the CTA calls it (barriers).
+// fp8 scales: the amax of each scale group of every token a CTA's round of items [base, base + kWarps)
+// touches (at most kWarps tokens), each row read once by all the CTA's threads into
+// amax_bits[(t - base / pieces) * groups + group] (float bits: non-negative floats order as unsigned ints).
+// A warp per piece reading its whole row re-read each row once per piece: 28 times per token at 128
+// tokens, ~10 us of a decode-sized push. Every thread of the CTA calls it (barriers).
 template <class Op>
 __device__ __forceinline__ void round_amax(const typename Op::Elem* x, int64_t base, int64_t items, int pieces,
                                            unsigned* amax_bits) {
   using T = typename Op::Elem;
-  constexpr int64_t nvec = Op::kHidden / 8;  // 16-byte vectors per row
-  constexpr int U = 4;                       // loads in flight per thread
+  constexpr int64_t nvec = Op::kHidden / 8;            // 16-byte vectors per row
+  constexpr int64_t gvec = Op::kFp8Group / 8;          // ... per scale group
+  constexpr int kSlots = kWarps * (Op::kHidden / Op::kFp8Group);
+  constexpr int U = 4;                                 // loads in flight per thread
   const int64_t t0 = base / pieces, t1 = ((base + kWarps < items ? base + kWarps : items) - 1) / pieces;
   const int64_t n = (t1 - t0 + 1) * nvec;
   const int4* row0 = reinterpret_cast<const int4*>(x + t0 * Op::kHidden);
   __syncthreads();  // (every warp took the last round's amax)
-  if (threadIdx.x < kWarps) amax_bits[threadIdx.x] = 0;
+  for (int i = threadIdx.x; i < kSlots; i += blockDim.x) amax_bits[i] = 0;
   __syncthreads();
   for (int64_t v0 = threadIdx.x; v0 < n; v0 += U * blockDim.x) {
     int4 raw[U];
@@ -170,7 +181,7 @@ __device__ __forceinline__ void round_amax(const typename Op::Elem* x, int64_t b
       float a = 0.f;
 #pragma unroll
       for (int q = 0; q < 8; ++q) a = fmaxf(a, fabsf(dev::to_acc(e[q])));
-      atomicMax(amax_bits + v / nvec, __float_as_uint(a));
+      atomicMax(amax_bits + v / gvec, __float_as_uint(a));
     }
   }
   __syncthreads();
@@ -585,20 +596,58 @@ __global__ void __launch_bounds__(kWarps * 32, 2) expand_rows(ExpandParams<Op> p
 }
 
 // ------------------------------------------------------------------------------------- low-latency dispatch
-// Low-latency mode writes the outputs themselves at every rank: they live in symmetric memory (Host::ll_layout:
-// recv rows [L][world][max_tokens] (fp8: scales beside), handle per row, combine's state per (source, token)
-// in segments of max_tokens per source, counts [L][world], tokens from each source). One kernel per rank
-// routes (every CTA the whole call, in shared memory: a decode call is at most max_tokens tokens) and pushes
-// each token once per rank, to its first item's row there (its items on this rank: every row), with the
-// rows' bookkeeping; its last CTA sets the flags (the epoch and the rows sent: ll_flag). Then each rank takes
-// each source as its flag arrives and copies each token from elsewhere into its other items' rows (tokens usually reach one
-// rank with several of their experts). No route kernel, no staging rows: tilegen/moe.py's ll_rows layout.
+// Low-latency mode writes the outputs at every rank itself, in symmetric memory (Host::ll_layout: recv rows
+// [L][world][max_tokens] (fp8: scales beside), the handle per row, combine's state per (source, token) in
+// segments of max_tokens per source, counts [L][world], tokens from each source). One kernel per rank
+// routes (every CTA the whole call, in shared memory: a decode call is at most max_tokens tokens) and
+// sends each token once to each other rank it goes to, as a line row (LL128 lines, below: the token, its
+// slot rows there and their weights, fp8 scales) in that rank's segment for the source (the token's rank
+// among those sent there); the rows sent and the counts go first, as head lines. Its own rank's rows and
+// state it writes directly, and its last CTA sets its own dispatch flag (this GPU only). The expansion
+// (ll_expand) copies each line row into the token's item rows there as its lines land, overlapping the
+// push: no fence and no flag between a store and its copy. tilegen/moe.py's _simulate_low_latency runs
+// the same layout; moe_program's tagged put and read its protocol.
 struct LLLayout {  // byte offsets in a rank's low-latency region
-  int64_t out, scales, handle, slot_rows, stage_src, stage_w, counts, ntok, bytes;
+  int64_t out, scales, handle, slot_rows, stage_src, stage_w, counts, ntok, lines, heads, bytes;
 };
 template <class P>
 __device__ __host__ __forceinline__ P* at(char* base, int64_t off) {
   return reinterpret_cast<P*>(base + off);
+}
+
+// A line row: the data bytes (meta: token, pad, slot rows there, weights, as int32 / fp32 (K rounded up
+// to even); fp8 scales (groups rounded up to even); the payload row) in 128-byte lines of 120 data bytes
+// and the call's epoch (dev::ll128_load), whole warp stores of 4 lines (the lines past the data are not
+// sent). A head: rows sent, pad, counts per local expert (at most the experts), the same way.
+constexpr int kLineBytes = 128, kLineData = 120;
+template <class Op>
+struct LLLines {
+  using D = Dims<Op>;
+  static constexpr int kK2 = (Op::kTopk + 1) / 2 * 2;
+  static constexpr int64_t kMetaBytes = 4 * (2 + 2 * kK2);
+  static constexpr int64_t kPayloadAt = kMetaBytes + 4 * ((D::kGroups + 1) / 2 * 2);
+  static constexpr int64_t kData = kPayloadAt + D::kOutRowBytes;
+  static constexpr int64_t kLines = (kData + kLineData - 1) / kLineData;
+  static constexpr int64_t kUnits = (kLines + 3) / 4;  // warp stores
+  static constexpr int64_t kRowBytes = kUnits * 4 * kLineBytes;
+  static constexpr int64_t kHeadData = 4 * (2 + Op::kExperts);
+  static constexpr int64_t kHeadLines = (kHeadData + kLineData - 1) / kLineData;
+  static constexpr int64_t kHeadBytes = (kHeadLines + 3) / 4 * 4 * kLineBytes;
+  static_assert(kMetaBytes <= 4 * kLineData, "a row's meta lies in its first warp store (every copying warp reads it)");
+};
+// Lane's 16 bytes of warp store u: line 4u + lane / 8, at data byte line * 120 + (lane % 8) * 16 (the
+// line's last lane: 8 data bytes, then the epoch).
+__device__ __forceinline__ int64_t line_of(int64_t u, int lane) { return u * 4 + (lane >> 3); }
+__device__ __forceinline__ int64_t line_data_at(int64_t u, int lane) { return line_of(u, lane) * kLineData + (lane & 7) * 16; }
+__device__ __forceinline__ int64_t line_byte_at(int64_t u, int lane) { return line_of(u, lane) * kLineBytes + (lane & 7) * 16; }
+__device__ __forceinline__ bool epoch_lane(int lane) { return (lane & 7) == 7; }
+// Int32 i of the data of a warp store 0 the warp loaded (a, b: each lane's 16 bytes), to every lane (i
+// the same in every lane: a lane sends the word its own i names).
+__device__ __forceinline__ int32_t line_int(uint64_t a, uint64_t b, int i) {
+  const int byte = 4 * i, in_line = byte % kLineData, from = byte / kLineData * 8 + in_line / 16;
+  const int word = in_line % 16 / 4;
+  const uint64_t v = word < 2 ? a : b;
+  return static_cast<int32_t>(__shfl_sync(0xffffffffu, static_cast<uint32_t>(word & 1 ? v >> 32 : v), from));
 }
 
 template <class Op>
@@ -646,14 +695,14 @@ struct LLPushParams {
   int idx64;
   const float* w;
   int64_t m;
-  char* ll[Op::kMaxWorld];        // each rank's low-latency region
+  char* ll[Op::kMaxWorld];  // each rank's low-latency region
   LLLayout lay;
-  uint64_t* flag[Op::kMaxWorld];  // this rank's dispatch flag at each rank
-  uint64_t* counter;              // CTAs arrived (the last resets it)
+  uint64_t* own_flag;       // this rank's dispatch flag here (ll_flag: the epoch, the rows it kept)
+  uint64_t* counter;        // CTAs arrived (the last resets it)
   const uint64_t* own_combine_flag;  // this rank's combine flag here: the last combine's epoch
   int me, world, local;
-  Cut cut;          // of a token row (Dims::kPushUnits)
-  uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed (warp 0, every warp), arrived, flags set
+  Cut cut;          // of a line row (LLLines::kUnits warp stores)
+  uint64_t* trace;  // phase stamps (null: off): start, routed, rows pushed (warp 0, every warp), arrived, own flag set
 };
 
 // Item (t, slot j) of expert e = d * L + l: its row at rank d, segment (l, this source), rank among this
@@ -662,77 +711,194 @@ template <class Op>
 __device__ __forceinline__ int64_t ll_row(const LLRoute<Op>& r, int e, int64_t t, int me, int world, int local) {
   return ((e % local) * static_cast<int64_t>(world) + me) * Op::kMaxTokens + bits_below(r.emask[e], t);
 }
-
-// Warp: token t's bookkeeping at every rank it goes to: the handle (source, token, slot) of each item row,
-// and combine's state in row (this source, token's rank among those sent there): source and token, each
-// slot's row there (-1: elsewhere) and weight.
+// Token t's slot j row at rank d (-1: its expert is elsewhere or the slot dropped).
 template <class Op>
-__device__ __forceinline__ void ll_bookkeep(const LLPushParams<Op>& p, const LLRoute<Op>& r, int64_t t, int lane) {
+__device__ __forceinline__ int64_t ll_slot_row(const LLRoute<Op>& r, int64_t t, int j, int d, int me, int world,
+                                               int local) {
+  const int e = r.e[t * Op::kTopk + j];
+  return e >= 0 && e / local == d ? ll_row<Op>(r, e, t, me, world, local) : -1;
+}
+
+// Warp: token t's bookkeeping on this rank: the handle (source, token, slot) of each item row, and
+// combine's state in row (this source, token's rank among those kept here): source and token, each
+// slot's row here (-1: elsewhere) and weight. (The other ranks' come in the line rows' meta.)
+template <class Op>
+__device__ __forceinline__ void ll_bookkeep_own(const LLPushParams<Op>& p, const LLRoute<Op>& r, int64_t t, int lane) {
   constexpr int K = Op::kTopk;
-  for (int d = 0; d < p.world; ++d) {
-    if (!(r.dmask[d][t >> 5] >> (t & 31) & 1)) continue;
-    char* base = p.ll[d];
-    const int64_t srow = p.me * Op::kMaxTokens + bits_below(r.dmask[d], t);
-    if (lane < K) {
-      const int e = r.e[t * K + lane];
-      const int64_t row = e >= 0 && e / p.local == d ? ll_row<Op>(r, e, t, p.me, p.world, p.local) : -1;
-      at<int32_t>(base, p.lay.slot_rows)[srow * K + lane] = static_cast<int32_t>(row);
-      at<float>(base, p.lay.stage_w)[srow * K + lane] = row >= 0 ? p.w[t * K + lane] : 0.f;
-      if (row >= 0) {
-        int32_t* h = at<int32_t>(base, p.lay.handle) + row * 3;
-        h[0] = p.me, h[1] = static_cast<int32_t>(t), h[2] = lane;
-      }
+  char* base = p.ll[p.me];
+  const int64_t srow = p.me * Op::kMaxTokens + bits_below(r.dmask[p.me], t);
+  if (lane < K) {
+    const int64_t row = ll_slot_row<Op>(r, t, lane, p.me, p.me, p.world, p.local);
+    at<int32_t>(base, p.lay.slot_rows)[srow * K + lane] = static_cast<int32_t>(row);
+    at<float>(base, p.lay.stage_w)[srow * K + lane] = row >= 0 ? p.w[t * K + lane] : 0.f;
+    if (row >= 0) {
+      int32_t* h = at<int32_t>(base, p.lay.handle) + row * 3;
+      h[0] = p.me, h[1] = static_cast<int32_t>(t), h[2] = lane;
     }
-    if (lane == 0) {
-      int32_t* src = at<int32_t>(base, p.lay.stage_src) + srow * 2;
-      src[0] = p.me, src[1] = static_cast<int32_t>(t);
+  }
+  if (lane == 0) {
+    int32_t* src = at<int32_t>(base, p.lay.stage_src) + srow * 2;
+    src[0] = p.me, src[1] = static_cast<int32_t>(t);
+  }
+}
+
+// Int32 i of token t's meta for rank d: token, pad, slot rows there, weights (LLLines).
+template <class Op>
+__device__ __forceinline__ uint32_t ll_meta_int(const LLPushParams<Op>& p, const LLRoute<Op>& r, int64_t t, int d,
+                                                int i) {
+  constexpr int K = Op::kTopk, K2 = LLLines<Op>::kK2;
+  if (i < 2) return i == 0 ? static_cast<uint32_t>(t) : 0u;
+  const int j = i < 2 + K2 ? i - 2 : i - 2 - K2;
+  const int64_t row = j < K ? ll_slot_row<Op>(r, t, j, d, p.me, p.world, p.local) : -1;
+  if (i < 2 + K2) return static_cast<uint32_t>(static_cast<int32_t>(row));
+  return row >= 0 ? __float_as_uint(p.w[t * K + j]) : 0u;
+}
+template <class Op>
+__device__ __forceinline__ uint64_t ll_meta_word(const LLPushParams<Op>& p, const LLRoute<Op>& r, int64_t t, int d,
+                                                 int64_t at_byte) {
+  const int i = static_cast<int>(at_byte / 4);
+  return ll_meta_int<Op>(p, r, t, d, i) | static_cast<uint64_t>(ll_meta_int<Op>(p, r, t, d, i + 1)) << 32;
+}
+
+// The 8 data bytes of token t's line row at data byte `at_byte` past the meta (the same at every rank):
+// scales (fp8: from the round's group amax) or payload (fp8: 8 channels quantized), 0 past the data.
+template <class Op>
+__device__ __forceinline__ uint64_t ll_data_word(const LLPushParams<Op>& p, int64_t t, const unsigned* amax,
+                                                 int64_t at_byte) {
+  using D = Dims<Op>;
+  using LN = LLLines<Op>;
+  using T = typename Op::Elem;
+  if (at_byte >= LN::kData) return 0;
+  if (at_byte >= LN::kPayloadAt) {
+    const int64_t c = at_byte - LN::kPayloadAt;
+    if constexpr (D::kFp8) {
+      float f[8];
+      load8_channels(reinterpret_cast<const T*>(p.x) + t * Op::kHidden, c / 8, f);
+      const uint2 q = quantize8(f, fp8_scale(__uint_as_float(amax[c / Op::kFp8Group])));
+      return q.x | static_cast<uint64_t>(q.y) << 32;
+    } else {
+      return __ldg(reinterpret_cast<const unsigned long long*>(p.x + t * D::kRowBytes + c));
     }
+  }
+  uint64_t v = 0;
+  if constexpr (D::kFp8) {
+    const int64_t g = (at_byte - LN::kMetaBytes) / 4;
+    const float s0 = fp8_scale(__uint_as_float(amax[g]));
+    const float s1 = g + 1 < D::kGroups ? fp8_scale(__uint_as_float(amax[g + 1])) : 0.f;
+    v = __float_as_uint(s0) | static_cast<uint64_t>(__float_as_uint(s1)) << 32;
+  }
+  return v;
+}
+// ... the same bytes written into this rank's own item rows (payload) or their scales.
+template <class Op, int K>
+__device__ __forceinline__ void ll_store_own(const LLPushParams<Op>& p, const int32_t (&rows)[K], int64_t at_byte,
+                                             uint64_t v) {
+  using D = Dims<Op>;
+  using LN = LLLines<Op>;
+  if (at_byte < LN::kMetaBytes || at_byte >= LN::kData) return;
+  char* out = at<char>(p.ll[p.me], p.lay.out);
+  float* scales = at<float>(p.ll[p.me], p.lay.scales);
+  const int64_t c = at_byte - LN::kPayloadAt, g = (at_byte - LN::kMetaBytes) / 4;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    if (rows[j] < 0) continue;
+    if (c >= 0) {
+      *reinterpret_cast<uint64_t*>(out + rows[j] * D::kOutRowBytes + c) = v;
+    } else {
+      scales[rows[j] * D::kGroups + g] = __uint_as_float(static_cast<uint32_t>(v));
+      if (g + 1 < D::kGroups) scales[rows[j] * D::kGroups + g + 1] = __uint_as_float(static_cast<uint32_t>(v >> 32));
+    }
+  }
+}
+
+// CTA 0: the counts. Here directly (kept rows, items per local expert); to each other rank d a head:
+// rows sent there, pad, items per local expert of d (warp d writes it).
+template <class Op>
+__device__ __forceinline__ void ll_heads(const LLPushParams<Op>& p, const LLRoute<Op>& r, uint64_t epoch) {
+  using LN = LLLines<Op>;
+  const int L = p.local, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < L + 1; i += blockDim.x) {
+    if (i < L) at<int32_t>(p.ll[p.me], p.lay.counts)[i * p.world + p.me] = bits_all(r.emask[p.me * L + i], r.kWords);
+    else at<int32_t>(p.ll[p.me], p.lay.ntok)[p.me] = bits_all(r.dmask[p.me], r.kWords);
+  }
+  const int d = warp;
+  if (d >= p.world || d == p.me) return;
+  char* head = at<char>(p.ll[d], p.lay.heads) + p.me * LN::kHeadBytes;
+  const auto head_int = [&](int64_t i) -> uint32_t {
+    if (i == 0) return bits_all(r.dmask[d], r.kWords);
+    return i >= 2 && i - 2 < L ? bits_all(r.emask[d * L + i - 2], r.kWords) : 0u;
+  };
+  for (int64_t u = 0; u * 4 < LN::kHeadLines; ++u) {
+    if (line_of(u, lane) >= LN::kHeadLines) continue;
+    const int64_t i = line_data_at(u, lane) / 4;
+    const uint64_t a = head_int(i) | static_cast<uint64_t>(head_int(i + 1)) << 32;
+    const uint64_t b = epoch_lane(lane) ? epoch : head_int(i + 2) | static_cast<uint64_t>(head_int(i + 3)) << 32;
+    dev::st_volatile_v2(head + line_byte_at(u, lane), a, b);
   }
 }
 
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
   using D = Dims<Op>;
+  using LN = LLLines<Op>;
+  using T = typename Op::Elem;
   constexpr int K = Op::kTopk;
   static_assert(K <= 32, "a token's slots are one warp's lanes");
   static_assert(sizeof(LLRoute<Op>) <= (40 << 10), "a low-latency call's routing fits shared memory (spec.py's LL_ROUTE_SMEM)");
   __shared__ LLRoute<Op> r;
+  __shared__ unsigned amax_bits[D::kFp8 ? kWarps * D::kGroups : 1];  // (fp8: the round's group amax)
+  __shared__ uint64_t epoch;
   stamp(p.trace, kTraceLLPush, 0);
+  if (threadIdx.x == 0) epoch = ll_dispatch_epoch(p.own_combine_flag);  // (ll_route's barriers publish it)
   ll_route<Op>(r, p.idx, p.idx64, p.m, p.local);
   stamp(p.trace, kTraceLLPush, 1);
-  const int L = p.local;
-  for (int i = threadIdx.x; blockIdx.x == 0 && i < p.world * (L + 1); i += blockDim.x) {  // counts, by CTA 0
-    const int d = i / (L + 1), l = i % (L + 1);
-    if (l < L) at<int32_t>(p.ll[d], p.lay.counts)[l * p.world + p.me] = bits_all(r.emask[d * L + l], r.kWords);
-    else at<int32_t>(p.ll[d], p.lay.ntok)[p.me] = bits_all(r.dmask[d], r.kWords);
-  }
-  const auto dests = [&](int64_t t, char** dst, float** sdst) {  // the first item's row at each rank; here, all
-    int nd = 0;
-    unsigned seen = 0;  // ranks given the token already
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      const int e = r.e[t * K + j];
-      const int d = e >= 0 ? e / L : 0;
-      if (e < 0 || (d != p.me && (seen >> d & 1))) continue;
-      seen |= 1u << d;
-      const int64_t row = ll_row<Op>(r, e, t, p.me, p.world, L);
-      dst[nd] = at<char>(p.ll[d], p.lay.out) + row * D::kOutRowBytes;
-      sdst[nd++] = D::kFp8 ? at<float>(p.ll[d], p.lay.scales) + row * D::kGroups : nullptr;
-    }
-    return nd;
-  };
-  push_pieces<Op, K>(p.x, p.m, p.cut, dests, [&](int64_t t, int, int lane) { ll_bookkeep<Op>(p, r, t, lane); });
-  // ll_expand's CTAs may start once every CTA got here (the stores still landing, the flags ~4 us
-  // away): early enough to hide its launch, late enough that its polling does not slow the pushes.
+  // ll_expand's CTAs may start now, beside the push's (every push CTA is resident once all triggered, so
+  // the spinning expansion cannot hold one off): they copy each line row as it lands (docs/measurements.md:
+  // 0.7 us sooner than a trigger after the pushes)
   dev::pdl_trigger();
+  if (blockIdx.x == 0) ll_heads<Op>(p, r, epoch);
+  // Items (token, piece, rank): a warp per piece of a token's line row and rank it goes to (its own rank:
+  // the item rows here), so a decode call's stores spread over every warp of the GPU.
+  const int lane = threadIdx.x & 31, P = p.cut.pieces, W = p.world;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps, items = p.m * P * W;
+  for (int64_t round = blockIdx.x * kWarps; round < items; round += nwarps) {  // (uniform over the CTA)
+    if constexpr (D::kFp8) round_amax<Op>(reinterpret_cast<const T*>(p.x), round, items, P * W, amax_bits);
+    const int64_t item = round + (threadIdx.x >> 5);
+    if (item >= items) continue;
+    const int64_t t = item / (P * W);
+    const int ch = static_cast<int>(item / W % P), d = static_cast<int>(item % W);
+    if (!(r.dmask[d][t >> 5] >> (t & 31) & 1)) continue;  // (not routed there)
+    const unsigned* amax = amax_bits + (D::kFp8 ? (t - round / (P * W)) * D::kGroups : 0);
+    int32_t own[K];  // its item rows here (-1: none; only the item for this rank writes them)
+#pragma unroll
+    for (int j = 0; j < K; ++j) own[j] = d == p.me ? static_cast<int32_t>(ll_slot_row<Op>(r, t, j, p.me, p.me, W, p.local)) : -1;
+    char* line_row = at<char>(p.ll[d], p.lay.lines) + (p.me * Op::kMaxTokens + bits_below(r.dmask[d], t)) * LN::kRowBytes;
+    for (int64_t u = p.cut.lo(ch); u < p.cut.hi(ch); ++u) {
+      if (line_of(u, lane) >= LN::kLines) continue;  // (past the data: not sent)
+      const int64_t at0 = line_data_at(u, lane), at1 = at0 + 8;
+      const bool last = epoch_lane(lane);
+      const uint64_t w0 = at0 >= LN::kMetaBytes ? ll_data_word<Op>(p, t, amax, at0) : 0;
+      const uint64_t w1 = !last && at1 >= LN::kMetaBytes ? ll_data_word<Op>(p, t, amax, at1) : 0;
+      if (d == p.me) {
+        ll_store_own<Op>(p, own, at0, w0);
+        if (!last) ll_store_own<Op>(p, own, at1, w1);
+      } else if (at0 < LN::kMetaBytes) {  // (a few lanes of the first warp store: the meta for rank d)
+        dev::st_volatile_v2(line_row + line_byte_at(u, lane), ll_meta_word<Op>(p, r, t, d, at0),
+                            last ? epoch : at1 < LN::kMetaBytes ? ll_meta_word<Op>(p, r, t, d, at1) : w1);
+      } else {
+        dev::st_volatile_v2(line_row + line_byte_at(u, lane), w0, last ? epoch : w1);
+      }
+    }
+    if (ch == 0 && d == p.me) ll_bookkeep_own<Op>(p, r, t, lane);
+  }
   stamp(p.trace, kTraceLLPush, 2);
   if (p.trace) __syncthreads();  // (the CTA's last warp, not warp 0)
   stamp(p.trace, kTraceLLPush, 3);
-  const bool last = dev::arrive_last<false>(p.counter, gridDim.x);  // (its stores landed: acq_rel)
+  const bool last = dev::arrive_last<false>(p.counter, gridDim.x);  // (its own rows stored: acq_rel, this GPU)
   stamp(p.trace, kTraceLLPush, 4);
-  if (!last) return;
-  const uint64_t epoch = threadIdx.x == 0 ? ll_dispatch_epoch(p.own_combine_flag) : 0;
-  set_flags(p.counter, p.flag, p.world, [&](int d) { return ll_flag(epoch, bits_all(r.dmask[d], r.kWords)); });
+  if (!last || threadIdx.x != 0) return;
+  *p.counter = 0;  // for the next call (a CUDA graph replays the same target)
+  dev::st_release_gpu(p.own_flag, ll_flag(epoch, bits_all(r.dmask[p.me], r.kWords)));
   stamp(p.trace, kTraceLLPush, 5);
 }
 
@@ -756,99 +922,176 @@ template <class Op>
 struct LLExpandParams {
   char* ll;  // this rank's low-latency region
   LLLayout lay;
-  const uint64_t* flags;             // every source's dispatch flag here (ll_flag)
+  const uint64_t* own_flag;          // this rank's dispatch flag here: its own rows stored (ll_push's last CTA)
   const uint64_t* own_combine_flag;  // this rank's combine flag here: the last combine's epoch
-  int me, world;
+  int me, world, local;
   dev::WaitCtx wait;
-  Cut cut;          // of a payload row (Dims::kExpandUnits)
-  uint64_t* trace;  // phase stamps (null: off): start, every flag seen (warp 0), rows copied
+  Cut cut;          // of a line row (LLLines::kUnits warp stores)
+  uint64_t* trace;  // phase stamps (null: off): start, every head seen (warp 0), rows copied, item taken,
+                    // meta loaded, piece stored (the latest copying warp)
 };
 
-// Warp w of the copying warps (every CTA's but warp 0): its share of source s's n tokens (staging rows
-// s * max_tokens + [0, n)), each copied from its first item's row to its other rows here. The other
-// sources' items start evenly round the warps (the j-th after this rank at j / (world - 1) of the way),
-// so a small call's sources fall on different warps instead of all on the first ones (at 128 tokens
-// every warp then copies one piece).
+// Warp 0 of each CTA: the rows each other source sent (line 0 of its head; lanes 8i..8i+7 load source
+// i's, 4 at a time) into n[s]. False on timeout.
 template <class Op>
-__device__ __forceinline__ void ll_expand_source(const LLExpandParams<Op>& p, int s, int64_t n, int64_t w,
-                                                 int64_t nwarps, int lane) {
+__device__ __forceinline__ bool ll_read_heads(const LLExpandParams<Op>& p, uint64_t epoch, int32_t* n, int lane) {
+  using LN = LLLines<Op>;
+  const char* heads = at<char>(p.ll, p.lay.heads);
+  for (int s0 = 0; s0 < p.world; s0 += 4) {
+    const int s = s0 + (lane >> 3);
+    const bool live = s < p.world && s != p.me;
+    uint64_t a, b;
+    if (!dev::ll128_load(heads + (live ? s : 0) * LN::kHeadBytes + (lane & 7) * 16, live, epoch, a, b, p.wait,
+                         /*kind=*/7, s0, 1, -1))  // (a line per source)
+      return false;
+    const int32_t rows = static_cast<int32_t>(a);  // (lane 8i: the head's first int)
+    if (live && (lane & 7) == 0) n[s] = rows < 0 ? 0 : (rows > Op::kMaxTokens ? static_cast<int32_t>(Op::kMaxTokens) : rows);
+  }
+  return true;
+}
+// Warp 0 of CTA 0, after ll_read_heads: the heads' rows sent and counts into the outputs. False on timeout.
+template <class Op>
+__device__ __forceinline__ bool ll_copy_counts(const LLExpandParams<Op>& p, uint64_t epoch, int lane) {
+  using LN = LLLines<Op>;
+  const char* heads = at<char>(p.ll, p.lay.heads);
+  for (int s = 0; s < p.world; ++s) {
+    if (s == p.me) continue;
+    for (int64_t u = 0; u * 4 < LN::kHeadLines; ++u) {
+      const bool live = line_of(u, lane) < LN::kHeadLines;
+      uint64_t a, b;
+      if (!dev::ll128_load(heads + s * LN::kHeadBytes + line_byte_at(u, lane), live, epoch, a, b, p.wait, 7, s, 0, -1))
+        return false;
+      const int64_t i0 = line_data_at(u, lane) / 4;
+      for (int q = 0; q < (epoch_lane(lane) ? 2 : 4) && live; ++q) {
+        const int64_t i = i0 + q;
+        const int32_t v = static_cast<int32_t>((q < 2 ? a : b) >> (q & 1 ? 32 : 0));
+        if (i == 0) at<int32_t>(p.ll, p.lay.ntok)[s] = v;
+        else if (i >= 2 && i - 2 < p.local) at<int32_t>(p.ll, p.lay.counts)[(i - 2) * p.world + s] = v;
+      }
+    }
+  }
+  return true;
+}
+
+// Warp w of the copying warps (every CTA's but warp 0): its share of source s's n line rows (rows
+// s * max_tokens + [0, n)), pieces of warp stores: each piece waits for the row's first warp store (its
+// meta: the token's slot rows here) and its own, then stores the data into every item row of the token
+// here; the first piece also writes combine's state and the handles. The other sources' items start
+// evenly round the warps (the j-th after this rank at j / (world - 1) of the way), so a small call's
+// sources fall on different warps instead of all on the first ones. False on timeout.
+template <class Op>
+__device__ __forceinline__ bool ll_expand_source(const LLExpandParams<Op>& p, uint64_t epoch, int s, int64_t n,
+                                                 int64_t w, int64_t nwarps, int lane) {
   using D = Dims<Op>;
-  constexpr int K = Op::kTopk;
-  const int32_t* slot_rows = at<int32_t>(p.ll, p.lay.slot_rows);
+  using LN = LLLines<Op>;
+  constexpr int K = Op::kTopk, K2 = LN::kK2;
   char* out = at<char>(p.ll, p.lay.out);
   float* scales = at<float>(p.ll, p.lay.scales);
   const int P = p.cut.pieces;
-  const int j = (s - p.me - 1 + p.world) % p.world;  // (world >= 2 where there are other sources)
-  for (int64_t item = (w + nwarps - j * nwarps / (p.world - 1)) % nwarps; item < n * P; item += nwarps) {
+  const int j0 = (s - p.me - 1 + p.world) % p.world;  // (world >= 2 where there are other sources)
+  for (int64_t item = (w + nwarps - j0 * nwarps / (p.world - 1)) % nwarps; item < n * P; item += nwarps) {
     const int64_t srow = s * Op::kMaxTokens + item / P;
     const int ch = static_cast<int>(item % P);
+    const char* row = at<char>(p.ll, p.lay.lines) + srow * LN::kRowBytes;
     stamp_latest(p.trace, kTraceLLExpand, 3, lane);
-    int64_t src_row = -1, dst_row[K];
-    char* dst[K];
-    int nd = 0;
+    uint64_t a, b;
+    if (!dev::ll128_load(row + line_byte_at(0, lane), line_of(0, lane) < LN::kLines, epoch, a, b, p.wait, 7, s, 0, static_cast<int>(srow)))
+      return false;
+    const int32_t t = line_int(a, b, 0);
+    int64_t rows[K];  // (-1: elsewhere; a row outside the outputs, which no source sends, too)
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      const int64_t row = __ldcg(slot_rows + srow * K + j);
-      if (row < 0) continue;
-      if (src_row < 0) {
-        src_row = row;  // the source wrote the first item's row
-      } else if (row != src_row) {
-        dst_row[nd] = row;
-        dst[nd++] = out + row * D::kOutRowBytes;
+      rows[j] = line_int(a, b, 2 + j);
+      rows[j] = rows[j] < static_cast<int64_t>(p.local) * p.world * Op::kMaxTokens ? rows[j] : -1;
+    }
+    stamp_latest(p.trace, kTraceLLExpand, 4, lane);
+    if (ch == 0) {  // combine's state, the handles
+      int64_t mine = rows[0];
+      float wj = __int_as_float(line_int(a, b, 2 + K2));
+#pragma unroll
+      for (int j = 1; j < K; ++j) {  // (line_int's index must be the warp's: each lane's slot j in turn)
+        const float wq = __int_as_float(line_int(a, b, 2 + K2 + j));
+        mine = lane == j ? rows[j] : mine;
+        wj = lane == j ? wq : wj;
+      }
+      if (lane < K) {
+        at<int32_t>(p.ll, p.lay.slot_rows)[srow * K + lane] = static_cast<int32_t>(mine);
+        at<float>(p.ll, p.lay.stage_w)[srow * K + lane] = wj;
+        if (mine >= 0) {
+          int32_t* h = at<int32_t>(p.ll, p.lay.handle) + mine * 3;
+          h[0] = s, h[1] = t, h[2] = lane;
+        }
+      }
+      if (lane == 0) {
+        int32_t* src = at<int32_t>(p.ll, p.lay.stage_src) + srow * 2;
+        src[0] = s, src[1] = t;
       }
     }
-    stamp_latest(p.trace, kTraceLLExpand, 4, lane, src_row);  // (once the slot rows arrived)
-    if (nd == 0) continue;
-    copy_to_rows<Op>(dst, dst_row, nd, scales, out + src_row * D::kOutRowBytes, scales + src_row * D::kGroups, p.cut,
-                     ch, lane);
-    stamp_latest(p.trace, kTraceLLExpand, 5, lane);  // (its stores issued: the payload arrived)
+    for (int64_t u = p.cut.lo(ch); u < p.cut.hi(ch); ++u) {
+      const bool live = line_of(u, lane) < LN::kLines;
+      if (u != 0 && !dev::ll128_load(row + line_byte_at(u, lane), live, epoch, a, b, p.wait, 7, s, 0, static_cast<int>(srow))) return false;
+      if (!live) continue;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int64_t byte = line_data_at(u, lane) + 8 * q;
+        if ((q == 1 && epoch_lane(lane)) || byte < LN::kMetaBytes || byte >= LN::kData) continue;
+        const uint64_t v = q ? b : a;
+        const int64_t c = byte - LN::kPayloadAt, g = (byte - LN::kMetaBytes) / 4;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          if (rows[j] < 0) continue;
+          if (c >= 0) {
+            *reinterpret_cast<uint64_t*>(out + rows[j] * D::kOutRowBytes + c) = v;
+          } else {
+            scales[rows[j] * D::kGroups + g] = __uint_as_float(static_cast<uint32_t>(v));
+            if (g + 1 < D::kGroups) scales[rows[j] * D::kGroups + g + 1] = __uint_as_float(static_cast<uint32_t>(v >> 32));
+          }
+        }
+      }
+    }
+    stamp_latest(p.trace, kTraceLLExpand, 5, lane);
   }
+  return true;
 }
 
-// Each token from another rank copied from its first item's row to its others, source by source as
-// their flags arrive: in every CTA warp 0 polls the flags and publishes each arrival in shared memory,
-// the other warps copy a source's share as soon as they see it there (no block barrier between
-// sources). Launched early (it starts while ll_push ends): it reads only what the flags publish, and
-// warp 0 waits for this rank's own flag too, so every store of ll_push happens before this kernel ends
-// (the kernels after it see them; griddepcontrol.wait at its end, tried first, bought nothing more).
+// Every other rank's tokens copied from their line rows into their item rows here, as the lines land: in
+// every CTA warp 0 reads the heads (the rows each source sent) and publishes them in shared memory, the
+// other warps take their items of each source (no block barrier between sources). Launched early (it
+// starts once ll_push's CTAs routed): it reads only tagged lines, and warp 0 waits for this rank's own
+// flag too, so every store of ll_push (its own rows) happens before this kernel ends (the kernels after
+// it see them).
 template <class Op>
 __global__ void __launch_bounds__(kWarps * 32, 2) ll_expand(LLExpandParams<Op> p) {
   static_assert(Op::kMaxTokens < (int64_t{1} << kLLCountBits), "a dispatch flag's low bits count a source's rows");
-  constexpr unsigned kGaveUp = 1u << 31;  // (in `arrived`: warp 0's wait timed out, recorded)
-  __shared__ unsigned arrived;            // sources whose flag warp 0 saw (only warp 0 writes it)
-  __shared__ uint64_t flag[Op::kMaxWorld];  // each source's flag, written before its bit
+  constexpr unsigned kGaveUp = 1u << 31;  // (in `arrived`: a wait timed out, recorded)
+  __shared__ unsigned arrived;            // sources whose head warp 0 read (only warp 0 writes it; or kGaveUp)
+  __shared__ int32_t n[Op::kMaxWorld];    // each source's rows, written before its bit
+  __shared__ uint64_t epoch_s;
   stamp(p.trace, kTraceLLExpand, 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == 0) arrived = 0;
+  if (threadIdx.x == 0) arrived = 0, epoch_s = ll_dispatch_epoch(p.own_combine_flag);
   __syncthreads();
-  const unsigned all = (1u << p.world) - 1, others = all & ~(1u << p.me);  // (own tokens: ll_push wrote every row)
+  const uint64_t epoch = epoch_s;
+  const unsigned others = ((1u << p.world) - 1) & ~(1u << p.me);  // (own tokens: ll_push wrote every row)
   if (warp == 0) {
-    const uint64_t want = ll_flag(ll_dispatch_epoch(p.own_combine_flag), 0);
-    for (unsigned pending = all, seen = 0; pending;) {
-      uint64_t v;
-      const unsigned got = dev::warp_wait_any_ge(p.flags, pending, want, &v, p.wait, /*kind=*/5, 0);
-      if (got >> lane & 1) flag[lane] = v;
-      __syncwarp();
-      seen |= got ? got : kGaveUp;
-      if (lane == 0) dev::st_release_cta_shared(&arrived, seen);
-      if (!got) break;
-      pending &= ~got;
-      if (!pending) stamp(p.trace, kTraceLLExpand, 1);
-    }
+    const bool ok = ll_read_heads<Op>(p, epoch, n, lane);
+    __syncwarp();
+    if (lane == 0) dev::st_release_cta_shared(&arrived, ok ? others : kGaveUp);
+    stamp(p.trace, kTraceLLExpand, 1);
+    const bool counted = ok && (blockIdx.x != 0 || ll_copy_counts<Op>(p, epoch, lane));  // (after publishing)
+    if (counted && lane == 0) dev::wait_ge(p.own_flag, ll_flag(epoch, 0), p.wait, /*kind=*/5, p.me, 0);
   } else {
     const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (kWarps - 1);
     const int64_t w = static_cast<int64_t>(blockIdx.x) * (kWarps - 1) + warp - 1;
-    for (unsigned done = 0; done != others;) {
-      const unsigned now = __shfl_sync(0xffffffffu, lane == 0 ? dev::ld_acquire_cta_shared(&arrived) : 0, 0);
-      __syncwarp();  // (orders lane 0's acquire before every lane's reads)
-      if (now & kGaveUp) break;
-      if (now == done) __nanosleep(32);
-      for (unsigned b = now & others & ~done; b; b &= b - 1) {
-        const int s = __ffs(b) - 1;
-        const int64_t n = ll_rows(flag[s]);
-        ll_expand_source<Op>(p, s, n < Op::kMaxTokens ? n : Op::kMaxTokens, w, nwarps, lane);
-      }
-      done |= now & others;
+    unsigned now = 0;
+    while (!now) {
+      now = __shfl_sync(0xffffffffu, lane == 0 ? dev::ld_acquire_cta_shared(&arrived) : 0, 0);
+      if (!now) __nanosleep(32);
+    }
+    __syncwarp();  // (orders lane 0's acquire before every lane's reads)
+    for (unsigned b = now & kGaveUp ? 0 : now; b; b &= b - 1) {
+      const int s = __ffs(b) - 1;
+      if (!ll_expand_source<Op>(p, epoch, s, n[s], w, nwarps, lane)) break;
     }
   }
   if (p.trace) __syncthreads();  // (the CTA's last copy, not thread 0's)
@@ -1023,7 +1266,8 @@ struct Host {
   static int64_t align(int64_t b) { return (b + 255) / 256 * 256; }
   // Low-latency mode's outputs: recv rows [L][world][T] (fp8: e4m3 bytes, scales [rows][groups]), the
   // handle of each row, combine's state per staging row [world][T] (slot rows, source and token,
-  // weights), counts [L][world], tokens from each source.
+  // weights), counts [L][world], tokens from each source; then the line rows [world][T] and heads [world]
+  // the other ranks send (zeroed once: no call's epoch).
   static LLLayout ll_layout(int world) {
     LLLayout l{};
     if (!Op::kLowLatency) return l;
@@ -1038,6 +1282,8 @@ struct Host {
     l.stage_w = take(srows * K * 4);
     l.counts = take(static_cast<int64_t>(E / world) * world * 4);
     l.ntok = take(world * 4);
+    l.lines = take(srows * LLLines<Op>::kRowBytes);
+    l.heads = take(world * LLLines<Op>::kHeadBytes);
     l.bytes = at;
     return l;
   }
@@ -1048,13 +1294,14 @@ struct Host {
   }
   static int blocks(int64_t m) { return static_cast<int>((m + kBlockTokens - 1) / kBlockTokens); }
   // Pieces of a row of `units` for `rows` rows: `base` pieces, more where fewer rows would leave warps
-  // of kernel `k`'s resident CTAs idle, each at least one unit per lane and a multiple of `align` units.
-  static Cut cut_for(int k, int64_t rows, int64_t units, int base, int64_t align) {
+  // of kernel `k`'s resident CTAs idle, each at least `least` units (one per lane: a unit is a lane's) and
+  // a multiple of `align` units.
+  static Cut cut_for(int k, int64_t rows, int64_t units, int base, int64_t align, int64_t least = 32) {
     const int64_t resident = static_cast<int64_t>(g.resident[k]) * kWarps;
     int64_t want = rows > 0 ? (resident + rows - 1) / rows : 1;
     want = want > base ? want : base;
     int64_t per = (units + want - 1) / want;
-    per = per > 32 ? per : 32;
+    per = per > least ? per : least;
     per = (per + align - 1) / align * align;
     return Cut{static_cast<int>((units + per - 1) / per), per, units};
   }
@@ -1065,7 +1312,8 @@ struct Host {
     return cut_for(k, m, D::kPushUnits, D::kPushPieces, align);
   }
   static Cut expand_cut(int64_t rows) { return cut_for(kExpand, rows, D::kExpandUnits, D::kExpandPieces, 1); }
-  static Cut ll_expand_cut(int64_t rows) { return cut_for(kLLExpand, rows, D::kExpandUnits, D::kExpandPieces, 1); }
+  // The low-latency kernels' of a line row: its warp stores (a unit is the whole warp's).
+  static Cut ll_cut(int k, int64_t rows) { return cut_for(k, rows, LLLines<Op>::kUnits, 1, 1, 1); }
   static Cut send_cut(int64_t rows) { return cut_for(kSend, rows, D::kCombineUnits, D::kCombinePieces, 1); }
   static Cut reduce_cut(int64_t rows) { return cut_for(kReduce, rows, D::kCombineUnits, D::kCombinePieces, 1); }
   // CTAs of kernel `k` for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most
@@ -1263,6 +1511,11 @@ struct Host {
     if (!g.err_host || !g.err_host->failed) return 0;
     const dev::WaitError& w = *g.err_host;
     g.poisoned = true;
+    if (w.signal_kind == 7)  // (low-latency line rows or heads: the epoch in a line)
+      return fail(msg, len, "%s: rank %d timed out waiting for rank %lld's dispatch lines of call %llu (a line held "
+                  "%llu); a peer rank did not make the matching call", Op::kName, w.rank,
+                  static_cast<long long>(w.signal_index), static_cast<unsigned long long>(w.expected),
+                  static_cast<unsigned long long>(w.seen));
     const bool packed = Op::kLowLatency && w.signal_kind == 5;  // (a low-latency dispatch flag: ll_flag)
     return fail(msg, len, "%s: rank %d timed out waiting for rank %lld's %s flag of call %llu (saw %llu); a peer rank "
                 "did not make the matching call", Op::kName, w.rank, static_cast<long long>(w.signal_index),
@@ -1442,23 +1695,21 @@ struct Host {
       pp.idx64 = idx64;
       pp.w = w;
       pp.m = m;
-      for (int q = 0; q < g.world; ++q) {
-        pp.ll[q] = peer(g.ll, q);
-        pp.flag[q] = peer(g.dflag, q) + g.rank;
-      }
+      for (int q = 0; q < g.world; ++q) pp.ll[q] = peer(g.ll, q);
       pp.lay = g.lay;
+      pp.own_flag = g.dflag + g.rank;
       pp.counter = g.counters;
       pp.own_combine_flag = g.cflag + g.rank;
       pp.me = g.rank;
       pp.world = g.world;
       pp.local = g.local;
       pp.trace = g.trace;
-      pp.cut = push_cut(kLLPush, m);
-      ll_push<Op><<<grid_for(kLLPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
+      pp.cut = ll_cut(kLLPush, m * g.world);  // (a warp per piece and rank)
+      ll_push<Op><<<grid_for(kLLPush, m * g.world, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
       if (launched("push", msg, len)) return 1;
       const int64_t rows = (g.world - 1) * T;  // a bound: tokens from the other ranks
-      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag, g.cflag + g.rank, g.rank, g.world, wait_ctx(timeout_ns),
-                            ll_expand_cut(rows), g.trace};
+      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag + g.rank, g.cflag + g.rank, g.rank, g.world, g.local,
+                            wait_ctx(timeout_ns), ll_cut(kLLExpand, rows), g.trace};
       return launched("expand", launch_early(ll_expand<Op>, grid_for(kLLExpand, rows, ep.cut.pieces), s, ep), msg, len);
     }
   }
