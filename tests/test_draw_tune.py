@@ -411,3 +411,33 @@ def test_time_interleaved_takes_the_implementations_in_turns(monkeypatch):
     assert order[:2] == ["a", "b"]  # warm-up: each once
     assert order[2:] == ["a", "a", "b", "b"] * 3  # then rounds: a batch of each in turn
     assert got == {"a": 1000.0, "b": 3000.0}  # us per call
+
+
+def test_plot_ab_reads_every_rank_of_every_round_per_build(root, tmp_path):
+    """tools/plot_ab.py on `gpu_check.sh ab` logs: each build's in-graph dispatch and combine, every rank of
+    every round (a build name may hold underscores), a PNG; a log without the profile line is an error."""
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import plot_ab
+    finally:
+        sys.path.pop(0)
+    line = "rank {r}: in-graph timeline of op (128 tokens; us): dispatch {d}, combine {c}\n  ll_push gap 2.0\n"
+    for build, round_, base in (("base", 1, 30.0), ("base", 2, 30.5), ("two_part", 1, 28.0), ("tree", 1, 26.0)):
+        (tmp_path / f"ab_{build}_{round_}.log").write_text(
+            "".join(line.format(r=r, d=base + r / 10, c=base + 4) for r in range(2)))
+    runs = plot_ab.read_runs(tmp_path)
+    assert runs["base"]["dispatch"] == [30.0, 30.1, 30.5, 30.6] and runs["tree"]["combine"] == [30.0, 30.0]
+    assert set(runs) == {"base", "two_part", "tree"}
+    out = tmp_path / "ab.png"
+    cmd = [sys.executable, str(root / "tools/plot_ab.py"), str(tmp_path), "-o", str(out), "--goal", "dispatch=30",
+           "--name", "tree=landed\\nbuild"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "ab_tree_2.log").write_text("rank 0: failed\n")
+    with pytest.raises(SystemExit, match="ab_tree_2.log: no 'rank N: in-graph"):
+        plot_ab.read_runs(tmp_path)
