@@ -12,7 +12,8 @@ Low-latency mode (mode: low_latency) has no host round trip and can be captured:
 comes from the op's own flags on the device, the received tokens land in fixed segments of max_tokens rows per (local
 expert, source rank) of one output the op owns (recv_x [local experts, world * max_tokens, hidden];
 counts [local experts, world]: the rows filled in each segment), valid until the next dispatch. The
-outputs live in NVSHMEM symmetric memory (each source writes its rows there itself) and stay the same
+outputs live in NVSHMEM symmetric memory (each source's tokens land there as lines the destination copies
+into its rows) and stay the same
 tensors from call to call, until tilegen.finalize(). Dispatch and combine must alternate (the op raises
 otherwise): one set of buffers serves both.
 """

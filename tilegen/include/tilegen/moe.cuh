@@ -16,9 +16,10 @@
 // Buffers alternate between two halves by call parity: a rank writes a peer's half of call n + 2
 // only after that peer's flag of call n + 1, which it set after it finished reading call n's.
 // Low-latency mode (decode sizes, CUDA-graph capturable) has a dispatch of its own (ll_push, ll_expand
-// below: each source writes the outputs at every rank itself) and the same combine. Each half's second
-// kernel (ll_expand, combine_reduce) launches early and waits on the flags alone, so its start overlaps
-// the first kernel's end (launch_early).
+// below: each source sends its tokens as lines that carry the call's epoch, which each destination copies
+// into the outputs as they land) and the same combine. Each half's second kernel (ll_expand,
+// combine_reduce) launches early and reads only tagged lines or what flags publish, so its start
+// overlaps the first kernel (launch_early).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -338,7 +339,8 @@ struct PushParams {
 // flag of that half here (dispatch: its combine flag, combine: its dispatch flag): only this rank sets
 // that word, in the half before, so it holds still while this half runs (MoeOp makes calls alternate),
 // and no kernel of the half writes anything its other kernels must read before their flags. The
-// dispatch flag also carries the rows the source sent (one load gives ll_expand both).
+// dispatch flag (set by ll_push here, for this rank only: the other ranks read lines) also carries the
+// rows it kept.
 constexpr int kLLCountBits = 20;
 __host__ __device__ constexpr uint64_t ll_flag(uint64_t epoch, int64_t rows) {
   return epoch << kLLCountBits | static_cast<uint64_t>(rows);
