@@ -495,3 +495,24 @@ def test_low_latency_kernels_take_the_epochs_the_protocol_check_runs():
     assert not re.search(r"st_release_gpu\(p\.epoch|epoch_dev", src)
     for kernel in ("ll_expand", "combine_reduce"):  # the early-launched ones: flags only
         assert f"launch_early({kernel}<Op>" in src
+
+
+def test_line_int_is_called_with_the_warps_index():
+    """`line_int` gathers an int of a row's first warp store by `__shfl_sync`, where every lane sends the
+    word its own index names: an index that differs between lanes reads another lane's word. The first
+    line-row build did that for the slot weights (on GPUs: combine off, nan); no call may use the lane."""
+    import re
+
+    from tilegen.codegen import INCLUDE_DIR
+    src = (INCLUDE_DIR / "tilegen/moe.cuh").read_text()
+    args = []
+    for m in re.finditer(r"\bline_int\(", src):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        args.append(src[m.end():i - 1])
+    calls = [a for a in args if not a.startswith("uint64_t")]  # (not the definition)
+    assert len(calls) >= 3, args
+    bad = [a for a in calls if re.search(r"\blane\b|threadIdx", a)]
+    assert not bad, bad
