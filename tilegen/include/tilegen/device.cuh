@@ -192,31 +192,6 @@ __device__ __forceinline__ bool block_wait_all_ge(const uint64_t* sig, int n, ui
   return ok;
 }
 
-// Warp: waits until sig[i] >= want for at least one i of `pending` (bit i, i < 32; lane i loads sig[i]
-// with acquire) and returns those i, each lane's last value in *seen; the warp's reads after it see
-// what the writers of those words stored before them. 0 where the wait gave up (recorded in ctx
-// against the lowest pending i), so a caller can take each source as it arrives.
-__device__ __forceinline__ unsigned warp_wait_any_ge(const uint64_t* sig, unsigned pending, uint64_t want,
-                                                     uint64_t* seen, const WaitCtx& ctx, int kind, int step) {
-  const int lane = threadIdx.x & 31;
-  const bool mine = pending >> lane & 1;
-  const uint64_t t0 = ctx.timeout_ns ? globaltimer_ns() : 0;
-  for (uint32_t spins = 1;; ++spins) {
-    const uint64_t v = mine ? ld_acquire_sys(sig + lane) : 0;
-    const unsigned got = __ballot_sync(0xffffffffu, mine && v >= want);
-    *seen = v;
-    if (got) {
-      __syncwarp();  // (orders each lane's acquire before every lane's later reads)
-      return got;
-    }
-    if (ctx.timeout_ns && (spins & 1023u) == 0 &&
-        __shfl_sync(0xffffffffu, globaltimer_ns() - t0 > ctx.timeout_ns, 0)) {  // (lane 0 decides for all)
-      if (lane == __ffs(pending) - 1) record_timeout(ctx, kind, lane, want, v, step);
-      return 0;
-    }
-  }
-}
-
 // ---------------------------------------------------------------- programmatic dependent launch
 // A kernel launched with programmatic stream serialization (moe::Host::launch_early) may start once
 // every CTA of the kernel before it has run pdl_trigger or exited, so it must read only what a flag

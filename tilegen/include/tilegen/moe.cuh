@@ -346,9 +346,6 @@ __host__ __device__ constexpr uint64_t ll_flag(uint64_t epoch, int64_t rows) {
   return epoch << kLLCountBits | static_cast<uint64_t>(rows);
 }
 __host__ __device__ constexpr uint64_t ll_epoch(uint64_t flag) { return flag >> kLLCountBits; }
-__host__ __device__ constexpr int64_t ll_rows(uint64_t flag) {
-  return static_cast<int64_t>(flag & ((uint64_t{1} << kLLCountBits) - 1));
-}
 
 // The call's epoch: the host's (normal mode), or (low-latency combine) the one in this rank's own
 // dispatch flag here.
