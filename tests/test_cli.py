@@ -90,7 +90,11 @@ def test_package_files_do_not_depend_on_the_folder_name(specs, tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ("nc-genA", "'nc-genA' is not a Python module name"),
-    ("a_file", "exists and is not a directory"),
+    ("a_file", "exists and is not a folder"),
+    ("a_file/pkg", "a_file is a file, so no folder can be made below it"),
+    ("class", "'class' is a Python keyword, so `import class` could not load the package"),
+    ("os", "'os' is the name of a module it would shadow"),
+    ("tilegen", "'tilegen' is the name of a module it would shadow"),
 ])
 def test_unusable_output_folders_are_refused(specs, tmp_path, capsys, bad, message):
     (tmp_path / "a_file").write_text("x")
@@ -119,20 +123,60 @@ def test_a_binary_python_spec_is_a_located_problem_beside_the_others(tmp_path, c
     assert "Traceback" not in err
 
 
-def test_plan_refuses_a_world_size_the_spec_lacks(root, capsys):
-    assert cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), "--world", "0"]) == 1
-    assert "world size 0 is not in the spec's world_sizes [2, 4, 8]" in capsys.readouterr().err
+def test_plan_refuses_a_world_size_the_spec_lacks_at_its_line(root, capsys):
+    assert cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), "--world", "16"]) == 1
+    assert "specs/allgather_bf16.yaml:7:1: world_sizes: allgather_bf16 was specified for world sizes [2, 4, 8], " \
+           "not 16" in capsys.readouterr().err
+    for bad in (["--world", "0"], ["--bytes", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["plan", str(root / "specs/allgather_bf16.yaml"), *bad])
+        assert e.value.code == 2
+        assert f"argument {bad[0]}: expected a positive integer, got {bad[1]}" in capsys.readouterr().err
 
 
-def test_list_says_what_is_wrong_and_fits_100_columns(root, tmp_path, capsys):
+def test_plan_of_a_folder_plans_every_spec_in_it_and_below(root, tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    shutil.copy(root / "specs/allgather_bf16.yaml", tmp_path)
+    shutil.copy(root / "specs/broadcast_f32.yaml", tmp_path / "sub")
+    assert cli.main(["plan", str(tmp_path), "--world", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "op allgather_bf16" in out and "op broadcast_f32" in out
+    assert cli.main(["validate", str(tmp_path)]) == 0
+    assert "broadcast_f32" in capsys.readouterr().out  # validate finds the subfolder's spec too
+    assert cli.main(["plan", str(tmp_path), "--svg", str(tmp_path / "x.svg")]) == 1
+    assert "--svg draws one spec's schedule; 2 specs were found" in capsys.readouterr().err
+
+
+def test_list_prints_whole_names_as_a_table_plain_lines_or_json(root, tmp_path, capsys):
+    import json
     assert cli.main(["list", str(tmp_path / "nonexistent")]) == 1
     assert "no such directory" in capsys.readouterr().err
     assert cli.main(["list", str(tmp_path)]) == 1
     assert "no generated ops here" in capsys.readouterr().err
-    assert cli.main(["list", str(root / "generated")]) == 0
-    out = capsys.readouterr().out
-    assert max(len(line) for line in out.splitlines()) <= 100
-    assert "reduce_scatter_f16_min_nvshmem" in out  # names are not folded
+    ops = sorted(p.parent.name for p in (root / "generated").glob("*/manifest.json"))
+    assert cli.main(["list", str(root / "generated")]) == 0  # not a terminal: plain, one op a line
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines[1:]] == ops and all(line.count("\t") == 4 for line in lines)
+    assert cli.main(["list", str(root / "generated"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["op"] for r in rows] == ops and {"kind", "dtype", "schedules", "spec_hash", "archs"} <= set(rows[0])
+    assert cli.main(["list", str(root / "generated"), "--format", "table"]) == 0
+    table = capsys.readouterr().out
+    assert all(op in table for op in ops)  # names are never folded, whatever the width
+
+
+def test_no_command_version_and_help_with_defaults(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: tilegen" in err and "generate" in err and "required" not in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("tilegen 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SPEC [SPEC ...]" in text and "spec files (.yaml, .yml, .py) or folders of them" in text
+    assert "(default: generated)" in text and "parallel compile jobs" in text
 
 
 def test_plan_prints_sizes_for_people(root, capsys):
@@ -219,5 +263,180 @@ def test_bench_times_collectives_and_names_the_benchmark_of_the_others(monkeypat
     assert [op.kind for op in bench.resolve("pkg:*")] == ["allreduce", "allgather"]
     with pytest.raises(ValueError, match="a moe op is timed by tools/bench_moe.py"):
         bench.resolve("pkg:moe_x")
-    with pytest.raises(ValueError, match="a ag_gemm op is timed by tools/bench_gemm.py"):
+    with pytest.raises(ValueError, match="an ag_gemm op is timed by tools/bench_gemm.py"):
         bench.resolve("pkg:ag_x")
+
+
+GOOD_PY = "SPEC = dict(name='{name}', op='allgather', dtype='f32', world_sizes=[2], shape=[8])\n"
+BAD_YAML = "name: bad\nop: allgather\ndtype: bf17\nworld_sizes: [2]\nshape: [8]\n"
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ("import sys\nsys.exit(0)\n", 2, "<python>: the config called sys.exit(0)"),
+    ("raise SystemExit('bye')\n", 1, "<python>: the config called sys.exit('bye')"),
+    ("import os\nos._exit(0)\n", 1, "<python>: the config ended the process (exit status 0) before defining SPEC"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", 1,
+     "<python>: the config ended the process (exit status -9)"),
+    ("while True:\n    pass\n", 1, "<python>: the config ran for 1 s without finishing (an endless loop?"),
+])
+def test_a_config_that_ends_the_process_or_never_ends_is_a_located_error(tmp_path, capsys, monkeypatch, body, line,
+                                                                          message):
+    """Whatever a Python config does, validate/generate/--check report it at that file and still check
+    the others: a CI gate on `generate --check` cannot pass vacuously."""
+    monkeypatch.setenv("TILEGEN_CONFIG_TIMEOUT_S", "1")
+    (tmp_path / "ends.py").write_text(body + GOOD_PY.format(name="ends"))
+    (tmp_path / "bad.yaml").write_text(BAD_YAML)
+    (tmp_path / "good.py").write_text(GOOD_PY.format(name="good"))
+    for cmd in (["validate"], ["generate", "--no-build", "-o", str(tmp_path / "pkg")],
+                ["generate", "--check", "-o", str(tmp_path / "pkg")]):
+        assert cli.main([cmd[0], str(tmp_path), *cmd[1:]]) == 1
+        err = capsys.readouterr().err
+        assert f"ends.py:{line}:1: {message}" in err, err
+        assert "bad.yaml:3:8: dtype:" in err and "good.py" not in err
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_bad_timeout_setting_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TILEGEN_CONFIG_TIMEOUT_S", "soon")
+    (tmp_path / "good.py").write_text(GOOD_PY.format(name="good"))
+    assert cli.main(["validate", str(tmp_path)]) == 1
+    assert "TILEGEN_CONFIG_TIMEOUT_S:1:1: expected a positive number of seconds, got 'soon'" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_a_config_runs_is_one_line_and_stops_it(tmp_path):
+    import signal
+    marker = tmp_path / "still-running"
+    (tmp_path / "slow.py").write_text(
+        f"import time\nfor _ in range(600):\n    time.sleep(0.1)\nopen({str(marker)!r}, 'w')\n"
+        + GOOD_PY.format(name="slow"))
+    p = subprocess.Popen([sys.executable, "-m", "tilegen.cli", "validate", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # said after 2 s: which file runs
+    assert f"tilegen: running {tmp_path / 'slow.py'} (a Python config; stopped after 60 s)" in line
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "tilegen: interrupted" and "Traceback" not in err
+    time.sleep(1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["load", "os", "sys", "init", "ops", "tilegen", "json"])
+def test_op_names_the_package_could_not_import_are_refused(tmp_path, capsys, name):
+    y = tmp_path / f"{name}.yaml"
+    y.write_text(f"op: allgather\ndtype: f32\nname: {name}\nworld_sizes: [2]\nshape: [8]\n")
+    assert cli.main(["validate", str(y)]) == 1
+    err = capsys.readouterr().err
+    assert f"{name}.yaml:3:7: name: {name!r} is " in err and "could not be imported from its package" in err
+
+
+def test_os_errors_are_one_line(specs, tmp_path, capsys, monkeypatch):
+    """A folder that cannot be written (root passes os.access, so the OS's own refusal is faked here
+    too) and an OS error anywhere in a command: one line, no traceback."""
+    import os
+    from pathlib import Path
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert cli.main(["generate", str(specs), "-o", str(tmp_path / "pkg"), "--no-build"]) == 1
+    assert f"-o {tmp_path / 'pkg'}: cannot write in {tmp_path} (permission denied)" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def refuse(self, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert cli.main(["generate", str(specs), "-o", str(tmp_path / "pkg"), "--no-build"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: Permission denied: {tmp_path / 'pkg'}" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", [["bench", "generated:allreduce_bf16"], ["tune", "specs/allreduce_bf16.yaml"]])
+def test_bench_and_tune_without_torch_say_so(monkeypatch, capsys, cmd):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert cli.main(cmd) == 1
+    err = capsys.readouterr().err
+    assert f"error: tilegen {cmd[0]} times ops on GPUs and needs torch: pip install torch" in err
+
+
+def test_bad_archs_or_a_missing_nvcc_leave_the_package_untouched(specs, tmp_path, capsys):
+    import os
+    out = tmp_path / "pkg"
+    assert cli.main(["generate", str(specs), "-o", str(out), "--no-build"]) == 0
+    init = out / "__init__.py"
+    before = init.stat().st_mtime_ns
+    y = specs / "reduce_bf16.yaml"
+    y.write_text(y.read_text().replace("world_sizes: [2, 4, 8]", "world_sizes: [2, 4]"))
+    capsys.readouterr()
+    assert cli.main(["generate", str(specs), "-o", str(out), "--archs", "sm_bogus"]) == 1
+    assert "--archs: expected GPU archs like sm_90a,sm_100a, got 'sm_bogus'" in capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if not os.path.exists(os.path.join(p, "nvcc")))
+    r = subprocess.run([sys.executable, "-m", "tilegen.cli", "generate", str(specs), "-o", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "error: nvcc not found on PATH" in r.stderr and "Traceback" not in r.stderr
+    manifest = (out / "reduce_bf16" / "manifest.json").read_text()
+    assert init.stat().st_mtime_ns == before and '"world_sizes": [\n      2,\n      4,\n      8\n' in manifest
+
+
+CE_SPEC = ("name: agce\nop: ag_gemm\ndtype: bf16\nworld_sizes: [2]\nshape: [{name: m, max: 1024}, 512]\nn: 256\n"
+           "overlap: copy_engine\n")
+
+
+def test_a_no_op_generate_re_checks_and_re_renders_nothing(tmp_path, monkeypatch, capsys):
+    """Copy-engine programs and MoE layouts are remembered like schedules (they were re-checked on
+    every run: ~20 CPU-s per copy-engine op), and an op whose inputs did not change is read back."""
+    from tilegen import codegen
+    calls = {"ce": 0, "moe": 0, "render": 0}
+
+    def counted(name, real):
+        def f(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        return f
+    monkeypatch.setattr(pipeline, "check_copy_engine", counted("ce", pipeline.check_copy_engine))
+    monkeypatch.setattr(pipeline, "moe_problems", counted("moe", pipeline.moe_problems))
+    monkeypatch.setattr(pipeline, "render_op", counted("render", codegen.render_op))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "agce.yaml").write_text(CE_SPEC)
+    moe = "name: moe2\nop: moe\ndtype: bf16\nworld_sizes: [2]\nshape: [{name: tokens, max: 64}, 256]\n" \
+          "experts: 8\ntopk: 2\n"
+    (tmp_path / "s" / "moe2.yaml").write_text(moe)
+    out = tmp_path / "pkg"
+    pipeline.copy_engine_verdict.cache_clear()
+    assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--no-build"]) == 0
+    assert calls == {"ce": 1, "moe": 1, "render": 2}
+    first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    pipeline.copy_engine_verdict.cache_clear()
+    assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--no-build"]) == 0
+    assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--check"]) == 0
+    assert calls == {"ce": 1, "moe": 1, "render": 2}, "a no-op generate checked or rendered again"
+    # a generated file edited by hand is not served from the cache: the op is made again and restored
+    (out / "agce" / "op.py").write_text("# edited\n")
+    assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--check"]) == 1
+    assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--no-build"]) == 0
+    assert calls["render"] == 4 and calls["ce"] == 1  # rendered again; the verdict still remembered
+    assert {p: p.read_bytes() for p in first} == first
+    assert oct((out / cli.VERDICTS).stat().st_mode & 0o777) == "0o644"
+
+
+def test_remembered_verdicts_are_keyed_on_every_module_the_checks_read(tmp_path, monkeypatch):
+    """A change to the op registry's expectations, the layout or the schedules (not only check.py)
+    must miss the cache: the key hashes every tilegen module the checkers import, found by reading
+    their imports."""
+    mods = pipeline.semantic_modules()
+    assert {"check", "ce_program", "moe", "registry", "layout", "schedules", "ir"} <= set(mods)
+    assert "codegen" not in mods and "cli" not in mods
+    copy = tmp_path / "tilegen"
+    shutil.copytree(pipeline.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline, "PACKAGE_DIR", copy)
+    pipeline.checker_version.cache_clear()
+    try:
+        before = pipeline.checker_version()
+        from tilegen.registry import make_schedule
+        s = make_schedule("allgather", "direct", 2, "per_tile")
+        key = pipeline.VerdictCache.key(s, "allgather", None)
+        reg = copy / "registry.py"
+        reg.write_text(reg.read_text().replace("def expected_output(", "def expected_output(  # changed\n", 1))
+        pipeline.checker_version.cache_clear()
+        assert pipeline.checker_version() != before
+        assert pipeline.VerdictCache.key(s, "allgather", None) != key
+    finally:
+        pipeline.checker_version.cache_clear()

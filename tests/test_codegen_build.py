@@ -8,7 +8,7 @@ import pytest
 
 from tilegen import cli, pipeline, registry
 from tilegen.build import BuildError, build_package, nvshmem_header_version
-from tilegen.codegen import INCLUDE_DIR, CodegenError, step_lines
+from tilegen.codegen import INCLUDE_DIR, CodegenError, render_package_files, step_lines
 from tilegen.files import FileManager, write_files
 from tilegen.pipeline import generate_op, generate_package
 from tilegen.plan import plan
@@ -110,15 +110,21 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
         and "-gencode=arch=compute_90a,code=sm_90a" in man["fused_gemm"]["nvcc_flags"]
     )
     assert "fused_gemm.cu.j2" in template_files(ag) and "fused_gemm.cu.j2" not in template_files(dec)
-    ninja = ninja_file(tmp_path, [ag, dec], find_toolchain())
-    gemm_edge = next(line for line in ninja.splitlines() if line.startswith("build agf/_build/agf_gemm.o"))
-    assert "cu_gemm" in gemm_edge and "agd_gemm" not in ninja
+    # an op whose GEMM is the same but for its name shares agf's CUTLASS object; another tile does not
+    twin = ag.model_copy(update={"name": "agf_twin", "world_sizes": [2]})
+    other = ag.model_copy(update={"name": "agf_other", "gemm_tile": [128, 256, 64]})
+    write_files(render_package_files({s.name: generate_op(s, None) for s in (ag, dec, twin, other)}), tmp_path)
+    ninja = ninja_file(tmp_path, [ag, dec, twin, other], find_toolchain())
+    gemm_edges = [line for line in ninja.splitlines() if line.startswith("build _build/fused_gemm_")]
+    assert len(gemm_edges) == 2 and all("cu_gemm" in e for e in gemm_edges) and "agd_gemm" not in ninja
+    assert "agf/agf_gemm.cu" in gemm_edges[0] and "agf_other/agf_other_gemm.cu" in ninja
+    shared = gemm_edges[0].split(":")[0].removeprefix("build ")
     gemm_rule = ninja.split("gemmflags = ")[1].splitlines()[0]
     assert "-rdc" not in gemm_rule and "-DNDEBUG" in gemm_rule and "cutlass" in gemm_rule.lower()
-    assert (
-        "build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o agf/_build/agf_gemm.o"
-        in ninja
-    )
+    assert f"build agf/_build/libtilegen_agf.so: link agf/_build/agf.o agf/_build/agf_binding.o {shared}" in ninja
+    assert f"build agf_twin/_build/libtilegen_agf_twin.so: link agf_twin/_build/agf_twin.o " \
+           f"agf_twin/_build/agf_twin_binding.o {shared}" in ninja
+    assert str(tmp_path) not in ninja  # relative inside the package: a copy of it builds alike
 
 
 def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():

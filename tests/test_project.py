@@ -44,3 +44,52 @@ def test_backend_exposes_the_pep517_interface():
     for name in ("build_wheel", "build_sdist", "build_editable", "get_requires_for_build_wheel",
                  "prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
         assert callable(getattr(b, name)), name
+
+
+def _clean_example(root, tmp_path):
+    import shutil
+    proj = tmp_path / "downstream"
+    shutil.copytree(root / "examples" / "downstream", proj,
+                    ignore=shutil.ignore_patterns("tp_ops", "build", "dist", "*.egg-info"))
+    return proj
+
+
+@pytest.mark.parametrize("hook", ["get_requires_for_build_wheel", "get_requires_for_build_editable",
+                                  "get_requires_for_build_sdist", "prepare_metadata_for_build_wheel"])
+def test_every_hook_pip_may_call_first_finds_the_ops_package(root, tmp_path, hook):
+    """Under build isolation (pip's default) the first hook is get_requires_for_build_wheel, whose
+    setuptools egg_info step needs the ops package: each hook writes its sources first (no build)."""
+    import subprocess
+    import sys
+    proj = _clean_example(root, tmp_path)
+    arg = f"{str(tmp_path / 'meta')!r}" if hook.startswith("prepare") else ""
+    (tmp_path / "meta").mkdir()
+    code = f"import tilegen.build_backend as b; print(b.{hook}({arg}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=proj, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (proj / "tp_ops" / "__init__.py").exists() and (proj / "tp_ops" / "mlp_down" / "op.py").exists()
+    assert not (proj / "tp_ops" / "mlp_down" / "_build").exists()  # sources only: the build is build_wheel's
+
+
+def test_the_sdist_carries_the_specs_a_wheel_is_generated_from(root, tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+    proj = _clean_example(root, tmp_path)
+    code = f"import tilegen.build_backend as b; print(b.build_sdist({str(tmp_path / 'sd')!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=proj, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = tarfile.open(tmp_path / "sd" / r.stdout.strip().splitlines()[-1]).getnames()
+    for spec in ("allreduce.yaml", "mlp_down.yaml", "mlp_gate_up.yaml"):
+        assert f"tp_app-0.1.0/specs/{spec}" in names
+    assert "tp_app-0.1.0/pyproject.toml" in names and "tp_app-0.1.0/tp_app/__main__.py" in names
+
+
+def test_the_example_readme_gives_the_commands_the_tests_run(root):
+    """examples/downstream/README.md carries the commands a user types; the slow test runs the same."""
+    text = (root / "examples" / "downstream" / "README.md").read_text()
+    for cmd in ("python3 -m pip wheel --no-deps -w wheels .",
+                "python3 -m pip wheel --no-deps --find-links wheels -w dist examples/downstream",
+                "python3 -m pip install --find-links wheels dist/tp_app-0.1.0-py3-none-linux_x86_64.whl",
+                "torchrun --nproc-per-node 2 -m tp_app"):
+        assert cmd in text, cmd

@@ -56,68 +56,96 @@ def test_the_nvlink_store_probe_compiles(root, tmp_path):
     assert (tmp_path / "probe").stat().st_size > 0
 
 
+def _run(*cmd, **kw):
+    import subprocess
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def tilegen_wheel(tmp_path_factory):
+    """tilegen's wheel, built as examples/downstream/README.md says (pip wheel --no-deps -w wheels .),
+    from a copy of what it packs: building in the checkout would leave build/ and *.egg-info there."""
+    import shutil
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path_factory.mktemp("tilegen-src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "tilegen", src / "tilegen", ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path_factory.mktemp("wheels")
+    r = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), ".", cwd=src)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return next(wheels.glob("tilegen-*.whl"))
+
+
+def _venv_with(tmp_path, wheel):
+    """A fresh venv whose dependencies come from this interpreter's site-packages, with `wheel` in it."""
+    import sys
+    venv = tmp_path / "venv"
+    r = _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv))
+    assert r.returncode == 0, r.stdout + r.stderr
+    py = venv / "bin" / "python"
+    site = _run(str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    r = _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return venv, py, site
+
+
+def _checkout_state(root):
+    return sorted(p.name for p in root.iterdir() if p.name == "build" or p.name.endswith(".egg-info"))
+
+
 @pytest.mark.slow
 @pytest.mark.nvcc
-def test_the_wheel_installs_and_generates_an_op(root, tmp_path):
+def test_the_wheel_installs_and_generates_an_op(root, tmp_path, tilegen_wheel):
     """tilegen as users install it (a wheel, not this checkout): templates and headers are package
     data, and `tilegen generate` renders and builds a spec from the installed package."""
     import shutil
-    import subprocess
-    import sys
     import zipfile
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, **kw)  # noqa: E731
-    r = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-            str(root))
-    assert r.returncode == 0, r.stdout + r.stderr
-    wheel = next((tmp_path / "dist").glob("tilegen-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(tilegen_wheel).namelist()
     assert "tilegen/templates/collective.cu.j2" in names and "tilegen/include/tilegen/collective.cuh" in names
-    venv = tmp_path / "venv"  # fresh; the dependencies come from this interpreter's site-packages
-    r = run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv))
-    assert r.returncode == 0, r.stdout + r.stderr
-    py = venv / "bin" / "python"
-    site = run(str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
-    r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel))
-    assert r.returncode == 0, r.stdout + r.stderr
+    venv, py, _ = _venv_with(tmp_path, tilegen_wheel)
     (venv / "bin" / "tilegen").write_text(f"#!{py}\nimport sys\nfrom tilegen.cli import main\nsys.exit(main())\n")
     (venv / "bin" / "tilegen").chmod(0o755)
-    r = run(str(py), "-c", "import tilegen, sys; print(tilegen.__file__)", cwd=tmp_path)
+    r = _run(str(py), "-c", "import tilegen, sys; print(tilegen.__file__)", cwd=tmp_path)
     assert r.stdout.startswith(str(venv)), r.stdout + r.stderr  # the installed copy, not the checkout
     spec = tmp_path / "ag.yaml"
     spec.write_text("name: ag\nop: allgather\ndtype: bf16\nworld_sizes: [2]\nshape: [{name: m, max: 64}, 256]\n")
-    r = run(str(venv / "bin" / "tilegen"), "generate", str(spec), "-o", str(tmp_path / "pkg"), "-q", cwd=tmp_path)
+    r = _run(str(venv / "bin" / "tilegen"), "generate", str(spec), "-o", str(tmp_path / "pkg"), "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "pkg" / "ag" / "_build" / "libtilegen_ag.so").stat().st_size > 0
 
 
 @pytest.mark.slow
 @pytest.mark.nvcc
-def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path):
-    """examples/downstream as its users build it: `pip wheel .` runs tilegen through its build backend;
-    the wheel holds every op's library for both archs with its provenance; a second build rebuilds
-    nothing; installed in a fresh venv on a PATH without nvcc, the ops import and describe themselves."""
+def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path, tilegen_wheel):
+    """examples/downstream as its README builds it: `pip wheel` under pip's default build isolation,
+    tilegen found through --find-links, runs tilegen through its build backend; the wheel holds every
+    op's library for both archs with its provenance; a second build (a new isolated environment)
+    rebuilds nothing; installed in a fresh venv on a PATH without nvcc, the ops import and describe
+    themselves. Nothing is left in the checkout."""
     import json
     import os
     import shutil
-    import subprocess
     import sys
     import time
     import zipfile
     from pathlib import Path
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, **kw)  # noqa: E731
+    before_state = _checkout_state(root)
     proj = tmp_path / "downstream"
     shutil.copytree(root / "examples" / "downstream", proj,
-                    ignore=shutil.ignore_patterns("tp_ops", "build", "*.egg-info"))
-    wheel_cmd = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    ignore=shutil.ignore_patterns("tp_ops", "build", "dist", "*.egg-info"))
+    wheel_cmd = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--find-links", str(tilegen_wheel.parent),
                  "-w", str(tmp_path / "dist"), str(proj))
-    r = run(*wheel_cmd)
+    r = _run(*wheel_cmd)
     assert r.returncode == 0, r.stdout + r.stderr
     wheel = next((tmp_path / "dist").glob("tp_app-*.whl"))
-    assert wheel.name.endswith("-py3-none-linux_x86_64.whl")  # platform-specific, any CPython 3
+    assert wheel.name == "tp_app-0.1.0-py3-none-linux_x86_64.whl"  # platform-specific, any CPython 3
     names = set(zipfile.ZipFile(wheel).namelist())
     ops = ("allreduce_bf16", "mlp_gate_up", "mlp_down")
     for op in ops:
@@ -127,17 +155,12 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path):
     libs = {op: proj / "tp_ops" / op / "_build" / f"libtilegen_{op}.so" for op in ops}
     before = {op: p.stat().st_mtime_ns for op, p in libs.items()}
     t0 = time.monotonic()
-    r = run(*wheel_cmd)
+    r = _run(*wheel_cmd)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {op: p.stat().st_mtime_ns for op, p in libs.items()} == before, "the second build rebuilt a library"
-    assert time.monotonic() - t0 < 60
+    print(f"second isolated build: {time.monotonic() - t0:.1f} s")
 
-    venv = tmp_path / "venv"
-    assert run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)).returncode == 0
-    py = venv / "bin" / "python"
-    site = run(str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
-    r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel))
-    assert r.returncode == 0, r.stdout + r.stderr
+    venv, py, site = _venv_with(tmp_path, wheel)
     code = (
         "import json, tp_ops, tp_app\n"
         "from tilegen.runtime import OpLoadError, check_build\n"
@@ -154,11 +177,12 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path):
     ) % site
     env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "nvcc").exists())
-    r = run(str(py), "-c", code, cwd=tmp_path, env=env)
+    r = _run(str(py), "-c", code, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     prov = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(prov) == set(ops)
     assert all(p["archs"] == ["sm_90a", "sm_100a"] and p["tilegen"] for p in prov.values())
+    assert _checkout_state(root) == before_state
 
 
 def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
@@ -216,3 +240,20 @@ def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
     assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
     assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
     assert (tmp_path / "generated" / "op" / "_build" / "libop.so").read_text() == "libs"
+
+
+def test_the_readme_shows_the_spec_file_it_names(root):
+    """README's tutorial shows specs/allgather_bf16.yaml verbatim (it had drifted from the file)."""
+    import re
+    import textwrap
+    readme = (root / "README.md").read_text()
+    block = re.search(r"`specs/allgather_bf16.yaml`.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    assert textwrap.dedent(block) == (root / "specs" / "allgather_bf16.yaml").read_text()
+
+
+def test_each_dependency_is_listed_once(root):
+    import re
+    import tomllib
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in deps]
+    assert len(names) == len(set(names)), names

@@ -19,6 +19,7 @@ import statistics
 import sys
 
 from .registry import OPS
+from .spec import article
 
 MiB = 1 << 20
 DEFAULT_SIZES_KIB = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
@@ -165,7 +166,7 @@ def resolve(ref: str) -> list:
     mod = importlib.import_module(pkg)
     ops = [getattr(mod, n) for n in (mod.OPS if name == "*" else [name])]
     if name != "*" and ops[0].kind in OTHER_BENCHES:
-        raise ValueError(f"{ref}: tilegen bench times collectives; a {ops[0].kind} op is timed by "
+        raise ValueError(f"{ref}: tilegen bench times collectives; {article(ops[0].kind)} op is timed by "
                          f"{OTHER_BENCHES[ops[0].kind]}")
     return [op for op in ops if op.kind not in OTHER_BENCHES]
 

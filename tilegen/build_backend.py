@@ -14,21 +14,63 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from setuptools import build_meta as _setuptools
-from setuptools.build_meta import (  # noqa: F401  (the rest of the PEP 517 / 660 interface, unchanged)
-    build_sdist,
-    get_requires_for_build_editable,
-    get_requires_for_build_sdist,
-    get_requires_for_build_wheel,
-)
 
 from .project import PACKAGE_DATA, generate, read_config
 
 
 def _sources_only() -> None:
-    """setuptools' metadata step looks for the ops package: write its sources (no build yet)."""
+    """Every setuptools hook runs egg_info, which needs the ops package to exist: write its sources
+    (no build yet). pip calls get_requires_for_build_wheel first under build isolation (its default),
+    prepare_metadata_* first without it, so each hook does this."""
     cfg = read_config(Path("pyproject.toml"))
     if cfg is not None:
         generate(cfg, build=False)
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    _sources_only()
+    return _setuptools.get_requires_for_build_wheel(config_settings)
+
+
+def get_requires_for_build_editable(config_settings=None):
+    _sources_only()
+    return _setuptools.get_requires_for_build_editable(config_settings)
+
+
+def get_requires_for_build_sdist(config_settings=None):
+    _sources_only()
+    return _setuptools.get_requires_for_build_sdist(config_settings)
+
+
+@contextmanager
+def _specs_in_the_sdist():
+    """An sdist must carry the specs (and the config naming them), not only the packages: a wheel
+    built from it generates its ops from them."""
+    cfg = read_config(Path("pyproject.toml"))
+    if cfg is None:
+        yield
+        return
+    from setuptools.command.sdist import sdist
+
+    from .spec import find_spec_files
+    files = sorted(str(f.resolve().relative_to(cfg.root)) for f in find_spec_files([cfg.root / s for s in cfg.specs]))
+    saved = sdist.add_defaults
+
+    def add_defaults(self):
+        saved(self)
+        self.filelist.extend(files)
+
+    sdist.add_defaults = add_defaults
+    try:
+        yield
+    finally:
+        sdist.add_defaults = saved
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    _sources_only()
+    with _specs_in_the_sdist():
+        return _setuptools.build_sdist(sdist_directory, config_settings)
 
 
 @contextmanager

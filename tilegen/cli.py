@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import keyword
+import os
 import re
 import shutil
 import sys
@@ -21,7 +23,7 @@ def load_calibration(path: str | None):
     if path in (None, "", "auto", "none"):
         return path or "auto"
     if not Path(path).exists():
-        raise SystemExit(f"--calibration {path}: no such file or directory")
+        raise CliError(f"--calibration {path}: no such file or directory")
     return path
 
 
@@ -51,10 +53,6 @@ def _plan_moe(ls, world: int) -> int:
     """A MoE op has no schedule: its layout at this world size and tilegen.moe's verdict on it."""
     from .pipeline import moe_problems
     s = ls.spec
-    if world not in s.world_sizes:
-        print(f"{ls.loc}: world_sizes: {s.name} was specified for world sizes {s.world_sizes}, not {world}",
-              file=sys.stderr)
-        return 1
     tokens, hidden = s.max_shape
     print(f"op {s.name}: moe {s.dtype}, {s.moe_mode} mode, world {world}: {s.experts} experts, "
           f"{s.experts // world} per rank, top-{s.topk}, up to {tokens} tokens of {hidden} per rank")
@@ -73,21 +71,37 @@ def _plan_moe(ls, world: int) -> int:
 
 
 def cmd_plan(args) -> int:
+    good, problems = load_specs(args.paths, allow_python=not args.no_python)
+    _print_problems(problems)
+    if not good:
+        if not problems:
+            print("no spec files found (looked for *.yaml, *.yml, *.py)", file=sys.stderr)
+        return 1
+    if args.svg and len(good) > 1:
+        raise CliError(f"--svg draws one spec's schedule; {len(good)} specs were found")
+    rc = 1 if problems else 0
+    for i, ls in enumerate(good):
+        if i:
+            print()
+        rc = max(rc, _plan_one(ls, args))
+    return rc
+
+
+def _plan_one(ls, args) -> int:
     from .pipeline import plan_verdicts
     from .plan import format_plan, plan
 
-    good, problems = load_specs([args.spec], allow_python=not args.no_python)
-    if problems or not good:
-        _print_problems(problems)
-        return 1
-    ls = good[0]
     world = args.world if args.world is not None else ls.spec.world_sizes[0]
+    if world not in ls.spec.world_sizes:
+        print(f"{ls.at('world_sizes')}: world_sizes: {ls.spec.name} was specified for world sizes "
+              f"{ls.spec.world_sizes}, not {world}", file=sys.stderr)
+        return 1
     if ls.spec.op in MOE_OPS:
         return _plan_moe(ls, world)
     try:
         p = plan(ls.spec, world, calibration=resolve(load_calibration(args.calibration), ls.spec.arch))
     except ValueError as e:
-        print(f"{ls.loc}: world_sizes: {e}", file=sys.stderr)
+        print(f"{ls.loc}: {e}", file=sys.stderr)
         return 1
     print(format_plan(p))
     ok = True
@@ -113,16 +127,31 @@ def package_ops(out: Path) -> set[str]:
 
 
 def _output_problem(out: Path) -> str | None:
-    if out.exists() and not out.is_dir():
-        return f"-o {out}: exists and is not a directory (the generated package is a folder)"
-    if not out.resolve().name.isidentifier():
-        return (f"-o {out}: {out.resolve().name!r} is not a Python module name (letters, digits and _, not starting "
+    """Why `-o out` cannot be the generated package, or None. Checked before anything is written."""
+    name = out.resolve().name
+    if not name.isidentifier():
+        return (f"-o {out}: {name!r} is not a Python module name (letters, digits and _, not starting "
                 f"with a digit), so the package could not be imported; choose another folder name")
+    if keyword.iskeyword(name) or name in ("tilegen",) or name in sys.stdlib_module_names:
+        what = "a Python keyword" if keyword.iskeyword(name) else "the name of a module it would shadow"
+        return f"-o {out}: {name!r} is {what}, so `import {name}` could not load the package; choose another name"
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: exists and is not a folder (the generated package is a folder)"
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"-o {out}: {existing} is a file, so no folder can be made below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"-o {out}: cannot write in {existing} (permission denied)"
+    lock = out / ".tilegen.lock"
+    if lock.exists() and not os.access(lock, os.W_OK):
+        return f"-o {out}: cannot write {lock} (permission denied)"
     return None
 
 
 def cmd_generate(args) -> int:
-    from .build import BuildError, build_package, nvshmem_header_version, package_lock
+    from .build import BuildError, build_package, find_toolchain, nvshmem_header_version, op_archs, package_lock
     from .codegen import CodegenError
     from .files import write_files
     from .pipeline import VerdictCache, generate_package
@@ -139,12 +168,21 @@ def cmd_generate(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    archs = parse_archs(args.archs)
+    if not args.check and not args.no_build:
+        try:  # the toolchain before anything is written: a missing nvcc leaves the package as it was
+            find_toolchain()
+            for ls in good:
+                op_archs(ls.spec, archs)
+        except BuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     names = {ls.spec.name for ls in good}
     others = sorted(package_ops(out) - names)  # ops of earlier runs: kept (listed) unless --prune
     cache = VerdictCache(out / VERDICTS, writable=not args.check)
     try:
         files = generate_package(good, nvshmem_header_version(), load_calibration(args.calibration), cache,
-                                 kept=() if args.prune else tuple(others))
+                                 kept=() if args.prune else tuple(others), root=out)
     except CodegenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -165,7 +203,7 @@ def cmd_generate(args) -> int:
             return 0
         try:
             built = build_package(out, [ls.spec for ls in good], {ls.spec.name: str(ls.loc.path) for ls in good},
-                                  jobs=args.jobs, progress=not args.quiet, archs=parse_archs(args.archs))
+                                  jobs=args.jobs, progress=not args.quiet, archs=archs)
         except BuildError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -180,7 +218,7 @@ def parse_archs(text: str | None) -> list[str] | None:
     archs = [a.strip() for a in text.split(",") if a.strip()]
     bad = [a for a in archs if not re.fullmatch(ARCH_PATTERN, a)]
     if bad or not archs:
-        raise SystemExit(f"--archs: expected GPU archs like sm_90a,sm_100a, got {text!r}")
+        raise CliError(f"--archs: expected GPU archs like sm_90a,sm_100a, got {text!r}")
     return archs
 
 
@@ -210,10 +248,27 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def cmd_list(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _op_rows(manifests: list[Path]) -> list[dict]:
+    rows = []
+    for man_path in manifests:
+        man = json.loads(man_path.read_text())
+        bj = man_path.parent / "_build" / "build.json"
+        info = json.loads(bj.read_text()) if bj.exists() else {}
+        if man.get("moe"):  # no schedules: its mode and routing
+            moe = man["moe"]
+            plans = f"{moe['mode']}: top-{moe['topk']} of {moe['experts']} experts"
+        else:
+            plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
+                              for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
+        rows.append({"op": man["name"], "kind": man["op"], "dtype": man["spec"]["dtype"], "schedules": plans,
+                     "spec_hash": man["spec_hash"], "arch": man["arch"], "built": bool(info),
+                     "archs": info.get("archs", [man["arch"]]) if info else [],
+                     "nvcc": info.get("nvcc"), "nvshmem": info.get("nvshmem"),
+                     "tilegen": info.get("tilegen_version")})
+    return rows
 
+
+def cmd_list(args) -> int:
     root = Path(args.directory)
     if not root.is_dir():
         print(f"error: {root}: no such directory (a generated package is a folder written by tilegen generate)",
@@ -223,93 +278,191 @@ def cmd_list(args) -> int:
     if not manifests:
         print(f"error: {root}: no generated ops here (no */manifest.json)", file=sys.stderr)
         return 1
+    rows = _op_rows(manifests)
+    fmt = args.format or ("table" if sys.stdout.isatty() else "plain")
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    built = [f"{r['nvcc']}, {r['nvshmem'] or '?'}, {','.join(r['archs'])}" if r["built"] else f"no ({r['arch']})"
+             for r in rows]
+    if fmt == "plain":
+        print("op\tkind\tworlds: schedules\tspec\tbuilt: nvcc, NVSHMEM, archs")
+        for r, b in zip(rows, built):
+            print(f"{r['op']}\t{r['kind']} {r['dtype']}\t{r['schedules']}\t{r['spec_hash'][:8]}\t{b}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"ops in {root}")
     table.add_column("op", no_wrap=True)
-    table.add_column("kind", overflow="fold")
-    table.add_column("worlds: schedules", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("worlds: schedules")  # wraps between words, never inside a name
     table.add_column("spec", no_wrap=True)
-    table.add_column("built: nvcc, NVSHMEM, arch", overflow="fold")
-    for man_path in manifests:
-        man = json.loads(man_path.read_text())
-        bj = man_path.parent / "_build" / "build.json"
-        info = json.loads(bj.read_text()) if bj.exists() else {}
-        plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
-                          for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
-        if man.get("moe"):  # no schedules: its mode and routing
-            moe = man["moe"]
-            plans = f"{moe['mode']}: top-{moe['topk']} of {moe['experts']} experts"
-        built = (f"{info['nvcc']}, {info.get('nvshmem', '?')}, {info.get('arch', man['arch'])}" if info
-                 else f"no ({man['arch']})")
-        table.add_row(man["name"], f"{man['op']} {man['spec']['dtype']}", plans, man["spec_hash"][:8], built)
-    Console(width=min(shutil.get_terminal_size((100, 24)).columns, 100)).print(table)
+    table.add_column("built: nvcc, NVSHMEM, archs")
+    for r, b in zip(rows, built):
+        table.add_row(r["op"], f"{r['kind']} {r['dtype']}", r["schedules"], r["spec_hash"][:8], b)
+    Console().print(table)
     return 0
 
 
+class CliError(Exception):
+    """A problem with the command line or the machine: printed as one line, exit status 1."""
+
+
+def needs_torch(command: str) -> None:
+    """bench and tune run under torchrun: say so when torch is missing, before anything else."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CliError(f"tilegen {command} times ops on GPUs and needs torch: pip install torch "
+                       f"(or tilegen[torch]), then run it under torchrun") from None
+
+
+def cmd_tune(args) -> int:
+    if not args.build_only:
+        needs_torch("tune")
+    from .tune import main as tune_main
+    return tune_main(args.specs, args.output, args.reps, args.build_only)
+
+
+def cmd_bench(args) -> int:
+    needs_torch("bench")
+    from .bench import run
+    return run(args.ops, args.sizes_kib, args.reps, args.out, args.plot, args.bounded_ms)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes in KiB (e.g. 16,64,256), got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes in KiB, got {text!r}")
+    return values
+
+
+CALIBRATION_HELP = ("auto: the measurements committed for the spec's arch, if any; none: the cost model only; "
+                    "or a `tilegen tune` output file or folder")
+PYTHON_HELP = "refuse Python spec configs (they run as code)"
+SPECS_HELP = "spec files (.yaml, .yml, .py) or folders of them (searched recursively)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="tilegen", formatter_class=fmt,
+                                 description="declarative generator of multi-GPU communication kernels")
+    ap.add_argument("--version", action="version", version=f"tilegen {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = sub.add_parser("validate", formatter_class=fmt,
+                       help="check spec files; errors as path:LINE:COL: field: message")
+    p.add_argument("paths", nargs="+", metavar="SPEC", help=SPECS_HELP)
+    p.add_argument("--no-python", action="store_true", help=PYTHON_HELP)
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("plan", formatter_class=fmt,
+                       help="print each spec's per-rank schedule and the checker's verdict")
+    p.add_argument("paths", nargs="+", metavar="SPEC", help=SPECS_HELP + "; every spec found is planned")
+    p.add_argument("--world", type=positive_int, help="number of ranks (default: each spec's smallest world size)")
+    p.add_argument("--bytes", type=positive_int, help="input bytes per rank the drawing shows (default: the largest)")
+    p.add_argument("--svg", help="draw the schedule as a per-rank timeline (.svg or .png; one spec only)")
+    p.add_argument("--calibration", default="auto", help=CALIBRATION_HELP)
+    p.add_argument("--no-python", action="store_true", help=PYTHON_HELP)
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("generate", formatter_class=fmt,
+                       help="write sources for every spec and build them (nvcc -rdc, ninja)")
+    p.add_argument("paths", nargs="+", metavar="SPEC", help=SPECS_HELP)
+    p.add_argument("-o", "--output", default="generated",
+                   help="the generated package: a folder whose name is a Python module name")
+    p.add_argument("-j", "--jobs", type=positive_int, help="parallel compile jobs (default: ninja's, from the CPUs)")
+    p.add_argument("--no-build", action="store_true", help="write sources only")
+    p.add_argument("--archs", help="GPU archs every library holds code for, e.g. sm_90a,sm_100a (default: each "
+                                   "spec's arch); plans are made for the spec's")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; fail if the sources in -o differ from what would be written")
+    p.add_argument("-q", "--quiet", action="store_true", help="no build progress")
+    p.add_argument("--calibration", default="auto", help=CALIBRATION_HELP)
+    p.add_argument("--prune", action="store_true",
+                   help="remove the package's ops that no spec of this run generates (kept and listed otherwise)")
+    p.add_argument("--no-python", action="store_true", help=PYTHON_HELP)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("tune", formatter_class=fmt,
+                       help="time every schedule, CTA count and tile of specs on the GPUs (under torchrun) "
+                            "into calibration files the planner uses")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="collective spec files")
+    p.add_argument("-o", "--output", default="calibration", help="folder: one <op>_w<world>.json per spec")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed batches per configuration")
+    p.add_argument("--build-only", action="store_true",
+                   help="generate and build the candidate ops only (no GPU; carry .tilegen-tune to the GPU machine)")
+    p.set_defaults(fn=cmd_tune)
+    p = sub.add_parser("bench", formatter_class=fmt,
+                       help="time ops against NCCL / torch symmetric memory (under torchrun); table and plot")
+    p.add_argument("ops", nargs="+", metavar="PACKAGE:OP",
+                   help="package:op or package:* (e.g. generated:allreduce_bf16)")
+    p.add_argument("--sizes-kib", type=int_list, default="16,64,256,1024,4096,16384,65536,262144",
+                   help="input sizes per rank, KiB")
+    p.add_argument("--reps", type=positive_int, default=20, help="timed calls per size")
+    p.add_argument("--bounded-ms", type=positive_float, default=0.0,
+                   help="also time bounded-wait mode with this bound (0: not)")
+    p.add_argument("--out", help="results as JSON")
+    p.add_argument("--plot", help="busbw plot (.png or .svg)")
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("schema", formatter_class=fmt, help="JSON Schema of spec files (for editor completion)")
+    p.add_argument("-o", "--output", help="write it to this file (default: standard output)")
+    p.set_defaults(fn=cmd_schema)
+    p = sub.add_parser("list", formatter_class=fmt, help="ops in a generated package, with provenance")
+    p.add_argument("directory", nargs="?", default="generated", help="the generated package's folder")
+    p.add_argument("--format", choices=("table", "plain", "json"),
+                   help="table (default on a terminal), plain (tab-separated, one op a line; default otherwise) "
+                        "or json")
+    p.set_defaults(fn=cmd_list)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Every failure is one line on stderr, never a traceback: located spec errors,
+    CliError, an OS error (permissions, a file where a folder should be), Ctrl-C."""
     import signal
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tilegen plan ... | head` ends quietly
-    ap = argparse.ArgumentParser(prog="tilegen", description="declarative generator of multi-GPU communication kernels")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("validate", help="check spec files; errors as path:LINE:COL: field: message")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they run as code)")
-    p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("plan", help="print a spec's per-rank schedule and the checker's verdict")
-    p.add_argument("spec")
-    p.add_argument("--world", type=int, help="number of ranks (default: the spec's smallest)")
-    p.add_argument("--bytes", type=int, help="input bytes per rank the drawing shows (default: the largest)")
-    p.add_argument("--svg", help="draw the schedule as a per-rank timeline (.svg or .png)")
-    p.add_argument("--calibration", default="auto",
-                   help="auto (the measurements committed for the spec's arch, if any), none (cost model only), "
-                        "or a `tilegen tune` output file / directory")
-    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they run as code)")
-    p.set_defaults(fn=cmd_plan)
-    p = sub.add_parser("generate", help="write sources for every spec and build them (nvcc -rdc, ninja)")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("-o", "--output", default="generated")
-    p.add_argument("-j", "--jobs", type=int)
-    p.add_argument("--no-build", action="store_true", help="write sources only")
-    p.add_argument("--archs", help="GPU archs every library holds code for, e.g. sm_90a,sm_100a (default: the "
-                                   "spec's arch); plans are made for the spec's")
-    p.add_argument("--check", action="store_true", help="fail if the sources in -o differ from what would be written")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--calibration", default="auto",
-                   help="auto (the measurements committed for the spec's arch, if any), none (cost model only), "
-                        "or a `tilegen tune` output file / directory")
-    p.add_argument("--prune", action="store_true",
-                   help="remove the package's ops that no spec of this run generates (kept and listed otherwise)")
-    p.add_argument("--no-python", action="store_true", help="refuse Python spec configs (they are code)")
-    p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("tune", help="time every schedule, CTA count and tile of specs on the GPUs (under torchrun) "
-                                    "into calibration files the planner uses")
-    p.add_argument("specs", nargs="+")
-    p.add_argument("-o", "--output", default="calibration", help="directory: one <op>_w<world>.json per spec")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--build-only", action="store_true",
-                   help="generate and build the candidate ops only (no GPU; carry .tilegen-tune to the GPU machine)")
-    p.set_defaults(fn=lambda a: __import__("tilegen.tune", fromlist=["main"]).main(a.specs, a.output, a.reps,
-                                                                                   a.build_only))
-    p = sub.add_parser("bench", help="time ops against NCCL / torch symmetric memory (under torchrun); table and plot")
-    p.add_argument("ops", nargs="+", help="package:op or package:* (e.g. generated:allreduce_bf16)")
-    p.add_argument("--sizes-kib", default="16,64,256,1024,4096,16384,65536,262144")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--bounded-ms", type=float, default=0.0, help="also time bounded-wait mode with this bound")
-    p.add_argument("--out", help="results as JSON")
-    p.add_argument("--plot", help="busbw plot (.png or .svg)")
-    p.set_defaults(
-        fn=lambda a: __import__("tilegen.bench", fromlist=["run"]).run(
-            a.ops, [int(s) for s in a.sizes_kib.split(",")], a.reps, a.out, a.plot, a.bounded_ms
-        )
-    )
-    p = sub.add_parser("schema", help="JSON Schema of spec files (for editor completion)")
-    p.add_argument("-o", "--output")
-    p.set_defaults(fn=cmd_schema)
-    p = sub.add_parser("list", help="ops in a generated package, with provenance")
-    p.add_argument("directory", nargs="?", default="generated")
-    p.set_defaults(fn=cmd_list)
+    ap = build_parser()
     args = ap.parse_args(argv)
-    return args.fn(args)
+    if args.cmd is None:
+        ap.print_help(sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tilegen: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

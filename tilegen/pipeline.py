@@ -3,14 +3,15 @@ accepted; `tilegen generate` and `tilegen plan` both come through here.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from . import check
 from .check import Verdict, check_copy_engine, check_schedule
 from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
@@ -37,42 +38,144 @@ def copy_engine_verdict(op: str, world: int) -> Verdict:
     return check_copy_engine(op, world)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The modules whose verdicts are cached (the schedule checker, the copy-engine and MoE checks);
+# what they import from tilegen is found by reading them (semantic_modules).
+CHECKERS = ("check", "ce_program", "moe")
+
+
+def _tilegen_imports(name: str) -> set[str]:
+    """The tilegen modules one module imports, anywhere in it (function-level imports too)."""
+    tree = ast.parse((PACKAGE_DIR / f"{name}.py").read_bytes())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1 and mod:
+                found.add(mod.split(".")[0])
+            elif node.level == 1:  # from . import x
+                found.update(a.name for a in node.names)
+            elif mod.startswith("tilegen."):
+                found.add(mod.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tilegen."))
+    return {m for m in found if (PACKAGE_DIR / f"{m}.py").exists()}
+
+
+def semantic_modules(roots=CHECKERS) -> list[str]:
+    """`roots` and every tilegen module they import, transitively: the code a verdict depends on."""
+    seen, todo = set(), list(roots)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_tilegen_imports(m) - seen)
+    return sorted(seen)
+
+
 @lru_cache(maxsize=1)
 def checker_version() -> str:
-    """The checker's source: a verdict remembered under another version is checked again."""
-    return hashlib.sha256(Path(check.__file__).read_bytes()).hexdigest()[:16]
+    """A hash of the source of every module the checkers' verdicts depend on (the checkers, the op
+    registry's expectations, the layout, the schedules, ...): a verdict remembered under other
+    sources is checked again."""
+    h = hashlib.sha256()
+    for m in semantic_modules():
+        h.update(f"{m}\0".encode() + (PACKAGE_DIR / f"{m}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def generator_version() -> str:
+    """A hash of everything in the tilegen package that can shape a generated file: its modules,
+    templates, library headers and committed calibrations."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE_DIR.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(f"{f.relative_to(PACKAGE_DIR)}\0".encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _sha(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
 class VerdictCache:
-    """Verdicts remembered across runs (a JSON file beside the generated package), keyed by the
-    schedule's content, the op, the SMs modelled and the checker's version: a `tilegen generate`
-    that changes nothing re-checks nothing, and a changed spec re-checks only its new schedules."""
+    """What `tilegen generate` remembers beside a generated package (a JSON file), so that a run
+    that changes nothing re-checks and re-renders nothing:
+    - verdicts: the checker's, keyed by what was checked (a schedule's content with the op and the
+      SMs modelled; an op's copy-engine programs; a MoE layout) and checker_version();
+    - ops: per op, the key of everything its files are made from (spec, calibration, NVSHMEM
+      headers, generator_version()) and the hash of each file written. A hit is served only when
+      every file on disk still has that hash; anything else is generated afresh."""
+
+    FORMAT = 2
 
     def __init__(self, path: Path | None = None, writable: bool = True):
         self.path, self.writable, self.hits, self.misses = path, writable, 0, 0
-        self.entries: dict[str, dict] = {}
+        self.verdicts: dict[str, dict] = {}
+        self.ops: dict[str, dict] = {}
         if path is not None and path.exists():
             try:
-                self.entries = json.loads(path.read_text())
-            except (OSError, ValueError):  # unreadable or half-written: start afresh
-                self.entries = {}
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and data.get("format") == self.FORMAT:
+                    self.verdicts, self.ops = dict(data["verdicts"]), dict(data["ops"])
+            except (OSError, ValueError, KeyError, TypeError):  # unreadable or half-written: start afresh
+                self.verdicts, self.ops = {}, {}
         self._dirty = False
 
     @staticmethod
     def key(s: Schedule, op: str, spare: int | None) -> str:
-        return hashlib.sha256(f"{checker_version()}|{op}|{spare}|{s!r}".encode()).hexdigest()
+        return _sha(f"{checker_version()}|{op}|{spare}|{s!r}")
+
+    def _remembered(self, key: str, compute):
+        if key in self.verdicts:
+            self.hits += 1
+            return self.verdicts[key]
+        self.misses += 1
+        entry = compute()
+        self.verdicts[key] = entry
+        self._dirty = True
+        return entry
+
+    @staticmethod
+    def _entry(v: Verdict) -> dict:
+        return {"ok": v.ok, "problems": v.problems, "configs": v.configs, "ops": v.ops}
 
     def verdict(self, s: Schedule, op: str, spare: int | None) -> Verdict:
-        k = self.key(s, op, spare)
-        if k in self.entries:
-            self.hits += 1
-            e = self.entries[k]
-            return Verdict(e["ok"], e["problems"], e["configs"], e["ops"])
-        self.misses += 1
-        v = verdict_of(s, op, spare)
-        self.entries[k] = {"ok": v.ok, "problems": v.problems, "configs": v.configs, "ops": v.ops}
+        e = self._remembered(self.key(s, op, spare), lambda: self._entry(verdict_of(s, op, spare)))
+        return Verdict(e["ok"], e["problems"], e["configs"], e["ops"])
+
+    def copy_engine_verdict(self, op: str, world: int) -> Verdict:
+        key = _sha(f"{checker_version()}|copy_engine|{op}|{world}")
+        e = self._remembered(key, lambda: self._entry(copy_engine_verdict(op, world)))
+        return Verdict(e["ok"], e["problems"], e["configs"], e["ops"])
+
+    def moe_problems(self, world: int, experts: int, topk: int, mode: str) -> tuple[str, ...]:
+        key = _sha(f"{checker_version()}|moe|{world}|{experts}|{topk}|{mode}")
+        return tuple(self._remembered(key, lambda: {"problems": list(moe_problems(world, experts, topk, mode))})
+                     ["problems"])
+
+    def op_files(self, name: str, key: str, root: Path | None) -> dict[str, str] | None:
+        """The files remembered for op `name` made from `key`, read back from `root` when every one
+        still has the hash it was written with; else None."""
+        e = self.ops.get(name)
+        if root is None or e is None or e["key"] != key:
+            return None
+        files = {}
+        for rel, digest in e["files"].items():
+            try:
+                data = (root / name / rel).read_bytes()
+            except OSError:
+                return None
+            if _sha(data) != digest:
+                return None
+            files[rel] = data.decode()
+        self.hits += 1
+        return files
+
+    def remember_op(self, name: str, key: str, files: dict[str, str]) -> None:
+        self.ops[name] = {"key": key, "files": {rel: _sha(text) for rel, text in sorted(files.items())}}
         self._dirty = True
-        return v
 
     def save(self) -> None:
         if self.path is None or not self.writable or not self._dirty:
@@ -80,7 +183,8 @@ class VerdictCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verdicts.")
         with os.fdopen(fd, "w") as f:
-            json.dump(self.entries, f, sort_keys=True)
+            json.dump({"format": self.FORMAT, "verdicts": self.verdicts, "ops": self.ops}, f, sort_keys=True)
+        os.chmod(tmp, 0o644)  # like every file tilegen writes (mkstemp creates 0600)
         os.replace(tmp, self.path)
         self._dirty = False
 
@@ -110,8 +214,9 @@ def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
     """Plan every world size and refuse a schedule the checker rejects (check=False: plan only, for
     tests of the renderer itself). MoE ops have no schedules: their layout and protocol are checked."""
     if spec.op in MOE_OPS:
+        get = cache.moe_problems if cache is not None else moe_problems
         for w in spec.world_sizes if check else ():
-            problems = moe_problems(w, spec.experts, spec.topk, spec.moe_mode)
+            problems = get(w, spec.experts, spec.topk, spec.moe_mode)
             if problems:
                 raise CodegenError(f"{spec.name}: world {w}: the MoE check failed:\n" + "\n".join(problems[:10]))
         return []
@@ -130,7 +235,7 @@ def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
                     raise CodegenError(f"{spec.name}: world {w}: the checker rejected the {v.schedule.algorithm} "
                                        f"schedule:\n{verdict}")
             if spec.overlap_style == "copy_engine":
-                verdict = copy_engine_verdict(spec.op, w)
+                verdict = (cache.copy_engine_verdict if cache is not None else copy_engine_verdict)(spec.op, w)
                 if not verdict.ok:
                     raise CodegenError(f"{spec.name}: world {w}: the checker rejected the copy-engine "
                                        f"program:\n{verdict}")
@@ -138,18 +243,39 @@ def checked_plans(spec: KernelSpec, calibration="auto", check: bool = True,
     return plans
 
 
+def generation_key(spec: KernelSpec, nvshmem_headers: str | None, calibration, check: bool) -> str:
+    """Everything an op's files are made from: the spec, the calibration the planner read, the
+    NVSHMEM headers named in the manifest, and the generator's (and checker's) own sources."""
+    import jinja2
+    import pydantic
+    record = json.dumps(manifest_record(calibration), sort_keys=True, default=str)
+    tools = f"python {sys.version_info[:2]}, jinja2 {jinja2.__version__}, pydantic {pydantic.VERSION}"
+    return _sha(f"{generator_version()}|{checker_version()}|{tools}|{check}|{nvshmem_headers}|{record}|"
+                f"{spec.canonical_json()}")
+
+
 def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration="auto",
-                check: bool = True, cache: VerdictCache | None = None) -> dict[str, str]:
+                check: bool = True, cache: VerdictCache | None = None, root: Path | None = None) -> dict[str, str]:
     """All files of one op (relative to its directory), from checked plans. calibration: 'auto' (the
-    committed measurements of the spec's arch), None, a path, or loaded (tilegen.calibration)."""
+    committed measurements of the spec's arch), None, a path, or loaded (tilegen.calibration).
+    With a cache and the package's folder `root`, files made from the same inputs before and
+    unchanged there since are read back instead of planned, checked and rendered again."""
     calibration = None if spec.op in MOE_OPS else resolve(calibration, spec.arch)  # MoE: nothing measured to use
-    return render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers,
-                     manifest_record(calibration))
+    key = generation_key(spec, nvshmem_headers, calibration, check) if cache is not None else ""
+    files = cache.op_files(spec.name, key, root) if cache is not None else None
+    if files is None:
+        files = render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers,
+                          manifest_record(calibration))
+        if cache is not None:
+            cache.remember_op(spec.name, key, files)
+    return files
 
 
 def generate_package(specs: list[LoadedSpec], nvshmem_headers: str | None, calibration="auto",
-                     cache: VerdictCache | None = None, kept: tuple[str, ...] = ()) -> dict[str, str]:
+                     cache: VerdictCache | None = None, kept: tuple[str, ...] = (),
+                     root: Path | None = None) -> dict[str, str]:
     """Every file of a generated package, relative to its root; `kept`: ops already in the package
-    that this run leaves as they are (its __init__ lists them too)."""
-    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration, cache=cache) for ls in specs}
+    that this run leaves as they are (its __init__ lists them too); `root`: the package's folder,
+    where a cache may find an op's current files."""
+    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration, cache=cache, root=root) for ls in specs}
     return render_package_files(ops, kept)

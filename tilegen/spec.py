@@ -10,7 +10,7 @@ import hashlib
 import json
 import keyword
 import re
-import runpy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -37,6 +37,26 @@ _C_RESERVED = {
 }
 
 
+def article(word: str) -> str:
+    """'an allreduce', 'a gemm_rs'."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def _kind_of(value: Any) -> str:
+    """What a YAML value is, in a user's words (not ruamel's class names)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return article(type(value).__name__)
+
+
 def shown(value: Any, limit: int = 60) -> str:
     """repr of a user's value, cut to `limit` characters (a 5,000-character name is not echoed)."""
     text = repr(value)
@@ -50,6 +70,23 @@ def check_identifier(value: str) -> str:
             f"at most 63 characters; got {shown(value)}")
     if keyword.iskeyword(value) or value in _C_RESERVED:
         raise ValueError(f"{value!r} is a reserved word in Python or C++")
+    return value
+
+
+# What an op's name may not be: the generated package's own attributes (`pkg.load`, `pkg.OPS`), the
+# modules generated code and apps import beside it, and the standard library's modules (an op is
+# a subpackage and a module attribute; such names shadow, or read as, something else).
+PACKAGE_NAMES = frozenset({"load", "ops", "init", "finalize", "op", "tilegen", "torch", "numpy", "tvm_ffi",
+                           "cuda", "nvshmem", "triton", "cupy", "generated"})
+
+
+def check_op_name(value: str) -> str:
+    check_identifier(value)
+    if value in PACKAGE_NAMES or value in sys.stdlib_module_names:
+        what = ("a name the generated package defines or imports" if value in PACKAGE_NAMES
+                else "the name of a standard-library module")
+        raise ValueError(f"{value!r} is {what}; an op by that name could not be imported from its package. "
+                         f"Choose another name (e.g. {value}_op)")
     return value
 
 
@@ -224,7 +261,7 @@ class KernelSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_identifier(v)
+        return check_op_name(v)
 
     @field_validator("world_sizes")
     @classmethod
@@ -288,7 +325,7 @@ class KernelSpec(_Frozen):
             limit = max_gemm_comm_ctas(self.sm)
             if self.ctas != "auto" and self.ctas > limit:
                 raise ValueError(
-                    f"ctas: a {self.op} communication kernel runs beside the GEMMs and must leave them the "
+                    f"ctas: {article(self.op)} communication kernel runs beside the GEMMs and must leave them the "
                     f"GPU: at most {limit} CTAs on {self.arch} (or auto), got {self.ctas}"
                 )
             if self.overlap_style == "copy_engine":
@@ -595,6 +632,11 @@ class LoadedSpec:
 
     spec: KernelSpec
     loc: SourceLoc
+    fields: tuple[tuple[str, SourceLoc], ...] = ()  # where each top-level field was written
+
+    def at(self, field: str) -> SourceLoc:
+        """Where `field` was written (the spec's own location if it was not)."""
+        return dict(self.fields).get(field, self.loc)
 
 
 class SpecError(Exception):
@@ -638,9 +680,11 @@ def _message(err: dict) -> str:
         msg = "unknown key (allowed: " + ", ".join(model.model_fields) + ")"
     elif err["type"] == "missing":
         msg = "required field is missing"
-    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-        if "got" not in msg:
+    elif "input" in err and err["type"] not in ("missing",) and "got" not in msg:
+        if not isinstance(err["input"], (dict, list)):
             msg += f" (got {shown(err['input'])})"
+        elif err["loc"]:  # (a rule of the whole spec gets the whole spec as its input: not worth naming)
+            msg += f" (got {_kind_of(err['input'])})"
     return msg
 
 
@@ -677,10 +721,46 @@ def _yaml_key_position(root: Any, loc: tuple) -> tuple[int, int] | None:
     return None
 
 
-def _validation_problems(exc: ValidationError, path: str, locate) -> list[tuple[SourceLoc, str]]:
+# How pydantic names the member of a plain union (e.g. `ctas: int | 'auto'`) in an error's location.
+_MEMBER_TAG = re.compile(r"(int|float|str|bool|none|(constrained|function|literal|list|dict|nullable|union|"
+                         r"tagged-union|json-or-python|lax|strict)[-\[].*)$")
+
+
+def _is_member_tag(loc: tuple, i: int) -> bool:
+    return i > 0 and isinstance(loc[i], str) and bool(_MEMBER_TAG.match(loc[i])) and not _is_union_tag(loc, i)
+
+
+def _merge_union_members(errors: list[dict]) -> list[dict]:
+    """One error per field of a plain union: pydantic reports each member's failure under a tag of
+    its own (`ctas.constrained-int`, `ctas."literal['auto']"`); a user wants one message naming
+    every accepted form."""
+    merged: dict[tuple, dict] = {}
+    out: list[dict] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        tags = [i for i in range(len(loc)) if _is_member_tag(loc, i)]
+        if not tags:
+            out.append(err)
+            continue
+        bare = tuple(p for i, p in enumerate(loc) if i not in tags)
+        msg = err["msg"].removeprefix("Value error, ")
+        if bare in merged:
+            first = merged[bare]
+            alt = msg.removeprefix("Input should be ")
+            if alt not in first["msg"]:
+                first["msg"] += f", or {alt}"
+        else:
+            merged[bare] = {**err, "loc": bare, "msg": msg}
+            out.append(merged[bare])
+    return out
+
+
+def _validation_problems(errors, path: str, locate) -> list[tuple[SourceLoc, str]]:
+    """Located problems of a ValidationError (or of its errors() list)."""
     problems = []
     seen = set()
-    for err in exc.errors():
+    errors = errors.errors() if isinstance(errors, ValidationError) else errors
+    for err in _merge_union_members(errors):
         loc = tuple(err["loc"])
         m = re.match(r"(?:Value error, )?(\w+): (.*)", err["msg"], re.S)
         if not loc and m and m.group(1) in KernelSpec.model_fields:  # a cross-field rule names its field
@@ -751,7 +831,7 @@ def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
             [(SourceLoc(path, 1, 1), f"<yaml>: {str(e).splitlines()[0] if str(e) else type(e).__name__}")]
         ) from None
     if not isinstance(root, dict):
-        kind = "empty document" if root is None else f"a {type(root).__name__}"
+        kind = "an empty document" if root is None else _kind_of(root)
         raise SpecError([(SourceLoc(path, 1, 1), f"<spec>: expected a mapping of fields, got {kind}")])
     for key in root:
         if not isinstance(key, str):
@@ -773,7 +853,8 @@ def parse_yaml_spec(text: str, path: str = "<string>") -> LoadedSpec:
         raise SpecError(
             [(SourceLoc(path, 1, 1), f"<spec>: more than {MAX_SPEC_NODES} values (recursive or exploding aliases?)")]
         ) from None
-    return LoadedSpec(spec, SourceLoc(path, root.lc.line + 1, root.lc.col + 1))
+    fields = tuple((str(k), SourceLoc(path, root.lc.key(k)[0] + 1, root.lc.key(k)[1] + 1)) for k in root)
+    return LoadedSpec(spec, SourceLoc(path, root.lc.line + 1, root.lc.col + 1), fields)
 
 
 def _python_spec_positions(path: str, text: str) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
@@ -799,51 +880,55 @@ def _python_spec_positions(path: str, text: str) -> tuple[dict[str, tuple[int, i
     return keys, where
 
 
+def config_timeout_s() -> float:
+    """TILEGEN_CONFIG_TIMEOUT_S: how long a Python config may run (default 60 s)."""
+    import os
+    text = os.environ.get("TILEGEN_CONFIG_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else 60.0
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise SpecError([(SourceLoc("TILEGEN_CONFIG_TIMEOUT_S", 1, 1),
+                          f"expected a positive number of seconds, got {shown(text)}")])
+    return value
+
+
 def load_python_spec(path: str | Path) -> LoadedSpec:
-    """A Python config: a module that defines ``SPEC`` as a KernelSpec or a dict of fields."""
+    """A Python config: a module that defines ``SPEC`` as a KernelSpec or a dict of fields. It runs in
+    a child process bounded in time (tilegen.pyconfig): however it ends, the result is a spec or a
+    located error."""
+    from .pyconfig import run_config
     path = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([(SourceLoc(path, 1, 1), f"<file>: cannot read as UTF-8 Python: {e}")]) from None
     keys, where = _python_spec_positions(path, text)
-    try:
-        ns = runpy.run_path(path, run_name="tilegen_spec")
-    except ValidationError as e:
+    at_spec = SourceLoc(path, where[0] + 1, where[1] + 1)
+    outcome = run_config(path, config_timeout_s())
+    kind = outcome[0]
+    if kind == "spec":
+        return LoadedSpec(outcome[1], at_spec,
+                          tuple((k, SourceLoc(path, line + 1, col + 1)) for k, (line, col) in keys.items()))
+    if kind == "invalid":
         raise SpecError(
-            _validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
-        ) from None
-    except Exception as e:  # a config that fails to run is reported at its own line
-        tb = e.__traceback__
-        line = 1
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == path:
-                line = tb.tb_lineno
-            tb = tb.tb_next
-        if isinstance(e, SyntaxError) and e.lineno:
-            line = e.lineno
-        raise SpecError([(SourceLoc(path, line, 1), f"<python>: {type(e).__name__}: {e}")]) from None
-    if "SPEC" not in ns:
-        raise SpecError([(SourceLoc(path, 1, 1), "<spec>: a Python config must define SPEC (a KernelSpec or a dict)")])
-    value = ns["SPEC"]
-    if isinstance(value, KernelSpec):
-        return LoadedSpec(value, SourceLoc(path, where[0] + 1, where[1] + 1))
-    if not isinstance(value, dict):
-        raise SpecError(
-            [
-                (
-                    SourceLoc(path, where[0] + 1, where[1] + 1),
-                    f"SPEC: expected a KernelSpec or a dict, got {type(value).__name__}",
-                )
-            ]
+            _validation_problems(outcome[1], path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
         )
-    try:
-        spec = KernelSpec.model_validate(value)
-    except ValidationError as e:
-        raise SpecError(
-            _validation_problems(e, path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
-        ) from None
-    return LoadedSpec(spec, SourceLoc(path, where[0] + 1, where[1] + 1))
+    problem = {
+        "raised": lambda: (outcome[1], f"<python>: {outcome[2]}"),
+        "exit": lambda: (outcome[1], f"<python>: the config called sys.exit({outcome[2]!r}); a config defines SPEC "
+                                     f"and returns"),
+        "ended": lambda: (1, f"<python>: the config ended the process (exit status {outcome[1]}) before defining "
+                             f"SPEC (os._exit, a signal or a crash?)"),
+        "timeout": lambda: (1, f"<python>: the config ran for {outcome[1]:g} s without finishing (an endless loop? "
+                               f"TILEGEN_CONFIG_TIMEOUT_S sets the bound); stopped"),
+        "nospec": lambda: (1, "<spec>: a Python config must define SPEC (a KernelSpec or a dict)"),
+    }
+    if kind == "not_a_spec":
+        raise SpecError([(at_spec, f"SPEC: expected a KernelSpec or a dict, got {outcome[1]}")])
+    line, msg = problem[kind]()
+    raise SpecError([(SourceLoc(path, line, 1), msg)])
 
 
 def load_spec(path: str | Path) -> LoadedSpec:
@@ -868,16 +953,25 @@ def defines_spec(path: Path) -> bool:
                for node in tree.body)
 
 
+def _spec_files_below(folder: Path) -> list[Path]:
+    """A folder's spec files, its subfolders' too (sorted; names starting with '.' or '_' skipped)."""
+    found = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith((".", "_")):
+            continue
+        if f.is_dir():
+            found.extend(_spec_files_below(f))
+        elif f.suffix in SPEC_SUFFIXES and (f.suffix != ".py" or defines_spec(f)):
+            found.append(f)
+    return found
+
+
 def find_spec_files(paths: list[str | Path]) -> list[Path]:
-    """Spec files named directly, or found (sorted) in the directories named: YAML files, and Python
-    files that assign SPEC at module level."""
+    """Spec files named directly, or found (sorted) in the folders named and their subfolders: YAML
+    files, and Python files that assign SPEC at module level."""
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            found = (f for f in p.iterdir() if f.suffix in SPEC_SUFFIXES and not f.name.startswith((".", "_")))
-            files.extend(sorted(f for f in found if f.suffix != ".py" or defines_spec(f)))
-        else:
-            files.append(p)
+        files.extend(_spec_files_below(p) if p.is_dir() else [p])
     return files
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from .bench import time_batches
 from .layout import layout, tile_bytes_for
 from .plan import LL_MAX_BYTES, TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
-from .registry import GEMM_OPS, OPS, algorithms_for, make_schedule
+from .registry import GEMM_OPS, MOE_OPS, OPS, algorithms_for, make_schedule
 from .schedules import is_ll
 from .spec import KernelSpec
 
@@ -203,13 +203,19 @@ def auto_vs_fastest(spec: KernelSpec, world: int, path: Path) -> list[tuple[int,
 
 
 def main(spec_paths: list[str], output: str, reps: int = 5, build_only: bool = False) -> int:
-    from .spec import load_spec
+    from .spec import load_specs
 
-    loaded = [load_spec(p) for p in spec_paths]
-    for ls in loaded:
-        if ls.spec.op in GEMM_OPS:
-            raise SystemExit(f"{ls.loc}: tilegen tune times collectives; {ls.spec.op} runs beside GEMMs "
-                             f"(its CTA budget is the planner's model)")
+    loaded, problems = load_specs(spec_paths)
+    why = {**{op: f"{op} runs beside GEMMs (its CTA budget is the planner's model)" for op in GEMM_OPS},
+           **{op: f"{op} has no schedules to choose between" for op in MOE_OPS}}
+    problems += [(ls.at("op"), f"op: tilegen tune times collectives; {why[ls.spec.op]}")
+                 for ls in loaded if ls.spec.op in why]
+    if problems or not loaded:
+        for loc, msg in problems:
+            print(f"{loc}: {msg}", file=sys.stderr)
+        if not problems:
+            print("no spec files found (looked for *.yaml, *.yml, *.py)", file=sys.stderr)
+        return 1
     root, cands = candidate_package([ls.spec for ls in loaded])
     if build_only:
         build_candidates(loaded, root, cands)
