@@ -273,9 +273,10 @@ def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration="auto
 
 def generate_package(specs: list[LoadedSpec], nvshmem_headers: str | None, calibration="auto",
                      cache: VerdictCache | None = None, kept: tuple[str, ...] = (),
-                     root: Path | None = None) -> dict[str, str]:
+                     root: Path | None = None, check: bool = True) -> dict[str, str]:
     """Every file of a generated package, relative to its root; `kept`: ops already in the package
     that this run leaves as they are (its __init__ lists them too); `root`: the package's folder,
-    where a cache may find an op's current files."""
-    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration, cache=cache, root=root) for ls in specs}
+    where a cache may find an op's current files; check=False: plan and render only (tests of the
+    renderer)."""
+    ops = {ls.spec.name: generate_op(ls.spec, nvshmem_headers, calibration, check, cache, root) for ls in specs}
     return render_package_files(ops, kept)
