@@ -25,6 +25,7 @@ def ar_spec(**kw):
 
 
 def test_plan_svg_is_a_drawing_of_every_rank(root, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
     out = tmp_path / "plan.svg"
     assert cli.main(["plan", str(root / "specs/allreduce_bf16.yaml"), "--world", "4", "--svg", str(out)]) == 0
     svg = out.read_text()
@@ -83,6 +84,7 @@ def test_fit_never_returns_negative_constants():
 
 
 def test_bench_table_and_plot_from_rows(tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
     from tilegen.bench import busbw_GBps, format_table, plot
 
     rows = [
@@ -108,7 +110,7 @@ def test_bench_table_and_plot_from_rows(tmp_path):
 
 
 def test_plan_drawing_keeps_labels_inside_their_steps_and_the_legend_off_the_ranks(root, tmp_path):
-    import matplotlib
+    matplotlib = pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -199,7 +201,7 @@ def test_bench_table_without_graph_times_has_no_graph_columns():
 
 
 def test_plot_collectives_combines_world_sizes_into_one_figure(root, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
     import json
     import os
     import subprocess
@@ -416,7 +418,7 @@ def test_time_interleaved_takes_the_implementations_in_turns(monkeypatch):
 def test_plot_ab_reads_every_rank_of_every_round_per_build(root, tmp_path):
     """tools/plot_ab.py on `gpu_check.sh ab` logs: each build's in-graph dispatch and combine, every rank of
     every round (a build name may hold underscores), a PNG; a log without the profile line is an error."""
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
     import subprocess
     import sys
 

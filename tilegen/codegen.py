@@ -21,6 +21,7 @@ from .layout import layout, tile_bytes_for
 from .plan import Plan
 from .registry import MOE_OPS, OPS, comm_op, compute_order
 from .spec import DynamicDim, KernelSpec, ShardedDim
+from .files import LIBRARY_COPY
 from .toolchain import gemm_flags, kernel_flags
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -367,7 +368,7 @@ def render_package_files(ops: dict[str, dict[str, str]], kept: tuple[str, ...] =
     names = sorted(set(ops) | set(kept))
     out = {"__init__.py": _env().get_template("package_init.py.j2").render(tilegen_version=__version__, ops=names)}
     for rel in LIBRARY_HEADERS:
-        out[f"_include/{rel}"] = (INCLUDE_DIR / rel).read_text()
+        out[f"{LIBRARY_COPY}/{rel}"] = (INCLUDE_DIR / rel).read_text()
     for name in sorted(ops):
         for rel, text in ops[name].items():
             out[f"{name}/{rel}"] = text

@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+LIBRARY_COPY = "_include"  # a generated package's copy of the library headers its ops are built with
+
 
 @dataclass
 class FileManager:

@@ -21,11 +21,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import LIBRARY_COPY
 from .toolchain import ARCH_PATTERN
 
 # What a wheel carries of a generated package (besides its __init__.py): the libraries, their
 # provenance, the wrappers and the reviewable sources; not objects, ninja state or verdicts.
-PACKAGE_DATA = ["_include/tilegen/*", "*/op.py", "*/manifest.json", "*/*.cu", "*/*.cc", "*/*.inc",
+PACKAGE_DATA = [f"{LIBRARY_COPY}/tilegen/*", "*/op.py", "*/manifest.json", "*/*.cu", "*/*.cc", "*/*.inc",
                 "*/_build/build.json", "*/_build/*.so"]
 
 

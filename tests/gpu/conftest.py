@@ -13,7 +13,28 @@ except ImportError:  # CPU-only machine: nothing here can run
 collect_ignore_glob = ["test_*.py"] if torch is None else []
 
 
+# The GPU modules in the order every rank runs them. The bounded-wait tests go last: the ops they
+# use are unusable on rank 0 afterwards. A module not named here runs before them.
+GPU_ORDER = ("test_allgather_gpu", "test_collectives_gpu", "test_downstream_gpu", "test_gemm_gpu",
+             "test_matrix_gpu", "test_moe_gpu", "test_timeout_gpu")
+
+
+def gpu_order(items):
+    """`items` sorted by GPU_ORDER (stably: the tests of a module keep their order)."""
+    last = GPU_ORDER.index("test_timeout_gpu")
+
+    def rank(item):
+        name = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+        return GPU_ORDER.index(name) if name in GPU_ORDER else last - 0.5
+    return sorted(items, key=rank)
+
+
 def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if "tests/gpu" in str(item.fspath).replace(os.sep, "/")]
+    if gpu:
+        first = items.index(gpu[0])
+        others = [item for item in items if item not in gpu]
+        items[:] = others[:first] + gpu_order(gpu) + others[first:]
     runnable = torch is not None and "WORLD_SIZE" in os.environ and torch.cuda.is_available()
     for item in items:
         if "tests/gpu" not in str(item.fspath).replace(os.sep, "/"):
