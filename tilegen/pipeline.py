@@ -118,7 +118,9 @@ class VerdictCache:
             try:
                 data = json.loads(path.read_text())
                 if isinstance(data, dict) and data.get("format") == self.FORMAT:
-                    self.verdicts, self.ops = dict(data["verdicts"]), dict(data["ops"])
+                    self.ops = dict(data["ops"])
+                    if data.get("checker") == checker_version():  # others can never hit again: dropped
+                        self.verdicts = dict(data["verdicts"])
             except (OSError, ValueError, KeyError, TypeError):  # unreadable or half-written: start afresh
                 self.verdicts, self.ops = {}, {}
         self._dirty = False
@@ -183,7 +185,8 @@ class VerdictCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verdicts.")
         with os.fdopen(fd, "w") as f:
-            json.dump({"format": self.FORMAT, "verdicts": self.verdicts, "ops": self.ops}, f, sort_keys=True)
+            json.dump({"format": self.FORMAT, "checker": checker_version(), "verdicts": self.verdicts,
+                       "ops": self.ops}, f, sort_keys=True)
         os.chmod(tmp, 0o644)  # like every file tilegen writes (mkstemp creates 0600)
         os.replace(tmp, self.path)
         self._dirty = False
