@@ -335,24 +335,21 @@ def cmd_bench(args) -> int:
     return run(args.ops, args.sizes_kib, args.reps, args.out, args.plot, args.bounded_ms)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(kind, least, what: str):
+    """An argparse type: `kind` of `text`, at least `least`, else an error saying `what` was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+positive_int = _number(int, 1, "a positive integer")
+non_negative_float = _number(float, 0.0, "a number >= 0")
 
 
 def int_list(text: str) -> list[int]:
@@ -427,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes-kib", type=int_list, default="16,64,256,1024,4096,16384,65536,262144",
                    help="input sizes per rank, KiB")
     p.add_argument("--reps", type=positive_int, default=20, help="timed calls per size")
-    p.add_argument("--bounded-ms", type=positive_float, default=0.0,
+    p.add_argument("--bounded-ms", type=non_negative_float, default=0.0,
                    help="also time bounded-wait mode with this bound (0: not)")
     p.add_argument("--out", help="results as JSON")
     p.add_argument("--plot", help="busbw plot (.png or .svg)")
