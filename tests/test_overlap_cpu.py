@@ -256,16 +256,44 @@ def test_copy_engine_config_settings(monkeypatch, tmp_path):
     assert overlap.ce_config("gemm_rs", 2, 100) == ("direct", 2) and overlap.ce_config("gemm_rs", 2, 1) == ("direct", 1)
     assert overlap.ce_config("ag_gemm", 2, 100) == ("chunks", 1)
     assert split_bounds(5, 2) == [(0, 2), (2, 5)]
-    # a machine's measured choices by size (rows: largest m, style, splits; past the last: the last)
+    # an op's measured choices by size (rows: largest m, style, splits; past the last: the last)
+    choices = ((600, "merged", 1), (1500, "chunks", 2))
+    assert [overlap.ce_config("ag_gemm", 4, m, choices) for m in (512, 600, 601, 4096)] == \
+        [("merged", 1), ("merged", 1), ("chunks", 2), ("chunks", 2)]
+    assert overlap.ce_config("ag_gemm", 2, 512, ()) == ("chunks", 1)  # no measurement: the default
+
+
+CE_SPEC = ("name: agce\nop: ag_gemm\ndtype: bf16\nworld_sizes: [2, 4]\nshape: [{name: m, max: 1024}, 512]\n"
+           "n: 256\noverlap: copy_engine\n")
+
+
+def test_copy_engine_choices_come_from_the_calibration_generate_reads(tmp_path, capsys):
+    """--calibration decides the copy-engine choices like the plans (they were read at run time from
+    the installed package's data, whatever generate was told); op.py carries them, the manifest
+    records them."""
+    import json
+    import runpy
+    from tilegen import cli
     (tmp_path / "box" / "copy_engine").mkdir(parents=True)
     (tmp_path / "box" / "copy_engine" / "choices.json").write_text(
         '{"choices": {"ag_gemm": {"4": [[600, "merged", 1], [1500, "chunks", 2]]}}}')
-    monkeypatch.setattr("tilegen.calibration.CALIBRATIONS_DIR", tmp_path)
-    overlap.ce_table.cache_clear()
-    assert [overlap.ce_config("ag_gemm", 4, m, "box") for m in (512, 600, 601, 4096)] == \
-        [("merged", 1), ("merged", 1), ("chunks", 2), ("chunks", 2)]
-    assert overlap.ce_config("ag_gemm", 2, 512, "box") == ("chunks", 1)  # no measurement at world 2
-    overlap.ce_table.cache_clear()
+    (tmp_path / "agce.yaml").write_text(CE_SPEC)
+    for cal, expect in ((str(tmp_path / "box"), {2: (), 4: ((600, "merged", 1), (1500, "chunks", 2))}),
+                        ("none", {2: (), 4: ()})):
+        out = tmp_path / f"pkg_{len(expect[4])}"
+        assert cli.main(["generate", str(tmp_path / "agce.yaml"), "-o", str(out), "--no-build",
+                         "--calibration", cal]) == 0
+        op = runpy.run_path(str(out / "agce" / "op.py"))["OP"]
+        assert op.ce_choices == expect
+        man = json.loads((out / "agce" / "manifest.json").read_text())
+        assert man["copy_engine"] == {"default": ["chunks", 1],
+                                      "choices": {str(w): [list(r) for r in rows] for w, rows in expect.items()}}
+    assert "ag_gemm copy-engine choices, world 4" in man_of(tmp_path / "pkg_2")["calibration"]["measured"]
+
+
+def man_of(pkg):
+    import json
+    return json.loads((pkg / "agce" / "manifest.json").read_text())
 
 
 def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
@@ -289,11 +317,10 @@ def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
     monkeypatch.setattr(cal, "CALIBRATIONS_DIR", tmp_path)
     monkeypatch.setattr("sys.argv", ["ce_calibrate", str(sweep), "--machine", "box"])
     cal.main()
-    monkeypatch.setattr("tilegen.calibration.CALIBRATIONS_DIR", tmp_path)
-    overlap.ce_table.cache_clear()
-    assert [overlap.ce_config("gemm_rs", 4, m, "box") for m in (512, 724, 725, 2048)] == \
+    from tilegen.calibration import ce_choices, load
+    choices = ce_choices(load(tmp_path / "box"), "gemm_rs", 4)
+    assert [overlap.ce_config("gemm_rs", 4, m, choices) for m in (512, 724, 725, 2048)] == \
         [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
-    overlap.ce_table.cache_clear()
 
 
 def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monkeypatch):

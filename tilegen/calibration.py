@@ -42,6 +42,9 @@ class Calibration:
     tables: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
     devices: dict[tuple[str, int], str] = field(default_factory=dict)
     digest: str = ""
+    # the copy-engine overlap's measured (style, splits) by size: (kind, world) -> ((largest m, style,
+    # splits), ...) ascending, from <dir>/copy_engine/choices.json (tools/ce_calibrate.py)
+    ce_choices: dict[tuple[str, int], tuple[tuple[int, str, int], ...]] = field(default_factory=dict)
 
     def has(self, op: str, world: int) -> bool:
         return (op, world) in self.tables
@@ -49,7 +52,8 @@ class Calibration:
     def record(self) -> dict:
         """What a manifest records of it."""
         return {"source": self.source, "sha256": self.digest,
-                "measured": sorted(f"{op} world {w} on {d}" for (op, w), d in self.devices.items())}
+                "measured": sorted([f"{op} world {w} on {d}" for (op, w), d in self.devices.items()]
+                                   + [f"{op} copy-engine choices, world {w}" for op, w in self.ce_choices])}
 
     def rows(self, op: str, world: int, algorithms: list[str], ctas: int | None, tile_bytes: int | None) -> list[dict]:
         """The measurements of these schedules, at the spec's fixed CTAs / tile when given (LL ones
@@ -136,18 +140,39 @@ def _add_file(cal: Calibration, path: Path, h) -> None:
     h.update(path.name.encode() + b"\0" + path.read_bytes())
 
 
+CE_CHOICES = Path("copy_engine") / "choices.json"  # in a calibration directory
+
+
 def load(path: str | Path, name: str | None = None) -> Calibration:
-    """A calibration file, or a directory of them (one per op kind and world)."""
+    """A calibration file, or a directory of them (one per op kind and world, and the copy-engine
+    choices in copy_engine/choices.json)."""
     p = Path(path)
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
-    if not files:
+    choices = p / CE_CHOICES if p.is_dir() and (p / CE_CHOICES).is_file() else None
+    if not files and choices is None:
         raise ValueError(f"{p}: no calibration files")
     cal = Calibration(name or str(p))
     h = hashlib.sha256()
     for f in files:
         _add_file(cal, f, h)
+    if choices is not None:
+        _add_ce_choices(cal, choices, h)
     cal.digest = h.hexdigest()
     return cal
+
+
+def _add_ce_choices(cal: Calibration, path: Path, h) -> None:
+    data = json.loads(path.read_text())
+    for kind, by_world in data.get("choices", {}).items():
+        for world, rows in by_world.items():
+            cal.ce_choices[(kind, int(world))] = tuple((int(top), str(style), int(splits))
+                                                      for top, style, splits in rows)
+    h.update(str(CE_CHOICES).encode() + b"\0" + path.read_bytes())
+
+
+def ce_choices(calibration, kind: str, world: int) -> tuple[tuple[int, str, int], ...]:
+    """The copy-engine choices a calibration holds for this op kind and world (none: ())."""
+    return calibration.ce_choices.get((kind, world), ()) if isinstance(calibration, Calibration) else ()
 
 
 @lru_cache(maxsize=None)
@@ -155,7 +180,7 @@ def default_for(arch: str) -> Calibration | None:
     """The committed calibration of the machine this arch was measured on, if any."""
     machine = DEFAULT_MACHINE.get(arch)
     d = CALIBRATIONS_DIR / machine if machine else None
-    if d is None or not d.is_dir() or not any(d.glob("*.json")):
+    if d is None or not d.is_dir() or not (any(d.glob("*.json")) or (d / CE_CHOICES).is_file()):
         return None
     return load(d, name=f"tilegen/calibrations/{machine}")
 

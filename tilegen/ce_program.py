@@ -59,6 +59,8 @@ def peers(me: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 STYLES = {"ag_gemm": ("chunks", "merged", "merged_spread"), "gemm_rs": ("direct", "ring")}
+# (style, row splits) at sizes no measurement covers (a calibration's copy_engine/choices.json)
+CE_DEFAULT = {"ag_gemm": ("chunks", 1), "gemm_rs": ("direct", 2)}
 
 
 def flag(source: int, split: int) -> int:

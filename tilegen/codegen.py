@@ -21,6 +21,7 @@ from .layout import layout, tile_bytes_for
 from .plan import Plan
 from .registry import MOE_OPS, OPS, comm_op, compute_order
 from .spec import DynamicDim, KernelSpec, ShardedDim
+from .ce_program import CE_DEFAULT
 from .files import LIBRARY_COPY
 from .toolchain import gemm_flags, kernel_flags
 
@@ -317,7 +318,7 @@ def fused_gemm_context(spec: KernelSpec) -> dict:
 
 
 def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem_headers: str | None,
-             calibration: dict | None = None) -> dict:
+             calibration: dict | None = None, copy_engine: dict | None = None) -> dict:
     """What the sources are and where they came from (toolchain used to build: build.json)."""
     return {
         "tilegen_version": __version__,
@@ -337,6 +338,9 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
                         "nvcc_flags": gemm_flags(spec.arch)} if spec.fused else None),
         "nvshmem_headers": nvshmem_headers,
         "calibration": calibration,
+        "copy_engine": ({"default": copy_engine["default"],
+                         "choices": {str(w): rows for w, rows in copy_engine["choices"].items()}}
+                        if copy_engine else None),
         "moe": ({"mode": spec.moe_mode, "experts": spec.experts, "topk": spec.topk,
                  "dispatch_dtype": spec.dispatch_dtype or spec.dtype, "fp8_group": spec.fp8_group,
                  "symmetric_bytes": {str(w): spec.moe_symmetric_bytes(w) for w in spec.world_sizes},
@@ -351,15 +355,28 @@ def manifest(spec: KernelSpec, plans: list[Plan], files: dict[str, str], nvshmem
 
 
 def render_op(spec: KernelSpec, plans: list[Plan], nvshmem_headers: str | None,
-              calibration: dict | None = None) -> dict[str, str]:
-    """All files of one op from its (checked) plans, relative to the op's directory."""
+              calibration: dict | None = None, ce_choices: dict[int, tuple] | None = None) -> dict[str, str]:
+    """All files of one op from its (checked) plans, relative to the op's directory; ce_choices: a
+    copy-engine op's measured (style, splits) by size per world size (op.py and the manifest carry
+    them: the runtime reads nothing else)."""
     env = _env()
     ctx = moe_context(spec) if spec.op in MOE_OPS else render_context(spec, plans)
+    ce = copy_engine_record(spec, ce_choices or {})
+    ctx["ce_choices"] = repr({w: tuple(map(tuple, rows)) for w, rows in ce["choices"].items()}) if ce else None
     files = {pat.format(name=spec.name): env.get_template(tmpl).render(**ctx) for tmpl, pat in op_templates(spec)}
     files["manifest.json"] = (
-        json.dumps(manifest(spec, plans, files, nvshmem_headers, calibration), indent=2, sort_keys=True) + "\n"
+        json.dumps(manifest(spec, plans, files, nvshmem_headers, calibration, ce), indent=2, sort_keys=True) + "\n"
     )
     return files
+
+
+def copy_engine_record(spec: KernelSpec, ce_choices: dict[int, tuple]) -> dict | None:
+    """A copy-engine op's (style, splits) choices: per world size, (largest m, style, splits) rows
+    (none: the default at every size)."""
+    if spec.overlap_style != "copy_engine":
+        return None
+    return {"default": list(CE_DEFAULT[spec.op]),
+            "choices": {w: [list(r) for r in ce_choices.get(w, ())] for w in spec.world_sizes}}
 
 
 def render_package_files(ops: dict[str, dict[str, str]], kept: tuple[str, ...] = ()) -> dict[str, str]:

@@ -13,41 +13,24 @@ uses.
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
-from .ce_program import MAX_SPLITS, STYLES, program
+from .ce_program import CE_DEFAULT, MAX_SPLITS, STYLES, program
 from .runtime import GeneratedOp, _capturing, _stream_handle, _synchronize, _torch, empty, rank, world_size
 
-# (style, row splits) where no measurement says otherwise (calibrations/<machine>/copy_engine/choices.json)
-CE_DEFAULT = {"ag_gemm": ("chunks", 1), "gemm_rs": ("direct", 2)}
 
-
-@lru_cache(maxsize=16)
-def ce_table(kind: str, world: int, machine: str | None) -> tuple[tuple[int, str, int], ...]:
-    """The measured choice by size: (largest m, style, splits) rows, ascending, for this op kind and
-    world on this machine (none: the default everywhere)."""
-    from .calibration import CALIBRATIONS_DIR
-    if not machine:
-        return ()
-    try:
-        data = json.loads((CALIBRATIONS_DIR / machine / "copy_engine" / "choices.json").read_text())
-    except OSError:
-        return ()
-    return tuple(tuple(r) for r in data.get("choices", {}).get(kind, {}).get(str(world), []))
-
-
-def ce_config(kind: str, world: int, m: int, machine: str | None = None) -> tuple[str, int]:
+def ce_config(kind: str, world: int, m: int, choices: tuple = ()) -> tuple[str, int]:
     """(style, row splits) of the copy-engine overlap for m rows per chunk: TILEGEN_CE_STYLE /
-    TILEGEN_CE_SPLITS, else the measured choice for the nearest size range, else the default; never
-    more splits than rows. Every rank must choose the same (the checker shows a mismatch deadlocks)."""
+    TILEGEN_CE_SPLITS, else the op's measured choice for the nearest size range (`choices`: (largest
+    m, style, splits) rows, ascending, which generate took from the calibration and op.py carries),
+    else the default; never more splits than rows. Every rank must choose the same (the checker shows
+    a mismatch deadlocks)."""
     style, splits = CE_DEFAULT[kind]
-    table = ce_table(kind, world, machine)
-    if table:
-        style, splits = next(((st, sp) for top, st, sp in table if m <= top), table[-1][1:])
+    if choices:
+        style, splits = next(((st, sp) for top, st, sp in choices if m <= top), tuple(choices[-1][1:]))
     env = os.environ.get("TILEGEN_CE_SPLITS", "")
     try:
         splits = int(env) if env else splits
@@ -125,9 +108,10 @@ class _GemmOp(GeneratedOp):
     """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
     def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False,
-                 overlap: str | None = None, **kw):
+                 overlap: str | None = None, ce_choices: dict[int, tuple] | None = None, **kw):
         super().__init__(*args, **kw)
         self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
+        self.ce_choices = ce_choices or {}  # world size -> the copy-engine choices by size (ce_config)
         self.b_layout = b_layout
         self.overlap = overlap or ("fused" if fused else "decomposed")
         if self.overlap not in ("decomposed", "fused", "copy_engine"):
@@ -165,18 +149,6 @@ class _GemmOp(GeneratedOp):
             torch = _torch()
             self._buffers[key] = torch.empty(shape, dtype=getattr(torch, self.dtype), device=device)
         return self._buffers[key]
-
-    @property
-    def machine(self) -> str | None:
-        """The committed measurements for this op's arch (tilegen/calibrations/<machine>), if any."""
-        if not hasattr(self, "_machine"):
-            from .calibration import DEFAULT_MACHINE
-            try:
-                arch = self.manifest.get("arch", "")
-            except OSError:
-                arch = ""
-            self._machine = DEFAULT_MACHINE.get(arch)
-        return self._machine
 
     @property
     def n(self) -> int:
@@ -269,7 +241,7 @@ class _GemmOp(GeneratedOp):
         current = torch.cuda.current_stream(a.device)
         main = current.cuda_stream if stream is None else _stream_handle(stream)
         world, me = world_size(), rank()
-        style, splits = ce_config(self.kind, world, m, self.machine)
+        style, splits = ce_config(self.kind, world, m, self.ce_choices.get(world, ()))
         if ce_executor() == "library":
             key = (m * 16 + splits) * 4 + STYLES[self.kind].index(style)  # per op and process: world, rank fixed
             if key not in self._ce_programs:

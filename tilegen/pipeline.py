@@ -15,7 +15,7 @@ from pathlib import Path
 from .check import Verdict, check_copy_engine, check_schedule
 from .codegen import CodegenError, render_op, render_package_files
 from .ir import Schedule
-from .calibration import manifest_record, resolve
+from .calibration import ce_choices, manifest_record, resolve
 from .plan import Plan, plan, spare_sms
 from .registry import MOE_OPS, OPS, compute_order
 from .spec import KernelSpec, LoadedSpec
@@ -268,7 +268,8 @@ def generate_op(spec: KernelSpec, nvshmem_headers: str | None, calibration="auto
     files = cache.op_files(spec.name, key, root) if cache is not None else None
     if files is None:
         files = render_op(spec, checked_plans(spec, calibration, check, cache), nvshmem_headers,
-                          manifest_record(calibration))
+                          manifest_record(calibration),
+                          {w: ce_choices(calibration, spec.op, w) for w in spec.world_sizes})
         if cache is not None:
             cache.remember_op(spec.name, key, files)
     return files

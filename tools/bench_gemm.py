@@ -89,7 +89,7 @@ def main():
                 os.environ["TILEGEN_CE_STYLE"] = st
                 os.environ["TILEGEN_CE_SPLITS"] = str(sp) if sp else ""
                 m = args[0].shape[0] // (world if op.kind == "gemm_rs" else 1)
-                st_, sp_ = ce_config(op.kind, world, m, op.machine)
+                st_, sp_ = ce_config(op.kind, world, m, op.ce_choices.get(world, ()))
                 out[f"ce_{st_}_{sp_}"] = time_batches(lambda: op(*args), CALLS, a.reps)
         os.environ.pop("TILEGEN_CE_STYLE", None)
         os.environ.pop("TILEGEN_CE_SPLITS", None)

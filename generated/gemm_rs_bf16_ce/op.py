@@ -32,4 +32,6 @@ OP = GemmRsOp(
     gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="kn",
     overlap="copy_engine",
+    # world -> the calibration's copy-engine choices: (largest m, style, splits), ascending
+    ce_choices={2: ((2896, 'ring', 2), (1073741824, 'direct', 2)), 4: ((1073741824, 'direct', 1),), 8: ()},
 )

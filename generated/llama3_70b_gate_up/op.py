@@ -32,4 +32,6 @@ OP = AgGemmOp(
     gemm_nk={ 2: (28672, 8192), 4: (14336, 8192), 8: (7168, 8192) },
     b_layout="nk",
     overlap="copy_engine",
+    # world -> the calibration's copy-engine choices: (largest m, style, splits), ascending
+    ce_choices={2: ((1448, 'chunks', 1), (2896, 'merged', 1), (1073741824, 'chunks', 2)), 4: ((724, 'merged', 1), (1073741824, 'chunks', 1)), 8: ()},
 )

@@ -32,4 +32,6 @@ OP = GemmRsOp(
     gemm_nk={ 2: (4096, 7168), 4: (4096, 3584), 8: (4096, 1792) },
     b_layout="nk",
     overlap="copy_engine",
+    # world -> the calibration's copy-engine choices: (largest m, style, splits), ascending
+    ce_choices={2: ((2896, 'ring', 2), (1073741824, 'direct', 2)), 4: ((1073741824, 'direct', 1),), 8: ()},
 )

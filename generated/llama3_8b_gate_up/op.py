@@ -32,4 +32,6 @@ OP = AgGemmOp(
     gemm_nk={ 2: (14336, 4096), 4: (7168, 4096), 8: (3584, 4096) },
     b_layout="nk",
     overlap="copy_engine",
+    # world -> the calibration's copy-engine choices: (largest m, style, splits), ascending
+    ce_choices={2: ((1448, 'chunks', 1), (2896, 'merged', 1), (1073741824, 'chunks', 2)), 4: ((724, 'merged', 1), (1073741824, 'chunks', 1)), 8: ()},
 )
