@@ -440,3 +440,13 @@ def test_remembered_verdicts_are_keyed_on_every_module_the_checks_read(tmp_path,
         assert pipeline.VerdictCache.key(s, "allgather", None) != key
     finally:
         pipeline.checker_version.cache_clear()
+
+
+def test_a_config_spec_that_cannot_leave_the_child_is_still_checked_field_by_field(tmp_path, capsys):
+    (tmp_path / "f.py").write_text("SPEC = dict(name='f', op='allgather', dtype='bf16', world_sizes=[2], shape=[8],\n"
+                                   "            ctas=lambda: 1)\n")
+    (tmp_path / "n.py").write_text("SPEC = 5\n")
+    assert cli.main(["validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "f.py:2:18: ctas: Input should be a valid integer, or 'auto' (got <function <lambda>" in err
+    assert "n.py:1:1: SPEC: expected a KernelSpec or a dict, got int" in err

@@ -3,11 +3,12 @@
 A config is code (as pip runs a setup.py): it may call ``sys.exit``, ``os._exit``, loop forever or
 crash the interpreter. It runs in a forked child that sends back one outcome over a pipe, so that
 whatever it does, tilegen reports a located error for that file and goes on with the others:
-- ``("spec", KernelSpec)``: SPEC, validated in the child (a dict of fields or a KernelSpec);
-- ``("invalid", errors)``: pydantic's errors for SPEC, with their inputs as printable stand-ins;
+- ``("value", SPEC)``: what the config assigned to SPEC (tilegen.spec validates it);
+- ``("invalid", errors)``: pydantic's errors from building a KernelSpec in the config, with their
+  inputs as printable stand-ins;
 - ``("raised", line, message)``: an exception, at the config's own line where it has one;
 - ``("exit", line, code)``: SystemExit;
-- ``("nospec",)`` / ``("not_a_spec", type name)``: no SPEC, or SPEC of another type.
+- ``("nospec",)``: no SPEC.
 No outcome (EOF) means the child ended the process itself (``os._exit``, a signal). A child still
 running after ``timeout_s`` is killed with its process group.
 """
@@ -58,8 +59,6 @@ def _outcome(path: str) -> tuple:
     import runpy
 
     from pydantic import ValidationError
-
-    from .spec import KernelSpec
     try:
         ns = runpy.run_path(path, run_name="tilegen_spec")
     except ValidationError as e:
@@ -69,17 +68,7 @@ def _outcome(path: str) -> tuple:
     except BaseException as e:  # noqa: BLE001 - a config's failure is reported, whatever it is
         line = e.lineno if isinstance(e, SyntaxError) and e.lineno else _line_in(path, e.__traceback__)
         return ("raised", line, f"{type(e).__name__}: {e}")
-    if "SPEC" not in ns:
-        return ("nospec",)
-    value = ns["SPEC"]
-    if isinstance(value, KernelSpec):
-        return ("spec", value)
-    if not isinstance(value, dict):
-        return ("not_a_spec", type(value).__name__)
-    try:
-        return ("spec", KernelSpec.model_validate(value))
-    except ValidationError as e:
-        return ("invalid", _portable_errors(e.errors()))
+    return ("value", ns["SPEC"]) if "SPEC" in ns else ("nospec",)
 
 
 def _child(path: str, conn) -> None:
@@ -91,9 +80,21 @@ def _child(path: str, conn) -> None:
         outcome = ("raised", 1, f"{type(e).__name__} (while reporting the config's failure)")
     try:
         conn.send(outcome)
-    except Exception as e:  # noqa: BLE001 - an outcome that does not pickle
-        conn.send(("raised", 1, f"SPEC could not be sent back from the config: {type(e).__name__}: {e}"))
+    except Exception as e:  # noqa: BLE001 - an outcome that does not pickle (a lambda in SPEC, say)
+        if outcome[0] == "value" and isinstance(outcome[1], dict):  # its fields then say which value is wrong
+            conn.send(("value", {k: v if _pickles(v) else Shown(repr(v)[:200]) for k, v in outcome[1].items()}))
+        else:
+            conn.send(("raised", 1, f"SPEC could not be sent back from the config: {type(e).__name__}: {e}"))
     conn.close()
+
+
+def _pickles(value) -> bool:
+    import pickle
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001 - whatever pickling raises
+        return False
 
 
 def _kill(proc) -> None:

@@ -908,13 +908,21 @@ def load_python_spec(path: str | Path) -> LoadedSpec:
     at_spec = SourceLoc(path, where[0] + 1, where[1] + 1)
     outcome = run_config(path, config_timeout_s())
     kind = outcome[0]
-    if kind == "spec":
-        return LoadedSpec(outcome[1], at_spec,
+
+    def located(errors) -> SpecError:
+        return SpecError(_validation_problems(errors, path,
+                                              lambda loc, t: keys.get(str(loc[0]), where) if loc else where))
+    if kind == "value" and isinstance(outcome[1], (KernelSpec, dict)):
+        try:
+            spec = outcome[1] if isinstance(outcome[1], KernelSpec) else KernelSpec.model_validate(outcome[1])
+        except ValidationError as e:
+            raise located(e) from None
+        return LoadedSpec(spec, at_spec,
                           tuple((k, SourceLoc(path, line + 1, col + 1)) for k, (line, col) in keys.items()))
+    if kind == "value":
+        raise SpecError([(at_spec, f"SPEC: expected a KernelSpec or a dict, got {type(outcome[1]).__name__}")])
     if kind == "invalid":
-        raise SpecError(
-            _validation_problems(outcome[1], path, lambda loc, t: keys.get(str(loc[0]), where) if loc else where)
-        )
+        raise located(outcome[1])
     problem = {
         "raised": lambda: (outcome[1], f"<python>: {outcome[2]}"),
         "exit": lambda: (outcome[1], f"<python>: the config called sys.exit({outcome[2]!r}); a config defines SPEC "
@@ -925,8 +933,6 @@ def load_python_spec(path: str | Path) -> LoadedSpec:
                                f"TILEGEN_CONFIG_TIMEOUT_S sets the bound); stopped"),
         "nospec": lambda: (1, "<spec>: a Python config must define SPEC (a KernelSpec or a dict)"),
     }
-    if kind == "not_a_spec":
-        raise SpecError([(at_spec, f"SPEC: expected a KernelSpec or a dict, got {outcome[1]}")])
     line, msg = problem[kind]()
     raise SpecError([(SourceLoc(path, line, 1), msg)])
 
