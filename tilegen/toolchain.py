@@ -66,8 +66,6 @@ class Toolchain:
     nvcc_version: str
     nvshmem_dir: str
     nvshmem_version: str
-    tvm_ffi_include: list[str]
-    tvm_ffi_lib: str
     tvm_ffi_version: str
     cutlass_dir: str | None = None  # nvidia-cutlass's headers (fused GEMM ops)
     cutlass_version: str | None = None
@@ -141,10 +139,6 @@ def find_toolchain() -> Toolchain:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"release [\d.]+, V([\d.]+)", out)
     nv = nvshmem_dir()
-    import tvm_ffi
-    import tvm_ffi.libinfo as li
-
-    inc = sorted({li.find_include_path(), li.find_dlpack_include_path()})
     cutlass_dir, cutlass_version = cutlass_headers()
     cublas_include, cublas_version = cublas_headers()
     if not cublas_include:
@@ -154,14 +148,29 @@ def find_toolchain() -> Toolchain:
         m.group(1) if m else "unknown",
         nv,
         nvshmem_header_version(nv) or "unknown",
-        inc,
-        str(Path(li.find_libtvm_ffi()).parent),
-        tvm_ffi.__version__,
+        tvm_ffi_version(),
         cutlass_dir,
         cutlass_version,
         cublas_include,
         cublas_version,
     )
+
+
+def tvm_ffi_version() -> str:
+    """apache-tvm-ffi's version, from its metadata (importing it takes ~0.2 s: a no-op generate needs
+    only the version, which the build key holds)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("apache-tvm-ffi")
+    except PackageNotFoundError:
+        raise BuildError("TVM-FFI not found: pip install apache-tvm-ffi (a tilegen dependency)") from None
+
+
+@lru_cache(maxsize=1)
+def tvm_ffi_paths() -> tuple[list[str], str]:
+    """(include folders, library folder) of TVM-FFI, which the bindings compile and link against."""
+    import tvm_ffi.libinfo as li
+    return sorted({li.find_include_path(), li.find_dlpack_include_path()}), str(Path(li.find_libtvm_ffi()).parent)
 
 
 def ninja_bin() -> str:
