@@ -438,6 +438,14 @@ def test_remembered_verdicts_are_keyed_on_every_module_the_checks_read(tmp_path,
         pipeline.checker_version.cache_clear()
         assert pipeline.checker_version() != before
         assert pipeline.VerdictCache.key(s, "allgather", None) != key
+        # what the pipeline asks the checker (verdict_of: the compute orders, the SMs) counts too
+        changed = pipeline.checker_version()
+
+        def verdict_of(s, op="", spare=None):  # another question
+            return pipeline.check_schedule(s)
+        monkeypatch.setattr(pipeline, "verdict_of", verdict_of)
+        pipeline.checker_version.cache_clear()
+        assert pipeline.checker_version() != changed
     finally:
         pipeline.checker_version.cache_clear()
 
