@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import generated
 import tilegen
-from tilegen import moe_nccl
+from tilegen.moe import nccl as moe_nccl
 from tilegen.bench import time_batches
 
 

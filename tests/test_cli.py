@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from tilegen import cli, pipeline
+from tilegen import cli
+from tilegen.collective.check import verdict_of
+
+from tilegen.core import pipeline
 
 SMALL = ("allgather_bf16.yaml", "broadcast_f32.yaml", "reduce_bf16.yaml")
 
@@ -26,16 +29,17 @@ def specs(root, tmp_path):
 @pytest.fixture
 def count_checks(monkeypatch):
     """Counts the checker's runs (the in-process memo is cleared: only the verdict file may help)."""
+    from tilegen.collective import check
     calls = []
-    real = pipeline.check_schedule
+    real = check.check_schedule
 
     def counting(*a, **kw):
         calls.append(a[0].op)
         return real(*a, **kw)
-    monkeypatch.setattr(pipeline, "check_schedule", counting)
-    pipeline.verdict_of.cache_clear()
+    monkeypatch.setattr(check, "check_schedule", counting)
+    check.verdict_of.cache_clear()
     yield calls
-    pipeline.verdict_of.cache_clear()
+    check.verdict_of.cache_clear()
 
 
 def test_a_rerun_with_nothing_changed_checks_nothing(specs, tmp_path, count_checks, capsys):
@@ -43,7 +47,7 @@ def test_a_rerun_with_nothing_changed_checks_nothing(specs, tmp_path, count_chec
     assert cli.main(["generate", str(specs), "-o", str(out), "--no-build"]) == 0
     first = len(count_checks)
     assert first > 0 and (out / cli.VERDICTS).exists()
-    pipeline.verdict_of.cache_clear()
+    verdict_of.cache_clear()
     t0 = time.perf_counter()
     assert cli.main(["generate", str(specs), "-o", str(out), "--no-build"]) == 0
     assert len(count_checks) == first, "a no-op generate re-ran the checker"
@@ -51,7 +55,7 @@ def test_a_rerun_with_nothing_changed_checks_nothing(specs, tmp_path, count_chec
     # a changed spec re-checks its own new schedules, nothing else
     y = specs / "broadcast_f32.yaml"
     y.write_text(y.read_text().replace("world_sizes: [2, 4, 8]", "world_sizes: [2, 3, 4, 8]"))
-    pipeline.verdict_of.cache_clear()
+    verdict_of.cache_clear()
     assert cli.main(["generate", str(specs), "-o", str(out), "--no-build"]) == 0
     assert count_checks[first:] and set(count_checks[first:]) == {"broadcast"}
 
@@ -60,7 +64,7 @@ def test_a_checker_change_invalidates_remembered_verdicts(monkeypatch, specs, tm
     out = tmp_path / "pkg"
     assert cli.main(["generate", str(specs / "reduce_bf16.yaml"), "-o", str(out), "--no-build"]) == 0
     n = len(count_checks)
-    pipeline.verdict_of.cache_clear()
+    verdict_of.cache_clear()
     monkeypatch.setattr(pipeline, "checker_version", lambda: "another checker")
     assert cli.main(["generate", str(specs / "reduce_bf16.yaml"), "-o", str(out), "--no-build"]) == 0
     assert len(count_checks) == 2 * n
@@ -249,7 +253,8 @@ def test_plan_of_a_moe_spec_prints_its_layout_and_the_check(root, capsys, monkey
     assert "fixed segments of 128 rows per (local expert, source)" in out and "MoE check" in out and ": ok" in out
     assert cli.main(["plan", str(root / "specs/moe_f32_k3.yaml"), "--world", "8"]) == 1
     assert "world_sizes: moe_f32_k3 was specified for world sizes [2, 4], not 8" in capsys.readouterr().err
-    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k, mode: ("seed 1: rank 0: rows written twice [3]",))
+    from tilegen.moe import check as moe_check
+    monkeypatch.setattr(moe_check, "moe_problems", lambda w, e, k, mode: ("seed 1: rank 0: rows written twice [3]",))
     assert cli.main(["plan", str(root / "specs/moe_bf16.yaml"), "--world", "2"]) == 1
     assert "FAILED\n  seed 1: rank 0: rows written twice [3]" in capsys.readouterr().out
 
@@ -383,7 +388,9 @@ CE_SPEC = ("name: agce\nop: ag_gemm\ndtype: bf16\nworld_sizes: [2]\nshape: [{nam
 def test_a_no_op_generate_re_checks_and_re_renders_nothing(tmp_path, monkeypatch, capsys):
     """Copy-engine programs and MoE layouts are remembered like schedules (they were re-checked on
     every run: ~20 CPU-s per copy-engine op), and an op whose inputs did not change is read back."""
-    from tilegen import codegen
+    from tilegen.core import render as codegen
+    from tilegen.moe import check as moe_check
+    from tilegen.overlap import check as ce_check
     calls = {"ce": 0, "moe": 0, "render": 0}
 
     def counted(name, real):
@@ -391,8 +398,8 @@ def test_a_no_op_generate_re_checks_and_re_renders_nothing(tmp_path, monkeypatch
             calls[name] += 1
             return real(*a, **kw)
         return f
-    monkeypatch.setattr(pipeline, "check_copy_engine", counted("ce", pipeline.check_copy_engine))
-    monkeypatch.setattr(pipeline, "moe_problems", counted("moe", pipeline.moe_problems))
+    monkeypatch.setattr(ce_check, "check_copy_engine", counted("ce", ce_check.check_copy_engine))
+    monkeypatch.setattr(moe_check, "moe_problems", counted("moe", moe_check.moe_problems))
     monkeypatch.setattr(pipeline, "render_op", counted("render", codegen.render_op))
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "agce.yaml").write_text(CE_SPEC)
@@ -400,11 +407,11 @@ def test_a_no_op_generate_re_checks_and_re_renders_nothing(tmp_path, monkeypatch
           "experts: 8\ntopk: 2\n"
     (tmp_path / "s" / "moe2.yaml").write_text(moe)
     out = tmp_path / "pkg"
-    pipeline.copy_engine_verdict.cache_clear()
+    ce_check.copy_engine_verdict.cache_clear()
     assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--no-build"]) == 0
     assert calls == {"ce": 1, "moe": 1, "render": 2}
     first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    pipeline.copy_engine_verdict.cache_clear()
+    ce_check.copy_engine_verdict.cache_clear()
     assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--no-build"]) == 0
     assert cli.main(["generate", str(tmp_path / "s"), "-o", str(out), "--check"]) == 0
     assert calls == {"ce": 1, "moe": 1, "render": 2}, "a no-op generate checked or rendered again"
@@ -422,28 +429,29 @@ def test_remembered_verdicts_are_keyed_on_every_module_the_checks_read(tmp_path,
     must miss the cache: the key hashes every tilegen module the checkers import, found by reading
     their imports."""
     mods = pipeline.semantic_modules()
-    assert {"check", "ce_program", "moe", "registry", "layout", "schedules", "ir"} <= set(mods)
-    assert "codegen" not in mods and "cli" not in mods
+    assert {"collective.check", "overlap.ce_program", "overlap.check", "moe.check", "collective.ops",
+            "collective.layout", "collective.schedules", "collective.ir", "core.verdict"} <= set(mods)
+    assert "core.render" not in mods and "cli" not in mods
     copy = tmp_path / "tilegen"
     shutil.copytree(pipeline.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(pipeline, "PACKAGE_DIR", copy)
     pipeline.checker_version.cache_clear()
     try:
         before = pipeline.checker_version()
-        from tilegen.registry import make_schedule
+        from tilegen.collective.ops import make_schedule
         s = make_schedule("allgather", "direct", 2, "per_tile")
-        key = pipeline.VerdictCache.key(s, "allgather", None)
-        reg = copy / "registry.py"
+        question = f"schedule|allgather|None|{s!r}"
+        key = pipeline.VerdictCache.key(question)
+        reg = copy / "collective" / "ops.py"
         reg.write_text(reg.read_text().replace("def expected_output(", "def expected_output(  # changed\n", 1))
         pipeline.checker_version.cache_clear()
         assert pipeline.checker_version() != before
-        assert pipeline.VerdictCache.key(s, "allgather", None) != key
-        # what the pipeline asks the checker (verdict_of: the compute orders, the SMs) counts too
+        assert pipeline.VerdictCache.key(question) != key
+        # what the family asks the checker (verdict_of: the compute orders, the SMs) counts too
         changed = pipeline.checker_version()
-
-        def verdict_of(s, op="", spare=None):  # another question
-            return pipeline.check_schedule(s)
-        monkeypatch.setattr(pipeline, "verdict_of", verdict_of)
+        chk = copy / "collective" / "check.py"
+        chk.write_text(chk.read_text().replace("orders = tuple(compute_order(op, s, r)",
+                                               "orders = tuple(compute_order(op, s, r )"))
         pipeline.checker_version.cache_clear()
         assert pipeline.checker_version() != changed
     finally:

@@ -6,15 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from tilegen import cli, pipeline, registry
-from tilegen.build import BuildError, build_package, nvshmem_header_version
-from tilegen.codegen import INCLUDE_DIR, CodegenError, render_package_files, step_lines
-from tilegen.files import FileManager, write_files
-from tilegen.pipeline import generate_op, generate_package
-from tilegen.plan import plan
-from tilegen.runtime import OpLoadError, check_build
-from tilegen.spec import DynamicDim, KernelSpec, load_specs
-from tilegen.calibration import resolve
+from tilegen import cli
+
+
+from tilegen.collective import ops as registry
+from tilegen.core.build import BuildError, build_package, nvshmem_header_version
+from tilegen.collective.check import verdict_of
+from tilegen.collective.render import step_lines
+from tilegen.core.render import INCLUDE_DIR, CodegenError, render_package_files
+from tilegen.core.files import FileManager, write_files
+from tilegen.core.pipeline import generate_op, generate_package
+from tilegen.collective.plan import plan
+from tilegen.collective.runtime import CollectiveOp
+from tilegen.core.runtime import OpLoadError, check_build
+from tilegen.core.spec import DynamicDim, KernelSpec, load_specs
+from tilegen.core.calibration import resolve
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 EVIL = 'x"; system("rm -rf /"); /* ünïcode */ #include <evil> {{ 7*7 }} $(id)'
@@ -57,17 +63,18 @@ def test_manifest_records_provenance():
     assert re.fullmatch(r"[0-9a-f]{64}", man["template_hash"])
     assert man["arch"] == "sm_90" and "-gencode=arch=compute_90,code=sm_90" in man["nvcc_flags"]
     assert man["nvshmem_headers"] == "3.4.5"
-    from tilegen.plan import plan
+    from tilegen.collective.plan import plan
     chosen = plan(s, 4, resolve("auto", s.arch)).variants
     assert man["plans"]["4"][-1]["algorithm"] == chosen[-1].schedule.algorithm
     assert man["plans"]["4"][-1]["max_in_bytes"] == s.max_in_bytes(4)
     assert set(man["files"]) == {"ag_test.cu", "ag_test_steps.inc", "ag_test_binding.cc", "op.py"}
-    assert "include/tilegen/collective.cuh" in man["templates"]
+    assert "include/tilegen/collective/kernel.cuh" in man["templates"]
+    assert not any("overlap" in t or "moe" in t for t in man["templates"])  # a collective's sources only
 
 
 def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path):
-    from tilegen.build import find_toolchain, ninja_file
-    from tilegen.codegen import template_files
+    from tilegen.core.build import find_toolchain, ninja_file
+    from tilegen.core.render import template_files
     ag = KernelSpec(
         name="agf",
         op="ag_gemm",
@@ -94,7 +101,7 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
     assert "/*kPingpong=*/true>" in pp["agf_gemm.cu"]
     assert json.loads(pp["manifest.json"])["fused_gemm"]["kernel"].startswith("KernelTmaWarpSpecializedPingpong")
     assert "TILEGEN_EXPORT_FUSED_GEMM(OpGemm)" in src
-    lib = (INCLUDE_DIR / "tilegen/fused_gemm_op.cuh").read_text()
+    lib = (INCLUDE_DIR / "tilegen/overlap/fused_gemm_op.cuh").read_text()
     assert "ChunkSchedulerTag>" in lib and "KernelTmaWarpSpecializedCooperative" in lib
     assert "Gemm kGemm = Gemm::kConsume;" in files["agf.cu"] and "bool kFused = true;" in files["agf.cu"]
     assert "#define TILEGEN_BINDING_FUSED 1" in files["agf_binding.cc"]
@@ -111,7 +118,7 @@ def test_fused_gemm_ops_render_a_cutlass_kernel_with_tilegens_scheduler(tmp_path
         man["fused_gemm"]["tile"] == [128, 128, 64]
         and "-gencode=arch=compute_90a,code=sm_90a" in man["fused_gemm"]["nvcc_flags"]
     )
-    assert "fused_gemm.cu.j2" in template_files(ag) and "fused_gemm.cu.j2" not in template_files(dec)
+    assert "fused_gemm.cu.j2" in template_files(ag, files) and "fused_gemm.cu.j2" not in template_files(dec, {})
     # an op whose GEMM is the same but for its name shares agf's CUTLASS object; another tile does not
     twin = ag.model_copy(update={"name": "agf_twin", "world_sizes": [2]})
     other = ag.model_copy(update={"name": "agf_other", "gemm_tile": [128, 256, 64]})
@@ -133,7 +140,7 @@ def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
     """CUDA-graph safety: every kernel of a GEMM op's call reads the epoch that the op's begin kernel
     advanced on the device (a host value would be frozen into a captured graph); and a spec giving the
     layer's whole n or k yields each world size's share in the wrapper and the fused binding."""
-    from tilegen.spec import ShardedDim
+    from tilegen.core.spec import ShardedDim
 
     ag = KernelSpec(
         name="agf",
@@ -153,9 +160,9 @@ def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
         shape=[DynamicDim(name="m", max=512), ShardedDim(full=8192)],
         n=1024,
     )
-    host = (INCLUDE_DIR / "tilegen/collective_host.cuh").read_text()
-    assert "begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.epoch_dev);" in host
-    assert "p.epoch_src = g.epoch_dev;" in host and "s.epoch = g.epoch_dev;" in host and "host_epoch" not in host
+    host = (INCLUDE_DIR / "tilegen/overlap/host.cuh").read_text()
+    assert "begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(o.epoch_dev);" in host
+    assert "p.epoch_src = o.epoch_dev;" in host and "s.epoch = o.epoch_dev;" in host and "host_epoch" not in host
     assert "run() without begin() on the caller's stream first" in host
     files = {s.name: generate_op(s, None, check=False) for s in (ag, rs)}  # rendering only: no checker
     for s, gemm in ((ag, 1), (rs, 2)):
@@ -189,10 +196,10 @@ def test_step_tables_in_source_are_the_checked_plans(op, shape):
 def fresh_schedule_caches():
     """Schedules and verdicts are memoised; a test that swaps a schedule builder must not see old ones."""
     registry.make_schedule.cache_clear()
-    pipeline.verdict_of.cache_clear()
+    verdict_of.cache_clear()
     yield
     registry.make_schedule.cache_clear()
-    pipeline.verdict_of.cache_clear()
+    verdict_of.cache_clear()
 
 
 def test_codegen_refuses_a_schedule_the_checker_rejects(monkeypatch, tmp_path, capsys, fresh_schedule_caches):
@@ -332,7 +339,7 @@ def test_nvcc_failure_names_spec_file_and_message(tmp_path):
 @needs_nvcc
 def test_every_device_primitive_compiles(root, tmp_path):
     import subprocess
-    from tilegen.build import find_toolchain
+    from tilegen.core.build import find_toolchain
 
     tc = find_toolchain()
     cmd = [
@@ -375,7 +382,7 @@ def test_concurrent_generate_runs_leave_a_consistent_package(root, tmp_path):
 
 
 def test_an_op_refuses_a_job_of_another_world_size(monkeypatch):
-    from tilegen import runtime
+    from tilegen.core import runtime
 
     monkeypatch.setitem(runtime._state, "initialised", True)
     monkeypatch.setitem(runtime._state, "world", 3)
@@ -385,16 +392,16 @@ def test_an_op_refuses_a_job_of_another_world_size(monkeypatch):
 
 
 def test_calls_before_init_say_what_to_do(monkeypatch):
-    from tilegen import runtime
+    from tilegen.core import runtime
 
     monkeypatch.setitem(runtime._state, "initialised", False)
-    op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2])
+    op = CollectiveOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2])
     with pytest.raises(RuntimeError, match=r"call tilegen.init\(\) first"):
         op(None)
 
 
 def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
-    from tilegen import runtime
+    from tilegen.core import runtime
 
     op = runtime.GeneratedOp(Path("/nonexistent"), "ag", "allgather", "bfloat16", [8, 8], [2], default_timeout_ms=250)
     monkeypatch.delenv("TILEGEN_WAIT_TIMEOUT_MS", raising=False)
@@ -413,3 +420,32 @@ def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
         op._timeout_ns(None)
     with pytest.raises(ValueError, match="timeout_ms must be >= 0"):
         op._timeout_ns(-1)
+
+
+def test_a_premul_op_takes_its_scale_at_call_time(monkeypatch):
+    """reduce: avg scales by 1 / world; premul_sum takes scale= per call; other ops refuse a scale."""
+    from tilegen.core import runtime
+
+    monkeypatch.setitem(runtime._state, "initialised", True)
+    monkeypatch.setitem(runtime._state, "world", 4)
+    calls = []
+    op = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [4], premul="avg")
+    op._run = lambda *a: calls.append(a[3])
+    monkeypatch.setattr(op, "empty_output", lambda rows: "out")
+    op("x", "out")
+    assert calls == [0.25]
+    with pytest.raises(ValueError, match="reduce avg scales by 1 / world itself"):
+        op("x", "out", scale=2.0)
+    pm = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [4], premul="premul_sum")
+    pm._run = lambda *a: calls.append(a[3])
+    pm("x", "out", scale=0.5)
+    assert calls[-1] == 0.5
+    for bad, msg in ((None, "needs scale="), ("half", "scale must be a number"), (float("nan"), "must be finite")):
+        with pytest.raises(ValueError, match=msg):
+            pm("x", "out", scale=bad)
+    plain = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [4])
+    plain._run = lambda *a: calls.append(a[3])
+    plain("x", "out")
+    assert calls[-1] == 1.0
+    with pytest.raises(ValueError, match="scale= is for ops with reduce: premul_sum"):
+        plain("x", "out", scale=2.0)

@@ -5,8 +5,8 @@ import pytest
 
 from tilegen import cli
 from tilegen.draw import timeline
-from tilegen.registry import make_schedule
-from tilegen.spec import DynamicDim, KernelSpec
+from tilegen.collective.ops import make_schedule
+from tilegen.core.spec import DynamicDim, KernelSpec
 from tilegen.tune import candidate_specs, fit, schedule_features
 
 
@@ -115,8 +115,8 @@ def test_plan_drawing_keeps_labels_inside_their_steps_and_the_legend_off_the_ran
     from matplotlib import pyplot as plt
 
     from tilegen.draw import draw_plan
-    from tilegen.plan import plan
-    from tilegen.spec import load_spec
+    from tilegen.collective.plan import plan
+    from tilegen.core.spec import load_spec
     s = load_spec(root / "specs/allreduce_f32_max_ring.py").spec
     captured = {}
     real_savefig = plt.Figure.savefig

@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from tilegen.pipeline import generate_op
-from tilegen.spec import SCHEDULES, KernelSpec, SpecError, parse_yaml_spec
+from tilegen.core.pipeline import generate_op
+from tilegen.collective.spec import SCHEDULES
+from tilegen.core.spec import OpSpec, SpecError, parse_spec, parse_yaml_spec, spec_fields
 
 EXAMPLES = int(__import__('os').environ.get('TILEGEN_FUZZ_EXAMPLES', 10_000))
 PROBLEM = re.compile(r"^fuzz\.yaml:(\d+):(\d+): \S.*$", re.S)
@@ -94,7 +95,7 @@ def mutated(draw):
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["set", "drop", "add", "name", "shape"]))
         if kind == "set":
-            fields[draw(st.sampled_from(sorted(KernelSpec.model_fields)))] = draw(ANY_VALUE)
+            fields[draw(st.sampled_from(sorted(spec_fields())))] = draw(ANY_VALUE)
         elif kind == "drop" and fields:
             fields.pop(draw(st.sampled_from(sorted(fields))))
         elif kind == "add":
@@ -123,7 +124,7 @@ def mutated(draw):
     return text
 
 
-def _render(spec: KernelSpec) -> tuple[dict[str, str], dict]:
+def _render(spec: OpSpec) -> tuple[dict[str, str], dict]:
     """Generated sources (provenance hash masked: it is hex of the whole spec) and the manifest."""
     files = generate_op(spec, "3.4.5", check=False)
     sources = {
@@ -157,5 +158,5 @@ def test_any_spec_text_loads_cleanly_or_fails_with_located_problems(text):
         assert variants and variants[-1]["max_in_bytes"] == spec.max_in_bytes(w)
     for name, text_out in files.items():
         assert text_out.isascii(), name
-    other = KernelSpec.model_validate({**spec.model_dump(), "description": "completely different text ~!@#"})
+    other = parse_spec({**spec.model_dump(), "description": "completely different text ~!@#"})
     assert _render(other)[0] == files, "free text reached the generated sources"

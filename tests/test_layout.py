@@ -6,13 +6,13 @@ import subprocess
 
 import pytest
 
-from tilegen.codegen import INCLUDE_DIR
-from tilegen.layout import layout, tile_bytes_for, unit_length
-from tilegen.registry import OPS
+from tilegen.core.render import INCLUDE_DIR
+from tilegen.collective.layout import layout, tile_bytes_for, unit_length
+from tilegen.collective.ops import OPS
 
 PROGRAM = r"""
 #include <cstdio>
-#include "tilegen/layout.cuh"
+#include "tilegen/collective/layout.cuh"
 using namespace tilegen::layout;
 int main() {
   int chunks, world, parts, elem, ctas, units;

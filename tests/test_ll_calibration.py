@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tilegen.calibration import CALIBRATIONS_DIR, load, resolve
-from tilegen.check import check_schedule, expand_agent
-from tilegen.codegen import render_context, totals
-from tilegen.ir import Schedule, Seg, Step
-from tilegen.pipeline import checked_plans
-from tilegen.plan import LL_MAX_BYTES, MAX_VARIANTS, plan
-from tilegen.registry import make_schedule
-from tilegen.schedules import _others
-from tilegen.spec import DynamicDim, KernelSpec
+from tilegen.core.calibration import CALIBRATIONS_DIR, load, resolve
+from tilegen.collective.check import check_schedule, expand_agent
+from tilegen.collective.render import render_context, totals
+from tilegen.collective.ir import Schedule, Seg, Step
+from tilegen.core.pipeline import checked_lowering
+from tilegen.collective.plan import LL_MAX_BYTES, MAX_VARIANTS, plan
+from tilegen.collective.ops import make_schedule
+from tilegen.collective.schedules import _others
+from tilegen.core.spec import DynamicDim, KernelSpec
 from tilegen.tune import auto_vs_fastest, sweep
 
 
@@ -105,14 +105,14 @@ def test_ll_schedule_rules_are_clear_errors():
 
 def test_ll_scratch_is_sized_for_every_ll_variant():
     s = spec(schedule="auto")
-    plans = checked_plans(s, None)
+    plans = checked_lowering(s, None)
     t = totals(s, plans)
     assert t.ll_slots >= 4 * 4 and t.ll_bytes == 2 * t.ll_slots * t.ll_slot_bytes  # one-shot at 4 ranks: 16 slots
     ctx = render_context(s, plans)
     flags = [v["ll"] for w in ctx["worlds"] for v in w["variants"]]
     assert True in flags and False in flags
     nv = spec(transport="nvshmem")
-    assert totals(nv, checked_plans(nv, None)).ll_bytes == 0
+    assert totals(nv, checked_lowering(nv, None)).ll_bytes == 0
 
 
 # ------------------------------------------------------------------------------ calibrations
@@ -187,7 +187,7 @@ def test_committed_calibrations_pick_within_5_percent_of_the_fastest(root, path)
     """Goal: at every measured size, auto (the plan generate makes from the committed measurements)
     runs a configuration within 5% of the fastest measured one."""
     data = json.loads(path.read_text())
-    from tilegen.spec import load_spec
+    from tilegen.core.spec import load_spec
     s = load_spec(root / "specs" / f"{data['spec']}.yaml").spec
     rows = auto_vs_fastest(s, data["world"], path)
     assert rows and all(not math.isnan(mine) for _, _, mine, _ in rows), rows
@@ -200,7 +200,7 @@ def test_ll_ops_make_every_rank_wait_for_every_other():
     ends only after every rank stored data for that call (its output depends on every rank's input),
     so every rank had finished the call before; the next LL call's parity half is free again. True
     of every op with LL schedules, and must stay so (broadcast and reduce have none)."""
-    from tilegen.registry import OPS, expected_output
+    from tilegen.collective.ops import OPS, expected_output
     for kind, d in OPS.items():
         if not any(a.startswith("ll_") for a in d.schedules):
             continue

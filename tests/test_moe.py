@@ -4,8 +4,8 @@ arithmetic or a missing synchronisation (tests that can fail)."""
 import numpy as np
 import pytest
 
-from tilegen import moe
-from tilegen.moe import MODES, MoeShape, MoeStep, check_moe, check_moe_protocol, check_routing, moe_program
+from tilegen.moe import check as moe
+from tilegen.moe.check import MODES, MoeShape, MoeStep, check_moe, check_moe_protocol, check_routing, moe_program
 
 SHAPES = [MoeShape(2, 4, 2, 5), MoeShape(4, 16, 4, 6), MoeShape(4, 256, 8, 4), MoeShape(8, 64, 8, 3)]
 
@@ -217,9 +217,9 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tilegen import pipeline  # noqa: E402
-from tilegen.codegen import CodegenError, render_op  # noqa: E402
-from tilegen.spec import SpecError, parse_yaml_spec  # noqa: E402
+from tilegen.core import pipeline  # noqa: E402
+from tilegen.core.render import CodegenError, render_op  # noqa: E402
+from tilegen.core.spec import SpecError, parse_yaml_spec  # noqa: E402
 
 MOE_SPEC = textwrap.dedent("""\
     name: moe_t
@@ -240,11 +240,11 @@ def moe_errors(text: str) -> list[str]:
 
 def test_moe_spec_loads_with_defaults():
     s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
-    assert (s.op, s.experts, s.topk, s.moe_mode, s.max_shape) == ("moe", 16, 4, "normal", (128, 256))
+    assert (s.op, s.experts, s.topk, s.mode, s.max_shape) == ("moe", 16, 4, "normal", (128, 256))
     # two halves of: staging rows, meta rows (1 + 3k ints), counts rows, combine rows; then the flags
     a = lambda b: -(-b // 256) * 256  # noqa: E731
     half = a(4 * 128 * 256 * 2) + a(4 * 128 * 13 * 4) + a(4 * 17 * 4) + a(4 * 128 * 256 * 2)
-    assert s.moe_symmetric_bytes(4) == 2 * half + 2 * 4 * 8
+    assert s.symmetric_bytes(4) == 2 * half + 2 * 4 * 8
 
 
 @pytest.mark.parametrize("old, new, expected", [
@@ -267,7 +267,7 @@ def test_moe_spec_errors_name_the_field(old, new, expected):
 def test_moe_fields_belong_to_moe_ops_only():
     text = MOE_SPEC.replace("op: moe", "op: allgather").replace("shape: [{name: tokens, max: 128}, 256]",
                                                                  "shape: [128, 256]")
-    assert any("experts: only MoE ops (moe) take experts" in e for e in moe_errors(text))
+    assert any("experts: op allgather takes no experts (only moe take it)" in e for e in moe_errors(text))
 
 
 def test_moe_op_renders_traits_binding_wrapper_and_manifest():
@@ -282,22 +282,22 @@ def test_moe_op_renders_traits_binding_wrapper_and_manifest():
     assert "kHidden = 256, kMaxTokens = 128" in files["moe_t_binding.cc"]
     assert "MoeOp(" in files["op.py"] and "experts=16" in files["op.py"] and 'mode="normal"' in files["op.py"]
     man = __import__("json").loads(files["manifest.json"])
-    assert man["moe"]["mode"] == "normal" and man["moe"]["symmetric_bytes"]["4"] == s.moe_symmetric_bytes(4)
+    assert man["moe"]["mode"] == "normal" and man["moe"]["symmetric_bytes"]["4"] == s.symmetric_bytes(4)
     assert files == pipeline.generate_op(s, "3.4.5")  # deterministic
-    assert render_op(s, [], "3.4.5") == files
+    assert render_op(s, pipeline.checked_lowering(s), "3.4.5") == files
 
 
 def test_moe_op_is_not_generated_when_its_check_fails(monkeypatch):
     s = parse_yaml_spec(MOE_SPEC, "m.yaml").spec
-    monkeypatch.setattr(pipeline, "moe_problems", lambda w, e, k, mode: ("seed 3: rank 1: rows written twice [4]",))
+    monkeypatch.setattr(moe, "moe_problems", lambda w, e, k, mode: ("seed 3: rank 1: rows written twice [4]",))
     with pytest.raises(CodegenError, match="world 2: the MoE check failed:\nseed 3: rank 1: rows written twice"):
         pipeline.generate_op(s, "3.4.5")
 
 
 def test_moe_checks_pass_at_every_world_the_specs_use():
     for w, e, k in ((2, 256, 8), (4, 256, 8), (8, 256, 8), (2, 12, 3), (4, 12, 3)):
-        assert pipeline.moe_problems(w, e, k) == ()
-        assert pipeline.moe_problems(w, e, k, "low_latency") == ()
+        assert moe.moe_problems(w, e, k) == ()
+        assert moe.moe_problems(w, e, k, "low_latency") == ()
 
 
 def test_protocol_check_catches_values_a_cuda_graph_would_replay_from_the_capture():
@@ -306,7 +306,7 @@ def test_protocol_check_catches_values_a_cuda_graph_would_replay_from_the_captur
     epoch allows, and those a captured arrival count causes: the dispatch's last CTA then never sets
     this rank's own dispatch flag again, where combine takes its epoch (the kernels keep both on the
     device: the epoch advanced by the call's first kernel, counters reset by their last block)."""
-    from tilegen.moe import check_moe_protocol
+    from tilegen.moe.check import check_moe_protocol
     assert check_moe_protocol(4, "low_latency") == []
     stale = check_moe_protocol(4, "low_latency", captured=("epoch",))
     assert stale and "call 1 read recv from rank 1 of call 0" in stale[0], stale[:2]
@@ -322,7 +322,7 @@ def test_moe_fp8_dispatch_fields():
     a = lambda b: -(-b // 256) * 256  # noqa: E731
     # staging rows: 256 e4m3 bytes + 2 fp32 scales padded to 16 bytes; combine rows stay bf16
     half = a(4 * 128 * (256 + 16)) + a(4 * 128 * 256 * 2) + a(4 * 128 * 13 * 4) + a(4 * 17 * 4)
-    assert s.moe_symmetric_bytes(4) == 2 * half + 2 * 4 * 8
+    assert s.symmetric_bytes(4) == 2 * half + 2 * 4 * 8
     tok = parse_yaml_spec(MOE_SPEC + "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n", "m.yaml").spec
     assert tok.fp8_group == 256
     files = pipeline.generate_op(s, "3.4.5")
@@ -350,8 +350,8 @@ def test_moe_fp8_dispatch_errors(extra, expected):
 @pytest.mark.parametrize("extra", ["", "dispatch_dtype: fp8_e4m3\n",
                                    "dispatch_dtype: fp8_e4m3\nfp8_scales: per_token\n", "mode: low_latency\n",
                                    "mode: low_latency\ndispatch_dtype: fp8_e4m3\n"])
-def test_moe_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
-    """KernelSpec.moe_symmetric_bytes (the manifest's figure and the spec's 64 GiB check) against
+def test_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
+    """MoeSpec.symmetric_bytes (the manifest's figure and the spec's 64 GiB check) against
     tilegen/moe.cuh's own arithmetic: a host program built from the op's rendered traits prints it."""
     import re
     s, out = _build_host_program(tmp_path, MOE_SPEC + extra, "sizes", (
@@ -359,12 +359,12 @@ def test_moe_symmetric_bytes_is_what_the_library_allocates(tmp_path, extra):
         "    printf(\"%d %lld\\n\", w,\n"
         "           static_cast<long long>(tilegen::moe::Host<tilegen_op::Op>::symmetric_bytes(w)));\n}\n"))
     got = {int(w): int(b) for w, b in re.findall(r"(\d+) (\d+)", out)}
-    assert got == {w: s.moe_symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
+    assert got == {w: s.symmetric_bytes(w) for w in s.world_sizes}, (got, extra)
 
 
 @pytest.mark.slow
 def test_moe_ll_route_bytes_is_the_kernels_shared_memory(tmp_path):
-    """KernelSpec.ll_route_bytes (the spec's shared-memory check for low_latency) against sizeof(LLRoute)."""
+    """MoeSpec.ll_route_bytes (the spec's shared-memory check for low_latency) against sizeof(LLRoute)."""
     s, out = _build_host_program(tmp_path, MOE_SPEC + "mode: low_latency\n", "route", (
         "int main() { printf(\"%zu\\n\", sizeof(tilegen::moe::LLRoute<tilegen_op::Op>)); }\n"))
     assert int(out) == s.ll_route_bytes()
@@ -377,16 +377,22 @@ def test_moe_low_latency_routing_must_fit_shared_memory():
     parse_yaml_spec(text, "m.yaml")  # normal mode routes in global memory: no such bound
 
 
+def moe_library() -> str:
+    """The MoE kernels' and host's headers (include/tilegen/moe/), as one text."""
+    from tilegen.core.render import INCLUDE_DIR
+    return "\n".join(f.read_text() for f in sorted((INCLUDE_DIR / "tilegen" / "moe").glob("*.cuh")))
+
+
 def _build_host_program(tmp_path, spec_text, name, body):
-    """A host program from the op's rendered traits and tilegen/moe.cuh (host code only: no GPU)."""
+    """A host program from the op's rendered traits and tilegen/moe/ (host code only: no GPU)."""
     import subprocess
 
-    from tilegen.codegen import INCLUDE_DIR
-    from tilegen.toolchain import find_toolchain
+    from tilegen.core.render import INCLUDE_DIR
+    from tilegen.core.toolchain import find_toolchain
     s = parse_yaml_spec(spec_text, "m.yaml").spec
     cu = pipeline.generate_op(s, "3.4.5")["moe_t.cu"]
     traits = cu[cu.index("namespace tilegen_op {"):cu.index("TILEGEN_EXPORT_MOE")]
-    (tmp_path / f"{name}.cu").write_text("#include <cstdio>\n#include \"tilegen/moe.cuh\"\n" + traits + body)
+    (tmp_path / f"{name}.cu").write_text("#include <cstdio>\n#include \"tilegen/moe/op.cuh\"\n" + traits + body)
     tc = find_toolchain()
     subprocess.run([tc.nvcc, "-std=c++17", f"-I{INCLUDE_DIR}", f"-I{tc.nvshmem_dir}/include",
                     str(tmp_path / f"{name}.cu"), "-o", str(tmp_path / name)], check=True, capture_output=True)
@@ -419,7 +425,7 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
     want_units = {0: hidden // 8 if fp8 else hidden * elem // 16, 1: hidden // 16 if fp8 else hidden * elem // 16,
                   2: hidden * elem // 16, 3: hidden * elem // 16}
     align = {0: 16 if fp8 and "per_token" not in extra else 1, 1: 1, 2: 1, 3: 1}
-    line_units = s.ll_line_bytes()[0] // 512  # low-latency's: a line row's warp stores of 4 lines
+    line_units = s.line_row_bytes()[0] // 512  # low-latency's: a line row's warp stores of 4 lines
     want_units[4], want_units[5], align[4], align[5] = line_units, line_units, 1, 1
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 6 * 5 * 3
@@ -437,14 +443,13 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
 
 def test_trace_phases_named_in_python_are_the_ones_the_kernels_stamp():
     """MoeOp.read_trace names each kernel's stamps (TRACE_KERNELS, TRACE_PHASES); the kernels write them
-    (tilegen/moe.cuh's stamp(p.trace, kernel, phase), or a warp's stamp_latest). A stamp added, dropped or
+    (tilegen/moe/'s stamp(p.trace, kernel, phase), or a warp's stamp_latest). A stamp added, dropped or
     reordered on either side would mislabel the profile: the kernel ids, their order and each kernel's
     phases must agree."""
     import re
 
-    from tilegen.codegen import INCLUDE_DIR
-    from tilegen.moe_op import MoeOp
-    src = (INCLUDE_DIR / "tilegen" / "moe.cuh").read_text()
+    from tilegen.moe.runtime import MoeOp
+    src = moe_library()
     enum = re.search(r"enum TraceKernel \{([^}]*)\}", src).group(1)
     ids = [e.strip() for e in enum.split(",")]
     consts = dict(re.findall(r"(kTrace(?:Kernels|Phases|Ctas)) = (\d+)", src))
@@ -466,7 +471,7 @@ def test_protocol_check_of_the_low_latency_epochs():
     check passes those rules (the default in low_latency mode) and catches a half that took its epoch
     from its own flag (the expansion from the dispatch's, the combine from the combine's): launched
     early, or read before the half's own put, it is the previous call's."""
-    from tilegen.moe import LL_EPOCHS, check_moe_protocol
+    from tilegen.moe.check import LL_EPOCHS, check_moe_protocol
     assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
     for world in (2, 4, 8):
         assert check_moe_protocol(world, "low_latency", epochs=LL_EPOCHS) == []
@@ -482,9 +487,8 @@ def test_low_latency_kernels_take_the_epochs_the_protocol_check_runs():
     dispatch flag, and no kernel stores an epoch word that an early-launched kernel could read first."""
     import re
 
-    from tilegen.codegen import INCLUDE_DIR
-    from tilegen.moe import LL_EPOCHS
-    src = (INCLUDE_DIR / "tilegen/moe.cuh").read_text()
+    from tilegen.moe.check import LL_EPOCHS
+    src = moe_library()
     assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
     assert "return dev::ld_acquire_gpu(own_combine_flag) + 1;" in src  # ll_dispatch_epoch
     assert src.count("ll_dispatch_epoch(p.own_combine_flag)") == 2  # ll_push's flags, ll_expand's wait
@@ -503,8 +507,7 @@ def test_line_int_is_called_with_the_warps_index():
     line-row build did that for the slot weights (on GPUs: combine off, nan); no call may use the lane."""
     import re
 
-    from tilegen.codegen import INCLUDE_DIR
-    src = (INCLUDE_DIR / "tilegen/moe.cuh").read_text()
+    src = moe_library()
     args = []
     for m in re.finditer(r"\bline_int\(", src):
         depth, i = 1, m.end()

@@ -1,14 +1,14 @@
 """The copy-engine overlap's host side without a GPU: the op hands its checked program
-(tilegen.ce_program) to the op library once and runs it with one call per op call; the Python
+(tilegen.overlap.ce_program) to the op library once and runs it with one call per op call; the Python
 executor (the reference) issues the library calls and cuBLAS GEMMs below, in this order, on these
 streams and byte ranges. A fake torch records what would be launched."""
 from pathlib import Path
 
 import pytest
 
-from tilegen import overlap
-from tilegen.ce_program import STYLES
-from tilegen.overlap import AgGemmOp, GemmRsOp, split_bounds
+from tilegen.overlap import runtime as overlap
+from tilegen.overlap.ce_program import STYLES
+from tilegen.overlap.runtime import AgGemmOp, GemmRsOp, split_bounds
 
 
 class FakeTensor:
@@ -317,7 +317,7 @@ def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
     monkeypatch.setattr(cal, "CALIBRATIONS_DIR", tmp_path)
     monkeypatch.setattr("sys.argv", ["ce_calibrate", str(sweep), "--machine", "box"])
     cal.main()
-    from tilegen.calibration import ce_choices, load
+    from tilegen.core.calibration import ce_choices, load
     choices = ce_choices(load(tmp_path / "box"), "gemm_rs", 4)
     assert [overlap.ce_config("gemm_rs", 4, m, choices) for m in (512, 724, 725, 2048)] == \
         [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
@@ -334,7 +334,7 @@ def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monke
     monkeypatch.setattr(overlap, "world_size", lambda: 2)
     monkeypatch.setattr(overlap, "rank", lambda: 0)
     monkeypatch.setenv("TILEGEN_CE_EXECUTOR", "library")
-    from tilegen import runtime
+    from tilegen.core import runtime
     monkeypatch.setattr(runtime, "_capturing", lambda handle: False)
     legacy = type("S", (), {"cuda_stream": 0})()  # the caller runs on the legacy default stream
     monkeypatch.setattr(FakeCuda, "current_stream", staticmethod(lambda device=None: legacy))
@@ -348,7 +348,7 @@ def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monke
 
 
 def test_synchronize_of_the_legacy_default_stream_is_device_wide(monkeypatch):
-    from tilegen import runtime
+    from tilegen.core import runtime
     calls = []
 
     class Torch:

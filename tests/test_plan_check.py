@@ -6,12 +6,12 @@ import pytest
 from dataclasses import replace
 
 from tilegen import cli
-from tilegen.check import check_cover, check_layout, check_schedule
-from tilegen.ir import Seg, Step
-from tilegen.layout import MIN_TILE_BYTES, layout, tile_bytes_for, tile_ranges
-from tilegen.plan import format_plan, plan
-from tilegen.registry import OPS, make_schedule
-from tilegen.spec import DynamicDim, KernelSpec, ShardedDim
+from tilegen.collective.check import check_cover, check_layout, check_schedule
+from tilegen.collective.ir import Seg, Step
+from tilegen.collective.layout import MIN_TILE_BYTES, layout, tile_bytes_for, tile_ranges
+from tilegen.collective.plan import format_plan, plan
+from tilegen.collective.ops import OPS, make_schedule
+from tilegen.core.spec import DynamicDim, KernelSpec, ShardedDim
 
 ALL = [(op, alg) for op, d in OPS.items() if d.gemm is None for alg in d.schedules]
 
@@ -24,6 +24,18 @@ def spec(**kw):
                 shape=[DynamicDim(name="m", max=4096), 8192])
     base.update(kw)
     return KernelSpec(**base)
+
+
+def spec_problems(**kw) -> list[str]:
+    """What a user reads of an allgather spec with these fields (located problems, less the place)."""
+    from pydantic import ValidationError
+
+    from tilegen.core.spec import _validation_problems
+    try:
+        spec(**kw)
+    except ValidationError as e:
+        return [msg for _, msg in _validation_problems(e, "s", lambda loc, t: (0, 0))]
+    return []
 
 
 @pytest.mark.parametrize("op, alg", ALL)
@@ -211,8 +223,8 @@ def gemm_spec(**kw):
 
 def test_ag_gemm_spec_rules():
     assert gemm_spec().max_in_bytes(4) == 4096 * 8192 * 2
-    with pytest.raises(Exception, match="n: ag_gemm needs n"):
-        gemm_spec(n=None)
+    with pytest.raises(Exception, match="n\n  Field required"):
+        KernelSpec(**{k: v for k, v in gemm_spec().model_dump().items() if k != "n"})
     assert gemm_spec(overlap="fused").fused and not gemm_spec().fused  # auto: decomposed (measured faster)
     assert not gemm_spec(overlap="decomposed").fused
     with pytest.raises(Exception, match="overlap: fused needs a Hopper target"):
@@ -232,10 +244,10 @@ def test_ag_gemm_spec_rules():
         gemm_spec(overlap="fused", gemm_cluster=[4, 1])
     with pytest.raises(Exception, match="gemm_cluster: only the fused overlap"):
         gemm_spec(overlap="decomposed", gemm_cluster=[2, 1])
-    with pytest.raises(Exception, match="gemm_cluster: only GEMM ops"):
-        spec(gemm_cluster=[2, 1])
-    with pytest.raises(Exception, match="gemm_tile: only GEMM ops"):
-        spec(gemm_tile=[128, 256, 64])
+    assert spec_problems(gemm_cluster=[2, 1]) == [
+        "gemm_cluster: op allgather takes no gemm_cluster (only ag_gemm, gemm_rs take it)"]
+    assert spec_problems(gemm_tile=[128, 256, 64]) == [
+        "gemm_tile: op allgather takes no gemm_tile (only ag_gemm, gemm_rs take it)"]
     assert gemm_spec(overlap="fused", gemm_tile=[128, 128, 64], gemm_schedule="pingpong").gemm_schedule == "pingpong"
     with pytest.raises(Exception, match="gemm_schedule: a pingpong warp group holds a whole tile's accumulators"):
         gemm_spec(overlap="fused", gemm_schedule="pingpong")  # the default tile, 128 x 256
@@ -244,12 +256,12 @@ def test_ag_gemm_spec_rules():
                   overlap="fused", gemm_tile=[128, 128, 64], gemm_schedule="pingpong")
     with pytest.raises(Exception, match="gemm_schedule: only the fused overlap"):
         gemm_spec(overlap="decomposed", gemm_schedule="pingpong")
-    with pytest.raises(Exception, match="gemm_schedule: only GEMM ops"):
-        spec(gemm_schedule="pingpong")
+    assert spec_problems(gemm_schedule="pingpong") == [
+        "gemm_schedule: op allgather takes no gemm_schedule (only ag_gemm, gemm_rs take it)"]
     with pytest.raises(Exception, match=r"shape: ag_gemm takes A's shard as \[m, k\]"):
         gemm_spec(shape=[4, 4, 4])
-    with pytest.raises(Exception, match="only GEMM ops"):
-        spec(n=5)
+    assert spec_problems(n=5) == [
+        "n: op allgather takes no n (only ag_gemm, gemm_rs take it)"]
 
 
 @pytest.mark.parametrize("sync", ["per_tile", "barrier"])
@@ -258,7 +270,7 @@ def test_ag_gemm_spec_rules():
 def test_fused_ag_gemm_protocol_passes_the_checker(alg, world, sync):
     """The fused GEMM reads its own chunk from the gathered buffer too: the moves that fill this
     rank's own chunk signal it, and the GEMM waits per piece before reading it."""
-    from tilegen.schedules import arrival_order
+    from tilegen.collective.schedules import arrival_order
 
     s = make_schedule("ag_gemm", alg, world, sync, fused=True)
     assert any(st.signal_self for st in s.ranks[0])
@@ -270,7 +282,7 @@ def test_fused_ag_gemm_protocol_passes_the_checker(alg, world, sync):
 def test_fused_ag_gemm_without_own_signals_is_caught():
     """Planted bug: the GEMM waits on flags of its own chunk that nobody sets (the decomposed
     schedule never signals itself) -> the checker reports the deadlock."""
-    from tilegen.schedules import arrival_order
+    from tilegen.collective.schedules import arrival_order
 
     fused = make_schedule("ag_gemm", "direct", 2, "per_tile", fused=True)
     # rank 1's moves forget to signal its own chunk (rank 0 keeps them, so the model stays fused)
@@ -283,7 +295,7 @@ def test_fused_ag_gemm_without_own_signals_is_caught():
 @pytest.mark.parametrize("alg", ["direct", "ring", "bidir_ring"])
 @pytest.mark.parametrize("world", [2, 4, W8])
 def test_compute_stream_order_passes_the_checker(alg, world):
-    from tilegen.schedules import arrival_order
+    from tilegen.collective.schedules import arrival_order
 
     s = make_schedule("ag_gemm", alg, world, "per_tile")
     orders = tuple(arrival_order(s, r) for r in range(world))
@@ -294,14 +306,14 @@ def test_compute_stream_order_passes_the_checker(alg, world):
 
 
 def test_ring_compute_order_follows_arrival():
-    from tilegen.schedules import arrival_order
+    from tilegen.collective.schedules import arrival_order
 
     s = make_schedule("ag_gemm", "ring", 4, "per_tile")
     assert arrival_order(s, 0) == (0, 3, 2, 1)
 
 
 def test_checker_catches_a_compute_stream_that_does_not_wait(monkeypatch):
-    import tilegen.check as ck
+    import tilegen.collective.check as ck
 
     real = ck.expand_compute
     monkeypatch.setattr(ck, "expand_compute", lambda *a: [o for o in real(*a) if o.kind != "wait"])
@@ -321,7 +333,7 @@ def test_ag_gemm_plan_prints_the_compute_stream(root, capsys):
 @pytest.mark.parametrize("world", [2, 4, W8])
 @pytest.mark.parametrize("sync", ["per_tile", "barrier"])
 def test_gemm_rs_producer_stream_passes_the_checker(alg, world, sync):
-    from tilegen.schedules import production_order
+    from tilegen.collective.schedules import production_order
 
     s = make_schedule("gemm_rs", alg, world, sync)
     orders = tuple(production_order(s, r) for r in range(world))
@@ -361,24 +373,25 @@ def test_the_llama_down_projection_spec_leaves_the_gemms_their_sms():
     """The spec that hung on 2 and 4 x H100 (gemm_rs, k 7168, n 4096, no ctas given): 264 CTAs spun on
     every SM while waiting for GEMMs that then could not start. GEMM ops now default to the planner's
     small CTA counts, every variant leaves SMs free, and the checker passes with that model."""
-    from tilegen.pipeline import checked_plans
-    from tilegen.plan import spare_sms
-    from tilegen.spec import max_gemm_comm_ctas, parse_yaml_spec
+    from tilegen.collective.plan import max_gemm_comm_ctas, spare_sms
+    from tilegen.core.pipeline import checked_lowering
+    from tilegen.core.spec import parse_yaml_spec
 
     s = parse_yaml_spec(LLAMA8B_DOWN, "down.yaml").spec
     assert s.ctas == "auto"
-    for p in checked_plans(s):  # raises if the checker rejects a variant
-        for v in p.variants:
+    for g in checked_lowering(s):  # raises if the checker rejects a variant
+        for v in g.plan.variants:
             assert v.ctas <= max_gemm_comm_ctas(s.sm) and spare_sms(s, v.ctas) == 1
 
 
 def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
     """Planted bug, the class of the hang: a gemm_rs communication kernel with as many CTAs as SMs.
     Each CTA spins on an SM of its own waiting for a GEMM that can find no SM: a deadlock."""
-    from tilegen.codegen import CodegenError
-    from tilegen.pipeline import checked_plans
-    from tilegen.plan import spare_sms
-    from tilegen.schedules import production_order
+    from tilegen.core.render import CodegenError
+    from tilegen.collective.plan import spare_sms
+    from tilegen.collective.schedules import production_order
+    from tilegen.core.pipeline import checked_lowering
+    from tilegen.overlap.spec import GemmSpec
 
     for alg, world in (("direct", 2), ("ring", 4)):
         s = make_schedule("gemm_rs", alg, world, "per_tile")
@@ -387,7 +400,7 @@ def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
         assert not v.ok and "compute stream cannot be scheduled" in v.problems[0], v
         assert check_schedule(s, compute_orders=orders, produces=True, spare_sms=1).ok
     # the pipeline's view: a spec that slipped past validation with 264 CTAs is refused at codegen
-    bad = KernelSpec.model_construct(
+    bad = GemmSpec.model_construct(
         **{
             **gemm_spec(op="gemm_rs").model_dump(),
             "ctas": 264,
@@ -397,13 +410,13 @@ def test_checker_catches_a_communication_kernel_that_starves_its_gemm():
     )
     assert spare_sms(bad, 264) == 0
     with pytest.raises(CodegenError, match="compute stream cannot be scheduled"):
-        checked_plans(bad)
+        checked_lowering(bad)
 
 
 def test_checker_catches_a_fused_gemm_that_leaves_the_gather_no_sm():
     """A persistent ag_gemm GEMM waits for the gather beside it: if it takes every SM, the gather's
     CTAs never run."""
-    from tilegen.schedules import arrival_order
+    from tilegen.collective.schedules import arrival_order
 
     s = make_schedule("ag_gemm", "ring", 4, "per_tile", fused=True)
     orders = tuple(arrival_order(s, r) for r in range(4))
@@ -442,8 +455,8 @@ def test_rooted_reduce_leaves_other_outputs_alone():
 
 
 # ------------------------------------------------------------------ copy-engine overlap protocol
-from tilegen import ce_program  # noqa: E402
-from tilegen.check import check_copy_engine  # noqa: E402
+from tilegen.overlap import ce_program  # noqa: E402
+from tilegen.overlap.check import check_copy_engine  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["ag_gemm", "gemm_rs"])
@@ -544,3 +557,48 @@ def test_copy_engine_program_shape():
         ce_program.program("gemm_rs", 2, 0, 9)
     with pytest.raises(ValueError, match="style must be one of direct, ring"):
         ce_program.program("gemm_rs", 2, 0, 1, "tree")
+
+
+# ------------------------------------------------------------------------------ PreMulSum (reduce: avg, premul_sum)
+@pytest.mark.parametrize("op", ["reduce_scatter", "allreduce", "reduce"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_reduction_scales_each_contribution_exactly_once(op, world):
+    """with_premul marks the sources a reduce step multiplies by the call's scale; the checker's data
+    carry a mark per multiplication, so the outputs prove every contribution was scaled once."""
+    for alg in OPS[op].schedules:
+        for sync in ("per_tile", "barrier"):
+            s = make_schedule(op, alg, world, sync, premul=True)
+            assert s.scaled and any(any(st.scaled) for r in s.ranks for st in r)
+            v = check_schedule(s, seeds=1)
+            assert v.ok, (alg, sync, str(v))
+
+
+@pytest.mark.parametrize("op, alg", [("allreduce", "ring"), ("reduce_scatter", "bidir_ring"),
+                                     ("reduce_scatter", "direct"), ("allreduce", "ll_two_shot")])
+def test_the_checker_catches_a_contribution_scaled_twice_or_never(op, alg):
+    import dataclasses
+    s = make_schedule(op, alg, 4, "per_tile", premul=True)
+
+    def marked(mark):
+        return dataclasses.replace(s, ranks=tuple(
+            tuple(dataclasses.replace(st, scaled=mark(st)) if len(st.srcs) > 1 else st for st in r) for r in s.ranks))
+    never = check_schedule(marked(lambda st: ()), seeds=1)
+    twice = check_schedule(marked(lambda st: (True,) * len(st.srcs)), seeds=1)
+    assert not never.ok and "expected s*in@" in never.problems[0]
+    if "ring" in alg:  # (direct and two-shot sum raw copies only: every source is raw, none to scale twice)
+        assert not twice.ok and "s*s*in@" in twice.problems[0]
+
+
+def test_avg_and_premul_sum_are_reductions_of_floating_types():
+    assert spec(op="allreduce", reduce="avg").premul and not spec(op="allreduce").premul
+    assert spec(op="reduce_scatter", reduce="premul_sum", dtype="f32").premul
+    assert spec_problems(op="allgather", reduce="avg") == [
+        "reduce: avg scales the contributions of a reduction (reduce_scatter, allreduce, reduce), not allgather's"]
+    assert spec_problems(op="allreduce", reduce="avg", dtype="i32") == [
+        "reduce: avg multiplies by a fractional scale: use bf16, f16 or f32, not i32"]
+    with pytest.raises(Exception, match="reduce: avg scales the contributions of a reduction"):
+        gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=4096,
+                  reduce="avg")
+    p = plan(spec(op="allreduce", reduce="avg"), 4)
+    assert all(v.schedule.scaled for v in p.variants)
+    assert "s*in[" in format_plan(p) or "s*scr[" in format_plan(p)

@@ -1,7 +1,7 @@
-"""[tool.tilegen] in a downstream project's pyproject.toml (tilegen.project, tilegen.build_backend)."""
+"""[tool.tilegen] in a downstream project's pyproject.toml (tilegen.core.project, tilegen.build_backend)."""
 import pytest
 
-from tilegen.project import ProjectError, read_config
+from tilegen.core.project import ProjectError, read_config
 
 
 def _pyproject(tmp_path, table: str):

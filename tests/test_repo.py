@@ -109,7 +109,8 @@ def test_the_wheel_installs_and_generates_an_op(root, tmp_path, tilegen_wheel):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     names = zipfile.ZipFile(tilegen_wheel).namelist()
-    assert "tilegen/templates/collective.cu.j2" in names and "tilegen/include/tilegen/collective.cuh" in names
+    assert {"tilegen/collective/templates/collective.cu.j2", "tilegen/core/templates/package_init.py.j2"} <= set(names)
+    assert "tilegen/include/tilegen/collective/kernel.cuh" in names and "tilegen/include/tilegen/moe/host.cuh" in names
     venv, py, _ = _venv_with(tmp_path, tilegen_wheel)
     (venv / "bin" / "tilegen").write_text(f"#!{py}\nimport sys\nfrom tilegen.cli import main\nsys.exit(main())\n")
     (venv / "bin" / "tilegen").chmod(0o755)
@@ -166,7 +167,7 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path, til
     venv, py, site = _venv_with(tmp_path, wheel)
     code = (
         "import json, tp_ops, tp_app\n"
-        "from tilegen.runtime import OpLoadError, check_build\n"
+        "from tilegen.core.runtime import OpLoadError, check_build\n"
         "assert tp_ops.__file__.startswith(%r), tp_ops.__file__\n"
         "prov = tp_app.provenance()\n"
         "print(json.dumps(prov, sort_keys=True))\n"
@@ -191,13 +192,13 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path, til
 def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
     """The specs tools/gpu_check.sh generates on the GPU machine (bench variants, fused tile variants)
     load and their plans pass the checker here, so a device call never spends its minutes on a bad one."""
-    from tilegen.pipeline import checked_plans
-    from tilegen.spec import load_specs
+    from tilegen.core.pipeline import checked_lowering
+    from tilegen.core.spec import load_specs
     for folder in ("tools/bench_specs", "tools/fused_specs"):
         good, problems = load_specs([root / folder])
         assert not problems and good, (folder, problems)
         for ls in good:
-            assert checked_plans(ls.spec), ls.spec.name
+            assert checked_lowering(ls.spec), ls.spec.name
 
 
 def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
@@ -282,3 +283,37 @@ def test_gpu_tests_run_in_the_order_named_not_by_file_name(root):
     assert [(it.fspath.stem, it.i) for it in conf.gpu_order(items)] == [
         ("test_allgather_gpu", 3), ("test_moe_gpu", 2), ("test_new_gpu", 1), ("test_timeout_gpu", 0),
         ("test_timeout_gpu", 4)]
+
+
+def test_gpu_check_sanitize_runs_each_tool_one_gpu_per_rank(root, tmp_path):
+    """`gpu_check.sh sanitize` runs tools/sanitize_ops.py under compute-sanitizer memcheck and racecheck
+    through torchrun, fails when a tool reports errors, and refuses ranks sharing a GPU (sanitized
+    kernels there do not run concurrently: the ranks' waits would never end). Stub nvidia-smi,
+    torchrun and compute-sanitizer."""
+    import shutil
+    import subprocess
+    (tmp_path / "tools").mkdir()
+    shutil.copy(root / "tools" / "gpu_check.sh", tmp_path / "tools")
+    (tmp_path / "generated").mkdir()
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: stub"; echo "GPU 1: stub"\n')
+    (stub / "torchrun").write_text('#!/bin/sh\nshift 3\nexec "$@"\n')  # (--nproc-per-node N --no-python)
+    (stub / "compute-sanitizer").write_text(
+        '#!/bin/sh\necho "ran $2 on $8"\n[ "$2" = "${BAD_TOOL:-}" ] && { echo "========= ERROR SUMMARY: 3 errors"; '
+        'exit 9; }\necho "========= ERROR SUMMARY: 0 errors"\n')
+    for f in stub.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               TILEGEN_OPS_READY="1")  # (the ops: not needed by the stubs)
+    run = lambda n, **kw: subprocess.run(["bash", "tools/gpu_check.sh", "sanitize", str(n)], cwd=tmp_path,  # noqa: E731
+                                         env=dict(env, **kw), capture_output=True, text=True, timeout=60)
+    r = run(2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "== memcheck at 2 ranks:" in r.stdout and "== racecheck at 2 ranks:" in r.stdout
+    logs = sorted(p.name for p in (tmp_path / "out").glob("sanitize_*.log"))
+    assert logs == ["sanitize_memcheck_np2.log", "sanitize_racecheck_np2.log"]
+    assert "ran memcheck on tools/sanitize_ops.py" in (tmp_path / "out" / logs[0]).read_text()
+    assert run(2, BAD_TOOL="racecheck").returncode == 1
+    r = run(4)
+    assert r.returncode == 1 and "sanitize needs one GPU per rank: 4 ranks, 2 GPU(s)" in r.stdout

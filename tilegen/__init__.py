@@ -1,12 +1,14 @@
 """tilegen: declarative generator of multi-GPU communication kernels.
 
-Stages, one module each: spec -> plan -> check -> codegen -> build -> runtime; tilegen.pipeline
-runs them and the cli drives it. Importing tilegen (and a generated op) loads only the runtime:
-the spec machinery (pydantic, ruamel) loads on first use of KernelSpec / load_spec.
+One core (tilegen.core: spec loading, the pipeline spec -> lowered -> check -> render, the build,
+the runtime) and one package per op family behind its interface (tilegen.core.family):
+tilegen.collective, tilegen.overlap (GEMM + communication), tilegen.moe. The cli drives the
+pipeline. Importing tilegen (and a generated op) loads only the runtime: the spec machinery
+(pydantic, ruamel) loads on first use of KernelSpec / load_spec.
 """
 __version__ = "0.1.0"
 
-from .runtime import empty, finalize, free, init, is_initialized, rank, world_size  # noqa: E402
+from .core.runtime import empty, finalize, free, init, is_initialized, rank, world_size  # noqa: E402
 
 __all__ = ["KernelSpec", "load_spec", "init", "finalize", "empty", "free", "rank", "world_size", "is_initialized",
            "__version__"]
@@ -14,6 +16,6 @@ __all__ = ["KernelSpec", "load_spec", "init", "finalize", "empty", "free", "rank
 
 def __getattr__(name: str):
     if name in ("KernelSpec", "load_spec"):
-        from . import spec
+        from .core import spec
         return getattr(spec, name)
     raise AttributeError(f"module 'tilegen' has no attribute {name!r}")

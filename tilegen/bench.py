@@ -18,8 +18,8 @@ import json
 import statistics
 import sys
 
-from .registry import OPS
-from .spec import article
+from .collective.ops import OPS
+from .core.spec import article
 
 MiB = 1 << 20
 DEFAULT_SIZES_KIB = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)

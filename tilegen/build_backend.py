@@ -5,8 +5,8 @@ owns the build of an op (one set of nvcc flags, ninja, provenance in build.json,
 content); CMake would repeat the flags and the NVSHMEM/TVM-FFI lookup in a second language. Like
 FlashInfer's in-tree AOT backend, this module generates and builds first and then lets setuptools
 pack the wheel, which it marks platform-specific (it holds GPU libraries) and into which it puts
-the ops' libraries, manifests and provenance (tilegen.project.PACKAGE_DATA). Configuration: the
-project's [tool.tilegen] table (tilegen.project).
+the ops' libraries, manifests and provenance (tilegen.core.project.PACKAGE_DATA). Configuration: the
+project's [tool.tilegen] table (tilegen.core.project).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from setuptools import build_meta as _setuptools
 
-from .project import PACKAGE_DATA, generate, read_config
+from .core.project import PACKAGE_DATA, generate, read_config
 
 
 def _sources_only() -> None:
@@ -52,7 +52,7 @@ def _specs_in_the_sdist():
         return
     from setuptools.command.sdist import sdist
 
-    from .spec import find_spec_files
+    from .core.spec import find_spec_files
     files = sorted(str(f.resolve().relative_to(cfg.root)) for f in find_spec_files([cfg.root / s for s in cfg.specs]))
     saved = sdist.add_defaults
 

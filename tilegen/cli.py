@@ -10,11 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .calibration import resolve
-from .files import LIBRARY_COPY
-from .registry import MOE_OPS
-from .spec import json_schema, load_specs
-from .toolchain import ARCH_PATTERN
+from .core.calibration import resolve
+from .core.files import LIBRARY_COPY
+from .core.spec import json_schema, load_specs
+from .core.toolchain import ARCH_PATTERN
 
 VERDICTS = ".tilegen-verdicts.json"  # the checker's verdicts, remembered beside a generated package
 
@@ -50,27 +49,6 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _plan_moe(ls, world: int) -> int:
-    """A MoE op has no schedule: its layout at this world size and tilegen.moe's verdict on it."""
-    from .pipeline import moe_problems
-    s = ls.spec
-    tokens, hidden = s.max_shape
-    print(f"op {s.name}: moe {s.dtype}, {s.moe_mode} mode, world {world}: {s.experts} experts, "
-          f"{s.experts // world} per rank, top-{s.topk}, up to {tokens} tokens of {hidden} per rank")
-    into = ("rows per local expert, source, token, slot" if s.moe_mode == "normal"
-            else f"fixed segments of {tokens} rows per (local expert, source)")
-    wait = "wait for the counts on the host, " if s.moe_mode == "normal" else ""
-    print(f"  dispatch: route, push each token once per destination rank into its staging segment there, "
-          f"{wait}expand into {into}")
-    print("  combine: per staging row, the weighted sum of its local items (fp32, slot order) sent back in "
-          f"{s.dtype}; each token's rank sums them in rank order")
-    print(f"  symmetric memory: {s.moe_symmetric_bytes(world)} bytes")
-    problems = moe_problems(world, s.experts, s.topk, s.moe_mode)
-    print("MoE check (layout, random/dropped/one-expert/sparse routings, flag protocol over 3 calls): "
-          + ("ok" if not problems else "FAILED\n  " + "\n  ".join(problems[:10])))
-    return 0 if not problems else 1
-
-
 def cmd_plan(args) -> int:
     good, problems = load_specs(args.paths, allow_python=not args.no_python)
     _print_problems(problems)
@@ -89,36 +67,21 @@ def cmd_plan(args) -> int:
 
 
 def _plan_one(ls, args) -> int:
-    from .pipeline import plan_verdicts
-    from .plan import format_plan, plan
+    from .core.family import family_of
 
     world = args.world if args.world is not None else ls.spec.world_sizes[0]
     if world not in ls.spec.world_sizes:
         print(f"{ls.at('world_sizes')}: world_sizes: {ls.spec.name} was specified for world sizes "
               f"{ls.spec.world_sizes}, not {world}", file=sys.stderr)
         return 1
-    if ls.spec.op in MOE_OPS:
-        return _plan_moe(ls, world)
+    family = family_of(ls.spec.op)
+    calibration = resolve(load_calibration(args.calibration), ls.spec.arch) if family.calibrated else None
     try:
-        p = plan(ls.spec, world, calibration=resolve(load_calibration(args.calibration), ls.spec.arch))
+        text, ok = family.describe(ls.spec, world, calibration, (args.svg, args.bytes) if args.svg else None)
     except ValueError as e:
         print(f"{ls.loc}: {e}", file=sys.stderr)
         return 1
-    print(format_plan(p))
-    ok = True
-    for i, verdict in enumerate(plan_verdicts(p)):
-        print(f"variant {i}: {verdict}")
-        ok &= verdict.ok
-    if p.spec.overlap_style == "copy_engine":
-        from .pipeline import copy_engine_verdict
-        verdict = copy_engine_verdict(p.spec.op, p.world)
-        print(f"copy-engine program (the overlap this op runs): {verdict}")
-        ok &= verdict.ok
-    if args.svg:
-        from .draw import draw_plan
-
-        draw_plan(p, args.svg, shard_bytes=args.bytes)
-        print(f"wrote {args.svg}")
+    print(text)
     return 0 if ok else 1
 
 
@@ -152,10 +115,10 @@ def _output_problem(out: Path) -> str | None:
 
 
 def cmd_generate(args) -> int:
-    from .build import BuildError, build_package, find_toolchain, nvshmem_header_version, op_archs, package_lock
-    from .codegen import CodegenError
-    from .files import write_files
-    from .pipeline import VerdictCache, generate_package
+    from .core.build import BuildError, build_package, find_toolchain, nvshmem_header_version, op_archs, package_lock
+    from .core.render import CodegenError
+    from .core.files import write_files
+    from .core.pipeline import VerdictCache, generate_package
 
     good, problems = load_specs(args.paths, allow_python=not args.no_python)
     _print_problems(problems)
@@ -258,12 +221,7 @@ def _op_rows(manifests: list[Path]) -> list[dict]:
         man = json.loads(man_path.read_text())
         bj = man_path.parent / "_build" / "build.json"
         info = json.loads(bj.read_text()) if bj.exists() else {}
-        if man.get("moe"):  # no schedules: its mode and routing
-            moe = man["moe"]
-            plans = f"{moe['mode']}: top-{moe['topk']} of {moe['experts']} experts"
-        else:
-            plans = ", ".join(f"{w}: {'/'.join(v['algorithm'] for v in vs)}"
-                              for w, vs in sorted(man["plans"].items(), key=lambda kv: int(kv[0])))
+        plans = man.get("summary", "?")  # (its family's words: schedules per world size, or a MoE mode)
         rows.append({"op": man["name"], "kind": man["op"], "dtype": man["spec"]["dtype"], "schedules": plans,
                      "spec_hash": man["spec_hash"], "arch": man["arch"], "built": bool(info),
                      "archs": info.get("archs", [man["arch"]]) if info else [],

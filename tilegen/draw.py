@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .ir import Schedule
-from .layout import layout, tile_bytes_for, unit_length
-from .plan import TOPOLOGIES, Plan
+from .collective.ir import Schedule
+from .collective.layout import layout, tile_bytes_for, unit_length
+from .collective.plan import TOPOLOGIES, Plan
 
 def pyplot():
     """matplotlib's pyplot (headless), or a clear error: plotting is an optional extra."""
@@ -67,7 +67,7 @@ def draw_plan(p: Plan, path: str | Path, shard_bytes: int | None = None) -> None
     """Draw the plan's variant for the given input size (default: the largest) as one row per rank.
     Steps too short for their label show only their colour (the legend, below the plot, names them);
     the file is the same for the same plan (no timestamp, fixed SVG ids)."""
-    from .plan import fmt_bytes
+    from .collective.plan import fmt_bytes
 
     plt = pyplot()
     plt.rcParams["svg.hashsalt"] = "tilegen"

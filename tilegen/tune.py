@@ -8,7 +8,7 @@ One op library per candidate schedule is generated and built (rank 0; or beforeh
 with --build-only, then carried); every rank then times each at message sizes from 4 KiB up to
 TUNE_MAX_BYTES, at every CTA count and tile size (set at run time through the op's `tune` hook),
 CUDA events, median of batches, slowest rank. The output, one <op>_w<world>.json per spec, lists every
-measurement (the planner picks the fastest per size: tilegen.calibration) and the cost model's
+measurement (the planner picks the fastest per size: tilegen.core.calibration) and the cost model's
 constants fitted to the fastest configuration of each schedule (non-negative least squares of
 t = launch + hop * (hops + 1) + busiest_link_bytes / egress + reduce_bytes / reduce_bw).
 """
@@ -21,14 +21,15 @@ import sys
 from pathlib import Path
 
 from .bench import time_batches
-from .layout import layout, tile_bytes_for
-from .plan import LL_MAX_BYTES, TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
-from .registry import GEMM_OPS, MOE_OPS, OPS, algorithms_for, make_schedule
-from .schedules import is_ll
-from .spec import KernelSpec
+from .collective.layout import layout, tile_bytes_for
+from .collective.plan import LL_MAX_BYTES, spec_schedule, TOPOLOGIES, critical_hops, message_sizes, schedule_traffic
+from .collective.ops import COLLECTIVE_OPS, OPS, algorithms_for, make_schedule
+from .collective.schedules import is_ll
+from .collective.spec import CollectiveSpec
+from .core.spec import parse_spec
 
 
-def candidate_specs(spec: KernelSpec) -> list[KernelSpec]:
+def candidate_specs(spec: CollectiveSpec) -> list[CollectiveSpec]:
     """One spec per schedule of the op, with CTAs and tile fixed (auto -> the defaults). LL schedules
     serve inputs up to LL_MAX_BYTES: their candidates have fewer rows (none if the rows are fixed)."""
     out = []
@@ -45,14 +46,14 @@ def candidate_specs(spec: KernelSpec) -> list[KernelSpec]:
             if rows < 1:
                 continue
             data["shape"][0] = {**d0, "max": min(d0["max"], rows)}
-        out.append(KernelSpec.model_validate(data))
+        out.append(parse_spec(data))
     return out
 
 
-def schedule_features(spec: KernelSpec, world: int, alg: str, in_bytes: int) -> dict:
+def schedule_features(spec: CollectiveSpec, world: int, alg: str, in_bytes: int) -> dict:
     """What the cost model's terms depend on: bytes over the busiest link, critical hops, bytes a
     rank reads and writes while reducing."""
-    s = make_schedule(spec.op, alg, world, spec.sync, spec.fused)
+    s = spec_schedule(spec, alg, world)
     flows, reduce_bytes = schedule_traffic(s, in_bytes, spec.elem_bytes)
     topo = TOPOLOGIES[spec.topology]
     return {"link_bytes": topo.link_time(world, flows) * topo.egress_Bpus, "hops": critical_hops(s),
@@ -96,20 +97,20 @@ CTA_SWEEP = (16, 33, 66, 132, 264, 528)
 TILE_SWEEP = (64 << 10, 256 << 10, 1 << 20)
 
 
-def candidate_package(specs: list[KernelSpec]) -> tuple[Path, dict[str, list[KernelSpec]]]:
+def candidate_package(specs: list[CollectiveSpec]) -> tuple[Path, dict[str, list[CollectiveSpec]]]:
     """Where the candidates of these specs are built (keyed by their content), and the candidates."""
     cands = {s.name: candidate_specs(s) for s in specs}
     key = hashlib.sha256("".join(c.canonical_json() for cs in cands.values() for c in cs).encode()).hexdigest()[:12]
     return TUNE_DIR / f"pkg_{key}", cands
 
 
-def build_candidates(loaded: list, root: Path, cands: dict[str, list[KernelSpec]]) -> None:
+def build_candidates(loaded: list, root: Path, cands: dict[str, list[CollectiveSpec]]) -> None:
     """Generate and build every candidate (the checker runs on each, as for any op)."""
-    from .build import build_package
-    from .files import write_files
-    from .pipeline import generate_package
-    from .runtime import OpLoadError, check_build
-    from .spec import LoadedSpec
+    from .core.build import build_package
+    from .core.files import write_files
+    from .core.pipeline import generate_package
+    from .core.runtime import OpLoadError, check_build
+    from .core.spec import LoadedSpec
 
     flat = [(c, ls) for ls in loaded for c in cands[ls.spec.name]]
     if not (root / "build.ninja").exists():  # carried from a CPU machine without its build state: built there
@@ -137,12 +138,12 @@ def sweep(part: int, threads: int, ll: bool) -> list[tuple[tuple[int, int], list
     return [(members[0], members) for members in groups.values()]
 
 
-def part_of(spec: KernelSpec, world: int, schedule: str, in_bytes: int) -> int:
+def part_of(spec: CollectiveSpec, world: int, schedule: str, in_bytes: int) -> int:
     parts = make_schedule(spec.op, schedule, world, spec.sync).parts
     return layout(spec.op, world, in_bytes, spec.elem_bytes, parts)[1]
 
 
-def measure_spec(spec: KernelSpec, cands: list[KernelSpec], pkg, world: int, reps: int) -> list[dict]:
+def measure_spec(spec: CollectiveSpec, cands: list[CollectiveSpec], pkg, world: int, reps: int) -> list[dict]:
     import torch
     rows = []
     row_bytes = spec.max_in_bytes(1) // spec.max_shape[0]
@@ -183,11 +184,11 @@ def fastest_per_schedule(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def auto_vs_fastest(spec: KernelSpec, world: int, path: Path) -> list[tuple[int, str, float, float]]:
+def auto_vs_fastest(spec: CollectiveSpec, world: int, path: Path) -> list[tuple[int, str, float, float]]:
     """At each measured size: the configuration the planner picks from this calibration, its measured
     time and the fastest measured time (goal: within 5%)."""
-    from .calibration import load
-    from .plan import plan
+    from .core.calibration import load
+    from .collective.plan import plan
     cal = load(path)
     p = plan(spec, world, cal)
     rows = cal.tables[(spec.op, world)]
@@ -203,13 +204,12 @@ def auto_vs_fastest(spec: KernelSpec, world: int, path: Path) -> list[tuple[int,
 
 
 def main(spec_paths: list[str], output: str, reps: int = 5, build_only: bool = False) -> int:
-    from .spec import load_specs
+    from .core.spec import load_specs
 
     loaded, problems = load_specs(spec_paths)
-    why = {**{op: f"{op} runs beside GEMMs (its CTA budget is the planner's model)" for op in GEMM_OPS},
-           **{op: f"{op} has no schedules to choose between" for op in MOE_OPS}}
-    problems += [(ls.at("op"), f"op: tilegen tune times collectives; {why[ls.spec.op]}")
-                 for ls in loaded if ls.spec.op in why]
+    problems += [(ls.at("op"), f"op: tilegen tune times the collectives' schedules ({', '.join(COLLECTIVE_OPS)}); "
+                               f"{ls.spec.op} has none of its own to choose between")
+                 for ls in loaded if ls.spec.op not in COLLECTIVE_OPS]
     if problems or not loaded:
         for loc, msg in problems:
             print(f"{loc}: {msg}", file=sys.stderr)

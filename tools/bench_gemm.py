@@ -22,8 +22,8 @@ import torch.distributed as dist
 import generated
 import tilegen
 from tilegen.bench import time_batches, time_graph, time_interleaved
-from tilegen.ce_program import STYLES
-from tilegen.overlap import ce_config
+from tilegen.overlap.ce_program import STYLES
+from tilegen.overlap.runtime import ce_config
 
 CALLS = 10  # back-to-back calls per timed batch (and per graph): the ranks' start skew is spread over them
 CASES = [  # (label, M, N, K) of the full problem

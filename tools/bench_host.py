@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import tilegen
 from tilegen.bench import resolve
-from tilegen.registry import OPS
+from tilegen.collective.ops import OPS
 
 NCCL_NAMES = {"allgather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor",
               "allreduce": "all_reduce", "all_to_all": "all_to_all_single", "broadcast": "broadcast"}
@@ -82,7 +82,7 @@ def main() -> int:
     op(x, out, timeout_ms=0)  # loads the op (collective, allocates) before anything is timed
     mod = op.load()
     impls = {op.name: lambda: op(x, out, timeout_ms=0),
-             f"{op.name}.mod.run": lambda: mod.run(x, out, 0, -1, 0, False),
+             f"{op.name}.mod.run": lambda: mod.run(x, out, 0, 1.0, -1, 0, False),
              # where a binding call's time goes: a TVM-FFI call, one tensor through DLPack, a bare launch
              "ffi call, no tensor (mod.world)": lambda: mod.world(),
              "ffi call, one tensor (mod.is_symmetric)": lambda: mod.is_symmetric(out),

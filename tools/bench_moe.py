@@ -1,6 +1,6 @@
 """MoE dispatch and combine: tilegen's generated op (generated.moe_bf16, normal mode) against the NCCL
-baseline (tilegen.moe_nccl: all_to_all_single with counts). The baseline is first checked against
-tilegen.moe's reference layout on a small problem; at each timed size tilegen's dispatch must equal
+baseline (tilegen.moe.nccl: all_to_all_single with counts). The baseline is first checked against
+tilegen.moe.check's reference layout on a small problem; at each timed size tilegen's dispatch must equal
 the baseline's bit for bit (tokens, counts, handle) and its combine agree within bf16 rounding. Times:
 CUDA events, medians of batches, slowest rank, eager (normal mode synchronises with the host once per
 dispatch: not graph-capturable); a call is the whole op (dispatch: routing, push, counts to the host,
@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tilegen import moe, moe_nccl
-from tilegen.moe_op import filled_rows
+from tilegen.moe import check as moe
+
+from tilegen.moe import nccl as moe_nccl
+from tilegen.moe.runtime import filled_rows
 from tilegen.bench import time_batches
 
 CASES = [  # (label, tokens per rank, hidden, topk, experts)
@@ -39,7 +41,7 @@ def routing(m: int, k: int, experts: int, seed: int) -> tuple[torch.Tensor, torc
 
 def check_against_reference(rank: int, world: int) -> None:
     """Small problem, dropped slots and one empty rank: the NCCL baseline's layout, counts, handle and
-    combine equal tilegen.moe's references (bitwise for dispatch)."""
+    combine equal tilegen.moe.check's references (bitwise for dispatch)."""
     experts, k, hidden = 4 * world, 3, 16
     shape = moe.MoeShape(world, experts, k, 16)
     m = 0 if rank == world - 1 else 5 + rank
@@ -62,7 +64,7 @@ def check_against_reference(rank: int, world: int) -> None:
     err = np.abs(out.float().cpu().numpy() - ref).max() if m else 0.0
     assert err <= 1e-2 * max(1.0, np.abs(ref).max() if m else 1.0), err
     if rank == 0:
-        print(f"NCCL baseline matches tilegen.moe's reference at {world} ranks (combine max error {err:.2e})")
+        print(f"NCCL baseline matches tilegen.moe.check's reference at {world} ranks (combine max error {err:.2e})")
 
 
 def check_tilegen(op, x, idx, w, label: str) -> dict:

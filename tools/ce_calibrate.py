@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from tilegen.calibration import CALIBRATIONS_DIR
+from tilegen.core.calibration import CALIBRATIONS_DIR
 
 
 def fastest(rows: list[dict]) -> dict[tuple[str, int], list[tuple[int, str, int, float]]]:

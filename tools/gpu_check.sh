@@ -13,6 +13,8 @@
 #                                       (MOE_TRACE=1: and when each CTA reached each phase, tools/profile_moe.py --trace)
 #   bash tools/gpu_check.sh probe [N]   NVLink store rates at the low-latency MoE push's sizes, N and 2 GPUs (no ops)
 #   bash tools/gpu_check.sh fused [N]   the fused GEMM kernel alone at several tile shapes vs cuBLAS (issue 14 goal 2)
+#   bash tools/gpu_check.sh sanitize [N] compute-sanitizer memcheck and racecheck over one op of each family
+#                                       (tools/sanitize_ops.py), one GPU per rank (N <= GPUs)
 #   bash tools/gpu_check.sh script N path [args]  a script under torchrun in this environment (diagnostics)
 #   bash tools/gpu_check.sh ab N path [args]      the same, on the base ops (BASE=<rev> tools/pack_prebuilt.sh), on
 #                                       VARIANTS="<name>=<rev> ..." revisions
@@ -174,7 +176,7 @@ case "$PHASE" in
     timeout 240 torchrun --nproc-per-node "$NP" examples/tp_mlp.py --graph > "$OUT/tp_mlp_np$NP.log" 2>&1 \
       || { status=1; tail -30 "$OUT/tp_mlp_np$NP.log"; }
     grep "^TP MLP" "$OUT/tp_mlp_np$NP.log" ;;
-  moe)  # MoE dispatch/combine: the NCCL baseline checked against tilegen.moe's reference, then timed
+  moe)  # MoE dispatch/combine: the NCCL baseline checked against tilegen.moe.check's reference, then timed
     start_mps_if_shared "$NP"
     timeout 300 torchrun --nproc-per-node "$NP" tools/bench_moe.py --out "$OUT/bench_moe_np$NP.json" \
       > "$OUT/bench_moe_np$NP.log" 2>&1 || { status=1; tail -30 "$OUT/bench_moe_np$NP.log"; }
@@ -241,10 +243,20 @@ print(f"  {sys.argv[2]:<12}", f"{min(v):.1f} / {statistics.median(v):.1f} / {max
 ' "$AB_SUMMARY" "$side"
       done
     fi ;;
+  sanitize)  # compute-sanitizer over one op of each family, checked calls; every rank's report must be clean
+    if [ "$NP" -gt "$NGPU" ]; then  # sanitized kernels of ranks sharing a GPU do not run concurrently: waits never end
+      echo "sanitize needs one GPU per rank: $NP ranks, $NGPU GPU(s)"; exit 1
+    fi
+    for tool in memcheck racecheck; do
+      log="$OUT/sanitize_${tool}_np$NP.log"
+      timeout "${SANITIZE_TIMEOUT:-280}" torchrun --nproc-per-node "$NP" --no-python compute-sanitizer --tool "$tool" \
+        --error-exitcode 9 --print-limit 20 python3 tools/sanitize_ops.py > "$log" 2>&1 || status=1
+      echo "== $tool at $NP ranks:"; grep -E "ERROR SUMMARY|sanitize_ops|Error|Timeout" "$log" | sort | uniq -c | head -20
+    done ;;
   script)  # any script under torchrun with this environment: bash tools/gpu_check.sh script N path [args]
     start_mps_if_shared "$NP"
     timeout "${SCRIPT_TIMEOUT:-300}" torchrun --nproc-per-node "$NP" "${@:3}" || status=1 ;;
-  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|probe|fused|ab|script [ranks]"
+  *) echo "usage: bash tools/gpu_check.sh quick|tests|bench|coll|tune|calibrate|downstream|gemm|moe|moe_ll|probe|fused|sanitize|ab|script [ranks]"
      exit 2 ;;
 esac
 exit $status

@@ -18,7 +18,7 @@ Schedules (checked), by world size and input size:
 """
 from pathlib import Path
 
-from tilegen.overlap import AgGemmOp
+from tilegen.overlap.runtime import AgGemmOp
 
 OP = AgGemmOp(
     directory=Path(__file__).resolve().parent,

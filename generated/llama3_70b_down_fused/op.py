@@ -18,7 +18,7 @@ Schedules (checked), by world size and input size:
 """
 from pathlib import Path
 
-from tilegen.overlap import GemmRsOp
+from tilegen.overlap.runtime import GemmRsOp
 
 OP = GemmRsOp(
     directory=Path(__file__).resolve().parent,

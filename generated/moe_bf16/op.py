@@ -6,11 +6,11 @@ Call on every rank, after ``tilegen.init()``::
     out = moe_bf16.combine(y, handle)                                     # y: the experts' outputs, recv_x's layout
 
 256 experts (split evenly over the ranks), top-8, world sizes 2, 4, 8.
-Tokens [tokens<=4096, 7168]. Layout and protocol: tilegen.moe (checked before this op was generated).
+Tokens [tokens<=4096, 7168]. Layout and protocol: tilegen.moe.check (checked before this op was generated).
 """
 from pathlib import Path
 
-from tilegen.moe_op import MoeOp
+from tilegen.moe.runtime import MoeOp
 
 OP = MoeOp(
     directory=Path(__file__).resolve().parent,

@@ -7,11 +7,11 @@ Call on every rank, after ``tilegen.init()``::
 
 256 experts (split evenly over the ranks), top-8, world sizes 2, 4, 8.
 Dispatch sends and returns e4m3 tokens: recv_x is (tokens [rows, 7168] float8_e4m3fn, scales [rows, 1] fp32).
-Tokens [tokens<=128, 7168]. Layout and protocol: tilegen.moe (checked before this op was generated).
+Tokens [tokens<=128, 7168]. Layout and protocol: tilegen.moe.check (checked before this op was generated).
 """
 from pathlib import Path
 
-from tilegen.moe_op import MoeOp
+from tilegen.moe.runtime import MoeOp
 
 OP = MoeOp(
     directory=Path(__file__).resolve().parent,

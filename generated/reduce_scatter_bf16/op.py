@@ -15,9 +15,9 @@ Schedules (checked), by world size and input size:
 """
 from pathlib import Path
 
-from tilegen.runtime import GeneratedOp
+from tilegen.collective.runtime import CollectiveOp
 
-OP = GeneratedOp(
+OP = CollectiveOp(
     directory=Path(__file__).resolve().parent,
     name="reduce_scatter_bf16",
     kind="reduce_scatter",

@@ -150,13 +150,14 @@ def test_loading_a_build_for_another_nvshmem_fails_clearly(dist_env, tmp_path_fa
     import shutil
     from pathlib import Path
 
-    from tilegen.runtime import GeneratedOp, OpLoadError
+    from tilegen.collective.runtime import CollectiveOp
+    from tilegen.core.runtime import OpLoadError
     src = Path(generated.__file__).parent / "all_to_all_bf16"
     dst = tmp_path_factory.mktemp(f"rank{dist.get_rank()}") / "all_to_all_bf16"
     shutil.copytree(src, dst)
     info = json.loads((dst / "_build" / "build.json").read_text())
     info["nvshmem"] = "3.0.0"
     (dst / "_build" / "build.json").write_text(json.dumps(info))
-    op = GeneratedOp(dst, "all_to_all_bf16", "all_to_all", "bfloat16", [{"name": "m", "max": 8192}, 4096], [2, 4, 8])
+    op = CollectiveOp(dst, "all_to_all_bf16", "all_to_all", "bfloat16", [{"name": "m", "max": 8192}, 4096], [2, 4, 8])
     with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0 .*but this process runs NVSHMEM [\d.]+; "):
         op.load()

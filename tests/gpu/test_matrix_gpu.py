@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import generated
-from tilegen.registry import OPS
+from tilegen.collective.ops import OPS
 
 from ._refs import (TORCH_DTYPES, all_inputs, assert_reduction, gemm_operands, gemm_reference, nccl, rel_err)
 
@@ -62,6 +62,11 @@ def _case_id(name, rows, seed):
 
 
 # ------------------------------------------------------------------------------ collectives
+def call_scale(op, seed: int) -> dict:
+    """A premul_sum op's call-time scale (the same on every rank: it comes from the seed), else none."""
+    return {"scale": 0.25 + (seed % 7) / 4} if op.manifest["spec"]["reduce"] == "premul_sum" else {}
+
+
 def run_collective(op, rows: int, seed: int, root: int = 0):
     """(output, expected, inputs) of one eager call; expected None for reductions (checked separately)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -71,15 +76,25 @@ def run_collective(op, rows: int, seed: int, root: int = 0):
     out = op.empty_output(rows)
     out.fill_(0 if not dtype.is_floating_point else float("nan"))  # poison: every element must be written
     if OPS[op.kind].rooted:  # broadcast's other ranks pass no input; reduce's pass theirs
-        op(xs[rank] if rank == root or not OPS[op.kind].root_only_input else None, out, root=root)
+        op(xs[rank] if rank == root or not OPS[op.kind].root_only_input else None, out, root=root,
+           **call_scale(op, seed))
     else:
-        op(xs[rank], out)
+        op(xs[rank], out, **call_scale(op, seed))
     return out, xs
 
 
-def check_collective(op, out, xs, rows: int, what: str, root: int = 0) -> None:
-    rank = dist.get_rank()
+def scaled(op, xs, seed: int):
+    """(reduction, inputs) the op's output is the reduction of: avg and premul_sum sum every rank's
+    input times 1 / world or the call's scale (in float64)."""
     how = op.manifest["spec"]["reduce"]
+    factor = {"avg": 1 / dist.get_world_size(), "premul_sum": call_scale(op, seed).get("scale")}.get(how)
+    return ("sum", [x.double() * factor for x in xs]) if factor is not None else (how, xs)
+
+
+def check_collective(op, out, xs, rows: int, what: str, root: int = 0, seed: int = 0) -> None:
+    rank = dist.get_rank()
+    how, xs = scaled(op, xs, seed)
+    plain = op.manifest["spec"]["reduce"] == "sum"  # what NCCL's default reduction computes
     mine = slice(rank * rows, (rank + 1) * rows)
     if op.kind == "allgather":
         want = torch.cat(xs)
@@ -89,14 +104,14 @@ def check_collective(op, out, xs, rows: int, what: str, root: int = 0) -> None:
         want = xs[root]
     elif op.kind == "allreduce":
         ref_nccl = None
-        if nccl() and how == "sum":
+        if nccl() and plain:
             ref_nccl = xs[rank].clone()
             dist.all_reduce(ref_nccl)
         assert_reduction(out, xs, how, ref_nccl, what)
         return
     elif op.kind == "reduce":
         ref_nccl = None
-        if nccl() and how == "sum":
+        if nccl() and plain:
             ref_nccl = xs[rank].clone()
             dist.reduce(ref_nccl, dst=root)
         if rank == root:
@@ -107,7 +122,7 @@ def check_collective(op, out, xs, rows: int, what: str, root: int = 0) -> None:
         return
     elif op.kind == "reduce_scatter":
         ref_nccl = None
-        if nccl() and how == "sum":
+        if nccl() and plain:
             ref_nccl = torch.empty_like(out)
             dist.reduce_scatter_tensor(ref_nccl, xs[rank])
         assert_reduction(out, [x[mine] for x in xs], how, ref_nccl, what)
@@ -130,7 +145,7 @@ def test_collective_random_shapes(dist_env, name):
         seed = _seed(name, world, str(rows))
         root = seed % world if OPS[op.kind].rooted else 0
         out, xs = run_collective(op, rows, seed, root)
-        check_collective(op, out, xs, rows, _case_id(name, rows, seed), root)
+        check_collective(op, out, xs, rows, _case_id(name, rows, seed), root, seed)
     dist.barrier()
 
 
@@ -187,7 +202,7 @@ def test_cuda_graph_replay(dist_env, name):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph):
-            y = op(x, b) if gemm else op(x)
+            y = op(x, b) if gemm else op(x, **call_scale(op, seed0))  # (the scale is captured)
     torch.cuda.current_stream().wait_stream(side)
     for i in range(REPLAYS):
         seed = seed0 + 17 * (i + 1)
@@ -209,7 +224,7 @@ def test_cuda_graph_replay(dist_env, name):
             y.fill_(0 if not dtype.is_floating_point else float("nan"))
             graph.replay()
             torch.cuda.synchronize()
-            check_collective(op, y, xs, rows, what)
+            check_collective(op, y, xs, rows, what, seed=seed0)
         dist.barrier()
     del graph
     torch.cuda.synchronize()

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tilegen import moe_nccl
-from tilegen.moe_op import filled_rows
+from tilegen.moe import nccl as moe_nccl
+from tilegen.moe.runtime import filled_rows
 
 CASES = ("random", "dropped", "one_expert", "sparse")
 

@@ -1,0 +1,142 @@
+"""The collective family's spec: the fields of a communication kernel (allgather, reduce_scatter,
+allreduce, all_to_all, broadcast, reduce). The overlap family's GEMM ops extend it: their data move
+by the same kernels."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from ..core.spec import OpSpec, ShardedDim, dim_size
+from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names
+from .schedules import LL_MAX_BYTES, is_ll
+
+REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
+SCHEDULES = {k: tuple(algorithms_for(k)) for k in OPS}  # the schedules each op kind has
+ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
+CollectiveKind = Literal[COLLECTIVE_OPS]  # type: ignore[valid-type]
+
+
+class CollectiveSpec(OpSpec):
+    """A collective: one communication kernel per call, planned per message size."""
+
+    op: CollectiveKind = Field(description="what the op computes: " + "; ".join(
+        f"{k}: {OPS[k].summary}" for k in COLLECTIVE_OPS))
+    reduce: Literal["sum", "max", "min", "avg", "premul_sum"] = Field(
+        default="sum", description="reduction of reduce_scatter/allreduce/reduce, accumulated in fp32 for bf16/f16: "
+                                   "sum, max, min, avg (the sum of every rank's input times 1 / world) or "
+                                   "premul_sum (times the scale each call passes: op(x, scale=s)); avg and "
+                                   "premul_sum multiply each contribution once, before it is summed (NCCL's "
+                                   "PreMulSum), and take bf16, f16 or f32")
+    tile_bytes: Union[int, Literal["auto"]] = Field(
+        default="auto",
+        description="largest tile a CTA moves before it signals (multiple of 16, 1 KiB..64 MiB), or auto (the "
+                    "planner's, measured where a calibration has it)")
+    transport: Literal["auto", "nvlink", "nvshmem"] = Field(
+        default="auto",
+        description="nvlink: plain vector stores through peer pointers; nvshmem: NVSHMEM put calls; "
+                    "auto: peer pointers where NVLink reaches, NVSHMEM elsewhere")
+    sync: Literal["per_tile", "barrier"] = Field(
+        default="per_tile", description="per_tile: one signal per tile; barrier: one signal per chunk after all CTAs")
+    schedule: ScheduleName = Field(
+        default="auto", description="auto: the planner chooses per message size, from measurements where a "
+                                    "calibration has them (tilegen tune), else by its cost model")
+    topology: Literal["nvswitch", "ring_links"] = Field(
+        default="nvswitch", description="link layout the cost model assumes")
+    ctas: Union[Annotated[int, Field(ge=1, le=4096)], Literal["auto"]] = Field(
+        default="auto", description="CTAs (thread blocks) used for communication, or auto (the planner's, measured "
+                                    "where a calibration has it); GEMM ops take at most 64 (the GEMMs need the SMs)")
+    threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
+
+    @field_validator("tile_bytes")
+    @classmethod
+    def _tile(cls, v):
+        if v == "auto":
+            return v
+        if not 1024 <= v <= 64 << 20:
+            raise ValueError(f"must be between 1024 and {64 << 20} bytes, got {v}")
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 bytes (vector width), got {v}")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (warp size), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        self._check_operands()
+        self._check_kernel()
+        return self
+
+    def _check_operands(self) -> None:
+        """What the op's own tensors must be (the GEMM ops' model says it for theirs)."""
+        if any(isinstance(d, ShardedDim) for d in self.shape):
+            raise ValueError("shape: only a GEMM op's k (gemm_rs) may be sharded ({full: K})")
+
+    def _check_kernel(self) -> None:
+        """The communication kernel's rules: sizes, the schedule named, the element type reduced."""
+        shard = self.max_shard_bytes
+        if shard * max(self.world_sizes) > (1 << 40):
+            raise ValueError(f"shape: the output at world {max(self.world_sizes)} would be "
+                             f"{shard * max(self.world_sizes)} bytes, over 1 TiB")
+        if self.schedule != "auto" and self.schedule not in SCHEDULES[self.op]:
+            raise ValueError(
+                f"schedule: {self.op} has schedules {', '.join(SCHEDULES[self.op])} (or auto), not {self.schedule}"
+            )
+        if self.schedule != "auto" and is_ll(self.schedule):
+            if self.transport == "nvshmem":
+                raise ValueError(f"schedule: {self.schedule} stores through NVLink peer pointers, which transport "
+                                 f"nvshmem does not use (transport auto or nvlink, or another schedule)")
+            big = [w for w in self.world_sizes if self.max_in_bytes(w) > LL_MAX_BYTES]
+            if big:
+                raise ValueError(f"schedule: {self.schedule} carries its flags in the data and serves inputs up to "
+                                 f"{LL_MAX_BYTES} bytes; this spec allows {self.max_in_bytes(big[0])} at world "
+                                 f"{big[0]} (schedule: auto uses it for the small ones)")
+        if self.op in REDUCING and self.dtype == "u8":
+            raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
+        if self.premul:
+            if self.op not in REDUCING or OPS[self.op].gemm:
+                raise ValueError(f"reduce: {self.reduce} scales the contributions of a reduction "
+                                 f"({', '.join(k for k in REDUCING if not OPS[k].gemm)}), not {self.op}'s")
+            if self.dtype not in ("bf16", "f16", "f32"):
+                raise ValueError(f"reduce: {self.reduce} multiplies by a fractional scale: use bf16, f16 or f32, "
+                                 f"not {self.dtype}")
+
+    @property
+    def premul(self) -> bool:
+        """Whether each contribution is multiplied by the call's scale (avg: 1 / world)."""
+        return self.reduce in ("avg", "premul_sum")
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused GEMM consumes the kernel's chunks (the overlap family's GEMM ops)."""
+        return False
+
+    def kernel_settings(self) -> list[str]:
+        """The communication kernel's settings this spec fixes (not auto)."""
+        return [f for f in ("ctas", "tile_bytes", "schedule") if getattr(self, f) != "auto"]
+
+    @property
+    def comm_inner(self) -> tuple[int, ...]:
+        """Inner dims of the tensors the communication moves."""
+        return tuple(self.max_shape[1:])
+
+    @property
+    def max_shard_bytes(self) -> int:
+        n = 1
+        for d in self.comm_inner:
+            n *= d
+        return self.max_shape[0] * n * self.elem_bytes
+
+    def max_in_bytes(self, world: int) -> int:
+        return OPS[self.op].in_rows(world) * self.max_shard_bytes
+
+    def max_out_bytes(self, world: int) -> int:
+        return OPS[self.op].out_rows(world) * self.max_shard_bytes
+
+
+__all__ = ["CollectiveSpec", "REDUCING", "SCHEDULES", "dim_size"]
