@@ -317,3 +317,32 @@ def test_gpu_check_sanitize_runs_each_tool_one_gpu_per_rank(root, tmp_path):
     assert run(2, BAD_TOOL="racecheck").returncode == 1
     r = run(4)
     assert r.returncode == 1 and "sanitize needs one GPU per rank: 4 ranks, 2 GPU(s)" in r.stdout
+
+
+KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof"}
+
+
+def unused_wait_bounds(text: str) -> list[str]:
+    """Functions of C++ source that take a wait bound (a parameter named timeout_ns) and never read it."""
+    found = []
+    for m in re.finditer(r"\b(\w+)\s*\(([^;{)]*\btimeout_ns\b[^;{)]*)\)\s*(?:const\s*)?\{", text):
+        if m.group(1) in KEYWORDS:
+            continue
+        i, depth = m.end(), 1
+        while depth and i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if not re.search(r"\btimeout_ns\b", text[m.end():i]):
+            found.append(m.group(1))
+    return found
+
+
+def test_every_library_function_given_a_wait_bound_uses_it(root):
+    """A host entry that takes the call's timeout_ns and drops it turns a bounded call into a hang (the
+    collective host's run() did once, in a restructuring: the GPU suite's bounded-wait test hung)."""
+    lib = root / "tilegen" / "include"
+    for f in sorted(lib.rglob("*.cuh")) + sorted(lib.rglob("*.h")):
+        assert not unused_wait_bounds(f.read_text()), f"{f.relative_to(lib)}: {unused_wait_bounds(f.read_text())}"
+    # the check sees the bug it is for: run() without its WaitCtx
+    host = (lib / "tilegen" / "collective" / "host.cuh").read_text()
+    assert unused_wait_bounds(host.replace("    p.wait = wait_ctx(timeout_ns);\n", "")) == ["run"]

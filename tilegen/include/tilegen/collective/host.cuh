@@ -217,6 +217,7 @@ struct Host : host::Base<Op, State<Op>> {
     p.root = root;
     p.nsteps = v.nsteps;
     p.is_ll = v.ll;
+    p.wait = wait_ctx(timeout_ns);
     const int rel = (g.rank - root + g.world) % g.world;
     p.steps = g.steps + (static_cast<int64_t>(vi) * g.world + rel) * Op::kMaxSteps;
     int grid = static_cast<int>(ntiles < ctas ? (ntiles > 0 ? ntiles : 1) : ctas);
