@@ -314,8 +314,10 @@ def test_ctrl_c_while_a_config_runs_is_one_line_and_stops_it(tmp_path):
     (tmp_path / "slow.py").write_text(
         f"import time\nfor _ in range(600):\n    time.sleep(0.1)\nopen({str(marker)!r}, 'w')\n"
         + GOOD_PY.format(name="slow"))
+    # SIGINT handled as a terminal's Ctrl-C is (a test run started in the background inherits it ignored)
     p = subprocess.Popen([sys.executable, "-m", "tilegen.cli", "validate", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = p.stderr.readline()  # said after 2 s: which file runs
     assert f"tilegen: running {tmp_path / 'slow.py'} (a Python config; stopped after 60 s)" in line
     p.send_signal(signal.SIGINT)
