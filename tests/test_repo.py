@@ -338,8 +338,8 @@ def unused_wait_bounds(text: str) -> list[str]:
 
 
 def test_every_library_function_given_a_wait_bound_uses_it(root):
-    """A host entry that takes the call's timeout_ns and drops it turns a bounded call into a hang (the
-    collective host's run() did once, in a restructuring: the GPU suite's bounded-wait test hung)."""
+    """A host entry that takes the call's timeout_ns and drops it turns a bounded call into a hang (a
+    collective host run() that built its Params without the WaitCtx made the bounded-wait GPU test hang)."""
     lib = root / "tilegen" / "include"
     for f in sorted(lib.rglob("*.cuh")) + sorted(lib.rglob("*.h")):
         assert not unused_wait_bounds(f.read_text()), f"{f.relative_to(lib)}: {unused_wait_bounds(f.read_text())}"

@@ -44,15 +44,14 @@ def _tilegen_imports(name: str) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
+            module = node.module or ""
+            if node.level:  # relative: from the module's own package up
                 base = here[:len(here) - (node.level - 1)]
-            elif (node.module or "").startswith("tilegen"):
-                base, node_module = [], node.module.split(".", 1)[1] if "." in node.module else ""
-                found.update(_candidates(base, node_module, node.names))
-                continue
+            elif module == "tilegen" or module.startswith("tilegen."):
+                base, module = [], module.partition(".")[2]
             else:
                 continue
-            found.update(_candidates(base, node.module or "", node.names))
+            found.update(_candidates(base, module, node.names))
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("tilegen."))
     return {m for m in found if _module_file(m) is not None}
