@@ -82,7 +82,8 @@ def template_files(spec: OpSpec, files: dict[str, str]) -> list[str]:
     return sorted([t for t, _ in family_of(spec.op).templates(spec)] + [f"include/{h}" for h in op_headers(files)])
 
 
-def _files_hash(rels: list[str]) -> str:
+@lru_cache(maxsize=None)
+def _files_hash(rels: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for rel in rels:
         path = PACKAGE_DIR / rel if rel.startswith("include/") else _template_path(rel)
@@ -118,6 +119,7 @@ def base_context(spec: OpSpec) -> dict:
 def manifest(spec: OpSpec, family: Family, lowered: list, files: dict[str, str], nvshmem_headers: str | None,
              calibration: dict | None = None) -> dict:
     """What the sources are and where they came from (toolchain used to build: build.json)."""
+    made_from = template_files(spec, files)
     return {
         "tilegen_version": __version__,
         "name": spec.name,
@@ -125,8 +127,8 @@ def manifest(spec: OpSpec, family: Family, lowered: list, files: dict[str, str],
         "family": family.name,
         "spec": json.loads(spec.canonical_json()),
         "spec_hash": spec.spec_hash(),
-        "template_hash": _files_hash(template_files(spec, files)),
-        "templates": template_files(spec, files),
+        "template_hash": _files_hash(tuple(made_from)),
+        "templates": made_from,
         "arch": spec.arch,
         "nvcc_flags": kernel_flags(spec.arch),
         "nvshmem_headers": nvshmem_headers,
