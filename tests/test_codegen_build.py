@@ -161,8 +161,8 @@ def test_gemm_ops_take_their_epoch_from_the_device_and_their_shape_per_world():
         n=1024,
     )
     host = (INCLUDE_DIR / "tilegen/overlap/host.cuh").read_text()
-    assert "begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(o.epoch_dev);" in host
-    assert "p.epoch_src = o.epoch_dev;" in host and "s.epoch = o.epoch_dev;" in host and "host_epoch" not in host
+    assert "begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(o->epoch_dev);" in host
+    assert "p.epoch_src = o->epoch_dev;" in host and "s.epoch = o->epoch_dev;" in host and "host_epoch" not in host
     assert "run() without begin() on the caller's stream first" in host
     files = {s.name: generate_op(s, None, check=False) for s in (ag, rs)}  # rendering only: no checker
     for s, gemm in ((ag, 1), (rs, 2)):
@@ -423,17 +423,22 @@ def test_wait_bound_comes_from_call_then_environment_then_spec(monkeypatch):
 
 
 def test_a_premul_op_takes_its_scale_at_call_time(monkeypatch):
-    """reduce: avg scales by 1 / world; premul_sum takes scale= per call; other ops refuse a scale."""
+    """reduce: avg scales by 1 / the group's size; premul_sum takes scale= per call; other ops refuse a scale."""
     from tilegen.core import runtime
+    from tilegen.core.group import Group
 
     monkeypatch.setitem(runtime._state, "initialised", True)
     monkeypatch.setitem(runtime._state, "world", 4)
+    monkeypatch.setitem(runtime._state, "rank", 2)
     calls = []
-    op = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [4], premul="avg")
-    op._run = lambda *a: calls.append(a[3])
-    monkeypatch.setattr(op, "empty_output", lambda rows: "out")
+    op = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [2, 4], premul="avg")
+    op._run, op._world = lambda *a: calls.append(a[3]), 4  # (as load() leaves a loaded op: the world's group)
+    op._mod = type("Library", (), {"select": lambda self, slot: calls.append(("select", slot))})()
+    monkeypatch.setattr(op, "empty_output", lambda rows, group=None: "out")
     op("x", "out")
-    assert calls == [0.25]
+    op("x", "out", group=Group((2, 3), 1, 0))
+    op("x", "out")
+    assert calls == [0.25, ("select", 1), 0.5, ("select", 0), 0.25]
     with pytest.raises(ValueError, match="reduce avg scales by 1 / world itself"):
         op("x", "out", scale=2.0)
     pm = CollectiveOp(Path("/nonexistent"), "ar", "allreduce", "bfloat16", [8, 8], [4], premul="premul_sum")

@@ -414,7 +414,7 @@ def test_moe_row_pieces_cover_each_kernels_row(tmp_path, extra):
     spec += extra
     s, out = _build_host_program(tmp_path, spec, "cuts", (
         "int main() {\n  using H = tilegen::moe::Host<tilegen_op::Op>;\n"
-        "  for (int grid : {16, 132, 528}) {\n    for (int& r : H::g.resident) r = grid;\n"
+        "  for (int grid : {16, 132, 528}) {\n    for (int& r : H::g->resident) r = grid;\n"
         "    for (long long m : {0LL, 1LL, 7LL, 128LL, 4096LL}) {\n"
         "      const tilegen::moe::Cut cuts[6] = {H::push_cut(tilegen::moe::kPush, m), H::expand_cut(m),"
         " H::send_cut(m), H::reduce_cut(m), H::ll_cut(tilegen::moe::kLLPush, m),"
@@ -492,9 +492,9 @@ def test_low_latency_kernels_take_the_epochs_the_protocol_check_runs():
     assert LL_EPOCHS == {"recv": ("back", 1), "back": ("recv", 0)}
     assert "return dev::ld_acquire_gpu(own_combine_flag) + 1;" in src  # ll_dispatch_epoch
     assert src.count("ll_dispatch_epoch(p.own_combine_flag)") == 2  # ll_push's flags, ll_expand's wait
-    assert src.count("g.cflag + g.rank") == 2  # both dispatch kernels' own_combine_flag
+    assert src.count("g->cflag + g->rank") == 2  # both dispatch kernels' own_combine_flag
     ll_combine = src[src.index("static int ll_combine("):]
-    assert "g.half[0], 0, g.dflag + g.rank," in ll_combine[:ll_combine.index("\n  }\n")]
+    assert "g->half[0], 0, g->dflag + g->rank," in ll_combine[:ll_combine.index("\n  }\n")]
     assert "ll_epoch(dev::ld_acquire_gpu(own_dispatch_flag))" in src
     assert not re.search(r"st_release_gpu\(p\.epoch|epoch_dev", src)
     for kernel in ("ll_expand", "combine_reduce"):  # the early-launched ones: flags only

@@ -112,12 +112,12 @@ def _run(op_cls, kind, world, me, m, splits, monkeypatch, executor="python", cal
     log = []
     monkeypatch.setattr(overlap, "_torch", lambda: FakeTorch(log))
     monkeypatch.setattr(overlap, "world_size", lambda: world)
-    monkeypatch.setattr(overlap, "rank", lambda: me)
     monkeypatch.setenv("TILEGEN_CE_SPLITS", str(splits))
     monkeypatch.setenv("TILEGEN_CE_EXECUTOR", executor)
     monkeypatch.setenv("TILEGEN_CE_STYLE", style)
     op = op_cls(directory=".", name="x", kind=kind, dtype="bfloat16", shape=[{"name": "m", "max": 64}, 8],
                 world_sizes=[world], gemm_nk={world: (4, 8)}, b_layout="kn", overlap="copy_engine")
+    op._world, op._rank = world, me  # (the call's group: the world)
     if kind == "ag_gemm":
         bufs = {"a": FakeTensor("a", m, 8, 0, log), "gathered": FakeTensor("gathered", world * m, 8, 0, log),
                 "c": FakeTensor("c", world * m, 4, 0, log)}
@@ -332,7 +332,6 @@ def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monke
     monkeypatch.setattr(overlap, "_synchronize",
                         lambda t, handle: synced.append((t.name, handle)) or log.append("sync"))
     monkeypatch.setattr(overlap, "world_size", lambda: 2)
-    monkeypatch.setattr(overlap, "rank", lambda: 0)
     monkeypatch.setenv("TILEGEN_CE_EXECUTOR", "library")
     from tilegen.core import runtime
     monkeypatch.setattr(runtime, "_capturing", lambda handle: False)
@@ -340,6 +339,7 @@ def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monke
     monkeypatch.setattr(FakeCuda, "current_stream", staticmethod(lambda device=None: legacy))
     op = GemmRsOp(directory=".", name="x", kind="gemm_rs", dtype="bfloat16", shape=[{"name": "m", "max": 64}, 8],
                   world_sizes=[2], gemm_nk={2: (4, 8)}, b_layout="kn", overlap="copy_engine")
+    op._world, op._rank = 2, 0
     bufs = {"a": FakeTensor("a", 12, 8, 0, log), "recv": FakeTensor("recv", 6, 4, 0, log),
             "c": FakeTensor("c", 6, 4, 0, log), "acc": FakeTensor("acc", 6, 4, 0, log)}
     op._copy_engine(bufs, 6, FakeTensor("b", 8, 4, 0, log), FakeMod(log), None, 300_000_000)

@@ -346,3 +346,32 @@ def test_every_library_function_given_a_wait_bound_uses_it(root):
     # the check sees the bug it is for: run() without its WaitCtx
     host = (lib / "tilegen" / "collective" / "host.cuh").read_text()
     assert unused_wait_bounds(host.replace("    p.wait = wait_ctx(timeout_ns);\n", "")) == ["run"]
+
+
+def test_settings_are_read_in_one_module_and_listed_in_the_readme(root):
+    """Every TILEGEN_* variable the package reads goes through tilegen.settings (C++ reads none), and
+    README's table is the module's."""
+    from tilegen import settings
+
+    readers = re.compile(r"(os\.environ(\.get)?[\[(]|getenv\()\s*['\"]TILEGEN_")
+    for path in sorted((root / "tilegen").rglob("*")):
+        if path.suffix in (".py", ".cuh", ".h", ".cc") and path.name != "settings.py":
+            assert not readers.search(path.read_text()), f"{path} reads a TILEGEN_ variable itself"
+    named = set(re.findall(r"\bTILEGEN_[A-Z_]+\b", "\n".join(
+        p.read_text() for p in (root / "tilegen").rglob("*.py") if p.name != "settings.py")))
+    assert named - set(settings.SETTINGS) <= {"TILEGEN_NO_NVSHMEM"}, named - set(settings.SETTINGS)  # (a -D flag)
+    assert settings.table() in (root / "README.md").read_text()
+
+
+def test_a_malformed_setting_names_the_variable(monkeypatch):
+    from tilegen import settings
+
+    for name, bad, expects in (("TILEGEN_GEMM_SMS", "-3", "a number of CTAs"), ("TILEGEN_CE_MEMOPS", "yes", "0 or 1"),
+                               ("TILEGEN_WAIT_TIMEOUT_MS", "soon", "a number of milliseconds")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name} must be {expects}"):
+            settings.get(name)
+    monkeypatch.setenv("TILEGEN_CE_MEMOPS", "0")
+    assert settings.get("TILEGEN_CE_MEMOPS") is False
+    monkeypatch.delenv("TILEGEN_GEMM_SMS")
+    assert settings.get("TILEGEN_GEMM_SMS") == 0

@@ -266,3 +266,39 @@ def test_overlap_auto_is_the_copy_engine_unless_the_kernel_is_configured():
 def test_copy_engine_spec_errors_are_located(extra, expected):
     errs = errors_of(GEMM_RS + extra)
     assert any(re.match(expected, e) for e in errs), errs
+
+
+MULTI = """\
+name: ar_any
+op: allreduce
+dtypes: [bf16, f16, f32]
+world_sizes: [2, 4]
+shape: [{name: m, max: 64}, 512]
+"""
+
+
+def test_one_library_may_serve_several_element_types():
+    s = parse_yaml_spec(MULTI, "m.yaml").spec
+    assert s.dtype == "bf16" and s.all_dtypes == ("bf16", "f16", "f32")
+    assert s.elem_bytes == 4 and s.max_shard_bytes == 64 * 512 * 4  # sized for the widest
+    assert parse_yaml_spec(MULTI.replace("op: allreduce", "op: allreduce\ndtype: f16"), "m.yaml").spec.dtype == "f16"
+    one = parse_yaml_spec(GOOD, "g.yaml").spec
+    assert one.dtypes is None and one.all_dtypes == ("bf16",)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (("[bf16, f16, f32]", "[bf16, u8]"), "m.yaml:3:9: dtypes: allreduce reduces; use bf16, f16, f32 or i32"),
+    (("[bf16, f16, f32]", "[bf16, bf16]"), "element types must be distinct"),
+    (("op: allreduce", "op: allreduce\ndtype: i32"), "dtype: i32 is not among dtypes ['bf16', 'f16', 'f32']"),
+    (("[bf16, f16, f32]", "[bf16, f64]"), "m.yaml:3:16"),
+])
+def test_bad_element_type_lists_are_located(edit, needle):
+    errs = errors_of(MULTI.replace(*edit), "m.yaml")
+    assert any(needle in e for e in errs), errs
+
+
+def test_gemm_ops_serve_one_element_type():
+    text = ("name: agm\nop: ag_gemm\ndtypes: [bf16, f16]\nworld_sizes: [2]\nshape: [{name: m, max: 64}, 512]\n"
+            "n: 256\n")
+    errs = errors_of(text, "g.yaml")
+    assert any("dtypes: ag_gemm serves one element type" in e for e in errs), errs

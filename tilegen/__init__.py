@@ -8,10 +8,13 @@ pipeline. Importing tilegen (and a generated op) loads only the runtime: the spe
 """
 __version__ = "0.1.0"
 
-from .core.runtime import empty, finalize, free, init, is_initialized, rank, world_size  # noqa: E402
+from .core.group import Group  # noqa: E402
+from .core.runtime import (  # noqa: E402
+    empty, finalize, free, group, init, is_initialized, rank, world_group, world_size,
+)
 
 __all__ = ["KernelSpec", "load_spec", "init", "finalize", "empty", "free", "rank", "world_size", "is_initialized",
-           "__version__"]
+           "group", "world_group", "Group", "__version__"]
 
 
 def __getattr__(name: str):

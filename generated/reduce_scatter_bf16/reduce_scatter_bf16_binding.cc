@@ -4,8 +4,11 @@
 
 struct BindingSpec {
   static constexpr const char* kName = "reduce_scatter_bf16";
-  static constexpr const char* kDtype = "bf16";
-  static constexpr uint8_t kCode = 4, kBits = 16;  // DLPack dtype
+  static constexpr const char* kDtype = "bf16";  // what the op takes
+  static constexpr uint8_t kCode = 4, kBits = 16;  // DLPack dtype (the first)
+  static constexpr int kDtypes = 1;
+  static constexpr uint8_t kCodes[kDtypes] = { 4 };
+  static constexpr uint8_t kBitsOf[kDtypes] = { 16 };
   static constexpr int kNdim = 2;
   static constexpr int64_t kShape[kNdim] = { 16384, 8192 };  // the communicated tensor; [0]: most rows m
   static constexpr bool kDynamicRows = true;

@@ -4,8 +4,11 @@
 
 struct BindingSpec {
   static constexpr const char* kName = "reduce_scatter_f32_premul";
-  static constexpr const char* kDtype = "f32";
-  static constexpr uint8_t kCode = 2, kBits = 32;  // DLPack dtype
+  static constexpr const char* kDtype = "f32";  // what the op takes
+  static constexpr uint8_t kCode = 2, kBits = 32;  // DLPack dtype (the first)
+  static constexpr int kDtypes = 1;
+  static constexpr uint8_t kCodes[kDtypes] = { 2 };
+  static constexpr uint8_t kBitsOf[kDtypes] = { 32 };
   static constexpr int kNdim = 2;
   static constexpr int64_t kShape[kNdim] = { 4096, 1000 };  // the communicated tensor; [0]: most rows m
   static constexpr bool kDynamicRows = true;

@@ -161,3 +161,27 @@ def test_loading_a_build_for_another_nvshmem_fails_clearly(dist_env, tmp_path_fa
     op = CollectiveOp(dst, "all_to_all_bf16", "all_to_all", "bfloat16", [{"name": "m", "max": 8192}, 4096], [2, 4, 8])
     with pytest.raises(OpLoadError, match=r"built against NVSHMEM 3\.0\.0 .*but this process runs NVSHMEM [\d.]+; "):
         op.load()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 7, 300, 4096])
+def test_one_allreduce_library_serves_each_element_type(dist_env, dtype, rows):
+    """allreduce_multi (dtypes: [bf16, f16, f32]): each call runs its input's element type's kernel
+    on the shared buffers; eager, then replayed in a CUDA graph."""
+    rank, world = dist_env
+    op = generated.allreduce_multi
+    xs = _inputs((rows, 4096), dtype, 3 * rows + 1)
+    out = op(xs[rank])
+    assert out.dtype == dtype
+    torch.cuda.synchronize()
+    assert_reduction(out, xs, "sum", None, f"allreduce_multi {dtype} rows={rows}")
+    x = xs[rank].clone()
+    out2 = op.empty_output(rows, dtype=dtype)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(x, out2)
+    ys = _inputs((rows, 4096), dtype, 3 * rows + 2)
+    x.copy_(ys[rank])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_reduction(out2, ys, "sum", None, f"allreduce_multi {dtype} rows={rows}, replayed")

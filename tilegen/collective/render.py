@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.render import op_id
+from ..core.render import DL_CODES, op_id
+from ..core.spec import DTYPES
 from .ir import Schedule, Seg, Step
 from .plan import OpFacts, Plan
 from .spec import CollectiveSpec
@@ -163,6 +164,9 @@ def render_context(spec: CollectiveSpec, plans: list[Plan]) -> dict:
         "fg": None, "ce_choices": None, "b_layout_kn": True,
         "runtime_module": "tilegen.collective.runtime", "runtime_class": "CollectiveOp",
         "premul": spec.premul,
+        # every element type the library serves, the call's picked by index (dtype first)
+        "dtype_list": [{"name": d, "code": DL_CODES[d][0], "bits": DL_CODES[d][1], "cuda": DTYPES[d][1],
+                        "torch": DTYPES[d][2]} for d in spec.all_dtypes],
         "traits": op_traits(spec, op, t),
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
         "worlds": worlds,

@@ -3,34 +3,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.runtime import GeneratedOp, _capturing, _stream_handle, _synchronize, _torch, empty, world_size
+from ..core.runtime import GeneratedOp, _capturing, _stream_handle, _synchronize, _torch, empty
 from .ops import OPS
 
 
 class CollectiveOp(GeneratedOp):
-    """Callable: op(input, output=None, *, root=0, scale=None, stream=None, timeout_ms=None)."""
+    """Callable: op(input, output=None, *, root=0, scale=None, group=None, stream=None, timeout_ms=None)."""
 
-    def __init__(self, *args, premul: str | None = None, **kw):
+    def __init__(self, *args, premul: str | None = None, dtypes: list[str] | None = None, **kw):
         super().__init__(*args, **kw)
         self.premul = premul  # reduce: "avg" (scale 1 / world) or "premul_sum" (scale per call), else None
+        self.dtypes = list(dtypes or [self.dtype])  # torch dtype names the library serves (a call takes its input's)
+
+    @property
+    def torch(self) -> Any:
+        """The op as torch ops (torch.ops.tilegen.<name>, <name>_out), which torch.compile traces: call
+        op.torch(input, group=...) or op.torch.out(input, out, group=...)."""
+        if self._torch_op is None:
+            from .torch_op import TorchCollective
+            self._torch_op = TorchCollective(self) if self._torch_registrable() else None
+        return self._torch_op
 
     def shard_rows(self, input_rows: int) -> int:
-        """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold world * m)."""
-        k = OPS[self.kind].in_rows(world_size())
+        """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold group size * m)
+        in the current call's group."""
+        k = OPS[self.kind].in_rows(self._world)
         if input_rows % k:
             raise ValueError(f"{self.name}: input dim 0 must be a multiple of {k}, got {input_rows}")
         return input_rows // k
 
-    def output_shape(self, rows: int) -> tuple[int, ...]:
-        return (OPS[self.kind].out_rows(world_size()) * rows,) + self.inner_shape
+    def output_shape(self, rows: int, world: int | None = None) -> tuple[int, ...]:
+        """The output's shape for shards of `rows` rows in a group of `world` ranks (None: the current call's)."""
+        return (OPS[self.kind].out_rows(world or self._world) * rows,) + self.inner_shape
 
-    def empty_output(self, rows: int) -> Any:
-        """Output for shards of `rows` rows: on the symmetric heap when peers store into it
-        (collective then; cached per size)."""
-        world = world_size()
+    def empty_output(self, rows: int, group: Any = None, dtype: Any = None) -> Any:
+        """Output for shards of `rows` rows in `group` (None: the world) of element type `dtype` (a torch
+        dtype or its name; None: the op's first): on the symmetric heap when peers store into it, cached
+        per size. Symmetric allocation is collective over the whole world (NVSHMEM's is): every rank makes
+        the first call of a size, or calls this first."""
+        self.load()
+        self._use(group)
+        world = self._world
+        name = self.dtype if dtype is None else str(dtype).removeprefix("torch.")
+        if name not in self.dtypes:
+            raise ValueError(f"{self.name}: dtype must be one of {', '.join(self.dtypes)}, got {name}")
         if not 1 <= rows <= self.max_rows():
             raise ValueError(f"{self.name}: rows must be in [1, {self.max_rows()}], got {rows}")
-        key = (rows, world)
+        key = (rows, world, name)
         if key not in self._outputs:
             if self.symmetric_output and _capturing(None):
                 raise RuntimeError(
@@ -39,25 +58,28 @@ class CollectiveOp(GeneratedOp):
                     f"{self.name}.empty_output({rows})) before capturing"
                 )
             if self.symmetric_output:
-                self._outputs[key] = empty(self.output_shape(rows), self.dtype)
+                self._outputs[key] = empty(self.output_shape(rows, world), name)
             else:
                 torch = _torch()
-                return torch.empty(self.output_shape(rows), dtype=getattr(torch, self.dtype), device="cuda")
+                return torch.empty(self.output_shape(rows, world), dtype=getattr(torch, name), device="cuda")
         return self._outputs[key]
 
     def __call__(self, input: Any, output: Any = None, *, root: int = 0, scale: float | None = None,
-                 stream: Any = None, timeout_ms: float | None = None) -> Any:
+                 group: Any = None, stream: Any = None, timeout_ms: float | None = None) -> Any:
         """Run the op on the current stream (or `stream`). Rooted ops (broadcast) take `root`; where only
         the root's input is read, other ranks may pass None (the output is then the nominal input).
         reduce: premul_sum ops take `scale` (each rank's input is multiplied by it before the sum).
+        group: a tilegen.group() this rank is in (None: the world); root and ranks are the group's.
         The common call (tensors given, default stream and timeout) does little Python: an eager call's
         host cost is the launch's."""
         run = self._run
         if run is None:
             self.load()
             run = self._run
+        if group is not None or self._slot:
+            self._use(group)
         if input is None or output is None:
-            input, output = self._complete_args(input, output)
+            input, output = self._complete_args(input, output, group)
         if root and not OPS[self.kind].rooted:
             rooted = ", ".join(k for k, d in OPS.items() if d.rooted)
             raise ValueError(f"{self.name}: root is only meaningful for rooted ops ({rooted})")
@@ -73,7 +95,7 @@ class CollectiveOp(GeneratedOp):
             self._mod.check_wait_error()
         return output
 
-    def _complete_args(self, input: Any, output: Any) -> tuple[Any, Any]:
+    def _complete_args(self, input: Any, output: Any, group: Any = None) -> tuple[Any, Any]:
         """A missing output (cached symmetric one) or, on non-root ranks of root-only-input ops, input."""
         desc = OPS[self.kind]
         if input is None:
@@ -85,7 +107,8 @@ class CollectiveOp(GeneratedOp):
             return output, output
         if not hasattr(input, "shape") or len(input.shape) < 1:
             raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
-        return input, self.empty_output(self.shard_rows(int(input.shape[0])))
+        dtype = getattr(input, "dtype", None) if len(self.dtypes) > 1 else None
+        return input, self.empty_output(self.shard_rows(int(input.shape[0])), group, dtype)
 
 
 
@@ -94,7 +117,7 @@ class CollectiveOp(GeneratedOp):
         if self.premul == "avg":
             if scale is not None:
                 raise ValueError(f"{self.name}: reduce avg scales by 1 / world itself; scale= is for premul_sum ops")
-            return 1.0 / world_size()
+            return 1.0 / self._world
         if self.premul != "premul_sum":
             raise ValueError(f"{self.name}: scale= is for ops with reduce: premul_sum; this op does not scale")
         if scale is None:

@@ -3,11 +3,11 @@ allreduce, all_to_all, broadcast, reduce). The overlap family's GEMM ops extend 
 by the same kernels."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..core.spec import OpSpec, ShardedDim, dim_size
+from ..core.spec import DTYPES, OpSpec, ShardedDim, dim_size
 from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names
 from .schedules import LL_MAX_BYTES, is_ll
 
@@ -47,6 +47,26 @@ class CollectiveSpec(OpSpec):
         default="auto", description="CTAs (thread blocks) used for communication, or auto (the planner's, measured "
                                     "where a calibration has it); GEMM ops take at most 64 (the GEMMs need the SMs)")
     threads: int = Field(default=512, ge=32, le=1024, description="threads per CTA (multiple of 32)")
+    dtypes: Optional[list[Literal["bf16", "f16", "f32", "i32", "u8"]]] = Field(
+        default=None, min_length=1,
+        description="every element type one library serves (a call takes its input's; the symmetric buffers "
+                    "are shared, sized for the widest); dtype may then be left out (the first) or must be one of "
+                    "them; GEMM ops serve one")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_of_dtypes(cls, data):
+        """dtype defaults to the first of dtypes."""
+        if isinstance(data, dict) and "dtype" not in data and isinstance(data.get("dtypes"), list) and data["dtypes"]:
+            data = {**data, "dtype": data["dtypes"][0]}
+        return data
+
+    @field_validator("dtypes")
+    @classmethod
+    def _dtypes(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"element types must be distinct, got {v}")
+        return v
 
     @field_validator("tile_bytes")
     @classmethod
@@ -76,6 +96,8 @@ class CollectiveSpec(OpSpec):
         """What the op's own tensors must be (the GEMM ops' model says it for theirs)."""
         if any(isinstance(d, ShardedDim) for d in self.shape):
             raise ValueError("shape: only a GEMM op's k (gemm_rs) may be sharded ({full: K})")
+        if self.dtypes is not None and self.dtype not in self.dtypes:
+            raise ValueError(f"dtype: {self.dtype} is not among dtypes {self.dtypes}")
 
     def _check_kernel(self) -> None:
         """The communication kernel's rules: sizes, the schedule named, the element type reduced."""
@@ -96,15 +118,27 @@ class CollectiveSpec(OpSpec):
                 raise ValueError(f"schedule: {self.schedule} carries its flags in the data and serves inputs up to "
                                  f"{LL_MAX_BYTES} bytes; this spec allows {self.max_in_bytes(big[0])} at world "
                                  f"{big[0]} (schedule: auto uses it for the small ones)")
-        if self.op in REDUCING and self.dtype == "u8":
-            raise ValueError(f"dtype: {self.op} reduces; use bf16, f16, f32 or i32")
+        field = "dtypes" if self.dtypes else "dtype"
+        if self.op in REDUCING and "u8" in self.all_dtypes:
+            raise ValueError(f"{field}: {self.op} reduces; use bf16, f16, f32 or i32")
         if self.premul:
             if self.op not in REDUCING or OPS[self.op].gemm:
                 raise ValueError(f"reduce: {self.reduce} scales the contributions of a reduction "
                                  f"({', '.join(k for k in REDUCING if not OPS[k].gemm)}), not {self.op}'s")
-            if self.dtype not in ("bf16", "f16", "f32"):
+            ints = [d for d in self.all_dtypes if d not in ("bf16", "f16", "f32")]
+            if ints:
                 raise ValueError(f"reduce: {self.reduce} multiplies by a fractional scale: use bf16, f16 or f32, "
-                                 f"not {self.dtype}")
+                                 f"not {ints[0]}")
+
+    @property
+    def all_dtypes(self) -> tuple[str, ...]:
+        """The element types the op serves, dtype first."""
+        return tuple(self.dtypes) if self.dtypes else (self.dtype,)
+
+    @property
+    def elem_bytes(self) -> int:
+        """The widest element's bytes: what the op's buffers and byte bounds are sized for."""
+        return max(DTYPES[d][0] for d in self.all_dtypes)
 
     @property
     def premul(self) -> bool:

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import __version__
+from .. import __version__, settings
+from .group import Group, Registry, _is_process_group, agree, describe, handle
 
-_state: dict[str, Any] = {"initialised": False, "ops": [], "rank": None, "world": None}
+_state: dict[str, Any] = {"initialised": False, "ops": [], "rank": None, "world": None, "groups": None}
 
 
 class OpLoadError(RuntimeError):
@@ -55,7 +56,7 @@ def init(device: int | None = None, backend: str | None = None) -> tuple[int, in
     box = [uid if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     nvshmem.init(device=dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
-    _state.update(initialised=True, rank=rank, world=world, device=local)
+    _state.update(initialised=True, rank=rank, world=world, device=local, groups=Registry(world))
     return rank, world
 
 
@@ -71,6 +72,35 @@ def world_size() -> int:
 def rank() -> int:
     _require_init("rank")
     return _state["rank"]
+
+
+def group(ranks: Any = None) -> Group | None:
+    """A group of ranks that ops run on (their group= argument). Collective over the world, as
+    torch.distributed.new_group: every rank calls it, passing the same list of ranks (every rank gets
+    the Group; a rank outside it can hold it but not call ops on it), the same list of disjoint rank
+    lists ([[0, 1], [2, 3]]: each rank gets its own), or its own torch ProcessGroup (ranks in none
+    pass None and get None). Every loaded op sets up the group's buffers now, later ones when loaded."""
+    _require_init("group")
+    import torch.distributed as dist
+
+    me, world, registry = _state["rank"], _state["world"], _state["groups"]
+    mine = describe(ranks, world, me)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (mine, _is_process_group(ranks)))
+    groups = agree([g[0] for g in gathered], [g[1] for g in gathered])
+    slot, _ = registry.add(groups)
+    for op in _state["ops"]:
+        op._init_slot(slot)
+    made = handle(groups, slot, me)
+    if made is None and len(groups) == 1 and ranks is not None:
+        return Group(groups[0], slot, -1)  # a list of ranks this rank is not in (torch's non-member)
+    return made
+
+
+def world_group() -> Group:
+    """The world as a Group (what ops use when given no group)."""
+    _require_init("world_group")
+    return Group(tuple(range(_state["world"])), 0, _state["rank"])
 
 
 def _require_init(what: str) -> None:
@@ -196,6 +226,9 @@ class GeneratedOp:
         self._mod = None
         self._run = None  # mod.run, looked up once (a module attribute is a function lookup per access)
         self._outputs: dict[tuple, Any] = {}
+        self._torch_op = None  # the op as torch ops (each family's runtime makes it on first use)
+        self._slot = 0  # the group slot the library's calls run on now
+        self._world = self._rank = 0  # the current call's group size and this rank's place in it
 
     def __repr__(self) -> str:
         return f"<tilegen op {self.name}: {self.kind} {self.dtype} shape {self.shape} worlds {self.world_sizes}>"
@@ -239,13 +272,60 @@ class GeneratedOp:
                 f"{compiled % 100} but linked to {runtime // 10000}.{runtime // 100 % 100}.{runtime % 100}; "
                 f"rebuild it with: tilegen generate <specs> -o {self.directory.parent}"
             )
+        self._configure(mod)
         world = int(mod.world())  # collective on first use: allocates the op's symmetric signals
         if world not in self.world_sizes:
             raise OpLoadError(f"op {self.name} supports world sizes {self.world_sizes}, this job has {world}")
         self._mod = mod
         self._run = getattr(mod, "run", None)  # MoE ops have their own entry points
+        self._slot, self._world, self._rank = 0, _state["world"], _state["rank"]
         _state["ops"].append(self)
+        for slot in range(1, len(_state["groups"].slots)):  # groups made before the op was loaded
+            self._init_slot(slot)
+        if getattr(type(self), "torch", None) is not None:  # registered now, before any torch.compile traces it
+            self.torch  # noqa: B018
         return mod
+
+    def _configure(self, mod: Any) -> None:
+        """Before the library's first init: the settings it takes from Python (tilegen.settings)."""
+
+    def _torch_registrable(self) -> bool:
+        """Whether op.torch may register its torch ops now: not while torch.compile traces (registration
+        is eager work; loading the op, or touching op.torch once, before compiling does it)."""
+        import torch
+
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{self.name}: its torch ops are registered when it loads; load it (ops.load(...)) "
+                               f"or touch {self.name}.torch once before torch.compile traces a call")
+        return True
+
+    def _init_slot(self, slot: int) -> None:
+        """Collective: sets up group slot `slot` in the library (this rank's group there, if the op
+        supports its size; else only the slot's symmetric buffers)."""
+        s = _state["groups"].slots[slot]
+        mine = s.group_of(_state["rank"])
+        self._mod.init_group(slot, s.alloc_world, list(mine) if len(mine) in self.world_sizes else [])
+        self._slot = 0  # (init_group leaves the world's slot selected)
+
+    def _use(self, group: Any) -> None:
+        """The call's group (None: the world): checked, selected in the library, its size and this
+        rank's place in it taken as _world / _rank. A ValueError before anything is launched."""
+        if group is None:
+            slot, self._world, self._rank = 0, _state["world"], _state["rank"]
+        else:
+            if not isinstance(group, Group):
+                raise ValueError(f"{self.name}: group must be a tilegen group (tilegen.group(...)), got "
+                                 f"{type(group).__name__}")
+            if group.rank < 0:
+                raise ValueError(f"{self.name}: group {list(group.ranks)} does not hold this rank "
+                                 f"({_state['rank']}); only its members call ops on it")
+            if group.size not in self.world_sizes:
+                raise ValueError(f"{self.name}: group {list(group.ranks)} has {group.size} ranks; this op was "
+                                 f"generated for world sizes {self.world_sizes}")
+            slot, self._world, self._rank = group.slot, group.size, group.rank
+        if slot != self._slot:
+            self._mod.select(slot)
+            self._slot = slot
 
     def release(self) -> None:
         if self._mod is not None:
@@ -264,11 +344,9 @@ class GeneratedOp:
         to an unbounded wait and an explicit timeout_ms > 0 is refused."""
         explicit = timeout_ms is not None
         if not explicit:
-            env = os.environ.get("TILEGEN_WAIT_TIMEOUT_MS")
-            try:
-                timeout_ms = float(env) if env not in (None, "") else self.default_timeout_ms
-            except ValueError:
-                raise ValueError(f"TILEGEN_WAIT_TIMEOUT_MS must be a number of milliseconds, got {env!r}") from None
+            timeout_ms = settings.get("TILEGEN_WAIT_TIMEOUT_MS")
+            if timeout_ms is None:
+                timeout_ms = self.default_timeout_ms
         if timeout_ms < 0:
             raise ValueError(f"{self.name}: timeout_ms must be >= 0, got {timeout_ms}")
         if timeout_ms > 0 and _capturing(handle):

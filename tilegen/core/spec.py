@@ -587,16 +587,13 @@ def _python_spec_positions(path: str, text: str) -> tuple[dict[str, tuple[int, i
 
 def config_timeout_s() -> float:
     """TILEGEN_CONFIG_TIMEOUT_S: how long a Python config may run (default 60 s)."""
-    import os
-    text = os.environ.get("TILEGEN_CONFIG_TIMEOUT_S", "")
+    from .. import settings
     try:
-        value = float(text) if text else 60.0
+        return settings.get("TILEGEN_CONFIG_TIMEOUT_S")
     except ValueError:
-        value = -1.0
-    if not value > 0:
+        text = settings.SETTINGS["TILEGEN_CONFIG_TIMEOUT_S"].text()
         raise SpecError([(SourceLoc("TILEGEN_CONFIG_TIMEOUT_S", 1, 1),
-                          f"expected a positive number of seconds, got {shown(text)}")])
-    return value
+                          f"expected a positive number of seconds, got {shown(text)}")]) from None
 
 
 def load_python_spec(path: str | Path) -> LoadedSpec:

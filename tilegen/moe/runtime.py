@@ -39,6 +39,7 @@ class MoeHandle:
     topk_idx: Any    # this rank's routing (combine reads which ranks each token went to)
     counts_host: list[int]
     m: int
+    group: Any = None  # the dispatch's group (None: the world): combine runs on it
 
 
 def filled_rows(t: Any, counts: Any) -> Any:
@@ -71,9 +72,9 @@ class MoeOp(GeneratedOp):
         super().__init__(*args, **kw)
         self.experts, self.topk, self.mode = experts, topk, mode
         self.fp8_group = fp8_group  # fp8 dispatch: channels per scale (0: tokens move in dtype)
-        self._counts = None  # [world * (local experts + 1)] int64, pinned
-        self._ll = None  # low-latency mode: the op's fixed-capacity outputs (allocated on the first call)
-        self._ll_pending = False  # low-latency mode: a dispatch whose combine has not been called
+        self._counts: dict[int, Any] = {}  # group size -> [size * (local experts + 1)] int64, pinned
+        self._ll: dict[int, dict] = {}  # group slot -> low-latency mode's fixed-capacity outputs (the first call's)
+        self._ll_pending: set[int] = set()  # low-latency mode: group slots with a dispatch whose combine is due
 
     def __repr__(self) -> str:
         return (f"<tilegen MoE op {self.name}: {self.dtype} hidden {self.shape[1]}, {self.experts} experts, "
@@ -81,6 +82,15 @@ class MoeOp(GeneratedOp):
 
     def __call__(self, *args, **kw):
         raise TypeError(f"{self.name} is a MoE op: call {self.name}.dispatch(...) and {self.name}.combine(...)")
+
+    @property
+    def torch(self) -> Any:
+        """The op as torch ops (torch.ops.tilegen.<name>_dispatch / _combine), which torch.compile traces:
+        op.torch.dispatch(x, topk_idx, topk_weights, group=...) and op.torch.combine(y, handle)."""
+        if self._torch_op is None:
+            from .torch_op import TorchMoe
+            self._torch_op = TorchMoe(self) if self._torch_registrable() else None
+        return self._torch_op
 
     @property
     def hidden(self) -> int:
@@ -113,7 +123,8 @@ class MoeOp(GeneratedOp):
                 scales.view(shape + (self.hidden // self.fp8_group,)))
 
     def local_experts(self) -> int:
-        return self.experts // world_size()
+        """Experts per rank in the current call's group (before any call: the world)."""
+        return self.experts // (self._world or world_size())
 
     def _refuse_capture(self, what: str, handle: int) -> None:
         if _capturing(handle):
@@ -152,13 +163,13 @@ class MoeOp(GeneratedOp):
     def release(self) -> None:
         """The low-latency outputs are the library's memory: their tensors go with it (tilegen.finalize)."""
         super().release()
-        self._ll, self._ll_pending = None, False
+        self._ll, self._ll_pending = {}, set()
 
     def _ll_buffers(self, device: Any) -> dict:
         """The fixed-capacity outputs: the library's symmetric memory, as tensors (made on the first call)."""
-        if self._ll is None:
+        if self._slot not in self._ll:
             torch = _torch()
-            W, L, T, k = world_size(), self.local_experts(), self.max_rows(), self.topk
+            W, L, T, k = self._world, self.local_experts(), self.max_rows(), self.topk
             rows = L * W * T
             ptr = [int(p) for p in self._mod.ll_outputs()]
             i32, f32 = torch.int32, torch.float32
@@ -166,15 +177,16 @@ class MoeOp(GeneratedOp):
             out = _device_tensor(ptr[0], (rows, self.hidden), out_dtype, device)
             scales = _device_tensor(ptr[1], (rows, self.hidden // self.fp8_group), f32, device) if self.fp8_group \
                 else out
-            self._ll = {"out": out, "scales": scales, "handle": _device_tensor(ptr[2], (rows, 3), i32, device),
-                        "slot_rows": _device_tensor(ptr[3], (W * T, k), i32, device),
-                        "stage_src": _device_tensor(ptr[4], (W * T, 2), i32, device),
-                        "stage_w": _device_tensor(ptr[5], (W * T, k), f32, device),
-                        "counts": _device_tensor(ptr[6], (L, W), i32, device)}
-        return self._ll
+            self._ll[self._slot] = {"out": out, "scales": scales,
+                                    "handle": _device_tensor(ptr[2], (rows, 3), i32, device),
+                                    "slot_rows": _device_tensor(ptr[3], (W * T, k), i32, device),
+                                    "stage_src": _device_tensor(ptr[4], (W * T, 2), i32, device),
+                                    "stage_w": _device_tensor(ptr[5], (W * T, k), f32, device),
+                                    "counts": _device_tensor(ptr[6], (L, W), i32, device)}
+        return self._ll[self._slot]
 
-    def _dispatch_low_latency(self, x, topk_idx, topk_weights, handle_s, timeout_ns, validate):
-        if self._ll_pending:
+    def _dispatch_low_latency(self, x, topk_idx, topk_weights, handle_s, timeout_ns, validate, group):
+        if self._slot in self._ll_pending:
             raise RuntimeError(f"{self.name}: low_latency dispatch called twice without combine: the second would "
                                f"overwrite what the first's combine reads; call combine(y, handle) in between")
         capturing = _capturing(handle_s)
@@ -186,33 +198,35 @@ class MoeOp(GeneratedOp):
         if timeout_ns:
             _synchronize(x, handle_s)
             self._mod.check_wait_error()
-        self._ll_pending = True
-        W, L, T = world_size(), self.local_experts(), self.max_rows()
+        self._ll_pending.add(self._slot)
+        W, L, T = self._world, self.local_experts(), self.max_rows()
         h = MoeHandle(b["handle"].view(L, W * T, 3), b["slot_rows"], b["stage_src"], b["stage_w"], topk_idx, [],
-                      int(x.shape[0]))
+                      int(x.shape[0]), group)
         return self._as_received(b["out"], b["scales"], (L, W * T)), b["counts"], h
 
-    def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, *, stream: Any = None,
+    def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, *, group: Any = None, stream: Any = None,
                  timeout_ms: float | None = None, validate: bool = True) -> tuple[Any, Any, MoeHandle]:
         """x [m, hidden] of this rank's tokens, topk_idx [m, k] (-1: dropped), topk_weights [m, k] fp32
         -> (tokens received [rows, hidden] (fp8 dispatch: (e4m3 tokens, fp32 scales [rows, groups])), grouped
         per local expert, then source rank, token, slot;
         counts per local expert [L] int32 on the device; the handle combine needs). Every rank calls it.
-        validate=False skips the expert-id check (the kernels then treat bad ids as dropped)."""
+        validate=False skips the expert-id check (the kernels then treat bad ids as dropped). group: a
+        tilegen.group() this rank is in (None: the world); the experts are spread over its ranks."""
         torch = _torch()
         self.load()
+        self._use(group)
         handle_s = _stream_handle(stream)
         timeout_ns = self._timeout_ns(timeout_ms, handle_s)
         if self.mode == "low_latency":
-            return self._dispatch_low_latency(x, topk_idx, topk_weights, handle_s, timeout_ns, validate)
+            return self._dispatch_low_latency(x, topk_idx, topk_weights, handle_s, timeout_ns, validate, group)
         self._refuse_capture("dispatch", handle_s)
         if validate:
             self.check_routing(x, topk_idx, topk_weights)
-        W, L = world_size(), self.local_experts()
-        if self._counts is None:  # filled by the library (one host copy per call, read without FFI per element)
-            self._counts = torch.empty((W * (L + 1),), dtype=torch.int64).pin_memory()
-        self._mod.dispatch_send(x, topk_idx, topk_weights, self._counts, handle_s, timeout_ns)
-        per = self._counts.view(W, L + 1).sum(dim=0).tolist()
+        W, L = self._world, self.local_experts()
+        if W not in self._counts:  # filled by the library (one host copy per call, read without FFI per element)
+            self._counts[W] = torch.empty((W * (L + 1),), dtype=torch.int64).pin_memory()
+        self._mod.dispatch_send(x, topk_idx, topk_weights, self._counts[W], handle_s, timeout_ns)
+        per = self._counts[W].view(W, L + 1).sum(dim=0).tolist()
         counts_host, stage_rows = per[:L], per[L]
         rows = sum(counts_host)
         dev = x.device
@@ -221,7 +235,7 @@ class MoeOp(GeneratedOp):
         slot_rows, stage_src, stage_w = self._combine_state(stage_rows, dev)
         counts = torch.empty((1, L), dtype=torch.int32, device=dev)
         self._mod.dispatch_recv(out, scales, handle, slot_rows, stage_src, stage_w, counts, handle_s)
-        h = MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host, int(x.shape[0]))
+        h = MoeHandle(handle, slot_rows, stage_src, stage_w, topk_idx, counts_host, int(x.shape[0]), group)
         return self._as_received(out, scales, (rows,)), counts.view(L), h
 
     def combine(self, y: Any, handle: MoeHandle, out: Any = None, *, stream: Any = None,
@@ -229,9 +243,12 @@ class MoeOp(GeneratedOp):
         """y [rows, hidden]: the experts' outputs in dispatch's layout -> [m, hidden] on the tokens' rank:
         each token's slots weighted by its topk_weights (given to dispatch) and summed in fp32: per expert
         rank in slot order (sent in the token dtype), then over ranks in rank order, so deterministic, each
-        sum rounded once. Every rank calls it."""
+        sum rounded once. Every rank of the dispatch's group calls it."""
         torch = _torch()
         self.load()
+        if not isinstance(handle, MoeHandle) and not (handle is None and self.mode == "low_latency"):
+            raise ValueError(f"{self.name}: handle must be what dispatch returned, got {type(handle).__name__}")
+        self._use(handle.group if handle is not None else None)  # (low-latency mode reads its own state)
         handle_s = _stream_handle(stream)
         if self.mode == "low_latency":
             return self._combine_low_latency(y, handle, out, handle_s, self._timeout_ns(timeout_ms, handle_s))
@@ -252,16 +269,16 @@ class MoeOp(GeneratedOp):
 
     def _combine_low_latency(self, y, handle: MoeHandle, out, handle_s, timeout_ns):
         torch = _torch()
-        if not self._ll_pending:
+        if self._slot not in self._ll_pending:
             raise RuntimeError(f"{self.name}: low_latency combine without a dispatch before it")
-        W, L, T = world_size(), self.local_experts(), self.max_rows()
+        W, L, T = self._world, self.local_experts(), self.max_rows()
         if list(y.shape) not in ([L, W * T, self.hidden], [L * W * T, self.hidden]):
             raise ValueError(f"{self.name}: y must be [{L}, {W * T}, {self.hidden}] (dispatch's recv_x layout), "
                              f"got {list(y.shape)}")
         if out is None:
             out = torch.empty((handle.m, self.hidden), dtype=y.dtype, device=y.device)
         self._mod.ll_combine(y.reshape(L * W * T, self.hidden), handle.topk_idx, out, handle_s, timeout_ns)
-        self._ll_pending = False
+        self._ll_pending.discard(self._slot)
         if timeout_ns:
             _synchronize(y, handle_s)
             self._mod.check_wait_error()

@@ -13,14 +13,14 @@ uses.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
 from .ce_program import CE_DEFAULT, MAX_SPLITS, STYLES, program
+from .. import settings
 from ..collective.runtime import CollectiveOp
-from ..core.runtime import _capturing, _stream_handle, _synchronize, _torch, empty, rank, world_size
+from ..core.runtime import _capturing, _stream_handle, _synchronize, _torch, empty, world_size
 
 
 def ce_config(kind: str, world: int, m: int, choices: tuple = ()) -> tuple[str, int]:
@@ -32,14 +32,10 @@ def ce_config(kind: str, world: int, m: int, choices: tuple = ()) -> tuple[str, 
     style, splits = CE_DEFAULT[kind]
     if choices:
         style, splits = next(((st, sp) for top, st, sp in choices if m <= top), tuple(choices[-1][1:]))
-    env = os.environ.get("TILEGEN_CE_SPLITS", "")
-    try:
-        splits = int(env) if env else splits
-    except ValueError:
-        raise ValueError(f"TILEGEN_CE_SPLITS must be a number of splits, got {env!r}") from None
+    splits = settings.get("TILEGEN_CE_SPLITS") or splits
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"TILEGEN_CE_SPLITS must be in [1, {MAX_SPLITS}], got {splits}")
-    style = os.environ.get("TILEGEN_CE_STYLE", "") or style
+    style = settings.get("TILEGEN_CE_STYLE") or style
     if style not in STYLES[kind]:
         raise ValueError(f"TILEGEN_CE_STYLE must be one of {', '.join(STYLES[kind])} for {kind}, got {style!r}")
     return style, min(splits, m)
@@ -99,10 +95,7 @@ def ce_encoded(kind: str, world: int, me: int, m: int, splits: int, style: str |
 def ce_executor() -> str:
     """Who runs the program: the op library, one call (default), or Python step by step with
     torch's GEMMs (TILEGEN_CE_EXECUTOR=python: the reference the library's executor is tested against)."""
-    who = os.environ.get("TILEGEN_CE_EXECUTOR", "library")
-    if who not in ("library", "python"):
-        raise ValueError(f"TILEGEN_CE_EXECUTOR must be library or python, got {who!r}")
-    return who
+    return settings.get("TILEGEN_CE_EXECUTOR")
 
 
 class _GemmOp(CollectiveOp):
@@ -121,7 +114,19 @@ class _GemmOp(CollectiveOp):
         self._streams: dict[int, tuple] = {}
         self._buffers: dict[tuple, Any] = {}
         self._ce_comm: dict[tuple, tuple[Any, int]] = {}  # (device, name) -> (copy stream, handle): Python executor
-        self._ce_programs: set[int] = set()  # programs registered with the op library
+        self._ce_programs: set[tuple[int, int]] = set()  # (group slot, key): programs registered with the op library
+
+    def _configure(self, mod: Any) -> None:
+        mod.allow_memops(settings.get("TILEGEN_CE_MEMOPS"))
+
+    @property
+    def torch(self) -> Any:
+        """The op as torch ops (torch.ops.tilegen.<name>, <name>_out), which torch.compile traces: call
+        op.torch(a, b, group=...) -> c or op.torch.out(a, b, c, group=...)."""
+        if self._torch_op is None:
+            from .torch_op import TorchGemm
+            self._torch_op = TorchGemm(self) if self._torch_registrable() else None
+        return self._torch_op
 
     def _side_streams(self, device: Any) -> tuple[Any, Any]:
         """(communication stream, compute stream) of a device, created once."""
@@ -133,7 +138,7 @@ class _GemmOp(CollectiveOp):
 
     def _symmetric(self, what: str, shape: tuple[int, ...]) -> Any:
         """A symmetric-heap buffer (collective on first use; cached, freed by free_outputs)."""
-        key = (what, shape, world_size())
+        key = (what, shape, self._world)
         if key not in self._outputs:
             if _capturing(None):
                 raise RuntimeError(
@@ -153,13 +158,13 @@ class _GemmOp(CollectiveOp):
 
     @property
     def n(self) -> int:
-        """This rank's columns of B at the job's world size."""
-        return self.gemm_nk[world_size()][0]
+        """This rank's columns of B in the current call's group (before any call: the world)."""
+        return self.gemm_nk[self._world or world_size()][0]
 
     @property
     def k(self) -> int:
-        """This rank's inner dimension (columns of A) at the job's world size."""
-        return self.gemm_nk[world_size()][1]
+        """This rank's inner dimension (columns of A) in the current call's group (before any call: the world)."""
+        return self.gemm_nk[self._world or world_size()][1]
 
     def _check(self, a: Any, b: Any, c: Any, a_rows_per_m: int, c_rows_per_m: int, world: int) -> int:
         """Validates a, b (and c); returns m."""
@@ -197,14 +202,7 @@ class _GemmOp(CollectiveOp):
     @staticmethod
     def _gemm_sms() -> int:
         """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the device's SMs minus the communication's)."""
-        env = os.environ.get("TILEGEN_GEMM_SMS", "")
-        try:
-            n = int(env) if env else 0
-        except ValueError:
-            raise ValueError(f"TILEGEN_GEMM_SMS must be a number of CTAs, got {env!r}") from None
-        if n < 0:
-            raise ValueError(f"TILEGEN_GEMM_SMS must be >= 0, got {n}")
-        return n
+        return settings.get("TILEGEN_GEMM_SMS")
 
     def _finish(self, main: Any, comm: Any, comp: Any, tensors: tuple, timeout_ns: int, mod: Any) -> None:
         main.wait_stream(comp)
@@ -241,13 +239,13 @@ class _GemmOp(CollectiveOp):
         a = bufs["a"]
         current = torch.cuda.current_stream(a.device)
         main = current.cuda_stream if stream is None else _stream_handle(stream)
-        world, me = world_size(), rank()
+        world, me = self._world, self._rank
         style, splits = ce_config(self.kind, world, m, self.ce_choices.get(world, ()))
         if ce_executor() == "library":
             key = (m * 16 + splits) * 4 + STYLES[self.kind].index(style)  # per op and process: world, rank fixed
-            if key not in self._ce_programs:
+            if (self._slot, key) not in self._ce_programs:  # (the library keeps programs per group slot)
                 mod.ce_program(key, list(ce_encoded(self.kind, world, me, m, splits, style)))
-                self._ce_programs.add(key)
+                self._ce_programs.add((self._slot, key))
             sym = bufs["gathered" if self.kind == "ag_gemm" else "recv"]
             mod.ce_run(key, a, b, bufs["c"], sym, bufs.get("acc", bufs["c"]), main, timeout_ns)
         else:
@@ -313,13 +311,15 @@ class AgGemmOp(_GemmOp):
     from `a`), a wait kernel holds the second stream until the chunk's signals are set and cuBLAS
     computes that chunk's rows of C. The caller's stream waits for both before it goes on."""
 
-    def __call__(self, a: Any, b: Any, c: Any = None, *, stream: Any = None, timeout_ms: float | None = None) -> Any:
+    def __call__(self, a: Any, b: Any, c: Any = None, *, group: Any = None, stream: Any = None,
+                 timeout_ms: float | None = None) -> Any:
         torch = _torch()
         mod = self.load()
-        world, me = world_size(), rank()
+        self._use(group)
+        world, me = self._world, self._rank
         m = self._check(a, b, c, 1, world, world)
         a = a.contiguous()
-        gathered = self.empty_output(m)  # symmetric [world * m, k], reused across calls of this size
+        gathered = self.empty_output(m, group)  # symmetric [world * m, k], reused across calls of this size
         if c is None:
             c = torch.empty((world * m, self.n), dtype=a.dtype, device=a.device)
         timeout_ns = self._timeout_ns(timeout_ms, _stream_handle(stream))
@@ -354,10 +354,12 @@ class GemmRsOp(_GemmOp):
     stored. The reduce-scatter kernel on the communication stream waits for each chunk's (part's)
     signal before it pushes and reduces it."""
 
-    def __call__(self, a: Any, b: Any, c: Any = None, *, stream: Any = None, timeout_ms: float | None = None) -> Any:
+    def __call__(self, a: Any, b: Any, c: Any = None, *, group: Any = None, stream: Any = None,
+                 timeout_ms: float | None = None) -> Any:
         torch = _torch()
         mod = self.load()
-        world = world_size()
+        self._use(group)
+        world = self._world
         m = self._check(a, b, c, world, 1, world)
         if c is None:
             c = torch.empty((m, self.n), dtype=a.dtype, device=a.device)

@@ -62,6 +62,9 @@ class GemmSpec(CollectiveSpec):
             raise ValueError(f"shape: {self.op} takes A's shard as [m, k], got {len(self.shape)} dimensions")
         if self.dtype not in ("bf16", "f16", "f32"):
             raise ValueError(f"dtype: {self.op} multiplies bf16, f16 or f32 (fp32 accumulation), not {self.dtype}")
+        if self.dtypes is not None and self.dtypes != [self.dtype]:
+            raise ValueError(f"dtypes: {self.op} serves one element type (its GEMMs are built for it), got "
+                             f"{self.dtypes}")
         self._check_sharding()
         limit = max_gemm_comm_ctas(self.sm)
         if self.ctas != "auto" and self.ctas > limit:

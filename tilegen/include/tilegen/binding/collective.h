@@ -11,13 +11,14 @@
 extern "C" {  // the op library's C interface (tilegen/collective/op.cuh; the GEMM ones: overlap/op.cuh), beyond binding/common.h's
 int tilegen_op_rank(void);
 int tilegen_op_is_symmetric(const void* ptr, int64_t bytes);
-int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int root, float scale, void* stream, uint64_t timeout_ns,
-                   int defer, char* msg, int len);
+int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int dtype, int root, float scale, void* stream,
+                   uint64_t timeout_ns, int defer, char* msg, int len);
 int tilegen_op_launch_pending(void* stream, char* msg, int len);
 int tilegen_op_begin(void* stream, char* msg, int len);
 int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
 int tilegen_op_compute_order(int* out);
+int tilegen_op_allow_memops(int yes);
 int tilegen_op_ce_begin(void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_ce_put(const void* src, void* dst, int64_t bytes, int peer, int flag, void* stream, char* msg, int len);
 int tilegen_op_ce_wait(int flag, void* stream, uint64_t timeout_ns, char* msg, int len);
@@ -42,16 +43,24 @@ using tilegen_ffi::stream_of;
 using Spec = BindingSpec;
 enum Alias : int { kNoAlias = 0, kWholeOutput = 1, kOwnChunk = 2 };  // what the input may be exactly
 
-inline bool has_dtype(const TensorView& t) {
-  return t.dtype().code == Spec::kCode && t.dtype().bits == Spec::kBits && t.dtype().lanes == 1;
+// The index of t's element type among the op's (Spec::kCodes), or -1.
+inline int dtype_index(const TensorView& t) {
+  for (int i = 0; i < Spec::kDtypes; ++i)
+    if (t.dtype().code == Spec::kCodes[i] && t.dtype().bits == Spec::kBitsOf[i] && t.dtype().lanes == 1) return i;
+  return -1;
 }
+inline bool has_dtype(const TensorView& t) { return dtype_index(t) == 0; }  // the first (GEMM ops' one)
 
-// dtype, device, rank, inner dims, rows (when >= 0) and contiguity of a communicated tensor.
-inline void check_tensor(const TensorView& t, const char* arg, int64_t rows) {
-  if (!has_dtype(t))
-    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have dtype " << Spec::kDtype << " (DLPack code "
-                              << int(Spec::kCode) << ", " << int(Spec::kBits) << " bits), got code "
-                              << int(t.dtype().code) << ", " << int(t.dtype().bits) << " bits";
+// dtype (index `dtype` among the op's; -1: any of them), device, rank, inner dims, rows (when >= 0) and
+// contiguity of a communicated tensor.
+inline void check_tensor(const TensorView& t, const char* arg, int64_t rows, int dtype = -1) {
+  const int i = dtype_index(t);
+  if (i < 0 || (dtype >= 0 && i != dtype))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have dtype "
+                              << (dtype >= 0 ? "the input's (DLPack code " + std::to_string(Spec::kCodes[dtype]) + ", " +
+                                                   std::to_string(Spec::kBitsOf[dtype]) + " bits)"
+                                             : std::string(Spec::kDtype))
+                              << ", got DLPack code " << int(t.dtype().code) << ", " << int(t.dtype().bits) << " bits";
   if (t.device().device_type != kDLCUDA)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be a CUDA tensor, got device type "
                               << int(t.device().device_type);
@@ -94,14 +103,15 @@ inline void run(TensorView input, TensorView output, int64_t root, double scale,
   ensure_ready();
   const int world = tilegen_op_world();
   check_tensor(input, "input", -1);
+  const int dtype = dtype_index(input);
   const int64_t m = rows_of(input, world);
-  check_tensor(output, "output", Spec::kOutWorldRows ? world * m : m);
+  check_tensor(output, "output", Spec::kOutWorldRows ? world * m : m, dtype);
   if (input.device().device_id != output.device().device_id)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": input is on cuda:" << input.device().device_id
                               << " but output is on cuda:" << output.device().device_id;
   if (root < 0 || root >= world)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": root must be in [0, " << world << "), got " << root;
-  const int64_t in_bytes = input.numel() * (Spec::kBits / 8), out_bytes = output.numel() * (Spec::kBits / 8);
+  const int64_t elem = Spec::kBitsOf[dtype] / 8, in_bytes = input.numel() * elem, out_bytes = output.numel() * elem;
   const char* in = data(input);
   char* out = data(output);
   if (Spec::kOutSymmetric && !tilegen_op_is_symmetric(out, out_bytes))
@@ -115,7 +125,7 @@ inline void run(TensorView input, TensorView output, int64_t root, double scale,
                                                                  : " (not supported by this op)");
   void* s = stream_of(stream, output.device().device_id);
   call([&](char* msg) {
-    return tilegen_op_run(in, out, in_bytes, static_cast<int>(root), static_cast<float>(scale), s,
+    return tilegen_op_run(in, out, in_bytes, dtype, static_cast<int>(root), static_cast<float>(scale), s,
                           static_cast<uint64_t>(timeout_ns), defer ? 1 : 0, msg, kMsg);
   });
 }
@@ -257,6 +267,9 @@ inline void tune(int64_t ctas, int64_t tile_bytes) {
   call([&](char* msg) { return tilegen_op_tune(static_cast<int>(ctas), tile_bytes, msg, kMsg); });
 }
 
+// Before the op's first init: whether copy-engine flags may use stream memory operations (TILEGEN_CE_MEMOPS).
+inline void allow_memops(bool yes) { tilegen_op_allow_memops(yes ? 1 : 0); }
+
 inline tvm::ffi::Array<int64_t> compute_order() {
   int o[64];
   if (tilegen_op_compute_order(o)) TVM_FFI_THROW(RuntimeError) << Spec::kName << ": no call yet";
@@ -308,6 +321,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(tune, tilegen_binding::tune);
 #if TILEGEN_BINDING_GEMM
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(begin, tilegen_binding::begin);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(compute_order, tilegen_binding::compute_order);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(allow_memops, tilegen_binding::allow_memops);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_begin, tilegen_binding::ce_begin);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_put, tilegen_binding::ce_put);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_wait, tilegen_binding::ce_wait);

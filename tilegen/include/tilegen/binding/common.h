@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -12,6 +13,8 @@
 
 extern "C" {  // every op library has these (collective/host.cuh, moe/op.cuh)
 int tilegen_op_init(char* msg, int len);
+int tilegen_op_init_group(int slot, int alloc_world, int size, const int* pes, char* msg, int len);
+int tilegen_op_select(int slot, char* msg, int len);
 int tilegen_op_release(char* msg, int len);
 int tilegen_op_world(void);
 int tilegen_op_wait_error(char* msg, int len);
@@ -56,6 +59,24 @@ inline int64_t world() {
   return tilegen_op_world();
 }
 
+// Collective over every PE (tilegen.group): sets up group slot `slot`, this PE's group being `pes` (its
+// PEs in rank order; empty: none of the slot's groups holds this PE); alloc_world: the slot's largest
+// group. Then calls run on the world's slot 0 again.
+inline void init_group(int64_t slot, int64_t alloc_world, tvm::ffi::Array<int64_t> pes) {
+  ensure_ready();
+  std::vector<int> v(pes.begin(), pes.end());
+  call([&](char* msg) {
+    return tilegen_op_init_group(static_cast<int>(slot), static_cast<int>(alloc_world), static_cast<int>(v.size()),
+                                 v.data(), msg, kMsg);
+  });
+  call([&](char* msg) { return tilegen_op_select(0, msg, kMsg); });
+}
+
+// Later calls run on group slot `slot` (set up on this PE by init_group).
+inline void select(int64_t slot) {
+  call([&](char* msg) { return tilegen_op_select(static_cast<int>(slot), msg, kMsg); });
+}
+
 inline void release() { call([&](char* msg) { return tilegen_op_release(msg, kMsg); }); }
 
 inline tvm::ffi::Array<int64_t> nvshmem_versions() {
@@ -70,4 +91,6 @@ inline tvm::ffi::Array<int64_t> nvshmem_versions() {
   TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_wait_error, tilegen_ffi::check_wait_error);    \
   TVM_FFI_DLL_EXPORT_TYPED_FUNC(world, tilegen_ffi::world);                          \
   TVM_FFI_DLL_EXPORT_TYPED_FUNC(release, tilegen_ffi::release);                      \
+  TVM_FFI_DLL_EXPORT_TYPED_FUNC(init_group, tilegen_ffi::init_group);                \
+  TVM_FFI_DLL_EXPORT_TYPED_FUNC(select, tilegen_ffi::select);                        \
   TVM_FFI_DLL_EXPORT_TYPED_FUNC(nvshmem_versions, tilegen_ffi::nvshmem_versions)

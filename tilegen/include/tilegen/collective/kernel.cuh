@@ -129,7 +129,8 @@ struct Params : ScaleParam<Op::kReduceOp == dev::kReducePreMulSum> {
   const uint64_t* epoch_src;          // null: the device's count (state[0] + 1); GEMM ops: the call's epoch word
   const typename Op::Step* steps;     // this rank's program, in device memory (small launch parameters)
   int64_t in_bytes, shard, part, tile;
-  int32_t parts, rank, world, root, nsteps, is_ll;
+  int32_t parts, rank, world, root, nsteps, is_ll;  // rank and world: in the call's group
+  int16_t pe[Op::kMaxWorld];          // group rank -> NVSHMEM PE (NVSHMEM calls address PEs)
   dev::WaitCtx wait;
 };
 
@@ -204,7 +205,7 @@ __device__ __forceinline__ void signal_dests(const Params<Op>& p, const typename
       dev::fence_acq_rel_sys();
       dev::st_release_sys(p.sig_peer[q] + idx, epoch);
     } else if (!skip_nvshmem) {
-      dev::signal_peer_one(nullptr, p.sig + idx, epoch, q);
+      dev::signal_peer_one(nullptr, p.sig + idx, epoch, p.pe[q]);
     }
   }
 }
@@ -252,7 +253,7 @@ __device__ __forceinline__ void move_tile(const Params<Op>& p, const typename Op
   const bool staged = st.nsrc > 1;  // blocking puts: the staging is reused by the next tile
   for (int i = 0; i < st.ndst; ++i) {
     if (seg_ptr(p, st.dst[i], lo)) continue;
-    const int q = abs_rank(p, st.dst[i].rank);
+    const int q = p.pe[abs_rank(p, st.dst[i].rank)];  // (a PE from here on)
     char* sym = seg_sym(p, st.dst[i], lo);
     uint64_t* flag = p.sig + signals<Op>().flag(st.dst[i].buf, st.dst[i].slot, t);
     if (Op::kPerTile && staged) dev::put_signal_block<false>(nullptr, sym, from, n, nullptr, flag, epoch, q);
@@ -321,7 +322,7 @@ __device__ __forceinline__ bool enter_call(const Params<Op>& p, const typename O
       if (st.notify >> q & 1u) {
         const int a = abs_rank(p, q);
         if (p.sig_peer[a]) dev::st_release_sys(p.sig_peer[a] + p.rank, epoch);  // no data precedes it: no fence
-        else dev::signal_peer_one(nullptr, p.sig + p.rank, epoch, a);
+        else dev::signal_peer_one(nullptr, p.sig + p.rank, epoch, p.pe[a]);
       }
   if (threadIdx.x == 0) {
     ok = 1;

@@ -100,7 +100,7 @@ struct Host : host::Base<Op, State<Op>> {
   // of kernel `k`'s resident CTAs idle, each at least `least` units (one per lane: a unit is a lane's) and
   // a multiple of `align` units.
   static Cut cut_for(int k, int64_t rows, int64_t units, int base, int64_t align, int64_t least = 32) {
-    const int64_t resident = static_cast<int64_t>(g.resident[k]) * kWarps;
+    const int64_t resident = static_cast<int64_t>(g->resident[k]) * kWarps;
     int64_t want = rows > 0 ? (resident + rows - 1) / rows : 1;
     want = want > base ? want : base;
     int64_t per = (units + want - 1) / want;
@@ -122,7 +122,7 @@ struct Host : host::Base<Op, State<Op>> {
   // CTAs of kernel `k` for `rows` rows of `pieces` warp-sized pieces each: one warp per piece, at most
   // one wave of what the GPU holds of that kernel (a second wave would redo each CTA's waits and setup).
   static int grid_for(int k, int64_t rows, int pieces) {
-    const int64_t want = (rows * pieces + kWarps - 1) / kWarps, cap = g.resident[k];
+    const int64_t want = (rows * pieces + kWarps - 1) / kWarps, cap = g->resident[k];
     return static_cast<int>(want < 1 ? 1 : (want < cap ? want : cap));
   }
 
@@ -132,55 +132,91 @@ struct Host : host::Base<Op, State<Op>> {
     return false;
   }
 
+  // Collective: the world's group, in slot 0.
   static int init(char* msg, int len) {
-    if (g.ready) return 0;
-    B::attach();
-    if (!supported_world(g.world)) return B::unsupported_world(msg, len);
-    g.local = E / g.world;
-    const int64_t hb = half_bytes(g.world), flag_bytes = 2 * W * 8, total = symmetric_bytes(g.world);
-    g.sym = static_cast<char*>(nvshmem_malloc(total));
-    if (!g.sym)
-      return fail(msg, len, "%s: nvshmem_malloc of %lld bytes (staging for %lld tokens of %lld bytes from %d ranks, "
+    if (B::slots[0].allocated) return 0;
+    int pes[host::kMaxPes];
+    const int n = B::world_pes(pes);
+    if (!supported_world(n))
+      return fail(msg, len, "%s: NVSHMEM has %d PEs; this op was generated for world sizes %s", Op::kName, n,
+                  Op::kWorldSizes);
+    return init_group(0, n, n, pes, msg, len);
+  }
+
+  // Collective over every PE: sets up group slot `slot` and makes it current (this PE's group:
+  // pes[0, size), or size 0). alloc_world: the largest group of the slot (the same on every PE), which
+  // sizes the symmetric allocation; a later set-up of the slot (a disjoint group) only joins.
+  static int init_group(int slot, int alloc_world, int size, const int* pes, char* msg, int len) {
+    if (B::attach(slot, size, pes, msg, len)) return 1;
+    if (size && !supported_world(size)) return B::unsupported_world(msg, len);  // (the binding checked every PE's)
+    if (!g->allocated && allocate(alloc_world, msg, len)) return 1;
+    const int rc = size ? join(msg, len) : 0;  // (its error after the barrier: the other PEs wait in it)
+    if (cudaDeviceSynchronize() != cudaSuccess && !rc)
+      return fail(msg, len, "%s: setting up group slot %d: %s", Op::kName, slot, cudaGetErrorString(cudaGetLastError()));
+    nvshmem_barrier_all();  // every PE's words of the slot are initial before anyone signals
+    return rc;
+  }
+
+  // The symmetric bytes a slot whose groups have at most `alloc_world` ranks takes: the most any of
+  // the op's world sizes up to it needs (the layout is not monotonic in the world size).
+  static int64_t slot_bytes(int alloc_world) {
+    int64_t most = 0;
+    for (int w : Op::kWorlds)
+      if (w <= alloc_world && symmetric_bytes(w) > most) most = symmetric_bytes(w);
+    return most;
+  }
+
+  // Collective: the slot's one symmetric allocation, the same size on every PE, zeroed.
+  static int allocate(int alloc_world, char* msg, int len) {
+    const int64_t total = slot_bytes(alloc_world);
+    g->allocated = true;
+    if (!total) return 0;  // no group of the slot has a size this op serves: nothing of it is used
+    g->sym = static_cast<char*>(nvshmem_malloc(total));
+    if (!g->sym)
+      return fail(msg, len, "%s: nvshmem_malloc of %lld bytes (staging for %lld tokens of %lld bytes from up to %d ranks, "
                   "twice%s) failed: raise NVSHMEM_SYMMETRIC_SIZE", Op::kName, static_cast<long long>(total),
-                  static_cast<long long>(T), static_cast<long long>(D::kStageRowBytes), g.world,
+                  static_cast<long long>(T), static_cast<long long>(D::kStageRowBytes), alloc_world,
                   Op::kLowLatency ? ", and the received rows" : "");
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g->sym, 0, total));  // flags and counts: no call's
+    return 0;
+  }
+
+  // This PE's part (local): its group's layout in the slot's allocation, buffers, kernels, peers.
+  static int join(char* msg, int len) {
+    g->local = E / g->world;
+    const int64_t hb = half_bytes(g->world), flag_bytes = 2 * W * 8;
     for (int h = 0; h < 2; ++h) {
-      char* p = g.sym + h * hb;
-      g.half[h].stage = p;
-      p += align(g.world * T * D::kStageRowBytes);
-      g.half[h].meta = reinterpret_cast<int32_t*>(p);
-      p += align(g.world * T * D::kMeta * 4);
-      g.half[h].info = reinterpret_cast<int32_t*>(p);
-      p += align(g.world * (E + 1) * 4);
-      g.half[h].back = p;
+      char* p = g->sym + h * hb;
+      g->half[h].stage = p;
+      p += align(g->world * T * D::kStageRowBytes);
+      g->half[h].meta = reinterpret_cast<int32_t*>(p);
+      p += align(g->world * T * D::kMeta * 4);
+      g->half[h].info = reinterpret_cast<int32_t*>(p);
+      p += align(g->world * (E + 1) * 4);
+      g->half[h].back = p;
     }
-    g.dflag = reinterpret_cast<uint64_t*>(g.sym + 2 * hb);
-    g.cflag = g.dflag + W;
-    g.lay = ll_layout(g.world);
-    g.ll = Op::kLowLatency ? g.sym + align(2 * hb + flag_bytes) : nullptr;
+    g->dflag = reinterpret_cast<uint64_t*>(g->sym + 2 * hb);
+    g->cflag = g->dflag + W;
+    g->lay = ll_layout(g->world);
+    g->ll = Op::kLowLatency ? g->sym + align(2 * hb + flag_bytes) : nullptr;
     const int64_t scratch_ints = blocks(T) * (E + W) + T * K + T * W + (E + W);
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g.dflag, 0, flag_bytes));
-    if (g.ll) {
-      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g.ll + g.lay.handle, 0xff, g.lay.slot_rows - g.lay.handle));  // -1
-      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g.ll + g.lay.counts, 0, g.lay.bytes - g.lay.counts));
-    }
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&g.scratch, scratch_ints * 4));
+    if (g->ll)  // the handles start at -1 (no row)
+      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g->ll + g->lay.handle, 0xff, g->lay.slot_rows - g->lay.handle));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&g->scratch, scratch_ints * 4));
     constexpr size_t counter_bytes = 3 * sizeof(uint64_t);  // 3 arrival counters
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&g.counters, counter_bytes));
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g.counters, 0, counter_bytes));
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaHostAlloc(&g.counts_host, W * (E + 1) * 4, cudaHostAllocMapped));
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaHostGetDevicePointer(&g.counts_dev, g.counts_host, 0));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&g->counters, counter_bytes));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g->counters, 0, counter_bytes));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaHostAlloc(&g->counts_host, W * (E + 1) * 4, cudaHostAllocMapped));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaHostGetDevicePointer(&g->counts_dev, g->counts_host, 0));
     if (B::alloc_wait_report(msg, len)) return 1;
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaEventCreateWithFlags(&g.done, cudaEventDisableTiming));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaEventCreateWithFlags(&g->done, cudaEventDisableTiming));
     TILEGEN_CUDA_CHECK(Op::kName, msg, len, load_kernels());
     TILEGEN_CUDA_CHECK(Op::kName, msg, len, find_residency());
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaDeviceSynchronize());
-    nvshmem_barrier_all();  // every rank's flags are zero before anyone signals
-    for (int q = 0; q < g.world; ++q)
-      if (!peer(g.sym, q))
+    for (int q = 0; q < g->world; ++q)
+      if (!peer(g->sym, q))
         return fail(msg, len, "%s: rank %d is not load/store reachable from rank %d: MoE ops run over NVLink within "
-                    "one node", Op::kName, q, g.rank);
-    g.ready = true;
+                    "one node", Op::kName, q, g->rank);
+    g->ready = true;
     return 0;
   }
 
@@ -189,7 +225,7 @@ struct Host : host::Base<Op, State<Op>> {
   static cudaError_t find_residency() {
     int sms = 0, major = 0;
     cudaError_t e = host::device_sms(&sms, &major);
-    g.early_launch = major >= 9;
+    g->early_launch = major >= 9;
     const void* kernels[kKernels] = {reinterpret_cast<const void*>(push_tokens<Op>),
                                      reinterpret_cast<const void*>(expand_rows<Op>),
                                      reinterpret_cast<const void*>(combine_send<Op>),
@@ -202,7 +238,7 @@ struct Host : host::Base<Op, State<Op>> {
       if (!kernels[k]) continue;
       int per_sm = 0;
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[k], kWarps * 32, 0);
-      g.resident[k] = sms * (per_sm > 0 ? per_sm : 1);
+      g->resident[k] = sms * (per_sm > 0 ? per_sm : 1);
     }
     return e;
   }
@@ -217,17 +253,21 @@ struct Host : host::Base<Op, State<Op>> {
     return e;
   }
 
+  // Collective teardown of every slot.
   static int release(char*, int) {
-    if (!g.ready) return 0;
+    if (!B::slots[0].allocated) return 0;
     cudaDeviceSynchronize();
-    nvshmem_free(g.sym);
-    cudaFree(g.scratch);
-    cudaFree(g.counters);
-    cudaFreeHost(g.counts_host);
-    cudaEventDestroy(g.done);
-    cudaFree(g.trace_buf);
-    B::release_common();
-    g = State<Op>{};
+    B::release_slots([] {
+      if (g->sym) nvshmem_free(g->sym);
+      if (g->ready) {
+        cudaFree(g->scratch);
+        cudaFree(g->counters);
+        cudaFreeHost(g->counts_host);
+        cudaEventDestroy(g->done);
+        cudaFree(g->trace_buf);
+      }
+      B::release_common();
+    });
     return 0;
   }
 
@@ -239,18 +279,18 @@ struct Host : host::Base<Op, State<Op>> {
   static int set_trace(int on, char* msg, int len) {
     if (usable(msg, len)) return 1;
     cudaError_t e = cudaDeviceSynchronize();
-    if (e == cudaSuccess && on && !g.trace_buf) e = cudaMalloc(&g.trace_buf, kTraceBytes);
-    if (e == cudaSuccess && on) e = cudaMemset(g.trace_buf, 0, kTraceBytes);
+    if (e == cudaSuccess && on && !g->trace_buf) e = cudaMalloc(&g->trace_buf, kTraceBytes);
+    if (e == cudaSuccess && on) e = cudaMemset(g->trace_buf, 0, kTraceBytes);
     if (e != cudaSuccess) return fail(msg, len, "%s: trace: %s", Op::kName, cudaGetErrorString(e));
-    g.trace = on ? g.trace_buf : nullptr;
+    g->trace = on ? g->trace_buf : nullptr;
     return 0;
   }
   static int read_trace(uint64_t* out, char* msg, int len) {
     if (usable(msg, len)) return 1;
-    if (!g.trace_buf) return fail(msg, len, "%s: read_trace before trace(True)", Op::kName);
+    if (!g->trace_buf) return fail(msg, len, "%s: read_trace before trace(True)", Op::kName);
     cudaError_t e = cudaDeviceSynchronize();
-    if (e == cudaSuccess) e = cudaMemcpy(out, g.trace_buf, kTraceBytes, cudaMemcpyDeviceToHost);
-    if (e == cudaSuccess) e = cudaMemset(g.trace_buf, 0, kTraceBytes);
+    if (e == cudaSuccess) e = cudaMemcpy(out, g->trace_buf, kTraceBytes, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess) e = cudaMemset(g->trace_buf, 0, kTraceBytes);
     return e == cudaSuccess ? 0 : fail(msg, len, "%s: read_trace: %s", Op::kName, cudaGetErrorString(e));
   }
 
@@ -269,7 +309,7 @@ struct Host : host::Base<Op, State<Op>> {
     cfg.blockDim = dim3(kWarps * 32);
     cfg.stream = s;
     cfg.attrs = attr;
-    cfg.numAttrs = g.early_launch ? 1 : 0;
+    cfg.numAttrs = g->early_launch ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, params);
   }
 
@@ -288,8 +328,8 @@ struct Host : host::Base<Op, State<Op>> {
   static int route_and_push(const void* x, const void* idx, int idx64, const float* w, int64_t m, const Half& hf,
                             uint64_t epoch, cudaStream_t s, char* msg, int len) {
     const int nb = m > 0 ? blocks(m) : 1;  // (m = 0: one block of no tokens, whose scan zeroes the totals)
-    RouteParams rp{idx, idx64, m, g.world, g.local, g.scratch, nullptr, nullptr, nullptr, g.counters + 2};
-    rp.trace = g.trace;
+    RouteParams rp{idx, idx64, m, g->world, g->local, g->scratch, nullptr, nullptr, nullptr, g->counters + 2};
+    rp.trace = g->trace;
     rp.rib = rp.hist + blocks(T) * (E + W);
     rp.ribd = rp.rib + T * K;
     rp.totals = rp.ribd + T * W;
@@ -305,19 +345,19 @@ struct Host : host::Base<Op, State<Op>> {
     pp.rib = rp.rib;
     pp.ribd = rp.ribd;
     pp.totals = rp.totals;
-    for (int q = 0; q < g.world; ++q) {
-      pp.stage[q] = peer(hf.stage, q) + g.rank * T * D::kStageRowBytes;
-      pp.meta[q] = peer(hf.meta, q) + g.rank * T * D::kMeta;
-      pp.info[q] = peer(hf.info, q) + g.rank * (E + 1);
-      pp.flag[q] = peer(g.dflag, q) + g.rank;
+    for (int q = 0; q < g->world; ++q) {
+      pp.stage[q] = peer(hf.stage, q) + g->rank * T * D::kStageRowBytes;
+      pp.meta[q] = peer(hf.meta, q) + g->rank * T * D::kMeta;
+      pp.info[q] = peer(hf.info, q) + g->rank * (E + 1);
+      pp.flag[q] = peer(g->dflag, q) + g->rank;
     }
-    pp.counter = g.counters;
+    pp.counter = g->counters;
     pp.epoch = epoch;
-    pp.me = g.rank;
-    pp.world = g.world;
-    pp.local = g.local;
+    pp.me = g->rank;
+    pp.world = g->world;
+    pp.local = g->local;
     pp.cut = push_cut(kPush, m);
-    pp.trace = g.trace;
+    pp.trace = g->trace;
     push_tokens<Op><<<grid_for(kPush, m, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
     return launched("push", msg, len);
   }
@@ -337,21 +377,21 @@ struct Host : host::Base<Op, State<Op>> {
     cp.stage_src = stage_src;
     cp.stage_w = stage_w;
     cp.stage_rows = stage_rows;
-    for (int q = 0; q < g.world; ++q) {
-      cp.back[q] = peer(hf.back, q) + g.rank * T * D::kRowBytes;
-      cp.flag[q] = peer(g.cflag, q) + g.rank;
+    for (int q = 0; q < g->world; ++q) {
+      cp.back[q] = peer(hf.back, q) + g->rank * T * D::kRowBytes;
+      cp.flag[q] = peer(g->cflag, q) + g->rank;
     }
-    cp.counter = g.counters + 1;
+    cp.counter = g->counters + 1;
     cp.epoch = epoch;
-    cp.world = g.world;
+    cp.world = g->world;
     cp.own_dispatch_flag = own_dispatch_flag;
     cp.ntok = ntok;
     cp.cut = send_cut(stage_rows);
-    cp.trace = g.trace;
+    cp.trace = g->trace;
     combine_send<Op><<<grid_for(kSend, stage_rows, cp.cut.pieces), kWarps * 32, 0, s>>>(cp);
     if (launched("combine send", msg, len)) return 1;
-    ReduceParams<Op> rp{hf.back, g.cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
-                        g.world, g.local, own_dispatch_flag, reduce_cut(m), g.trace};
+    ReduceParams<Op> rp{hf.back, g->cflag, idx, idx64, m, static_cast<char*>(out), epoch, wait_ctx(timeout_ns),
+                        g->world, g->local, own_dispatch_flag, reduce_cut(m), g->trace};
     return launched("combine reduce", launch_early(combine_reduce<Op>, grid_for(kReduce, m, rp.cut.pieces), s, rp),
                     msg, len);
   }
@@ -362,23 +402,23 @@ struct Host : host::Base<Op, State<Op>> {
                            uint64_t timeout_ns, int64_t* out, char* msg, int len) {
     if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const uint64_t epoch = ++g.dispatch_epoch;
-    const Half& hf = g.half[epoch & 1];
+    const uint64_t epoch = ++g->dispatch_epoch;
+    const Half& hf = g->half[epoch & 1];
     if (route_and_push(x, idx, idx64, w, m, hf, epoch, s, msg, len)) return 1;
-    wait_counts<Op><<<1, 32, 0, s>>>(g.dflag, hf.info, g.counts_dev, g.world, g.local, epoch, wait_ctx(timeout_ns));
+    wait_counts<Op><<<1, 32, 0, s>>>(g->dflag, hf.info, g->counts_dev, g->world, g->local, epoch, wait_ctx(timeout_ns));
     if (launched("wait", msg, len)) return 1;
-    cudaError_t e = cudaEventRecord(g.done, s);
-    if (e == cudaSuccess) e = cudaEventSynchronize(g.done);  // normal mode: the host sizes the outputs
+    cudaError_t e = cudaEventRecord(g->done, s);
+    if (e == cudaSuccess) e = cudaEventSynchronize(g->done);  // normal mode: the host sizes the outputs
     if (e != cudaSuccess) return fail(msg, len, "%s: dispatch: %s", Op::kName, cudaGetErrorString(e));
     if (wait_error(msg, len)) return 1;
     int64_t stage_rows = 0, rows = 0;
-    for (int q = 0; q < g.world; ++q)
-      for (int l = 0; l <= g.local; ++l) {
-        out[q * (g.local + 1) + l] = g.counts_host[q * (g.local + 1) + l];
-        (l < g.local ? rows : stage_rows) += g.counts_host[q * (g.local + 1) + l];
+    for (int q = 0; q < g->world; ++q)
+      for (int l = 0; l <= g->local; ++l) {
+        out[q * (g->local + 1) + l] = g->counts_host[q * (g->local + 1) + l];
+        (l < g->local ? rows : stage_rows) += g->counts_host[q * (g->local + 1) + l];
       }
-    g.last_rows = rows;
-    g.last_stage_rows = stage_rows;
+    g->last_rows = rows;
+    g->last_stage_rows = stage_rows;
     return 0;
   }
 
@@ -386,18 +426,18 @@ struct Host : host::Base<Op, State<Op>> {
   static int dispatch_recv(void* out, float* scales, int32_t* handle, int32_t* slot_rows, int32_t* stage_src, float* stage_w,
                            int32_t* counts, int64_t rows, int64_t stage_rows, void* stream, char* msg, int len) {
     if (usable(msg, len)) return 1;
-    if (g.last_rows < 0) return fail(msg, len, "%s: dispatch_recv before dispatch_send", Op::kName);
-    if (rows != g.last_rows || stage_rows != g.last_stage_rows)
+    if (g->last_rows < 0) return fail(msg, len, "%s: dispatch_recv before dispatch_send", Op::kName);
+    if (rows != g->last_rows || stage_rows != g->last_stage_rows)
       return fail(msg, len, "%s: outputs for %lld rows / %lld staging rows, but the last dispatch received %lld / %lld",
                   Op::kName, static_cast<long long>(rows), static_cast<long long>(stage_rows),
-                  static_cast<long long>(g.last_rows), static_cast<long long>(g.last_stage_rows));
-    const Half& hf = g.half[g.dispatch_epoch & 1];
+                  static_cast<long long>(g->last_rows), static_cast<long long>(g->last_stage_rows));
+    const Half& hf = g->half[g->dispatch_epoch & 1];
     ExpandParams<Op> p{hf.stage, hf.meta, hf.info, static_cast<char*>(out), scales, handle, slot_rows, stage_src,
-                       stage_w, counts, stage_rows, rows, g.rank, g.world, g.local};
+                       stage_w, counts, stage_rows, rows, g->rank, g->world, g->local};
     p.cut = expand_cut(stage_rows);
-    p.trace = g.trace;
+    p.trace = g->trace;
     expand_rows<Op><<<grid_for(kExpand, stage_rows, p.cut.pieces), kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
-    g.last_rows = -1;  // one expansion per dispatch
+    g->last_rows = -1;  // one expansion per dispatch
     return launched("expand", msg, len);
   }
 
@@ -409,9 +449,9 @@ struct Host : host::Base<Op, State<Op>> {
       return fail(msg, len, "%s: combine of %lld tokens / %lld staging rows outside [0, %lld] / [0, %lld]", Op::kName,
                   static_cast<long long>(m), static_cast<long long>(stage_rows), static_cast<long long>(T),
                   static_cast<long long>(W * T));
-    const uint64_t epoch = ++g.combine_epoch;
+    const uint64_t epoch = ++g->combine_epoch;
     return send_and_reduce(y, slot_rows, stage_src, stage_w, stage_rows, nullptr, idx, idx64, m, out,
-                           g.half[epoch & 1], epoch, nullptr, timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
+                           g->half[epoch & 1], epoch, nullptr, timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 
   // ------------------------------------------------------------------ low-latency mode
@@ -428,9 +468,9 @@ struct Host : host::Base<Op, State<Op>> {
   static int ll_outputs(int64_t* out, char* msg, int len) {
     if (usable(msg, len)) return 1;
     if (!Op::kLowLatency) return not_low_latency(msg, len);
-    const LLLayout& l = g.lay;
+    const LLLayout& l = g->lay;
     const int64_t offs[7] = {l.out, l.scales, l.handle, l.slot_rows, l.stage_src, l.stage_w, l.counts};
-    for (int i = 0; i < 7; ++i) out[i] = reinterpret_cast<int64_t>(g.ll + offs[i]);
+    for (int i = 0; i < 7; ++i) out[i] = reinterpret_cast<int64_t>(g->ll + offs[i]);
     if (!D::kFp8) out[1] = 0;
     return 0;
   }
@@ -448,21 +488,21 @@ struct Host : host::Base<Op, State<Op>> {
       pp.idx64 = idx64;
       pp.w = w;
       pp.m = m;
-      for (int q = 0; q < g.world; ++q) pp.ll[q] = peer(g.ll, q);
-      pp.lay = g.lay;
-      pp.own_flag = g.dflag + g.rank;
-      pp.counter = g.counters;
-      pp.own_combine_flag = g.cflag + g.rank;
-      pp.me = g.rank;
-      pp.world = g.world;
-      pp.local = g.local;
-      pp.trace = g.trace;
-      pp.cut = ll_cut(kLLPush, m * g.world);  // (a warp per piece and rank)
-      ll_push<Op><<<grid_for(kLLPush, m * g.world, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
+      for (int q = 0; q < g->world; ++q) pp.ll[q] = peer(g->ll, q);
+      pp.lay = g->lay;
+      pp.own_flag = g->dflag + g->rank;
+      pp.counter = g->counters;
+      pp.own_combine_flag = g->cflag + g->rank;
+      pp.me = g->rank;
+      pp.world = g->world;
+      pp.local = g->local;
+      pp.trace = g->trace;
+      pp.cut = ll_cut(kLLPush, m * g->world);  // (a warp per piece and rank)
+      ll_push<Op><<<grid_for(kLLPush, m * g->world, pp.cut.pieces), kWarps * 32, 0, s>>>(pp);
       if (launched("push", msg, len)) return 1;
-      const int64_t rows = (g.world - 1) * T;  // a bound: tokens from the other ranks
-      LLExpandParams<Op> ep{g.ll, g.lay, g.dflag + g.rank, g.cflag + g.rank, g.rank, g.world, g.local,
-                            wait_ctx(timeout_ns), ll_cut(kLLExpand, rows), g.trace};
+      const int64_t rows = (g->world - 1) * T;  // a bound: tokens from the other ranks
+      LLExpandParams<Op> ep{g->ll, g->lay, g->dflag + g->rank, g->cflag + g->rank, g->rank, g->world, g->local,
+                            wait_ctx(timeout_ns), ll_cut(kLLExpand, rows), g->trace};
       return launched("expand", launch_early(ll_expand<Op>, grid_for(kLLExpand, rows, ep.cut.pieces), s, ep), msg, len);
     }
   }
@@ -471,9 +511,9 @@ struct Host : host::Base<Op, State<Op>> {
                         uint64_t timeout_ns, char* msg, int len) {
     if (usable(msg, len) || check_tokens(m, msg, len)) return 1;
     if (!Op::kLowLatency) return not_low_latency(msg, len);
-    const LLLayout& l = g.lay;
-    return send_and_reduce(y, at<int32_t>(g.ll, l.slot_rows), at<int32_t>(g.ll, l.stage_src), at<float>(g.ll, l.stage_w),
-                           g.world * T, at<int32_t>(g.ll, l.ntok), idx, idx64, m, out, g.half[0], 0, g.dflag + g.rank,
+    const LLLayout& l = g->lay;
+    return send_and_reduce(y, at<int32_t>(g->ll, l.slot_rows), at<int32_t>(g->ll, l.stage_src), at<float>(g->ll, l.stage_w),
+                           g->world * T, at<int32_t>(g->ll, l.ntok), idx, idx64, m, out, g->half[0], 0, g->dflag + g->rank,
                            timeout_ns, static_cast<cudaStream_t>(stream), msg, len);
   }
 };

@@ -32,8 +32,12 @@
   extern "C" {                                                                                                       \
   int tilegen_op_init(char* msg, int len) { return tilegen::moe::Host<OP>::init(msg, len); }                         \
   int tilegen_op_release(char* msg, int len) { return tilegen::moe::Host<OP>::release(msg, len); }                   \
-  int tilegen_op_world(void) { return tilegen::moe::Host<OP>::g.ready ? tilegen::moe::Host<OP>::g.world : 0; }        \
-  int tilegen_op_rank(void) { return tilegen::moe::Host<OP>::g.ready ? tilegen::moe::Host<OP>::g.rank : -1; }         \
+  int tilegen_op_init_group(int slot, int alloc_world, int size, const int* pes, char* msg, int len) {                \
+    return tilegen::moe::Host<OP>::init_group(slot, alloc_world, size, pes, msg, len);                               \
+  }                                                                                                                  \
+  int tilegen_op_select(int slot, char* msg, int len) { return tilegen::moe::Host<OP>::select(slot, msg, len); }    \
+  int tilegen_op_world(void) { return tilegen::moe::Host<OP>::g->ready ? tilegen::moe::Host<OP>::g->world : 0; }      \
+  int tilegen_op_rank(void) { return tilegen::moe::Host<OP>::g->ready ? tilegen::moe::Host<OP>::g->rank : -1; }       \
   int tilegen_op_wait_error(char* msg, int len) { return tilegen::moe::Host<OP>::wait_error(msg, len); }             \
   TILEGEN_EXPORT_NVSHMEM_VERSIONS()                                                                                \
   int tilegen_moe_dispatch_send(const void* x, const void* idx, int idx64, const float* w, int64_t m, void* stream,  \

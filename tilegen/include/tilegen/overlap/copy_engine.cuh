@@ -27,9 +27,8 @@ struct StreamMemOps {
                : nullptr;
   }
 
-  void load(int device) {
-    const char* env = getenv("TILEGEN_CE_MEMOPS");
-    if (env && env[0] == '0') return;
+  void load(int device, bool allowed) {  // allowed: TILEGEN_CE_MEMOPS (tilegen.settings), passed by the runtime
+    if (!allowed) return;
     wait = reinterpret_cast<ValueFn>(entry("cuStreamWaitValue64"));
     write = reinterpret_cast<ValueFn>(entry("cuStreamWriteValue64"));
     auto attr = reinterpret_cast<AttrFn>(entry("cuDeviceGetAttribute"));

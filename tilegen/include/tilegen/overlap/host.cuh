@@ -55,21 +55,31 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   using H::usable;
   using H::wait_ctx;
   static constexpr int kJoinEvents = GemmState<Op>::kJoinEvents;
-  static inline GemmState<Op> o;
+  static inline GemmState<Op> os[host::kMaxGroups];  // one per group slot, beside Host's
+  struct Current {  // `o`: the current slot's (the one H::g points to)
+    GemmState<Op>* operator->() const { return &os[H::g - H::slots]; }
+  };
+  static constexpr Current o{};
+  static inline bool memops_allowed = true;  // TILEGEN_CE_MEMOPS, set by the runtime before the first init
+
+  static int allow_memops(int yes) {
+    memops_allowed = yes != 0;
+    return 0;
+  }
 
   // ------------------------------------------------------------ Host's Ext: init, run, release
   static constexpr bool kBesideGemms = true;
 
   static int on_alloc(char* msg, int len) {
-    o.ce_sig = static_cast<uint64_t*>(nvshmem_malloc(CeSignals<Op>::kWords * sizeof(uint64_t)));
-    if (!o.ce_sig) return fail(msg, len, "%s: nvshmem_malloc of the copy-engine signals failed", Op::kName);
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o.ce_sig, 0, CeSignals<Op>::kWords * sizeof(uint64_t)));
+    o->ce_sig = static_cast<uint64_t*>(nvshmem_malloc(CeSignals<Op>::kWords * sizeof(uint64_t)));
+    if (!o->ce_sig) return fail(msg, len, "%s: nvshmem_malloc of the copy-engine signals failed", Op::kName);
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o->ce_sig, 0, CeSignals<Op>::kWords * sizeof(uint64_t)));
     if (Op::kFused) {
-      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&o.counters, Op::kInSlots * sizeof(uint64_t)));
-      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o.counters, 0, Op::kInSlots * sizeof(uint64_t)));
+      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&o->counters, Op::kInSlots * sizeof(uint64_t)));
+      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o->counters, 0, Op::kInSlots * sizeof(uint64_t)));
     }
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&o.epoch_dev, sizeof(uint64_t)));
-    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o.epoch_dev, 0, sizeof(uint64_t)));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMalloc(&o->epoch_dev, sizeof(uint64_t)));
+    TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(o->epoch_dev, 0, sizeof(uint64_t)));
     return 0;
   }
 
@@ -89,13 +99,13 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
       if (tilegen_op_fused_load(msg, len)) return 1;
     int device = 0;
     TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaGetDevice(&device));
-    o.memops.load(device);
+    o->memops.load(device, memops_allowed);
     for (int i = 0; i < kJoinEvents; ++i)
-      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaEventCreateWithFlags(&o.joins[i], cudaEventDisableTiming));
-    o.ce_ok = true;
-    for (int q = 0; q < g.world; ++q) {
-      o.ce.peer[q] = H::peer(o.ce_sig, q);
-      o.ce_ok &= o.ce.peer[q] != nullptr;
+      TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaEventCreateWithFlags(&o->joins[i], cudaEventDisableTiming));
+    o->ce_ok = true;
+    for (int q = 0; q < g->world; ++q) {
+      o->ce.peer[q] = H::peer(o->ce_sig, q);
+      o->ce_ok &= o->ce.peer[q] != nullptr;
     }
     return 0;
   }
@@ -103,43 +113,43 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   // run(): every kernel of the call reads the epoch begin() advanced; the compute side's hooks and the
   // fused GEMM read the call's layout, order and grid.
   static int on_prepare(Params<Op>& p, const Variant<Op>& v, int grid, char* msg, int len) {
-    if (!o.begun) return fail(msg, len, "%s: run() without begin() on the caller's stream first", Op::kName);
-    o.begun = false;
-    o.prepared = true;
-    p.epoch_src = o.epoch_dev;
-    o.last_shard = p.shard;
-    o.last_part = p.part;
-    o.last_tile = p.tile;
-    o.last_parts = p.parts;
-    o.last_variant = &v;
-    o.last_grid = grid;
+    if (!o->begun) return fail(msg, len, "%s: run() without begin() on the caller's stream first", Op::kName);
+    o->begun = false;
+    o->prepared = true;
+    p.epoch_src = o->epoch_dev;
+    o->last_shard = p.shard;
+    o->last_part = p.part;
+    o->last_tile = p.tile;
+    o->last_parts = p.parts;
+    o->last_variant = &v;
+    o->last_grid = grid;
     return 0;
   }
 
   static void on_release() {
-    if (o.ce_sig) nvshmem_free(o.ce_sig);
-    for (cudaEvent_t ev : o.joins)
+    if (o->ce_sig) nvshmem_free(o->ce_sig);
+    for (cudaEvent_t ev : o->joins)
       if (ev) cudaEventDestroy(ev);
-    for (cudaStream_t cs : o.ce_copy)
+    for (cudaStream_t cs : o->ce_copy)
       if (cs) cudaStreamDestroy(cs);
-    o.blas.release();
-    if (o.counters) cudaFree(o.counters);
-    if (o.epoch_dev) cudaFree(o.epoch_dev);
-    o = GemmState<Op>{};
+    o->blas.release();
+    if (o->counters) cudaFree(o->counters);
+    if (o->epoch_dev) cudaFree(o->epoch_dev);
+    *o.operator->() = GemmState<Op>{};
   }
 
   // ------------------------------------------------------------ decomposed overlap: the compute stream
   static int begin(void* stream, char* msg, int len) {
-    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
-    begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(o.epoch_dev);
+    if (!g->ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    begin_call<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(o->epoch_dev);
     if (launched("begin", msg, len)) return 1;
-    o.begun = true;
+    o->begun = true;
     return 0;
   }
 
   static int check_chunk(const char* what, int chunk, char* msg, int len) {
-    if (!g.ready || !o.prepared) return fail(msg, len, "%s: %s before any call", Op::kName, what);
-    if (chunk < 0 || chunk >= g.world) return fail(msg, len, "%s: chunk %d outside [0, %d)", Op::kName, chunk, g.world);
+    if (!g->ready || !o->prepared) return fail(msg, len, "%s: %s before any call", Op::kName, what);
+    if (chunk < 0 || chunk >= g->world) return fail(msg, len, "%s: chunk %d outside [0, %d)", Op::kName, chunk, g->world);
     return 0;
   }
 
@@ -147,7 +157,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   static int signal_chunk_after(int chunk, void* stream, char* msg, int len) {
     if (check_chunk("signal_chunk", chunk, msg, len)) return 1;
     if constexpr (Op::kGemm == Gemm::kProduce) {
-      signal_chunk<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, o.last_parts, o.epoch_dev);
+      signal_chunk<Op><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(g->sig, chunk, o->last_parts, o->epoch_dev);
       return launched("signal", msg, len);
     }
     return 0;
@@ -158,8 +168,8 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
     if (check_chunk("wait_chunk", chunk, msg, len)) return 1;
     if constexpr (Op::kGemm == Gemm::kConsume) {
       const dev::WaitCtx w = wait_ctx(timeout_ns);
-      wait_chunk<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g.sig, chunk, o.last_parts, o.last_shard, o.last_part,
-                                                                       o.last_tile, o.epoch_dev, w);
+      wait_chunk<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(g->sig, chunk, o->last_parts, o->last_shard, o->last_part,
+                                                                       o->last_tile, o->epoch_dev, w);
       return launched("wait", msg, len);
     }
     return 0;
@@ -167,8 +177,8 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
 
   // The compute stream's chunk order for the last call (world entries).
   static int compute_order(int* out) {
-    if (!g.ready || !o.last_variant || !o.last_variant->order) return 1;
-    for (int i = 0; i < g.world; ++i) out[i] = o.last_variant->order[g.rank][i];
+    if (!g->ready || !o->last_variant || !o->last_variant->order) return 1;
+    for (int i = 0; i < g->world; ++i) out[i] = o->last_variant->order[g->rank][i];
     return 0;
   }
 
@@ -177,19 +187,19 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   // (tilegen/overlap/runtime.py); these check their arguments and queue the copies and the flag kernels.
   static int ce_check(const char* what, int peer, int flag, char* msg, int len) {
     if (usable(msg, len)) return 1;
-    if (!o.ce_ok)
+    if (!o->ce_ok)
       return fail(msg, len, "%s: %s: the copy-engine overlap needs every peer's memory reachable over NVLink (P2P); "
                   "use overlap: decomposed", Op::kName, what);
-    if (peer < 0 || peer >= g.world) return fail(msg, len, "%s: %s: peer %d outside [0, %d)", Op::kName, what, peer, g.world);
+    if (peer < 0 || peer >= g->world) return fail(msg, len, "%s: %s: peer %d outside [0, %d)", Op::kName, what, peer, g->world);
     if (flag < 0 || flag >= Op::kMaxWorld * kCeMaxSplits)
       return fail(msg, len, "%s: %s: flag %d outside [0, %d)", Op::kName, what, flag, Op::kMaxWorld * kCeMaxSplits);
     return 0;
   }
 
   static int ce_begin_call(void* stream, uint64_t timeout_ns, char* msg, int len) {
-    if (ce_check("begin", g.rank, 0, msg, len)) return 1;
+    if (ce_check("begin", g->rank, 0, msg, len)) return 1;
     const dev::WaitCtx w = wait_ctx(timeout_ns);
-    ce_begin<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(o.epoch_dev, o.ce, g.rank, g.world, w);
+    ce_begin<Op><<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(o->epoch_dev, o->ce, g->rank, g->world, w);
     return launched("begin", msg, len);
   }
 
@@ -199,7 +209,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
       fail(msg, len, "%s: %s: the buffer is not on the NVSHMEM symmetric heap", Op::kName, what);
       return nullptr;
     }
-    char* p = static_cast<char*>(nvshmem_ptr(ptr, peer));
+    char* p = H::peer(static_cast<char*>(const_cast<void*>(ptr)), peer);
     if (!p) fail(msg, len, "%s: %s: rank %d's buffer is not reachable over NVLink", Op::kName, what, peer);
     return p;
   }
@@ -213,13 +223,13 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e = cudaMemcpyAsync(to, src, bytes, cudaMemcpyDeviceToDevice, s);
     if (e != cudaSuccess) return fail(msg, len, "%s: put: %s", Op::kName, cudaGetErrorString(e));
-    return set_flag(o.ce.peer[peer] + CeSignals<Op>::kFlags + flag, s, msg, len);
+    return set_flag(o->ce.peer[peer] + CeSignals<Op>::kFlags + flag, s, msg, len);
   }
 
   // Sets a flag after the work queued before on `stream` (its writes are visible first).
   static int set_flag(uint64_t* flag, cudaStream_t s, char* msg, int len) {
-    if (o.memops.ok) {
-      CUresult r = o.memops.write(reinterpret_cast<CUstream>(s), reinterpret_cast<CUdeviceptr>(flag), 1, 0);
+    if (o->memops.ok) {
+      CUresult r = o->memops.write(reinterpret_cast<CUstream>(s), reinterpret_cast<CUdeviceptr>(flag), 1, 0);
       return r == CUDA_SUCCESS ? 0 : fail(msg, len, "%s: cuStreamWriteValue64 failed (CUresult %d; TILEGEN_CE_MEMOPS=0 "
                                           "signals in kernels)", Op::kName, static_cast<int>(r));
     }
@@ -229,9 +239,9 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
 
   // `waiter` runs what is queued on it from now on after the work queued on `producer` so far.
   static int join(void* waiter, void* producer, char* msg, int len) {
-    if (!g.ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
-    cudaEvent_t ev = o.joins[o.next_join];
-    o.next_join = (o.next_join + 1) % kJoinEvents;
+    if (!g->ready) return fail(msg, len, "%s: not initialised (call tilegen.init() first)", Op::kName);
+    cudaEvent_t ev = o->joins[o->next_join];
+    o->next_join = (o->next_join + 1) % kJoinEvents;
     cudaError_t e = cudaEventRecord(ev, static_cast<cudaStream_t>(producer));
     if (e == cudaSuccess) e = cudaStreamWaitEvent(static_cast<cudaStream_t>(waiter), ev, 0);
     return e == cudaSuccess ? 0 : fail(msg, len, "%s: join: %s", Op::kName, cudaGetErrorString(e));
@@ -240,17 +250,17 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   // Holds `stream` until this rank's flag `flag` is set, then clears it. A bounded wait runs as a
   // kernel (it reports a missing peer); an unbounded one in the front end where the device can.
   static int ce_wait_flag(int flag, void* stream, uint64_t timeout_ns, char* msg, int len) {
-    if (ce_check("wait", g.rank, flag, msg, len)) return 1;
-    uint64_t* word = o.ce.peer[g.rank] + CeSignals<Op>::kFlags + flag;
+    if (ce_check("wait", g->rank, flag, msg, len)) return 1;
+    uint64_t* word = o->ce.peer[g->rank] + CeSignals<Op>::kFlags + flag;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (o.memops.ok && !timeout_ns) {
+    if (o->memops.ok && !timeout_ns) {
       const CUstream cs = reinterpret_cast<CUstream>(s);
       const CUdeviceptr p = reinterpret_cast<CUdeviceptr>(word);
-      CUresult r = o.memops.wait(cs, p, 1, CU_STREAM_WAIT_VALUE_EQ);
+      CUresult r = o->memops.wait(cs, p, 1, CU_STREAM_WAIT_VALUE_EQ);
       if (r != CUDA_SUCCESS)
         return fail(msg, len, "%s: cuStreamWaitValue64 failed (CUresult %d; TILEGEN_CE_MEMOPS=0 waits in kernels)",
                     Op::kName, static_cast<int>(r));
-      r = o.memops.write(cs, p, 0, 0);
+      r = o->memops.write(cs, p, 0, 0);
       return r == CUDA_SUCCESS ? 0 : fail(msg, len, "%s: cuStreamWriteValue64 failed (CUresult %d)", Op::kName, static_cast<int>(r));
     }
     const dev::WaitCtx w = wait_ctx(timeout_ns);
@@ -275,7 +285,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
       const bool same_rows = st.kind == CeStep::kGemm || st.kind == CeStep::kReduce;  // (copies: bytes, per call)
       bool ok = f[0] >= 0 && f[0] < CeStep::kKinds && f[1] >= 0 && f[1] <= Op::kMaxWorld && f[4] >= 1 && f[5] >= 0;
       ok = ok && (st.kind != CeStep::kFork || f[1] > 0) && (st.kind != CeStep::kJoin || f[1] == 0);
-      ok = ok && (!remote || (f[2] >= 0 && f[2] < g.world && f[2] != g.rank));
+      ok = ok && (!remote || (f[2] >= 0 && f[2] < g->world && f[2] != g->rank));
       ok = ok && (!flags || (f[3] >= 0 && f[3] < Op::kMaxWorld * kCeMaxSplits));
       ok = ok && (!moves || (buffer_ok(f[6], false) && buffer_ok(f[9], false) && 0 <= f[7] && f[7] < f[8] && 0 <= f[10] && f[10] < f[11]));
       ok = ok && (st.kind == CeStep::kGemm ? buffer_ok(f[12], true) && (f[12] == -1 || (0 <= f[13] && f[14] - f[13] == f[8] - f[7]))
@@ -293,7 +303,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
       p.copies = st.stream > p.copies ? st.stream : p.copies;
       p.steps.push_back(st);
     }
-    o.ce_programs[key] = std::move(p);
+    o->ce_programs[key] = std::move(p);
     return 0;
   }
 
@@ -302,8 +312,8 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   static int ce_run(int64_t key, char* const* ptr, const int64_t* rows, const int64_t* row_bytes, const void* b, int64_t n,
                     int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len) {
     if (usable(msg, len)) return 1;
-    auto it = o.ce_programs.find(key);
-    if (it == o.ce_programs.end())
+    auto it = o->ce_programs.find(key);
+    if (it == o->ce_programs.end())
       return fail(msg, len, "%s: copy-engine program %lld was not registered", Op::kName, static_cast<long long>(key));
     const CeProgram& p = it->second;
     for (int i = 0; i < CeStep::kBuffers; ++i)
@@ -312,13 +322,13 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
                     static_cast<long long>(p.max_row[i]), i, static_cast<long long>(rows[i]));
     void* streams[1 + Op::kMaxWorld] = {stream};
     for (int i = 0; i < p.copies; ++i) {
-      if (!o.ce_copy[i]) {
-        cudaError_t e = cudaStreamCreateWithFlags(&o.ce_copy[i], cudaStreamNonBlocking);
+      if (!o->ce_copy[i]) {
+        cudaError_t e = cudaStreamCreateWithFlags(&o->ce_copy[i], cudaStreamNonBlocking);
         if (e != cudaSuccess) return fail(msg, len, "%s: copy stream: %s", Op::kName, cudaGetErrorString(e));
       }
-      streams[1 + i] = o.ce_copy[i];
+      streams[1 + i] = o->ce_copy[i];
     }
-    if (o.blas.load(msg, len)) return 1;
+    if (o->blas.load(msg, len)) return 1;
     const int64_t in_row = k * static_cast<int64_t>(sizeof(typename Op::Elem)), out_row = n * static_cast<int64_t>(sizeof(typename Op::Elem));
     for (const CeStep& st : p.steps) {
       void* on = streams[st.stream];
@@ -327,7 +337,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
         case CeStep::kBegin: rc = ce_begin_call(on, timeout_ns, msg, len); break;
         case CeStep::kFork: rc = join(on, stream, msg, len); break;
         case CeStep::kJoin:  // the caller's stream after every copy stream's work so far
-          for (int i = 0; i < p.copies && !rc; ++i) rc = join(stream, o.ce_copy[i], msg, len);
+          for (int i = 0; i < p.copies && !rc; ++i) rc = join(stream, o->ce_copy[i], msg, len);
           break;
         case CeStep::kWait: rc = ce_wait_flag(st.flag, on, timeout_ns, msg, len); break;
         case CeStep::kPut: {
@@ -346,7 +356,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
                         static_cast<long long>(row_bytes[st.src]), static_cast<long long>(row_bytes[st.dst]),
                         static_cast<long long>(in_row), static_cast<long long>(out_row));
           const char* addend = st.addend >= 0 ? ptr[st.addend] + st.alo * out_row : nullptr;
-          rc = o.blas.gemm(BlasType<typename Op::Elem>::kType, ptr[st.src] + st.slo * in_row, st.shi - st.slo, b, n, k,
+          rc = o->blas.gemm(BlasType<typename Op::Elem>::kType, ptr[st.src] + st.slo * in_row, st.shi - st.slo, b, n, k,
                            b_kn != 0, ptr[st.dst] + st.dlo * out_row, addend, static_cast<cudaStream_t>(on), msg, len);
           break;
         }
@@ -378,12 +388,12 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   // Diagnostics: this rank's copy-engine words (entry epochs by rank, then the flags) and its epoch,
   // read on a stream of their own (no wait for work queued elsewhere, a stuck wait included).
   static int ce_words(uint64_t* out, int n, int* count, char* msg, int len) {
-    if (!g.ready || !o.ce_sig) return fail(msg, len, "%s: no copy-engine words (not initialised, or not a GEMM op)", Op::kName);
+    if (!g->ready || !o->ce_sig) return fail(msg, len, "%s: no copy-engine words (not initialised, or not a GEMM op)", Op::kName);
     if (n < CeSignals<Op>::kWords + 1) return fail(msg, len, "%s: ce_words needs %d words", Op::kName, CeSignals<Op>::kWords + 1);
     cudaStream_t s = nullptr;
     cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    if (e == cudaSuccess) e = cudaMemcpyAsync(out, o.ce_sig, CeSignals<Op>::kWords * sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
-    if (e == cudaSuccess) e = cudaMemcpyAsync(out + CeSignals<Op>::kWords, o.epoch_dev, sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(out, o->ce_sig, CeSignals<Op>::kWords * sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(out + CeSignals<Op>::kWords, o->epoch_dev, sizeof(uint64_t), cudaMemcpyDeviceToHost, s);
     if (e == cudaSuccess) e = cudaStreamSynchronize(s);
     if (s) cudaStreamDestroy(s);
     *count = CeSignals<Op>::kWords + 1;
@@ -396,11 +406,11 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   static int abandon(const CeProgram& p, void* stream, bool first, char* msg, int len) {
     for (int i = 0; i < p.copies; ++i) {
       char ignored[8];
-      if (o.ce_copy[i]) join(stream, o.ce_copy[i], ignored, sizeof ignored);
+      if (o->ce_copy[i]) join(stream, o->ce_copy[i], ignored, sizeof ignored);
     }
     cudaGetLastError();
     if (first) return 1;
-    g.poisoned = true;
+    g->poisoned = true;
     const size_t used = strlen(msg);
     if (used + 1 < static_cast<size_t>(len))
       snprintf(msg + used, len - used, " (the call stopped midway: this op is unusable now, restart the job)");
@@ -411,34 +421,34 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
   // order and the layout, checked against the GEMM's view of the rows.
   static int chunk_sync(fused::ChunkSync* out, int64_t rows, int tile_m, int tiles_n, int64_t row_bytes, uint64_t timeout_ns,
                         int* comm_ctas, char* msg, int len) {
-    if (!g.ready || !o.prepared) return fail(msg, len, "%s: fused GEMM before run() prepared the communication", Op::kName);
-    if (g.world > fused::kMaxChunks) return fail(msg, len, "%s: world %d exceeds %d chunks", Op::kName, g.world, fused::kMaxChunks);
-    if (rows * row_bytes != o.last_shard)
+    if (!g->ready || !o->prepared) return fail(msg, len, "%s: fused GEMM before run() prepared the communication", Op::kName);
+    if (g->world > fused::kMaxChunks) return fail(msg, len, "%s: world %d exceeds %d chunks", Op::kName, g->world, fused::kMaxChunks);
+    if (rows * row_bytes != o->last_shard)
       return fail(msg, len, "%s: fused GEMM of %lld rows x %lld B does not match the communication's %lld-byte chunks",
                   Op::kName, static_cast<long long>(rows), static_cast<long long>(row_bytes),
-                  static_cast<long long>(o.last_shard));
+                  static_cast<long long>(o->last_shard));
     fused::ChunkSync s{};
     s.mode = Op::kGemm == Gemm::kConsume ? fused::kWaitRows : fused::kPublishParts;
-    s.world = g.world;
-    for (int i = 0; i < g.world; ++i) s.order[i] = o.last_variant->order[g.rank][i];
+    s.world = g->world;
+    for (int i = 0; i < g->world; ++i) s.order[i] = o->last_variant->order[g->rank][i];
     s.rows = static_cast<int>(rows);
     s.tile_m = tile_m;
     s.tiles_n = tiles_n;
-    s.parts = o.last_parts;
+    s.parts = o->last_parts;
     s.per_tile = Op::kPerTile ? 1 : 0;
     s.row_bytes = row_bytes;
-    s.shard = o.last_shard;
-    s.part = o.last_part;
-    s.tile = o.last_tile;
-    s.sig = g.sig;
+    s.shard = o->last_shard;
+    s.part = o->last_part;
+    s.tile = o->last_tile;
+    s.sig = g->sig;
     s.flag_base = signals<Op>().flag(kOut, 0, 0);
     s.flag_stride = Op::kMaxTiles;
     s.in_flag_base = signals<Op>().flag(kIn, 0, 0);
-    s.counters = o.counters;
-    s.epoch = o.epoch_dev;
+    s.counters = o->counters;
+    s.epoch = o->epoch_dev;
     s.wait = wait_ctx(timeout_ns);
     *out = s;
-    *comm_ctas = o.last_grid;
+    *comm_ctas = o->last_grid;
     return 0;
   }
 };

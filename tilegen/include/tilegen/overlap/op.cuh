@@ -20,6 +20,7 @@
     return tilegen::coll::GemmHost<OP>::wait_chunk_on(chunk, stream, timeout_ns, msg, len);                           \
   }                                                                                                                   \
   int tilegen_op_compute_order(int* out) { return tilegen::coll::GemmHost<OP>::compute_order(out); }                  \
+  int tilegen_op_allow_memops(int yes) { return tilegen::coll::GemmHost<OP>::allow_memops(yes); }                     \
   int tilegen_op_ce_begin(void* stream, uint64_t timeout_ns, char* msg, int len) {                                    \
     return tilegen::coll::GemmHost<OP>::ce_begin_call(stream, timeout_ns, msg, len);                                  \
   }                                                                                                                   \
