@@ -108,7 +108,7 @@ def test_malformed_yaml_is_located(text, expected):
     ("threads", 100, "multiple of 32"),
     ("arch", "sm_60", "architecture"),
     ("arch", "sm_90; system('x')", "architecture"),
-    ("shape", [64, {"name": "m", "max": 4}], "only dim 0 may be dynamic"),
+    ("shape", [{"name": "m", "max": 64}, {"name": "m", "max": 4}], "dynamic dims need distinct names"),
     ("ctas", 0, "greater than or equal to 1"),
     ("world_sizes", [], "at least 1 item"),
 ])
@@ -302,3 +302,13 @@ def test_gemm_ops_serve_one_element_type():
             "n: 256\n")
     errs = errors_of(text, "g.yaml")
     assert any("dtypes: ag_gemm serves one element type" in e for e in errs), errs
+
+
+def test_collectives_may_leave_inner_dims_free_other_families_may_not():
+    s = parse_yaml_spec(MULTI.replace("512]", "{name: hidden, max: 512}]"), "m.yaml").spec
+    assert s.free_inner and s.max_shape == (64, 512) and s.max_shard_bytes == 64 * 512 * 4
+    gemm = ("name: agm\nop: ag_gemm\ndtype: bf16\nworld_sizes: [2]\nshape: [{name: m, max: 64}, {name: k, max: 512}]\n"
+            "n: 256\n")
+    assert any("only dim 0 of ag_gemm may be dynamic" in e for e in errors_of(gemm, "g.yaml"))
+    twice = MULTI.replace("512]", "{name: m, max: 512}]")
+    assert any("dynamic dims need distinct names" in e for e in errors_of(twice, "m.yaml"))

@@ -179,3 +179,15 @@ def test_an_op_of_several_element_types_takes_each(job):
         assert (a.dtype, b.dtype) == (torch.float16, torch.float32)
         with pytest.raises(ValueError, match="must have dtype torch.bfloat16 or torch.float16 or torch.float32"):
             ar.torch(torch.empty(8, 128, dtype=torch.int32, device="cuda"))
+
+
+def test_free_inner_dims_take_the_inputs_width(job):
+    ar = CollectiveOp(NOWHERE, "tt_allreduce_wide", "allreduce", "bfloat16",
+                      [{"name": "m", "max": 64}, {"name": "hidden", "max": 128}], [2, 4])
+    fn, _ = _compiled(lambda x: ar.torch(x, group=job), ar)
+    with FakeTensorMode():
+        assert list(fn(torch.empty(8, 40, dtype=torch.bfloat16, device="cuda")).shape) == [8, 40]
+        with pytest.raises(ValueError, match=r"input must be \[rows, <=128\], got \[8, 129\]"):
+            ar.torch(torch.empty(8, 129, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(ValueError, match=r"inner dims must be \[<=128\], got \[0\]"):
+        ar._inner((0,))

@@ -11,6 +11,7 @@ struct BindingSpec {
   static constexpr uint8_t kBitsOf[kDtypes] = { 16 };
   static constexpr int kNdim = 2;
   static constexpr int64_t kShape[kNdim] = { 2048, 1000 };  // the communicated tensor; [0]: most rows m
+  static constexpr bool kFreeInner[kNdim] = { false, false };  // an inner dim of any size up to kShape
   static constexpr bool kDynamicRows = true;
   static constexpr const char* kRowsName = "m";
   static constexpr bool kInWorldRows = false, kOutWorldRows = true;  // rows: world * m

@@ -7,7 +7,7 @@ Call it on every rank with the same shapes, after ``tilegen.init()``::
 
 Every rank's [m, ...] tensor, reduced, on every rank.
 
-Shard shape: [m<=4096, 4096].
+Shard shape: [m<=4096, hidden<=4096].
 Schedules (checked), by world size and input size:
   world 2: ll_one_shot up to 8192 B, ll_one_shot up to 262144 B, ll_two_shot up to 1048576 B, ring up to 67108864 B
   world 4: ll_one_shot up to 65536 B, ll_two_shot up to 262144 B, two_shot up to 67108864 B
@@ -23,7 +23,7 @@ OP = CollectiveOp(
     kind="allreduce",
     dtype="bfloat16",
     dtypes=['bfloat16', 'float16', 'float32'],
-    shape=[{'name': 'm', 'max': 4096}, 4096],
+    shape=[{'name': 'm', 'max': 4096}, {'name': 'hidden', 'max': 4096}],
     world_sizes=[2, 4, 8],
     symmetric_output=True,
     default_timeout_ms=0,

@@ -164,24 +164,26 @@ def test_loading_a_build_for_another_nvshmem_fails_clearly(dist_env, tmp_path_fa
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 7, 300, 4096])
-def test_one_allreduce_library_serves_each_element_type(dist_env, dtype, rows):
-    """allreduce_multi (dtypes: [bf16, f16, f32]): each call runs its input's element type's kernel
-    on the shared buffers; eager, then replayed in a CUDA graph."""
+@pytest.mark.parametrize("rows, hidden", [(1, 4096), (7, 1001), (300, 2880), (4096, 4096), (33, 8)])
+def test_one_allreduce_library_serves_each_element_type_and_width(dist_env, dtype, rows, hidden):
+    """allreduce_multi (dtypes: [bf16, f16, f32], hidden free up to 4096): each call runs its input's
+    element type's kernel on the shared buffers at its own width; eager, then replayed in a CUDA graph."""
     rank, world = dist_env
     op = generated.allreduce_multi
-    xs = _inputs((rows, 4096), dtype, 3 * rows + 1)
+    xs = _inputs((rows, hidden), dtype, 3 * rows + hidden)
     out = op(xs[rank])
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.shape == (rows, hidden)
     torch.cuda.synchronize()
-    assert_reduction(out, xs, "sum", None, f"allreduce_multi {dtype} rows={rows}")
+    assert_reduction(out, xs, "sum", None, f"allreduce_multi {dtype} [{rows}, {hidden}]")
     x = xs[rank].clone()
-    out2 = op.empty_output(rows, dtype=dtype)
+    out2 = op.empty_output(rows, dtype=dtype, inner=(hidden,))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         op(x, out2)
-    ys = _inputs((rows, 4096), dtype, 3 * rows + 2)
+    ys = _inputs((rows, hidden), dtype, 3 * rows + hidden + 1)
     x.copy_(ys[rank])
     graph.replay()
     torch.cuda.synchronize()
-    assert_reduction(out2, ys, "sum", None, f"allreduce_multi {dtype} rows={rows}, replayed")
+    assert_reduction(out2, ys, "sum", None, f"allreduce_multi {dtype} [{rows}, {hidden}], replayed")
+    with pytest.raises(ValueError, match=r"dim 1 must be in \[1, 4096\]"):
+        op(torch.zeros((rows, 4097), dtype=dtype, device="cuda"))

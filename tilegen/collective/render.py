@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.render import DL_CODES, op_id
-from ..core.spec import DTYPES
+from ..core.spec import DTYPES, DynamicDim
 from .ir import Schedule, Seg, Step
 from .plan import OpFacts, Plan
 from .spec import CollectiveSpec
@@ -169,6 +169,8 @@ def render_context(spec: CollectiveSpec, plans: list[Plan]) -> dict:
                         "torch": DTYPES[d][2]} for d in spec.all_dtypes],
         "traits": op_traits(spec, op, t),
         "comm_shape": [spec.max_shape[0]] + list(spec.comm_inner),
+        "free_inner": ["false"] + ["true" if isinstance(d, DynamicDim) else "false" for d in spec.shape[1:]]
+        if not op.gemm else ["false"] * (1 + len(spec.comm_inner)),
         "worlds": worlds,
         "in_world_rows": op.in_world_rows,
         "out_world_rows": op.out_world_rows,

@@ -32,15 +32,29 @@ class CollectiveOp(GeneratedOp):
             raise ValueError(f"{self.name}: input dim 0 must be a multiple of {k}, got {input_rows}")
         return input_rows // k
 
-    def output_shape(self, rows: int, world: int | None = None) -> tuple[int, ...]:
-        """The output's shape for shards of `rows` rows in a group of `world` ranks (None: the current call's)."""
-        return (OPS[self.kind].out_rows(world or self._world) * rows,) + self.inner_shape
+    def output_shape(self, rows: int, world: int | None = None, inner: tuple | None = None) -> tuple[int, ...]:
+        """The output's shape for shards of `rows` rows in a group of `world` ranks (None: the current
+        call's), inner dims `inner` (None: the spec's; free ones: their max)."""
+        return (OPS[self.kind].out_rows(world or self._world) * rows,) + tuple(inner or self.inner_shape)
 
-    def empty_output(self, rows: int, group: Any = None, dtype: Any = None) -> Any:
+    def _inner(self, inner: Any) -> tuple[int, ...]:
+        """A call's inner dims, checked against the spec's (free ones: 1 up to their max)."""
+        if inner is None:
+            return self.inner_shape
+        inner = tuple(int(d) for d in inner)
+        ok = len(inner) == len(self.inner_shape) and all(
+            (1 <= d <= m) if free else d == m for d, m, free in zip(inner, self.inner_shape, self.free_inner))
+        if not ok:
+            want = ", ".join(f"<={m}" if free else str(m) for m, free in zip(self.inner_shape, self.free_inner))
+            raise ValueError(f"{self.name}: inner dims must be [{want}], got {list(inner)}")
+        return inner
+
+    def empty_output(self, rows: int, group: Any = None, dtype: Any = None, inner: Any = None) -> Any:
         """Output for shards of `rows` rows in `group` (None: the world) of element type `dtype` (a torch
         dtype or its name; None: the op's first): on the symmetric heap when peers store into it, cached
-        per size. Symmetric allocation is collective over the whole world (NVSHMEM's is): every rank makes
-        the first call of a size, or calls this first."""
+        per size; `inner`: the inner dims where the spec leaves some free (default: their max). Symmetric
+        allocation is collective over the whole world (NVSHMEM's is): every rank makes the first call of
+        a size, or calls this first."""
         self.load()
         self._use(group)
         world = self._world
@@ -49,7 +63,8 @@ class CollectiveOp(GeneratedOp):
             raise ValueError(f"{self.name}: dtype must be one of {', '.join(self.dtypes)}, got {name}")
         if not 1 <= rows <= self.max_rows():
             raise ValueError(f"{self.name}: rows must be in [1, {self.max_rows()}], got {rows}")
-        key = (rows, world, name)
+        inner = self._inner(inner)
+        key = (rows, world, name, inner)
         if key not in self._outputs:
             if self.symmetric_output and _capturing(None):
                 raise RuntimeError(
@@ -58,10 +73,10 @@ class CollectiveOp(GeneratedOp):
                     f"{self.name}.empty_output({rows})) before capturing"
                 )
             if self.symmetric_output:
-                self._outputs[key] = empty(self.output_shape(rows, world), name)
+                self._outputs[key] = empty(self.output_shape(rows, world, inner), name)
             else:
                 torch = _torch()
-                return torch.empty(self.output_shape(rows, world), dtype=getattr(torch, name), device="cuda")
+                return torch.empty(self.output_shape(rows, world, inner), dtype=getattr(torch, name), device="cuda")
         return self._outputs[key]
 
     def __call__(self, input: Any, output: Any = None, *, root: int = 0, scale: float | None = None,
@@ -108,7 +123,8 @@ class CollectiveOp(GeneratedOp):
         if not hasattr(input, "shape") or len(input.shape) < 1:
             raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
         dtype = getattr(input, "dtype", None) if len(self.dtypes) > 1 else None
-        return input, self.empty_output(self.shard_rows(int(input.shape[0])), group, dtype)
+        inner = tuple(input.shape[1:]) if any(self.free_inner) else None
+        return input, self.empty_output(self.shard_rows(int(input.shape[0])), group, dtype, inner)
 
 
 

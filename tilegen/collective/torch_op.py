@@ -27,14 +27,14 @@ class TorchCollective:
         dtypes = tuple(getattr(torch, d) for d in op.dtypes)
 
         def out_shape(input: Any, slot: int) -> tuple:
-            check_tensor(name, "input", input, dtypes, inner)
+            check_tensor(name, "input", input, dtypes, inner, op.free_inner)
             world = group_size(slot)
             k = desc.in_rows(world)
             rows = input.shape[0]
             if rows % k or not 1 <= rows // k <= op.max_rows():
                 raise ValueError(f"{name}: input dim 0 must be {'%d * m with m' % k if k > 1 else 'm'} in "
                                  f"[1, {op.max_rows()}], got {list(input.shape)}")
-            return (desc.out_rows(world) * (rows // k),) + tuple(inner)
+            return (desc.out_rows(world) * (rows // k),) + tuple(input.shape[1:])
 
         def fake(input, group=0, root=0, scale=None):
             return input.new_empty(out_shape(input, group))
@@ -46,7 +46,7 @@ class TorchCollective:
 
         def fake_out(input, out, group=0, root=0, scale=None):
             want = out_shape(input, group)
-            check_tensor(name, "out", out, (input.dtype,), inner)
+            check_tensor(name, "out", out, (input.dtype,), tuple(input.shape[1:]))
             if tuple(out.shape) != want:
                 raise ValueError(f"{name}: out must be {list(want)}, got {list(out.shape)}")
 

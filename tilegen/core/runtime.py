@@ -239,7 +239,13 @@ class GeneratedOp:
 
     @property
     def inner_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[1:])
+        """The inner dims (a free one: its max)."""
+        return tuple(d["max"] if isinstance(d, dict) else d for d in self.shape[1:])
+
+    @property
+    def free_inner(self) -> tuple[bool, ...]:
+        """Which inner dims a call may size (up to inner_shape)."""
+        return tuple(isinstance(d, dict) for d in self.shape[1:])
 
     def load(self) -> Any:
         """Load the library (checks provenance first). Needs tilegen.init()."""

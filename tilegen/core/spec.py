@@ -192,9 +192,9 @@ class OpSpec(_Frozen):
     @field_validator("shape")
     @classmethod
     def _shape(cls, v: list) -> list:
-        for i, d in enumerate(v[1:], start=1):
-            if isinstance(d, DynamicDim):
-                raise ValueError(f"only dim 0 may be dynamic; dim {i} is {{name: {d.name}, max: {d.max}}}")
+        names = [d.name for d in v if isinstance(d, DynamicDim)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dynamic dims need distinct names, got {names}")
         if isinstance(v[0], ShardedDim):
             raise ValueError("dim 0 (rows) cannot be sharded; only a GEMM's k (gemm_rs) may be {full: K}")
         return v
@@ -230,6 +230,18 @@ class OpSpec(_Frozen):
     @property
     def dynamic_dim(self) -> DynamicDim | None:
         return self.shape[0] if isinstance(self.shape[0], DynamicDim) else None
+
+    @property
+    def free_inner(self) -> bool:
+        """Whether some inner dim is dynamic (collectives: any size up to its max per call)."""
+        return any(isinstance(d, DynamicDim) for d in self.shape[1:])
+
+    def _fixed_inner(self) -> None:
+        """For the families whose ops are built for their inner dims (GEMMs, MoE rows)."""
+        for i, d in enumerate(self.shape[1:], start=1):
+            if isinstance(d, DynamicDim):
+                raise ValueError(f"shape: only dim 0 of {self.op} may be dynamic; dim {i} is "
+                                 f"{{name: {d.name}, max: {d.max}}}")
 
     @property
     def max_shape(self) -> tuple[int, ...]:

@@ -72,15 +72,18 @@ def refuse_out_form_in_compile(op_name: str) -> None:
                            f"form writes into a buffer the compiled graph may read after a later call reused it")
 
 
-def check_tensor(op_name: str, arg: str, t: Any, dtype: Any, inner: tuple[int, ...]) -> None:
-    """dtype (one, or a tuple of those allowed), device, rank and inner dims of a tensor argument: a
-    ValueError naming it (the fakes run it at trace time, so compiled code fails before anything is
-    launched too)."""
+def check_tensor(op_name: str, arg: str, t: Any, dtype: Any, inner: tuple[int, ...],
+                 free: tuple[bool, ...] = ()) -> None:
+    """dtype (one, or a tuple of those allowed), device, rank and inner dims (free ones: up to inner's)
+    of a tensor argument: a ValueError naming it (the fakes run it at trace time, so compiled code
+    fails before anything is launched too)."""
     allowed = dtype if isinstance(dtype, tuple) else (dtype,)
     if t.dtype not in allowed:
         raise ValueError(f"{op_name}: {arg} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     if t.device.type != "cuda":
         raise ValueError(f"{op_name}: {arg} must be a CUDA tensor, got device {t.device}")
-    if t.dim() != 1 + len(inner) or tuple(t.shape[1:]) != tuple(inner):
-        want = ", ".join(["rows", *map(str, inner)])
+    free = tuple(free) or (False,) * len(inner)
+    if t.dim() != 1 + len(inner) or not all(
+            (1 <= d <= m) if f else d == m for d, m, f in zip(t.shape[1:], inner, free)):
+        want = ", ".join(["rows", *(f"<={m}" if f else str(m) for m, f in zip(inner, free))])
         raise ValueError(f"{op_name}: {arg} must be [{want}], got {list(t.shape)}")

@@ -35,6 +35,7 @@ class MoeSpec(OpSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoeSpec":
+        self._fixed_inner()
         if len(self.shape) != 2 or any(isinstance(d, ShardedDim) for d in self.shape):
             raise ValueError("shape: op moe takes the tokens of a rank as [m, hidden] (m may be {name, max})")
         if self.dtype not in ("bf16", "f16", "f32"):

@@ -58,6 +58,7 @@ class GemmSpec(CollectiveSpec):
                                     "as fit beside the epilogue)")
 
     def _check_operands(self) -> None:
+        self._fixed_inner()
         if len(self.shape) != 2:
             raise ValueError(f"shape: {self.op} takes A's shard as [m, k], got {len(self.shape)} dimensions")
         if self.dtype not in ("bf16", "f16", "f32"):

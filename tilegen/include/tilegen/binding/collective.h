@@ -51,9 +51,10 @@ inline int dtype_index(const TensorView& t) {
 }
 inline bool has_dtype(const TensorView& t) { return dtype_index(t) == 0; }  // the first (GEMM ops' one)
 
-// dtype (index `dtype` among the op's; -1: any of them), device, rank, inner dims, rows (when >= 0) and
-// contiguity of a communicated tensor.
-inline void check_tensor(const TensorView& t, const char* arg, int64_t rows, int dtype = -1) {
+// dtype (index `dtype` among the op's; -1: any of them), device, rank, inner dims (the spec's, up to
+// their max where free, or exactly `like`'s), rows (when >= 0) and contiguity of a communicated tensor.
+inline void check_tensor(const TensorView& t, const char* arg, int64_t rows, int dtype = -1,
+                         const TensorView* like = nullptr) {
   const int i = dtype_index(t);
   if (i < 0 || (dtype >= 0 && i != dtype))
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have dtype "
@@ -67,10 +68,14 @@ inline void check_tensor(const TensorView& t, const char* arg, int64_t rows, int
   if (t.ndim() != Spec::kNdim)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must have " << Spec::kNdim << " dimensions, got shape "
                               << shape_str(t);
-  for (int i = 1; i < Spec::kNdim; ++i)
-    if (t.size(i) != Spec::kShape[i])
-      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim " << i << " must be " << Spec::kShape[i]
-                                << ", got shape " << shape_str(t);
+  for (int i = 1; i < Spec::kNdim; ++i) {
+    const int64_t want = like ? like->size(i) : Spec::kShape[i];
+    if (Spec::kFreeInner[i] && !like ? (t.size(i) < 1 || t.size(i) > want) : t.size(i) != want)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim " << i << " must be "
+                                << (Spec::kFreeInner[i] && !like ? "in [1, " + std::to_string(want) + "]"
+                                                                  : std::to_string(want))
+                                << (like ? " (the input's)" : "") << ", got shape " << shape_str(t);
+  }
   if (rows >= 0 && t.size(0) != rows)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " dim 0 must be " << rows << ", got shape " << shape_str(t);
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
@@ -105,7 +110,7 @@ inline void run(TensorView input, TensorView output, int64_t root, double scale,
   check_tensor(input, "input", -1);
   const int dtype = dtype_index(input);
   const int64_t m = rows_of(input, world);
-  check_tensor(output, "output", Spec::kOutWorldRows ? world * m : m, dtype);
+  check_tensor(output, "output", Spec::kOutWorldRows ? world * m : m, dtype, &input);
   if (input.device().device_id != output.device().device_id)
     TVM_FFI_THROW(ValueError) << Spec::kName << ": input is on cuda:" << input.device().device_id
                               << " but output is on cuda:" << output.device().device_id;
