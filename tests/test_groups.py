@@ -48,24 +48,24 @@ def test_ranks_must_agree_and_one_call_must_not_overlap():
 
 def test_slots_share_disjoint_groups_and_separate_overlapping_ones():
     reg = Registry(4)
-    assert reg.add([(0, 1), (2, 3)]) == (1, True)      # TP2 x DP2: one slot
-    assert reg.add([(0, 2), (1, 3)]) == (2, True)      # the DP groups overlap them: a slot of their own
-    assert reg.add([(1, 0)]) == (3, True)               # overlaps both slots' groups
-    assert reg.add([(3, 2)]) == (3, False)              # disjoint from slot 3's group, no larger: shares it
+    assert reg.add([(0, 1), (2, 3)]) == (1, "new")      # TP2 x DP2: one slot
+    assert reg.add([(0, 2), (1, 3)]) == (2, "new")      # the DP groups overlap them: a slot of their own
+    assert reg.add([(1, 0)]) == (3, "new")               # overlaps both slots' groups
+    assert reg.add([(3, 2)]) == (3, "joined")            # disjoint from slot 3's group, no larger: shares it
     assert reg.slots[3].group_of(2) == (3, 2) and reg.slots[3].group_of(0) == (1, 0)
-    assert reg.add([(2, 3)]) == (1, False)              # made again (e.g. from ProcessGroups): the same slot
-    assert reg.add([(0, 1, 2, 3)]) == (0, False)        # the world is slot 0's
-    assert reg.add([(1, 0, 2, 3)]) == (4, True)         # the same ranks in another order: another group
+    assert reg.add([(2, 3)]) == (1, "existing")          # made again (e.g. from ProcessGroups): the same slot
+    assert reg.add([(0, 1, 2, 3)]) == (0, "existing")    # the world is slot 0's
+    assert reg.add([(1, 0, 2, 3)]) == (4, "new")         # the same ranks in another order: another group
     assert reg.slots[0].groups == [(0, 1, 2, 3)]
     reg2 = Registry(4)
     reg2.add([(0,)])
-    assert reg2.add([(1, 2)]) == (2, True)              # larger than slot 1's largest group: a new slot
+    assert reg2.add([(1, 2)]) == (2, "new")              # larger than slot 1's largest group: a new slot
 
 
 def test_slots_run_out_with_a_clear_error():
     reg = Registry(8)
     for i in range(MAX_SLOTS - 1):  # every one holds rank 0: a slot each
-        assert reg.add([(0, i + 1)]) == (i + 1, True)
+        assert reg.add([(0, i + 1)]) == (i + 1, "new")
     with pytest.raises(ValueError, match=f"at most {MAX_SLOTS - 1} slots"):
         reg.add([(0, 3, 5)])
 
@@ -125,3 +125,44 @@ def test_a_wrong_group_is_a_value_error_before_the_library_is_asked(job, group, 
     with pytest.raises(ValueError, match=needle):
         job._use(group)
     assert job._mod.calls == []
+
+
+class _Dist:
+    """torch.distributed stand-in for one rank: every rank passed `args` (gathered), barriers counted."""
+
+    def __init__(self, args):
+        self.args, self.barriers = args, 0
+
+    def all_gather_object(self, out, obj):
+        from tilegen.core.group import describe
+        out[:] = [(describe(a, len(self.args), r), False) for r, a in enumerate(self.args)]
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_making_a_group_sets_up_slots_only_where_needed(job, monkeypatch):
+    """A new slot: every loaded op, on every rank (collective); a joined slot: only the new groups'
+    members, then a barrier; groups a slot holds already: nothing (re-making them must not ask the
+    libraries again: a second set-up of a slot is an error there)."""
+    import sys
+    import types
+
+    job._mod, job._world = _Library(), 4
+    monkeypatch.setitem(runtime._state, "ops", [job])
+
+    def make(arg, everyone):
+        d = _Dist(everyone)
+        monkeypatch.setitem(sys.modules, "torch.distributed", d)
+        monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(distributed=d))
+        job._mod.calls.clear()
+        g = runtime.group(arg)
+        return g, list(job._mod.calls), d.barriers
+
+    # rank 2; the fixture's registry has [0, 1] + [2, 3] in slot 1 and [0, 2, 3] in slot 2
+    g, calls, barriers = make([[0, 1], [2, 3]], [[[0, 1], [2, 3]]] * 4)
+    assert (g, calls, barriers) == (Group((2, 3), 1, 0), [], 0)          # existing: nothing
+    g, calls, barriers = make([1, 3], [[1, 3]] * 4)                        # overlaps both: a new slot
+    assert (g.slot, g.rank, calls, barriers) == (3, -1, [("init_group", 3, 2, [])], 0)
+    g, calls, barriers = make([0, 2], [[0, 2]] * 4)                        # disjoint from [1, 3]: joins slot 3
+    assert (g, calls, barriers) == (Group((0, 2), 3, 1), [("init_group", 3, 2, [0, 2])], 1)

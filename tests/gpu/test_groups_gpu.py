@@ -30,13 +30,17 @@ def groups(dist_env):
         pg, _ = dist.new_subgroups(2)                      # the same TP groups as torch ProcessGroups
         made["tp_pg"] = tilegen.group(pg)
         assert made["tp_pg"].slot == made["tp"].slot and made["tp_pg"].ranks == made["tp"].ranks
+        # two groups made one after the other: the second joins the first's slot (only its members set up)
+        first, second = tilegen.group([1, 0]), tilegen.group([3, 2])
+        assert first.slot == second.slot
+        made["pair"] = first if rank in (0, 1) else second
     for g in made.values():
         assert g.ranks[g.rank] == rank
     return made
 
 
 def _names(world):
-    return ["reversed"] + (["tp", "dp"] if world == 4 else [])
+    return ["reversed"] + (["tp", "dp", "pair"] if world == 4 else [])
 
 
 @pytest.mark.parametrize("rows", [1, 17, 4096])

@@ -61,23 +61,25 @@ class Registry:
         self.world = world
         self.slots: list[Slot] = [Slot([tuple(range(world))])]
 
-    def add(self, groups: Sequence[tuple[int, ...]]) -> tuple[int, bool]:
-        """Places disjoint `groups` (validated) in a slot: (slot, whether the slot is new). Groups a slot
-        holds already (the same ranks in the same order) are that slot's: one group, one sequence of calls."""
+    def add(self, groups: Sequence[tuple[int, ...]]) -> tuple[int, str]:
+        """Places disjoint `groups` (validated) in a slot: (slot, how): "new" (a slot of their own: every
+        op allocates it, on every rank), "joined" (an existing slot's buffers serve them: only their
+        members set up their part) or "existing" (a slot holds these groups already, the same ranks in the
+        same order: one group, one sequence of calls; nothing to set up)."""
         for i, slot in enumerate(self.slots):
             if all(g in slot.groups for g in groups):
-                return i, False
+                return i, "existing"
         for i, slot in enumerate(self.slots[1:], start=1):
             if slot.takes(groups):
                 slot.groups.extend(groups)
-                return i, False
+                return i, "joined"
         if len(self.slots) >= MAX_SLOTS:
             raise ValueError(
                 f"tilegen.group: at most {MAX_SLOTS - 1} slots of groups besides the world (each op keeps buffers "
                 f"per slot); groups made in one call, or disjoint from an earlier call's, share one"
             )
         self.slots.append(Slot(list(groups)))
-        return len(self.slots) - 1, True
+        return len(self.slots) - 1, "new"
 
 
 def as_ranks(group: Any, world: int, what: str = "ranks") -> tuple[int, ...]:

@@ -88,9 +88,14 @@ def group(ranks: Any = None) -> Group | None:
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (mine, _is_process_group(ranks)))
     groups = agree([g[0] for g in gathered], [g[1] for g in gathered])
-    slot, _ = registry.add(groups)
-    for op in _state["ops"]:
-        op._init_slot(slot)
+    slot, how = registry.add(groups)
+    # a new slot is allocated by every rank (NVSHMEM: collective); joining one only concerns the new
+    # groups' members, whose peers must not call before every member set up: a barrier ends it
+    if how == "new" or (how == "joined" and any(me in g for g in groups)):
+        for op in _state["ops"]:
+            op._init_slot(slot)
+    if how == "joined":
+        dist.barrier()
     made = handle(groups, slot, me)
     if made is None and len(groups) == 1 and ranks is not None:
         return Group(groups[0], slot, -1)  # a list of ranks this rank is not in (torch's non-member)

@@ -114,11 +114,12 @@ struct Host : host::Base<Op, State<Op>> {
   // (another group, disjoint from the slot's others) only joins.
   static int init_group(int slot, int size, const int* pes, char* msg, int len) {
     if (B::attach(slot, size, pes, msg, len)) return 1;
-    if (!g->allocated && allocate(msg, len)) return 1;
+    const bool fresh = !g->allocated;  // every PE allocates a new slot together; a join is its members' alone
+    if (fresh && allocate(msg, len)) return 1;
     const int rc = size ? join(msg, len) : 0;  // (its error after the barrier: the other PEs wait in it)
     if (cudaDeviceSynchronize() != cudaSuccess && !rc)
       return fail(msg, len, "%s: setting up group slot %d: %s", Op::kName, slot, cudaGetErrorString(cudaGetLastError()));
-    nvshmem_barrier_all();  // every rank's signals are zero before anyone signals
+    if (fresh) nvshmem_barrier_all();  // every rank's signals are zero before anyone signals (a join: the caller's barrier)
     return rc;
   }
 

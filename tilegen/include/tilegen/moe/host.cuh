@@ -148,12 +148,13 @@ struct Host : host::Base<Op, State<Op>> {
   // sizes the symmetric allocation; a later set-up of the slot (a disjoint group) only joins.
   static int init_group(int slot, int alloc_world, int size, const int* pes, char* msg, int len) {
     if (B::attach(slot, size, pes, msg, len)) return 1;
-    if (size && !supported_world(size)) return B::unsupported_world(msg, len);  // (the binding checked every PE's)
-    if (!g->allocated && allocate(alloc_world, msg, len)) return 1;
+    if (size && !supported_world(size)) return B::unsupported_world(msg, len);  // (the runtime checked every PE's)
+    const bool fresh = !g->allocated;  // every PE allocates a new slot together; a join is its members' alone
+    if (fresh && allocate(alloc_world, msg, len)) return 1;
     const int rc = size ? join(msg, len) : 0;  // (its error after the barrier: the other PEs wait in it)
     if (cudaDeviceSynchronize() != cudaSuccess && !rc)
       return fail(msg, len, "%s: setting up group slot %d: %s", Op::kName, slot, cudaGetErrorString(cudaGetLastError()));
-    nvshmem_barrier_all();  // every PE's words of the slot are initial before anyone signals
+    if (fresh) nvshmem_barrier_all();  // every PE's words of the slot are initial before anyone signals (a join: the caller's barrier)
     return rc;
   }
 
