@@ -191,3 +191,15 @@ def test_free_inner_dims_take_the_inputs_width(job):
             ar.torch(torch.empty(8, 129, dtype=torch.bfloat16, device="cuda"))
     with pytest.raises(ValueError, match=r"inner dims must be \[<=128\], got \[0\]"):
         ar._inner((0,))
+
+
+def test_loading_without_torch_registers_nothing(job, monkeypatch):
+    import sys
+
+    ar = CollectiveOp(NOWHERE, "tt_allreduce_notorch", "allreduce", "bfloat16", [{"name": "m", "max": 64}, 128], [4])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+        ar._register_torch_ops()
+        assert ar._torch_op is None
+    ar._register_torch_ops()
+    assert ar._torch_op is not None and ar.torch.functional is torch.ops.tilegen.tt_allreduce_notorch.default

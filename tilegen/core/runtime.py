@@ -293,9 +293,18 @@ class GeneratedOp:
         _state["ops"].append(self)
         for slot in range(1, len(_state["groups"].slots)):  # groups made before the op was loaded
             self._init_slot(slot)
-        if getattr(type(self), "torch", None) is not None:  # registered now, before any torch.compile traces it
-            self.torch  # noqa: B018
+        self._register_torch_ops()
         return mod
+
+    def _register_torch_ops(self) -> None:
+        """The op's torch ops, registered at load (before any torch.compile traces a call), where torch
+        is installed: without it the op takes other DLPack tensors (CuPy, ...) as before."""
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return
+        if getattr(type(self), "torch", None) is not None:
+            self.torch  # noqa: B018
 
     def _configure(self, mod: Any) -> None:
         """Before the library's first init: the settings it takes from Python (tilegen.settings)."""
