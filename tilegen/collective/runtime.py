@@ -15,14 +15,10 @@ class CollectiveOp(GeneratedOp):
         self.premul = premul  # reduce: "avg" (scale 1 / world) or "premul_sum" (scale per call), else None
         self.dtypes = list(dtypes or [self.dtype])  # torch dtype names the library serves (a call takes its input's)
 
-    @property
-    def torch(self) -> Any:
-        """The op as torch ops (torch.ops.tilegen.<name>, <name>_out), which torch.compile traces: call
-        op.torch(input, group=...) or op.torch.out(input, out, group=...)."""
-        if self._torch_op is None:
-            from .torch_op import TorchCollective
-            self._torch_op = TorchCollective(self) if self._torch_registrable() else None
-        return self._torch_op
+    def _make_torch_op(self) -> Any:
+        """torch.ops.tilegen.<name> and <name>_out: op.torch(input, group=...), op.torch.out(input, out, ...)."""
+        from .torch_op import TorchCollective
+        return TorchCollective(self)
 
     def shard_rows(self, input_rows: int) -> int:
         """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold group size * m)

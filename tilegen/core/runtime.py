@@ -303,21 +303,28 @@ class GeneratedOp:
             import torch  # noqa: F401
         except ImportError:
             return
-        if getattr(type(self), "torch", None) is not None:
-            self.torch  # noqa: B018
+        self.torch  # noqa: B018
 
     def _configure(self, mod: Any) -> None:
         """Before the library's first init: the settings it takes from Python (tilegen.settings)."""
 
-    def _torch_registrable(self) -> bool:
-        """Whether op.torch may register its torch ops now: not while torch.compile traces (registration
-        is eager work; loading the op, or touching op.torch once, before compiling does it)."""
-        import torch
+    @property
+    def torch(self) -> Any:
+        """The op as torch ops, which torch.compile traces (each family's _make_torch_op says which).
+        Registered on first use, which must not be inside torch.compile's trace (registration is eager
+        work): loading the op, or touching op.torch once, before compiling does it."""
+        if self._torch_op is None:
+            import torch
 
-        if torch.compiler.is_compiling():
-            raise RuntimeError(f"{self.name}: its torch ops are registered when it loads; load it (ops.load(...)) "
-                               f"or touch {self.name}.torch once before torch.compile traces a call")
-        return True
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"{self.name}: its torch ops are registered when it loads; load it "
+                                   f"(ops.load(...)) or touch {self.name}.torch once before torch.compile traces "
+                                   f"a call")
+            self._torch_op = self._make_torch_op()
+        return self._torch_op
+
+    def _make_torch_op(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no torch ops")
 
     def _init_slot(self, slot: int) -> None:
         """Collective: sets up group slot `slot` in the library (this rank's group there, if the op

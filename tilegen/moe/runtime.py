@@ -83,14 +83,11 @@ class MoeOp(GeneratedOp):
     def __call__(self, *args, **kw):
         raise TypeError(f"{self.name} is a MoE op: call {self.name}.dispatch(...) and {self.name}.combine(...)")
 
-    @property
-    def torch(self) -> Any:
-        """The op as torch ops (torch.ops.tilegen.<name>_dispatch / _combine), which torch.compile traces:
-        op.torch.dispatch(x, topk_idx, topk_weights, group=...) and op.torch.combine(y, handle)."""
-        if self._torch_op is None:
-            from .torch_op import TorchMoe
-            self._torch_op = TorchMoe(self) if self._torch_registrable() else None
-        return self._torch_op
+    def _make_torch_op(self) -> Any:
+        """torch.ops.tilegen.<name>_dispatch / _combine: op.torch.dispatch(x, topk_idx, topk_weights, group=...),
+        op.torch.combine(y, handle)."""
+        from .torch_op import TorchMoe
+        return TorchMoe(self)
 
     @property
     def hidden(self) -> int:
@@ -134,8 +131,18 @@ class MoeOp(GeneratedOp):
     def check_routing(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
         """ValueError naming the argument for a routing the kernels must not see (shapes, dtypes, expert
         ids outside [-1, experts)); the id check reads one flag back from the GPU."""
+        self.check_routing_shapes(x, topk_idx, topk_weights)
+        m = int(x.shape[0])
+        bad = (topk_idx < -1) | (topk_idx >= self.experts)
+        if m and bool(bad.any()):
+            t, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{self.name}: topk_idx[{t}, {j}] = {int(topk_idx[t, j])}: expert ids must be in "
+                             f"[0, {self.experts}) or -1 (dropped)")
+
+    def check_routing_shapes(self, x: Any, topk_idx: Any, topk_weights: Any) -> None:
+        """check_routing's shapes and dtypes alone (no device read: the torch op's fake runs it too)."""
         torch = _torch()
-        m = int(x.shape[0]) if x.dim() == 2 else -1
+        m = x.shape[0] if x.dim() == 2 else -1
         if x.dim() != 2 or x.shape[1] != self.hidden or m > self.max_rows():
             raise ValueError(f"{self.name}: x must be [m, {self.hidden}] with m <= {self.max_rows()}, "
                              f"got {list(x.shape)}")
@@ -145,11 +152,6 @@ class MoeOp(GeneratedOp):
         if topk_weights.dtype != torch.float32 or list(topk_weights.shape) != [m, self.topk]:
             raise ValueError(f"{self.name}: topk_weights must be float32 [{m}, {self.topk}], got "
                              f"{topk_weights.dtype} {list(topk_weights.shape)}")
-        bad = (topk_idx < -1) | (topk_idx >= self.experts)
-        if m and bool(bad.any()):
-            t, j = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"{self.name}: topk_idx[{t}, {j}] = {int(topk_idx[t, j])}: expert ids must be in "
-                             f"[0, {self.experts}) or -1 (dropped)")
 
     def _check_distinct(self, topk_idx: Any) -> None:
         """Low-latency mode: a token's experts must be distinct (a segment holds max_tokens items)."""

@@ -46,14 +46,7 @@ class TorchMoe:
                 raise ValueError(f"{name}: a group of {world} ranks; this op was generated for world sizes "
                                  f"{op.world_sizes}")
             check_tensor(name, "x", x, dtype, (hidden,))
-            if x.shape[0] > op.max_rows():
-                raise ValueError(f"{name}: x must be [m, {hidden}] with m <= {op.max_rows()}, got {list(x.shape)}")
-            if idx.dtype not in (torch.int32, torch.int64) or tuple(idx.shape) != (x.shape[0], k):
-                raise ValueError(f"{name}: topk_idx must be int32/int64 [{x.shape[0]}, {k}], got {idx.dtype} "
-                                 f"{list(idx.shape)}")
-            if w.dtype != torch.float32 or tuple(w.shape) != (x.shape[0], k):
-                raise ValueError(f"{name}: topk_weights must be float32 [{x.shape[0]}, {k}], got {w.dtype} "
-                                 f"{list(w.shape)}")
+            op.check_routing_shapes(x, idx, w)
             for arg, t in (("topk_idx", idx), ("topk_weights", w)):
                 if t.device != x.device:
                     raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")

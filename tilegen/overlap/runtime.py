@@ -119,14 +119,10 @@ class _GemmOp(CollectiveOp):
     def _configure(self, mod: Any) -> None:
         mod.allow_memops(settings.get("TILEGEN_CE_MEMOPS"))
 
-    @property
-    def torch(self) -> Any:
-        """The op as torch ops (torch.ops.tilegen.<name>, <name>_out), which torch.compile traces: call
-        op.torch(a, b, group=...) -> c or op.torch.out(a, b, c, group=...)."""
-        if self._torch_op is None:
-            from .torch_op import TorchGemm
-            self._torch_op = TorchGemm(self) if self._torch_registrable() else None
-        return self._torch_op
+    def _make_torch_op(self) -> Any:
+        """torch.ops.tilegen.<name> and <name>_out: op.torch(a, b, group=...) -> c, op.torch.out(a, b, c, ...)."""
+        from .torch_op import TorchGemm
+        return TorchGemm(self)
 
     def _side_streams(self, device: Any) -> tuple[Any, Any]:
         """(communication stream, compute stream) of a device, created once."""
