@@ -11,9 +11,10 @@ share of the MLP's hidden units.
       x  += reduce_scatter(attn @ W_o_r^T)      llama3_8b_o        (gemm_rs)
       gu  = allgather(norm(x)) @ W_gu_r^T      llama3_8b_gate_up  (ag_gemm)
       x  += reduce_scatter(swiglu(gu) @ W_down_r^T)   llama3_8b_down (gemm_rs)
-  decode (every rank holds the batch's rows):
-      x  += allreduce(attn(norm(x)) @ W_o_r^T)         allreduce_bf16
-      x  += allreduce(swiglu(norm(x) @ W_gu_r^T) @ W_down_r^T)
+  decode (every rank holds the batch's rows; the residual add and the next norm run in the allreduce's
+  kernel, allreduce_rmsnorm: h = norm(x += allreduce(y)) in one call):
+      h   = norm(x += allreduce(attn(h) @ W_o_r^T))                allreduce_rmsnorm
+      h   = norm'(x += allreduce(swiglu(h @ W_gu_r^T) @ W_down_r^T))   (norm': the next layer's first)
 
 The same model runs on torch.distributed (`backend="nccl"`: functional collectives + cuBLAS) and, for
 decode, on torch symmetric memory's one-shot allreduce (`backend="symm_mem"`). `check` compares each
@@ -113,7 +114,8 @@ class Comm:
             import generated
             self.ar, self.qkv, self.o = generated.allreduce_bf16, generated.llama3_8b_qkv, generated.llama3_8b_o
             self.gate_up, self.down = generated.llama3_8b_gate_up, generated.llama3_8b_down
-            for op in (self.ar, self.qkv, self.o, self.gate_up, self.down):
+            self.ar_norm = generated.allreduce_rmsnorm
+            for op in (self.ar, self.qkv, self.o, self.gate_up, self.down, self.ar_norm):
                 op.load()  # (collective; registers the torch ops before anything is compiled)
         elif backend == "symm_mem":
             import torch.distributed._symmetric_memory as symm_mem
@@ -129,6 +131,16 @@ class Comm:
             return torch.ops.symm_mem.one_shot_all_reduce(self.buf[:rows], "sum", self.pg.group_name)
         import torch.distributed._functional_collectives as funcol
         return funcol.all_reduce(x, "sum", self.pg)
+
+    def allreduce_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """residual += allreduce(x) (in place), then RMSNorm(residual) * w: one kernel on tilegen."""
+        if self.backend == "tilegen":
+            if eps != self.ar_norm.epilogue["rmsnorm"]:
+                raise ValueError(f"allreduce_rmsnorm was generated for eps {self.ar_norm.epilogue['rmsnorm']}, "
+                                 f"not {eps}")
+            return self.ar_norm.torch(x, residual=residual, weight=w, group=self.group)
+        residual.add_(self.allreduce(x))
+        return rms_norm(residual, w, eps)
 
     def gather_matmul(self, x: torch.Tensor, w: torch.Tensor, which: str) -> torch.Tensor:
         if self.backend == "tilegen":
@@ -172,16 +184,27 @@ class Decoder(torch.nn.Module):
         Writes the step's K/V at pos and attends to the cache's first kv_len positions up to pos."""
         c, b = self.cfg, x.shape[0]
         mask = (torch.arange(self.kv_len, device=x.device) <= pos).view(1, 1, 1, -1)
-        for w, (kc, vc) in zip(self.shards, self.caches):
-            q, k, v = self._qkv(rms_norm(x, w["n1"], c.eps) @ w["wqkv"].t(), b, 1, pos)
+        x = x.clone()  # the residual stream, updated in place
+        h = rms_norm(x, self.shards[0]["n1"], c.eps)
+        for i, (w, (kc, vc)) in enumerate(zip(self.shards, self.caches)):
+            q, k, v = self._qkv(h @ w["wqkv"].t(), b, 1, pos)
             kc.index_copy_(2, pos, k)
             vc.index_copy_(2, pos, v)
             a = attention(q, kc, vc, causal=False, mask=mask).transpose(1, 2).reshape(b, self.hq * c.head_dim)
-            o = a @ w["wo"].t()
-            x = x + (self.comm.allreduce(o) if self.comm else o)
-            y = swiglu(rms_norm(x, w["n2"], c.eps) @ w["wgu"].t()) @ w["wd"].t()
-            x = x + (self.comm.allreduce(y) if self.comm else y)
+            h = self._add_norm(a @ w["wo"].t(), x, w["n2"])
+            y = swiglu(h @ w["wgu"].t()) @ w["wd"].t()
+            if i + 1 < len(self.shards):
+                h = self._add_norm(y, x, self.shards[i + 1]["n1"])
+            else:
+                x = x + (self.comm.allreduce(y) if self.comm else y)
         return x
+
+    def _add_norm(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x += (the TP group's sum of) y, in place; returns RMSNorm(x) * w."""
+        if self.comm:
+            return self.comm.allreduce_norm(y, x, w, self.cfg.eps)
+        x.add_(y)
+        return rms_norm(x, w, self.cfg.eps)
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """A prompt: x [m, d], this rank's tokens of one sequence (sequence parallel: the TP group's

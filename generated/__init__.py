@@ -7,7 +7,7 @@ Import an op by name from this package (its folder on sys.path), e.g. its first 
 import importlib as _importlib
 import sys as _sys
 
-OPS = ['ag_gemm_bf16', 'ag_gemm_bf16_ce', 'ag_gemm_bf16_fused', 'ag_gemm_f16_nk', 'all_to_all_bf16', 'allgather_bf16', 'allgather_f16_nvshmem', 'allreduce_bf16', 'allreduce_bf16_avg', 'allreduce_f32_max_ring', 'allreduce_multi', 'broadcast_f32', 'gemm_rs_bf16', 'gemm_rs_bf16_ce', 'gemm_rs_bf16_fused', 'llama3_70b_down', 'llama3_70b_down_fused', 'llama3_70b_gate_up', 'llama3_70b_gate_up_fused', 'llama3_8b_down', 'llama3_8b_down_fused', 'llama3_8b_gate_up', 'llama3_8b_gate_up_fused', 'llama3_8b_o', 'llama3_8b_qkv', 'moe_bf16', 'moe_bf16_fp8', 'moe_bf16_fp8_ll', 'moe_bf16_ll', 'moe_f32_k3', 'reduce_bf16', 'reduce_scatter_bf16', 'reduce_scatter_f16_min_nvshmem', 'reduce_scatter_f32_premul']
+OPS = ['ag_gemm_bf16', 'ag_gemm_bf16_ce', 'ag_gemm_bf16_fused', 'ag_gemm_f16_nk', 'all_to_all_bf16', 'allgather_bf16', 'allgather_f16_nvshmem', 'allreduce_bf16', 'allreduce_bf16_avg', 'allreduce_det', 'allreduce_f32_max_ring', 'allreduce_multi', 'allreduce_rmsnorm', 'allreduce_rmsnorm_fp8', 'broadcast_f32', 'gemm_rs_bf16', 'gemm_rs_bf16_ce', 'gemm_rs_bf16_fused', 'llama3_70b_down', 'llama3_70b_down_fused', 'llama3_70b_gate_up', 'llama3_70b_gate_up_fused', 'llama3_8b_down', 'llama3_8b_down_fused', 'llama3_8b_gate_up', 'llama3_8b_gate_up_fused', 'llama3_8b_o', 'llama3_8b_qkv', 'moe_bf16', 'moe_bf16_fp8', 'moe_bf16_fp8_ll', 'moe_bf16_ll', 'moe_f32_k3', 'reduce_bf16', 'reduce_det', 'reduce_scatter_bf16', 'reduce_scatter_det', 'reduce_scatter_f16_min_nvshmem', 'reduce_scatter_f32_premul', 'reduce_scatter_rmsnorm']
 __all__ = list(OPS)
 
 

@@ -602,3 +602,72 @@ def test_avg_and_premul_sum_are_reductions_of_floating_types():
     p = plan(spec(op="allreduce", reduce="avg"), 4)
     assert all(v.schedule.scaled for v in p.variants)
     assert "s*in[" in format_plan(p) or "s*scr[" in format_plan(p)
+
+
+# ------------------------------------------------------------------------------ deterministic reductions
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_reductions_of_raw_inputs_add_them_in_rank_order_on_every_rank(world):
+    """in_canonical_order: a reduce step's raw contributions are read in ascending rank order whichever
+    rank runs it, so one_shot gives every rank the same bits and two_shot the one_shot's."""
+    from tilegen.collective.ops import order_problems
+    from tilegen.collective.schedules import contributor, writers_of
+    for op in ("reduce_scatter", "allreduce", "reduce"):
+        for alg in OPS[op].schedules:
+            s = make_schedule(op, alg, world, "per_tile")
+            w = writers_of(s)
+            for steps in s.ranks:
+                for st in steps:
+                    ranks = [contributor(w, g) for g in st.srcs]
+                    if len(st.srcs) > 1 and None not in ranks:
+                        assert ranks == sorted(ranks), (op, alg, st)
+            canonical = not order_problems(op, s)
+            assert canonical == ("ring" not in alg or world == 2), (op, alg, world, order_problems(op, s))
+
+
+def test_the_order_check_catches_a_reduction_out_of_rank_order():
+    from tilegen.collective import schedules as S
+    from tilegen.collective.ops import order_problems
+    raw = S.ar_one_shot(3, "per_tile")  # as written: rank r adds its own input first
+    assert order_problems("allreduce", raw)[0] == (
+        "out@1[0] adds the ranks' contributions in the order [1, 2, 0], not [0, 1, 2]")
+    assert order_problems("allreduce", make_schedule("allreduce", "one_shot", 3, "per_tile")) == []
+    ring = order_problems("allreduce", make_schedule("allreduce", "ring", 4, "per_tile"))
+    assert ring and "adds partial sums" in ring[0]
+
+
+def test_a_deterministic_spec_plans_only_schedules_in_rank_order():
+    from tilegen.collective.ops import order_problems
+    free = plan(spec(op="allreduce", topology="ring_links"), 4)
+    assert any("ring" in v.schedule.algorithm for v in free.variants)  # the filter has something to remove
+    for world in (2, 4, 8):
+        for kw in (dict(op="allreduce", topology="ring_links"), dict(op="reduce_scatter", topology="ring_links"),
+                   dict(op="allreduce", reduce="avg"), dict(op="reduce", dtypes=["f32", "bf16"])):
+            p = plan(spec(deterministic=True, **kw), world)
+            for v in p.variants:
+                assert order_problems(kw["op"], v.schedule) == [], (kw, world, v.schedule.algorithm)
+    # exact reductions (max, integer sums) keep every schedule
+    exact = plan(spec(op="allreduce", topology="ring_links", reduce="max", deterministic=True), 4)
+    assert [v.schedule.algorithm for v in exact.variants] == [
+        v.schedule.algorithm for v in plan(spec(op="allreduce", topology="ring_links", reduce="max"), 4).variants]
+
+
+def test_deterministic_spec_errors_are_located_and_name_what_serves():
+    assert spec_problems(op="allreduce", deterministic=True, schedule="ring") == [
+        "schedule: ring adds partial sums at world 4, so its bits differ from the other schedules'; "
+        "deterministic takes one_shot, two_shot, ll_one_shot, ll_two_shot (or auto)"]
+    assert spec_problems(op="allreduce", deterministic=True, schedule="ring", reduce="max") == []
+    with pytest.raises(Exception, match="deterministic: gemm_rs does not offer it yet"):
+        gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=4096,
+                  deterministic=True)
+
+
+def test_the_check_stage_refuses_a_deterministic_plan_with_a_ring():
+    """The planner's promise is checked again before any code: a plan that sneaks a ring in is refused."""
+    from tilegen.collective.family import FAMILY
+    s = spec(op="allreduce", deterministic=True, world_sizes=[4])
+    p = plan(s, 4)
+    ring = make_schedule("allreduce", "ring", 4, "per_tile")
+    bad = replace(p, variants=(replace(p.variants[-1], schedule=ring),))
+    problems = FAMILY.check(s, [bad], lambda q, compute: compute())
+    assert problems and problems[0].startswith("world 4: ring is not deterministic: out@0[0] adds partial sums")
+    assert FAMILY.check(s, [p], lambda q, compute: compute()) == []

@@ -203,3 +203,40 @@ def test_loading_without_torch_registers_nothing(job, monkeypatch):
         assert ar._torch_op is None
     ar._register_torch_ops()
     assert ar._torch_op is not None and ar.torch.functional is torch.ops.tilegen.tt_allreduce_notorch.default
+
+
+def test_epilogue_ops_trace_with_their_residual_updated_in_place(job):
+    """allreduce + residual + RMSNorm (and the fp8 form) inside a compiled decoder step: one graph, the
+    residual declared mutated, shapes and fp8 outputs from the fakes; bad operands named."""
+    epi = {"residual": True, "rmsnorm": 1e-5, "quant": None}
+    ar = CollectiveOp(NOWHERE, "tt_ar_norm", "allreduce", "bfloat16",
+                      [{"name": "m", "max": 64}, {"name": "hidden", "max": 256}], [2, 4], epilogue=epi)
+    q8 = CollectiveOp(NOWHERE, "tt_ar_norm_fp8", "allreduce", "bfloat16", [{"name": "m", "max": 64}, 256], [2, 4],
+                      epilogue={**epi, "quant": "fp8_e4m3"})
+    rs = CollectiveOp(NOWHERE, "tt_rs_norm", "reduce_scatter", "bfloat16", [{"name": "m", "max": 64}, 256], [2, 4],
+                      epilogue=epi)
+
+    def step(x, res, w):
+        y = ar.torch(x * 2, residual=res, weight=w, group=job)
+        q, s = q8.torch(y, residual=res, weight=w)
+        return y, q, s, rs.torch(x.repeat(2, 1), residual=res, weight=w, group=job)
+
+    fn, graphs = _compiled(step, ar, q8, rs)
+    with FakeTensorMode():
+        x = torch.empty(8, 256, dtype=torch.bfloat16, device="cuda")
+        res, w = torch.empty_like(x), torch.empty(256, dtype=torch.bfloat16, device="cuda")
+        y, q, s, z = fn(x, res, w)
+        assert (y.shape, y.dtype, q.dtype, s.shape, s.dtype, z.shape) == (
+            (8, 256), torch.bfloat16, torch.float8_e4m3fn, (8,), torch.float32, (8, 256))
+        with pytest.raises(ValueError, match=r"tt_ar_norm: weight must be a CUDA \[256\] torch.bfloat16 tensor"):
+            ar.torch(x, residual=res, weight=w[:128])
+        with pytest.raises(ValueError, match="tt_ar_norm: residual must have 8 rows"):
+            ar.torch(x, residual=res[:4], weight=w)
+        with pytest.raises(ValueError, match="tt_ar_norm: weight= is required"):
+            ar.torch(x, residual=res)
+    assert len(graphs) == 1
+    called = _targets(graphs)
+    assert {"tilegen.tt_ar_norm.default", "tilegen.tt_ar_norm_fp8.default", "tilegen.tt_rs_norm.default"} <= set(
+        called), called
+    schema = str(torch.ops.tilegen.tt_ar_norm.default._schema)
+    assert "Tensor(a!) residual" in schema and schema.endswith("-> Tensor")

@@ -17,6 +17,9 @@ struct BindingSpec {
   static constexpr bool kInWorldRows = false, kOutWorldRows = true;  // rows: world * m
   static constexpr bool kOutSymmetric = true;  // peers store into the output
   static constexpr int kAlias = 0;  // the input may be exactly: 0 nothing, 1 the output, 2 this rank's chunk of it
+  // epilogue (run_epilogue): residual add, RMSNorm, quantisation (0 none, 1 fp8 e4m3)
+  static constexpr bool kEpilogue = false, kResidual = false, kRmsNorm = false;
+  static constexpr int kQuant = 0;
   static constexpr bool kBLayoutKN = false;
   static bool gemm_nk(int world, int64_t* n, int64_t* k) {  // GEMM ops: this rank's (n, k) at each world size
     switch (world) {

@@ -15,7 +15,7 @@ collect_ignore_glob = ["test_*.py"] if torch is None else []
 
 # The GPU modules in the order every rank runs them. The bounded-wait tests go last: the ops they
 # use are unusable on rank 0 afterwards. A module not named here runs before them.
-GPU_ORDER = ("test_allgather_gpu", "test_collectives_gpu", "test_downstream_gpu", "test_gemm_gpu",
+GPU_ORDER = ("test_allgather_gpu", "test_collectives_gpu", "test_epilogue_gpu", "test_downstream_gpu", "test_gemm_gpu",
              "test_matrix_gpu", "test_moe_gpu", "test_groups_gpu", "test_timeout_gpu")
 
 

@@ -26,6 +26,7 @@ class CollectiveFamily(Family):
 
     def check(self, spec, lowered, remember):
         from .check import verdict_of
+        from .ops import order_problems
         problems = []
         for p in lowered:
             for v in p.variants:
@@ -34,6 +35,9 @@ class CollectiveFamily(Family):
                 if any(g.rank != r for r, steps in enumerate(s.ranks) for st in steps for g in st.srcs):
                     problems.append(f"world {p.world}: {s.algorithm} reads another rank's memory")
                     continue
+                if spec.deterministic and spec.order_matters:
+                    problems += [f"world {p.world}: {s.algorithm} is not deterministic: {e}"
+                                 for e in order_problems(spec.op, s)]
                 question = f"schedule|{spec.op}|{v.spare_sms}|{s!r}"
                 verdict = from_entry(remember(question, lambda: entry(verdict_of(s, spec.op, v.spare_sms))))
                 if not verdict.ok:

@@ -226,16 +226,24 @@ def make_schedule(op: str, algorithm: str, world: int, sync: str, fused: bool = 
                   premul: bool = False) -> Schedule:
     """An op's schedule by name (schedules are pure functions of these: each is built once). GEMM
     ops get their collective's schedule with the compute stream's signals added; premul: the
-    contributions are scaled by the call's scale (reduce: avg / premul_sum)."""
+    contributions are scaled by the call's scale (reduce: avg / premul_sum). Reductions of raw inputs
+    add them in ascending rank order (schedules.in_canonical_order)."""
     desc, comm = OPS[op], comm_op(op)
     if algorithm not in algorithms_for(op):
         raise ValueError(f"op {op} has no schedule {algorithm!r}; it has {', '.join(algorithms_for(op))}")
     s = comm.schedules[algorithm](world, sync)
+    if comm.reduces:
+        s = S.in_canonical_order(s)
     if premul:
         s = S.with_premul(s)
     if desc.gemm == "produce":
         return S.with_input_waits(s)
     return S.with_local_signals(s) if desc.gemm == "consume" and fused else s
+
+
+def order_problems(op: str, s: Schedule) -> list[str]:
+    """Why some output of ``s`` is not reduced in the canonical order ([]: every one is)."""
+    return S.order_problems(s, lambda r, k: expected_output(op, s.world, s.parts, r, k))
 
 
 def compute_order(op: str, s: Schedule, rank: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from .ir import Schedule
 from .layout import layout, tile_bytes_for, unit_length
-from .ops import GEMM_OPS, OPS, algorithms_for, comm_op, compute_order, make_schedule
+from .ops import GEMM_OPS, OPS, algorithms_for, comm_op, compute_order, make_schedule, order_problems
 from ..core.calibration import Calibration
 from .schedules import LL_MAX_BYTES, is_ll
 from .spec import CollectiveSpec
@@ -301,6 +301,8 @@ def plan(spec: CollectiveSpec, world: int, calibration: dict | Calibration | Non
     algs = algorithms_for(spec.op) if spec.schedule == "auto" else [spec.schedule]
     if spec.transport == "nvshmem":  # LL lines are stored through peer pointers only (the spec refuses a fixed one)
         algs = [a for a in algs if not is_ll(a)]
+    if spec.deterministic and spec.order_matters:  # only schedules that add raw inputs in rank order
+        algs = [a for a in algs if not order_problems(spec.op, spec_schedule(spec, a, world))]
     for a in algs:
         spec_schedule(spec, a, world)  # raises for a schedule the op lacks
     max_in = spec.max_in_bytes(world)
@@ -393,6 +395,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"op {s.name}: {s.op} {s.dtype}{' ' + s.reduce if OPS[s.op].reduces else ''}, world {p.world}, "
         f"input up to {fmt_bytes(s.max_in_bytes(p.world))} per rank, sync {s.sync}, transport {s.transport}"
+        + (", deterministic (sums in rank order, rounded once)" if s.deterministic else "")
+        + (f", then {s.epilogue.stages} per row (after a grid barrier)" if s.epilogue else "")
     ]
     how = ("measured (tilegen tune)" if any("measured on" in v.reason for v in p.variants)
            else "predicted (cost model)")

@@ -141,6 +141,24 @@ def op_traits(spec: CollectiveSpec, op: OpFacts, t: Totals) -> list[tuple[str, s
         ("bool", "kPerTile", b(spec.sync == "per_tile")),
         ("bool", "kAllowPeerPtr", b(spec.transport != "nvshmem")),
         ("bool", "kRequirePeerPtr", b(spec.transport == "nvlink")),
+        *epilogue_traits(spec),
+    ]
+
+
+QUANT_CODE = {None: 0, "fp8_e4m3": 1}  # collective/epilogue.cuh's kNoQuant, kFp8E4M3
+
+
+def epilogue_traits(spec: CollectiveSpec) -> list[tuple[str, str, str]]:
+    """The epilogue's constants (collective/epilogue.cuh); kAccBytes: the op's buffer it reduces into."""
+    e = spec.epilogue
+    b = lambda x: "true" if x else "false"  # noqa: E731
+    return [
+        ("bool", "kEpilogue", b(e)),
+        ("bool", "kResidual", b(e and e.residual)),
+        ("bool", "kRmsNorm", b(e and e.rmsnorm)),
+        ("int", "kQuant", str(QUANT_CODE[e.quant if e else None])),
+        ("float", "kEps", f"{float(e.rmsnorm.eps if e and e.rmsnorm else 0.0)!r}f"),
+        ("int64_t", "kAccBytes", f"{spec.max_out_bytes(max(spec.world_sizes)) if e else 0}LL"),
     ]
 
 
@@ -174,6 +192,7 @@ def render_context(spec: CollectiveSpec, plans: list[Plan]) -> dict:
         "worlds": worlds,
         "in_world_rows": op.in_world_rows,
         "out_world_rows": op.out_world_rows,
-        "out_symmetric": t.out_symmetric,
+        "out_symmetric": t.out_symmetric and not spec.epilogue,  # (an epilogue op reduces into its own buffer)
+        "epilogue": spec.epilogue,
         "alias_code": ALIAS_CODE[op.alias],
     }

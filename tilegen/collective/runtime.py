@@ -8,17 +8,21 @@ from .ops import OPS
 
 
 class CollectiveOp(GeneratedOp):
-    """Callable: op(input, output=None, *, root=0, scale=None, group=None, stream=None, timeout_ms=None)."""
+    """Callable: op(input, output=None, *, root=0, scale=None, group=None, stream=None, timeout_ms=None);
+    epilogue ops also take residual=, weight= and scales= (see __call__)."""
 
-    def __init__(self, *args, premul: str | None = None, dtypes: list[str] | None = None, **kw):
+    def __init__(self, *args, premul: str | None = None, dtypes: list[str] | None = None,
+                 epilogue: dict | None = None, **kw):
         super().__init__(*args, **kw)
         self.premul = premul  # reduce: "avg" (scale 1 / world) or "premul_sum" (scale per call), else None
         self.dtypes = list(dtypes or [self.dtype])  # torch dtype names the library serves (a call takes its input's)
+        # {"residual": bool, "rmsnorm": eps or None, "quant": "fp8_e4m3" or None}, or None
+        self.epilogue = epilogue
 
     def _make_torch_op(self) -> Any:
         """torch.ops.tilegen.<name> and <name>_out: op.torch(input, group=...), op.torch.out(input, out, ...)."""
-        from .torch_op import TorchCollective
-        return TorchCollective(self)
+        from .torch_op import TorchCollective, TorchEpilogue
+        return TorchEpilogue(self) if self.epilogue else TorchCollective(self)
 
     def shard_rows(self, input_rows: int) -> int:
         """m for an input of input_rows rows (inputs of reduce_scatter and all_to_all hold group size * m)
@@ -76,13 +80,21 @@ class CollectiveOp(GeneratedOp):
         return self._outputs[key]
 
     def __call__(self, input: Any, output: Any = None, *, root: int = 0, scale: float | None = None,
-                 group: Any = None, stream: Any = None, timeout_ms: float | None = None) -> Any:
+                 group: Any = None, stream: Any = None, timeout_ms: float | None = None,
+                 residual: Any = None, weight: Any = None, scales: Any = None) -> Any:
         """Run the op on the current stream (or `stream`). Rooted ops (broadcast) take `root`; where only
         the root's input is read, other ranks may pass None (the output is then the nominal input).
         reduce: premul_sum ops take `scale` (each rank's input is multiplied by it before the sum).
         group: a tilegen.group() this rank is in (None: the world); root and ranks are the group's.
         The common call (tensors given, default stream and timeout) does little Python: an eager call's
-        host cost is the launch's."""
+        host cost is the launch's.
+
+        Epilogue ops return the rows their epilogue makes: residual (with residual: true) is added to
+        the reduced rows and overwritten with the sum; weight ([hidden], with rmsnorm) scales the
+        normalised rows; with quant they return (output, scales), fp8 rows and one float32 scale per row
+        (output and scales may be given). The output is any tensor (not a symmetric one); it may be the input."""
+        if self.epilogue is not None or residual is not None or weight is not None or scales is not None:
+            return self._call_epilogue(input, output, residual, weight, scales, group, stream, timeout_ms)
         run = self._run
         if run is None:
             self.load()
@@ -105,6 +117,42 @@ class CollectiveOp(GeneratedOp):
             _synchronize(input, handle)
             self._mod.check_wait_error()
         return output
+
+    def _call_epilogue(self, input: Any, output: Any, residual: Any, weight: Any, scales: Any, group: Any,
+                       stream: Any, timeout_ms: float | None) -> Any:
+        e = self.epilogue
+        if e is None:
+            raise ValueError(f"{self.name}: residual=, weight= and scales= are for ops with an epilogue; "
+                             f"this op has none")
+        for arg, value, wanted, what in (("residual", residual, e["residual"], "residual: true"),
+                                         ("weight", weight, e["rmsnorm"] is not None, "rmsnorm"),
+                                         ("scales", scales, e["quant"] is not None, "quant")):
+            if value is None and wanted and arg != "scales":
+                raise ValueError(f"{self.name}: {arg}= is required (the op's epilogue has {what})")
+            if value is not None and not wanted:
+                raise ValueError(f"{self.name}: {arg}= is for epilogues with {what}; this op's has "
+                                 f"{', '.join(k for k, v in e.items() if v not in (None, False))}")
+        if not hasattr(input, "shape") or len(input.shape) < 2:
+            raise ValueError(f"{self.name}: input must be a tensor of shape {self.shape}")
+        self.load()
+        self._use(group)
+        rows = OPS[self.kind].out_rows(self._world) * self.shard_rows(int(input.shape[0]))
+        if output is None or (e["quant"] and scales is None):
+            torch = _torch()
+            if output is None:
+                dtype = torch.float8_e4m3fn if e["quant"] else input.dtype
+                output = torch.empty((rows,) + tuple(input.shape[1:]), dtype=dtype, device=input.device)
+            if e["quant"] and scales is None:
+                scales = torch.empty((rows,), dtype=torch.float32, device=input.device)
+        handle = _stream_handle(stream)
+        timeout_ns = self._timeout_ns(timeout_ms, handle)
+        self._mod.run_epilogue(input, output, residual if residual is not None else input,
+                               weight if weight is not None else input, scales if scales is not None else input,
+                               handle, timeout_ns)
+        if timeout_ns:
+            _synchronize(input, handle)
+            self._mod.check_wait_error()
+        return (output, scales) if e["quant"] else output
 
     def _complete_args(self, input: Any, output: Any, group: Any = None) -> tuple[Any, Any]:
         """A missing output (cached symmetric one) or, on non-root ranks of root-only-input ops, input."""

@@ -274,26 +274,100 @@ def is_ll(algorithm: str) -> bool:
     return algorithm.startswith("ll_")
 
 
-# ------------------------------------------------------------------------------ PreMulSum
-def with_premul(s: Schedule) -> Schedule:
-    """reduce: avg / premul_sum (NCCL's PreMulSum): every rank's contribution is multiplied by the
-    call's scale exactly once, where it is first summed. A segment holds raw input if it is the input
-    or a copy (a one-source move) of raw input; a reduce step scales exactly its raw sources. The
-    checker verifies the result (each contribution scaled once), not this rule."""
-    writers: dict[tuple[int, str, int], set[Step]] = {}
+# ------------------------------------------------------------------------------ data flow
+# Schedules are static data flow: each segment is written by the same steps in every call, so where a
+# segment's data come from can be read off the programs (the checker's simulation proves it holds).
+Writers = dict[tuple[int, str, int], tuple[Step, ...]]
+
+
+def writers_of(s: Schedule) -> Writers:
+    """The moves that write each segment (rank, buf, slot)."""
+    out: dict[tuple[int, str, int], list[Step]] = {}
     for steps in s.ranks:
         for st in steps:
             for d in st.dests:
-                writers.setdefault((d.rank, d.buf, d.slot), set()).add(st)
+                out.setdefault((d.rank, d.buf, d.slot), []).append(st)
+    return {k: tuple(v) for k, v in out.items()}
 
-    def raw(g: Seg, depth: int = 0) -> bool:
-        if g.buf == "in":
-            return True
-        found = {len(w.srcs) == 1 and depth < 64 and raw(w.srcs[0], depth + 1)
-                 for w in writers.get((g.rank, g.buf, g.slot), ())}
-        if len(found) > 1:
-            raise ValueError(f"{s.op}/{s.algorithm}: {g} holds raw input after one writer and sums after another")
-        return found == {True}
+
+def contributor(writers: Writers, g: Seg, depth: int = 0) -> int | None:
+    """The rank whose raw input segment ``g`` holds (the input itself, or a chain of one-source copies
+    of it), or None where it holds a partial result (a reduction's output, or writers that disagree)."""
+    if g.buf == "in":
+        return g.rank
+    found = {contributor(writers, w.srcs[0], depth + 1) if len(w.srcs) == 1 and depth < 64 else None
+             for w in writers.get((g.rank, g.buf, g.slot), ())}
+    return found.pop() if len(found) == 1 else None
+
+
+def in_canonical_order(s: Schedule) -> Schedule:
+    """Every reduction of raw contributions adds them in ascending rank order (relative to the root for
+    rooted ops), whichever rank computes it: the result's bits are the same on every rank and in every
+    schedule that reduces raw inputs in one step (one_shot, two_shot, direct and their LL forms).
+    Reductions of partial results (rings) keep their order."""
+    writers = writers_of(s)
+
+    def ordered(st: Step) -> Step:
+        if st.kind != "move" or len(st.srcs) < 2:
+            return st
+        ranks = [contributor(writers, g) for g in st.srcs]
+        if None in ranks:
+            return st
+        return replace(st, srcs=tuple(g for _, g in sorted(zip(ranks, st.srcs))))
+
+    return replace(s, ranks=tuple(tuple(ordered(st) for st in steps) for steps in s.ranks))
+
+
+def order_problems(s: Schedule, expected) -> list[str]:
+    """Why some reduced output of ``s`` is not one reduction of raw contributions in ascending rank
+    order ([]: each is), ``expected(rank, out slot)`` naming the (rank, input slot) pairs it sums. This
+    is what makes a sum's bits independent of the schedule, the tiles and the CTAs: fp32 adds in one
+    fixed order, one rounding to the element type."""
+    writers, problems = writers_of(s), []
+    for r in range(s.world):
+        for k in range(s.slots("out")):
+            want = expected(r, k)
+            if not want or len(want) < 2:
+                continue
+            for w in _reductions_into(writers, Seg(r, "out", k)):
+                if w is None:
+                    problems.append(f"out@{r}[{k}] is a copy of one rank's input or of data that "
+                                    f"differ by writer, not a reduction")
+                    continue
+                got = [contributor(writers, g) for g in w.srcs]
+                if None in got:
+                    problems.append(f"out@{r}[{k}] adds partial sums ({', '.join(map(str, w.srcs))}): "
+                                    f"their rounding to the element type depends on the schedule")
+                elif got != sorted(src for src, _ in want):
+                    problems.append(f"out@{r}[{k}] adds the ranks' contributions in the order {got}, "
+                                    f"not {sorted(src for src, _ in want)}")
+    return problems
+
+
+def _reductions_into(writers: Writers, g: Seg, depth: int = 0) -> list[Step | None]:
+    """The reductions whose result segment ``g`` holds, following one-source copies back (None: a
+    chain that ends at an input, or a cycle)."""
+    found: list[Step | None] = []
+    for w in writers.get((g.rank, g.buf, g.slot), ()):
+        if len(w.srcs) > 1:
+            found.append(w)
+        elif w.srcs[0].buf == "in" or depth >= 64:
+            found.append(None)
+        else:
+            found += _reductions_into(writers, w.srcs[0], depth + 1)
+    return found
+
+
+# ------------------------------------------------------------------------------ PreMulSum
+def with_premul(s: Schedule) -> Schedule:
+    """reduce: avg / premul_sum (NCCL's PreMulSum): every rank's contribution is multiplied by the
+    call's scale exactly once, where it is first summed: a reduce step scales exactly its sources that
+    hold one rank's raw input (contributor()). The checker verifies the result (each contribution
+    scaled once), not this rule."""
+    writers = writers_of(s)
+
+    def raw(g: Seg) -> bool:  # a rank's input, or a copy of it
+        return contributor(writers, g) is not None
 
     ranks = tuple(tuple(replace(st, scaled=tuple(raw(g) for g in st.srcs))
                         if st.kind == "move" and len(st.srcs) > 1 else st for st in steps)

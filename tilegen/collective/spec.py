@@ -7,14 +7,47 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..core.spec import DTYPES, OpSpec, ShardedDim, dim_size
-from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names
+from ..core.spec import DTYPES, OpSpec, ShardedDim, _Frozen, dim_size
+from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names, make_schedule, order_problems
 from .schedules import LL_MAX_BYTES, is_ll
 
 REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
 SCHEDULES = {k: tuple(algorithms_for(k)) for k in OPS}  # the schedules each op kind has
 ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
 CollectiveKind = Literal[COLLECTIVE_OPS]  # type: ignore[valid-type]
+
+
+class RmsNorm(_Frozen):
+    """y = h * rsqrt(mean(h^2) + eps) * weight over each row (the weight: a call argument)."""
+
+    eps: float = Field(default=1e-5, gt=0, le=1, description="added to the mean square before the root")
+
+
+class Epilogue(_Frozen):
+    """What an allreduce or reduce_scatter does to each reduced row before it returns it, in the same
+    kernel (include/tilegen/collective/epilogue.cuh)."""
+
+    residual: bool = Field(default=False, description="h = row + residual (a call argument, [rows, ...] like the "
+                                                      "output), written back into residual")
+    rmsnorm: Optional[RmsNorm] = Field(default=None, description="RMSNorm of h times a weight the call passes "
+                                                                 "([hidden]: the product of the inner dims)")
+    quant: Optional[Literal["fp8_e4m3"]] = Field(
+        default=None, description="the output as fp8 e4m3, each row scaled by max|y| / 448 (returned with it)")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not (self.residual or self.rmsnorm or self.quant):
+            raise ValueError("an epilogue needs residual: true, rmsnorm or quant")
+        return self
+
+    @property
+    def stages(self) -> str:
+        """What it does, in a few words."""
+        return " + ".join(w for w, on in (("residual", self.residual), ("rmsnorm", self.rmsnorm),
+                                          (str(self.quant), self.quant)) if on)
+
+
+EPILOGUE_OPS = ("allreduce", "reduce_scatter")  # ops whose output is whole reduced rows
 
 
 class CollectiveSpec(OpSpec):
@@ -52,6 +85,17 @@ class CollectiveSpec(OpSpec):
         description="every element type one library serves (a call takes its input's; the symmetric buffers "
                     "are shared, sized for the widest); dtype may then be left out (the first) or must be one of "
                     "them; GEMM ops serve one")
+
+    deterministic: bool = Field(
+        default=False,
+        description="reductions' bits depend only on the inputs: each output element is one fp32 sum of "
+                    "the ranks' contributions in ascending rank order (from the root for reduce), rounded "
+                    "once, whatever the message size, row count, CTAs, tiles or schedule picked per size "
+                    "(the planner keeps to schedules the checker proves do that: not the rings beyond 2 ranks)")
+
+    epilogue: Optional[Epilogue] = Field(
+        default=None, description="allreduce / reduce_scatter: residual add, RMSNorm and fp8 quantisation of each "
+                                  "reduced row, in the same kernel")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +162,10 @@ class CollectiveSpec(OpSpec):
                 raise ValueError(f"schedule: {self.schedule} carries its flags in the data and serves inputs up to "
                                  f"{LL_MAX_BYTES} bytes; this spec allows {self.max_in_bytes(big[0])} at world "
                                  f"{big[0]} (schedule: auto uses it for the small ones)")
+        if self.deterministic:
+            self._check_deterministic()
+        if self.epilogue:
+            self._check_epilogue()
         field = "dtypes" if self.dtypes else "dtype"
         if self.op in REDUCING and "u8" in self.all_dtypes:
             raise ValueError(f"{field}: {self.op} reduces; use bf16, f16, f32 or i32")
@@ -129,6 +177,36 @@ class CollectiveSpec(OpSpec):
             if ints:
                 raise ValueError(f"reduce: {self.reduce} multiplies by a fractional scale: use bf16, f16 or f32, "
                                  f"not {ints[0]}")
+
+    def _check_epilogue(self) -> None:
+        if self.op not in EPILOGUE_OPS:
+            raise ValueError(f"epilogue: {self.op} cannot take one; {' and '.join(EPILOGUE_OPS)} can (their output "
+                             f"is rows of reduced values)")
+        ints = [d for d in self.all_dtypes if d not in ("bf16", "f16", "f32")]
+        if ints:
+            raise ValueError(f"epilogue: {self.epilogue.stages} works on floats: use bf16, f16 or f32, not {ints[0]}")
+        if len(self.shape) < 2:
+            raise ValueError("epilogue: works on rows: the shape needs an inner dim ([m, hidden])")
+
+    def _check_deterministic(self) -> None:
+        if OPS[self.op].gemm:
+            raise ValueError(f"deterministic: {self.op} does not offer it yet (its GEMM's reduction order "
+                             f"depends on the GEMM kernel); the collectives do")
+        if self.schedule != "auto" and self.order_matters:
+            bad = [w for w in self.world_sizes if order_problems(self.op, make_schedule(
+                self.op, self.schedule, w, self.sync))]
+            if bad:
+                ok = [a for a in SCHEDULES[self.op] if not order_problems(self.op, make_schedule(
+                    self.op, a, bad[0], self.sync))]
+                raise ValueError(f"schedule: {self.schedule} adds partial sums at world {bad[0]}, so its bits "
+                                 f"differ from the other schedules'; deterministic takes {', '.join(ok)} (or auto)")
+
+    @property
+    def order_matters(self) -> bool:
+        """Whether the reduction's bits depend on the order it adds in (float sums; max, min and integer
+        sums are exact in any order)."""
+        return (OPS[self.op].reduces and self.reduce in ("sum", "avg", "premul_sum")
+                and any(d in ("bf16", "f16", "f32") for d in self.all_dtypes))
 
     @property
     def all_dtypes(self) -> tuple[str, ...]:

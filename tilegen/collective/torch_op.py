@@ -1,5 +1,6 @@
 """A collective op as torch ops (tilegen.core.torch_ops): `op.torch(input, group=..)` and
-`op.torch.out(input, out, group=..)`, i.e. torch.ops.tilegen.<name> and <name>_out."""
+`op.torch.out(input, out, group=..)`, i.e. torch.ops.tilegen.<name> and <name>_out. Epilogue ops
+(TorchEpilogue) take their residual (which they update in place) and weight too."""
 from __future__ import annotations
 
 from typing import Any
@@ -71,3 +72,111 @@ class TorchCollective:
         self._check_out(input, out, slot)
         self.out_variant(input, out, slot, root, scale)
         return out
+
+
+class TorchEpilogue:
+    """An epilogue op (allreduce / reduce_scatter + residual, RMSNorm, fp8) as torch ops:
+    torch.ops.tilegen.<name>(input, residual, weight, group) -> y, or (y, scales) when quantising, with
+    residual updated in place (declared mutated, as torch's fused_add_rms_norm-style ops do; torch.compile
+    functionalises it); <name>_out(input, out, residual, weight, scales, group) writes into out/scales."""
+
+    def __init__(self, op: Any):
+        import torch
+
+        self.op = op
+        name, desc, e = op.name, OPS[op.kind], op.epilogue
+        dtypes = tuple(getattr(torch, d) for d in op.dtypes)
+        quant = e["quant"] is not None
+        self.residual, self.weight, self.quant = e["residual"], e["rmsnorm"] is not None, quant
+        res, wt = ("Tensor(a!) residual, " if self.residual else ""), ("Tensor weight, " if self.weight else "")
+        ret = "(Tensor, Tensor)" if quant else "Tensor"
+        schema = f"(Tensor input, {res}{wt}int group=0) -> {ret}"
+        out_schema = (f"(Tensor input, Tensor(b!) out, {res}{wt}" + ("Tensor(c!) scales, " if quant else "")
+                      + "int group=0) -> ()")
+
+        def rows(input: Any, slot: int) -> int:
+            check_tensor(name, "input", input, dtypes, op.inner_shape, op.free_inner)
+            k = desc.in_rows(group_size(slot))
+            if input.shape[0] % k or not 1 <= input.shape[0] // k <= op.max_rows():
+                raise ValueError(f"{name}: input dim 0 must be {'%d * m with m' % k if k > 1 else 'm'} in "
+                                 f"[1, {op.max_rows()}], got {list(input.shape)}")
+            return desc.out_rows(group_size(slot)) * (input.shape[0] // k)
+
+        def operands(input: Any, residual: Any, weight: Any, slot: int) -> int:
+            n = rows(input, slot)
+            if self.residual:
+                check_tensor(name, "residual", residual, (input.dtype,), tuple(input.shape[1:]))
+                if residual.shape[0] != n:
+                    raise ValueError(f"{name}: residual must have {n} rows, got {list(residual.shape)}")
+            if self.weight:
+                hidden = input.numel() // input.shape[0]
+                if weight.dtype != input.dtype or tuple(weight.shape) != (hidden,) or weight.device.type != "cuda":
+                    raise ValueError(f"{name}: weight must be a CUDA [{hidden}] {input.dtype} tensor, got "
+                                     f"{list(weight.shape)} {weight.dtype} on {weight.device}")
+            return n
+
+        def results(input: Any, n: int) -> Any:
+            y = input.new_empty((n,) + tuple(input.shape[1:]), dtype=torch.float8_e4m3fn if quant else input.dtype)
+            return (y, input.new_empty((n,), dtype=torch.float32)) if quant else y
+
+        def unpack(args: tuple) -> tuple:  # (residual, weight, rest) of the optional middle arguments
+            args = list(args)
+            residual = args.pop(0) if self.residual else None
+            weight = args.pop(0) if self.weight else None
+            return residual, weight, args
+
+        def fake(input, *args):
+            residual, weight, rest = unpack(args)
+            return results(input, operands(input, residual, weight, rest[0] if rest else 0))
+
+        def real(input, *args):
+            residual, weight, rest = unpack(args)
+            group = rest[0] if rest else 0
+            operands(input, residual, weight, group)
+            return op(input.contiguous(), None, residual=residual, weight=weight, group=group_of_slot(group))
+
+        def fake_out(input, out, *args):
+            residual, weight, rest = unpack(args)
+            scales = rest.pop(0) if quant else None
+            group = rest[0] if rest else 0
+            want = results(input, operands(input, residual, weight, group))
+            for arg, t, w in (("out", out, want[0] if quant else want), ("scales", scales, want[1] if quant else None)):
+                if w is not None and (t.dtype != w.dtype or tuple(t.shape) != tuple(w.shape)):
+                    raise ValueError(f"{name}: {arg} must be {list(w.shape)} {w.dtype}, got {list(t.shape)} {t.dtype}")
+
+        def real_out(input, out, *args):
+            fake_out(input, out, *args)
+            residual, weight, rest = unpack(args)
+            scales = rest.pop(0) if quant else None
+            group = rest[0] if rest else 0
+            op(input.contiguous(), out, residual=residual, weight=weight, scales=scales, group=group_of_slot(group))
+
+        self.functional = define(name, schema, real, fake, mutates=("residual",) if self.residual else ())
+        mutated = ("out",) + (("residual",) if self.residual else ()) + (("scales",) if quant else ())
+        self.out_variant = define(f"{name}_out", out_schema, real_out, fake_out, mutates=mutated)
+        self._operands, self._fake_out = operands, fake_out
+
+    def _middle(self, residual: Any, weight: Any) -> tuple:
+        for arg, value, wanted in (("residual", residual, self.residual), ("weight", weight, self.weight)):
+            if (value is None) == wanted:
+                raise ValueError(f"{self.op.name}: {arg}= is {'required' if wanted else 'not taken'} by this op's "
+                                 f"epilogue")
+        return tuple(v for v, on in ((residual, self.residual), (weight, self.weight)) if on)
+
+    def __call__(self, input: Any, *, residual: Any = None, weight: Any = None, group: Any = None) -> Any:
+        middle = self._middle(residual, weight)
+        slot = slot_of(self.op.name, group)
+        self._operands(input, residual, weight, slot)
+        return self.functional(input, *middle, slot)
+
+    def out(self, input: Any, out: Any, *, residual: Any = None, weight: Any = None, scales: Any = None,
+            group: Any = None) -> Any:
+        refuse_out_form_in_compile(self.op.name)
+        middle = self._middle(residual, weight)
+        if (scales is None) == self.quant:
+            raise ValueError(f"{self.op.name}: scales= is {'required' if self.quant else 'not taken'} by this op")
+        slot = slot_of(self.op.name, group)
+        extra = (scales,) if self.quant else ()
+        self._fake_out(input, out, *middle, *extra, slot)
+        self.out_variant(input, out, *middle, *extra, slot)
+        return (out, scales) if self.quant else out

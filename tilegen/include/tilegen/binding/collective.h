@@ -14,6 +14,8 @@ int tilegen_op_is_symmetric(const void* ptr, int64_t bytes);
 int tilegen_op_run(const void* in, void* out, int64_t in_bytes, int dtype, int root, float scale, void* stream,
                    uint64_t timeout_ns, int defer, char* msg, int len);
 int tilegen_op_launch_pending(void* stream, char* msg, int len);
+int tilegen_op_run_epilogue(const void* in, void* y, void* residual, const void* weight, float* scales, int64_t in_bytes,
+                            int64_t rows, int64_t hidden, int dtype, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_begin(void* stream, char* msg, int len);
 int tilegen_op_wait_chunk(int chunk, void* stream, uint64_t timeout_ns, char* msg, int len);
 int tilegen_op_signal_chunk(int chunk, void* stream, char* msg, int len);
@@ -132,6 +134,72 @@ inline void run(TensorView input, TensorView output, int64_t root, double scale,
   call([&](char* msg) {
     return tilegen_op_run(in, out, in_bytes, dtype, static_cast<int>(root), static_cast<float>(scale), s,
                           static_cast<uint64_t>(timeout_ns), defer ? 1 : 0, msg, kMsg);
+  });
+}
+
+// Whether the byte ranges of two tensors overlap.
+inline bool overlaps(const TensorView& a, const TensorView& b) {
+  const char *pa = data(a), *pb = data(b);
+  const int64_t na = a.numel() * ((a.dtype().bits + 7) / 8), nb = b.numel() * ((b.dtype().bits + 7) / 8);
+  return pa < pb + nb && pb < pa + na;
+}
+
+// Epilogue ops (collective/epilogue.cuh): run_epilogue(input, output, residual, weight, scales, stream,
+// timeout_ns). output: the rows (the op's output shape) in the input's element type, or fp8 e4m3 when
+// quantising; residual: like a row block of the output in the input's type (read, then overwritten);
+// weight: [hidden] of the input's type, hidden the product of the inner dims; scales: [rows] float32.
+// Operands a stage does not use are not read (pass any tensor). The output may overlap the input: the
+// kernel writes it after it has read all of the input (its grid barrier).
+inline void run_epilogue(TensorView input, TensorView output, TensorView residual, TensorView weight, TensorView scales,
+                         int64_t stream, int64_t timeout_ns) {
+  if (!Spec::kEpilogue) TVM_FFI_THROW(ValueError) << Spec::kName << ": this op has no epilogue (call it with run)";
+  ensure_ready();
+  const int world = tilegen_op_world();
+  check_tensor(input, "input", -1);
+  const int dtype = dtype_index(input);
+  const int64_t m = rows_of(input, world), rows = Spec::kOutWorldRows ? world * m : m;
+  const int64_t hidden = input.numel() / input.size(0);
+  const int device = input.device().device_id;
+  const auto on_device = [&](const TensorView& t, const char* arg) {
+    if (t.device().device_type != kDLCUDA || t.device().device_id != device)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be on cuda:" << device << " (the input's)";
+    if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << Spec::kName << ": " << arg << " must be contiguous";
+  };
+  if (Spec::kQuant) {
+    on_device(output, "output");
+    const DLDataType d = output.dtype();
+    bool same = output.ndim() == input.ndim() && output.size(0) == rows;
+    for (int i = 1; same && i < input.ndim(); ++i) same = output.size(i) == input.size(i);
+    if (d.code != kDLFloat8_e4m3fn || d.bits != 8 || d.lanes != 1 || !same)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": output must be float8_e4m3fn of the output's shape (" << rows
+                                << " rows, the input's inner dims), got " << shape_str(output);
+    on_device(scales, "scales");
+    if (scales.dtype().code != kDLFloat || scales.dtype().bits != 32 || scales.ndim() != 1 || scales.size(0) != rows)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": scales must be float32 [" << rows << "], got " << shape_str(scales);
+  } else {
+    check_tensor(output, "output", rows, dtype, &input);
+    on_device(output, "output");
+  }
+  if (Spec::kResidual) {
+    check_tensor(residual, "residual", rows, dtype, &input);
+    on_device(residual, "residual");
+    if (overlaps(residual, input) || overlaps(residual, output))
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": residual overlaps the input or the output";
+  }
+  if (Spec::kRmsNorm) {
+    on_device(weight, "weight");
+    if (dtype_index(weight) != dtype || weight.ndim() != 1 || weight.size(0) != hidden)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": weight must be [" << hidden << "] of the input's dtype, got "
+                                << shape_str(weight) << " (DLPack code " << int(weight.dtype().code) << ", "
+                                << int(weight.dtype().bits) << " bits)";
+  }
+  void* s = stream_of(stream, device);
+  const int64_t in_bytes = input.numel() * (Spec::kBitsOf[dtype] / 8);
+  call([&](char* msg) {
+    return tilegen_op_run_epilogue(data(input), data(output), Spec::kResidual ? data(residual) : nullptr,
+                                   Spec::kRmsNorm ? data(weight) : nullptr,
+                                   Spec::kQuant ? reinterpret_cast<float*>(data(scales)) : nullptr, in_bytes, rows, hidden,
+                                   dtype, s, static_cast<uint64_t>(timeout_ns), msg, kMsg);
   });
 }
 
@@ -320,6 +388,7 @@ inline void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, in
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, tilegen_binding::run);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(launch_pending, tilegen_binding::launch_pending);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(run_epilogue, tilegen_binding::run_epilogue);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(is_symmetric, tilegen_binding::is_symmetric);
 TILEGEN_EXPORT_COMMON_FFI();
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tune, tilegen_binding::tune);

@@ -35,7 +35,8 @@ struct State : host::Common {
   char* ll = nullptr;  // LL schedules' scratch (kLLBytes)
   char* ll_peer[Op::kMaxWorld] = {};
   bool ll_ok = false;  // every peer's LL scratch is load/store reachable
-  uint64_t* state = nullptr;  // local: epoch, exit counter, step counters (Params::state)
+  uint64_t* state = nullptr;  // local: epoch, exit counter, step counters (Params::state), grid barrier
+  char* acc = nullptr;        // epilogue ops: the buffer they reduce into (symmetric, kAccBytes)
   // the last call's output and its peers' addresses (nvshmem_ptr is a lookup: once per output buffer)
   const void* last_out = nullptr;
   char* out_peer[Op::kMaxWorld] = {};
@@ -70,6 +71,15 @@ struct WithElem : Op {
   using Elem = E;
 };
 
+// An epilogue op's call operands (collective/epilogue.cuh's Param), checked by the binding.
+struct EpilogueArgs {
+  void* y;
+  void* residual;
+  const void* weight;
+  float* scales;
+  int64_t rows, hidden;
+};
+
 template <class Op, class Ext = NoOverlap>
 struct Host : host::Base<Op, State<Op>> {
   using B = host::Base<Op, State<Op>>;
@@ -77,7 +87,7 @@ struct Host : host::Base<Op, State<Op>> {
   using B::launched;
   using B::usable;
   using B::wait_ctx;
-  static constexpr int kStateWords = 2 + Op::kMaxSteps;
+  static constexpr int kStateWords = 2 + Op::kMaxSteps + 2;  // (the last two: the epilogue's grid barrier)
 
   // The checker proves the schedules deadlock-free with every CTA running: launch no more CTAs than
   // can be resident at once. A GEMM op's kernel spins beside GEMMs (which it may wait for): leave them
@@ -131,7 +141,8 @@ struct Host : host::Base<Op, State<Op>> {
     g->scr = Op::kScrBytes ? static_cast<char*>(nvshmem_malloc(Op::kScrBytes)) : nullptr;
     g->stage = static_cast<char*>(nvshmem_malloc(Op::kStageBytes * Op::kMaxCtas));  // CTAs of the widest variant
     g->ll = Op::kLLBytes ? static_cast<char*>(nvshmem_malloc(Op::kLLBytes)) : nullptr;
-    if (!g->sig || (Op::kScrBytes && !g->scr) || !g->stage || (Op::kLLBytes && !g->ll))
+    g->acc = Op::kAccBytes ? static_cast<char*>(nvshmem_malloc(Op::kAccBytes)) : nullptr;
+    if (!g->sig || (Op::kScrBytes && !g->scr) || !g->stage || (Op::kLLBytes && !g->ll) || (Op::kAccBytes && !g->acc))
       return fail(msg, len, "%s: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
                   Op::kName, static_cast<long long>(sig_words * 8), static_cast<long long>(Op::kScrBytes));
     g->allocated = true;
@@ -192,6 +203,7 @@ struct Host : host::Base<Op, State<Op>> {
       if (g->scr) nvshmem_free(g->scr);
       nvshmem_free(g->stage);
       if (g->ll) nvshmem_free(g->ll);
+      if (g->acc) nvshmem_free(g->acc);
       Ext::on_release();
       cudaFree(g->steps);
       cudaFree(g->state);
@@ -215,10 +227,15 @@ struct Host : host::Base<Op, State<Op>> {
 
   // in: in_bytes; out: as the op defines. Arguments were validated by the binding. defer: prepare
   // the call (checks, layout) and leave the launch to launch_pending().
-  // dtype: the index of the call's element type among the op's (Op::with_elem).
+  // dtype: the index of the call's element type among the op's (Op::with_elem). Epilogue ops take
+  // their operands in `e` (and reduce into their own buffer: `out` is ignored).
   static int run(const void* in, void* out, int64_t in_bytes, int dtype, int root, float scale, void* stream,
-                 uint64_t timeout_ns, int defer, char* msg, int len) {
+                 uint64_t timeout_ns, int defer, char* msg, int len, const EpilogueArgs* e = nullptr) {
     if (usable(msg, len)) return 1;
+    if (Op::kEpilogue != (e != nullptr))
+      return fail(msg, len, Op::kEpilogue ? "%s: this op has an epilogue: call run_epilogue" : "%s: this op has no epilogue",
+                  Op::kName);
+    if constexpr (Op::kEpilogue) out = g->acc;
     if (dtype < 0 || dtype >= Op::kDtypes)
       return fail(msg, len, "%s: element type %d outside [0, %d)", Op::kName, dtype, Op::kDtypes);
     if (in_bytes <= 0 || in_bytes > Op::kMaxInBytes)
@@ -269,6 +286,15 @@ struct Host : host::Base<Op, State<Op>> {
     p.nsteps = v.nsteps;
     p.is_ll = v.ll;
     p.wait = wait_ctx(timeout_ns);
+    if constexpr (Op::kEpilogue) {
+      p.y = static_cast<char*>(e->y);
+      p.residual = static_cast<char*>(e->residual);
+      p.weight = static_cast<const char*>(e->weight);
+      p.scales = e->scales;
+      p.rows = e->rows;
+      p.hidden = e->hidden;
+      p.bar = g->state + 2 + Op::kMaxSteps;
+    }
     const int rel = (g->rank - root + g->world) % g->world;
     p.steps = g->steps + (static_cast<int64_t>(vi) * g->world + rel) * Op::kMaxSteps;
     int grid = static_cast<int>(ntiles < ctas ? (ntiles > 0 ? ntiles : 1) : ctas);
@@ -337,6 +363,12 @@ struct Host : host::Base<Op, State<Op>> {
     return HOST::run(in, out, in_bytes, dtype, root, scale, stream, timeout_ns, defer, msg, len);                     \
   }                                                                                                                   \
   int tilegen_op_launch_pending(void* stream, char* msg, int len) { return HOST::launch_pending(stream, msg, len); }  \
+  int tilegen_op_run_epilogue(const void* in, void* y, void* residual, const void* weight, float* scales,             \
+                              int64_t in_bytes, int64_t rows, int64_t hidden, int dtype, void* stream,                 \
+                              uint64_t timeout_ns, char* msg, int len) {                                              \
+    const tilegen::coll::EpilogueArgs e{y, residual, weight, scales, rows, hidden};                                   \
+    return HOST::run(in, nullptr, in_bytes, dtype, 0, 1.f, stream, timeout_ns, 0, msg, len, &e);                      \
+  }                                                                                                                   \
   int tilegen_op_wait_error(char* msg, int len) { return HOST::wait_error(msg, len); }                                \
   int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len) { return HOST::tune(ctas, tile, msg, len); }        \
   TILEGEN_EXPORT_NVSHMEM_VERSIONS()

@@ -8,6 +8,7 @@
 // kScrSlots, kInSlots, kMaxTiles, kScrBytes, kLLBytes, kLLSlots, kStageBytes, kMaxInBytes, kThreads, kReduceOp, kMaxCtas,
 // kMaxVariants, kChunks, kReduces, kPerTile, kAllowPeerPtr, kRequirePeerPtr, kGemm, kFused, kWorldSizes,
 // using Step = coll::Step<kMaxSrc, kMaxDst, kMaxWait>, and static const WorldPlan<Op>* plan(int world).
+// kEpilogue, kResidual, kRmsNorm, kQuant, kEps: the epilogue (collective/epilogue.cuh; kEpilogue false: none).
 // kReduceOp is the integer reduce code (0 sum, 1 max, 2 min, 3 premul sum: dev::ReduceOp maps it to the functor).
 // The kernel also serves the GEMM ops' communication (kGemm, kFused: their flags), whose other kernels
 // and host code are overlap/'s.
@@ -17,6 +18,7 @@
 #include <initializer_list>
 #include <cuda_runtime.h>
 #include <nvshmem.h>
+#include "tilegen/collective/epilogue.cuh"
 #include "tilegen/collective/layout.cuh"
 #include "tilegen/common/memory.cuh"
 #include "tilegen/common/wait.cuh"
@@ -114,7 +116,7 @@ struct ScaleParam<true> {
 };
 
 template <class Op>
-struct Params : ScaleParam<Op::kReduceOp == dev::kReducePreMulSum> {
+struct Params : ScaleParam<Op::kReduceOp == dev::kReducePreMulSum>, epi::Param<Op::kEpilogue> {
   const char* in;
   char* out;                          // this rank's output
   char* scr;                          // this rank's scratch (symmetric)
@@ -422,6 +424,10 @@ __global__ void __launch_bounds__(Op::kThreads) kernel(const __grid_constant__ P
         }
       }
     }
+  }
+  if constexpr (Op::kEpilogue) {  // the reduced rows (p.out, the op's buffer) into the caller's output
+    if (!epi::grid_sync(p.bar, epoch, p.wait, p.nsteps)) return;
+    epi::rows<Op>(p, Op::kEps);
   }
   // The last block to leave resets the step counters and publishes the epoch for the next call
   // (gpu scope: only this device's next kernel reads them, and nothing remote is ordered by it).

@@ -20,6 +20,7 @@ enum class SignalKind : int32_t {
   kMoeDispatchFlag = 5, // MoE: a source's dispatch flag (low-latency mode: epoch and rows, moe::ll_flag)
   kMoeCombineFlag = 6,  // MoE: a sender's combine flag
   kMoeLL128Line = 7,    // MoE low-latency: an LL128 line (row or head) holding the call's epoch
+  kGridBarrier = 8,     // collective epilogue: every CTA of this rank's kernel finished the reduction
 };
 
 namespace dev {

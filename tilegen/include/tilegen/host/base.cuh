@@ -60,6 +60,10 @@ inline int describe_timeout(const dev::WaitError& w, const char* name, int packe
                   "%s: rank %d timed out in step %d (block %d) waiting for the LL lines of scratch slot %lld to hold flag "
                   "%llu, saw %llu; a peer rank did not make the matching call",
                   name, w.rank, w.step, w.block, index, u(w.expected), u(w.seen));
+    case SignalKind::kGridBarrier:  // (another CTA of the same kernel gave up first, or is not resident)
+      return fail(msg, len, "%s: rank %d timed out before its epilogue (block %d) waiting for the kernel's other CTAs "
+                  "(%llu of call %llu); a peer rank did not make the matching call", name, w.rank, w.block, u(w.seen),
+                  u(w.expected));
     case SignalKind::kMoeLL128Line:  // (low-latency line rows or heads: the epoch in a line)
       return fail(msg, len, "%s: rank %d timed out waiting for rank %lld's dispatch lines of call %llu (a line held "
                   "%llu); a peer rank did not make the matching call", name, w.rank, index, u(w.expected), u(w.seen));

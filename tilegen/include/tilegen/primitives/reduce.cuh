@@ -55,7 +55,13 @@ struct FuncPreMulSum {
   S scale;
   uint32_t scaled;
   template <class A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
-  template <class A> __device__ __forceinline__ A pre(A v, int s) const { return (scaled >> s) & 1u ? v * scale : v; }
+  template <class A> __device__ __forceinline__ A pre(A v, int s) const {
+    if (!((scaled >> s) & 1u)) return v;
+    // rounded on its own: never contracted into an FMA with the sum, which one inlined copy of the
+    // loop may get and another not (the LL and vector paths must give the same bits)
+    if constexpr (std::is_same<A, float>::value) return __fmul_rn(v, scale);
+    else return v * scale;
+  }
 };
 constexpr int kReducePreMulSum = 3;
 
