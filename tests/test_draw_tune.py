@@ -443,3 +443,29 @@ def test_plot_ab_reads_every_rank_of_every_round_per_build(root, tmp_path):
     (tmp_path / "ab_tree_2.log").write_text("rank 0: failed\n")
     with pytest.raises(SystemExit, match="ab_tree_2.log: no 'rank N: in-graph"):
         plot_ab.read_runs(tmp_path)
+
+
+def test_bench_compares_with_nccl_reducing_as_the_op_does():
+    """max/min/avg ops are timed and checked against NCCL's max/min/avg, not a sum; premul_sum ops get a
+    scale and NCCL's premul sum of the same; symmetric memory (sums only) is left out for the others."""
+    dist = pytest.importorskip("torch.distributed")
+    from tilegen.bench import BENCH_SCALE, nccl_reduce_op, op_call_args
+
+    class Op:
+        def __init__(self, reduce):
+            self.reduce = reduce
+    for red, want in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN),
+                      ("avg", dist.ReduceOp.AVG), (None, dist.ReduceOp.SUM)):
+        assert nccl_reduce_op(Op(red)) == want, red
+        assert op_call_args(Op(red)) == {}
+    assert nccl_reduce_op(None) == dist.ReduceOp.SUM
+    assert op_call_args(Op("premul_sum")) == {"scale": BENCH_SCALE}
+    assert nccl_reduce_op(Op("premul_sum")) not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
+    from tilegen.collective.ops import OPS
+    calls = []
+    fake = type("dist", (), {"all_reduce": staticmethod(lambda out, op: calls.append(("all_reduce", op))),
+                             "reduce_scatter_tensor": staticmethod(lambda out, x, op: calls.append(("rs", op))),
+                             "reduce": staticmethod(lambda out, dst, op: calls.append(("reduce", op)))})
+    for kind in ("allreduce", "reduce_scatter", "reduce"):
+        OPS[kind].nccl(fake, "x", "out", 0, "MAX")
+    assert [op for _, op in calls] == ["MAX"] * 3

@@ -171,26 +171,48 @@ def resolve(ref: str) -> list:
     return [op for op in ops if op.kind not in OTHER_BENCHES]
 
 
-def nccl_result(kind: str, x, out, root: int = 0):
-    """The op through NCCL (torch.distributed) into `out`, as the registry describes it."""
+BENCH_SCALE = 0.5  # premul_sum ops' scale in benchmarks (NCCL's premul sum multiplies by the same)
+
+
+def op_call_args(op) -> dict:
+    """What a benchmark passes the op besides its tensors (premul_sum ops: their scale)."""
+    return {"scale": BENCH_SCALE} if getattr(op, "reduce", None) == "premul_sum" else {}
+
+
+def nccl_reduce_op(op):
+    """NCCL's reduction for the op's own (sum, max, min, avg; premul_sum times BENCH_SCALE)."""
+    import torch.distributed as dist
+    red = getattr(op, "reduce", None) or "sum"
+    if red == "premul_sum":
+        return dist._make_nccl_premul_sum(BENCH_SCALE)
+    return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+            "avg": dist.ReduceOp.AVG}[red]
+
+
+def nccl_result(kind: str, x, out, root: int = 0, red=None):
+    """The op through NCCL (torch.distributed) into `out`, as the registry describes it, reducing with
+    `red` (a torch.distributed ReduceOp; None: sum)."""
     import torch.distributed as dist
     desc = OPS[kind]
     if desc.nccl_in_place:
         out.copy_(x.reshape(out.shape))
-    desc.nccl(dist, x, out, root)
+    desc.nccl(dist, x, out, root, dist.ReduceOp.SUM if red is None else red)
     return out
 
 
-def baselines(kind: str, x, out, world: int) -> dict:
-    """name -> callable for the reference implementations of one op on input x (outputs like `out`)."""
+def baselines(kind: str, x, out, world: int, op=None) -> dict:
+    """name -> callable for the reference implementations of one op on input x (outputs like `out`),
+    reducing as `op` does (None: sum)."""
     import torch
     import torch.distributed as dist
     if dist.get_backend() != "nccl" or OPS[kind].nccl is None:
         return {}
     desc = OPS[kind]
-    y = nccl_result(kind, x, torch.empty_like(out))  # sets y up (in-place ops: the input) and warms NCCL
-    fns = {"nccl": lambda: desc.nccl(dist, x, y, 0)}  # in-place ops reduce y again each call: timing only
-    if kind == "allreduce":  # torch symmetric memory's one-shot / two-shot kernels, the small-message bar
+    red = nccl_reduce_op(op)
+    y = nccl_result(kind, x, torch.empty_like(out), 0, red)  # sets y up (in-place ops: the input), warms NCCL
+    fns = {"nccl": lambda: desc.nccl(dist, x, y, 0, red)}  # in-place ops reduce y again each call: timing only
+    if kind == "allreduce" and (getattr(op, "reduce", None) or "sum") == "sum":
+        # torch symmetric memory's one-shot / two-shot kernels (sums only), the small-message bar
         try:
             import torch.distributed._symmetric_memory as symm_mem
             group = dist.group.WORLD.group_name
@@ -205,12 +227,13 @@ def baselines(kind: str, x, out, world: int) -> dict:
     return fns
 
 
-def matches_nccl(kind: str, ours, x) -> bool | None:
+def matches_nccl(kind: str, ours, x, op=None) -> bool | None:
+    """Whether the op's output `ours` of input x is NCCL's (with the op's reduction), within bf16 rounding."""
     import torch
     import torch.distributed as dist
     if dist.get_backend() != "nccl" or OPS[kind].nccl is None:
         return None
-    ref = nccl_result(kind, x, torch.empty_like(ours))
+    ref = nccl_result(kind, x, torch.empty_like(ours), 0, nccl_reduce_op(op))
     return bool(torch.allclose(ours.float(), ref.float(), rtol=1e-2, atol=1e-2))
 
 
@@ -238,12 +261,13 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
         size = m * k_size * inner * elem
         x = torch.randn((k_in * m,) + op.inner_shape, device="cuda").to(dtype)
         out = op.empty_output(m)
-        impls = {op.name: lambda: op(x, out, timeout_ms=0)}
+        kw = op_call_args(op)
+        impls = {op.name: lambda: op(x, out, timeout_ms=0, **kw)}
         eager_only = set()
         if bounded_ms:
-            impls[op.name + "+bounded"] = lambda: op(x, out, timeout_ms=bounded_ms)
+            impls[op.name + "+bounded"] = lambda: op(x, out, timeout_ms=bounded_ms, **kw)
             eager_only.add(op.name + "+bounded")
-        impls.update(baselines(kind, x, out, world))
+        impls.update(baselines(kind, x, out, world, op))
         res = {"op": op.name, "kind": kind, "bytes": size, "rows": m, "times_us": {}, "busbw_GBps": {}}
         if graph:
             res.update(times_graph_us={}, busbw_graph_GBps={})
@@ -260,8 +284,8 @@ def bench_op(op, sizes_kib=DEFAULT_SIZES_KIB, reps: int = 20, bounded_ms: float 
                 else:
                     res["times_graph_us"][name] = gus
                     res["busbw_graph_GBps"][name] = busbw_GBps(kind, size, gus, world)
-        op(x, out)
-        res["matches_nccl"] = matches_nccl(kind, out, x)
+        op(x, out, **kw)
+        res["matches_nccl"] = matches_nccl(kind, out, x, op)
         rows.append(res)
         op.free_outputs()
     return rows

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import tilegen
-from tilegen.bench import resolve
+from tilegen.bench import nccl_reduce_op, resolve
 from tilegen.collective.ops import OPS
 
 NCCL_NAMES = {"allgather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor",
@@ -91,7 +91,8 @@ def main() -> int:
         y = torch.empty_like(out)
         if desc.nccl_in_place:
             y.copy_(x.reshape(y.shape))
-        impls[f"nccl.{NCCL_NAMES.get(op.kind, op.kind)}"] = lambda: desc.nccl(dist, x, y, 0)
+        red = nccl_reduce_op(op)
+        impls[f"nccl.{NCCL_NAMES.get(op.kind, op.kind)}"] = lambda: desc.nccl(dist, x, y, 0, red)
     elif rank == 0:
         print(f"no NCCL comparison (backend {dist.get_backend()})")
     us, burst = {}, {}

@@ -29,6 +29,7 @@ OP = GemmRsOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
     gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="kn",
     overlap="copy_engine",

@@ -29,6 +29,7 @@ OP = GemmRsOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
     gemm_nk={ 2: (8192, 14336), 4: (8192, 7168), 8: (8192, 3584) },
     b_layout="nk",
     overlap="fused",

@@ -29,6 +29,7 @@ OP = GemmRsOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
     gemm_nk={ 2: (4096, 7168), 4: (4096, 3584), 8: (4096, 1792) },
     b_layout="nk",
     overlap="copy_engine",

@@ -29,6 +29,7 @@ OP = GemmRsOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
     gemm_nk={ 2: (4096, 2048), 4: (4096, 1024), 8: (4096, 512) },
     b_layout="nk",
     overlap="copy_engine",

@@ -26,4 +26,5 @@ OP = CollectiveOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
 )

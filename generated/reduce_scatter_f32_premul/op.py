@@ -26,5 +26,6 @@ OP = CollectiveOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="premul_sum",
     premul="premul_sum",
 )

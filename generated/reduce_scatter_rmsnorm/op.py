@@ -25,5 +25,6 @@ OP = CollectiveOp(
     world_sizes=[2, 4, 8],
     symmetric_output=False,
     default_timeout_ms=0,
+    reduce="sum",
     epilogue={"residual": True, "rmsnorm": 1e-05, "quant": None},
 )

@@ -307,3 +307,31 @@ def test_moe_fp8_low_latency_per_token_scales(dist_env):
     ref, mag = _combine_reference(op, x_deq, idx, w, world, with_abs=True)
     off = _combine_off(out, ref, mag, fp32=1e-6)
     assert off is None, f"rank {rank}: combine {off}"
+
+
+@pytest.mark.parametrize("name", ["moe_bf16", "moe_bf16_ll"])
+def test_a_tokens_combined_bits_do_not_depend_on_its_batch(dist_env, name):
+    """Combine sums each token's rows in a fixed order (slot order on each expert rank, then rank order),
+    so one token's result has the same bits alone, in a batch of 7 and in the largest batch (with the
+    same routing and expert outputs for it), in both modes."""
+    rank, world = dist_env
+    op = _op(name)
+    tok = _tokens(op, 1, 4242 + rank)
+    tidx, tw = _routing(1, op.topk, op.experts, "random", 4343 + rank)
+    seen = []
+    for m, at in ((1, 0), (7, 3), (op.max_rows(), op.max_rows() // 3)):
+        x = _tokens(op, m, 500 + m + rank)
+        idx, w = _routing(m, op.topk, op.experts, "random", 600 + m + rank)
+        x[at], idx[at], w[at] = tok[0], tidx[0], tw[0]
+        if op.mode == "low_latency":
+            recv, counts, h = op.dispatch(x, idx, w)
+            out = op.combine(_ll_expert_fn(recv), h)
+        else:
+            got_x, got_counts, h = op.dispatch(x, idx, w)
+            local = torch.repeat_interleave(torch.arange(op.experts // world, device="cuda"), got_counts.long())
+            out = op.combine(_expert_fn(got_x, local), h)
+        torch.cuda.synchronize()
+        seen.append((m, out[at].clone()))
+    for m, row in seen[1:]:
+        diff = int((row.view(torch.uint8) != seen[0][1].view(torch.uint8)).sum())
+        assert diff == 0, f"{name} rank {rank}/{world}: {diff} bytes of the token's row differ between batch 1 and {m}"

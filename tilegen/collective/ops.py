@@ -40,7 +40,7 @@ class OpDesc:
     own_chunk_out: bool = False  # the output is this rank's chunk only (output slot k is unit rank * parts + k)
     busbw: Callable[[int], float] = lambda w: 1.0  # nccl-tests' bus bandwidth factor
     bench_counts: Literal["in", "out"] = "in"  # which tensor nccl-tests' message size counts
-    nccl: Optional[Callable] = None  # (torch.distributed, x, out, root): the same op through NCCL
+    nccl: Optional[Callable] = None  # (torch.distributed, x, out, root, reduce op): the same op through NCCL
     nccl_in_place: bool = False  # nccl reads and writes `out` (the caller copies x into it first)
     comm: Optional[str] = None  # GEMM ops: the collective that moves their data
     gemm: Literal[None, "consume", "produce"] = (
@@ -89,8 +89,8 @@ def _reduce(w, P, r, slot):
     return [(s, slot) for s in range(w)] if r == 0 else None
 
 
-def _nccl_reduce(dist, x, out, root):
-    dist.reduce(out, dst=root)
+def _nccl_reduce(dist, x, out, root, red):
+    dist.reduce(out, dst=root, op=red)
 
 
 _COLLECTIVES = [
@@ -104,7 +104,7 @@ _COLLECTIVES = [
         alias="own_chunk",
         busbw=lambda w: (w - 1) / w,
         bench_counts="out",
-        nccl=lambda dist, x, out, root: dist.all_gather_into_tensor(out, x),
+        nccl=lambda dist, x, out, root, red: dist.all_gather_into_tensor(out, x),
     ),
     OpDesc(
         "reduce_scatter",
@@ -116,7 +116,7 @@ _COLLECTIVES = [
         reduces=True,
         own_chunk_out=True,
         busbw=lambda w: (w - 1) / w,
-        nccl=lambda dist, x, out, root: dist.reduce_scatter_tensor(out, x),
+        nccl=lambda dist, x, out, root, red: dist.reduce_scatter_tensor(out, x, op=red),
     ),
     OpDesc(
         "allreduce",
@@ -129,7 +129,7 @@ _COLLECTIVES = [
         world_chunks=True,
         reduces=True,
         busbw=lambda w: 2 * (w - 1) / w,
-        nccl=lambda dist, x, out, root: dist.all_reduce(out),
+        nccl=lambda dist, x, out, root, red: dist.all_reduce(out, op=red),
         nccl_in_place=True,
     ),
     OpDesc(
@@ -140,7 +140,7 @@ _COLLECTIVES = [
         _a2a,
         {"direct": S.a2a_direct, "ll_direct": S.a2a_ll},
         busbw=lambda w: (w - 1) / w,
-        nccl=lambda dist, x, out, root: dist.all_to_all_single(out, x),
+        nccl=lambda dist, x, out, root, red: dist.all_to_all_single(out, x),
     ),
     OpDesc(
         "broadcast",
@@ -152,7 +152,7 @@ _COLLECTIVES = [
         rooted=True,
         root_only_input=True,
         alias="whole",
-        nccl=lambda dist, x, out, root: dist.broadcast(out, src=root),
+        nccl=lambda dist, x, out, root, red: dist.broadcast(out, src=root),
         nccl_in_place=True,
     ),
     OpDesc(

@@ -12,8 +12,9 @@ class CollectiveOp(GeneratedOp):
     epilogue ops also take residual=, weight= and scales= (see __call__)."""
 
     def __init__(self, *args, premul: str | None = None, dtypes: list[str] | None = None,
-                 epilogue: dict | None = None, **kw):
+                 epilogue: dict | None = None, reduce: str | None = None, **kw):
         super().__init__(*args, **kw)
+        self.reduce = reduce  # reducing ops: sum, max, min, avg or premul_sum
         self.premul = premul  # reduce: "avg" (scale 1 / world) or "premul_sum" (scale per call), else None
         self.dtypes = list(dtypes or [self.dtype])  # torch dtype names the library serves (a call takes its input's)
         # {"residual": bool, "rmsnorm": eps or None, "quant": "fp8_e4m3" or None}, or None
