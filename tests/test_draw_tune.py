@@ -59,6 +59,17 @@ def test_candidate_specs_fix_each_schedule():
     assert all(c.name.startswith("ar__") and isinstance(c.ctas, int) and isinstance(c.tile_bytes, int) for c in cands)
 
 
+
+def test_candidates_of_deterministic_and_epilogue_specs_time_every_schedule_alone():
+    """tune times the reduction's schedules: a deterministic spec's rings too (its planner drops them),
+    and an epilogue spec's without the epilogue (the same cost for every schedule)."""
+    from tilegen.core.spec import parse_spec
+    spec = parse_spec({**ar_spec().model_dump(), "deterministic": True, "epilogue": {"residual": True}})
+    cands = candidate_specs(spec)
+    assert "ring" in [c.schedule for c in cands]
+    assert all(c.epilogue is None and not c.deterministic for c in cands)
+
+
 def test_fit_recovers_known_constants():
     spec = ar_spec()
     rows = []

@@ -37,6 +37,9 @@ def candidate_specs(spec: CollectiveSpec) -> list[CollectiveSpec]:
         data = spec.model_dump()
         # the most CTAs and the smallest tiles of the sweep: signal slots for any configuration it runs
         data.update(name=f"{spec.name}__{alg}", schedule=alg, ctas=max(CTA_SWEEP), tile_bytes=min(TILE_SWEEP))
+        # the schedule's own time: an epilogue costs every schedule alike, and a deterministic spec's
+        # planner picks among the measured schedules those it may use
+        data.update(epilogue=None, deterministic=False)
         if is_ll(alg):
             d0 = data["shape"][0]
             if not isinstance(d0, dict):

@@ -167,16 +167,17 @@ def test_epilogue_bad_arguments_are_value_errors_before_launch(dist_env):
 DETERMINISTIC = ["allreduce_det", "reduce_scatter_det", "reduce_det", "allreduce_rmsnorm_fp8", "reduce_scatter_rmsnorm"]
 
 
-def _call(op, x, row_rows, res=None, w=None):
-    """op on x; the result's rows (and fp8 scales) as one tensor of bytes per row, for comparing bits."""
+def _call(op, x, row_rows, res=None, w=None, timeout_ms=TIMEOUT_MS):
+    """op on x; the result's rows (and fp8 scales) as one tensor of bytes per row, for comparing bits
+    (timeout_ms=0 where a CUDA graph captures it: a bounded call synchronises)."""
     if op.epilogue:
         r = res.clone()
-        got = op(x, residual=r, weight=w, timeout_ms=TIMEOUT_MS)
+        got = op(x, residual=r, weight=w, timeout_ms=timeout_ms)
         if isinstance(got, tuple):
             q, s = got
             return torch.cat([q[row_rows].view(torch.uint8), s[row_rows].view(torch.uint8).view(-1, 4)], dim=1)
         return torch.cat([got[row_rows].view(torch.uint8), r[row_rows].view(torch.uint8)], dim=1)
-    out = op(x, timeout_ms=TIMEOUT_MS)
+    out = op(x, timeout_ms=timeout_ms)
     return out[row_rows].view(torch.uint8)
 
 
@@ -210,7 +211,7 @@ def test_a_rows_bits_do_not_depend_on_the_batch_it_is_reduced_in(dist_env, name,
             graph = torch.cuda.CUDAGraph()
             _call(op, static, slice(at, at + 1), res, w)
             with torch.cuda.graph(graph):
-                got = _call(op, static, slice(at, at + 1), res, w)
+                got = _call(op, static, slice(at, at + 1), res, w, timeout_ms=0)
             graph.replay()
             seen.append(("batch 7 replayed", got.clone()))
     torch.cuda.synchronize()

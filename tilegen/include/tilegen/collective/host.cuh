@@ -311,16 +311,33 @@ struct Host : host::Base<Op, State<Op>> {
   }
 
   static int launch(const Params<Op>& p, int grid, int dtype, void* stream, char* msg, int len) {
-    Op::with_elem(dtype, [&](auto* tag) {
+    const int launched = Op::with_elem(dtype, [&](auto* tag) {
       using K = WithElem<Op, std::remove_pointer_t<decltype(tag)>>;
       static_assert(sizeof(Params<K>) == sizeof(Params<Op>) && std::is_trivially_copyable_v<Params<Op>>);
       Params<K> q;
       std::memcpy(&q, &p, sizeof q);
-      kernel<K><<<grid, Op::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(q);
-      return 0;
+      if constexpr (Op::kEpilogue) {
+        // The epilogue's grid barrier needs every CTA resident at once: a cooperative launch guarantees
+        // it (or fails to launch) where an ordinary one only makes it likely (ranks sharing a GPU under
+        // MPS hung without it: some CTAs waited at the barrier for others that had no SM).
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(grid);
+        cfg.blockDim = dim3(Op::kThreads);
+        cfg.stream = static_cast<cudaStream_t>(stream);
+        cudaLaunchAttribute coop[1];
+        coop[0].id = cudaLaunchAttributeCooperative;
+        coop[0].val.cooperative = 1;
+        cfg.attrs = coop;
+        cfg.numAttrs = 1;
+        return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel<K>, q));
+      } else {
+        kernel<K><<<grid, Op::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(q);
+        return 0;
+      }
     });
-    cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? 0 : fail(msg, len, "%s: launch failed: %s", Op::kName, cudaGetErrorString(e));
+    const cudaError_t last = cudaGetLastError();  // (also clears what a failed launch left)
+    const cudaError_t e = launched ? static_cast<cudaError_t>(launched) : last;
+    return e == cudaSuccess ? 0 : fail(msg, len, "%s: launch of %d CTAs failed: %s", Op::kName, grid, cudaGetErrorString(e));
   }
 
   static int launch_pending(void* stream, char* msg, int len) {
