@@ -671,3 +671,29 @@ def test_the_check_stage_refuses_a_deterministic_plan_with_a_ring():
     problems = FAMILY.check(s, [bad], lambda q, compute: compute())
     assert problems and problems[0].startswith("world 4: ring is not deterministic: out@0[0] adds partial sums")
     assert FAMILY.check(s, [p], lambda q, compute: compute()) == []
+
+
+# ------------------------------------------------------------------------------ epilogue grid barrier
+@pytest.mark.parametrize("op, alg", [("allreduce", "two_shot"), ("allreduce", "ring"), ("allreduce", "ll_one_shot"),
+                                     ("reduce_scatter", "direct"), ("reduce_scatter", "ll_direct")])
+def test_an_epilogues_grid_barrier_needs_every_cta_resident(op, alg):
+    """The hang ranks sharing a GPU hit (some CTAs spun at the epilogue's barrier while others had no SM):
+    the schedules alone survive CTAs that wait for an SM; with the barrier only a grid that is resident
+    at once (the epilogue ops' cooperative launch) finishes."""
+    s = make_schedule(op, alg, 2, "per_tile")
+    configs = [(3, 4, False), (4, 6, True)]
+    assert check_schedule(s, configs=configs, seeds=1, spare_sms=-1).ok
+    assert check_schedule(s, configs=configs, seeds=1, grid_barrier=True).ok
+    short = check_schedule(s, configs=configs, seeds=1, grid_barrier=True, spare_sms=-1)
+    assert not short.ok and "cannot be scheduled: all 2 SMs are held by spinning CTA 0, CTA 1" in short.problems[0]
+
+
+def test_epilogue_specs_are_checked_with_their_grid_barrier(monkeypatch):
+    from tilegen.collective import family as fam
+    asked = []
+    monkeypatch.setattr("tilegen.collective.check.verdict_of",
+                        lambda s, op, spare, barrier=False: asked.append(barrier) or check_schedule(s, seeds=0))
+    s = spec(op="allreduce", world_sizes=[2], shape=[DynamicDim(name="m", max=64), 4096],
+             epilogue={"rmsnorm": {"eps": 1e-5}})
+    assert fam.FAMILY.check(s, [plan(s, 2)], lambda q, compute: compute()) == []
+    assert asked and all(asked)

@@ -246,8 +246,10 @@ class _Sim:
         orders=None,
         produces=False,
         slots: int | None = None,
+        grid_barrier: bool = False,
     ):
         self.s, self.G, self.ntiles, self.rng = sched, ctas, ntiles, rng
+        self.grid_barrier = grid_barrier  # an epilogue's: every CTA of a rank meets there after its steps
         self.slots = slots  # SMs per rank (None: every CTA resident, nothing else competes)
         self.held: dict[int, set[tuple[int, int]]] = {r: set() for r in range(sched.world)}
         self.W = sched.world
@@ -362,6 +364,9 @@ class _Sim:
             for b in range(G):  # stream order: the kernel's CTAs start after the host's prior work
                 _vc_join(self.vc[self.tid(r, b)], self.vc[host])
                 agents[(r, b)] = expand_agent(self.s, r, b, G, self.ntiles, call_of[r], gemm=bool(self.orders))
+                if self.grid_barrier:  # the last CTA to arrive releases them all (epilogue.cuh's grid_sync)
+                    agents[(r, b)] += [Op("arrive", r, ("ctr", "grid"), call_of[r], signals=((r, "grid", 0),)),
+                                       Op("wait", r, ("flag", "grid", 0, 0), call_of[r])]
                 pcs[(r, b)] = 0
             if self.orders:  # the compute stream also starts after the host's prior work
                 _vc_join(self.vc[self.tid(r, G)], self.vc[host])
@@ -425,6 +430,8 @@ class _Sim:
     def _sig(op: Op) -> str:
         if op.obj[0] == "entry":
             return f"entry[{op.obj[1]}]@{op.rank}"
+        if op.obj[1] == "grid":
+            return f"the grid barrier@{op.rank} (CTAs arrived)"
         _, buf, slot, t = op.obj
         return f"flag[{buf}][{slot}][{t}]@{op.rank}"
 
@@ -561,10 +568,12 @@ def check_schedule(
     compute_orders: tuple[tuple[int, ...], ...] | None = None,
     produces: bool = False,
     spare_sms: int | None = None,
+    grid_barrier: bool = False,
 ) -> Verdict:
     """Simulate ``sched`` under each (ctas, tiles per unit, short tails) config. spare_sms: SMs the
     communication kernel leaves free when each of its CTAs holds one (negative: fewer SMs than CTAs;
-    None: every CTA resident and nothing beside them)."""
+    None: every CTA resident and nothing beside them). grid_barrier: every CTA of a rank meets at a
+    barrier after its steps (an epilogue's), the last to arrive releasing them."""
     problems: list[str] = []
     done: list[str] = []
     nops = 0
@@ -578,6 +587,7 @@ def check_schedule(
                 compute_orders,
                 produces,
                 None if spare_sms is None else ctas + spare_sms,
+                grid_barrier,
             )
             try:
                 nops += sim.run()
@@ -591,7 +601,7 @@ def check_schedule(
         done.append(
             f"{what}/{sched.algorithm}/{sched.sync} world {sched.world}: {ctas} CTAs x {per_unit} tiles"
             f"{' (short tails)' if short else ''}"
-            f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}, "
+            f"{'' if spare_sms is None else f', {ctas + spare_sms} SMs'}{', grid barrier' if grid_barrier else ''}, "
             f"{LL_CALLS if sched.sync == 'll' else CALLS} calls, {seeds + 1} interleavings"
         )
     return Verdict(not problems, problems, done, nops)
@@ -624,11 +634,12 @@ def check_layout(op: str, world: int, elem: int, parts: int, in_sizes: list[int]
 
 
 @lru_cache(maxsize=None)
-def verdict_of(s: Schedule, op: str = "", spare: int | None = None) -> Verdict:
+def verdict_of(s: Schedule, op: str = "", spare: int | None = None, grid_barrier: bool = False) -> Verdict:
     """The checker's verdict on a schedule (schedules are immutable values: check each once), with
     the compute stream of a GEMM op: consuming gathered chunks (ag_gemm) or producing inputs (gemm_rs),
-    on the SMs the communication kernel leaves free (``spare``, see plan.spare_sms)."""
+    on the SMs the communication kernel leaves free (``spare``, see plan.spare_sms); grid_barrier: an
+    epilogue's barrier after the steps, every CTA resident (the epilogue ops' cooperative launch)."""
     if not op or OPS[op].gemm is None:
-        return check_schedule(s)
+        return check_schedule(s, grid_barrier=grid_barrier)
     orders = tuple(compute_order(op, s, r) for r in range(s.world))
     return check_schedule(s, compute_orders=orders, produces=OPS[op].gemm == "produce", spare_sms=spare)

@@ -38,8 +38,9 @@ class CollectiveFamily(Family):
                 if spec.deterministic and spec.order_matters:
                     problems += [f"world {p.world}: {s.algorithm} is not deterministic: {e}"
                                  for e in order_problems(spec.op, s)]
-                question = f"schedule|{spec.op}|{v.spare_sms}|{s!r}"
-                verdict = from_entry(remember(question, lambda: entry(verdict_of(s, spec.op, v.spare_sms))))
+                barrier = spec.epilogue is not None  # (its CTAs all resident: a cooperative launch)
+                question = f"schedule|{spec.op}|{v.spare_sms}|{'grid barrier|' if barrier else ''}{s!r}"
+                verdict = from_entry(remember(question, lambda: entry(verdict_of(s, spec.op, v.spare_sms, barrier))))
                 if not verdict.ok:
                     problems.append(f"world {p.world}: the checker rejected the {s.algorithm} schedule:\n{verdict}")
         return problems
@@ -66,7 +67,7 @@ class CollectiveFamily(Family):
         p = plan(spec, world, calibration)
         lines, ok = [format_plan(p)], True
         for i, v in enumerate(p.variants):
-            verdict = verdict_of(v.schedule, spec.op, v.spare_sms)
+            verdict = verdict_of(v.schedule, spec.op, v.spare_sms, spec.epilogue is not None)
             lines.append(f"variant {i}: {verdict}")
             ok &= verdict.ok
         if svg:  # (path, shard bytes or None)
