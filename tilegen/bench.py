@@ -154,19 +154,21 @@ def calls_for(size_bytes: int) -> int:
 
 
 # What times the ops `tilegen bench` does not (it times collectives against NCCL).
-OTHER_BENCHES = {"ag_gemm": "tools/bench_gemm.py", "gemm_rs": "tools/bench_gemm.py", "moe": "tools/bench_moe.py"}
+# op kinds tilegen bench does not time (their calls take more than tensors in and out), and how to
+OTHER_BENCHES = {"ag_gemm": "time op(a, b) in your model", "gemm_rs": "time op(a, b) in your model",
+                 "moe": "time op.dispatch and op.combine in your MoE layer"}
 
 
 def resolve(ref: str) -> list:
-    """'package:op' -> [op]; 'package:*' -> every collective op of the package (GEMM and MoE ops have
-    benchmarks of their own: OTHER_BENCHES; naming one is an error that says which)."""
+    """'package:op' -> [op]; 'package:*' -> every collective op of the package (GEMM and MoE ops are
+    left out: OTHER_BENCHES; naming one is an error that says how to time it)."""
     pkg, _, name = ref.partition(":")
     if not name:
         raise ValueError(f"expected package:op or package:* (e.g. generated:allreduce_bf16), got {ref!r}")
     mod = importlib.import_module(pkg)
     ops = [getattr(mod, n) for n in (mod.OPS if name == "*" else [name])]
     if name != "*" and ops[0].kind in OTHER_BENCHES:
-        raise ValueError(f"{ref}: tilegen bench times collectives; {article(ops[0].kind)} op is timed by "
+        raise ValueError(f"{ref}: tilegen bench times collectives, not {article(ops[0].kind)} op: "
                          f"{OTHER_BENCHES[ops[0].kind]}")
     return [op for op in ops if op.kind not in OTHER_BENCHES]
 
