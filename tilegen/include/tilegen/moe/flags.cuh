@@ -41,7 +41,7 @@ __device__ __forceinline__ uint64_t ll_dispatch_epoch(const uint64_t* own_combin
 // fence in every block (each waiting for its own stores to reach the peers) cost 3-4 us of a decode-sized
 // dispatch on 4 x H100, and a fence then a release store per flag (two system fences each) 1.5-2 us of the
 // low-latency push and combine's send: one thread fences once, then stores every flag relaxed (a
-// release pattern each: fence, then a strong store of the same thread; docs/measurements.md).
+// release pattern each: fence, then a strong store of the same thread; docs/log/2026-11.md).
 // value(d): rank d's flag.
 template <class Value>
 __device__ __forceinline__ void set_flags(uint64_t* counter, uint64_t* const* flag, int world, Value value) {

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) ll_push(LLPushParams<Op> p) {
   ll_route<Op>(r, p.idx, p.idx64, p.m, p.local);
   stamp(p.trace, kTraceLLPush, 1);
   // ll_expand's CTAs may start now, beside the push's (every push CTA is resident once all triggered, so
-  // the spinning expansion cannot hold one off): they copy each line row as it lands (docs/measurements.md:
+  // the spinning expansion cannot hold one off): they copy each line row as it lands (docs/log/2026-11.md:
   // 0.7 us sooner than a trigger after the pushes)
   dev::pdl_trigger();
   if (blockIdx.x == 0) ll_heads<Op>(p, r, epoch);
