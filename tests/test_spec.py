@@ -179,8 +179,9 @@ def test_committed_json_schema_is_current(root):
     assert set().union(*(m["properties"] for m in members)) == set(spec_fields())
     assert committed["discriminator"]["propertyName"] == "op" and set(committed["discriminator"]["mapping"]) == \
         set(op_kinds())
-    for m in members:  # the fields every op needs, and those of its family
-        assert {"name", "op", "dtype", "world_sizes", "shape"} <= set(m["required"])
+    for m in members:  # the fields every op needs (an element type: dtype, or dtypes where the family has it)
+        assert {"name", "op", "world_sizes", "shape"} <= set(m["required"])
+        assert "dtype" in m["required"] or m["anyOf"] == [{"required": ["dtype"]}, {"required": ["dtypes"]}]
 
 
 def test_gemm_rs_without_n_is_a_located_error_not_a_crash():
@@ -312,3 +313,20 @@ def test_collectives_may_leave_inner_dims_free_other_families_may_not():
     assert any("only dim 0 of ag_gemm may be dynamic" in e for e in errors_of(gemm, "g.yaml"))
     twice = MULTI.replace("512]", "{name: m, max: 512}]")
     assert any("dynamic dims need distinct names" in e for e in errors_of(twice, "m.yaml"))
+
+
+def test_every_example_yaml_spec_validates_against_the_exported_schema(root):
+    """What editors check through the schema: every committed YAML spec passes it (allreduce_multi gives
+    dtypes and no dtype), and a spec with neither, or with a field of another family, does not."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from ruamel.yaml import YAML
+    schema = json.loads((root / "specs" / "tilegen-spec.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted((root / "specs").glob("*.yaml")):
+        data = json.loads(json.dumps(YAML(typ="safe").load(path.read_text())))
+        errors = [e.message for e in validator.iter_errors(data)]
+        assert not errors, (path.name, errors[:3])
+    bare = {"name": "x", "op": "allreduce", "world_sizes": [2], "shape": [8, 8]}
+    assert not validator.is_valid(bare)
+    assert validator.is_valid({**bare, "dtypes": ["bf16"]})
+    assert not validator.is_valid({**bare, "dtype": "bf16", "experts": 8})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..core.spec import DTYPES, OpSpec, ShardedDim, _Frozen, dim_size
 from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names, make_schedule, order_problems
@@ -50,8 +50,16 @@ class Epilogue(_Frozen):
 EPILOGUE_OPS = ("allreduce", "reduce_scatter")  # ops whose output is whole reduced rows
 
 
+def _dtype_or_dtypes(schema: dict) -> None:
+    """The exported JSON Schema: dtype may be left out where dtypes is given (the first is taken)."""
+    schema["required"] = [r for r in schema.get("required", []) if r != "dtype"]
+    schema["anyOf"] = [{"required": ["dtype"]}, {"required": ["dtypes"]}]
+
+
 class CollectiveSpec(OpSpec):
     """A collective: one communication kernel per call, planned per message size."""
+
+    model_config = ConfigDict(json_schema_extra=_dtype_or_dtypes)
 
     op: CollectiveKind = Field(description="what the op computes: " + "; ".join(
         f"{k}: {OPS[k].summary}" for k in COLLECTIVE_OPS))
