@@ -14,6 +14,21 @@ SCHEMA = "(Tensor input, int group=0, int root=0, float? scale=None) -> Tensor"
 OUT_SCHEMA = "(Tensor input, Tensor(a!) out, int group=0, int root=0, float? scale=None) -> ()"
 
 
+def output_rows(op: Any, input: Any, slot: int) -> int:
+    """Rows of the op's output for `input` in the group of `slot`, after checking the input (dtype,
+    device, inner dims, rows): a ValueError naming it, at trace time too."""
+    import torch
+
+    check_tensor(op.name, "input", input, tuple(getattr(torch, d) for d in op.dtypes), op.inner_shape,
+                 op.free_inner)
+    desc, world = OPS[op.kind], group_size(slot)
+    k, rows = desc.in_rows(world), input.shape[0]
+    if rows % k or not 1 <= rows // k <= op.max_rows():
+        raise ValueError(f"{op.name}: input dim 0 must be {'%d * m with m' % k if k > 1 else 'm'} in "
+                         f"[1, {op.max_rows()}], got {list(input.shape)}")
+    return desc.out_rows(world) * (rows // k)
+
+
 class TorchCollective:
     """torch.ops.tilegen.<name>(input, group_slot, root, scale) -> Tensor, and <name>_out(input, out, ...).
     The functional form returns a new tensor: where peers store into the op's output (a symmetric
@@ -21,21 +36,11 @@ class TorchCollective:
     (a symmetric tensor then: tilegen.empty or op.empty_output)."""
 
     def __init__(self, op: Any):
-        import torch
-
         self.op = op
-        name, desc, inner = op.name, OPS[op.kind], op.inner_shape
-        dtypes = tuple(getattr(torch, d) for d in op.dtypes)
+        name = op.name
 
         def out_shape(input: Any, slot: int) -> tuple:
-            check_tensor(name, "input", input, dtypes, inner, op.free_inner)
-            world = group_size(slot)
-            k = desc.in_rows(world)
-            rows = input.shape[0]
-            if rows % k or not 1 <= rows // k <= op.max_rows():
-                raise ValueError(f"{name}: input dim 0 must be {'%d * m with m' % k if k > 1 else 'm'} in "
-                                 f"[1, {op.max_rows()}], got {list(input.shape)}")
-            return (desc.out_rows(world) * (rows // k),) + tuple(input.shape[1:])
+            return (output_rows(op, input, slot),) + tuple(input.shape[1:])
 
         def fake(input, group=0, root=0, scale=None):
             return input.new_empty(out_shape(input, group))
@@ -84,8 +89,7 @@ class TorchEpilogue:
         import torch
 
         self.op = op
-        name, desc, e = op.name, OPS[op.kind], op.epilogue
-        dtypes = tuple(getattr(torch, d) for d in op.dtypes)
+        name, e = op.name, op.epilogue
         quant = e["quant"] is not None
         self.residual, self.weight, self.quant = e["residual"], e["rmsnorm"] is not None, quant
         res, wt = ("Tensor(a!) residual, " if self.residual else ""), ("Tensor weight, " if self.weight else "")
@@ -94,16 +98,8 @@ class TorchEpilogue:
         out_schema = (f"(Tensor input, Tensor(b!) out, {res}{wt}" + ("Tensor(c!) scales, " if quant else "")
                       + "int group=0) -> ()")
 
-        def rows(input: Any, slot: int) -> int:
-            check_tensor(name, "input", input, dtypes, op.inner_shape, op.free_inner)
-            k = desc.in_rows(group_size(slot))
-            if input.shape[0] % k or not 1 <= input.shape[0] // k <= op.max_rows():
-                raise ValueError(f"{name}: input dim 0 must be {'%d * m with m' % k if k > 1 else 'm'} in "
-                                 f"[1, {op.max_rows()}], got {list(input.shape)}")
-            return desc.out_rows(group_size(slot)) * (input.shape[0] // k)
-
         def operands(input: Any, residual: Any, weight: Any, slot: int) -> int:
-            n = rows(input, slot)
+            n = output_rows(op, input, slot)
             if self.residual:
                 check_tensor(name, "residual", residual, (input.dtype,), tuple(input.shape[1:]))
                 if residual.shape[0] != n:
