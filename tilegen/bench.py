@@ -153,8 +153,7 @@ def calls_for(size_bytes: int) -> int:
     return 50 if size_bytes <= 16 * MiB else 10
 
 
-# What times the ops `tilegen bench` does not (it times collectives against NCCL).
-# op kinds tilegen bench does not time (their calls take more than tensors in and out), and how to
+# The op kinds `tilegen bench` does not time (it times collectives against NCCL), and how to.
 OTHER_BENCHES = {"ag_gemm": "time op(a, b) in your model", "gemm_rs": "time op(a, b) in your model",
                  "moe": "time op.dispatch and op.combine in your MoE layer"}
 
@@ -176,15 +175,20 @@ def resolve(ref: str) -> list:
 BENCH_SCALE = 0.5  # premul_sum ops' scale in benchmarks (NCCL's premul sum multiplies by the same)
 
 
+def reduce_of(op) -> str:
+    """The op's reduction (sum where it has none or none is given)."""
+    return getattr(op, "reduce", None) or "sum"
+
+
 def op_call_args(op) -> dict:
     """What a benchmark passes the op besides its tensors (premul_sum ops: their scale)."""
-    return {"scale": BENCH_SCALE} if getattr(op, "reduce", None) == "premul_sum" else {}
+    return {"scale": BENCH_SCALE} if reduce_of(op) == "premul_sum" else {}
 
 
 def nccl_reduce_op(op):
     """NCCL's reduction for the op's own (sum, max, min, avg; premul_sum times BENCH_SCALE)."""
     import torch.distributed as dist
-    red = getattr(op, "reduce", None) or "sum"
+    red = reduce_of(op)
     if red == "premul_sum":
         return dist._make_nccl_premul_sum(BENCH_SCALE)
     return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
@@ -213,7 +217,7 @@ def baselines(kind: str, x, out, world: int, op=None) -> dict:
     red = nccl_reduce_op(op)
     y = nccl_result(kind, x, torch.empty_like(out), 0, red)  # sets y up (in-place ops: the input), warms NCCL
     fns = {"nccl": lambda: desc.nccl(dist, x, y, 0, red)}  # in-place ops reduce y again each call: timing only
-    if kind == "allreduce" and (getattr(op, "reduce", None) or "sum") == "sum":
+    if kind == "allreduce" and reduce_of(op) == "sum":
         # torch symmetric memory's one-shot / two-shot kernels (sums only), the small-message bar
         try:
             import torch.distributed._symmetric_memory as symm_mem

@@ -112,9 +112,13 @@ def totals(spec: CollectiveSpec, plans: list[Plan]) -> Totals:
     return t
 
 
+def cpp_bool(x) -> str:
+    """A C++ bool literal."""
+    return "true" if x else "false"
+
+
 def op_traits(spec: CollectiveSpec, op: OpFacts, t: Totals) -> list[tuple[str, str, str]]:
     """(C++ type, name, value) of every constant of the op's traits struct."""
-    b = lambda x: "true" if x else "false"  # noqa: E731
     return [
         ("int", "kOpId", str(op_id(spec.name))),
         ("int", "kMaxWorld", str(max(spec.world_sizes))),
@@ -136,11 +140,11 @@ def op_traits(spec: CollectiveSpec, op: OpFacts, t: Totals) -> list[tuple[str, s
         ("int", "kReduceOp", str(REDUCE_CODE[spec.reduce])),
         ("Chunks", "kChunks", CHUNKS[op.chunks]),
         ("Gemm", "kGemm", GEMM_CODE[op.gemm]),
-        ("bool", "kFused", b(spec.fused)),
-        ("bool", "kReduces", b(op.reduces)),
-        ("bool", "kPerTile", b(spec.sync == "per_tile")),
-        ("bool", "kAllowPeerPtr", b(spec.transport != "nvshmem")),
-        ("bool", "kRequirePeerPtr", b(spec.transport == "nvlink")),
+        ("bool", "kFused", cpp_bool(spec.fused)),
+        ("bool", "kReduces", cpp_bool(op.reduces)),
+        ("bool", "kPerTile", cpp_bool(spec.sync == "per_tile")),
+        ("bool", "kAllowPeerPtr", cpp_bool(spec.transport != "nvshmem")),
+        ("bool", "kRequirePeerPtr", cpp_bool(spec.transport == "nvlink")),
         *epilogue_traits(spec),
     ]
 
@@ -151,11 +155,10 @@ QUANT_CODE = {None: 0, "fp8_e4m3": 1}  # collective/epilogue.cuh's kNoQuant, kFp
 def epilogue_traits(spec: CollectiveSpec) -> list[tuple[str, str, str]]:
     """The epilogue's constants (collective/epilogue.cuh); kAccBytes: the op's buffer it reduces into."""
     e = spec.epilogue
-    b = lambda x: "true" if x else "false"  # noqa: E731
     return [
-        ("bool", "kEpilogue", b(e)),
-        ("bool", "kResidual", b(e and e.residual)),
-        ("bool", "kRmsNorm", b(e and e.rmsnorm)),
+        ("bool", "kEpilogue", cpp_bool(e)),
+        ("bool", "kResidual", cpp_bool(e and e.residual)),
+        ("bool", "kRmsNorm", cpp_bool(e and e.rmsnorm)),
         ("int", "kQuant", str(QUANT_CODE[e.quant if e else None])),
         ("float", "kEps", f"{float(e.rmsnorm.eps if e and e.rmsnorm else 0.0)!r}f"),
         ("int64_t", "kAccBytes", f"{spec.max_out_bytes(max(spec.world_sizes)) if e else 0}LL"),

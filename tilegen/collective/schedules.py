@@ -290,14 +290,25 @@ def writers_of(s: Schedule) -> Writers:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def contributor(writers: Writers, g: Seg, depth: int = 0) -> int | None:
+def origins(writers: Writers, g: Seg, depth: int = 0) -> list[Seg | Step | None]:
+    """Where segment ``g``'s data come from, following one-source copies back: input segments, the
+    reductions (several-source moves) that made them, None for a chain too long to be one (a cycle)."""
+    if g.buf == "in":
+        return [g]
+    found: list[Seg | Step | None] = []
+    for w in writers.get((g.rank, g.buf, g.slot), ()):
+        if len(w.srcs) > 1:
+            found.append(w)
+        else:
+            found += origins(writers, w.srcs[0], depth + 1) if depth < 64 else [None]
+    return found
+
+
+def contributor(writers: Writers, g: Seg) -> int | None:
     """The rank whose raw input segment ``g`` holds (the input itself, or a chain of one-source copies
     of it), or None where it holds a partial result (a reduction's output, or writers that disagree)."""
-    if g.buf == "in":
-        return g.rank
-    found = {contributor(writers, w.srcs[0], depth + 1) if len(w.srcs) == 1 and depth < 64 else None
-             for w in writers.get((g.rank, g.buf, g.slot), ())}
-    return found.pop() if len(found) == 1 else None
+    ranks = {o.rank if isinstance(o, Seg) else None for o in origins(writers, g)}
+    return ranks.pop() if len(ranks) == 1 else None
 
 
 def in_canonical_order(s: Schedule) -> Schedule:
@@ -329,8 +340,8 @@ def order_problems(s: Schedule, expected) -> list[str]:
             want = expected(r, k)
             if not want or len(want) < 2:
                 continue
-            for w in _reductions_into(writers, Seg(r, "out", k)):
-                if w is None:
+            for w in origins(writers, Seg(r, "out", k)):
+                if not isinstance(w, Step):
                     problems.append(f"out@{r}[{k}] is a copy of one rank's input or of data that "
                                     f"differ by writer, not a reduction")
                     continue
@@ -342,20 +353,6 @@ def order_problems(s: Schedule, expected) -> list[str]:
                     problems.append(f"out@{r}[{k}] adds the ranks' contributions in the order {got}, "
                                     f"not {sorted(src for src, _ in want)}")
     return problems
-
-
-def _reductions_into(writers: Writers, g: Seg, depth: int = 0) -> list[Step | None]:
-    """The reductions whose result segment ``g`` holds, following one-source copies back (None: a
-    chain that ends at an input, or a cycle)."""
-    found: list[Step | None] = []
-    for w in writers.get((g.rank, g.buf, g.slot), ()):
-        if len(w.srcs) > 1:
-            found.append(w)
-        elif w.srcs[0].buf == "in" or depth >= 64:
-            found.append(None)
-        else:
-            found += _reductions_into(writers, w.srcs[0], depth + 1)
-    return found
 
 
 # ------------------------------------------------------------------------------ PreMulSum

@@ -12,6 +12,7 @@ from .ops import COLLECTIVE_OPS, OPS, algorithms_for, all_schedule_names, make_s
 from .schedules import LL_MAX_BYTES, is_ll
 
 REDUCING = tuple(k for k, d in OPS.items() if d.reduces)
+FLOATS = ("bf16", "f16", "f32")  # element types with fractional values (scales, norms, rounding)
 SCHEDULES = {k: tuple(algorithms_for(k)) for k in OPS}  # the schedules each op kind has
 ScheduleName = Literal[("auto",) + all_schedule_names()]  # type: ignore[valid-type]
 CollectiveKind = Literal[COLLECTIVE_OPS]  # type: ignore[valid-type]
@@ -181,7 +182,7 @@ class CollectiveSpec(OpSpec):
             if self.op not in REDUCING or OPS[self.op].gemm:
                 raise ValueError(f"reduce: {self.reduce} scales the contributions of a reduction "
                                  f"({', '.join(k for k in REDUCING if not OPS[k].gemm)}), not {self.op}'s")
-            ints = [d for d in self.all_dtypes if d not in ("bf16", "f16", "f32")]
+            ints = self.non_float_dtypes
             if ints:
                 raise ValueError(f"reduce: {self.reduce} multiplies by a fractional scale: use bf16, f16 or f32, "
                                  f"not {ints[0]}")
@@ -190,7 +191,7 @@ class CollectiveSpec(OpSpec):
         if self.op not in EPILOGUE_OPS:
             raise ValueError(f"epilogue: {self.op} cannot take one; {' and '.join(EPILOGUE_OPS)} can (their output "
                              f"is rows of reduced values)")
-        ints = [d for d in self.all_dtypes if d not in ("bf16", "f16", "f32")]
+        ints = self.non_float_dtypes
         if ints:
             raise ValueError(f"epilogue: {self.epilogue.stages} works on floats: use bf16, f16 or f32, not {ints[0]}")
         if len(self.shape) < 2:
@@ -214,7 +215,12 @@ class CollectiveSpec(OpSpec):
         """Whether the reduction's bits depend on the order it adds in (float sums; max, min and integer
         sums are exact in any order)."""
         return (OPS[self.op].reduces and self.reduce in ("sum", "avg", "premul_sum")
-                and any(d in ("bf16", "f16", "f32") for d in self.all_dtypes))
+                and len(self.non_float_dtypes) < len(self.all_dtypes))
+
+    @property
+    def non_float_dtypes(self) -> list[str]:
+        """The element types the op serves that hold integers."""
+        return [d for d in self.all_dtypes if d not in FLOATS]
 
     @property
     def all_dtypes(self) -> tuple[str, ...]:
