@@ -143,8 +143,10 @@ struct Host : host::Base<Op, State<Op>> {
     g->ll = Op::kLLBytes ? static_cast<char*>(nvshmem_malloc(Op::kLLBytes)) : nullptr;
     g->acc = Op::kAccBytes ? static_cast<char*>(nvshmem_malloc(Op::kAccBytes)) : nullptr;
     if (!g->sig || (Op::kScrBytes && !g->scr) || !g->stage || (Op::kLLBytes && !g->ll) || (Op::kAccBytes && !g->acc))
-      return fail(msg, len, "%s: nvshmem_malloc of %lld signal + %lld scratch bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)",
-                  Op::kName, static_cast<long long>(sig_words * 8), static_cast<long long>(Op::kScrBytes));
+      return fail(msg, len,
+                  "%s: nvshmem_malloc of %lld signal + %lld scratch + %lld epilogue bytes failed (raise "
+                  "NVSHMEM_SYMMETRIC_SIZE)", Op::kName, static_cast<long long>(sig_words * 8),
+                  static_cast<long long>(Op::kScrBytes), static_cast<long long>(Op::kAccBytes));
     g->allocated = true;
     TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g->sig, 0, sig_words * sizeof(uint64_t)));
     if (g->ll) TILEGEN_CUDA_CHECK(Op::kName, msg, len, cudaMemset(g->ll, 0, Op::kLLBytes));  // flag 0: no call's
