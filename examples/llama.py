@@ -18,7 +18,7 @@ share of the MLP's hidden units.
 
 The same model runs on torch.distributed (`backend="nccl"`: functional collectives + cuBLAS) and, for
 decode, on torch symmetric memory's one-shot allreduce (`backend="symm_mem"`). `check` compares each
-with the unsharded model on one GPU (same seeded weights); tools/bench_llama.py times them.
+with the unsharded model on one GPU (same seeded weights); bench/scripts/bench_llama.py times them.
 """
 from __future__ import annotations
 

@@ -298,8 +298,12 @@ def test_generate_builds_every_spec_and_rebuilds_only_what_changed(root, tmp_pat
     and a rerun rebuilds only what changed."""
     specs = tmp_path / "specs"
     shutil.copytree(root / "specs", specs)
-    shutil.copy(root / "tools/fused_specs/ag_fused_t128x256x64_c2x1.yaml", specs)  # (a 2x1 cluster compiles too)
-    shutil.copy(root / "tools/fused_specs/ag_fused_t128x128x64_pp_c2x1.yaml", specs)  # (and the pingpong schedule)
+    fused = (specs / "ag_gemm_bf16_fused.yaml").read_text()  # (a 2x1 cluster compiles too, and the pingpong schedule)
+    for name, extra in (("ag_fused_t128x256x64_c2x1", "gemm_tile: [128, 256, 64]\ngemm_cluster: [2, 1]\n"),
+                        ("ag_fused_t128x128x64_pp_c2x1", "gemm_tile: [128, 128, 64]\ngemm_cluster: [2, 1]\n"
+                                                         "gemm_schedule: pingpong\n")):
+        text = re.sub(r"(?m)^gemm_tile: .*\n", extra, re.sub(r"(?m)^name: \S+", f"name: {name}", fused))
+        (specs / f"{name}.yaml").write_text(text)
     out = tmp_path / "pkg"
     shutil.copytree(root / "generated", out, ignore=shutil.ignore_patterns(".tilegen.lock"))
     assert cli.main(["generate", str(specs), "-o", str(out), "-j", "2", "-q"]) == 0

@@ -2,7 +2,6 @@
 (tilegen.overlap.ce_program) to the op library once and runs it with one call per op call; the Python
 executor (the reference) issues the library calls and cuBLAS GEMMs below, in this order, on these
 streams and byte ranges. A fake torch records what would be launched."""
-from pathlib import Path
 
 import pytest
 
@@ -294,33 +293,6 @@ def test_copy_engine_choices_come_from_the_calibration_generate_reads(tmp_path, 
 def man_of(pkg):
     import json
     return json.loads((pkg / "agce" / "manifest.json").read_text())
-
-
-def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
-    """tools/ce_calibrate.py: the fastest (style, splits) per measured m, boundaries at geometric
-    midpoints, equal neighbours merged; what ce_config then chooses."""
-    import importlib.util
-    import json
-    spec = importlib.util.spec_from_file_location("ce_calibrate", Path(__file__).parents[1] / "tools/ce_calibrate.py")
-    cal = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cal)
-    rows = [{"case": "gemm_rs M=2048", "M": 2048, "world": 4, "us": {"ce_direct_1": 120.0, "ce_ring_2": 250.0}},
-            {"case": "gemm_rs M=4096", "M": 4096, "world": 4, "us": {"ce_direct_1": 230.0, "ce_direct_2": 220.0}},
-            {"case": "gemm_rs M=8192", "M": 8192, "world": 4, "us": {"ce_direct_2": 400.0, "ce_ring_2": 560.0}},
-            {"case": "M=2048", "M": 2048, "world": 4, "us": {"gemm_alone": 90.0}}]
-    best = cal.fastest(rows)
-    assert best == {("gemm_rs", 4): [(512, "direct", 1, 120.0), (1024, "direct", 2, 220.0), (2048, "direct", 2, 400.0)]}
-    assert cal.ranges(best[("gemm_rs", 4)]) == [[724, "direct", 1], [1 << 30, "direct", 2]]
-    (tmp_path / "box").mkdir()
-    sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps(rows))
-    monkeypatch.setattr(cal, "CALIBRATIONS_DIR", tmp_path)
-    monkeypatch.setattr("sys.argv", ["ce_calibrate", str(sweep), "--machine", "box"])
-    cal.main()
-    from tilegen.core.calibration import ce_choices, load
-    choices = ce_choices(load(tmp_path / "box"), "gemm_rs", 4)
-    assert [overlap.ce_config("gemm_rs", 4, m, choices) for m in (512, 724, 725, 2048)] == \
-        [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
 
 
 def test_bounded_library_call_waits_for_the_call_before_reading_its_report(monkeypatch):

@@ -40,25 +40,6 @@ def test_a_generated_op_imports_without_the_spec_machinery(root):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.nvcc
-def test_the_nvlink_store_probe_compiles(root, tmp_path):
-    """tools/probe_nvlink_stores.cu (gpu_check.sh probe: the push's NVLink ceiling) builds with the flags
-    the phase uses (PROBE_NVCC_FLAGS, read from the script), so the phase does not first fail there."""
-    import re
-    import shlex
-    import shutil
-    import subprocess
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not on PATH")
-    flags = re.search(r'^PROBE_NVCC_FLAGS="([^"]+)"', (root / "tools" / "gpu_check.sh").read_text(), re.M)
-    assert flags, "tools/gpu_check.sh defines PROBE_NVCC_FLAGS"
-    r = subprocess.run(["nvcc", *shlex.split(flags.group(1)),
-                        str(root / "tools" / "probe_nvlink_stores.cu"), "-o", str(tmp_path / "probe")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "probe").stat().st_size > 0
-
-
 def _run(*cmd, **kw):
     import subprocess
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -132,7 +113,6 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path, til
     rebuilds nothing; installed in a fresh venv on a PATH without nvcc, the ops import and describe
     themselves. Nothing is left in the checkout."""
     import json
-    import os
     import shutil
     import sys
     import time
@@ -189,63 +169,6 @@ def test_a_downstream_project_builds_a_wheel_of_prebuilt_ops(root, tmp_path, til
     assert _checkout_state(root) == before_state
 
 
-def test_the_tools_spec_folders_plan_and_pass_the_checker(root):
-    """The specs tools/gpu_check.sh generates on the GPU machine (bench variants, fused tile variants)
-    load and their plans pass the checker here, so a device call never spends its minutes on a bad one."""
-    from tilegen.core.pipeline import checked_lowering
-    from tilegen.core.spec import load_specs
-    for folder in ("tools/bench_specs", "tools/fused_specs"):
-        good, problems = load_specs([root / folder])
-        assert not problems and good, (folder, problems)
-        for ls in good:
-            assert checked_lowering(ls.spec), ls.spec.name
-
-
-def test_gpu_check_ab_runs_every_side_on_its_own_build(root, tmp_path):
-    """`gpu_check.sh ab` (the A/B every kernel change is judged by) runs the script on the base's build,
-    each variant's, then this tree's, in turns (even rounds in reverse order, so a drift along a round
-    favours no side), leaves the tree's build in place and, with AB_SUMMARY, ends with each side's
-    range of one number over every rank and round. Here with stub
-    nvidia-smi and torchrun: each side's `generated` says which build it is."""
-    import shutil
-    import subprocess
-    import tarfile
-    (tmp_path / "tools").mkdir()
-    shutil.copy(root / "tools" / "gpu_check.sh", tmp_path / "tools")
-    pre, stub = tmp_path / ".prebuilt", tmp_path / "stub"
-    pre.mkdir()
-    stub.mkdir()
-    for side, tarball in (("base", "base.tar.xz"), ("v1", "ab_v1.tar.xz"), ("v2", "ab_v2.tar.xz"),
-                          ("libs", "ops.tar.xz")):  # (ops.tar.xz: the tree's libraries, unpacked over its sources)
-        src = tmp_path / f"pkg_{side}" / "generated"
-        (src / "op" / "_build").mkdir(parents=True)
-        (src / "op" / "_build" / "libop.so").write_text(side)
-        if side != "libs":
-            (src / "MARKER").write_text(side + "\n")
-        with tarfile.open(pre / tarball, "w:xz") as t:
-            t.add(src, arcname="generated")
-    (tmp_path / "generated").mkdir()
-    (tmp_path / "generated" / "MARKER").write_text("tree\n")
-    (stub / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: stub"; echo "GPU 1: stub"\n')
-    (stub / "torchrun").write_text('#!/bin/sh\necho "side sees: $(cat generated/MARKER)"\n'
-                                   'echo "dispatch $(wc -c < generated/MARKER).5"\n')
-    for f in stub.iterdir():
-        f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               AB_ROUNDS="2", AB_SUMMARY=r"dispatch ([0-9.]+)")
-    r = subprocess.run(["bash", "tools/gpu_check.sh", "ab", "2", "script.py"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    runs = re.findall(r"== (\w+), round (\d)\nside sees: (\w+)", r.stdout)
-    sides = ["base", "v1", "v2", "tree"]
-    assert runs == [(s, "1", s) for s in sides] + [(s, "2", s) for s in reversed(sides)], r.stdout
-    summary = dict(re.findall(r"^  (\w+) +(.*)$", r.stdout.split("== summary")[1], re.M))
-    assert summary == {s: f"{len(s) + 1}.5 / {len(s) + 1}.5 / {len(s) + 1}.5 (2 values)" for s in sides}, r.stdout
-    assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
-    assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
-    assert (tmp_path / "generated" / "op" / "_build" / "libop.so").read_text() == "libs"
-
-
 def test_the_readme_shows_the_spec_file_it_names(root):
     """README's tutorial shows specs/allgather_bf16.yaml verbatim (it had drifted from the file)."""
     import re
@@ -283,40 +206,6 @@ def test_gpu_tests_run_in_the_order_named_not_by_file_name(root):
     assert [(it.fspath.stem, it.i) for it in conf.gpu_order(items)] == [
         ("test_allgather_gpu", 3), ("test_moe_gpu", 2), ("test_new_gpu", 1), ("test_timeout_gpu", 0),
         ("test_timeout_gpu", 4)]
-
-
-def test_gpu_check_sanitize_runs_each_tool_one_gpu_per_rank(root, tmp_path):
-    """`gpu_check.sh sanitize` runs tools/sanitize_ops.py under compute-sanitizer memcheck and racecheck
-    through torchrun, fails when a tool reports errors, and refuses ranks sharing a GPU (sanitized
-    kernels there do not run concurrently: the ranks' waits would never end). Stub nvidia-smi,
-    torchrun and compute-sanitizer."""
-    import shutil
-    import subprocess
-    (tmp_path / "tools").mkdir()
-    shutil.copy(root / "tools" / "gpu_check.sh", tmp_path / "tools")
-    (tmp_path / "generated").mkdir()
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: stub"; echo "GPU 1: stub"\n')
-    (stub / "torchrun").write_text('#!/bin/sh\nshift 3\nexec "$@"\n')  # (--nproc-per-node N --no-python)
-    (stub / "compute-sanitizer").write_text(
-        '#!/bin/sh\necho "ran $2 on $8"\n[ "$2" = "${BAD_TOOL:-}" ] && { echo "========= ERROR SUMMARY: 3 errors"; '
-        'exit 9; }\necho "========= ERROR SUMMARY: 0 errors"\n')
-    for f in stub.iterdir():
-        f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               TILEGEN_OPS_READY="1")  # (the ops: not needed by the stubs)
-    run = lambda n, **kw: subprocess.run(["bash", "tools/gpu_check.sh", "sanitize", str(n)], cwd=tmp_path,  # noqa: E731
-                                         env=dict(env, **kw), capture_output=True, text=True, timeout=60)
-    r = run(2)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "== memcheck at 2 ranks:" in r.stdout and "== racecheck at 2 ranks:" in r.stdout
-    logs = sorted(p.name for p in (tmp_path / "out").glob("sanitize_*.log"))
-    assert logs == ["sanitize_memcheck_np2.log", "sanitize_racecheck_np2.log"]
-    assert "ran memcheck on tools/sanitize_ops.py" in (tmp_path / "out" / logs[0]).read_text()
-    assert run(2, BAD_TOOL="racecheck").returncode == 1
-    r = run(4)
-    assert r.returncode == 1 and "sanitize needs one GPU per rank: 4 ranks, 2 GPU(s)" in r.stdout
 
 
 KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof"}

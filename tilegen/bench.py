@@ -78,7 +78,11 @@ def time_graph(fn, calls: int, reps: int = GRAPH_REPS, warmup: int = 2) -> tuple
     on any rank: ranks agree (a MIN all-reduce of a success flag) before any of them replays.
 
     fn must have run eagerly before (a tilegen op allocates on its first call, which a graph cannot
-    hold). Collective: every rank must call it with the same `calls` and `reps`."""
+    hold), and fn must either be capturable or refuse before it enqueues work, as tilegen ops do (a
+    bounded wait, a host round trip): a capture the CUDA runtime itself invalidates is reported too, but
+    torch versions that raise before ending the capture's allocation leave the allocator routing to
+    the graph's pool, so time such a fn in a process of its own. Collective: every rank must call it
+    with the same `calls` and `reps`."""
     import torch
     import torch.distributed as dist
     caller = torch.cuda.current_stream()
@@ -99,7 +103,6 @@ def time_graph(fn, calls: int, reps: int = GRAPH_REPS, warmup: int = 2) -> tuple
                 fn()
     except Exception as e:  # the context manager ended the capture; reported below, never fatal
         err = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        _end_allocating_to_pool(pool)
     finally:
         torch.cuda.set_stream(caller)  # a failed capture_begin / capture_end leaves the capture stream current
     try:
@@ -130,18 +133,6 @@ def time_graph(fn, calls: int, reps: int = GRAPH_REPS, warmup: int = 2) -> tuple
     del graph
     torch.cuda.synchronize()
     return _slowest(statistics.median(times)), None
-
-
-def _end_allocating_to_pool(pool) -> None:
-    """After a failed capture: torch's capture_end raises on an invalidated capture (cudaStreamEndCapture
-    fails) before it tells the caching allocator that the capture ended, so the graph's pool stays
-    'capture underway' (and torch aborts at exit when a MemPool, e.g. symmetric memory's, is destroyed).
-    End it here; when capture_end got that far, torch raises 'not currently recording', ignored."""
-    import torch
-    try:
-        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
-    except Exception:
-        pass
 
 
 def busbw_GBps(kind: str, size_bytes: int, us: float, world: int) -> float:
@@ -442,7 +433,7 @@ def plot_results(results: list[dict], path: str, latency: bool = False) -> None:
 
 
 def plot(rows: list[dict], path: str, world: int) -> None:
-    """One run's busbw plot (tools/plot_collectives.py combines runs)."""
+    """One run's busbw plot (bench/scripts/plot_collectives.py combines runs)."""
     plot_results([{"world": world, "rows": rows}], path)
 
 

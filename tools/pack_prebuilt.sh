@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds every spec on this (CPU, x86-64) machine and packs the op libraries for the GPU machine into
-# .prebuilt/ops.tar.xz (ignored by git): carry .prebuilt with the device call and tools/gpu_check.sh
+# .prebuilt/ops.tar.xz (ignored by git): carry .prebuilt with the device call and the lab (python3 -m bench)
 # unpacks it instead of building there (minutes of device time saved per fresh machine).
 # The libraries link TVM-FFI dynamically: carry the apache-tvm-ffi wheel of the version built against
 # (build.json's tvm_ffi), e.g. ../shared/device/prepare-wheels.sh ... apache-tvm-ffi==<that version>.
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 grep -qxF '/.prebuilt/' .git/info/exclude 2>/dev/null || echo '/.prebuilt/' >> .git/info/exclude
 mkdir -p .prebuilt
 # BASE=<rev>: also that revision's op package (Python package and libraries) into .prebuilt/base.tar.xz, for
-# `tools/gpu_check.sh ab` (the same script on both builds in turns, in one device call: a kernel change
+# `python3 -m bench ab` (the same script on both builds in turns, in one device call: a kernel change
 # measured against its baseline within one run's drift). The last pack's libraries serve when they were
 # built from <rev> (.prebuilt/ops.rev); otherwise <rev> is generated and built in a git worktree with its own
 # tilegen (minutes).
@@ -50,13 +50,14 @@ rev=$(git rev-parse HEAD); git diff --quiet HEAD -- tilegen specs generated || r
 echo "$rev" > .prebuilt/ops.rev
 echo "packed $(tar -tJf .prebuilt/ops.tar.xz | grep -c '\.so$') libraries: $(du -h .prebuilt/ops.tar.xz | cut -f1)," \
      "TVM-FFI $(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
-# the fused GEMM tile variants (tools/fused_specs), when built: tools/gpu_check.sh fused unpacks them
-if ls fused_generated/*/_build/*.so >/dev/null 2>&1; then
-  # (fused_generated/ is not tracked: its Python package, manifests and sources travel too, objects do not)
-  tar -cJf .prebuilt/fused.tar.xz --exclude='*.o' fused_generated
-  echo "packed fused tile variants: $(du -h .prebuilt/fused.tar.xz | cut -f1)"
-fi
-# tilegen tune's candidate ops (tilegen tune --build-only ...), when built: tools/gpu_check.sh tune unpacks them
+# the lab's sweep packages (python3 -m bench sweep --sweep NAME --build-only), when built: the sweep phase
+# unpacks .prebuilt/sweep_NAME.tar.xz and finds its builds current (sources and manifests travel, objects do not)
+for pkg in sweep_*/; do
+  [ -d "$pkg" ] && ls "$pkg"*/_build/*.so >/dev/null 2>&1 || continue
+  tar -cJf ".prebuilt/${pkg%/}.tar.xz" --exclude='*.o' "${pkg%/}"
+  echo "packed ${pkg%/}: $(du -h ".prebuilt/${pkg%/}.tar.xz" | cut -f1)"
+done
+# tilegen tune's candidate ops (tilegen tune --build-only ...), when built: the lab's tune phase unpacks them
 if ls -d .tilegen-tune/pkg_* >/dev/null 2>&1; then
   tar -cJf .prebuilt/tune.tar.xz --exclude='*.o' --exclude='.ninja*' --exclude='build.ninja' .tilegen-tune
   echo "packed tune candidates: $(du -h .prebuilt/tune.tar.xz | cut -f1)"

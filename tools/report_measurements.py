@@ -50,7 +50,8 @@ PLOTS = {  # data file: plots in docs/ drawn from it
 }
 
 METHOD = """\
-Every figure comes from `tools/gpu_check.sh` runs on the machines each section names, one GPU per rank.
+Every figure comes from runs of the lab (`python3 -m bench`; commands before 2026-12-08 name its earlier form,
+`tools/gpu_check.sh`, and the scripts' earlier folder, tools/) on the machines each section names, one GPU per rank.
 Times are medians of CUDA-event timings taken after warm-up calls (per call, over batches of back-to-back
 calls; the slowest rank where ranks differ). Each op runs eager and, where a column says so, replayed in a
 CUDA graph; NCCL (and, for allreduce, torch symmetric memory's one_shot / two_shot) runs in the same run as
@@ -76,7 +77,7 @@ DECISIONS = [
      "141-152 us per call at TP 2 and 600-800 us at TP 4; gemm_rs at TP 4 went from 0.849 / 0.865 / 0.844 ms "
      "to 0.561 / 0.364 / 0.261 ms.", [],
      [("fourth session", "What changed, and what each change measured (same sessions, same machine kinds)")]),
-    ("**Copy-engine style and splits per size range from sweeps** (`tools/ce_calibrate.py`): TP 4 ag_gemm "
+    ("**Copy-engine style and splits per size range from sweeps** (`bench/scripts/ce_calibrate.py`): TP 4 ag_gemm "
      "merged x1 up to 724 rows per chunk, chunks x1 above, gemm_rs direct x1; `merged_spread` (a copy stream "
      "per peer) was slower at every size (0.758 vs 0.456 ms at M=8192) and is not chosen.",
      ["ce_sweep_np4_h100.json", "ce_sweep_np2_h100.json"],

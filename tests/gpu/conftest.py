@@ -1,4 +1,4 @@
-"""GPU tests run under torchrun (tools/gpu_check.sh): every rank runs the same tests in the same order.
+"""GPU tests run under torchrun (python3 -m bench tests): every rank runs the same tests in the same order.
 
 Without torch (CI) they are not collected; without torchrun/GPUs they are skipped."""
 import os
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
             continue
         item.add_marker(pytest.mark.gpu)
         if not runnable:
-            item.add_marker(pytest.mark.skip(reason="needs GPUs and torchrun (tools/gpu_check.sh)"))
+            item.add_marker(pytest.mark.skip(reason="needs GPUs and torchrun (python3 -m bench tests)"))
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ _failed_here = set()  # this rank's failed GPU tests (node ids)
 
 def pytest_runtest_logreport(report):
     """A GPU test that fails on one rank often leaves the others waiting in a collective (the suite then
-    hangs until gpu_check's timeout, and pytest's summary is never printed): write the failure to the
+    hangs until the lab step's time limit, and pytest's summary is never printed): write the failure to the
     log as it happens, with the rank; at the test's end, see that every rank finished it too."""
     if "tests/gpu" not in report.nodeid.replace(os.sep, "/"):
         return

@@ -1,6 +1,6 @@
 """The downstream example's app (examples/downstream: a wheel of prebuilt ops) at this world size.
 
-Runs when the tp_app wheel is installed (tools/gpu_check.sh installs the carried .whl/tp_app-*.whl,
+Runs when the tp_app wheel is installed (the lab installs the carried .whl/tp_app-*.whl,
 built on the CPU machine by `pip wheel examples/downstream`); skipped otherwise."""
 import pytest
 

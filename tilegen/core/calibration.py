@@ -43,7 +43,7 @@ class Calibration:
     devices: dict[tuple[str, int], str] = field(default_factory=dict)
     digest: str = ""
     # the copy-engine overlap's measured (style, splits) by size: (kind, world) -> ((largest m, style,
-    # splits), ...) ascending, from <dir>/copy_engine/choices.json (tools/ce_calibrate.py)
+    # splits), ...) ascending, from <dir>/copy_engine/choices.json (bench/scripts/ce_calibrate.py)
     ce_choices: dict[tuple[str, int], tuple[tuple[int, str, int], ...]] = field(default_factory=dict)
 
     def has(self, op: str, world: int) -> bool:

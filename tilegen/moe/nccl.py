@@ -1,5 +1,5 @@
 """MoE dispatch and combine on NCCL (torch.distributed.all_to_all_single with counts): the baseline
-tilegen's kernels are measured against (tools/bench_moe.py) and the reference the GPU tests compare
+tilegen's kernels are measured against (bench/scripts/bench_moe.py) and the reference the GPU tests compare
 them with, bit for bit (dispatch). Same layout as tilegen.moe.check: rank d receives its items per local
 expert, then source rank, token, slot; combine sums each token's slots in fp32 with its weights.
 

@@ -1,0 +1,229 @@
+"""The lab's command line, machine, steps and phases, on the CPU: what each phase would run (steps
+recorded, not executed), the step runner's limits, and the A/B rotation over real folders."""
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from bench import ab, cli, phases, steps
+from bench.config import add_flags, from_args, option
+from bench.machine import Machine, MachineConfig
+
+
+@pytest.fixture
+def machine(tmp_path):
+    def make(ranks=2, gpus=2):
+        return Machine(ranks, gpus, MachineConfig(out=str(tmp_path / "out")))
+    return make
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """Steps the phases would run (argv), each 'passing' with the log text `logs` gives for its name."""
+    ran, logs = [], {}
+
+    def fake(step, m, budget=None):
+        ran.append(step)
+        m.out.mkdir(parents=True, exist_ok=True)
+        step.log(m.out).write_text(logs.get(step.name, ""))
+        return int(logs.get(step.name + ".rc", 0))
+    for mod in (phases, ab):
+        monkeypatch.setattr(mod, "execute", fake)
+    return ran, logs
+
+
+def test_a_configurations_fields_are_its_typed_flags():
+    import argparse
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        n: int = option(3, "a count")
+        sms: int | None = option(None, "optional")
+        on: bool = option(True, "a switch")
+        names: tuple[str, ...] = option(("a",), "several")
+    ap = argparse.ArgumentParser()
+    add_flags(ap, C)
+    assert from_args(C, ap.parse_args([])) == C()
+    got = from_args(C, ap.parse_args(["--n", "7", "--sms", "100", "--no-on", "--names", "x", "y"]))
+    assert got == C(n=7, sms=100, on=False, names=("x", "y"))
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--n", "seven"])
+    with pytest.raises(TypeError, match="tuple"):
+        option([1], "a list default")
+
+
+def test_every_phase_parses_its_flags_and_only_script_phases_take_a_script(monkeypatch, capsys):
+    for name in phases.PHASES:
+        ns = cli.parser().parse_args([name, "2"])
+        assert ns.ranks == 2 and ns.phase == name
+    ran = []
+    monkeypatch.setattr(cli, "count_gpus", lambda: 0)
+    monkeypatch.setattr(Machine, "setup_python", lambda self: None)
+    monkeypatch.setattr(Machine, "make_ops", lambda self: True)
+    for p in phases.PHASES.values():
+        monkeypatch.setitem(phases.PHASES, p.name, dataclasses.replace(p, run=lambda m, c: ran.append((m, c)) or True))
+    assert cli.main(["ab", "4", "--rounds", "3", "--", "x.py", "--rounds", "9"]) == 0
+    m, cfg = ran[-1]
+    assert m.ranks == 4 and cfg == ab.AbConfig(script=("x.py", "--rounds", "9"), rounds=3)
+    assert cli.main(["tests", "--select", "tests/gpu/test_moe_gpu.py -k batch", "--timeout", "90"]) == 0
+    assert ran[-1][0].ranks == 2 and ran[-1][1] == phases.TestsConfig("tests/gpu/test_moe_gpu.py -k batch", 90)
+    with pytest.raises(SystemExit, match="phase coll takes no script"):
+        cli.main(["coll", "2", "--", "x.py"])
+
+
+def test_the_machine_never_multicasts_and_shares_gpus_only_beyond_one_rank_per_gpu(machine):
+    m = machine(4, 1)
+    assert m.env["NVSHMEM_DISABLE_NVLS"] == "1" and m.env["NCCL_NVLS_ENABLE"] == "0"
+    assert m.env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and m.env["CUDA_MODULE_LOADING"] in ("EAGER", "LAZY")
+    assert m.shared and not machine(2, 2).shared and not machine(4, 8).shared and not machine(2, 0).shared
+    assert m.with_ranks(1).ranks == 1 and not m.with_ranks(1).shared
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children(machine, tmp_path):
+    m = machine()
+    pidfile = tmp_path / "child.pid"
+    code = f"import subprocess,time; p=subprocess.Popen(['sleep','60']); open('{pidfile}','w').write(str(p.pid)); " \
+           "print('started', flush=True); time.sleep(60)"
+    t0 = time.monotonic()
+    rc = steps.run_bounded([sys.executable, "-c", code], 2, m.env, subprocess.DEVNULL)
+    assert rc == steps.TIMED_OUT and time.monotonic() - t0 < 15
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip() \
+        in ("", "Z")  # (gone, or a zombie awaiting its reaped parent)
+
+
+def test_a_step_shows_what_it_asks_for_and_the_logs_end_when_it_fails(machine, capsys):
+    m = machine()
+    s = steps.Step("s", (sys.executable, "-c", "print('noise'); print('host cost 3 us'); print('ranks on x');"
+                        "print('table'); raise SystemExit(3)"), 30, grep="^host cost", after="ranks on")
+    assert steps.execute(s, m) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("host cost 3 us\nranks on x\ntable\ns: exit 3") and "noise" in out.split("exit 3")[1]
+    assert (m.out / "s.log").read_text().startswith("noise")
+    budget = steps.Budget(10)
+    assert steps.execute(dataclasses.replace(s, timeout_s=200), m, budget) == steps.TIMED_OUT
+    assert re.search(r"^s skipped: (9|10) s left of the phase's budget$", capsys.readouterr().out, re.M)
+
+
+def test_gpu_tests_run_pytest_under_torchrun_and_sum_up_the_failures(machine, recorded, capsys):
+    ran, logs = recorded
+    fail = "FAILED tests/gpu/x.py::a - boom\n"
+    logs["gpu_tests_np2"] = fail + "E   long traceback Error\n" + fail + "1 failed, 3 passed in 9s\n"
+    assert phases.gpu_tests(machine(), phases.TestsConfig("tests/gpu/x.py -k a", 60))
+    argv = ran[0].argv
+    assert argv[:3] == ("torchrun", "--nproc-per-node", "2")
+    assert argv[3:8] == ("-m", "pytest", "tests/gpu/x.py", "-k", "a")
+    assert ran[0].timeout_s == 60
+    assert capsys.readouterr().out == fail + "== gpu tests at 2 ranks: 1 failed, 3 passed in 9s\n"
+
+
+def test_quick_runs_the_tests_at_two_ranks_then_at_every_gpu(machine, recorded):
+    ran, _ = recorded
+    phases.quick(machine(2, 4), phases.TestsConfig())
+    assert [s.argv[2] for s in ran] == ["2", "4"]
+    ran.clear()
+    phases.quick(machine(2, 2), phases.TestsConfig())
+    assert [s.argv[2] for s in ran] == ["2"]
+
+
+def test_sanitize_runs_each_tool_one_gpu_per_rank_and_fails_on_a_report(machine, recorded, capsys):
+    ran, logs = recorded
+    assert phases.sanitize(machine(2, 2), phases.SanitizeConfig())
+    assert [s.name for s in ran] == ["sanitize_memcheck_np2", "sanitize_racecheck_np2"]
+    assert ran[0].argv[:8] == ("torchrun", "--nproc-per-node", "2", "--no-python", "compute-sanitizer", "--tool",
+                               "memcheck", "--error-exitcode") and ran[0].argv[-1].endswith("sanitize_ops.py")
+    logs["sanitize_racecheck_np2.rc"] = 9
+    assert not phases.sanitize(machine(2, 2), phases.SanitizeConfig())
+    ran.clear()
+    assert not phases.sanitize(machine(4, 2), phases.SanitizeConfig()) and not ran
+    assert "sanitize needs one GPU per rank: 4 ranks, 2 GPU(s)" in capsys.readouterr().out
+
+
+def test_profile_wraps_rank_zero_only(machine, recorded, monkeypatch):
+    ran, _ = recorded
+    phases.profile(machine(), phases.ProfileConfig(kernel="ll_", script=("x.py", "--n", "1"), metrics="a,b"))
+    argv = ran[0].argv
+    cut = argv.index("--")
+    assert argv[cut - 3:cut] == (sys.executable, "-m", "bench.rank0") and argv[cut + 1] == "ncu"
+    assert "regex:ll_" in argv and ("--metrics", "a,b") == argv[argv.index("--metrics"):argv.index("--metrics") + 2]
+    assert argv[-3:] == ("x.py", "--n", "1")
+    from bench import rank0
+    execs = []
+    monkeypatch.setattr("os.execvp", lambda f, a: execs.append(a))
+    for r in ("0", "1"):
+        monkeypatch.setenv("RANK", r)
+        rank0.main(["--", "ncu", "-x", "--", "s.py", "a"])
+    assert execs == [["ncu", "-x", sys.executable, "s.py", "a"], [sys.executable, "s.py", "a"]]
+
+
+def _tarball(path, side, marker=True):
+    src = path.parent / f"pkg_{side}" / "generated"
+    (src / "op" / "_build").mkdir(parents=True)
+    (src / "op" / "_build" / "libop.so").write_text(side)
+    if marker:
+        (src / "MARKER").write_text(side + "\n")
+    with tarfile.open(path, "w:xz") as t:
+        t.add(src, arcname="generated")
+
+
+def test_ab_runs_every_side_on_its_own_build_in_turns(machine, monkeypatch, tmp_path, capsys):
+    """The base's build, each variant's, then the tree's, in turns (even rounds reversed), the tree's
+    build back in place, and each side's range of one number over every rank and round."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ab, "WORK", tmp_path / "ab_work")
+    pre = tmp_path / ".prebuilt"
+    pre.mkdir()
+    for side, name in (("base", "base"), ("v1", "ab_v1"), ("v2", "ab_v2")):
+        _tarball(pre / f"{name}.tar.xz", side)
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "MARKER").write_text("tree\n")
+
+    def fake(step, m, budget=None):  # what the script saw: the build ./generated points at
+        seen = (tmp_path / "generated" / "MARKER").read_text().strip()
+        m.out.mkdir(parents=True, exist_ok=True)
+        step.log(m.out).write_text(f"side sees: {seen}\nrank 0: dispatch {len(seen) + 1}.5\n")
+        return 0
+    monkeypatch.setattr(ab, "execute", fake)
+    m = machine()
+    assert ab.run_ab(m, ab.AbConfig(script=("s.py",), summary=r"dispatch ([0-9.]+)"))
+    out = capsys.readouterr().out
+    runs = re.findall(r"== (\w+), round (\d)\nside sees: (\w+)", out)
+    sides = ["base", "v1", "v2", "tree"]
+    assert runs == [(s, "1", s) for s in sides] + [(s, "2", s) for s in reversed(sides)], out
+    summary = dict(re.findall(r"^  (\w+) +(.*)$", out.split("== summary")[1], re.M))
+    assert summary == {s: f"{len(s) + 1}.5 / {len(s) + 1}.5 / {len(s) + 1}.5 (2 values)" for s in sides}
+    assert (tmp_path / "generated").is_dir() and not (tmp_path / "generated").is_symlink()
+    assert (tmp_path / "generated" / "MARKER").read_text() == "tree\n"
+
+
+def test_ab_restores_the_trees_build_after_an_interrupted_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "w"
+    (work / "tree" / "generated").mkdir(parents=True)
+    (work / "tree" / "generated" / "MARKER").write_text("tree")
+    (work / "base" / "generated").mkdir(parents=True)
+    (tmp_path / "generated").symlink_to(work / "base" / "generated")
+    ab.restore_tree(work)
+    assert not (tmp_path / "generated").is_symlink() and (tmp_path / "generated" / "MARKER").read_text() == "tree"
+
+
+def test_ab_without_a_base_says_how_to_make_one(machine, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert not ab.run_ab(machine(), ab.AbConfig(script=("s.py",)))
+    assert "BASE=<rev> bash tools/pack_prebuilt.sh" in capsys.readouterr().out
+
+
+@pytest.mark.nvcc
+def test_the_nvlink_store_probe_compiles(tmp_path):
+    """bench/scripts/probe_nvlink_stores.cu builds with the flags the probe phase uses."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    r = subprocess.run(["nvcc", *phases.PROBE_NVCC_FLAGS, str(phases.SCRIPTS / "probe_nvlink_stores.cu"), "-o",
+                        str(tmp_path / "probe")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
