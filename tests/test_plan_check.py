@@ -656,9 +656,59 @@ def test_deterministic_spec_errors_are_located_and_name_what_serves():
         "schedule: ring adds partial sums at world 4, so its bits differ from the other schedules'; "
         "deterministic takes one_shot, two_shot, ll_one_shot, ll_two_shot (or auto)"]
     assert spec_problems(op="allreduce", deterministic=True, schedule="ring", reduce="max") == []
-    with pytest.raises(Exception, match="deterministic: gemm_rs does not offer it yet"):
-        gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=4096,
-                  deterministic=True)
+    rs = dict(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=4096, deterministic=True)
+    with pytest.raises(Exception, match="deterministic: the decomposed overlap's per-chunk torch.mm lets cuBLAS "
+                                        "pick its kernel by row count"):
+        gemm_spec(**rs, overlap="decomposed")
+    with pytest.raises(Exception, match="deterministic: ag_gemm adds nothing across ranks"):
+        gemm_spec(deterministic=True)
+    assert gemm_spec(**rs).overlap_style == "copy_engine" and gemm_spec(**rs, overlap="fused").fused
+
+
+def _gemm_rs_lowered(deterministic, overlap="copy_engine"):
+    from tilegen.core.pipeline import checked_lowering
+    return checked_lowering(gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)],
+                                      n=8192, overlap=overlap, deterministic=deterministic))
+
+
+def test_a_deterministic_copy_engine_gemm_rs_runs_the_direct_style_at_every_size():
+    """The 2-rank calibration chooses the ring below 2896 rows: a deterministic op keeps its splits but
+    runs direct everywhere (two styles add in two orders), and the check stage refuses a plan that does not."""
+    from dataclasses import replace as dc_replace
+
+    from tilegen.overlap.family import FAMILY
+    free = {g.world: g for g in _gemm_rs_lowered(False)}
+    assert any(st == "ring" for _, st, _ in free[2].ce_choices)  # the rule has something to change
+    for g in _gemm_rs_lowered(True):
+        assert {st for _, st, _ in g.ce_choices} <= {"direct"} and g.ce_default[0] == "direct"
+        assert [(top, sp) for top, _, sp in g.ce_choices] == [(top, sp) for top, _, sp in free[g.world].ce_choices]
+    s = gemm_spec(op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)], n=8192,
+                  overlap="copy_engine", deterministic=True)
+    lowered = _gemm_rs_lowered(True)
+    bad = [dc_replace(lowered[0], ce_choices=((100, "ring", 1),) + lowered[0].ce_choices), *lowered[1:]]
+    assert FAMILY.check(s, lowered, lambda q, compute: compute()) == []
+    assert FAMILY.check(s, bad, lambda q, compute: compute()) == [
+        "world 2: copy-engine style ring is not deterministic (it takes direct only)"]
+
+
+def test_a_deterministic_copy_engine_op_refuses_another_style_at_run_time(monkeypatch):
+    from tilegen.overlap.runtime import ce_config
+    assert ce_config("gemm_rs", 2, 100, ((2896, "direct", 2),), deterministic=True) == ("direct", 2)
+    monkeypatch.setenv("TILEGEN_CE_STYLE", "ring")
+    assert ce_config("gemm_rs", 2, 100, ())[0] == "ring"
+    with pytest.raises(ValueError, match="TILEGEN_CE_STYLE=ring: a deterministic gemm_rs runs direct only"):
+        ce_config("gemm_rs", 2, 100, (), deterministic=True)
+
+
+def test_deterministic_gemm_rs_renders_the_pinned_gemm_and_tells_its_runtime():
+    from tilegen.core.pipeline import generate_op
+    det = gemm_spec(name="rsd", op="gemm_rs", shape=[DynamicDim(name="m", max=4096), ShardedDim(full=8192)],
+                    n=8192, overlap="copy_engine", deterministic=True)
+    files = generate_op(det, None, check=False)
+    assert "static constexpr bool kDeterministic = true;" in files["rsd.cu"]
+    assert "deterministic=True," in files["op.py"]
+    plain = generate_op(det.model_copy(update={"deterministic": False}), None, check=False)
+    assert "kDeterministic = false;" in plain["rsd.cu"] and "deterministic=" not in plain["op.py"]
 
 
 def test_the_check_stage_refuses_a_deterministic_plan_with_a_ring():

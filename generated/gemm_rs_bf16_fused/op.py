@@ -33,4 +33,5 @@ OP = GemmRsOp(
     gemm_nk={ 2: (8192, 4096), 4: (8192, 2048), 8: (8192, 1024) },
     b_layout="nk",
     overlap="fused",
+    deterministic=True,
 )

@@ -55,6 +55,7 @@ struct Op {
   static constexpr int kQuant = 0;
   static constexpr float kEps = 0.0f;
   static constexpr int64_t kAccBytes = 0LL;
+  static constexpr bool kDeterministic = false;
   using Step = tilegen::coll::Step<kMaxSrc, kMaxDst, kMaxWait>;
   static const WorldPlan<Op>* plan(int world);
 };

@@ -229,3 +229,42 @@ def test_a_rows_bits_do_not_depend_on_the_batch_it_is_reduced_in(dist_env, name,
         dist.all_gather_object(every, mine)
         for r, bits in enumerate(every):
             assert torch.equal(bits, mine), f"{name} {dtype}: rank {r}'s row differs from rank {rank}'s"
+
+
+GEMM_DETERMINISTIC = ["gemm_rs_bf16_det", "gemm_rs_bf16_fused"]
+
+
+@pytest.mark.parametrize("name", GEMM_DETERMINISTIC)
+def test_a_gemm_rs_rows_bits_do_not_depend_on_how_many_rows_share_the_call(dist_env, name):
+    """C = reduce_scatter(A @ B): a row of C from the same rows of A, computed with 1, 7 and 4096 rows
+    per rank (other copy-engine splits, size choices and cuBLASLt shapes; the fused kernel's other tile
+    counts), eager and replayed in a CUDA graph: the same bits; and within a bf16 rounding or two of the
+    float64 product."""
+    rank, world = dist_env
+    op = getattr(generated, name)
+    n, k = op.n, op.k
+    dtype = torch.bfloat16
+    bs = all_inputs((k, n) if op.b_layout == "kn" else (n, k), dtype, 4545)
+    a_rows = all_inputs((1, k), dtype, 4646)
+    seen = []
+    for m, at in ((1, 0), (7, 3), (min(4096, op.max_rows()), 1234)):
+        a = all_inputs((world * m, k), dtype, 70 + m)[rank]
+        for blk in range(world):  # the row at `at` of every rank's block: every rank's C row `at` is one sum
+            a[blk * m + at] = a_rows[rank][0]
+        seen.append((f"m {m}", op(a, bs[rank], timeout_ms=TIMEOUT_MS)[at:at + 1].clone()))
+        if m == 7:
+            op(a, bs[rank])  # (eager first: a graph cannot hold the first call's allocations)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = op(a, bs[rank], timeout_ms=0)
+            graph.replay()
+            seen.append(("m 7 replayed", got[at:at + 1].clone()))
+    torch.cuda.synchronize()
+    want = sum(a_rows[r].double() @ (bs[r].double() if op.b_layout == "kn" else bs[r].double().t())
+               for r in range(world))
+    _assert_close(seen[0][1], want, dtype, f"{name} world={world} rank={rank}")
+    first_name, first = seen[0]
+    for what, row in seen[1:]:
+        diff = int((row.view(torch.uint8) != first.view(torch.uint8)).sum())
+        assert diff == 0, (f"{name} world={world} rank={rank}: {diff} bytes of the row differ between {first_name} "
+                           f"and {what}")

@@ -146,6 +146,7 @@ def op_traits(spec: CollectiveSpec, op: OpFacts, t: Totals) -> list[tuple[str, s
         ("bool", "kAllowPeerPtr", cpp_bool(spec.transport != "nvshmem")),
         ("bool", "kRequirePeerPtr", cpp_bool(spec.transport == "nvlink")),
         *epilogue_traits(spec),
+        *([("bool", "kDeterministic", cpp_bool(spec.deterministic))] if op.gemm else []),  # (GEMM ops' cuBLASLt)
     ]
 
 

@@ -100,7 +100,8 @@ class CollectiveSpec(OpSpec):
         description="reductions' bits depend only on the inputs: each output element is one fp32 sum of "
                     "the ranks' contributions in ascending rank order (from the root for reduce), rounded "
                     "once, whatever the message size, row count, CTAs, tiles or schedule picked per size "
-                    "(the planner keeps to schedules the checker proves do that: not the rings beyond 2 ranks)")
+                    "(the planner keeps to schedules the checker proves do that: not the rings beyond 2 ranks); "
+                    "gemm_rs: a row's bits do not depend on m (overlap fused or copy_engine)")
 
     epilogue: Optional[Epilogue] = Field(
         default=None, description="allreduce / reduce_scatter: residual add, RMSNorm and fp8 quantisation of each "
@@ -198,9 +199,6 @@ class CollectiveSpec(OpSpec):
             raise ValueError("epilogue: works on rows: the shape needs an inner dim ([m, hidden])")
 
     def _check_deterministic(self) -> None:
-        if OPS[self.op].gemm:
-            raise ValueError(f"deterministic: {self.op} does not offer it yet (its GEMM's reduction order "
-                             f"depends on the GEMM kernel); the collectives do")
         if self.schedule != "auto" and self.order_matters:
             bad = [w for w in self.world_sizes if order_problems(self.op, make_schedule(
                 self.op, self.schedule, w, self.sync))]

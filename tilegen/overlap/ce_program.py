@@ -58,6 +58,10 @@ def peers(me: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 STYLES = {"ag_gemm": ("chunks", "merged", "merged_spread"), "gemm_rs": ("direct", "ring")}
+# The style a deterministic op runs at every size: direct adds each output row's terms in an order fixed
+# per rank (own rows' GEMM plus the first arrival in its epilogue, then the other arrivals in slot order),
+# whatever m and the splits; the ring's epilogue sums would do too, but two styles by size would not.
+DETERMINISTIC_STYLE = {"gemm_rs": "direct"}
 # (style, row splits) at sizes no measurement covers (a calibration's copy_engine/choices.json)
 CE_DEFAULT = {"ag_gemm": ("chunks", 1), "gemm_rs": ("direct", 2)}
 

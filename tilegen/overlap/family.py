@@ -33,6 +33,13 @@ class GemmPlan:
         return self.plan.world
 
 
+def deterministic_misfits(op: str, g: GemmPlan) -> list[str]:
+    """The copy-engine styles a deterministic op's plan would run that are not its one style."""
+    from .ce_program import DETERMINISTIC_STYLE
+    styles = dict.fromkeys([g.ce_default[0], *(st for _, st, _ in g.ce_choices)])
+    return [st for st in styles if st != DETERMINISTIC_STYLE[op]]
+
+
 class OverlapFamily(CollectiveFamily):
     name = "overlap"
     ops = {k: OPS[k].summary for k in GEMM_OPS}
@@ -41,16 +48,23 @@ class OverlapFamily(CollectiveFamily):
 
     def lower(self, spec, world, calibration):
         from ..core.calibration import ce_choices
-        from .ce_program import CE_DEFAULT
+        from .ce_program import CE_DEFAULT, DETERMINISTIC_STYLE
         ce = spec.overlap_style == "copy_engine"
-        return GemmPlan(super().lower(spec, world, calibration),
-                        tuple(ce_choices(calibration, spec.op, world)) if ce else (), CE_DEFAULT[spec.op] if ce else ())
+        choices, default = (tuple(ce_choices(calibration, spec.op, world)), CE_DEFAULT[spec.op]) if ce else ((), ())
+        if ce and spec.deterministic:  # one style at every size, the measured splits kept (they split rows only)
+            style = DETERMINISTIC_STYLE[spec.op]
+            choices, default = tuple((top, style, sp) for top, _, sp in choices), (style, default[1])
+        return GemmPlan(super().lower(spec, world, calibration), choices, default)
 
     def check(self, spec, lowered, remember):
+        from .ce_program import DETERMINISTIC_STYLE
         from .check import copy_engine_verdict
         problems = super().check(spec, [g.plan for g in lowered], remember)
         if spec.overlap_style == "copy_engine":
             for g in lowered:
+                if spec.deterministic:
+                    problems += [f"world {g.world}: copy-engine style {st} is not deterministic (it takes "
+                                 f"{DETERMINISTIC_STYLE[spec.op]} only)" for st in deterministic_misfits(spec.op, g)]
                 question = f"copy_engine|{spec.op}|{g.world}"
                 verdict = from_entry(remember(question, lambda: entry(copy_engine_verdict(spec.op, g.world))))
                 if not verdict.ok:

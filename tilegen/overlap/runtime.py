@@ -17,18 +17,19 @@ from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
-from .ce_program import CE_DEFAULT, MAX_SPLITS, STYLES, program
+from .ce_program import CE_DEFAULT, DETERMINISTIC_STYLE, MAX_SPLITS, STYLES, program
 from .. import settings
 from ..collective.runtime import CollectiveOp
 from ..core.runtime import _capturing, _stream_handle, _synchronize, _torch, empty, world_size
 
 
-def ce_config(kind: str, world: int, m: int, choices: tuple = ()) -> tuple[str, int]:
+def ce_config(kind: str, world: int, m: int, choices: tuple = (), deterministic: bool = False) -> tuple[str, int]:
     """(style, row splits) of the copy-engine overlap for m rows per chunk: TILEGEN_CE_STYLE /
     TILEGEN_CE_SPLITS, else the op's measured choice for the nearest size range (`choices`: (largest
     m, style, splits) rows, ascending, which generate took from the calibration and op.py carries),
     else the default; never more splits than rows. Every rank must choose the same (the checker shows
-    a mismatch deadlocks)."""
+    a mismatch deadlocks). A deterministic op runs one style at every size (its choices carry only that
+    one): TILEGEN_CE_STYLE naming another is refused."""
     style, splits = CE_DEFAULT[kind]
     if choices:
         style, splits = next(((st, sp) for top, st, sp in choices if m <= top), tuple(choices[-1][1:]))
@@ -38,6 +39,9 @@ def ce_config(kind: str, world: int, m: int, choices: tuple = ()) -> tuple[str, 
     style = settings.get("TILEGEN_CE_STYLE") or style
     if style not in STYLES[kind]:
         raise ValueError(f"TILEGEN_CE_STYLE must be one of {', '.join(STYLES[kind])} for {kind}, got {style!r}")
+    if deterministic and style != DETERMINISTIC_STYLE[kind]:
+        raise ValueError(f"TILEGEN_CE_STYLE={style}: a deterministic {kind} runs {DETERMINISTIC_STYLE[kind]} only "
+                         f"(another style adds the ranks' partials in another order)")
     return style, min(splits, m)
 
 
@@ -102,10 +106,12 @@ class _GemmOp(CollectiveOp):
     """Shared parts of the GEMM + communication ops: argument checks, side streams, bounds."""
 
     def __init__(self, *args, gemm_nk: dict[int, tuple[int, int]], b_layout: str, fused: bool = False,
-                 overlap: str | None = None, ce_choices: dict[int, tuple] | None = None, **kw):
+                 overlap: str | None = None, ce_choices: dict[int, tuple] | None = None,
+                 deterministic: bool = False, **kw):
         super().__init__(*args, **kw)
         self.gemm_nk = gemm_nk  # world size -> this rank's (n, k)
         self.ce_choices = ce_choices or {}  # world size -> the copy-engine choices by size (ce_config)
+        self.deterministic = deterministic  # a row's bits do not depend on m (tilegen.overlap.spec)
         self.b_layout = b_layout
         self.overlap = overlap or ("fused" if fused else "decomposed")
         if self.overlap not in ("decomposed", "fused", "copy_engine"):
@@ -236,7 +242,10 @@ class _GemmOp(CollectiveOp):
         current = torch.cuda.current_stream(a.device)
         main = current.cuda_stream if stream is None else _stream_handle(stream)
         world, me = self._world, self._rank
-        style, splits = ce_config(self.kind, world, m, self.ce_choices.get(world, ()))
+        style, splits = ce_config(self.kind, world, m, self.ce_choices.get(world, ()), self.deterministic)
+        if self.deterministic and ce_executor() != "library":
+            raise ValueError(f"{self.name} is deterministic: its GEMMs are the op library's pinned cuBLASLt "
+                             f"algorithm, so TILEGEN_CE_EXECUTOR=python (torch's GEMMs) cannot run it")
         if ce_executor() == "library":
             key = (m * 16 + splits) * 4 + STYLES[self.kind].index(style)  # per op and process: world, rank fixed
             if (self._slot, key) not in self._ce_programs:  # (the library keeps programs per group slot)

@@ -328,6 +328,7 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
       }
       streams[1 + i] = o->ce_copy[i];
     }
+    o->blas.pinned = Op::kDeterministic;  // one GEMM algorithm for every row count (ce_gemm.cuh)
     if (o->blas.load(msg, len)) return 1;
     const int64_t in_row = k * static_cast<int64_t>(sizeof(typename Op::Elem)), out_row = n * static_cast<int64_t>(sizeof(typename Op::Elem));
     for (const CeStep& st : p.steps) {
