@@ -94,7 +94,7 @@ struct Host : host::Base<Op, State<Op>> {
   // SMs even when each CTA takes an SM of its own.
   static cudaError_t resident_grid(int* max_grid) {
     int sms = 0, per_sm = 1 << 30;
-    cudaError_t e = host::device_sms(&sms);
+    cudaError_t e = host::resident_sms(&sms);
     for (int i = 0; i < Op::kDtypes && e == cudaSuccess; ++i)  // the least resident of the element types' kernels
       e = Op::with_elem(i, [&](auto* tag) {
         using E = std::remove_pointer_t<decltype(tag)>;
@@ -331,7 +331,14 @@ struct Host : host::Base<Op, State<Op>> {
         coop[0].val.cooperative = 1;
         cfg.attrs = coop;
         cfg.numAttrs = 1;
-        return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel<K>, q));
+        cudaError_t r = cudaLaunchKernelEx(&cfg, kernel<K>, q);
+        while (r == cudaErrorCooperativeLaunchTooLarge && cfg.gridDim.x > 1) {  // fewer SMs than the count said
+          (void)cudaGetLastError();
+          cfg.gridDim.x /= 2;  // (every grid serves: CTAs stride over tiles and rows)
+          g->max_grid = static_cast<int>(cfg.gridDim.x);
+          r = cudaLaunchKernelEx(&cfg, kernel<K>, q);
+        }
+        return static_cast<int>(r);
       } else {
         kernel<K><<<grid, Op::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(q);
         return 0;

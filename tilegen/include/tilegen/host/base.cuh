@@ -7,6 +7,7 @@
 // are the template argument), and
 // its C entry points return 0, or 1 with a message naming the op (host_msg.h).
 #pragma once
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <cuda_runtime.h>
@@ -97,6 +98,17 @@ inline cudaError_t device_sms(int* sms, int* major = nullptr) {
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (e == cudaSuccess && major) e = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  return e;
+}
+
+// SMs this process's CTAs can occupy at once: the device's, or under CUDA MPS the share
+// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE grants the client (the attribute still reports the whole device,
+// and a grid sized to it left CTAs of ranks sharing a GPU waiting for SMs their peers held).
+inline cudaError_t resident_sms(int* sms) {
+  cudaError_t e = device_sms(sms);
+  const char* pct = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+  const double p = pct ? atof(pct) : 0.0;
+  if (e == cudaSuccess && p > 0.0 && p < 100.0) *sms = (*sms * p / 100.0) >= 1.0 ? static_cast<int>(*sms * p / 100.0) : 1;
   return e;
 }
 
