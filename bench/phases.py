@@ -3,7 +3,9 @@ steps and returns whether every step passed. Each fits one 10-minute device call
 machine is warm. With fewer GPUs than ranks the ranks share them under CUDA MPS: protocol checks only."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -22,7 +24,7 @@ PROBE_NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_9
 
 
 def script(name: str) -> str:
-    return str((SCRIPTS / name).relative_to(Path.cwd())) if SCRIPTS.is_relative_to(Path.cwd()) else str(SCRIPTS / name)
+    return str(SCRIPTS / name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,6 @@ def gpu_tests(m: Machine, cfg: TestsConfig) -> bool:
 
 def test_summary(text: str, ranks: int, rc: int) -> str:
     """Each distinct failure line once (at most 40), then pytest's last tally."""
-    import re
     failure = r"^(FAILED|ERROR)|Error|error:|Timeout \(0:|ending the run"
     bad = sorted({ln for ln in text.splitlines() if re.search(failure, ln) and not ln.startswith("E  ")})
     tallies = [ln for ln in text.splitlines() if re.search(r"[0-9]+ (passed|failed|skipped|errors?)\b", ln)]
@@ -274,17 +275,16 @@ def sanitize(m: Machine, cfg: SanitizeConfig) -> bool:
     for tool in cfg.tools:
         argv = torchrun(m, "compute-sanitizer", "--tool", tool, "--error-exitcode", "9", "--print-limit", "20",
                         sys.executable, script("sanitize_ops.py"), no_python=True)
-        rc = execute(Step(f"sanitize_{tool}_np{m.ranks}", argv, cfg.timeout, tail_on_failure=0), m)
+        step = Step(f"sanitize_{tool}_np{m.ranks}", argv, cfg.timeout, tail_on_failure=0)
+        rc = execute(step, m)
         ok &= rc == 0
         print(f"== {tool} at {m.ranks} ranks: {'clean' if rc == 0 else f'exit {rc}'}")
-        print(count_lines(Step(f"sanitize_{tool}_np{m.ranks}", (), 0).log(m.out),
-                          r"ERROR SUMMARY|sanitize_ops|Error|Timeout"))
+        print(count_lines(step.log(m.out), r"ERROR SUMMARY|sanitize_ops|Error|Timeout"))
     return ok
 
 
 def count_lines(log: Path, pattern: str) -> str:
-    import collections
-    import re
+    """Each distinct line matching `pattern`, with how often it came (at most 20)."""
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if re.search(pattern, ln)]
     return "\n".join(f"{n:7d} {ln}" for ln, n in sorted(collections.Counter(lines).items())[:20])
 
