@@ -158,6 +158,9 @@ class Machine:
 
 
 def tail(path: Path, n: int) -> str:
+    """The file's last n lines (none for n <= 0)."""
+    if n <= 0:
+        return ""
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
     except FileNotFoundError:

@@ -49,8 +49,8 @@ def execute(step: Step, m: Machine, budget: "Budget | None" = None) -> int:
     if shown:
         print(shown, flush=True)
     if rc:
-        print(f"{step.name}: exit {rc}{' (TIMED OUT)' if rc == TIMED_OUT else ''}; the log's end:", flush=True)
-        print(tail(log, step.tail_on_failure), flush=True)
+        end = f"; the log's end:\n{tail(log, step.tail_on_failure)}" if step.tail_on_failure > 0 else ""
+        print(f"{step.name}: exit {rc}{' (TIMED OUT)' if rc == TIMED_OUT else ''}{end}", flush=True)
     return rc
 
 

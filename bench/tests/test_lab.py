@@ -106,6 +106,8 @@ def test_a_step_shows_what_it_asks_for_and_the_logs_end_when_it_fails(machine, c
     out = capsys.readouterr().out
     assert out.startswith("host cost 3 us\nranks on x\ntable\ns: exit 3") and "noise" in out.split("exit 3")[1]
     assert (m.out / "s.log").read_text().startswith("noise")
+    assert steps.execute(dataclasses.replace(s, tail_on_failure=0), m) == 3  # (0: the status line alone)
+    assert capsys.readouterr().out.endswith("table\ns: exit 3\n")
     budget = steps.Budget(10)
     assert steps.execute(dataclasses.replace(s, timeout_s=200), m, budget) == steps.TIMED_OUT
     assert re.search(r"^s skipped: (9|10) s left of the phase's budget$", capsys.readouterr().out, re.M)
