@@ -82,15 +82,14 @@ def quick(m: Machine, cfg: TestsConfig) -> bool:
 @dataclasses.dataclass(frozen=True)
 class CollConfig:
     graph: bool = option(True, "also replay each op in a CUDA graph")
-    sizes_kib: str = option("", "comma-separated message sizes (default: the script's)")
+    reps: int = option(20, "eager batches per size")
     host: bool = option(True, "then the host cost of an eager call (wrapper, binding + launch, NCCL)")
     timeout: int = option(420, "seconds for the collective benchmark")
 
 
 def coll(m: Machine, cfg: CollConfig) -> bool:
     args = ["--out", f"{m.out}/bench_collectives_np{m.ranks}.json", "--plot", f"{m.out}/collectives_np{m.ranks}.png"]
-    args += [] if cfg.graph else ["--no-graph"]
-    args += ["--sizes-kib", cfg.sizes_kib] if cfg.sizes_kib else []
+    args += ["--reps", str(cfg.reps)] + ([] if cfg.graph else ["--no-graph"])
     steps = [Step(f"bench_collectives_np{m.ranks}", torchrun(m, script("bench_collectives.py"), *args), cfg.timeout,
                   grep="^graph capture of", after="ranks on ")]
     if cfg.host:

@@ -229,3 +229,24 @@ def test_the_nvlink_store_probe_compiles(tmp_path):
     r = subprocess.run(["nvcc", *phases.PROBE_NVCC_FLAGS, str(phases.SCRIPTS / "probe_nvlink_stores.cu"), "-o",
                         str(tmp_path / "probe")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("phase, cfg", [
+    ("coll", phases.CollConfig(graph=False, reps=5)), ("gemm", phases.GemmConfig(styles="all", splits="1,2,3")),
+    ("moe", phases.MoeConfig()), ("moe", phases.MoeConfig(low_latency=True, trace=True)),
+    ("sanitize", phases.SanitizeConfig())])
+def test_each_phase_passes_its_scripts_only_flags_they_define(machine, recorded, phase, cfg):
+    """A flag a script does not define fails the step on the device, minutes into a call: every --flag a
+    phase passes after a bench/scripts/ script is one that script's argument parser names."""
+    ran, _ = recorded
+    phases.PHASES[phase].run(machine(), cfg)
+    checked = 0
+    for step in ran:
+        at = [i for i, a in enumerate(step.argv) if a.startswith(str(phases.SCRIPTS))]
+        if not at:
+            continue
+        source = (phases.SCRIPTS / step.argv[at[0]].rsplit("/", 1)[1]).read_text()
+        for flag in (a for a in step.argv[at[0] + 1:] if a.startswith("--")):
+            assert f'"{flag}"' in source, f"{step.name}: {flag} is not a flag of {step.argv[at[0]]}"
+            checked += 1
+    assert checked or phase == "sanitize"
