@@ -340,6 +340,7 @@ def order_problems(s: Schedule, expected) -> list[str]:
             want = expected(r, k)
             if not want or len(want) < 2:
                 continue
+            canonical = sorted(src for src, _ in want)
             for w in origins(writers, Seg(r, "out", k)):
                 if not isinstance(w, Step):
                     problems.append(f"out@{r}[{k}] is a copy of one rank's input or of data that "
@@ -349,9 +350,9 @@ def order_problems(s: Schedule, expected) -> list[str]:
                 if None in got:
                     problems.append(f"out@{r}[{k}] adds partial sums ({', '.join(map(str, w.srcs))}): "
                                     f"their rounding to the element type depends on the schedule")
-                elif got != sorted(src for src, _ in want):
+                elif got != canonical:
                     problems.append(f"out@{r}[{k}] adds the ranks' contributions in the order {got}, "
-                                    f"not {sorted(src for src, _ in want)}")
+                                    f"not {canonical}")
     return problems
 
 

@@ -115,26 +115,26 @@ class TorchEpilogue:
             y = input.new_empty((n,) + tuple(input.shape[1:]), dtype=torch.float8_e4m3fn if quant else input.dtype)
             return (y, input.new_empty((n,), dtype=torch.float32)) if quant else y
 
-        def unpack(args: tuple) -> tuple:  # (residual, weight, rest) of the optional middle arguments
+        def unpack(args: tuple, out_form: bool = False) -> tuple:
+            """(residual, weight, scales, group slot) from the arguments after input (and out): the ones
+            this op's schema has, None for the others; scales only in the out form."""
             args = list(args)
             residual = args.pop(0) if self.residual else None
             weight = args.pop(0) if self.weight else None
-            return residual, weight, args
+            scales = args.pop(0) if out_form and quant else None
+            return residual, weight, scales, (args[0] if args else 0)
 
         def fake(input, *args):
-            residual, weight, rest = unpack(args)
-            return results(input, operands(input, residual, weight, rest[0] if rest else 0))
+            residual, weight, _, group = unpack(args)
+            return results(input, operands(input, residual, weight, group))
 
         def real(input, *args):
-            residual, weight, rest = unpack(args)
-            group = rest[0] if rest else 0
+            residual, weight, _, group = unpack(args)
             operands(input, residual, weight, group)
             return op(input.contiguous(), None, residual=residual, weight=weight, group=group_of_slot(group))
 
         def fake_out(input, out, *args):
-            residual, weight, rest = unpack(args)
-            scales = rest.pop(0) if quant else None
-            group = rest[0] if rest else 0
+            residual, weight, scales, group = unpack(args, out_form=True)
             want = results(input, operands(input, residual, weight, group))
             for arg, t, w in (("out", out, want[0] if quant else want), ("scales", scales, want[1] if quant else None)):
                 if w is not None and (t.dtype != w.dtype or tuple(t.shape) != tuple(w.shape)):
@@ -142,9 +142,7 @@ class TorchEpilogue:
 
         def real_out(input, out, *args):
             fake_out(input, out, *args)
-            residual, weight, rest = unpack(args)
-            scales = rest.pop(0) if quant else None
-            group = rest[0] if rest else 0
+            residual, weight, scales, group = unpack(args, out_form=True)
             op(input.contiguous(), out, residual=residual, weight=weight, scales=scales, group=group_of_slot(group))
 
         self.functional = define(name, schema, real, fake, mutates=("residual",) if self.residual else ())
