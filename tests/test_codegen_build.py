@@ -365,6 +365,30 @@ def test_every_device_primitive_compiles(root, tmp_path):
         assert k in syms
 
 
+@pytest.mark.slow  # ~5 s of nvcc
+@needs_nvcc
+def test_grids_count_only_the_sms_this_process_may_fill(root, tmp_path):
+    """host::sm_share, which sizes every kernel that needs all its CTAs resident (collective grids, MoE
+    waves): the device's SMs, capped by the context's count and an MPS client's percentage (ranks sharing
+    a GPU under MPS hung when grids counted the whole device); never below one SM."""
+    import subprocess
+    from tilegen.core.build import find_toolchain
+
+    cases = [(132, 0, None, 132), (132, 132, None, 132), (132, 66, None, 66), (132, 0, "50", 66),
+             (132, 0, "25.5", 33), (132, 44, "50", 44), (132, 100, "50", 66), (132, 0, "100", 132),
+             (132, 0, "0", 132), (132, 0, "-5", 132), (132, 0, "0.1", 1), (132, 200, None, 132)]
+    arg = lambda pct: f'"{pct}"' if pct else "nullptr"  # noqa: E731
+    body = "".join(f'  printf("%d\\n", tilegen::host::sm_share({n}, {ctx}, {arg(pct)}));\n'
+                   for n, ctx, pct, _ in cases)
+    (tmp_path / "share.cu").write_text(
+        '#include <cstdio>\n#include "tilegen/host/base.cuh"\nint main() {\n' + body + "}\n")
+    tc = find_toolchain()
+    subprocess.run([tc.nvcc, "-std=c++17", f"-I{root}/tilegen/include", f"-I{tc.nvshmem_dir}/include",
+                    str(tmp_path / "share.cu"), "-o", str(tmp_path / "share")], check=True, capture_output=True)
+    got = subprocess.run([str(tmp_path / "share")], check=True, capture_output=True, text=True).stdout.split()
+    assert [int(x) for x in got] == [want for *_, want in cases], cases
+
+
 def test_tilegen_list_shows_ops_and_provenance(root, capsys):
     assert cli.main(["list", str(root / "generated")]) == 0
     out = capsys.readouterr().out

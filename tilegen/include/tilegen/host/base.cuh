@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -101,14 +102,38 @@ inline cudaError_t device_sms(int* sms, int* major = nullptr) {
   return e;
 }
 
-// SMs this process's CTAs can occupy at once: the device's, or under CUDA MPS the share
-// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE grants the client (the attribute still reports the whole device,
-// and a grid sized to it left CTAs of ranks sharing a GPU waiting for SMs their peers held).
+// SMs the current context may use, as the driver reports them (under CUDA MPS: the client's share,
+// whether CUDA_MPS_ACTIVE_THREAD_PERCENTAGE or the daemon's default set it); 0 where the driver
+// has no answer. Reached through the runtime's driver entry point: the op libraries do not link libcuda.
+inline int context_sms() {
+  using GetExecAffinity = CUresult (*)(CUexecAffinityParam*, CUexecAffinityType);
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion("cuCtxGetExecAffinity", &fn, 11040, cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess || !fn)
+    return 0;
+  CUexecAffinityParam a{};
+  if (reinterpret_cast<GetExecAffinity>(fn)(&a, CU_EXEC_AFFINITY_TYPE_SM_COUNT) != CUDA_SUCCESS) return 0;
+  return static_cast<int>(a.param.smCount.val);
+}
+
+// The SMs one process's CTAs may fill: the device's `all`, capped by its context's count `context`
+// (0: unknown) and by the share a CUDA_MPS_ACTIVE_THREAD_PERCENTAGE value `percentage` grants
+// (null or not in (0, 100): none); at least one.
+inline int sm_share(int all, int context, const char* percentage) {
+  int sms = all;
+  if (context > 0 && context < sms) sms = context;
+  const double share = percentage ? all * atof(percentage) / 100.0 : 0.0;
+  if (share > 0.0 && share < sms) sms = static_cast<int>(share);
+  return sms > 1 ? sms : 1;
+}
+
+// SMs this process's CTAs can occupy at once. Under CUDA MPS the device attribute still reports the
+// whole device, and a grid sized to it left CTAs of ranks sharing a GPU waiting for SMs their peers held.
 inline cudaError_t resident_sms(int* sms) {
-  cudaError_t e = device_sms(sms);
-  const char* pct = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
-  const double p = pct ? atof(pct) : 0.0;
-  if (e == cudaSuccess && p > 0.0 && p < 100.0) *sms = (*sms * p / 100.0) >= 1.0 ? static_cast<int>(*sms * p / 100.0) : 1;
+  int all = 0;
+  const cudaError_t e = device_sms(&all);
+  if (e == cudaSuccess) *sms = sm_share(all, context_sms(), getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"));
   return e;
 }
 

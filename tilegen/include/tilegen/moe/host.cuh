@@ -221,11 +221,12 @@ struct Host : host::Base<Op, State<Op>> {
     return 0;
   }
 
-  // Each copy kernel's resident CTAs on this GPU: its grid's cap and what its pieces are cut for; and
-  // whether it launches kernels early.
+  // Each copy kernel's resident CTAs on this process's SMs: its grid's cap and what its pieces are cut
+  // for; and whether it launches kernels early.
   static cudaError_t find_residency() {
     int sms = 0, major = 0;
     cudaError_t e = host::device_sms(&sms, &major);
+    if (e == cudaSuccess) e = host::resident_sms(&sms);  // (under MPS: this client's share)
     g->early_launch = major >= 9;
     const void* kernels[kKernels] = {reinterpret_cast<const void*>(push_tokens<Op>),
                                      reinterpret_cast<const void*>(expand_rows<Op>),
