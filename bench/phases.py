@@ -37,11 +37,6 @@ class Phase:
     takes_script: bool = False   # trailing arguments are a script and its arguments
 
 
-@dataclasses.dataclass(frozen=True)
-class NoOptions:
-    pass
-
-
 # ---- tests ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TestsConfig:
@@ -288,16 +283,39 @@ def count_lines(log: Path, pattern: str) -> str:
     return "\n".join(f"{n:7d} {ln}" for ln, n in sorted(collections.Counter(lines).items())[:20])
 
 
-def probe(m: Machine, cfg: NoOptions) -> bool:
-    """NVLink store rates at the low-latency MoE push's sizes, N and 2 GPUs (a CUDA program: no ops)."""
-    Path("build").mkdir(exist_ok=True)
-    built = execute(Step("probe_build", ("nvcc", *PROBE_NVCC_FLAGS, script("probe_nvlink_stores.cu"), "-o",
-                                         "build/probe_nvlink_stores"), 300), m) == 0
-    if not built:
+PROBES = {"stores": "probe_nvlink_stores", "latency": "probe_latency_floor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    probes: tuple[str, ...] = option(tuple(PROBES), "which CUDA probes: stores (NVLink store rates at the MoE "
+                                     "push's sizes), latency (launch, NVLink one-way and LL exchange floors)")
+    repeats: int = option(15, "repeats per figure (medians)")
+
+
+def probe(m: Machine, cfg: ProbeConfig) -> bool:
+    """CUDA programs, no ops: NVLink store rates at the low-latency MoE push's sizes, and the latency floors a
+    small allreduce sits on (launch, a store's one-way NVLink latency, a minimal LL exchange), at N GPUs and 2."""
+    unknown = sorted(set(cfg.probes) - set(PROBES))
+    if unknown:
+        print(f"probe: unknown probe(s) {unknown}; expected some of {sorted(PROBES)}")
         return False
+    Path("build").mkdir(exist_ok=True)
     n = min(m.gpus, m.ranks)
-    return all([execute(Step(f"probe_nvlink_stores_{g}", ("build/probe_nvlink_stores", str(g)), 200, after="."), m) == 0
-                for g in sorted({n, 2}, reverse=True) if g <= n])
+    ok = True
+    for name in cfg.probes:
+        exe = f"build/{PROBES[name]}"
+        if execute(Step(f"{PROBES[name]}_build", ("nvcc", *PROBE_NVCC_FLAGS, script(f"{PROBES[name]}.cu"), "-o", exe),
+                        300), m):
+            ok = False
+            continue
+        least = 2 if name == "stores" else 1  # (the latency probe's launch floors need one GPU, its others two)
+        counts = [g for g in sorted({n, 2}, reverse=True) if least <= g <= n]
+        if not counts:
+            print(f"probe {name}: needs {least} GPUs, this machine has {n}: skipped")
+        ok &= all([execute(Step(f"{PROBES[name]}_{g}", (exe, str(g), str(cfg.repeats)), 200, after="."), m) == 0
+                   for g in counts])
+    return ok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +353,8 @@ PHASES = {p.name: p for p in (
     Phase("ab", ab.AbConfig, ab_phase, "a script on the base, variant and tree builds in turns", takes_script=True),
     Phase("profile", ProfileConfig, profile, "Nsight Compute on rank 0 over a script", takes_script=True),
     Phase("sanitize", SanitizeConfig, sanitize, "compute-sanitizer memcheck and racecheck, one op per family"),
-    Phase("probe", NoOptions, probe, "NVLink store rates at the MoE push's sizes (no ops)", needs_ops=False),
+    Phase("probe", ProbeConfig, probe, "CUDA probes, no ops: NVLink store rates; launch, NVLink and LL exchange "
+          "latency floors", needs_ops=False),
     Phase("downstream", DownstreamConfig, downstream, "examples/downstream's app from its carried wheel"),
     Phase("script", ScriptConfig, run_script, "any script under torchrun in this environment", takes_script=True),
 )}

@@ -222,13 +222,36 @@ def test_ab_without_a_base_says_how_to_make_one(machine, monkeypatch, tmp_path, 
 
 
 @pytest.mark.nvcc
-def test_the_nvlink_store_probe_compiles(tmp_path):
-    """bench/scripts/probe_nvlink_stores.cu builds with the flags the probe phase uses."""
+@pytest.mark.parametrize("name", sorted(phases.PROBES.values()))
+def test_each_probe_compiles_with_the_phases_flags(tmp_path, name):
+    """bench/scripts/<probe>.cu builds with the flags the probe phase uses."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    r = subprocess.run(["nvcc", *phases.PROBE_NVCC_FLAGS, str(phases.SCRIPTS / "probe_nvlink_stores.cu"), "-o",
+    r = subprocess.run(["nvcc", *phases.PROBE_NVCC_FLAGS, str(phases.SCRIPTS / f"{name}.cu"), "-o",
                         str(tmp_path / "probe")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_probe_runs_each_probe_at_every_gpu_count_it_can(machine, recorded, monkeypatch, tmp_path, capsys):
+    """The latency probe runs at 1 GPU (its launch floors) and at N and 2; the store probe needs 2 GPUs and says
+    so where there is one; an unknown probe name fails before anything builds."""
+    ran, logs = recorded
+    monkeypatch.chdir(tmp_path)
+    assert phases.probe(machine(4, 4), phases.ProbeConfig())
+    assert [(s.name, s.argv[1:]) for s in ran if not s.name.endswith("_build")] == [
+        ("probe_nvlink_stores_4", ("4", "15")), ("probe_nvlink_stores_2", ("2", "15")),
+        ("probe_latency_floor_4", ("4", "15")), ("probe_latency_floor_2", ("2", "15"))]
+    ran.clear()
+    assert phases.probe(machine(2, 1), phases.ProbeConfig(repeats=5))
+    assert [(s.name, s.argv[1:]) for s in ran if not s.name.endswith("_build")] == [
+        ("probe_latency_floor_1", ("1", "5"))]
+    assert "probe stores: needs 2 GPUs, this machine has 1: skipped" in capsys.readouterr().out
+    ran.clear()
+    logs["probe_latency_floor_2.rc"] = 1
+    assert not phases.probe(machine(2, 2), phases.ProbeConfig(probes=("latency",)))
+    ran.clear()
+    assert not phases.probe(machine(2, 2), phases.ProbeConfig(probes=("latency", "ping")))
+    assert not ran and "unknown probe(s) ['ping']" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("phase, cfg", [
