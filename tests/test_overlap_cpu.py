@@ -32,6 +32,9 @@ class FakeTensor:
     def t(self):
         return self
 
+    def contiguous(self):
+        return self
+
     def float(self):
         return self
 
@@ -338,3 +341,40 @@ def test_synchronize_of_the_legacy_default_stream_is_device_wide(monkeypatch):
     runtime._synchronize(tensor, 0)
     runtime._synchronize(tensor, 7)
     assert calls == ["device", ("stream", 7)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_decomposed_gemm_rs_runs_its_chunk_gemms_by_the_pinned_algorithm_when_deterministic(deterministic, monkeypatch):
+    """The decomposed gemm_rs computes each rank's chunk of partial products in the library's order, each
+    followed by its signal: by torch.mm, or, deterministic, by the op library's pinned cuBLASLt GEMM (one
+    algorithm for every row count; torch.mm would let cuBLAS choose by m)."""
+    log, world, m = [], 2, 3
+    monkeypatch.setattr(overlap, "_torch", lambda: FakeTorch(log))
+
+    class Mod:
+        def compute_order(self):
+            return [1, 0]
+
+        def __getattr__(self, name):
+            return lambda *args: log.append((name,) + tuple(
+                (x.name, x.lo, x.lo + x.rows) if isinstance(x, FakeTensor) else x for x in args))
+    streams = [FakeCuda.Stream() for _ in range(3)]
+    for s, handle in zip(streams, (111, 333, 222)):
+        s.cuda_stream = handle
+    op = GemmRsOp(directory=".", name="x", kind="gemm_rs", dtype="bfloat16", shape=[{"name": "m", "max": 64}, 8],
+                  world_sizes=[world], gemm_nk={world: (4, 8)}, b_layout="kn", overlap="decomposed",
+                  deterministic=deterministic)
+    op._world, op._rank = world, 0
+    monkeypatch.setattr(op, "load", Mod)
+    monkeypatch.setattr(op, "_use", lambda group: None)
+    monkeypatch.setattr(op, "_check", lambda *args: m)
+    monkeypatch.setattr(op, "_begin", lambda *args: tuple(streams))
+    monkeypatch.setattr(op, "_local", lambda what, shape, device: FakeTensor(what, shape[0], shape[1], 0, log))
+    monkeypatch.setattr(op, "_finish", lambda *args: log.append(("finish",)))
+    a, b, c = FakeTensor("a", world * m, 8, 0, log), FakeTensor("b", 8, 4, 0, log), FakeTensor("c", m, 4, 0, log)
+    op(a, b, c, timeout_ms=0)
+    chunk = ([("pinned_gemm", ("a", lo, lo + m), ("b", 0, 8), ("partial", lo, lo + m), 222) for lo in (3, 0)]
+             if deterministic else [("gemm", "copy", "a", lo, lo + m, "partial", lo, lo + m) for lo in (3, 0)])
+    assert log == [("run", ("partial", 0, 6), ("c", 0, 3), 0, 1.0, 333, 0, True),
+                   chunk[0], ("signal_chunk", 1, 222), chunk[1], ("signal_chunk", 0, 222),
+                   ("launch_pending", 333), ("finish",)]

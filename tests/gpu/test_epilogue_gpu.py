@@ -231,15 +231,15 @@ def test_a_rows_bits_do_not_depend_on_the_batch_it_is_reduced_in(dist_env, name,
             assert torch.equal(bits, mine), f"{name} {dtype}: rank {r}'s row differs from rank {rank}'s"
 
 
-GEMM_DETERMINISTIC = ["gemm_rs_bf16_det", "gemm_rs_bf16_fused"]
+GEMM_DETERMINISTIC = ["gemm_rs_bf16_det", "gemm_rs_bf16_det_decomposed", "gemm_rs_bf16_fused"]
 
 
 @pytest.mark.parametrize("name", GEMM_DETERMINISTIC)
 def test_a_gemm_rs_rows_bits_do_not_depend_on_how_many_rows_share_the_call(dist_env, name):
     """C = reduce_scatter(A @ B): a row of C from the same rows of A, computed with 1, 7 and 4096 rows
-    per rank (other copy-engine splits, size choices and cuBLASLt shapes; the fused kernel's other tile
-    counts), eager and replayed in a CUDA graph: the same bits; and within a bf16 rounding or two of the
-    float64 product."""
+    per rank (other copy-engine splits, size choices and cuBLASLt shapes; the decomposed chunk GEMMs'
+    other shapes; the fused kernel's other tile counts), eager and replayed in a CUDA graph: the same
+    bits; and within a bf16 rounding or two of the float64 product."""
     rank, world = dist_env
     op = getattr(generated, name)
     n, k = op.n, op.k

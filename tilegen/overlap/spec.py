@@ -81,17 +81,14 @@ class GemmSpec(CollectiveSpec):
         self._check_fused_settings()
 
     def _check_deterministic(self) -> None:
-        """gemm_rs: its GEMM's K order must not change with the row count (the fused kernel's tile is the
-        spec's, each output tile one CTA's over all of K; the copy-engine GEMMs run one pinned cuBLASLt
-        algorithm for every row count), and ranks' partials add in an order fixed per rank (the fused and
-        decomposed styles: the reduce-scatter's, in rank order; the copy engines: the direct style)."""
+        """gemm_rs, every overlap style: its GEMM's K order must not change with the row count (the fused
+        kernel's tile is the spec's, each output tile one CTA's over all of K; the decomposed and copy-engine
+        GEMMs run one pinned cuBLASLt algorithm for every row count), and ranks' partials add in an order
+        fixed per rank (the fused and decomposed styles: the reduce-scatter's, in rank order; the copy
+        engines: the direct style)."""
         if self.op != "gemm_rs":
             raise ValueError(f"deterministic: {self.op} adds nothing across ranks (its rows are gathered, not "
                              f"reduced); gemm_rs takes it")
-        if self.overlap_style == "decomposed":
-            raise ValueError("deterministic: the decomposed overlap's per-chunk torch.mm lets cuBLAS pick its "
-                             "kernel by row count, so a row's bits could change with m; use overlap fused or "
-                             "copy_engine")
         super()._check_deterministic()
 
     def _check_fused_settings(self) -> None:

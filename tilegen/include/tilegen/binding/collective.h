@@ -32,6 +32,8 @@ int tilegen_op_tune(int ctas, int64_t tile, char* msg, int len);
 int tilegen_op_ce_words(uint64_t* out, int n, int* count, char* msg, int len);
 int tilegen_op_fused_gemm(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                           uint64_t timeout_ns, char* msg, int len);
+int tilegen_op_pinned_gemm(const void* x, int64_t rows, const void* b, int64_t n, int64_t k, int b_kn, void* out,
+                           void* stream, char* msg, int len);
 }
 
 namespace tilegen_binding {
@@ -384,6 +386,30 @@ inline void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, in
                                  static_cast<uint64_t>(timeout_ns), msg, kMsg);
   }, Spec::kName);
 }
+
+// A deterministic decomposed op's chunk GEMM: c [rows, n] = a [rows, k] @ b ([k, n] or [n, k], the op's
+// layout) on `stream`, by the op's pinned cuBLASLt algorithm (the same for every row count).
+inline void pinned_gemm(TensorView a, TensorView b, TensorView c, int64_t stream) {
+  ensure_ready();
+  int64_t n = 0, k = 0;
+  if (!Spec::gemm_nk(tilegen_op_world(), &n, &k))
+    TVM_FFI_THROW(ValueError) << Spec::kName << ": no GEMM shape for world " << tilegen_op_world();
+  const TensorView* ts[3] = {&a, &b, &c};
+  const char* names[3] = {"a", "b", "c"};
+  const int64_t shapes[3][2] = {{a.size(0), k}, {Spec::kBLayoutKN ? k : n, Spec::kBLayoutKN ? n : k}, {a.size(0), n}};
+  for (int i = 0; i < 3; ++i) {
+    const TensorView& t = *ts[i];
+    if (!has_dtype(t) || t.device().device_type != kDLCUDA || t.device().device_id != a.device().device_id ||
+        t.ndim() != 2 || !t.IsContiguous() || t.size(0) != shapes[i][0] || t.size(1) != shapes[i][1] || a.size(0) < 1)
+      TVM_FFI_THROW(ValueError) << Spec::kName << ": " << names[i] << " must be a contiguous [" << shapes[i][0] << ", "
+                                << shapes[i][1] << "] " << Spec::kDtype << " tensor on a's CUDA device (a: at least "
+                                << "one row), got shape " << shape_str(t);
+  }
+  void* s = stream_of(stream, a.device().device_id);
+  call([&](char* msg) {
+    return tilegen_op_pinned_gemm(data(a), a.size(0), data(b), n, k, Spec::kBLayoutKN ? 1 : 0, data(c), s, msg, kMsg);
+  }, Spec::kName);
+}
 }  // namespace tilegen_binding
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, tilegen_binding::run);
@@ -403,6 +429,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(join, tilegen_binding::join);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_program, tilegen_binding::ce_program);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_run, tilegen_binding::ce_run);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(ce_words, tilegen_binding::ce_words);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pinned_gemm, tilegen_binding::pinned_gemm);
 #endif
 #if TILEGEN_BINDING_GEMM == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(wait_chunk, tilegen_binding::wait_chunk);

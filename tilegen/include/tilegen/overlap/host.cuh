@@ -386,6 +386,19 @@ struct GemmHost : Host<Op, GemmHost<Op>> {
     return 0;
   }
 
+  // A decomposed deterministic op's chunk GEMM: out[rows, n] = x[rows, k] @ B (n x k, [k, n] if b_kn) on
+  // `stream` by the pinned cuBLASLt algorithm that serves every row count (ce_gemm.cuh), where torch.mm
+  // would let cuBLAS choose a kernel, and so a row's bits, by the row count.
+  static int pinned_gemm(const void* x, int64_t rows, const void* b, int64_t n, int64_t k, int b_kn, void* out,
+                         void* stream, char* msg, int len) {
+    if (usable(msg, len)) return 1;
+    if (!Op::kDeterministic) return fail(msg, len, "%s: pinned_gemm serves deterministic ops only", Op::kName);
+    o->blas.pinned = true;
+    if (o->blas.load(msg, len)) return 1;
+    return o->blas.gemm(BlasType<typename Op::Elem>::kType, x, rows, b, n, k, b_kn != 0, out, nullptr,
+                        static_cast<cudaStream_t>(stream), msg, len);
+  }
+
   // Diagnostics: this rank's copy-engine words (entry epochs by rank, then the flags) and its epoch,
   // read on a stream of their own (no wait for work queued elsewhere, a stuck wait included).
   static int ce_words(uint64_t* out, int n, int* count, char* msg, int len) {

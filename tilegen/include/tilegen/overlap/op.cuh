@@ -40,6 +40,10 @@
                         int64_t n, int64_t k, int b_kn, void* stream, uint64_t timeout_ns, char* msg, int len) {      \
     return tilegen::coll::GemmHost<OP>::ce_run(key, ptr, rows, row_bytes, b, n, k, b_kn, stream, timeout_ns, msg, len); \
   }                                                                                                                   \
+  int tilegen_op_pinned_gemm(const void* x, int64_t rows, const void* b, int64_t n, int64_t k, int b_kn, void* out,  \
+                             void* stream, char* msg, int len) {                                                      \
+    return tilegen::coll::GemmHost<OP>::pinned_gemm(x, rows, b, n, k, b_kn, out, stream, msg, len);                   \
+  }                                                                                                                   \
   int tilegen_op_ce_words(uint64_t* out, int n, int* count, char* msg, int len) {                                   \
     return tilegen::coll::GemmHost<OP>::ce_words(out, n, count, msg, len);                                            \
   }                                                                                                                   \
