@@ -20,6 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from tilegen.collective.plan import fmt_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 DATA = DOCS / "data"
@@ -161,13 +163,6 @@ def fmt_ms(us: float | None) -> str:
 
 def fmt_ratio(num: float | None, den: float | None) -> str:
     return "" if num is None or not den else f"{num / den:.2f}x"
-
-
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{n} B"
 
 
 def span(values: list[float]) -> str:

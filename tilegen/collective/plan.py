@@ -356,11 +356,11 @@ def plan(spec: CollectiveSpec, world: int, calibration: dict | Calibration | Non
 
 
 def fmt_bytes(n: int) -> str:
-    """Bytes for people: 1536 -> '1.5 KiB', 268435456 -> '256 MiB'."""
+    """Bytes for people, four significant digits: 1536 -> '1.5 KiB', 268435456 -> '256 MiB', 4192256 ->
+    '3.998 MiB' (not '4.0': a size just below a power of two reads as one)."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+            return f"{n / size:.4g} {unit}"
     return f"{n} B"
 
 
