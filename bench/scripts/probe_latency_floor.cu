@@ -15,7 +15,6 @@
 //   ./floor [gpus] [repeats] [calls]
 #include <cuda_runtime.h>
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -24,25 +23,10 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+#include "probe_common.cuh"
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
-
-constexpr int kMaxGpus = 8;
 constexpr int kThreads = 512;
 constexpr unsigned long long kTimeoutNs = 2000000000ull;
-
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // ------------------------------------------------------------------------------------------ launch
 struct Big {

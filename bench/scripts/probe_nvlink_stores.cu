@@ -12,17 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
+#include "probe_common.cuh"
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
-
-constexpr int kMaxGpus = 8;
 struct Args {
   const char* src;
   char* dst[kMaxGpus];  // region of this GPU at each peer
@@ -36,12 +27,6 @@ struct Args {
   volatile int* dev_go;  // CTA 0 copies the host flag here
   int epoch;
 };
-
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
 
 __device__ __forceinline__ void begin(const Args& a) {
   if (threadIdx.x == 0) {  // CTA 0 polls the host flag (a PCIe read each), the others a device word
