@@ -1,6 +1,7 @@
 """The lab's command line, machine, steps and phases, on the CPU: what each phase would run (steps
 recorded, not executed), the step runner's limits, and the A/B rotation over real folders."""
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -82,6 +83,56 @@ def test_the_machine_never_multicasts_and_shares_gpus_only_beyond_one_rank_per_g
     assert m.env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and m.env["CUDA_MODULE_LOADING"] in ("EAGER", "LAZY")
     assert m.shared and not machine(2, 2).shared and not machine(4, 8).shared and not machine(2, 0).shared
     assert m.with_ranks(1).ranks == 1 and not m.with_ranks(1).shared
+
+
+def _wheel(folder, name, module_text):
+    """A minimal pure-Python wheel of one module (what pip needs: the module, METADATA, WHEEL, RECORD)."""
+    import zipfile
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": module_text, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_the_machine_installs_the_carried_wheels_and_unpacks_the_prebuilt_ops(machine, monkeypatch, tmp_path):
+    """A phase's first minute on a fresh device machine: the carried wheels go to the machine's site folder,
+    which the steps (PYTHONPATH) and the lab itself then import from; the prebuilt tarball's libraries land in
+    generated/ and the steps find NVSHMEM's and TVM-FFI's libraries (LD_LIBRARY_PATH)."""
+    import importlib
+
+    from bench import machine as machine_mod
+    pytest.importorskip("tvm_ffi")
+    pytest.importorskip("nvidia.nvshmem")
+    site = tmp_path / "site"
+    monkeypatch.setattr(machine_mod, "SITE", site)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".whl").mkdir()
+    _wheel(tmp_path / ".whl", "carried_probe_pkg", "VALUE = 42\n")
+    lib = tmp_path / "pack" / "generated" / "op_x" / "_build" / "libtilegen_op_x.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"\x7fELF")
+    (tmp_path / ".prebuilt").mkdir()
+    with tarfile.open(tmp_path / ".prebuilt" / "ops.tar.xz", "w:xz") as t:
+        t.add(tmp_path / "pack" / "generated", arcname="generated")
+    m = machine(2, 1)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert m.make_ops() and m.make_ops()  # (the second: already made)
+    assert (site / "carried_probe_pkg.py").is_file()
+    assert m.env["PYTHONPATH"].split(os.pathsep) == [str(site), str(tmp_path)]
+    assert importlib.import_module("carried_probe_pkg").VALUE == 42
+    monkeypatch.delitem(sys.modules, "carried_probe_pkg")
+    assert (tmp_path / "generated" / "op_x" / "_build" / "libtilegen_op_x.so").read_bytes() == b"\x7fELF"
+    libs = m.env["LD_LIBRARY_PATH"].split(os.pathsep)
+    assert libs[0].endswith(os.path.join("nvidia", "nvshmem", "lib"))
+    assert libs[1].endswith(os.path.join("tvm_ffi", "lib"))
+    ran = subprocess.run([sys.executable, "-c", "import carried_probe_pkg; print(carried_probe_pkg.VALUE)"],
+                         env=m.env, capture_output=True, text=True, cwd=tmp_path)
+    assert ran.stdout.strip() == "42", ran.stderr
 
 
 def test_a_step_past_its_limit_is_killed_with_its_children(machine, tmp_path):
