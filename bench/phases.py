@@ -95,6 +95,23 @@ def coll(m: Machine, cfg: CollConfig) -> bool:
         return all([execute(s, m) == 0 for s in steps])
 
 
+@dataclasses.dataclass(frozen=True)
+class HotConfig:
+    reps: int = option(20, "eager batches per figure")
+    sizes: bool = option(True, "also the allreduce alone at every size, fast and deterministic")
+    timeout: int = option(540, "seconds for the benchmark")
+
+
+def hot(m: Machine, cfg: HotConfig) -> bool:
+    """The decode hot path (bench/scripts/bench_hot_path.py): AR + residual + RMSNorm at decode sizes, fused and
+    not, and the allreduce alone by size, against NCCL and torch symmetric memory; plot_hot_path.py draws it."""
+    args = ["--out", f"{m.out}/bench_hot_path_np{m.ranks}.json", "--reps", str(cfg.reps)]
+    args += [] if cfg.sizes else ["--skip-sizes"]
+    with m.sharing_gpus():
+        return execute(Step(f"bench_hot_path_np{m.ranks}", torchrun(m, script("bench_hot_path.py"), *args),
+                            cfg.timeout, grep="^(m |torch symmetric memory unavailable)"), m) == 0
+
+
 # ---- sweeps --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
@@ -293,6 +310,11 @@ class ProbeConfig:
     repeats: int = option(15, "repeats per figure (medians)")
 
 
+def probe_outputs(name: str, gpus: int, m: Machine) -> tuple[str, ...]:
+    """The latency probe's calls per figure and its JSON result (for docs/data/); the store probe prints a table."""
+    return ("50", str(m.out / f"probe_latency_floor_{gpus}.json")) if name == "latency" else ()
+
+
 def probe(m: Machine, cfg: ProbeConfig) -> bool:
     """CUDA programs, no ops: NVLink store rates at the low-latency MoE push's sizes, and the latency floors a
     small allreduce sits on (launch, a store's one-way NVLink latency, a minimal LL exchange), at N GPUs and 2."""
@@ -313,8 +335,8 @@ def probe(m: Machine, cfg: ProbeConfig) -> bool:
         counts = [g for g in sorted({n, 2}, reverse=True) if least <= g <= n]
         if not counts:
             print(f"probe {name}: needs {least} GPUs, this machine has {n}: skipped")
-        ok &= all([execute(Step(f"{PROBES[name]}_{g}", (exe, str(g), str(cfg.repeats)), 200, after="."), m) == 0
-                   for g in counts])
+        ok &= all([execute(Step(f"{PROBES[name]}_{g}", (exe, str(g), str(cfg.repeats), *probe_outputs(name, g, m)),
+                                200, after="."), m) == 0 for g in counts])
     return ok
 
 
@@ -346,6 +368,8 @@ PHASES = {p.name: p for p in (
     Phase("quick", TestsConfig, quick, "GPU tests at 2 ranks, then at every GPU (when more than 2)"),
     Phase("tests", TestsConfig, gpu_tests, "GPU tests at N ranks (--select: paths, -k)"),
     Phase("coll", CollConfig, coll, "collective benchmark (eager + CUDA graph, NCCL, symmetric memory), host cost"),
+    Phase("hot", HotConfig, hot, "decode hot path: AR + residual + RMSNorm fused and not, the allreduce by size "
+          "(fast, deterministic), NCCL and symmetric memory beside them"),
     Phase("sweep", SweepConfig, sweep, "variants of a spec by filter (tile, cluster, CTAs, sync, schedule), timed"),
     Phase("gemm", GemmConfig, gemm, "GEMM + communication benchmarks and the TP MLP example"),
     Phase("moe", MoeConfig, moe, "MoE dispatch/combine against the NCCL baseline, the MoE layer example"),

@@ -19,7 +19,7 @@ FIELDS = {
     "machine": (str,), "cards": (str,), "world": (int,), "driver": (str, type(None)),
     "nccl": (str, type(None)), "torch": (str, type(None)), "command": (str, type(None)), "section": (str,),
 }
-FAMILIES = {"collective", "overlap", "moe", "host", "probe"}
+FAMILIES = {"collective", "overlap", "moe", "host", "probe", "hot_path", "floor"}
 
 
 def runs() -> list[dict]:
@@ -83,3 +83,42 @@ def test_check_fails_on_a_stale_file(tmp_path):
     stale = tmp_path / "measurements.md"
     stale.write_text("# Measurements\n")
     assert generator().main(["--check", "--out", str(stale)]) == 1
+
+
+def _sizes_row(op, size, us, graph, baselines=True):
+    """A row as tilegen.bench.bench_op writes it."""
+    times = {op: us, **({"nccl": 30.0, "torch_symm_one_shot": 11.0, "torch_symm_two_shot": 9.0} if baselines else {})}
+    return {"op": op, "kind": "allreduce", "bytes": size, "rows": size // 8192, "times_us": times,
+            "times_graph_us": {op: graph, **({"nccl": 12.0, "torch_symm_two_shot": 7.5} if baselines else {})},
+            "busbw_GBps": {}}
+
+
+def test_the_hot_path_and_latency_floor_tables(tmp_path, monkeypatch):
+    """What bench/scripts/bench_hot_path.py and probe_latency_floor.cu write becomes the reference's tables: the
+    fused decode step against its unfused forms per shape, the allreduce alone by size (fast, deterministic and
+    the baselines of the fast op's run side by side, the deterministic speed as a fraction of the fast), and the
+    floors (launch, NVLink one-way, the minimal LL exchange)."""
+    mod = generator()
+    monkeypatch.setattr(mod, "DATA", tmp_path)
+    fused = [{"rows": m, "hidden": 4096, "bytes": m * 8192,
+              "times_us": {"tilegen_fused": 8.0, "tilegen_unfused": 15.0, "nccl": 40.0, "symm_two_shot": 14.0},
+              "times_graph_us": {"tilegen_fused": 6.0, "tilegen_unfused": 12.0, "nccl": 20.0, "symm_two_shot": 9.0},
+              "max_diff_vs_nccl": {"tilegen_fused": 0.0078125 * m, "nccl": 0.0}} for m in (1, 64)]
+    hot = {"world": 2, "device": "2 x GPU", "fast_op": "allreduce_bf16", "deterministic_op": "allreduce_det",
+           "fused": fused, "sizes": [_sizes_row("allreduce_bf16", 16384, 10.0, 8.0),
+                                     _sizes_row("allreduce_det", 16384, 11.0, 8.8)]}
+    (tmp_path / "hot.json").write_text(json.dumps(hot))
+    lines = mod.render_data({"file": "hot.json"})
+    assert "| 1 x 4096 | 8.0 / 6.0 | 15.0 / 12.0 | 40.0 / 20.0 |  | 14.0 / 9.0 | 1.50x |" in lines
+    assert any("largest difference from NCCL's: 0.5." in x for x in lines)
+    assert "| 16 KiB | 10.0 / 8.0 | 11.0 / 8.8 | 0.91x | 30.0 / 12.0 | 11.0 /  | 9.0 / 7.5 | 3.00x |" in lines
+    floor = {"gpus": 2, "device": "GPU", "repeats": 15, "calls": 50,
+             "launch": [{"ctas": 1, "threads": 32, "param_bytes": 0, "eager_us": 2.41, "graph_us": 1.13}],
+             "nvlink_one_way_us": 0.812, "exchange": [{"bytes": 256, "ctas": 1, "eager_us": 5.5, "graph_us": 3.25}]}
+    (tmp_path / "floor.json").write_text(json.dumps(floor))
+    lines = mod.render_data({"file": "floor.json"})
+    assert "| 1 x 32 | 0 | 2.41 | 1.13 |" in lines and "| 256 B | 1 | 5.50 | 3.25 |" in lines
+    assert any("store (half a ping-pong's round trip, GPU 0 and 1): 0.812 us." in x for x in lines)
+    del floor["nvlink_one_way_us"], floor["exchange"]  # (one GPU: the launch floors alone)
+    (tmp_path / "floor.json").write_text(json.dumps(floor))
+    assert mod.render_data({"file": "floor.json"})[-1] == "| 1 x 32 | 0 | 2.41 | 1.13 |"

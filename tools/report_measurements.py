@@ -40,6 +40,8 @@ FAMILIES = {  # family: section title, in the order the document gives them
     "moe": "MoE dispatch and combine",
     "host": "Host cost per call",
     "probe": "NVLink store probe",
+    "hot_path": "Decode hot path: allreduce + residual + RMSNorm, allreduce by size",
+    "floor": "Latency floors: launch, NVLink, a minimal LL exchange",
 }
 PLOTS = {  # data file: plots in docs/ drawn from it
     "bench_collectives_h100x2.json": [("collective busbw", "collectives_busbw.png"),
@@ -463,6 +465,72 @@ def render_probe(text: str) -> list[str]:
                        + ["GB/s per GPU sent"], body)
 
 
+HOT_PATH = [("tilegen_fused", "tilegen fused"), ("tilegen_unfused", "tilegen allreduce, then torch"),
+            ("nccl", "NCCL, then torch"), ("symm_one_shot", "symm one_shot, then torch"),
+            ("symm_two_shot", "symm two_shot, then torch")]
+SYMM = [("torch_symm_one_shot", "symm one_shot"), ("torch_symm_two_shot", "symm two_shot")]
+
+
+def eager_graph(times: dict, graph: dict, key: str) -> str:
+    return f"{fmt(times.get(key))} / {fmt(graph.get(key))}" if key in times or key in graph else ""
+
+
+def render_hot_path(data: dict) -> list[str]:
+    """bench_hot_path.py: the fused decode step per (rows, hidden) against its unfused forms, then the allreduce
+    alone by size, fast and deterministic, with NCCL and torch symmetric memory from the same run."""
+    body = []
+    for r in data["fused"]:
+        t, g = r["times_us"], r.get("times_graph_us", {})
+        others = [g[k] for k, _ in HOT_PATH[1:] if k in g]
+        body.append([f"{r['rows']} x {r['hidden']}"] + [eager_graph(t, g, k) for k, _ in HOT_PATH]
+                    + [fmt_ratio(min(others), g.get("tilegen_fused")) if others else ""])
+    worst = max((r["max_diff_vs_nccl"].get("tilegen_fused", 0.0) for r in data["fused"]), default=0.0)
+    out = [f"h = RMSNorm(residual += allreduce(y)) * w, bf16, {data.get('device')}, {data.get('world')} ranks; us per "
+           "call, eager / CUDA graph; the unfused forms run the allreduce, then torch's add and RMSNorm (symmetric "
+           f"memory: after copying y into its buffer). The fused output's largest difference from NCCL's: {worst:g}.",
+           ""]
+    out += table(["rows x hidden"] + [f"{label} us" for _, label in HOT_PATH] + ["fused vs the fastest other, graph"],
+                 body)
+    if not data.get("sizes"):
+        return out
+    fast, det = data["fast_op"], data["deterministic_op"]
+    by_size: dict[int, dict[str, dict]] = {}
+    for r in data["sizes"]:
+        by_size.setdefault(r["bytes"], {})[r["op"]] = r
+    body = []
+    for size, ops in sorted(by_size.items()):
+        f, d = ops.get(fast, {}), ops.get(det, {})
+        t, g = f.get("times_us", {}), f.get("times_graph_us", {})
+        dt, dg = d.get("times_us", {}), d.get("times_graph_us", {})
+        bar = max([t[k] for k in ("nccl", "torch_symm_two_shot") if k in t], default=None)
+        body.append([fmt_bytes(size), eager_graph(t, g, fast), eager_graph(dt, dg, det),
+                     fmt_ratio(g.get(fast), dg.get(det)), eager_graph(t, g, "nccl")]
+                    + [eager_graph(t, g, k) for k, _ in SYMM] + [fmt_ratio(bar, t.get(fast))])
+    out += ["", f"The allreduce alone (`{fast}`, and `{det}` with `deterministic: true`), bf16; us per call, eager / "
+            "CUDA graph; symmetric memory reduces its buffer in place (no copy in).", ""]
+    return out + table(["size", f"`{fast}` us", f"`{det}` us", "deterministic speed vs fast, graph", "NCCL us"]
+                       + [f"{label} us" for _, label in SYMM] + ["fast vs max(NCCL, two_shot), eager"], body)
+
+
+def render_floor(data: dict) -> list[str]:
+    """probe_latency_floor.cu: an empty kernel's launch, a store's one-way NVLink latency, a minimal LL exchange."""
+    body = [[f"{r['ctas']} x {r['threads']}", str(r["param_bytes"]), fmt(r["eager_us"], 2), fmt(r["graph_us"], 2)]
+            for r in data["launch"]]
+    out = [f"{data['gpus']} x {data['device']}; us per call, median of {data.get('repeats')} repeats of "
+           f"{data.get('calls')} back-to-back calls (eager, and one CUDA graph of them), slowest GPU.", "",
+           "An empty kernel:", ""]
+    out += table(["CTAs x threads", "parameter bytes", "eager us", "graph us"], body)
+    if "nvlink_one_way_us" not in data:
+        return out
+    out += ["", f"One-way NVLink latency of an 8-byte store (half a ping-pong's round trip, GPU 0 and 1): "
+            f"{data['nvlink_one_way_us']:.3f} us.", "",
+            "A minimal LL one-shot allreduce (each GPU stores its bytes as 16-byte LL lines into every peer, polls "
+            "its own buffer, sums; the flag from a device epoch):", ""]
+    return out + table(["bytes", "CTAs", "eager us", "graph us"],
+                       [[fmt_bytes(r["bytes"]), str(r["ctas"]), fmt(r["eager_us"], 2), fmt(r["graph_us"], 2)]
+                        for r in data["exchange"]])
+
+
 def render_data(run: dict) -> list[str]:
     path = DATA / run["file"]
     if path.is_dir():
@@ -470,6 +538,10 @@ def render_data(run: dict) -> list[str]:
     if path.suffix == ".txt":
         return render_probe(path.read_text())
     data = json.loads(path.read_text())
+    if isinstance(data, dict) and "fused" in data:
+        return render_hot_path(data)
+    if isinstance(data, dict) and "launch" in data:
+        return render_floor(data)
     if isinstance(data, dict) and "us_per_call" in data:
         return render_host(data)
     if isinstance(data, dict) and data.get("rows") and "times_us" in data["rows"][0]:

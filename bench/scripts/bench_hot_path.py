@@ -109,11 +109,14 @@ def main():
     ap.add_argument("--skip-sizes", action="store_true", help="only the fused decode sizes")
     a = ap.parse_args()
     rank, world = tilegen.init()
+    fast, det = generated.allreduce_bf16, generated.allreduce_det
     result = {"world": world, "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
-              "backend": dist.get_backend(), "fused": bench_fused(a.reps, a.graph_reps)}
+              "backend": dist.get_backend(), "torch": torch.__version__,
+              "nccl": ".".join(map(str, torch.cuda.nccl.version())), "fast_op": fast.name, "deterministic_op": det.name,
+              "fused": bench_fused(a.reps, a.graph_reps)}
     if not a.skip_sizes:
-        result["sizes"] = (bench_op(generated.allreduce_bf16, SIZES_KIB, a.reps, graph_reps=a.graph_reps)
-                           + bench_op(generated.allreduce_det, SIZES_KIB, a.reps, graph_reps=a.graph_reps))
+        result["sizes"] = (bench_op(fast, SIZES_KIB, a.reps, graph_reps=a.graph_reps)
+                           + bench_op(det, SIZES_KIB, a.reps, graph_reps=a.graph_reps))
     if rank == 0 and a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)

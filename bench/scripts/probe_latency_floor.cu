@@ -12,7 +12,7 @@
 // Every wait is bounded (2 s): a timeout is reported and the program exits 1. Not a test: a
 // measurement for docs/measurements.md (python3 -m bench probe).
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/scripts/probe_latency_floor.cu -o floor
-//   ./floor [gpus] [repeats] [calls]
+//   ./floor [gpus] [repeats] [calls] [json file]
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <condition_variable>
@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 #include "probe_common.cuh"
@@ -193,6 +194,17 @@ struct Gpu {
   unsigned long long* stamps;
 };
 
+// The result as JSON, printed as the last line and written to the optional file argument.
+struct Json {
+  std::string text;
+  template <class... A>
+  void add(const char* fmt, A... a) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, fmt, a...);
+    text += buf;
+  }
+};
+
 // Runs fn(gpu) on one host thread per GPU; the slowest GPU's timing.
 Timing on_every_gpu(int gpus, const std::function<Timing(int)>& fn) {
   std::vector<Timing> t(gpus);
@@ -214,7 +226,7 @@ int main(int argc, char** argv) {
   if (argc > 1) gpus = std::min(gpus, std::atoi(argv[1]));
   const int reps = argc > 2 ? std::atoi(argv[2]) : 15, calls = argc > 3 ? std::atoi(argv[3]) : 50;
   if (gpus < 1 || gpus > kMaxGpus || reps < 1 || calls < 1) {
-    std::fprintf(stderr, "usage: %s [gpus 1-%d] [repeats] [calls]\n", argv[0], kMaxGpus);
+    std::fprintf(stderr, "usage: %s [gpus 1-%d] [repeats] [calls] [json file]\n", argv[0], kMaxGpus);
     return 2;
   }
   const int64_t kMaxLines = (int64_t(256) << 10) / 8;  // 256 KiB of input
@@ -244,7 +256,9 @@ int main(int argc, char** argv) {
   std::printf("latency floor probe: %d x %s, %d repeats of %d calls; us per call, median, slowest GPU\n", gpus,
               prop.name, reps, calls);
   Barrier bar(gpus);
-  std::printf("{\"gpus\": %d, \"device\": \"%s\", \"launch\": [", gpus, prop.name);
+  Json out;
+  out.add("{\"gpus\": %d, \"device\": \"%s\", \"repeats\": %d, \"calls\": %d, \"launch\": [", gpus, prop.name, reps,
+          calls);
   struct Grid {
     int ctas, threads;
     bool big;
@@ -258,10 +272,10 @@ int main(int argc, char** argv) {
         else empty<<<gr.ctas, gr.threads, 0, s>>>();
       }, g[i].s, calls, reps, bar);
     });
-    std::printf("%s{\"ctas\": %d, \"threads\": %d, \"param_bytes\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}",
+    out.add("%s{\"ctas\": %d, \"threads\": %d, \"param_bytes\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}",
                 k ? ", " : "", gr.ctas, gr.threads, gr.big ? 512 : 0, t.eager, t.graph);
   }
-  std::printf("]");
+  out.add("]");
   if (gpus >= 2) {
     const int rounds = 2000;
     std::vector<double> one_way;
@@ -289,7 +303,7 @@ int main(int argc, char** argv) {
       one_way.push_back((st[0][1] - st[0][0]) / 1e3 / rounds / 2);
     }
     std::sort(one_way.begin(), one_way.end());
-    std::printf(", \"nvlink_one_way_us\": %.3f, \"exchange\": [", one_way[one_way.size() / 2]);
+    out.add(", \"nvlink_one_way_us\": %.3f, \"exchange\": [", one_way[one_way.size() / 2]);
     const int64_t sizes[] = {256, 16 << 10, 64 << 10, 256 << 10};
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; ++k) {
       const int64_t lines = sizes[k] / 8;
@@ -314,11 +328,19 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "\nexchange of %lld bytes: timed out or wrong sum\n", static_cast<long long>(sizes[k]));
         return 1;
       }
-      std::printf("%s{\"bytes\": %lld, \"ctas\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}", k ? ", " : "",
+      out.add("%s{\"bytes\": %lld, \"ctas\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}", k ? ", " : "",
                   static_cast<long long>(sizes[k]), ctas, t.eager, t.graph);
     }
-    std::printf("]");
+    out.add("]");
   }
-  std::printf("}\n");
+  out.add("}");
+  std::printf("%s\n", out.text.c_str());
+  if (argc > 4) {
+    FILE* f = std::fopen(argv[4], "w");
+    if (!f || std::fprintf(f, "%s\n", out.text.c_str()) < 0 || std::fclose(f)) {
+      std::fprintf(stderr, "cannot write %s\n", argv[4]);
+      return 1;
+    }
+  }
   return 0;
 }

@@ -289,13 +289,15 @@ def test_probe_runs_each_probe_at_every_gpu_count_it_can(machine, recorded, monk
     ran, logs = recorded
     monkeypatch.chdir(tmp_path)
     assert phases.probe(machine(4, 4), phases.ProbeConfig())
+    out = str(tmp_path / "out")
     assert [(s.name, s.argv[1:]) for s in ran if not s.name.endswith("_build")] == [
         ("probe_nvlink_stores_4", ("4", "15")), ("probe_nvlink_stores_2", ("2", "15")),
-        ("probe_latency_floor_4", ("4", "15")), ("probe_latency_floor_2", ("2", "15"))]
+        ("probe_latency_floor_4", ("4", "15", "50", f"{out}/probe_latency_floor_4.json")),
+        ("probe_latency_floor_2", ("2", "15", "50", f"{out}/probe_latency_floor_2.json"))]
     ran.clear()
     assert phases.probe(machine(2, 1), phases.ProbeConfig(repeats=5))
     assert [(s.name, s.argv[1:]) for s in ran if not s.name.endswith("_build")] == [
-        ("probe_latency_floor_1", ("1", "5"))]
+        ("probe_latency_floor_1", ("1", "5", "50", f"{out}/probe_latency_floor_1.json"))]
     assert "probe stores: needs 2 GPUs, this machine has 1: skipped" in capsys.readouterr().out
     ran.clear()
     logs["probe_latency_floor_2.rc"] = 1
@@ -306,7 +308,8 @@ def test_probe_runs_each_probe_at_every_gpu_count_it_can(machine, recorded, monk
 
 
 @pytest.mark.parametrize("phase, cfg", [
-    ("coll", phases.CollConfig(graph=False, reps=5)), ("gemm", phases.GemmConfig(styles="all", splits="1,2,3")),
+    ("coll", phases.CollConfig(graph=False, reps=5)), ("hot", phases.HotConfig(sizes=False)),
+    ("gemm", phases.GemmConfig(styles="all", splits="1,2,3")),
     ("moe", phases.MoeConfig()), ("moe", phases.MoeConfig(low_latency=True, trace=True)),
     ("sanitize", phases.SanitizeConfig())])
 def test_each_phase_passes_its_scripts_only_flags_they_define(machine, recorded, phase, cfg):

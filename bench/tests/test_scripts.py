@@ -63,3 +63,35 @@ def test_ce_calibrate_turns_a_sweep_into_size_ranges(tmp_path, monkeypatch):
     choices = ce_choices(load(tmp_path / "box"), "gemm_rs", 4)
     assert [overlap.ce_config("gemm_rs", 4, m, choices) for m in (512, 724, 725, 2048)] == \
         [("direct", 1), ("direct", 1), ("direct", 2), ("direct", 2)]
+
+
+def test_plot_hot_path_draws_each_world_size_and_refuses_other_results(tmp_path):
+    """bench/scripts/plot_hot_path.py on bench_hot_path.py results at 2 and 4 ranks: a PNG; the sizes' series
+    are the fast and deterministic ops, the baselines from the fast op's rows only (the deterministic op's run
+    times them again); a file of another benchmark is refused by name."""
+    pytest.importorskip("matplotlib", reason="plotting is the [plot] extra")
+    import json
+
+    plot = script_module("plot_hot_path")
+
+    def result(world):
+        fused = [{"rows": m, "hidden": h, "times_us": {"tilegen_fused": 8.0, "nccl": 30.0},
+                  "times_graph_us": {"tilegen_fused": 6.0, "nccl": 20.0}} for m in (1, 8, 64) for h in (4096, 8192)]
+        sizes = [{"op": op, "bytes": b, "times_us": {op: 10.0 + i, "nccl": 30.0, "torch_symm_two_shot": 9.0},
+                  "times_graph_us": {op: 8.0 + i, "nccl": 12.0}}
+                 for i, op in enumerate(("allreduce_bf16", "allreduce_det")) for b in (1024, 16384, 1 << 20)]
+        return {"world": world, "device": "GPU", "fast_op": "allreduce_bf16", "fused": fused, "sizes": sizes}
+    paths = []
+    for world in (4, 2):
+        paths.append(tmp_path / f"hot_np{world}.json")
+        paths[-1].write_text(json.dumps(result(world)))
+    series = plot.size_series(result(2))
+    assert set(series) == {"allreduce_bf16", "allreduce_det", "nccl", "torch_symm_two_shot"}
+    assert series["nccl"]["eager"] == [(1024, 30.0), (16384, 30.0), (1 << 20, 30.0)]  # (once per size)
+    assert series["allreduce_det"]["graph"][0] == (1024, 9.0)
+    out = tmp_path / "hot.png"
+    assert plot.main([str(p) for p in paths] + ["-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "other.json").write_text(json.dumps({"world": 2, "rows": []}))
+    with pytest.raises(SystemExit, match="other.json: not a bench_hot_path.py result"):
+        plot.load(str(tmp_path / "other.json"))
