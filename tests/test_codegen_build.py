@@ -369,8 +369,9 @@ def test_every_device_primitive_compiles(root, tmp_path):
 @needs_nvcc
 def test_grids_count_only_the_sms_this_process_may_fill(root, tmp_path):
     """host::sm_share, which sizes every kernel that needs all its CTAs resident (collective grids, MoE
-    waves): the device's SMs, capped by the context's count and an MPS client's percentage (ranks sharing
-    a GPU under MPS hung when grids counted the whole device); never below one SM."""
+    waves, the fused GEMM beside its communication kernel): the device's SMs, capped by the context's count
+    and an MPS client's percentage (ranks sharing a GPU under MPS hung when grids counted the whole
+    device); never below one SM."""
     import subprocess
     from tilegen.core.build import find_toolchain
 
@@ -381,10 +382,10 @@ def test_grids_count_only_the_sms_this_process_may_fill(root, tmp_path):
     body = "".join(f'  printf("%d\\n", tilegen::host::sm_share({n}, {ctx}, {arg(pct)}));\n'
                    for n, ctx, pct, _ in cases)
     (tmp_path / "share.cu").write_text(
-        '#include <cstdio>\n#include "tilegen/host/base.cuh"\nint main() {\n' + body + "}\n")
+        '#include <cstdio>\n#include "tilegen/host/sms.cuh"\nint main() {\n' + body + "}\n")
     tc = find_toolchain()
-    subprocess.run([tc.nvcc, "-std=c++17", f"-I{root}/tilegen/include", f"-I{tc.nvshmem_dir}/include",
-                    str(tmp_path / "share.cu"), "-o", str(tmp_path / "share")], check=True, capture_output=True)
+    subprocess.run([tc.nvcc, "-std=c++17", f"-I{root}/tilegen/include", str(tmp_path / "share.cu"), "-o",
+                    str(tmp_path / "share")], check=True, capture_output=True)  # (no NVSHMEM: the fused GEMM's too)
     got = subprocess.run([str(tmp_path / "share")], check=True, capture_output=True, text=True).stdout.split()
     assert [int(x) for x in got] == [want for *_, want in cases], cases
 

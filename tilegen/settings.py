@@ -85,7 +85,8 @@ SETTINGS = {s.name: s for s in (
             "copy-engine overlap: flags by CUDA stream memory operations where the device has them (0: "
             "by kernels)"),
     Setting("TILEGEN_GEMM_SMS", 0, _non_negative_int, "a number of CTAs (>= 0)",
-            "fused GEMM ops: CTAs of the persistent GEMM (0: the device's SMs minus the communication's)"),
+            "fused GEMM ops: CTAs of the persistent GEMM (0: the SMs this process may fill, under MPS its share, minus "
+            "the communication's)"),
 )}
 
 

@@ -203,7 +203,7 @@ class _GemmOp(CollectiveOp):
 
     @staticmethod
     def _gemm_sms() -> int:
-        """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the device's SMs minus the communication's)."""
+        """CTAs of a fused GEMM: TILEGEN_GEMM_SMS, else 0 (the SMs this process may fill minus the communication's)."""
         return settings.get("TILEGEN_GEMM_SMS")
 
     def _finish(self, main: Any, comm: Any, comp: Any, tensors: tuple, timeout_ns: int, mod: Any) -> None:

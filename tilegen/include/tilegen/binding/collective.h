@@ -355,7 +355,7 @@ inline tvm::ffi::Array<int64_t> compute_order() {
 
 // The fused GEMM of the call run() just prepared: a [world * m, k], b [k, n] or [n, k], c [world * m, n]
 // (ag_gemm: a is the gathered buffer run() fills; gemm_rs: c the partial products run() reduce-scatters);
-// sms 0: the device's SMs minus the communication's CTAs.
+// sms 0: the SMs this process may fill (host/sms.cuh) minus the communication's CTAs.
 inline void fused_gemm(TensorView a, TensorView b, TensorView c, int64_t sms, int64_t stream, int64_t timeout_ns) {
   ensure_ready();
   const int world = tilegen_op_world();

@@ -18,6 +18,7 @@
 #include <cutlass/util/packed_stride.hpp>
 
 #include "tilegen/common/host_msg.h"
+#include "tilegen/host/sms.cuh"
 #include "tilegen/overlap/fused_gemm.cuh"
 
 // From the op's collective translation unit: the signal layout, epoch and chunk order of the call
@@ -68,7 +69,7 @@ struct FusedGemm {
                 "the fused GEMM must run tilegen's chunk scheduler");
 
   // C[M, N] = A[M, K] @ B with M = world * rows, beside the communication kernel of the same call.
-  // sms: CTAs of the persistent GEMM (0: the device's SMs minus the communication kernel's CTAs).
+  // sms: CTAs of the persistent GEMM (0: the SMs this process may fill minus the communication kernel's CTAs).
   static int run(const void* a, const void* b, void* c, int64_t rows, int64_t n, int64_t k, int sms, void* stream,
                  uint64_t timeout_ns, char* msg, int len) {
     const int N = static_cast<int>(n), K = static_cast<int>(k);
@@ -80,13 +81,14 @@ struct FusedGemm {
     sched.raster_order = decltype(sched.raster_order)::AlongN;  // row blocks in the scheduler's order
     sched.max_swizzle_size = 1;
     const int m = static_cast<int>(rows * sched.sync.world);
-    int device = 0, device_sms = 0;
+    int device = 0, resident = 0;
     cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device);
-    if (sms <= 0) sms = device_sms - comm_ctas;  // both kernels spin on each other: leave the comm kernel its SMs
-    if (sms < 1 || sms > device_sms)
-      return fail(msg, len, "GEMM CTAs %d outside [1, %d] (the device has %d SMs, the communication kernel uses %d)",
-                       sms, device_sms, device_sms, comm_ctas);
+    if (tilegen::host::resident_sms(&resident) != cudaSuccess)
+      return fail(msg, len, "fused GEMM: the device's SMs: %s", cudaGetErrorString(cudaGetLastError()));
+    if (sms <= 0) sms = resident - comm_ctas;  // both kernels spin on each other: leave the comm kernel its SMs
+    if (sms < 1 || sms > resident)
+      return fail(msg, len, "GEMM CTAs %d outside [1, %d] (this process may fill %d SMs, the communication kernel "
+                  "uses %d)", sms, resident, resident, comm_ctas);
     cutlass::KernelHardwareInfo hw{device, sms};
     using StrideA = typename GemmKernel::StrideA;
     using StrideB = typename GemmKernel::StrideB;
