@@ -3,8 +3,8 @@ CUDA-graph columns over the graphed GEMM).
 
     python bench/scripts/plot_gemm.py docs/data/bench_gemm_np2_h100.json docs/gemm_overlap_np2.png
 """
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -49,4 +49,8 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("result", help="a bench_gemm.py JSON result")
+    ap.add_argument("figure", help="the figure to write (.png, .svg, ...)")
+    a = ap.parse_args()
+    main(a.result, a.figure)

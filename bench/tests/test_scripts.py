@@ -95,3 +95,26 @@ def test_plot_hot_path_draws_each_world_size_and_refuses_other_results(tmp_path)
     (tmp_path / "other.json").write_text(json.dumps({"world": 2, "rows": []}))
     with pytest.raises(SystemExit, match="other.json: not a bench_hot_path.py result"):
         plot.load(str(tmp_path / "other.json"))
+
+
+@pytest.mark.slow  # ~15 interpreters importing torch, side by side
+def test_every_script_with_flags_starts_as_the_lab_runs_it(root):
+    """Each bench/scripts/ script that parses flags answers --help when run as the lab runs it (by path,
+    the repository on PYTHONPATH): its imports resolve (the examples, generated, tilegen) before a device
+    call spends minutes reaching it. (The move from tools/ to bench/scripts/ once left bench_llama.py
+    looking for examples/ one folder too high.)"""
+    import os
+    import subprocess
+    import sys
+
+    from bench.phases import SCRIPTS
+    scripts = sorted(p for p in SCRIPTS.glob("*.py") if "ArgumentParser" in p.read_text())
+    env = dict(os.environ, PYTHONPATH=str(root))
+    procs = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], cwd=root, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for p in scripts}
+    failed = {}
+    for name, proc in procs.items():
+        out = proc.communicate(timeout=240)[0]
+        if proc.returncode != 0 or "usage:" not in out:
+            failed[name] = out[-600:]
+    assert len(scripts) >= 10 and not failed, failed
