@@ -85,9 +85,10 @@ __global__ void __launch_bounds__(kThreads) exchange(Exchange a) {
                      : "memory");
   }
   const unsigned long long t0 = now_ns();
-  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < a.lines; i += stride) {
+  bool ok = true;  // (a thread that gave up skips its other lines but still meets the block at the end)
+  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; ok && i < a.lines; i += stride) {
     float2 sum = reinterpret_cast<const float2*>(a.in)[i];
-    for (int s = 0; s < a.gpus; ++s) {
+    for (int s = 0; ok && s < a.gpus; ++s) {
       if (s == a.me) continue;
       unsigned lo, f0, hi, f1;
       do {
@@ -96,14 +97,14 @@ __global__ void __launch_bounds__(kThreads) exchange(Exchange a) {
                      : "l"(ll_line(a, a.me, parity, s, i))
                      : "memory");
         if ((f0 != flag || f1 != flag) && now_ns() - t0 > kTimeoutNs) {
-          atomicExch(a.failed, 1);
-          return;  // (the epoch stays: later calls time out too and the host reports it)
+          atomicExch(a.failed, 1);  // (every later call returns at once; the host reports it)
+          ok = false;
         }
-      } while (f0 != flag || f1 != flag);
+      } while (ok && (f0 != flag || f1 != flag));
       sum.x += __uint_as_float(lo);
       sum.y += __uint_as_float(hi);
     }
-    reinterpret_cast<float2*>(a.out)[i] = sum;
+    if (ok) reinterpret_cast<float2*>(a.out)[i] = sum;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
