@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -53,4 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if phase.needs_ops and not getattr(cfg, "build_only", False) and not getattr(cfg, "list", False):
         if not m.make_ops():
             return 1
+    # (docs/data/runs.json's fields for what this phase writes: tools/report_measurements.py --add reads it)
+    record = m.out / f"provenance_{phase.name}.json"
+    record.write_text(json.dumps(m.provenance("python3 -m bench " + " ".join(argv)), indent=1) + "\n")
     return 0 if phase.run(m, cfg) else 1

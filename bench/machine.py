@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +111,26 @@ class Machine:
         if rc:
             print(tail(log, 30), "generate failed", sep="\n", flush=True)
         return rc == 0
+
+    def provenance(self, command: str) -> dict:
+        """Where this phase's figures come from, as docs/data/runs.json records it: the date (UTC), the commit
+        the carried ops were packed from (none when the tree differed from it, or nothing says), the cards,
+        driver, torch and NCCL, and the command."""
+        rev = Path(self.cfg.prebuilt).with_name("ops.rev")
+        packed = rev.read_text().strip() if rev.is_file() else ""
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout if shutil.which("nvidia-smi") else ""
+        gpus = [[c.strip() for c in line.split(",")] for line in smi.splitlines() if "," in line]
+        names, drivers = sorted({g[0] for g in gpus}), sorted({g[1] for g in gpus})
+        versions = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__); "
+                                   "print('.'.join(map(str, torch.cuda.nccl.version())))"],
+                                  env=self.env, capture_output=True, text=True).stdout.split()
+        return {"date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+                "commit": packed[:7] if re.fullmatch(r"[0-9a-f]{40}", packed) else None,
+                "cards": f"{len(gpus)} x {names[0]}" if len(names) == 1 else (", ".join(names) or None),
+                "driver": drivers[0] if len(drivers) == 1 else None,
+                "torch": versions[0] if len(versions) == 2 else None,
+                "nccl": versions[1] if len(versions) == 2 else None, "command": command}
 
     @staticmethod
     def _package_dir(name: str) -> Path:

@@ -10,6 +10,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "data"
 SCRIPT = ROOT / "tools" / "report_measurements.py"
@@ -122,3 +124,48 @@ def test_the_hot_path_and_latency_floor_tables(tmp_path, monkeypatch):
     del floor["nvlink_one_way_us"], floor["exchange"]  # (one GPU: the launch floors alone)
     (tmp_path / "floor.json").write_text(json.dumps(floor))
     assert mod.render_data({"file": "floor.json"})[-1] == "| 1 x 32 | 0 | 2.41 | 1.13 |"
+
+
+def test_a_run_is_recorded_from_the_labs_provenance(tmp_path, monkeypatch):
+    """tools/report_measurements.py --add: the lab's provenance record of a phase (date, commit, cards, driver,
+    NCCL, torch, command) and the run's place (family, machine, ranks, what, the log's section) become its
+    runs.json entry, replacing an earlier one of the same file, and the reference shows them; a record without
+    cards (no GPU) or an entry that fails validation leaves runs.json as it was."""
+    mod = generator()
+    data, log = tmp_path / "data", tmp_path / "log"
+    data.mkdir()
+    log.mkdir()
+    (log / "2026-12.md").write_text("# December\n\n## A session\n")
+    monkeypatch.setattr(mod, "DATA", data)
+    monkeypatch.setattr(mod, "RUNS", data / "runs.json")
+    monkeypatch.setattr(mod, "LOG_DIR", log)
+    monkeypatch.setattr(mod, "DECISIONS", [])
+    (data / "runs.json").write_text("[]\n")
+    floor = {"gpus": 1, "device": "GPU", "repeats": 15, "calls": 50,
+             "launch": [{"ctas": 1, "threads": 32, "param_bytes": 0, "eager_us": 2.41, "graph_us": 1.13}]}
+    (data / "floor_h100x1.json").write_text(json.dumps(floor))
+    record = {"date": "2026-12-09", "commit": "abc1234", "cards": "1 x NVIDIA H100 80GB HBM3",
+              "driver": "580.159.04", "nccl": "2.27.5", "torch": "2.11.0+cu130",
+              "command": "python3 -m bench probe 1 --probes latency"}
+    prov = tmp_path / "provenance_probe.json"
+    prov.write_text(json.dumps(record))
+    args = ["--add", "floor_h100x1.json", "--provenance", str(prov), "--family", "floor", "--machine",
+            "nvidia-h100-x1", "--world", "1", "--what", "launch floors", "--section", "A session"]
+    out = tmp_path / "m.md"
+    for _ in range(2):  # (the second replaces the first)
+        assert mod.main(args + ["--out", str(out)]) == 0
+    runs_now = json.loads((data / "runs.json").read_text())
+    assert runs_now == [{"file": "floor_h100x1.json", "family": "floor", "what": "launch floors",
+                         "machine": "nvidia-h100-x1", "world": 1, "section": "A session", **record}]
+    assert set(runs_now[0]) == set(FIELDS)
+    text = out.read_text()
+    assert "Measured 2026-12-09, commit `abc1234`, on `nvidia-h100-x1` (1 x NVIDIA H100 80GB HBM3), 1 ranks; " \
+           "driver 580.159.04, NCCL 2.27.5, torch 2.11.0+cu130." in text and "| 1 x 32 | 0 | 2.41 | 1.13 |" in text
+    before = (data / "runs.json").read_text()
+    prov.write_text(json.dumps({**record, "cards": None}))
+    with pytest.raises(SystemExit, match="no cards recorded"):
+        mod.main(args + ["--out", str(out)])
+    prov.write_text(json.dumps({**record, "date": "9 Dec"}))
+    with pytest.raises(SystemExit, match="is not YYYY-MM-DD"):
+        mod.main(args + ["--out", str(out)])
+    assert (data / "runs.json").read_text() == before

@@ -558,7 +558,8 @@ def render_data(run: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- document
 
 
-def load_runs(path: Path = RUNS) -> list[dict]:
+def load_runs(path: Path | None = None) -> list[dict]:
+    path = RUNS if path is None else path
     runs = json.loads(path.read_text())
     for i, run in enumerate(runs):
         for field, types in FIELDS.items():
@@ -631,11 +632,49 @@ def render(runs: list[dict] | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+PROVENANCE = ("date", "commit", "cards", "driver", "nccl", "torch", "command")  # what the lab records per phase
+
+
+def add_run(data_file: str, provenance: Path, **fields) -> None:
+    """Record docs/data/<data_file> in runs.json (replacing an earlier entry of that file): the lab's
+    provenance record of the phase that wrote it (out/provenance_<phase>.json) and the given fields."""
+    record = json.loads(provenance.read_text())
+    missing = [k for k in PROVENANCE if k not in record]
+    if missing:
+        raise SystemExit(f"{provenance}: not a lab provenance record (no {', '.join(missing)})")
+    entry = {"file": data_file, **fields, **{k: record[k] for k in PROVENANCE}}
+    if entry["cards"] is None:
+        raise SystemExit(f"{provenance}: no cards recorded (nvidia-smi listed no GPU): not a measurement")
+    runs = [r for r in json.loads(RUNS.read_text()) if r["file"] != data_file] + [{k: entry[k] for k in FIELDS}]
+    previous = RUNS.read_text()
+    RUNS.write_text(json.dumps(runs, indent=2) + "\n")
+    try:
+        load_runs()
+    except SystemExit:
+        RUNS.write_text(previous)  # (nothing half-recorded)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the output file differs from what would be written")
     ap.add_argument("--out", type=Path, default=OUT, help="where to write (default docs/measurements.md)")
+    add = ap.add_argument_group("recording a run (then the reference is written)")
+    add.add_argument("--add", metavar="FILE", help="a data file in docs/data/ to record in runs.json")
+    add.add_argument("--provenance", type=Path, help="the lab's record of the phase that wrote it "
+                                                      "(<out>/provenance_<phase>.json)")
+    add.add_argument("--family", choices=sorted(FAMILIES))
+    add.add_argument("--machine", help="the device kind, e.g. nvidia-h100-x2")
+    add.add_argument("--world", type=int, help="ranks")
+    add.add_argument("--what", help="one sentence: what the file holds")
+    add.add_argument("--section", help="the docs/log/ heading of the session (' > ' joins nested headings)")
     args = ap.parse_args(argv)
+    if args.add:
+        needed = ("provenance", "family", "machine", "world", "what", "section")
+        if any(getattr(args, k) is None for k in needed):
+            ap.error("--add needs --" + ", --".join(needed))
+        add_run(args.add, args.provenance, family=args.family, machine=args.machine, world=args.world,
+                what=args.what, section=args.section)
     text = render()
     if args.check:
         current = args.out.read_bytes() if args.out.exists() else None

@@ -135,6 +135,36 @@ def test_the_machine_installs_the_carried_wheels_and_unpacks_the_prebuilt_ops(ma
     assert ran.stdout.strip() == "42", ran.stderr
 
 
+def test_the_machine_records_where_a_phases_figures_come_from(machine, monkeypatch, tmp_path):
+    """A phase's provenance (what tools/report_measurements.py --add takes): the packed ops' commit only when
+    the tree was clean, the cards and driver nvidia-smi lists, torch's and NCCL's versions as the steps import
+    them, the command; no GPU: no cards."""
+    from bench import machine as machine_mod
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".prebuilt").mkdir()
+    rev = tmp_path / ".prebuilt" / "ops.rev"
+    rev.write_text("0123456789abcdef0123456789abcdef01234567\n")
+    smi = "NVIDIA H100 80GB HBM3, 580.159.04\nNVIDIA H100 80GB HBM3, 580.159.04\n"
+    real_run = subprocess.run
+
+    def fake_run(argv, *a, **kw):
+        if argv[0] == "nvidia-smi":
+            return subprocess.CompletedProcess(argv, 0, stdout=smi)
+        return real_run(argv, *a, **kw)
+    monkeypatch.setattr(machine_mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(machine_mod.subprocess, "run", fake_run)
+    record = machine(2, 2).provenance("python3 -m bench hot 2")
+    torch = pytest.importorskip("torch")
+    assert record["commit"] == "0123456" and record["cards"] == "2 x NVIDIA H100 80GB HBM3"
+    assert record["driver"] == "580.159.04" and record["torch"] == torch.__version__
+    assert record["nccl"] and record["command"] == "python3 -m bench hot 2"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["date"])
+    rev.write_text("0123456789abcdef0123456789abcdef01234567-dirty\n")
+    smi = ""
+    record = machine(2, 2).provenance("x")
+    assert record["commit"] is None and record["cards"] is None and record["driver"] is None
+
+
 def test_a_step_past_its_limit_is_killed_with_its_children(machine, tmp_path):
     m = machine()
     pidfile = tmp_path / "child.pid"
