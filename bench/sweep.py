@@ -124,7 +124,7 @@ def refused(paths: list[Path]) -> dict[str, str]:
     """The variants tilegen refuses (spec validation or the checker), each with its first message: the
     product's own rules prune the grid (a pingpong 256-row tile, say), so the lab keeps no copy of them."""
     from tilegen.core.pipeline import checked_lowering
-    from tilegen.core.spec import load_specs
+    from tilegen.core.spec_files import load_specs
     good, problems = load_specs(paths)
     out = {Path(loc.path).stem: f"{loc}: {msg}" for loc, msg in problems}
     for ls in good:

@@ -19,7 +19,8 @@ from tilegen.core.pipeline import generate_op, generate_package
 from tilegen.collective.plan import plan
 from tilegen.collective.runtime import CollectiveOp
 from tilegen.core.runtime import OpLoadError, check_build
-from tilegen.core.spec import DynamicDim, KernelSpec, load_specs
+from tilegen.core.spec import DynamicDim, KernelSpec
+from tilegen.core.spec_files import load_specs
 from tilegen.core.calibration import resolve
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

@@ -127,7 +127,7 @@ def test_plan_drawing_keeps_labels_inside_their_steps_and_the_legend_off_the_ran
 
     from tilegen.draw import draw_plan
     from tilegen.collective.plan import plan
-    from tilegen.core.spec import load_spec
+    from tilegen.core.spec_files import load_spec
     s = load_spec(root / "specs/allreduce_f32_max_ring.py").spec
     captured = {}
     real_savefig = plt.Figure.savefig

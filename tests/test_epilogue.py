@@ -7,7 +7,7 @@ import pytest
 
 from tilegen.collective.runtime import CollectiveOp
 from tilegen.core.pipeline import generate_op
-from tilegen.core.spec import SpecError, parse_yaml_spec
+from tilegen.core.spec_files import SpecError, parse_yaml_spec
 
 AR = """name: ar_norm
 op: allreduce

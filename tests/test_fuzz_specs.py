@@ -17,7 +17,8 @@ from ruamel.yaml import YAML
 
 from tilegen.core.pipeline import generate_op
 from tilegen.collective.spec import SCHEDULES
-from tilegen.core.spec import OpSpec, SpecError, parse_spec, parse_yaml_spec, spec_fields
+from tilegen.core.spec import OpSpec, parse_spec, spec_fields
+from tilegen.core.spec_files import SpecError, parse_yaml_spec
 
 EXAMPLES = int(__import__('os').environ.get('TILEGEN_FUZZ_EXAMPLES', 10_000))
 PROBLEM = re.compile(r"^fuzz\.yaml:(\d+):(\d+): \S.*$", re.S)

@@ -187,7 +187,7 @@ def test_committed_calibrations_pick_within_5_percent_of_the_fastest(root, path)
     """Goal: at every measured size, auto (the plan generate makes from the committed measurements)
     runs a configuration within 5% of the fastest measured one."""
     data = json.loads(path.read_text())
-    from tilegen.core.spec import load_spec
+    from tilegen.core.spec_files import load_spec
     s = load_spec(root / "specs" / f"{data['spec']}.yaml").spec
     rows = auto_vs_fastest(s, data["world"], path)
     assert rows and all(not math.isnan(mine) for _, _, mine, _ in rows), rows

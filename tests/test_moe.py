@@ -219,7 +219,7 @@ import pytest  # noqa: E402
 
 from tilegen.core import pipeline  # noqa: E402
 from tilegen.core.render import CodegenError, render_op  # noqa: E402
-from tilegen.core.spec import SpecError, parse_yaml_spec  # noqa: E402
+from tilegen.core.spec_files import SpecError, parse_yaml_spec  # noqa: E402
 
 MOE_SPEC = textwrap.dedent("""\
     name: moe_t

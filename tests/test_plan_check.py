@@ -30,7 +30,7 @@ def spec_problems(**kw) -> list[str]:
     """What a user reads of an allgather spec with these fields (located problems, less the place)."""
     from pydantic import ValidationError
 
-    from tilegen.core.spec import _validation_problems
+    from tilegen.core.spec_files import _validation_problems
     try:
         spec(**kw)
     except ValidationError as e:
@@ -375,7 +375,7 @@ def test_the_llama_down_projection_spec_leaves_the_gemms_their_sms():
     small CTA counts, every variant leaves SMs free, and the checker passes with that model."""
     from tilegen.collective.plan import max_gemm_comm_ctas, spare_sms
     from tilegen.core.pipeline import checked_lowering
-    from tilegen.core.spec import parse_yaml_spec
+    from tilegen.core.spec_files import parse_yaml_spec
 
     s = parse_yaml_spec(LLAMA8B_DOWN, "down.yaml").spec
     assert s.ctas == "auto"

@@ -7,8 +7,8 @@ import pytest
 
 from tilegen import cli
 from tilegen.collective.spec import CollectiveSpec
-from tilegen.core.spec import (KernelSpec, SpecError, json_schema, load_spec, load_specs, op_kinds, parse_spec,
-                               parse_yaml_spec, spec_fields)
+from tilegen.core.spec import KernelSpec, json_schema, op_kinds, parse_spec, spec_fields
+from tilegen.core.spec_files import SpecError, load_spec, load_specs, parse_yaml_spec
 
 GOOD = textwrap.dedent("""\
     name: ag

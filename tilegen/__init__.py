@@ -18,7 +18,10 @@ __all__ = ["KernelSpec", "load_spec", "init", "finalize", "empty", "free", "rank
 
 
 def __getattr__(name: str):
-    if name in ("KernelSpec", "load_spec"):
-        from .core import spec
-        return getattr(spec, name)
+    if name == "KernelSpec":
+        from .core.spec import KernelSpec
+        return KernelSpec
+    if name == "load_spec":
+        from .core.spec_files import load_spec
+        return load_spec
     raise AttributeError(f"module 'tilegen' has no attribute {name!r}")

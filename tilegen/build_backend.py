@@ -52,7 +52,7 @@ def _specs_in_the_sdist():
         return
     from setuptools.command.sdist import sdist
 
-    from .core.spec import find_spec_files
+    from .core.spec_files import find_spec_files
     files = sorted(str(f.resolve().relative_to(cfg.root)) for f in find_spec_files([cfg.root / s for s in cfg.specs]))
     saved = sdist.add_defaults
 

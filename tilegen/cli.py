@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .core.calibration import resolve
 from .core.files import LIBRARY_COPY
-from .core.spec import json_schema, load_specs
+from .core.spec import json_schema
+from .core.spec_files import load_specs
 from .core.toolchain import ARCH_PATTERN
 
 VERDICTS = ".tilegen-verdicts.json"  # the checker's verdicts, remembered beside a generated package

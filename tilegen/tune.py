@@ -113,7 +113,7 @@ def build_candidates(loaded: list, root: Path, cands: dict[str, list[CollectiveS
     from .core.files import write_files
     from .core.pipeline import generate_package
     from .core.runtime import OpLoadError, check_build
-    from .core.spec import LoadedSpec
+    from .core.spec_files import LoadedSpec
 
     flat = [(c, ls) for ls in loaded for c in cands[ls.spec.name]]
     if not (root / "build.ninja").exists():  # carried from a CPU machine without its build state: built there
@@ -207,7 +207,7 @@ def auto_vs_fastest(spec: CollectiveSpec, world: int, path: Path) -> list[tuple[
 
 
 def main(spec_paths: list[str], output: str, reps: int = 5, build_only: bool = False) -> int:
-    from .core.spec import load_specs
+    from .core.spec_files import load_specs
 
     loaded, problems = load_specs(spec_paths)
     problems += [(ls.at("op"), f"op: tilegen tune times the collectives' schedules ({', '.join(COLLECTIVE_OPS)}); "

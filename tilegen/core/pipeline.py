@@ -17,7 +17,8 @@ from pathlib import Path
 from .calibration import manifest_record, resolve
 from .family import family_of
 from .render import CodegenError, render_op, render_package_files
-from .spec import LoadedSpec, OpSpec
+from .spec import OpSpec
+from .spec_files import LoadedSpec
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the tilegen package
