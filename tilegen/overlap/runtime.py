@@ -384,16 +384,19 @@ class GemmRsOp(_GemmOp):
             a, b = a.contiguous(), b.contiguous()
             mod.fused_gemm(a, b, partial, self._gemm_sms(), comp.cuda_stream, timeout_ns)
         else:
-            bm = b if self.b_layout == "kn" else b.t()
-            if self.deterministic:  # (the op's pinned cuBLASLt algorithm: the same kernel at every m)
+            if self.deterministic:  # the op's pinned cuBLASLt algorithm: the same kernel at every m
                 a, b = a.contiguous(), b.contiguous()
+
+                def gemm(rows: slice) -> None:
+                    mod.pinned_gemm(a[rows], b, partial[rows], comp.cuda_stream)
+            else:
+                bm = b if self.b_layout == "kn" else b.t()
+
+                def gemm(rows: slice) -> None:
+                    torch.mm(a[rows], bm, out=partial[rows])
             with torch.cuda.stream(comp):
                 for chunk in (int(x) for x in mod.compute_order()):
-                    rows = slice(chunk * m, (chunk + 1) * m)
-                    if self.deterministic:
-                        mod.pinned_gemm(a[rows], b, partial[rows], comp.cuda_stream)
-                    else:
-                        torch.mm(a[rows], bm, out=partial[rows])
+                    gemm(slice(chunk * m, (chunk + 1) * m))
                     mod.signal_chunk(chunk, comp.cuda_stream)
         mod.launch_pending(comm.cuda_stream)
         self._finish(main, comm, comp, (a, b, c, partial), timeout_ns, mod)
