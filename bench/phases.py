@@ -20,7 +20,8 @@ from .steps import Budget, Step, execute, torchrun
 SCRIPTS = Path(__file__).parent / "scripts"
 COLLECTIVE_SPECS = ("specs/allgather_bf16.yaml", "specs/reduce_scatter_bf16.yaml", "specs/allreduce_bf16.yaml",
                     "specs/all_to_all_bf16.yaml", "specs/broadcast_f32.yaml")
-PROBE_NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a")
+# (-lpthread: the latency probe's host threads link on a glibc older than 2.34 too)
+PROBE_NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "-lpthread")
 
 
 def script(name: str) -> str:

@@ -11,7 +11,7 @@
 //             bumps it: graph replays need it on the device), scratch halves by call parity
 // Every wait is bounded (2 s): a timeout is reported and the program exits 1. Not a test: a
 // measurement for docs/measurements.md (python3 -m bench probe).
-//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a bench/scripts/probe_latency_floor.cu -o floor
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -lpthread bench/scripts/probe_latency_floor.cu -o floor
 //   ./floor [gpus] [repeats] [calls] [json file]
 #include <cuda_runtime.h>
 #include <algorithm>
