@@ -274,7 +274,7 @@ int main(int argc, char** argv) {
       }, g[i].s, calls, reps, bar);
     });
     out.add("%s{\"ctas\": %d, \"threads\": %d, \"param_bytes\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}",
-                k ? ", " : "", gr.ctas, gr.threads, gr.big ? 512 : 0, t.eager, t.graph);
+            k ? ", " : "", gr.ctas, gr.threads, gr.big ? 512 : 0, t.eager, t.graph);
   }
   out.add("]");
   if (gpus >= 2) {
@@ -330,7 +330,7 @@ int main(int argc, char** argv) {
         return 1;
       }
       out.add("%s{\"bytes\": %lld, \"ctas\": %d, \"eager_us\": %.2f, \"graph_us\": %.2f}", k ? ", " : "",
-                  static_cast<long long>(sizes[k]), ctas, t.eager, t.graph);
+              static_cast<long long>(sizes[k]), ctas, t.eager, t.graph);
     }
     out.add("]");
   }
