@@ -32,11 +32,9 @@ def slowest(v: float) -> float:
     return t.item()
 
 
-def host_us(fn, calls: int, repeats: int, warmup: int) -> float:
-    """us per call of `calls` back-to-back calls up to the synchronize after them."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def per_call_us(fn, calls: int, repeats: int, through_gpu: bool) -> float:
+    """us per call of `calls` back-to-back calls on an idle GPU, clocked up to the synchronize after them
+    (through_gpu) or before it (what issuing them costs the host); the slowest rank's median."""
     per = []
     for _ in range(repeats):
         dist.barrier()
@@ -44,20 +42,8 @@ def host_us(fn, calls: int, repeats: int, warmup: int) -> float:
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-        per.append((time.perf_counter() - t0) * 1e6 / calls)
-    return slowest(statistics.median(per))
-
-
-def burst_us(fn, calls: int, repeats: int) -> float:
-    """us per call of `calls` calls issued on an idle GPU, clocked before the synchronize."""
-    per = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
+        if through_gpu:
+            torch.cuda.synchronize()
         per.append((time.perf_counter() - t0) * 1e6 / calls)
         torch.cuda.synchronize()
     return slowest(statistics.median(per))
@@ -97,8 +83,10 @@ def main() -> int:
         print(f"no NCCL comparison (backend {dist.get_backend()})")
     us, burst = {}, {}
     for name, fn in impls.items():
-        us[name] = host_us(fn, a.calls, a.repeats, a.warmup)
-        burst[name] = burst_us(fn, a.burst, a.repeats)
+        for _ in range(a.warmup):
+            fn()
+        us[name] = per_call_us(fn, a.calls, a.repeats, through_gpu=True)
+        burst[name] = per_call_us(fn, a.burst, a.repeats, through_gpu=False)
     torch.cuda.synchronize()
 
     dlpack_api = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
